@@ -1,0 +1,654 @@
+"""Flash-style attention with pair bias, boolean mask and sigmoid gating.
+
+``attention(q, k, v, bias=, mask=, gate=, scale=)`` computes::
+
+    sigmoid(gate) * softmax(scale * q @ k^T + bias, masked) @ v
+
+the attention of every AlphaFold trunk module (MSA row attention with pair bias,
+MSA column and global column attention, triangle attention, AF3's pair-biased
+single attention), without materialising the ``[..., Q, K]`` logits: the forward
+kernel keeps a running max and sum per query row (online softmax), so triangle
+attention at ``N_res`` residues needs O(N_res^2) memory, not O(N_res^3).
+
+Shapes: q ``[..., H, Q, D]``; k and v ``[..., H or 1, K, D]`` (one K/V head may be
+shared by all query heads, as AF2's global column attention does); bias any float
+tensor broadcastable to ``[..., H, Q, K]`` (AlphaFold's pair bias is
+``[1, H, Q, K]``, shared by every row of the leading dim); mask a bool tensor
+broadcastable to ``[..., H, Q, K]`` (True = attend); gate pre-sigmoid logits shaped
+like the output. Head dims 8..128, any, including non-powers of two (padded to a
+power of two inside the kernel with masked loads).
+
+Numerics: logits, bias, mask and softmax statistics are fp32 whatever the input
+dtype; fp32 matrix products use TF32 only where ``torch.get_float32_matmul_precision()``
+allows it ("high" / "medium"). A query row whose boolean mask has no True returns 0
+and passes 0 gradient. A row masked only by additive -1e9 biases averages v
+uniformly, exactly as the fp32 reference (and AlphaFold's own code) does: the
+backward recomputes probabilities from the row max and the log of the row sum kept
+*separately*, because folding them into one logsumexp would round ``log(sum)`` away
+against a max of -1e9 (fp32's spacing there is 64).
+
+Backward kernels (all without atomics):
+- ``attention_bwd_pre``: delta = rowsum(dO * O); with a gate, also dO_attn and dgate.
+- ``attention_bwd_dkdv``: one program per (key block, K/V head) loops over query
+  blocks (and over all query heads when the K/V head is shared), so dk and dv are
+  summed in registers.
+- ``attention_bwd_dq``: one program per (query block, head) loops over key blocks.
+  When the bias is not broadcast at all its gradient is dS itself and this kernel
+  writes it (each element once).
+- ``attention_bwd_dbias``: for a bias broadcast over rows / heads / queries / keys.
+  One program per bias tile (bias head, query block, key block) loops over the
+  B rows (and heads, and query or key blocks) that share that tile, recomputing P
+  from the saved row statistics and accumulating dS in registers, then stores the
+  tile once. The alternatives were rejected: atomic adds from the dq or dk/dv
+  kernels would put B (= N_res for triangle attention) atomic adds on every bias
+  element, and per-row partial sums would need the O(N^3) memory this kernel exists
+  to avoid. The price is recomputing two tile products (q k^T and dO v^T) per row,
+  ~2/7 more backward FLOPs, with no extra memory beyond the fp32 bias gradient.
+
+Cost of odd layouts: q, k, v and gate are viewed as ``[B, H, L, D]`` (leading dims
+flattened); where a strided input's leading dims cannot be flattened as a view,
+``reshape`` copies it. Inner strides are passed to the kernels as they are. A bias
+whose leading dims are neither all 1 nor all full (e.g. ``[1, S2, H, Q, K]`` against
+leading dims ``(S1, S2)``) is expanded to the full leading shape (a copy of
+``B * H * Q * K`` elements) and its gradient summed back by autograd.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from foldcompile.kernels._dispatch import interpreting, note_launch, use_triton
+
+__all__ = ["attention", "attention_reference"]
+
+_SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
+_MIN_D, _MAX_D = 8, 128
+_LOG2E = 1.4426950408889634
+
+# Loop bounds (sequence lengths, rows, heads) are compile-time constants: Triton
+# 3.6's interpreter cannot loop to a run-time bound (with numpy 2 it fails turning
+# its 1-element scalar into an index). On the GPU this costs one compile per
+# distinct length, which the autotuner (keyed by the lengths) pays anyway.
+
+
+# --------------------------------------------------------------------------- configs
+def _configs(kind: str) -> list[triton.Config]:
+    """Autotune lists, chosen at import time (the interpreter takes exactly one config)."""
+    if interpreting():
+        # Small blocks keep the interpreter fast and make 37/61-long tests hit the tails.
+        return [triton.Config({"BLOCK_Q": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
+    if kind == "fwd":
+        shapes = [(64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (64, 128, 4, 2),
+                  (128, 32, 4, 4)]
+    elif kind == "pre":
+        shapes = [(64, 16, 4, 1), (128, 16, 4, 1)]
+    elif kind == "dkdv":
+        shapes = [(32, 64, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3), (32, 128, 4, 3), (64, 128, 4, 2)]
+    elif kind == "dq":
+        shapes = [(64, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (128, 64, 4, 2)]
+    else:  # dbias
+        shapes = [(64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 8, 3), (128, 128, 8, 2), (32, 64, 4, 3)]
+    return [triton.Config({"BLOCK_Q": bq, "BLOCK_K": bk}, num_warps=w, num_stages=s) for bq, bk, w, s in shapes]
+
+
+# --------------------------------------------------------------------------- kernels
+@triton.autotune(configs=_configs("fwd"), key=["QLEN", "KLEN", "BLOCK_D", "HAS_BIAS", "HAS_MASK", "HAS_GATE"])
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, BIAS, MASK, GATE, OUT, OATT, ROWMAX, LOGSUM,
+    sqb, sqh, sqm, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    sbb, sbh, sbm, sbn,
+    smb, smh, smm, smn,
+    sgb, sgh, sgm, sgd,
+    H, QLEN: tl.constexpr, KLEN: tl.constexpr, D, scale,
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_GATE: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # One program: BLOCK_Q query rows of one (b, h). Reads q once, streams k, v
+    # (and the bias / mask tiles) over the key axis; writes BLOCK_Q x D outputs and
+    # two fp32 statistics per row. Logits live only in registers.
+    pid_q = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_ok = offs_q < QLEN
+    d_ok = offs_d < D
+    q = tl.load(Q + b * sqb + h * sqh + offs_q[:, None] * sqm + offs_d[None, :] * sqd,
+                mask=q_ok[:, None] & d_ok[None, :], other=0.0)
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    bias_base = BIAS + b * sbb + h * sbh
+    mask_base = MASK + b * smb + h * smh
+
+    m_i = tl.full([BLOCK_Q], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_Q], tl.float32)
+    acc = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
+    for start in range(0, KLEN, BLOCK_K):
+        offs_k = start + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < KLEN
+        kt = tl.load(k_base + offs_k[None, :] * skn + offs_d[:, None] * skd,
+                     mask=d_ok[:, None] & k_ok[None, :], other=0.0)
+        s = tl.dot(q, kt, input_precision=PRECISION) * scale
+        tile_ok = q_ok[:, None] & k_ok[None, :]
+        if HAS_BIAS:
+            s += tl.load(bias_base + offs_q[:, None] * sbm + offs_k[None, :] * sbn, mask=tile_ok,
+                         other=0.0).to(tl.float32)
+        keep = tile_ok
+        if HAS_MASK:
+            keep = keep & (tl.load(mask_base + offs_q[:, None] * smm + offs_k[None, :] * smn, mask=tile_ok,
+                                   other=0) != 0)
+        # Scale to base 2 only after the fp32 sum, so equal logits (e.g. all -1e9) stay equal.
+        s = tl.where(keep, s * 1.4426950408889634, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row with nothing kept so far has max -inf: shift by 0 so exp2 gives 0, not NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs_k[:, None] * svn + offs_d[None, :] * svd,
+                    mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    empty = l_i == 0.0  # fully masked row: output 0, statistics that give P = 0 in backward
+    o = acc / tl.where(empty, 1.0, l_i)[:, None]
+    row = pid_bh.to(tl.int64) * QLEN + offs_q
+    tl.store(ROWMAX + row, tl.where(empty, 0.0, m_i), mask=q_ok)
+    tl.store(LOGSUM + row, tl.log2(tl.where(empty, 1.0, l_i)), mask=q_ok)
+    # Outputs are contiguous [B, H, Q, D].
+    o_off = pid_bh.to(tl.int64) * QLEN * D + offs_q[:, None] * D + offs_d[None, :]
+    io_ok = q_ok[:, None] & d_ok[None, :]
+    if HAS_GATE:
+        g = tl.load(GATE + b * sgb + h * sgh + offs_q[:, None] * sgm + offs_d[None, :] * sgd,
+                    mask=io_ok, other=0.0).to(tl.float32)
+        tl.store(OATT + o_off, o.to(OATT.dtype.element_ty), mask=io_ok)
+        o = o * tl.sigmoid(g)
+    tl.store(OUT + o_off, o.to(OUT.dtype.element_ty), mask=io_ok)
+
+
+@triton.autotune(configs=_configs("pre"), key=["QLEN", "BLOCK_D", "HAS_GATE"])
+@triton.jit
+def _attn_bwd_pre_kernel(
+    DOUT, OATT, GATE, DOATT, DGATE, DELTA,
+    sgb, sgh, sgm, sgd,
+    H, QLEN: tl.constexpr, D,
+    HAS_GATE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # delta = rowsum(dO_attn * O_attn), read once; with a gate, also
+    # dO_attn = dout * sigmoid(g) and dgate = dout * O_attn * sigmoid'(g).
+    pid_q = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_ok = offs_q < QLEN
+    io_ok = q_ok[:, None] & (offs_d < D)[None, :]
+    off = pid_bh.to(tl.int64) * QLEN * D + offs_q[:, None] * D + offs_d[None, :]
+    do = tl.load(DOUT + off, mask=io_ok, other=0.0).to(tl.float32)
+    o = tl.load(OATT + off, mask=io_ok, other=0.0).to(tl.float32)
+    if HAS_GATE:
+        g = tl.load(GATE + b * sgb + h * sgh + offs_q[:, None] * sgm + offs_d[None, :] * sgd,
+                    mask=io_ok, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(g)
+        tl.store(DGATE + off, (do * o * sig * (1.0 - sig)).to(DGATE.dtype.element_ty), mask=io_ok)
+        do = do * sig
+        tl.store(DOATT + off, do.to(DOATT.dtype.element_ty), mask=io_ok)
+    tl.store(DELTA + pid_bh.to(tl.int64) * QLEN + offs_q, tl.sum(do * o, 1), mask=q_ok)
+
+
+@triton.jit
+def _probs(s_dot, bias, keep, rowmax, logsum, scale):
+    """P from raw q.k products, recomputed exactly as the forward did (base 2)."""
+    s = (s_dot * scale + bias) * 1.4426950408889634
+    return tl.where(keep, tl.exp2((s - rowmax) - logsum), 0.0)
+
+
+@triton.autotune(configs=_configs("dkdv"), key=["QLEN", "KLEN", "BLOCK_D", "HAS_BIAS", "HAS_MASK", "HQ_PER_KV"])
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, BIAS, MASK, DO, ROWMAX, LOGSUM, DELTA, DK, DV,
+    sqb, sqh, sqm, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    sbb, sbh, sbm, sbn,
+    smb, smh, smm, smn,
+    H, HKV, HQ_PER_KV: tl.constexpr, QLEN: tl.constexpr, KLEN: tl.constexpr, D, scale,
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # One program: BLOCK_K keys of one (b, K/V head). Loops over every query block of
+    # every query head reading this K/V head, so dk and dv are complete sums in registers.
+    # Works transposed ([keys, queries] tiles) so no result needs a transpose.
+    pid_k = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // HKV).to(tl.int64)
+    hk = (pid_bh % HKV).to(tl.int64)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_d = tl.arange(0, BLOCK_D)
+    k_ok = offs_k < KLEN
+    d_ok = offs_d < D
+    kd_ok = k_ok[:, None] & d_ok[None, :]
+    k = tl.load(K + b * skb + hk * skh + offs_k[:, None] * skn + offs_d[None, :] * skd, mask=kd_ok, other=0.0)
+    v = tl.load(V + b * svb + hk * svh + offs_k[:, None] * svn + offs_d[None, :] * svd, mask=kd_ok, other=0.0)
+    dk = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_K, BLOCK_D], tl.float32)
+    for hh in range(0, HQ_PER_KV):
+        h = hk * HQ_PER_KV + hh
+        q_base = Q + b * sqb + h * sqh
+        do_base = DO + (b * H + h) * QLEN * D  # dO is contiguous [B, H, Q, D]
+        row_base = (b * H + h) * QLEN
+        for start in range(0, QLEN, BLOCK_Q):
+            offs_q = start + tl.arange(0, BLOCK_Q)
+            q_ok = offs_q < QLEN
+            qd_ok = d_ok[:, None] & q_ok[None, :]
+            qt = tl.load(q_base + offs_q[None, :] * sqm + offs_d[:, None] * sqd, mask=qd_ok, other=0.0)
+            do = tl.load(do_base + offs_q[:, None] * D + offs_d[None, :], mask=tl.trans(qd_ok), other=0.0)
+            rmax = tl.load(ROWMAX + row_base + offs_q, mask=q_ok, other=0.0)
+            lsum = tl.load(LOGSUM + row_base + offs_q, mask=q_ok, other=0.0)
+            delta = tl.load(DELTA + row_base + offs_q, mask=q_ok, other=0.0)
+            keep = k_ok[:, None] & q_ok[None, :]
+            bias = 0.0
+            if HAS_BIAS:
+                bias = tl.load(BIAS + b * sbb + h * sbh + offs_k[:, None] * sbn + offs_q[None, :] * sbm,
+                               mask=keep, other=0.0).to(tl.float32)
+            if HAS_MASK:
+                keep = keep & (tl.load(MASK + b * smb + h * smh + offs_k[:, None] * smn + offs_q[None, :] * smm,
+                                       mask=keep, other=0) != 0)
+            pt = _probs(tl.dot(k, qt, input_precision=PRECISION), bias, keep, rmax[None, :], lsum[None, :], scale)
+            dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
+            dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+            dst = pt * (dpt - delta[None, :])
+            dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=PRECISION)
+    out_off = pid_bh.to(tl.int64) * KLEN * D + offs_k[:, None] * D + offs_d[None, :]
+    tl.store(DK + out_off, (dk * scale).to(DK.dtype.element_ty), mask=kd_ok)
+    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kd_ok)
+
+
+@triton.autotune(configs=_configs("dq"), key=["QLEN", "KLEN", "BLOCK_D", "HAS_BIAS", "HAS_MASK", "STORE_DS"])
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, BIAS, MASK, DO, ROWMAX, LOGSUM, DELTA, DQ, DBIAS,
+    sqb, sqh, sqm, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    sbb, sbh, sbm, sbn,
+    smb, smh, smm, smn,
+    H, QLEN: tl.constexpr, KLEN: tl.constexpr, D, scale,
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, STORE_DS: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # One program: BLOCK_Q query rows of one (b, h); loops over key blocks summing dq.
+    # With STORE_DS (bias not broadcast anywhere) dS is the bias gradient: written once.
+    pid_q = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_ok = offs_q < QLEN
+    d_ok = offs_d < D
+    qd_ok = q_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + b * sqb + h * sqh + offs_q[:, None] * sqm + offs_d[None, :] * sqd, mask=qd_ok, other=0.0)
+    row = pid_bh.to(tl.int64) * QLEN + offs_q
+    do = tl.load(DO + pid_bh.to(tl.int64) * QLEN * D + offs_q[:, None] * D + offs_d[None, :], mask=qd_ok, other=0.0)
+    rmax = tl.load(ROWMAX + row, mask=q_ok, other=0.0)
+    lsum = tl.load(LOGSUM + row, mask=q_ok, other=0.0)
+    delta = tl.load(DELTA + row, mask=q_ok, other=0.0)
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    dq = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
+    for start in range(0, KLEN, BLOCK_K):
+        offs_k = start + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < KLEN
+        dk_ok = d_ok[:, None] & k_ok[None, :]
+        kt = tl.load(k_base + offs_k[None, :] * skn + offs_d[:, None] * skd, mask=dk_ok, other=0.0)
+        vt = tl.load(v_base + offs_k[None, :] * svn + offs_d[:, None] * svd, mask=dk_ok, other=0.0)
+        keep = q_ok[:, None] & k_ok[None, :]
+        bias = 0.0
+        if HAS_BIAS:
+            bias = tl.load(BIAS + b * sbb + h * sbh + offs_q[:, None] * sbm + offs_k[None, :] * sbn,
+                           mask=keep, other=0.0).to(tl.float32)
+        tile_ok = keep
+        if HAS_MASK:
+            keep = keep & (tl.load(MASK + b * smb + h * smh + offs_q[:, None] * smm + offs_k[None, :] * smn,
+                                   mask=keep, other=0) != 0)
+        p = _probs(tl.dot(q, kt, input_precision=PRECISION), bias, keep, rmax[:, None], lsum[:, None], scale)
+        dp = tl.dot(do, vt, input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        if STORE_DS:
+            tl.store(DBIAS + pid_bh.to(tl.int64) * QLEN * KLEN + offs_q[:, None] * KLEN + offs_k[None, :], ds,
+                     mask=tile_ok)
+        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PRECISION)
+    tl.store(DQ + pid_bh.to(tl.int64) * QLEN * D + offs_q[:, None] * D + offs_d[None, :],
+             (dq * scale).to(DQ.dtype.element_ty), mask=qd_ok)
+
+
+@triton.autotune(configs=_configs("dbias"),
+                 key=["QLEN", "KLEN", "BLOCK_D", "HAS_MASK", "ROWS", "HEADS", "Q_BCAST", "K_BCAST"])
+@triton.jit
+def _attn_bwd_dbias_kernel(
+    Q, K, V, BIAS, MASK, DO, ROWMAX, LOGSUM, DELTA, DBIAS,
+    sqb, sqh, sqm, sqd,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    sbb, sbh, sbm, sbn,
+    smb, smh, smm, smn,
+    H, HB, ROWS: tl.constexpr, HEADS: tl.constexpr, QLEN: tl.constexpr, KLEN: tl.constexpr, D, scale,
+    HAS_MASK: tl.constexpr, Q_BCAST: tl.constexpr, K_BCAST: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # One program owns one tile of the (broadcast) bias gradient and sums dS over
+    # every (row, head, query block, key block) that shares it: ROWS rows
+    # (B when the bias is shared by all rows, else 1), HEADS heads (H when shared,
+    # else 1), all query / key blocks when the bias broadcasts over queries / keys.
+    # Per row it reads a q, dO, k and v tile and recomputes P and dP; the bias tile
+    # is read once (it is constant over everything looped). No atomics, no O(N^3).
+    pid_q = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    bb = (pid_bh // HB).to(tl.int64)
+    hb = (pid_bh % HB).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < D
+    offs_q0 = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    offs_k0 = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    # Broadcast dims have stride 0, so this tile is valid for every block looped below.
+    bias = tl.load(BIAS + bb * sbb + hb * sbh + offs_q0[:, None] * sbm + offs_k0[None, :] * sbn,
+                   mask=(offs_q0 < QLEN)[:, None] & (offs_k0 < KLEN)[None, :], other=0.0).to(tl.float32)
+    acc = tl.zeros([BLOCK_Q, BLOCK_K], tl.float32)
+    for r in range(0, ROWS):
+        b = bb + r
+        for hh in range(0, HEADS):
+            h = hb + hh
+            row_base = (b * H + h) * QLEN
+            for qi in range(0, (QLEN + BLOCK_Q - 1) // BLOCK_Q if Q_BCAST else 1):
+                offs_q = offs_q0 + qi * BLOCK_Q
+                q_ok = offs_q < QLEN
+                qd_ok = q_ok[:, None] & d_ok[None, :]
+                q = tl.load(Q + b * sqb + h * sqh + offs_q[:, None] * sqm + offs_d[None, :] * sqd,
+                            mask=qd_ok, other=0.0)
+                do = tl.load(DO + row_base * D + offs_q[:, None] * D + offs_d[None, :], mask=qd_ok, other=0.0)
+                rmax = tl.load(ROWMAX + row_base + offs_q, mask=q_ok, other=0.0)
+                lsum = tl.load(LOGSUM + row_base + offs_q, mask=q_ok, other=0.0)
+                delta = tl.load(DELTA + row_base + offs_q, mask=q_ok, other=0.0)
+                for ki in range(0, (KLEN + BLOCK_K - 1) // BLOCK_K if K_BCAST else 1):
+                    offs_k = offs_k0 + ki * BLOCK_K
+                    k_ok = offs_k < KLEN
+                    dk_ok = d_ok[:, None] & k_ok[None, :]
+                    kt = tl.load(K + b * skb + h * skh + offs_k[None, :] * skn + offs_d[:, None] * skd,
+                                 mask=dk_ok, other=0.0)
+                    vt = tl.load(V + b * svb + h * svh + offs_k[None, :] * svn + offs_d[:, None] * svd,
+                                 mask=dk_ok, other=0.0)
+                    keep = q_ok[:, None] & k_ok[None, :]
+                    if HAS_MASK:
+                        keep = keep & (tl.load(MASK + b * smb + h * smh + offs_q[:, None] * smm
+                                               + offs_k[None, :] * smn, mask=keep, other=0) != 0)
+                    p = _probs(tl.dot(q, kt, input_precision=PRECISION), bias, keep, rmax[:, None], lsum[:, None],
+                               scale)
+                    dp = tl.dot(do, vt, input_precision=PRECISION)
+                    acc += p * (dp - delta[:, None])
+    # DBIAS is contiguous fp32 [Bb, Hb, Qb, Kb].
+    if Q_BCAST:
+        if K_BCAST:
+            tl.store(DBIAS + pid_bh.to(tl.int64), tl.sum(tl.sum(acc, 1), 0))
+        else:
+            tl.store(DBIAS + pid_bh.to(tl.int64) * KLEN + offs_k0, tl.sum(acc, 0), mask=offs_k0 < KLEN)
+    else:
+        if K_BCAST:
+            tl.store(DBIAS + pid_bh.to(tl.int64) * QLEN + offs_q0, tl.sum(acc, 1), mask=offs_q0 < QLEN)
+        else:
+            tl.store(DBIAS + pid_bh.to(tl.int64) * QLEN * KLEN + offs_q0[:, None] * KLEN + offs_k0[None, :], acc,
+                     mask=(offs_q0 < QLEN)[:, None] & (offs_k0 < KLEN)[None, :])
+
+
+# --------------------------------------------------------------------------- helpers
+def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every kernel output is allocated here (uninitialised: each kernel writes every
+    element), so tests can swap in NaN-filled buffers to catch unwritten elements."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision: TF32 only for fp32 when the user allowed it."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "ieee" if dtype == torch.float32 else "tf32"  # ignored for fp16 / bf16 operands
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
+    """Strides of a 4-d tensor with 0 on size-1 (broadcast) dims."""
+    return tuple(0 if n == 1 else s for n, s in zip(t.shape, t.stride()))
+
+
+def _bcast_4d(t: torch.Tensor, lead: torch.Size, name: str) -> torch.Tensor:
+    """View ``t`` (already checked to broadcast to ``lead + (H, Q, K)``) as
+    ``[1 or B, Hb, Qb, Kb]``: leading dims all 1 or all full keep a view; a mix is
+    expanded to the full leading shape (a copy; autograd sums its gradient back)."""
+    t = t.reshape((1,) * (len(lead) + 3 - t.dim()) + tuple(t.shape))
+    t_lead, tail = tuple(t.shape[: len(lead)]), tuple(t.shape[len(lead):])
+    if all(n == 1 for n in t_lead):
+        return t.reshape((1,) + tail)
+    if t_lead != tuple(lead):
+        t = t.expand(tuple(lead) + tail)
+    return t.reshape((math.prod(lead),) + tail)
+
+
+def _check(q, k, v, bias, mask, gate) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"attention: {name} must be a tensor, got {type(t).__name__}")
+        if t.dim() < 3:
+            raise ValueError(f"attention: {name} must be [..., H, L, D], got shape {tuple(t.shape)}")
+        if t.dtype not in _SUPPORTED + (torch.float64,):
+            raise TypeError(f"attention: {name} has unsupported dtype {t.dtype} (fp16, bf16, fp32, fp64)")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"attention: q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.shape != v.shape:
+        raise ValueError(f"attention: k and v must have the same shape, got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    H, D = q.shape[-3], q.shape[-1]
+    if k.dim() != q.dim() or k.shape[:-3] != q.shape[:-3] or k.shape[-3] not in (1, H) or k.shape[-1] != D:
+        raise ValueError(f"attention: k/v shape {tuple(k.shape)} does not match q {tuple(q.shape)}: expected "
+                         f"[{', '.join(map(str, q.shape[:-3]))}{', ' if q.dim() > 3 else ''}{H} or 1, K, {D}]")
+    if not _MIN_D <= D <= _MAX_D:
+        raise ValueError(f"attention: head dim D={D} of q {tuple(q.shape)} is out of range [{_MIN_D}, {_MAX_D}]")
+    if q.shape[-2] == 0 or k.shape[-2] == 0:
+        raise ValueError(f"attention: empty sequence, q {tuple(q.shape)}, k {tuple(k.shape)}")
+    logits = tuple(q.shape[:-1]) + (k.shape[-2],)
+    for name, t, floating in (("bias", bias, True), ("mask", mask, False)):
+        if t is None:
+            continue
+        if floating and not t.is_floating_point():
+            raise TypeError(f"attention: bias must be floating point, got {t.dtype}")
+        if not floating and t.dtype != torch.bool:
+            raise TypeError(f"attention: mask must be bool (True = attend), got {t.dtype}")
+        try:
+            ok = torch.broadcast_shapes(t.shape, logits) == torch.Size(logits)
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"attention: {name} shape {tuple(t.shape)} does not broadcast to the logits "
+                             f"[..., H, Q, K] = {logits}")
+    if gate is not None and gate.shape != q.shape:
+        raise ValueError(f"attention: gate shape {tuple(gate.shape)} must equal the output shape {tuple(q.shape)}")
+    if gate is not None and not gate.is_floating_point():
+        raise TypeError(f"attention: gate must be floating point, got {gate.dtype}")
+    devices = {t.device for t in (q, k, v, bias, mask, gate) if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"attention: all inputs must be on one device, got {sorted(map(str, devices))}")
+
+
+# --------------------------------------------------------------------------- autograd
+class _AttentionFn(torch.autograd.Function):
+    """Triton forward/backward on canonical 4-d tensors ([B, H, L, D]; bias/mask [1|B, *, *, *])."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, mask, gate, scale: float):
+        B, H, Q, D = q.shape
+        K = k.shape[2]
+        block_d = max(16, triton.next_power_of_2(D))
+        dev = q.device
+        out = _empty((B, H, Q, D), q.dtype, dev)
+        oatt = _empty(out.shape, out.dtype, dev) if gate is not None else out
+        rowmax = _empty((B * H, Q), torch.float32, dev)
+        logsum = _empty((B * H, Q), torch.float32, dev)
+        dummy = q  # stands in for absent bias / mask / gate pointers (never read)
+        mask_u8 = mask.view(torch.uint8) if mask is not None else None
+        kv_h = lambda t: (t.stride(0), 0 if t.shape[1] == 1 else t.stride(1), t.stride(2), t.stride(3))  # noqa: E731
+        precision = _precision(q.dtype)
+        grid = lambda meta: (triton.cdiv(Q, meta["BLOCK_Q"]), B * H)  # noqa: E731
+        note_launch("attention_fwd")
+        _attn_fwd_kernel[grid](
+            q, k, v, bias if bias is not None else dummy, mask_u8 if mask is not None else dummy,
+            gate if gate is not None else dummy, out, oatt, rowmax, logsum,
+            *q.stride(), *kv_h(k), *kv_h(v),
+            *(_strides(bias) if bias is not None else (0, 0, 0, 0)),
+            *(_strides(mask_u8) if mask is not None else (0, 0, 0, 0)),
+            *(gate.stride() if gate is not None else (0, 0, 0, 0)),
+            H, Q, K, D, scale,
+            HAS_BIAS=bias is not None, HAS_MASK=mask is not None, HAS_GATE=gate is not None,
+            PRECISION=precision, BLOCK_D=block_d,
+        )
+        ctx.save_for_backward(q, k, v, bias, mask, gate, oatt, rowmax, logsum)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, bias, mask, gate, oatt, rowmax, logsum = ctx.saved_tensors
+        scale = ctx.scale
+        B, H, Q, D = q.shape
+        HKV, K = k.shape[1], k.shape[2]
+        block_d = max(16, triton.next_power_of_2(D))
+        precision = _precision(q.dtype)
+        dev = q.device
+        dout = dout.contiguous()
+        dummy = q
+        mask_u8 = mask.view(torch.uint8) if mask is not None else dummy
+        mask_st = _strides(mask_u8) if mask is not None else (0, 0, 0, 0)
+        bias_t = bias if bias is not None else dummy
+        bias_st = _strides(bias) if bias is not None else (0, 0, 0, 0)
+        kv_h = lambda t: (t.stride(0), 0 if t.shape[1] == 1 else t.stride(1), t.stride(2), t.stride(3))  # noqa: E731
+        flags = dict(HAS_BIAS=bias is not None, HAS_MASK=mask is not None, PRECISION=precision, BLOCK_D=block_d)
+
+        # 1. delta (and the gate's share): reads dout, O; writes delta [, dO_attn, dgate].
+        delta = _empty((B * H, Q), torch.float32, dev)
+        dgate = _empty(dout.shape, gate.dtype, dev) if gate is not None else None
+        do_att = _empty(dout.shape, q.dtype, dev) if gate is not None else dout
+        note_launch("attention_bwd_pre")
+        _attn_bwd_pre_kernel[lambda meta: (triton.cdiv(Q, meta["BLOCK_Q"]), B * H)](
+            dout, oatt, gate if gate is not None else dummy, do_att, dgate if gate is not None else dummy, delta,
+            *(gate.stride() if gate is not None else (0, 0, 0, 0)), H, Q, D,
+            HAS_GATE=gate is not None, BLOCK_D=block_d,
+        )
+        common = (*q.stride(), *kv_h(k), *kv_h(v), *bias_st, *mask_st)
+
+        # 2. dk, dv: [B, HKV, K, D], summed over the query heads sharing a K/V head.
+        dk = _empty((B, HKV, K, D), k.dtype, dev)
+        dv = _empty((B, HKV, K, D), v.dtype, dev)
+        note_launch("attention_bwd_dkdv")
+        _attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), B * HKV)](
+            q, k, v, bias_t, mask_u8, do_att, rowmax, logsum, delta, dk, dv, *common,
+            H, HKV, H // HKV, Q, K, D, scale, **flags,
+        )
+
+        # 3. dq (and dS itself when the bias is per (b, h, q, k)).
+        need_dbias = bias is not None and ctx.needs_input_grad[3]
+        full_bias = need_dbias and tuple(bias.shape) == (B, H, Q, K)
+        dbias = _empty(bias.shape, torch.float32, dev) if need_dbias else None
+        dq = _empty(q.shape, q.dtype, dev)
+        note_launch("attention_bwd_dq")
+        _attn_bwd_dq_kernel[lambda meta: (triton.cdiv(Q, meta["BLOCK_Q"]), B * H)](
+            q, k, v, bias_t, mask_u8, do_att, rowmax, logsum, delta, dq, dbias if full_bias else dummy, *common,
+            H, Q, K, D, scale, STORE_DS=full_bias, **flags,
+        )
+
+        # 4. Broadcast bias: its own reduction kernel (see the module docstring).
+        if need_dbias and not full_bias:
+            Bb, Hb, Qb, Kb = bias.shape
+            q_bcast, k_bcast = Qb == 1, Kb == 1
+            grid = lambda meta: (1 if q_bcast else triton.cdiv(Q, meta["BLOCK_Q"]),  # noqa: E731
+                                 1 if k_bcast else triton.cdiv(K, meta["BLOCK_K"]), Bb * Hb)
+            note_launch("attention_bwd_dbias")
+            _attn_bwd_dbias_kernel[grid](
+                q, k, v, bias, mask_u8, do_att, rowmax, logsum, delta, dbias, *common,
+                H, Hb, B if Bb == 1 else 1, H if Hb == 1 else 1, Q, K, D, scale,
+                HAS_MASK=mask is not None, Q_BCAST=q_bcast, K_BCAST=k_bcast, PRECISION=precision, BLOCK_D=block_d,
+            )
+        if dbias is not None:
+            dbias = dbias.to(bias.dtype)
+        return dq, dk, dv, dbias, None, dgate, None
+
+
+# --------------------------------------------------------------------------- public API
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, bias: torch.Tensor | None = None,
+                        mask: torch.Tensor | None = None, gate: torch.Tensor | None = None,
+                        scale: float | None = None) -> torch.Tensor:
+    """Plain-PyTorch attention with the same semantics as :func:`attention`.
+
+    Materialises the logits. Computes in fp32 (fp64 for fp64 inputs) and returns
+    q's dtype. Fully masked rows give 0 (not NaN), with 0 gradient.
+    """
+    _check(q, k, v, bias, mask, gate)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+    s = torch.matmul(q.to(ct), k.to(ct).transpose(-1, -2)) * scale
+    if bias is not None:
+        s = s + bias.to(ct)
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    # Softmax is shift invariant, so a detached max is exact; a fully masked row
+    # (max -inf) is shifted by 0 so that every probability is exp(-inf) = 0.
+    m = s.detach().amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    p = torch.exp(s - m)
+    denom = p.sum(-1, keepdim=True)
+    p = p / torch.where(denom == 0, torch.ones_like(denom), denom)
+    o = torch.matmul(p, v.to(ct))
+    if gate is not None:
+        o = o * torch.sigmoid(gate.to(ct))
+    return o.to(q.dtype)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, bias: torch.Tensor | None = None,
+              mask: torch.Tensor | None = None, gate: torch.Tensor | None = None,
+              scale: float | None = None) -> torch.Tensor:
+    """``sigmoid(gate) * softmax(scale * q @ k^T + bias, masked) @ v``, flash-style.
+
+    Args:
+        q: ``[..., H, Q, D]`` queries, fp16 / bf16 / fp32 (fp64 runs the reference), D in 8..128.
+        k, v: ``[..., H or 1, K, D]``, same leading dims and dtype as q.
+        bias: float, broadcastable to ``[..., H, Q, K]``; added in fp32. Gets a gradient.
+        mask: bool, broadcastable to ``[..., H, Q, K]``, True = attend. A row with no
+            True gives output 0 and gradient 0.
+        gate: pre-sigmoid gate logits shaped like the output (``q.shape``).
+        scale: logit scale, default ``1 / sqrt(D)``.
+
+    Returns:
+        ``[..., H, Q, D]`` in q's dtype.
+
+    Dispatch: CUDA tensors (or CPU tensors with ``TRITON_INTERPRET=1``) in fp16 /
+    bf16 / fp32 run the Triton kernels; anything else runs :func:`attention_reference`.
+    """
+    _check(q, k, v, bias, mask, gate)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if q.dtype not in _SUPPORTED or not use_triton(q, k, v, bias, mask, gate):
+        return attention_reference(q, k, v, bias=bias, mask=mask, gate=gate, scale=scale)
+    lead = q.shape[:-3]
+    B = math.prod(lead)
+    H, Q, D = q.shape[-3:]
+    q4 = q.reshape(B, H, Q, D)
+    k4 = k.reshape(B, k.shape[-3], k.shape[-2], D)
+    v4 = v.reshape(B, v.shape[-3], v.shape[-2], D)
+    bias4 = _bcast_4d(bias, lead, "bias") if bias is not None else None
+    mask4 = _bcast_4d(mask, lead, "mask") if mask is not None else None
+    gate4 = gate.reshape(B, H, Q, D) if gate is not None else None
+    out = _AttentionFn.apply(q4, k4, v4, bias4, mask4, gate4, scale)
+    return out.reshape(q.shape)

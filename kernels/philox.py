@@ -1,0 +1,80 @@
+"""Philox 4x32-10 in plain PyTorch, bit-exact with Triton's ``tl.rand``.
+
+Triton's ``tl.rand(seed, offset)`` (``triton/language/random.py``) runs ten Philox
+rounds on the counter ``(offset_lo, offset_hi, 0, 0)`` with the key
+``(seed_lo, seed_hi)``, keeps the first output word, reinterprets it as int32,
+folds negatives onto ``-x - 1`` and scales by ``4.6566127342e-10`` in float32.
+This module repeats every step in int64 tensor arithmetic (uint32 values kept in
+the low 32 bits), so a dropout mask drawn inside a kernel can be regenerated on
+any device, for a reference or a check, without running the kernel::
+
+    >>> u = uniform_like_triton(seed=7, counters=torch.arange(4))
+    >>> u.dtype, bool(((u >= 0) & (u < 1)).all())
+    (torch.float32, True)
+"""
+from __future__ import annotations
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+_PHILOX_KEY_A = 0x9E3779B9
+_PHILOX_KEY_B = 0xBB67AE85
+_PHILOX_ROUND_A = 0xD2511F53
+_PHILOX_ROUND_B = 0xCD9E8D57
+_N_ROUNDS = 10
+# tl.rand's int32 -> float scale: the largest value with MAX_INT * scale < 1 in float32.
+_UNIFORM_SCALE = 4.6566127342e-10
+
+
+def _mul_hi_lo(k: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 32-bit words of the 64-bit product ``k * x`` (k, x < 2**32).
+
+    The product can reach 2**64, past int64, so ``k`` is split into 16-bit halves
+    and every partial product stays below 2**49.
+    """
+    k_hi, k_lo = k >> 16, k & 0xFFFF
+    a = k_hi * x  # < 2**48
+    b = k_lo * x  # < 2**48
+    hi = (a + (b >> 16)) >> 16
+    lo = (((a & 0xFFFF) << 16) + b) & _MASK32
+    return hi, lo
+
+
+def philox_uint32(seed: int, counters: torch.Tensor) -> torch.Tensor:
+    """First Philox 4x32-10 output word for each counter, as int64 in [0, 2**32).
+
+    ``counters`` are the int64 offsets handed to ``tl.rand`` (the low word is
+    counter 0, the high word counter 1, as Triton splits a 64-bit offset).
+    """
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
+        raise ValueError(f"philox seed must be an int in [0, 2**63), got {seed!r}")
+    if counters.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"philox counters must be int32 or int64, got {counters.dtype}")
+    counters = counters.to(torch.int64)
+    if counters.numel() and int(counters.min()) < 0:
+        raise ValueError("philox counters must be non-negative")
+    c0 = counters & _MASK32
+    c1 = (counters >> 32) & _MASK32
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    for _ in range(_N_ROUNDS):
+        hi_b, lo_b = _mul_hi_lo(_PHILOX_ROUND_B, c2)
+        hi_a, lo_a = _mul_hi_lo(_PHILOX_ROUND_A, c0)
+        c0, c2 = hi_b ^ c1 ^ k0, hi_a ^ c3 ^ k1
+        c1, c3 = lo_b, lo_a
+        k0 = (k0 + _PHILOX_KEY_A) & _MASK32
+        k1 = (k1 + _PHILOX_KEY_B) & _MASK32
+    return c0
+
+
+def uint32_to_uniform(x: torch.Tensor) -> torch.Tensor:
+    """Triton's ``uint_to_uniform_float`` for 32-bit words: float32 in [0, 1)."""
+    signed = torch.where(x >= 2**31, x - 2**32, x)  # bitcast uint32 -> int32
+    folded = torch.where(signed < 0, -signed - 1, signed)
+    return folded.to(torch.float32) * torch.tensor(_UNIFORM_SCALE, dtype=torch.float32, device=x.device)
+
+
+def uniform_like_triton(seed: int, counters: torch.Tensor) -> torch.Tensor:
+    """``tl.rand(seed, counters)`` computed in PyTorch, bit for bit (float32)."""
+    return uint32_to_uniform(philox_uint32(seed, counters))
