@@ -6,8 +6,11 @@ flags, ``self.training``, loops over tensor sizes, ``len(x.shape)`` and dtype
 branches on the example inputs, inlines every ``nn.Module`` into functional
 calls on its parameters, and keeps ``torch.autocast`` regions
 (``_enter_autocast``/``_exit_autocast`` nodes) and activation checkpointing
-(a ``tag_activation_checkpoint`` higher-order op whose body is a subgraph)
-with their effect. The result is then rebuilt into the project's contract:
+with their effect: Dynamo's ``tag_activation_checkpoint`` higher-order op is
+rewritten to a ``torch.utils.checkpoint.checkpoint(body, *args,
+use_reentrant=False)`` node whose body is a subgraph (``wrap_body_0``), because
+torch 2.11 runs that op eagerly without recomputation. The result is then
+rebuilt into the project's contract:
 
 - the graph module's ``forward`` keeps the model's argument names; a guard
   pre-hook binds each call to the model's signature, applies its defaults and
@@ -44,10 +47,14 @@ from typing import Any
 
 import torch
 import torch.fx
+import torch.utils.checkpoint
 
 from foldcompile.guards import Guards, install_guards
 
 __all__ = ["trace", "CaptureError", "module_path_of"]
+
+
+_CHECKPOINT_HOP = torch.ops.higher_order.tag_activation_checkpoint
 
 
 class CaptureError(RuntimeError):
@@ -107,6 +114,11 @@ def _rebuild(model: torch.nn.Module, exported: torch.fx.GraphModule) -> torch.fx
     for g in [graph] + [root[k].graph for k in root if isinstance(root[k], torch.fx.GraphModule)]:
         for n in g.nodes:
             n.meta["module_path"] = module_path_of(n, module_names)
+            if n.op == "call_function" and n.target is _CHECKPOINT_HOP:
+                # torch 2.11 runs this higher-order op eagerly WITHOUT checkpointing (no recompute in
+                # backward); calling torch.utils.checkpoint on the body subgraph keeps the effect everywhere.
+                n.target = torch.utils.checkpoint.checkpoint
+                n.kwargs = {"use_reentrant": False, **{k: v for k, v in n.kwargs.items() if k != "use_reentrant"}}
     gm = torch.fx.GraphModule(root, graph, class_name=type(model).__name__)
     return gm
 

@@ -41,7 +41,7 @@ class Step:
 
 def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """A GraphModule with a copied graph (node meta shallow-copied) sharing ``gm``'s submodules,
-    parameters and buffers; ``gm.meta`` is copied too."""
+    parameters and buffers; ``gm.meta``, the training flag and capture guards are carried over."""
     graph = torch.fx.Graph()
     val_map: dict[torch.fx.Node, torch.fx.Node] = {}
     out = graph.graph_copy(gm.graph, val_map)
@@ -53,6 +53,11 @@ def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     graph._codegen = gm.graph._codegen
     new = torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
     new.meta = dict(getattr(gm, "meta", {}))
+    new.train(gm.training)
+    if getattr(gm, "guards", None) is not None:
+        # a captured module checks its guards (and binds defaults) on every call: keep that
+        from foldcompile.guards import install_guards
+        install_guards(new, gm.guards)
     return new
 
 
@@ -164,9 +169,9 @@ class PassManager:
         largest relative error over the outputs (``max_rel_error``)."""
         step = self._step(name)
         assert self.captured is not None
-        with torch.no_grad():
-            ref = self.captured(*inputs)
-            got = step.graph_module(*inputs)
+        # no torch.no_grad() here: a captured module guards on the grad mode it was captured in
+        ref = self.captured(*inputs)
+        got = step.graph_module(*inputs)
         return max_rel_error(got, ref)
 
     def compare_all(self, *inputs: Any) -> dict[str, float]:

@@ -49,7 +49,7 @@ import os
 import sys
 import tempfile
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
@@ -200,7 +200,7 @@ _RULES: dict[str, _Rule] = {
                          ("tl.where({1}, 0.0, {g})", None, "tl.where({1}, {g}, 0.0)"),
                          lambda x, m, v: x.masked_fill(m, v)),
     # operands: x, p, scale; {keep} is tl.rand(seed, counter) >= p, drawn by the generator.
-    "dropout": _Rule("fff", "f", "tl.where({keep}, {0}, 0.0)", ("tl.where({keep}, {g} * {2}, 0.0)", None, None),
+    "dropout": _Rule("fff", "f", "tl.where({keep}, {0} * {2}, 0.0)", ("tl.where({keep}, {g} * {2}, 0.0)", None, None),
                      None),
     "cast": _Rule("f", "f", "{0}", ("{g}",), None),
     "gt": _Rule("ff", "b", "{0} > {1}", (None, None), operator.gt),
@@ -691,15 +691,6 @@ def _convert(expr: str, have: str, need: str) -> str:
     return expr
 
 
-@dataclass
-class _Generated:
-    source: str
-    name: str
-    ptr_args: list[str]
-    load_operands: list[int]  # indices into the per-call operand list for each loaded pointer
-    has_seed: bool
-
-
 class _Writer:
     def __init__(self) -> None:
         self.lines: list[str] = []
@@ -709,20 +700,26 @@ class _Writer:
 
 
 def _gen_kernel(frag: _Fragment, lay: _Layout, sizes: list[int], loaded: list[int], ops: list[_Operand],
-                int64: bool, backward: bool, grad_inputs: list[int], name: str) -> str:
+                int64: bool, backward: bool, grad_inputs: list[int], name: str,
+                split: int | None = None, reduced: tuple[bool, ...] = ()) -> str:
     """Source of one kernel.
 
     ``loaded``: value ids of the tensor inputs it reads (then, in backward, the
     upstream gradients of the outputs that need one); ``ops``: their geometry,
     then one per live dropout mask. Forward stores the outputs; backward stores
-    the float32 adjoints of ``grad_inputs``.
+    the adjoints of ``grad_inputs``.
+
+    ``split``: when set, the kernel walks the output as a 2-D tile grid, rows =
+    the collapsed dims before ``split`` and columns = those from it on, and every
+    grad input flagged in ``reduced`` (broadcast over all the row dims, a bias) is
+    summed over the tile's rows in registers and stored as one partial row per
+    program: a [row blocks, C] float32 buffer instead of a full-size one.
     """
     rank = len(sizes)
     vals = frag.vals
     n_in = len(loaded)
     scalars = [i for i in lay.live if vals[i].kind in ("input", "const") and lay.kinds[i] == "s"]
-    gouts = [o for o in frag.outputs if backward and o in _differentiable_set(frag, lay, grad_inputs)]
-    gouts = list(dict.fromkeys(gouts))
+    gouts = _live_gouts(frag, lay, grad_inputs) if backward else []
     w = _Writer()
     out_ptrs = ([f"gin{k}" for k in range(len(grad_inputs))] if backward
                 else [f"out{k}" for k in range(len(frag.outputs))])
@@ -736,16 +733,29 @@ def _gen_kernel(frag: _Fragment, lay: _Layout, sizes: list[int], loaded: list[in
     for nm, op in zip(operand_names, ops):
         if not op.dense:
             stride_args += [f"{nm}_s{d}" for d in range(rank) if op.pattern[d]]
-    args = out_ptrs + in_ptrs + scalar_args + drop_args + ["N"] + size_args + stride_args + ["BLOCK: tl.constexpr"]
+    if split is None:
+        args = out_ptrs + in_ptrs + scalar_args + drop_args + ["N"] + size_args + stride_args + ["BLOCK: tl.constexpr"]
+    else:
+        args = (out_ptrs + in_ptrs + scalar_args + drop_args + ["R", "C"] + size_args + stride_args
+                + ["BLOCK_R: tl.constexpr", "BLOCK_C: tl.constexpr"])
     w("@triton.jit", 0)
     w(f"def {name}(", 0)
     for a in args:
         w(f"{a},", 2)
     w("):", 0)
     w(f"# {'backward' if backward else 'forward'}: output shape {list(lay.out_shape)} collapsed to {sizes}")
-    w("pid = tl.program_id(0)")
-    w(f"offs = pid{'.to(tl.int64)' if int64 else ''} * BLOCK + tl.arange(0, BLOCK)")
-    w("valid = offs < N")
+    if split is None:
+        w("pid = tl.program_id(0)")
+        w(f"offs = pid{'.to(tl.int64)' if int64 else ''} * BLOCK + tl.arange(0, BLOCK)")
+        w("valid = offs < N")
+    else:
+        w(f"# tiles: rows = dims {list(range(split))}, columns = dims {list(range(split, rank))}; "
+          "bias-like gradients are summed over the tile's rows")
+        w(f"pid_r = tl.program_id(0){'.to(tl.int64)' if int64 else ''}")
+        w("rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)")
+        w("cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)")
+        w("offs = rows[:, None] * C + cols[None, :]")
+        w("valid = (rows < R)[:, None] & (cols < C)[None, :]")
     if rank == 1:
         w("i0 = offs")
     else:
@@ -822,8 +832,23 @@ def _gen_kernel(frag: _Fragment, lay: _Layout, sizes: list[int], loaded: list[in
                 w(f"g{a} = {contrib}  # d{v.name}/d{vals[a].name}")
                 adj[a] = f"g{a}"
     for k, vid in enumerate(grad_inputs):
-        w(f"tl.store(gin{k} + offs, {adj[vid]}.to(gin{k}.dtype.element_ty), mask=valid)")
+        if split is not None and reduced[k]:
+            w(f"tl.store(gin{k} + pid_r * C + cols, tl.sum(tl.where(valid, {adj[vid]}, 0.0), axis=0), "
+              "mask=cols < C)")
+        else:
+            w(f"tl.store(gin{k} + offs, {adj[vid]}.to(gin{k}.dtype.element_ty), mask=valid)")
     return "\n".join(w.lines)
+
+
+def _adjoint_set(frag: _Fragment, lay: _Layout, grad_inputs: list[int]) -> set[int]:
+    """Values that receive an adjoint in the reverse sweep (a subset of the differentiable set)."""
+    diff = _differentiable_set(frag, lay, grad_inputs)
+    adj = {o for o in frag.outputs if o in diff}
+    for i in reversed(lay.live):
+        v = frag.vals[i]
+        if v.kind == "op" and i in adj:
+            adj.update(a for a, g in zip(v.args, _RULES[v.op].grads) if g is not None and a in diff)
+    return adj
 
 
 def _differentiable_set(frag: _Fragment, lay: _Layout, grad_inputs: list[int]) -> set[int]:
@@ -888,6 +913,25 @@ def _block_config(numel: int) -> tuple[int, int]:
     return 2048, 8
 
 
+def _tile_config(cols: int) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_C, num_warps) of the backward's tile mode: ~4K elements a tile."""
+    block_c = min(triton.next_power_of_2(cols), 256)
+    return max(1, 4096 // block_c), block_c, 8 if not _dispatch.interpreting() else 4
+
+
+def _tile_extent(plan: "_Plan") -> tuple[int, int]:
+    return math.prod(plan.sizes[:plan.split]), math.prod(plan.sizes[plan.split:])
+
+
+def _leading_false(pattern: tuple[bool, ...]) -> int:
+    n = 0
+    for used in pattern:
+        if used:
+            break
+        n += 1
+    return n
+
+
 # ---------------------------------------------------------------------------------
 # The fused callable
 # ---------------------------------------------------------------------------------
@@ -901,6 +945,8 @@ class _Plan:
     source: str
     sizes: list[int]
     ops: list[_Operand]
+    split: int | None = None  # backward tile mode: see _gen_kernel
+    reduced: tuple[bool, ...] = ()  # per grad input: summed over rows in the kernel
 
 
 @dataclass
@@ -927,6 +973,14 @@ class FusedElementwise:
         self._plans: dict[tuple, _Plan] = {}
         self._last_sources: dict[str, str] = {}
 
+    def __repr__(self) -> str:
+        ops = [v.op for v in self._frag.vals if v.kind == "op"]
+        return f"FusedElementwise({self.name}: {', '.join(self._frag.input_names)} -> {' . '.join(ops)})"
+
+    def __deepcopy__(self, memo: dict) -> "FusedElementwise":
+        # Immutable once built (the plans are only a cache): copies of a graph share it.
+        return self
+
     # -- public API -----------------------------------------------------------
 
     @property
@@ -946,10 +1000,10 @@ class FusedElementwise:
         prep = self._prepare(inputs)
         fwd = self._plan(prep, inputs, backward=False, grad_inputs=[], gouts=None)
         parts = [fwd.source]
-        if grad:
-            gi = [v for v in prep.tensor_inputs if prep.lay.kinds[v] == "f"]
-            gouts = [None] * len(self._frag.outputs)
-            parts.append(self._plan(prep, inputs, backward=True, grad_inputs=gi, gouts=gouts).source)
+        gi = [v for v in prep.tensor_inputs if prep.lay.kinds[v] == "f"] if grad else []
+        gi = [v for v in gi if v in _adjoint_set(self._frag, prep.lay, gi)]
+        if gi:
+            parts.append(self._plan(prep, inputs, backward=True, grad_inputs=gi, gouts=None).source)
         return "\n\n".join(parts)
 
     def random_numel(self, *inputs: Any) -> int:
@@ -1004,28 +1058,35 @@ class FusedElementwise:
               gouts: list[torch.Tensor | None] | None) -> _Plan:
         lay, vals, frag = prep.lay, self._frag.vals, self._frag
         operand_strides = [_aligned_strides(inputs[vals[i].index], lay.out_shape) for i in prep.tensor_inputs]
-        diff = _differentiable_set(frag, lay, grad_inputs) if backward else set()
-        live_gouts = list(dict.fromkeys(o for o in frag.outputs if o in diff))
-        for o in live_gouts:
-            g = gouts[frag.outputs.index(o)]
+        live_gouts = _live_gouts(frag, lay, grad_inputs) if backward else []
+        for k in range(len(live_gouts)):
+            g = gouts[k] if gouts is not None else None
             operand_strides.append(_contiguous_strides(lay.out_shape) if g is None
                                    else _aligned_strides(g, lay.out_shape))
         operand_strides += [_contiguous_strides(lay.mask_shapes[i]) for i in lay.dropouts]
         sizes, ops, int64 = _geometry(lay.out_shape, operand_strides)
+        split, reduced = None, ()
+        if backward:
+            # Broadcast grad inputs (a False in their pattern) are reduced. If every one of them is
+            # broadcast over a common run of leading dims, those become tile rows summed in-kernel.
+            pos = {v: k for k, v in enumerate(prep.tensor_inputs)}
+            bcast = [not all(ops[pos[v]].pattern) for v in grad_inputs]
+            leading = [_leading_false(ops[pos[v]].pattern) for v, b in zip(grad_inputs, bcast) if b]
+            if leading and min(leading) > 0:
+                split, reduced = min(leading), tuple(bcast)
         key = (backward, tuple(grad_inputs), tuple(lay.kinds), tuple(map(str, lay.dtypes)),
-               tuple((o.pattern, o.dense) for o in ops), len(sizes), int64,
-               tuple(str(g.dtype) if g is not None else "" for g in (gouts or [])))
+               tuple((o.pattern, o.dense) for o in ops), len(sizes), int64, split, reduced)
         plan = self._plans.get(key)
         if plan is None:
             kind = "bwd" if backward else "fwd"
             body = _gen_kernel(frag, lay, sizes, prep.tensor_inputs, ops, int64, backward, grad_inputs,
-                               f"{self.name}_{kind}")
+                               f"{self.name}_{kind}", split, reduced)
             source = _HEADER.format(code=frag.code.strip()) + body + "\n"
             fn_name = f"{self.name}_{kind}"
-            plan = _Plan(_compile(source, fn_name), source, sizes, ops)
+            plan = _Plan(_compile(source, fn_name), source, sizes, ops, split, reduced)
             self._plans[key] = plan
         else:
-            plan = _Plan(plan.kernel, plan.source, sizes, ops)
+            plan = _Plan(plan.kernel, plan.source, sizes, ops, split, reduced)
         self._last_sources["backward" if backward else "forward"] = plan.source
         return plan
 
@@ -1043,11 +1104,18 @@ class FusedElementwise:
         for op in plan.ops:
             if not op.dense:
                 stride_vals += [s for s, used in zip(op.strides, op.pattern) if used]
-        block, warps = _block_config(numel)
-        grid = (triton.cdiv(numel, block),)
         _dispatch.note_launch(kernel_name)
-        plan.kernel[grid](*out_ptrs, *in_ptrs, *scalar_vals, *drop, numel, *plan.sizes[1:], *stride_vals,
-                          BLOCK=block, num_warps=warps)
+        if plan.split is None:
+            block, warps = _block_config(numel)
+            grid = (triton.cdiv(numel, block),)
+            plan.kernel[grid](*out_ptrs, *in_ptrs, *scalar_vals, *drop, numel, *plan.sizes[1:], *stride_vals,
+                              BLOCK=block, num_warps=warps)
+        else:
+            rows, cols = _tile_extent(plan)
+            block_r, block_c, warps = _tile_config(cols)
+            grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
+            plan.kernel[grid](*out_ptrs, *in_ptrs, *scalar_vals, *drop, rows, cols, *plan.sizes[1:],
+                              *stride_vals, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps)
 
 
 class _FusedFunction(torch.autograd.Function):
@@ -1081,48 +1149,60 @@ class _FusedFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad[3:]
         grad_inputs = [v for v in prep.tensor_inputs
                        if lay.kinds[v] == "f" and needs[frag.vals[v].index]]
-        diff = _differentiable_set(frag, lay, grad_inputs)
         grads: list[torch.Tensor | None] = [None] * len(inputs)
-        if not grad_inputs:
+        # Inputs no output depends on differentiably (only through a comparison, say) get zeros, no kernel.
+        adjoints = _adjoint_set(frag, lay, grad_inputs)
+        reaching = [v for v in grad_inputs if v in adjoints]
+        for v in grad_inputs:
+            if v not in reaching:
+                grads[frag.vals[v].index] = torch.zeros_like(inputs[frag.vals[v].index])
+        if not reaching:
             return (None, None, None, *grads)
-        # Inputs no output depends on differentiably get a zero gradient without a kernel.
-        reaching = [v for v in grad_inputs if any(o in diff and _reaches(frag, lay, v, o) for o in frag.outputs)]
-        plan = fused._plan(prep, inputs, backward=True, grad_inputs=reaching, gouts=list(gouts))
-        device = gouts[0].device
-        bufs = []
-        for v in reaching:
-            x = inputs[frag.vals[v].index]
-            full = tuple(x.shape) == tuple(lay.out_shape)
-            bufs.append(torch.empty(lay.out_shape, dtype=x.dtype if full else torch.float32, device=device))
-        live_gouts = list(dict.fromkeys(o for o in frag.outputs if o in diff))
         gin = []
-        for o in live_gouts:
+        for o in _live_gouts(frag, lay, reaching):
             # The same value returned twice gets the sum of both upstream gradients.
             idx = [k for k, oo in enumerate(frag.outputs) if oo == o]
             g = gouts[idx[0]]
             for k in idx[1:]:
                 g = g + gouts[k]
             gin.append(g)
-        if reaching:
-            fused._launch(plan, prep, inputs, bufs, gin, ctx.seed, ctx.offset, "fused_elementwise_bwd")
-        for v, buf in zip(reaching, bufs):
+        plan = fused._plan(prep, inputs, backward=True, grad_inputs=reaching, gouts=gin)
+        out_shape = tuple(lay.out_shape)
+        numel = math.prod(out_shape)
+        bufs = []
+        for k, v in enumerate(reaching):
             x = inputs[frag.vals[v].index]
+            if plan.split is not None and plan.reduced[k]:
+                # One float32 partial sum per (row block, column); summed below.
+                rows, cols = _tile_extent(plan)
+                n_blocks = triton.cdiv(rows, _tile_config(cols)[0])
+                bufs.append(torch.empty((n_blocks, cols), dtype=torch.float32, device=x.device))
+            elif x.numel() == numel:
+                bufs.append(torch.empty(out_shape, dtype=x.dtype, device=x.device))
+            else:  # broadcast in a way tiles do not cover: full-size float32, summed below
+                bufs.append(torch.empty(out_shape, dtype=torch.float32, device=x.device))
+        fused._launch(plan, prep, inputs, bufs, gin, ctx.seed, ctx.offset, "fused_elementwise_bwd")
+        for k, (v, buf) in enumerate(zip(reaching, bufs)):
+            x = inputs[frag.vals[v].index]
+            if plan.split is not None and plan.reduced[k]:
+                buf = _unflatten_columns(buf.sum(0), out_shape)
             grads[frag.vals[v].index] = _reduce_to(buf, tuple(x.shape)).to(x.dtype)
-        for v in grad_inputs:
-            if v not in reaching:
-                x = inputs[frag.vals[v].index]
-                grads[frag.vals[v].index] = torch.zeros_like(x)
         return (None, None, None, *grads)
 
 
-def _reaches(frag: _Fragment, lay: _Layout, src: int, dst: int) -> bool:
-    if src == dst:
-        return True
-    frontier = {dst}
-    for i in reversed(lay.live):
-        if i in frontier:
-            frontier.update(frag.vals[i].args)
-    return src in frontier
+def _live_gouts(frag: _Fragment, lay: _Layout, grad_inputs: list[int]) -> list[int]:
+    """The distinct outputs whose upstream gradient the backward kernel reads, in output order."""
+    diff = _differentiable_set(frag, lay, grad_inputs)
+    return list(dict.fromkeys(o for o in frag.outputs if o in diff))
+
+
+def _unflatten_columns(cols: torch.Tensor, out_shape: tuple[int, ...]) -> torch.Tensor:
+    """View C column sums as a tensor of the output's rank: leading dims 1, trailing dims whose product is C."""
+    j, acc = len(out_shape), 1
+    while j > 0 and acc < cols.numel():
+        j -= 1
+        acc *= out_shape[j]
+    return cols.reshape((1,) * j + tuple(out_shape[j:]))
 
 
 def _reduce_to(grad: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
@@ -1169,9 +1249,9 @@ def fused_elementwise_reference(fused: FusedElementwise, *inputs: Any, seed: int
             args = [torch.tensor(a, dtype=torch.float64) for a in args]
         if v.op == "dropout":
             x, p, scale = args
-            keep = dropout_mask_reference(seed, offset + lay.mask_base[i], lay.mask_shapes[i], p, device=x.device)
-            keep = keep.reshape(lay.mask_shapes[i][len(lay.mask_shapes[i]) - x.dim():]) if x.dim() < len(
-                lay.mask_shapes[i]) else keep
+            full = lay.mask_shapes[i]
+            keep = dropout_mask_reference(seed, offset + lay.mask_base[i], full, p, device=x.device)
+            keep = keep.reshape(full[len(full) - x.dim():])  # drop the leading 1s of the output's rank
             env[i] = torch.where(keep, x * scale, torch.zeros((), dtype=x.dtype, device=x.device))
         elif v.op == "cast":
             env[i] = args[0].to(v.dtype)

@@ -30,6 +30,14 @@ copied to contiguous (one extra read and write of x); the result is moved back.
 Dispatch (``foldcompile.kernels._dispatch``): CUDA tensors, or CPU tensors under
 ``TRITON_INTERPRET=1``, run Triton; otherwise, and for float64 x (the kernels compute
 in fp32) or rows longer than ``MAX_TRITON_DIM``, ``softmax_reference`` runs.
+
+Example (MSA row attention logits with pair bias and key mask)::
+
+    >>> logits = torch.randn(4, 8, 37, 37)            # [N_seq, H, N_res, N_res]
+    >>> pair_bias = torch.randn(8, 37, 37)            # broadcast over N_seq
+    >>> key_mask = torch.rand(4, 1, 1, 37) > 0.2      # True = attend
+    >>> softmax(logits, scale=0.125, bias=pair_bias, mask=key_mask).shape
+    torch.Size([4, 8, 37, 37])
 """
 from __future__ import annotations
 
@@ -283,20 +291,21 @@ class SoftmaxFunction(torch.autograd.Function):
         dy = dy.contiguous()
         bias_shape = ctx.bias_shape if need_db else None
         groups = _bwd_plan(lead, bias_shape)
-        materialised_bias = False
+        # The forward plan has at most 4 merged dims, each wholly bias-varying or wholly
+        # broadcast, so each group has at most 2 runs here (softmax() materialises otherwise).
         if groups is None:
-            # Too many alternating broadcast dims: reduce a full-size dz with torch instead.
-            groups = _bwd_plan(lead, None)
-            materialised_bias = True
+            raise RuntimeError(f"softmax backward: no kernel plan for x {tuple(y.shape)} and bias {bias_shape}")
         (b_sizes, b_strides), (r_sizes, r_strides) = groups
         mb, r = math.prod(b_sizes), math.prod(r_sizes)
         block_m, block_n, num_warps = _row_blocking(n)
+        # Few bias rows (e.g. a bias broadcast over every leading dim): no idle tile rows.
+        block_m = min(block_m, triton.next_power_of_2(max(mb, 1)))
         btiles = triton.cdiv(mb, block_m) if mb > 0 else 0
         dx = torch.empty(y.shape, dtype=y.dtype, device=y.device) if need_dx else None
         if need_db:
             g_want = max(1, _num_programs_target(y.device) // max(btiles, 1))
-            iters = triton.next_power_of_2(triton.cdiv(r, g_want))
-            g = triton.cdiv(r, iters)
+            iters = triton.next_power_of_2(max(1, triton.cdiv(r, g_want)))
+            g = max(1, triton.cdiv(r, iters))
             pdtype = ctx.bias_dtype if g == 1 else torch.float32
             pdb = torch.empty((g, mb, n), dtype=pdtype, device=y.device)
         else:
@@ -310,15 +319,14 @@ class SoftmaxFunction(torch.autograd.Function):
                 ITERS=iters, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
         dbias = None
         if need_db:
+            if btiles == 0 or r == 0:
+                pdb.zero_()  # no rows: the kernel did not run, the gradient is 0
             full = pdb.sum(0) if g > 1 else pdb[0]
-            if materialised_bias:
-                dbias = full.view(y.shape).to(torch.float32).sum_to_size(ctx.bias_shape)
-            else:
-                # B dims are exactly the bias's non-1 leading dims, in order.
-                dbias = full.view(*[s for s in ctx.bias_shape[:-1]], n)
-                if ctx.bias_shape[-1] == 1 and n != 1:
-                    dbias = dbias.sum(-1, keepdim=True, dtype=torch.float32)
-                dbias = dbias.reshape(ctx.bias_shape)
+            # B dims are exactly the bias's non-1 leading dims, in order.
+            dbias = full.view(*ctx.bias_shape[:-1], n)
+            if ctx.bias_shape[-1] == 1 and n != 1:
+                dbias = dbias.sum(-1, keepdim=True, dtype=torch.float32)
+            dbias = dbias.reshape(ctx.bias_shape)
             dbias = dbias.to(ctx.bias_dtype)
         return dx, dbias, None, None, None
 
@@ -336,6 +344,8 @@ def _check(x, dim, scale, bias, mask) -> int:
         raise ValueError(f"softmax: x must have at least one dim, got shape {tuple(x.shape)}")
     if not isinstance(dim, int) or not -x.dim() <= dim < x.dim():
         raise ValueError(f"softmax: dim={dim} is out of range for x of shape {tuple(x.shape)}")
+    if x.shape[dim] == 0:
+        raise ValueError(f"softmax: dim={dim} of x has size 0 (x shape {tuple(x.shape)}): nothing to normalise")
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
         raise TypeError(f"softmax: scale must be a Python number or None, got {type(scale).__name__}")
     for name, t in (("bias", bias), ("mask", mask)):
@@ -399,7 +409,7 @@ def softmax(x: torch.Tensor, dim: int = -1, *, scale: float | None = None,
     """
     dim = _check(x, dim, scale, bias, mask)
     if not (_dispatch.use_triton(x, bias, mask) and x.dtype != torch.float64
-            and x.shape[dim] <= MAX_TRITON_DIM and x.shape[dim] > 0):
+            and x.shape[dim] <= MAX_TRITON_DIM):
         return softmax_reference(x, dim, scale=scale, bias=bias, mask=mask)
     last = x.dim() - 1
     if dim != last:

@@ -976,9 +976,12 @@ def shape_prop_pass(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
     """
     if not isinstance(gm, torch.fx.GraphModule):
         raise PassError(f"shape_prop_pass needs a torch.fx.GraphModule, got {type(gm).__name__}")
-    n_ph = sum(1 for n in gm.graph.nodes if n.op == "placeholder")
-    if len(example_inputs) != n_ph:
-        raise PassError(f"graph has {n_ph} inputs but {len(example_inputs)} example inputs were given")
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    # placeholders after the given inputs must have defaults (a captured ``mask=None``)
+    required = sum(1 for n in phs if not n.args)
+    if not required <= len(example_inputs) <= len(phs) or any(not n.args for n in phs[len(example_inputs):]):
+        raise PassError(f"graph has {len(phs)} inputs ({required} without a default) but "
+                        f"{len(example_inputs)} example inputs were given")
     all_dims = infer_dims(gm, example_inputs, dims)
     prop = _SymShapeProp(gm, all_dims)
     with torch.no_grad():

@@ -287,3 +287,38 @@ def test_fused_elementwise_is_public_type():
     assert isinstance(fused, FusedElementwise)
     assert "def fused_elementwise_fwd" in fused.source and "def fused_elementwise_bwd" in fused.source
     assert fused.input_names == ["x"]
+
+
+def test_gradient_only_through_comparison_is_zero_and_bool_outputs():
+    x = torch.randn(37, 5, device=DEVICE, requires_grad=True)
+    y = torch.randn(37, 5, device=DEVICE, requires_grad=True)
+    fused = fuse_elementwise(lambda x, y: (x * (y > 0), (x > 0.5) & (y < 0)))
+    out, flags = fused(x, y)
+    assert flags.dtype == torch.bool and torch.equal(flags, (x > 0.5) & (y < 0))
+    assert not flags.requires_grad
+    gx, gy = torch.autograd.grad(out, (x, y), torch.ones_like(out))
+    assert torch.equal(gx, (y > 0).float()) and torch.equal(gy, torch.zeros_like(y))
+
+
+def test_dtype_promotion_and_empty_and_cast():
+    x16 = torch.randn(37, 8, device=DEVICE, dtype=torch.float16, requires_grad=True)
+    b32 = torch.randn(8, device=DEVICE, requires_grad=True)
+    fused = fuse_elementwise(lambda x, b: torch.relu(x + b))
+    out = fused(x16, b32)
+    assert out.dtype == torch.float32  # PyTorch's promotion: fp16 + fp32 -> fp32
+    assert _rel(out, torch.relu(x16.double() + b32.double())) < 1e-6
+    gx, gb = torch.autograd.grad(out, (x16, b32), torch.ones_like(out))
+    assert gx.dtype == torch.float16 and gb.dtype == torch.float32
+    assert _rel(gb, (x16.double() + b32.double() > 0).double().sum(0)) < 1e-6
+    cast = fuse_elementwise(lambda x: (x * 3.0).half())
+    assert cast(torch.randn(5, 7, device=DEVICE)).dtype == torch.float16
+    empty = fused(torch.randn(0, 8, device=DEVICE), torch.randn(8, device=DEVICE))
+    assert empty.shape == (0, 8)
+
+
+def test_huge_index_space_generates_int64_indexing():
+    fused = fuse_elementwise(lambda x, b: x * b)
+    x = torch.randn(1, device=DEVICE).expand(1 << 31)  # no memory: stride 0; source only, never launched
+    src = fused.source_for(x, torch.randn(1, device=DEVICE), grad=False)
+    assert "pid.to(tl.int64)" in src
+    assert "pid.to(tl.int64)" not in fused.source_for(torch.randn(37, device=DEVICE), 2.0, grad=False)

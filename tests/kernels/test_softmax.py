@@ -267,6 +267,21 @@ def test_bad_inputs():
         softmax(x, scale=torch.tensor(2.0))
 
 
+@pytest.mark.parametrize("xs,bs", [((0, 3, 37), (3, 37)), ((4, 0, 37), (37,))])
+def test_empty_leading_dims(xs, bs):
+    x = torch.randn(xs, device=DEVICE, requires_grad=True)
+    bias = torch.randn(bs, device=DEVICE, requires_grad=True)
+    y = softmax(x, bias=bias)
+    y.sum().backward()
+    assert y.shape == x.shape and x.grad.shape == x.shape
+    assert torch.equal(bias.grad, torch.zeros_like(bias))
+
+
+def test_empty_softmax_dim_is_an_error():
+    with pytest.raises(ValueError, match="dim=-1 of x has size 0"):
+        softmax(torch.randn(3, 0, device=DEVICE))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 is wrong in the Triton interpreter; CUDA only")
 def test_bf16_cuda():
     torch.manual_seed(13)

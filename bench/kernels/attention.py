@@ -1,0 +1,242 @@
+"""GPU benchmark: flash-style attention with pair bias, mask and gate.
+
+Compares ``foldcompile.kernels.attention`` with eager PyTorch (the AlphaFold way:
+materialised logits), ``torch.compile`` of that eager code, PyTorch SDPA with a
+float bias, and ``trifast`` (triangle attention only, when importable), in bf16
+and fp32, at AlphaFold shapes:
+
+- triangle attention, 4 heads x 32: ``q/k/v [N_res, 4, N_res, 32]``, pair bias
+  ``[1, 4, N_res, N_res]`` (fp32), key mask ``[N_res, 1, 1, N_res]``, ungated, at the
+  training crop N_res=256 and inference N_res=1024, 2048;
+- MSA row attention at the training crop (N_seq=128, N_res=256), 8 heads x 32,
+  pair bias ``[1, 8, 256, 256]``, key mask, gate;
+- MSA column attention at the training crop, 8 heads x 32, ``[256, 8, 128, 32]``,
+  key mask, gate, no bias.
+
+Each row gives forward and forward+backward time (backward = every input gradient:
+dq, dk, dv, dbias, dgate), TFLOP/s (forward 4·B·H·Q·K·D FLOPs, forward+backward
+3.5x that, the flash-attention convention), peak extra memory (peak allocated
+during the call minus its outputs and gradient buffers), and speed-ups against
+eager. SDPA gets the pair bias as a float ``attn_mask`` but not the key mask
+(adding it would materialise a [B, H, Q, K] mask): a lower bound on its cost, as
+the issue's peer numbers were taken.
+
+Run from the repository root: ``python -m bench.kernels.attention [--quick]``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import traceback
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from bench.common import Results, peak_memory_bytes, time_ms
+from foldcompile.kernels.attention import attention
+
+COLUMNS = ["case", "dtype", "impl", "fwd_ms", "fwd_bwd_ms", "fwd_tflops", "fwd_bwd_tflops", "peak_extra_MiB",
+           "fwd_speedup_vs_eager", "fwd_bwd_speedup_vs_eager", "note"]
+
+
+def _eager(q, k, v, bias, mask, gate):
+    """AlphaFold-style attention in the input dtype: materialised logits, softmax, gate."""
+    s = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if bias is not None:
+        s = s + bias.to(s.dtype)
+    if mask is not None:
+        s = s.masked_fill(~mask, -1e9)
+    o = torch.matmul(torch.softmax(s, dim=-1), v)
+    return o * torch.sigmoid(gate) if gate is not None else o
+
+
+def _sdpa(q, k, v, bias, mask, gate):
+    """SDPA with the pair bias as a float attn_mask (key mask only when there is no bias)."""
+    if bias is not None:
+        attn_mask = bias.to(q.dtype).expand(q.shape[:-1] + (k.shape[-2],))
+    else:
+        attn_mask = mask
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    return o * torch.sigmoid(gate) if gate is not None else o
+
+
+def _ours(q, k, v, bias, mask, gate):
+    return attention(q, k, v, bias=bias, mask=mask, gate=gate)
+
+
+_compiled: dict = {}
+
+
+def _compiled_eager(q, k, v, bias, mask, gate):
+    if "fn" not in _compiled:
+        _compiled["fn"] = torch.compile(_eager, dynamic=False)
+    return _compiled["fn"](q, k, v, bias, mask, gate)
+
+
+def _trifast_fn():
+    """trifast's triangle_attention, or None when the package is absent."""
+    try:
+        from trifast import triangle_attention  # type: ignore[import-not-found]
+    except Exception:  # noqa: BLE001 - any import failure means "not available"
+        return None
+    return triangle_attention
+
+
+def _make_case(name: str, dtype: torch.dtype, dev: str):
+    """Inputs for one benchmark case, all requiring grad except the mask."""
+    g = torch.Generator(device=dev).manual_seed(0)
+    rnd = lambda *s, dt=dtype: torch.randn(*s, device=dev, dtype=dt, generator=g).requires_grad_()  # noqa: E731
+    if name.startswith("triangle"):
+        n = int(name.split("_")[1])
+        B, H, Q, K, D = n, 4, n, n, 32
+        q, k, v = rnd(B, H, Q, D), rnd(B, H, K, D), rnd(B, H, K, D)
+        bias = rnd(1, H, Q, K, dt=torch.float32)
+        mask = torch.rand(B, 1, 1, K, device=dev, generator=g) > 0.1
+        gate = None
+    elif name == "msa_row_128x256":
+        B, H, Q, K, D = 128, 8, 256, 256, 32
+        q, k, v = rnd(B, H, Q, D), rnd(B, H, K, D), rnd(B, H, K, D)
+        bias = rnd(1, H, Q, K, dt=torch.float32)
+        mask = torch.rand(B, 1, 1, K, device=dev, generator=g) > 0.1
+        gate = rnd(B, H, Q, D)
+    elif name == "msa_col_128x256":
+        B, H, Q, K, D = 256, 8, 128, 128, 32
+        q, k, v = rnd(B, H, Q, D), rnd(B, H, K, D), rnd(B, H, K, D)
+        bias = None
+        mask = torch.rand(B, 1, 1, K, device=dev, generator=g) > 0.1
+        gate = rnd(B, H, Q, D)
+    else:
+        raise ValueError(f"unknown case {name}")
+    return dict(q=q, k=k, v=v, bias=bias, mask=mask, gate=gate), (B, H, Q, K, D)
+
+
+def _trifast_inputs(inputs: dict):
+    """The same triangle attention in trifast's layout: q/k/v [1, H, N, N, D], bias [1, H, N, N],
+    mask [1, N, N] with True = masked out."""
+    q, k, v, bias, mask = (inputs[n] for n in ("q", "k", "v", "bias", "mask"))
+    t = lambda x: x.detach().transpose(0, 1).unsqueeze(0).contiguous().requires_grad_()  # noqa: E731
+    tq, tk, tv = t(q), t(k), t(v)
+    tb = bias.detach().to(q.dtype).contiguous().requires_grad_()
+    tm = (~mask[:, 0, 0, :]).unsqueeze(0).expand(1, mask.shape[0], mask.shape[-1]).contiguous()
+    return dict(q=tq, k=tk, v=tv, bias=tb, mask=tm)
+
+
+def _measure(fn: Callable, inputs: dict, backward: bool, reps: int) -> tuple[float, int]:
+    """(median ms, peak extra bytes) of one forward (and backward) call."""
+    leaves = [t for n, t in inputs.items() if n != "mask" and t is not None]
+    out_bytes = [0]
+
+    def call():
+        out = fn(**inputs)
+        out_bytes[0] = out.numel() * out.element_size()
+        if backward:
+            grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
+            del grads
+        return out
+
+    def call_nograd():
+        if backward:
+            return call()
+        with torch.no_grad():
+            return call()
+
+    ms = time_ms(call_nograd, warmup=3, reps=reps)
+    peak = peak_memory_bytes(call_nograd)
+    grad_bytes = sum(t.numel() * t.element_size() for t in leaves) if backward else 0
+    return ms, peak - out_bytes[0] - grad_bytes
+
+
+def _eager_fits(dims, dtype) -> bool:
+    """Eager fwd+bwd keeps ~4 logits-sized tensors; skip where they cannot fit the card."""
+    B, H, Q, K, _ = dims
+    logits = B * H * Q * K * torch.tensor([], dtype=dtype).element_size()
+    return 4 * logits < 0.6 * torch.cuda.get_device_properties(0).total_memory
+
+
+def run(quick: bool = False) -> Results:
+    """Benchmark every implementation on every case; returns the results table."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("bench.kernels.attention needs a CUDA GPU")
+    dev = "cuda"
+    res = Results("attention (pair bias, mask, gate): foldcompile vs eager, torch.compile, SDPA, trifast", COLUMNS)
+    trifast = _trifast_fn()
+    res.notes.append("trifast: " + ("imported" if trifast is not None else "not importable here; skipped"))
+    res.notes.append("SDPA gets the pair bias as float attn_mask but not the key mask (a lower bound on its cost); "
+                     "for MSA column attention (no bias) it gets the boolean key mask.")
+    res.notes.append("fwd FLOPs = 4*B*H*Q*K*D; fwd+bwd FLOPs = 3.5x that. peak_extra = peak allocated during the call "
+                     "minus its output and gradient buffers.")
+    res.notes.append("targets (H100, triangle N_res=1024 bf16 ungated): fwd <= 3.5 ms, fwd+bwd <= 15 ms, peak extra < "
+                     "256 MiB; MSA row/col at the training crop faster than SDPA and torch.compile.")
+    if quick:
+        plan = [("triangle_256", torch.bfloat16), ("msa_row_128x256", torch.bfloat16),
+                ("msa_col_128x256", torch.bfloat16), ("triangle_1024", torch.bfloat16)]
+        compile_cases = {"triangle_256", "msa_row_128x256", "msa_col_128x256"}
+    else:
+        plan = [(c, dt) for dt in (torch.bfloat16, torch.float32)
+                for c in ("triangle_256", "msa_row_128x256", "msa_col_128x256", "triangle_1024", "triangle_2048")]
+        compile_cases = {"triangle_256", "msa_row_128x256", "msa_col_128x256", "triangle_1024"}
+    reps = 5 if quick else 10
+    for case, dtype in plan:
+        torch.cuda.empty_cache()
+        inputs, dims = _make_case(case, dtype, dev)
+        B, H, Q, K, D = dims
+        flops = 4 * B * H * Q * K * D
+        impls: list[tuple[str, Callable, dict]] = [("foldcompile", _ours, inputs)]
+        fits = _eager_fits(dims, dtype)
+        if fits:
+            impls.append(("eager", _eager, inputs))
+            if case in compile_cases:
+                impls.append(("torch.compile", _compiled_eager, inputs))
+        impls.append(("sdpa_float_bias", _sdpa, inputs))
+        if case.startswith("triangle") and trifast is not None:
+            tf_in = _trifast_inputs(inputs)
+            impls.append(("trifast", lambda q, k, v, bias, mask: trifast(q, k, v, bias, mask), tf_in))
+        eager_ms: dict[str, float] = {}
+        for impl, fn, args in impls:
+            row = dict(case=case, dtype=str(dtype).replace("torch.", ""), impl=impl)
+            notes = []
+            for key, backward in (("fwd", False), ("fwd_bwd", True)):
+                try:
+                    ms, extra = _measure(fn, args, backward, reps)
+                except Exception as exc:  # noqa: BLE001 - record the failure, keep benchmarking
+                    notes.append(f"{key} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
+                    if os.environ.get("BENCH_DEBUG"):
+                        traceback.print_exc()
+                    torch.cuda.empty_cache()
+                    continue
+                row[f"{key}_ms"] = ms
+                row[f"{key}_tflops"] = (flops * (3.5 if backward else 1.0)) / (ms * 1e-3) / 1e12
+                if backward:
+                    row["peak_extra_MiB"] = extra / 2**20
+                if impl == "eager":
+                    eager_ms[key] = ms
+                if key in eager_ms:
+                    row[f"{key}_speedup_vs_eager"] = eager_ms[key] / ms
+            if impl == "foldcompile" and not fits:
+                notes.append("eager/compile skipped: logits do not fit")
+            row["note"] = "; ".join(notes)
+            res.add(**row)
+        # foldcompile was timed before eager: fill in its speed-up now.
+        for row in res.rows:
+            if row["case"] == case and row["dtype"] == str(dtype).replace("torch.", "") and row["impl"] == "foldcompile":
+                for key in ("fwd", "fwd_bwd"):
+                    if key in eager_ms and f"{key}_ms" in row:
+                        row[f"{key}_speedup_vs_eager"] = eager_ms[key] / row[f"{key}_ms"]
+        del inputs, impls
+        _compiled.clear()
+    return res
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "results"))
+    args = parser.parse_args()
+    res = run(quick=args.quick)
+    print(res.markdown())
+    print("saved", res.save(os.path.abspath(args.out), "attention"))
+
+
+if __name__ == "__main__":
+    main()

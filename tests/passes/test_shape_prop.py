@@ -1,0 +1,149 @@
+"""Symbolic shape propagation: rules op by op, dim inference, ambiguity errors."""
+import operator
+
+import pytest
+import sympy
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from foldcompile.passes.base import PassError
+from foldcompile.passes.shape_prop import dim_symbol, infer_dims, shape_prop_pass
+
+S, R = dim_symbol("N_seq"), dim_symbol("N_res")
+
+
+def _by_name(gm):
+    return {n.name: n for n in gm.graph.nodes}
+
+
+def _functional_block(m, z):
+    """Zoo-like functional code: every shape computed from the inputs."""
+    n_seq, n_res = m.shape[0], m.shape[1]
+    q = m.view(n_seq, n_res, 2, -1).permute(2, 0, 1, 3)                      # [2, S, R, c/2]
+    opm = torch.einsum("sic,sjd->ijcd", m, m)                                 # [R, R, c, c]
+    flat = opm.reshape(n_res, n_res, -1)                                      # [R, R, c*c]
+    zz = torch.cat([z, z[:, : n_res // 2]], dim=1)                            # [R, R + R//2, cz]
+    padded = F.pad(z, (0, 0, 0, 1))                                           # [R, R+1, cz]
+    pairs = z.reshape(-1, z.shape[-1])                                        # [R*R, cz]
+    halves = torch.chunk(m, 2, dim=0)                                         # ceil(S/2), rest
+    row_sum = m.sum(-1, keepdim=True)                                         # [S, R, 1]
+    bias = z.permute(2, 0, 1).unsqueeze(0)                                    # [1, cz, R, R]
+    att = torch.matmul(q, q.transpose(-1, -2))                                # [2, S, R, R]
+    return q, flat, zz, padded, pairs, halves[1], row_sum, bias, att
+
+
+def test_symbolic_shapes_through_layout_and_einsum():
+    gm = fx.symbolic_trace(_functional_block)
+    res = shape_prop_pass(gm, (torch.randn(11, 13, 6), torch.randn(13, 13, 4)))
+    assert res.changed is False and res.record["fallback"] == []
+    assert res.record["dims"] == {"N_seq": 11, "N_res": 13} == gm.meta["dims"]
+    out = [n for n in gm.graph.nodes if n.op == "output"][0]
+    syms = out.meta["sym_shape"]
+    assert syms[0] == (2, S, R, 3)
+    assert syms[1] == (R, R, 36)
+    assert syms[2] == (R, R + sympy.floor(R / 2), 4)
+    assert syms[3] == (R, R + 1, 4)
+    assert syms[4] == (R * R, 4)
+    assert syms[5] == (S - sympy.ceiling(S / 2), R, 6)
+    assert syms[6] == (S, R, 1)
+    assert syms[7] == (1, 4, R, R)
+    assert syms[8] == (2, S, R, R)
+    nodes = _by_name(gm)
+    assert nodes["m"].meta["shape"] == (11, 13, 6) and nodes["m"].meta["dtype"] == torch.float32
+    assert nodes["floordiv"].meta["sym_value"] == sympy.floor(R / 2)
+
+
+def test_same_symbolic_shapes_at_other_example_sizes():
+    # the expressions do not depend on the example values they were derived at
+    outs = []
+    for s, r in [(11, 13), (7, 17)]:
+        gm = fx.symbolic_trace(_functional_block)
+        shape_prop_pass(gm, (torch.randn(s, r, 6), torch.randn(r, r, 4)))
+        outs.append([n.meta["sym_shape"] for n in gm.graph.nodes])
+    assert outs[0] == outs[1]
+
+
+def test_hand_built_graph_with_literal_sizes_and_methods():
+    # as a capture that specialised shapes writes it: literal ints, call_method nodes
+    g = fx.Graph()
+    z = g.placeholder("z")
+    w = g.placeholder("w")
+    flat = g.call_method("view", (z, 169, 8))                   # [R*R, c]
+    lin = g.call_function(F.linear, (flat, w))                  # [R*R, 5]
+    back = g.call_method("view", (lin, 13, 13, 5))              # [R, R, 5]
+    heads = g.call_function(torch.reshape, (back, (13, 13, 5, 1)))
+    t = g.call_function(torch.transpose, (back, 0, 1))
+    ex = g.call_method("expand", (g.call_method("unsqueeze", (t, 0)), 3, -1, -1, -1))
+    g.output((flat, back, heads, ex))
+    gm = fx.GraphModule(torch.nn.Module(), g)
+    res = shape_prop_pass(gm, (torch.randn(13, 13, 8), torch.randn(5, 8)), dims={"N_res": 13})
+    out = [n for n in gm.graph.nodes if n.op == "output"][0].meta["sym_shape"]
+    assert out == ((R**2, 8), (R, R, 5), (R, R, 5, 1), (3, R, R, 5))
+    assert res.record["fallback"] == []
+    assert _by_name(gm)["view"].meta["aliases_input"] is True
+
+
+def test_unknown_op_falls_back_by_value_and_is_recorded():
+    def mystery(x):
+        return x.flip(0)[:, :1].squeeze(1).unsqueeze(0)
+
+    g = fx.Graph()
+    z = g.placeholder("z")
+    y = g.call_function(mystery, (z,))
+    g.output(y)
+    gm = fx.GraphModule(torch.nn.Module(), g)
+    res = shape_prop_pass(gm, (torch.randn(13, 13, 4),))
+    assert [f["node"] for f in res.record["fallback"]] == ["mystery"]
+    assert _by_name(gm)["mystery"].meta["sym_shape"] == (1, R, 4)
+
+
+def test_names_inferred_from_inputs():
+    gm = fx.symbolic_trace(lambda msa_mask, pair: pair.sum(-1) + msa_mask[0])
+    shape_prop_pass(gm, (torch.randn(5, 9), torch.randn(9, 9, 3)))
+    assert gm.meta["dims"] == {"N_seq": 5, "N_res": 9}
+    assert infer_dims(gm, (torch.randn(2, 3, 5, 9), torch.randn(2, 9, 9, 3))) == {"N_seq": 5, "N_res": 9}
+
+
+def test_explicit_dims_name_unnamed_inputs():
+    gm = fx.symbolic_trace(lambda a, b: a @ b)
+    shape_prop_pass(gm, (torch.randn(13, 8), torch.randn(8, 13)), dims={"N_res": 13})
+    assert [n for n in gm.graph.nodes if n.op == "call_function"][0].meta["sym_shape"] == (R, R)
+
+
+@pytest.mark.parametrize("inputs,dims,match", [
+    ((torch.randn(11, 13, 8), torch.randn(13, 13, 13)), None, "channel size 13"),   # N_res == c_z
+    ((torch.randn(13, 13, 8), torch.randn(13, 13, 4)), None, "both have example size 13"),  # N_seq == N_res
+    ((torch.randn(11, 13, 8), torch.randn(13, 13, 4)), {"N_seq": 11, "N_templ": 11}, "both have example size 11"),
+    ((torch.randn(1, 13, 8), torch.randn(13, 13, 4)), None, "size of N_seq is 1"),
+    ((torch.randn(11, 13, 8), torch.randn(13, 13, 4)), {"N_res": 12}, "N_res"),
+])
+def test_ambiguous_sizes_are_errors(inputs, dims, match):
+    gm = fx.symbolic_trace(lambda m, z: m.sum() + z.sum())
+    with pytest.raises(PassError, match=match):
+        shape_prop_pass(gm, inputs, dims=dims)
+
+
+def test_parameter_size_equal_to_a_dim_is_an_error():
+    gm = fx.symbolic_trace(torch.nn.Sequential(torch.nn.Linear(4, 13)))
+    with pytest.raises(PassError, match="parameter"):
+        shape_prop_pass(gm, (torch.randn(13, 4),), dims={"N_res": 13})
+
+
+def test_wrong_number_of_inputs_is_an_error():
+    gm = fx.symbolic_trace(lambda m, z: m + z)
+    with pytest.raises(PassError, match="2 inputs"):
+        shape_prop_pass(gm, (torch.randn(3),))
+
+
+def test_integer_arithmetic_and_split_sections():
+    def f(z):
+        n = z.shape[0]
+        a, b = torch.split(z, [n - 2, 2], dim=0)
+        return a.new_zeros(n * 2, 3), b, torch.stack([z, z], dim=-1), z.flatten(0, 1).unflatten(0, (n, n))
+
+    gm = fx.symbolic_trace(f)
+    shape_prop_pass(gm, (torch.randn(13, 13, 4),))
+    out = [n for n in gm.graph.nodes if n.op == "output"][0].meta["sym_shape"]
+    assert out == ((2 * R, 3), (2, R, 4), (R, R, 4, 2), (R, R, 4))
+    assert operator.mul in {n.target for n in gm.graph.nodes}
