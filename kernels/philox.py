@@ -1,4 +1,4 @@
-"""Philox 4x32-10 in plain PyTorch, bit-exact with Triton's ``tl.rand``.
+"""Philox 4x32-10 in plain PyTorch, bit-exact with Triton's ``tl.rand``, and the dropout op built on it.
 
 Triton's ``tl.rand(seed, offset)`` (``triton/language/random.py``) runs ten Philox
 rounds on the counter ``(offset_lo, offset_hi, 0, 0)`` with the key
@@ -13,6 +13,9 @@ any device, for a reference or a check, without running the kernel::
     (torch.float32, True)
 """
 from __future__ import annotations
+
+import math
+from typing import Any, Sequence
 
 import torch
 
@@ -78,3 +81,66 @@ def uint32_to_uniform(x: torch.Tensor) -> torch.Tensor:
 def uniform_like_triton(seed: int, counters: torch.Tensor) -> torch.Tensor:
     """``tl.rand(seed, counters)`` computed in PyTorch, bit for bit (float32)."""
     return uint32_to_uniform(philox_uint32(seed, counters))
+
+
+# ---------------------------------------------------------------------------------
+# The explicit dropout op
+# ---------------------------------------------------------------------------------
+
+
+def dropout_mask_reference(seed: int, offset: int, mask_shape: Sequence[int], p: float,
+                           device: torch.device | str = "cpu") -> torch.Tensor:
+    """The boolean keep-mask (True = kept) the kernels draw for ``mask_shape``.
+
+    Element ``i`` (flat, row-major in ``mask_shape``) is kept when
+    ``tl.rand(seed, i + offset) >= p``, both sides float32.
+    """
+    _check_p(p, "p")
+    if not isinstance(offset, int) or offset < 0:
+        raise ValueError(f"dropout offset must be a non-negative int, got {offset!r}")
+    shape = tuple(int(s) for s in mask_shape)
+    numel = math.prod(shape)
+    counters = torch.arange(numel, dtype=torch.int64, device=device) + offset
+    u = uniform_like_triton(seed, counters)
+    return (u >= torch.tensor(p, dtype=torch.float32, device=device)).reshape(shape)
+
+
+def dropout(x: torch.Tensor, p: float = 0.5, *, shared_dims: Sequence[int] = (), training: bool = True,
+            seed: int | None = None, offset: int = 0) -> torch.Tensor:
+    """Dropout whose mask is shared along ``shared_dims`` (size 1 there), from (seed, offset).
+
+    Inside a fragment given to :func:`fuse_elementwise` the fused call supplies
+    ``seed`` and ``offset`` (leave them out here). Called eagerly it runs the
+    PyTorch reference; ``seed=None`` then draws one from torch's default generator.
+    Under ``torch.fx`` tracing it records itself as one graph node.
+    """
+    if torch.overrides.has_torch_function((x,)):
+        return torch.overrides.handle_torch_function(
+            dropout, (x,), x, p, shared_dims=shared_dims, training=training, seed=seed, offset=offset)
+    _check_p(p, "p")
+    if not training or p == 0.0:
+        return x
+    if seed is None:
+        seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+    mask_shape = _mask_shape(tuple(x.shape), tuple(shared_dims), "x")
+    keep = dropout_mask_reference(seed, offset, mask_shape, p, device=x.device)
+    return x * keep * _dropout_scale(p)
+
+
+def _check_p(p: Any, what: str) -> None:
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= float(p) <= 1.0:
+        raise ValueError(f"dropout {what} must be a number in [0, 1], got {p!r}")
+
+
+def _dropout_scale(p: float) -> float:
+    return 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
+
+
+def _mask_shape(shape: tuple[int, ...], shared_dims: tuple[int, ...], what: str) -> tuple[int, ...]:
+    """The dropout mask's shape: ``shape`` with size 1 along the shared dims."""
+    out = list(shape)
+    for d in shared_dims:
+        if not isinstance(d, int) or not -len(shape) <= d < len(shape):
+            raise ValueError(f"dropout shared_dims {shared_dims} out of range for {what} of shape {list(shape)}")
+        out[d % len(shape)] = 1
+    return tuple(out)

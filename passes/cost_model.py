@@ -55,7 +55,7 @@ _REDUCTION_FLOPS = {
     "softmax": 5, "log_softmax": 5, "_softmax": 5, "layer_norm": 8, "group_norm": 8, "rms_norm": 4,
     "normalize": 4, "var": 3, "std": 3, "logsumexp": 4, "norm": 2, "sum": 1, "mean": 1, "amax": 1,
     "amin": 1, "max": 1, "min": 1, "prod": 1, "all": 1, "any": 1, "argmax": 1, "argmin": 1,
-    "nansum": 1, "cumsum": 1, "cumprod": 1,
+    "nansum": 1, "cumsum": 1, "cumprod": 1, "linalg_vector_norm": 2,
 }
 _ELEMENTWISE_ARITH = set("""add sub mul div truediv floordiv mod neg pow rsub true_divide abs exp log log1p
  sqrt rsqrt sigmoid tanh relu relu_ gelu silu elu leaky_relu softplus erf sin cos reciprocal square clamp
@@ -65,7 +65,7 @@ _ELEMENTWISE_ARITH = set("""add sub mul div truediv floordiv mod neg pow rsub tr
  masked_fill_ lerp addcmul addcdiv hardtanh threshold bernoulli""".split())
 _ELEMENTWISE_MOVE = set("""float half double bfloat16 int long bool to type type_as cpu cuda fill_ zero_
  copy_ zeros ones empty full rand randn new_zeros new_ones new_empty new_full zeros_like ones_like
- empty_like full_like rand_like randn_like arange requires_grad_""".split())
+ empty_like full_like rand_like randn_like arange requires_grad_ one_hot eye linspace tensor""".split())
 _LAYOUT = set("""view reshape view_as reshape_as expand expand_as flatten unflatten permute transpose
  swapaxes swapdims t movedim moveaxis unsqueeze squeeze getitem cat concat concatenate stack split chunk
  unbind select narrow pad repeat contiguous clone detach tril triu flip roll size getattr dim numel""".split())
@@ -227,7 +227,7 @@ def _tensor_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
 
 
 _CREATION = {"zeros", "ones", "empty", "full", "rand", "randn", "new_zeros", "new_ones", "new_empty", "new_full",
-             "zeros_like", "ones_like", "empty_like", "full_like", "arange"}
+             "zeros_like", "ones_like", "empty_like", "full_like", "arange", "eye", "linspace", "tensor"}
 
 
 def mask_only_nodes(gm: torch.fx.GraphModule) -> set[torch.fx.Node]:

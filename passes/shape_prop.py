@@ -602,9 +602,18 @@ def _rule_select(ctx: _Ctx):
 def _rule_narrow(ctx: _Ctx):
     in_c, s = ctx.tshape(0)
     d = _norm_dim(int(ctx.arg(1, "dim")), len(in_c))
-    length = ctx.sarg(3, "length")
+    start, length = int(ctx.arg(2, "start")), int(ctx.arg(3, "length"))
+    sstart, slength = ctx.sarg(2, "start"), ctx.sarg(3, "length")
+    raw_len = ctx.node.args[3] if len(ctx.node.args) > 3 else ctx.node.kwargs.get("length")
     out = list(s)
-    out[d] = length if isinstance(length, sympy.Expr) else sympy.Integer(int(ctx.arg(3, "length")))
+    if isinstance(raw_len, torch.fx.Node):
+        out[d] = slength
+    elif start % in_c[d] + length == in_c[d]:
+        # a literal length reaching the end of the dim (a specialised chunk loop's last or only
+        # chunk) is the rest of the dim, not a constant
+        out[d] = s[d] - (sstart if start >= 0 else s[d] + sstart)
+    else:
+        out[d] = sympy.Integer(length)
     return tuple(out)
 
 
@@ -638,6 +647,36 @@ def _rule_reduce(ctx: _Ctx):
     if isinstance(ctx.out, tuple):  # (values, indices)
         return (out, out)
     return out
+
+
+def _rule_vector_norm(ctx: _Ctx):
+    # linalg_vector_norm(x, ord=2, dim=None, keepdim=False): dim and keepdim sit one place later
+    in_c, s = ctx.tshape(0)
+    d, keep = ctx.arg(2, "dim"), bool(ctx.arg(3, "keepdim", False))
+    dims = set(range(len(in_c))) if d is None else {_norm_dim(int(x), len(in_c))
+                                                     for x in ([d] if isinstance(d, int) else d)}
+    return tuple(sympy.Integer(1) if i in dims else x for i, x in enumerate(s) if keep or i not in dims)
+
+
+def _rule_one_hot(ctx: _Ctx):
+    _, s = ctx.tshape(0)
+    return tuple(s) + (sympy.Integer(int(ctx.out.shape[-1])),)  # the class count is a constant
+
+
+def _rule_constant(ctx: _Ctx):
+    return tuple(sympy.Integer(int(c)) for c in ctx.out.shape)  # torch.tensor(data): sizes of the data
+
+
+def _rule_count_args(ctx: _Ctx):
+    # eye(n[, m]), linspace(start, end, steps): sizes written as ints, matched to dims by value
+    if ctx.prop.op_name(ctx.node) == "eye":
+        raw = list(ctx.node.args[:2])
+        syms = [ctx.sargs[i] if isinstance(raw[i], torch.fx.Node) else ctx.match(int(ctx.args[i]))
+                for i in range(len(raw))]
+        return tuple(syms) if len(syms) == 2 else (syms[0], syms[0])
+    steps = ctx.sarg(2, "steps")
+    raw = ctx.node.args[2] if len(ctx.node.args) > 2 else ctx.node.kwargs.get("steps")
+    return (steps if isinstance(raw, torch.fx.Node) else ctx.match(int(ctx.out.shape[0])),)
 
 
 def _rule_linear(ctx: _Ctx):
@@ -777,7 +816,8 @@ _RULES.update({
     "new_ones": _rule_creation, "new_empty": _rule_creation, "new_full": _rule_creation,
     "zeros_like": _rule_same_as_first, "ones_like": _rule_same_as_first, "empty_like": _rule_same_as_first,
     "full_like": _rule_same_as_first, "rand_like": _rule_same_as_first, "randn_like": _rule_same_as_first,
-    "bernoulli": _rule_same_as_first, "arange": _rule_arange,
+    "bernoulli": _rule_same_as_first, "arange": _rule_arange, "linalg_vector_norm": _rule_vector_norm,
+    "one_hot": _rule_one_hot, "tensor": _rule_constant, "eye": _rule_count_args, "linspace": _rule_count_args,
 })
 
 
@@ -924,7 +964,9 @@ class _SymShapeProp(torch.fx.Interpreter):
             args, kwargs = self.fetch_args_kwargs_from_env(n)
             rule = _RULES.get(op_name(n))
             sym = None
-            if rule is not None:
+            if out is None:  # a state-setting call (``_set_grad_enabled``): no sizes to derive
+                pass
+            elif rule is not None:
                 try:
                     ctx = _Ctx(self, n, args, kwargs, out)
                     mod = module_of(n)

@@ -6,6 +6,8 @@ the block size (37, 61).
 """
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -322,3 +324,35 @@ def test_huge_index_space_generates_int64_indexing():
     src = fused.source_for(x, torch.randn(1, device=DEVICE), grad=False)
     assert "pid.to(tl.int64)" in src
     assert "pid.to(tl.int64)" not in fused.source_for(torch.randn(37, device=DEVICE), 2.0, grad=False)
+
+
+def test_broadcast_gradients_tile_reduction_and_fallback():
+    torch.manual_seed(4)
+    x = torch.randn(5, 37, 61, device=DEVICE, requires_grad=True)
+    bias = torch.randn(61, device=DEVICE, requires_grad=True)  # broadcast over rows: summed in-kernel
+    mid = torch.randn(5, 1, 61, device=DEVICE, requires_grad=True)  # broadcast in the middle: full buffer
+    fused = fuse_elementwise(lambda x, b: torch.sigmoid(x + b))
+    out = fused(x, bias)
+    gx, gb = torch.autograd.grad(out, (x, bias), torch.ones_like(out))
+    assert "tiles: rows = dims [0]" in fused.source and "tl.sum(" in fused.source
+    s = torch.sigmoid(x.double() + bias.double())
+    assert _rel(gb, (s * (1 - s)).sum((0, 1))) < 1e-6 and _rel(gx, s * (1 - s)) < 1e-6
+    fused2 = fuse_elementwise(lambda x, c: x * c)
+    out2 = fused2(x, mid)
+    gx2, gm2 = torch.autograd.grad(out2, (x, mid), torch.ones_like(out2))
+    assert "tiles" not in fused2.source
+    assert _rel(gm2, x.detach().double().sum(1, keepdim=True)) < 1e-6 and _rel(gx2, mid.expand_as(x)) < 1e-6
+
+
+def test_alpha_inplace_and_module_errors():
+    x = torch.randn(37, 6, device=DEVICE, requires_grad=True)
+    y = torch.randn(37, 6, device=DEVICE, requires_grad=True)
+    fused = fuse_elementwise(lambda x, y: torch.sub(x, y, alpha=0.5) + F.relu(x, inplace=False))
+    out = fused(x, y)
+    assert _rel(out, x - 0.5 * y + torch.relu(x)) < 1e-6
+    gy, = torch.autograd.grad(out.sum(), (y,))
+    assert torch.equal(gy, torch.full_like(y, -0.5))
+    with pytest.raises(UnsupportedElementwiseOp, match="inplace=True"):
+        fuse_elementwise(lambda x: F.relu(x, inplace=True))
+    with pytest.raises(UnsupportedElementwiseOp, match=r"call_module lin"):
+        fuse_elementwise(torch.fx.symbolic_trace(torch.nn.Sequential(OrderedDict(lin=torch.nn.Linear(4, 4)))))
