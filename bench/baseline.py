@@ -37,7 +37,7 @@ CASES = {
     "infer1024": dict(n_seq=128, n_res=1024, train=False, variants=("eager-bf16", "compile-bf16")),
     "infer2048": dict(n_seq=128, n_res=2048, train=False, variants=("eager-bf16", "compile-bf16")),
 }
-CHUNK_FALLBACKS = (None, 128, 32)
+CHUNK_FALLBACKS = (None, 512, 128, 32)
 
 
 def gemm_flops(name: str, n_seq: int, n_res: int, train: bool) -> float:
@@ -124,6 +124,7 @@ def main(argv=None) -> None:
     results.notes.append("bf16 = parameters and activations in bfloat16; fp32 with TF32 off.")
     results.notes.append("peak_gib = peak allocated memory during one call, parameters and inputs included.")
     results.notes.append("chunk = the model's own inference chunk_size; an OOM row is followed by the chunked retry.")
+    stem = args.stem + "_" + "-".join(args.cases)
     for case in args.cases:
         spec = CASES[case]
         for name in args.models:
@@ -132,9 +133,10 @@ def main(argv=None) -> None:
                 if args.variants and variant not in args.variants:
                     continue
                 run_case(results, name, case, variant, flops)
+                results.save(args.out, stem)  # after every row: a run cut short keeps what it measured
             torch._dynamo.reset()
     print(results.markdown())
-    print("saved", results.save(args.out, args.stem + "_" + "-".join(args.cases)))
+    print("saved", results.save(args.out, stem))
 
 
 if __name__ == "__main__":

@@ -94,12 +94,75 @@ def _configs(kind: str) -> list[triton.Config]:
     elif kind == "dq":
         shapes = [(64, 64, 4, 3), (128, 64, 8, 3), (64, 32, 4, 3)]
     else:  # dbias
-        shapes = [(64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 8, 3)]
+        shapes = [(64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2)]
     return [triton.Config({"BLOCK_Q": bq, "BLOCK_K": bk}, num_warps=w, num_stages=s) for bq, bk, w, s in shapes]
 
 
 # --------------------------------------------------------------------------- kernels
-@triton.autotune(configs=_configs("fwd"), key=["QLEN", "KLEN", "BLOCK_D", "HAS_BIAS", "HAS_MASK", "HAS_GATE"])
+@triton.jit
+def _load_mask(base, offs_r, offs_c, s_r, s_c, ok_r, ok_c, ROWS_ONLY: tl.constexpr, COLS_ONLY: tl.constexpr):
+    """A [rows, cols] tile of the boolean mask (True = attend). A key mask ([..., 1, K],
+    the usual AlphaFold one) is constant along the query axis: load one vector and
+    broadcast it instead of a full tile of repeated bytes."""
+    if COLS_ONLY:
+        m = tl.load(base + offs_c * s_c, mask=ok_c, other=0)[None, :] != 0
+    elif ROWS_ONLY:
+        m = tl.load(base + offs_r * s_r, mask=ok_r, other=0)[:, None] != 0
+    else:
+        m = tl.load(base + offs_r[:, None] * s_r + offs_c[None, :] * s_c, mask=ok_r[:, None] & ok_c[None, :],
+                    other=0) != 0
+    return m & ok_r[:, None] & ok_c[None, :]
+
+
+@triton.jit
+def _fwd_step(q, k_base, v_base, mask_base, bias, offs_q, offs_k, offs_d, q_ok, k_ok, d_ok,
+              skn, skd, svn, svd, smm, smn, scale, m_i, l_i, acc,
+              HAS_MASK: tl.constexpr, MASK_KEYS: tl.constexpr, PRECISION: tl.constexpr):
+    """One key block of the online softmax for one query block of one (b, h)."""
+    kt = tl.load(k_base + offs_k[None, :] * skn + offs_d[:, None] * skd, mask=d_ok[:, None] & k_ok[None, :],
+                 other=0.0)
+    s = tl.dot(q, kt, input_precision=PRECISION) * scale + bias
+    if HAS_MASK:
+        keep = _load_mask(mask_base, offs_q, offs_k, smm, smn, q_ok, k_ok, False, MASK_KEYS)
+    else:
+        keep = q_ok[:, None] & k_ok[None, :]
+    # Scale to base 2 only after the fp32 sum, so equal logits (e.g. all -1e9) stay equal.
+    s = tl.where(keep, s * 1.4426950408889634, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row with nothing kept so far has max -inf: shift by 0 so exp2 gives 0, not NaN.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_base + offs_k[:, None] * svn + offs_d[None, :] * svd, mask=k_ok[:, None] & d_ok[None, :],
+                other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _fwd_finish(acc, m_i, l_i, b, h, H, GATE, OUT, OATT, ROWMAX, LOGSUM, sgb, sgh, sgm, sgd,
+                offs_q, offs_d, q_ok, d_ok, QLEN, D, HAS_GATE: tl.constexpr):
+    """Normalise, gate and store one query block; store its row statistics."""
+    empty = l_i == 0.0  # fully masked row: output 0, statistics that give P = 0 in backward
+    o = acc / tl.where(empty, 1.0, l_i)[:, None]
+    bh = b * H + h
+    row = bh * QLEN + offs_q
+    tl.store(ROWMAX + row, tl.where(empty, 0.0, m_i), mask=q_ok)
+    tl.store(LOGSUM + row, tl.log2(tl.where(empty, 1.0, l_i)), mask=q_ok)
+    # Outputs are contiguous [B, H, Q, D].
+    o_off = bh * QLEN * D + offs_q[:, None] * D + offs_d[None, :]
+    io_ok = q_ok[:, None] & d_ok[None, :]
+    if HAS_GATE:
+        g = tl.load(GATE + b * sgb + h * sgh + offs_q[:, None] * sgm + offs_d[None, :] * sgd,
+                    mask=io_ok, other=0.0).to(tl.float32)
+        tl.store(OATT + o_off, o.to(OATT.dtype.element_ty), mask=io_ok)
+        o = o * tl.sigmoid(g)
+    tl.store(OUT + o_off, o.to(OUT.dtype.element_ty), mask=io_ok)
+
+
+@triton.autotune(configs=_configs("fwd"),
+                 key=["QLEN", "KLEN", "BLOCK_D", "HAS_BIAS", "HAS_MASK", "MASK_KEYS", "HAS_GATE", "ROW_PAIRS"])
 @triton.jit
 def _attn_fwd_kernel(
     Q, K, V, BIAS, MASK, GATE, OUT, OATT, ROWMAX, LOGSUM,
@@ -110,71 +173,61 @@ def _attn_fwd_kernel(
     smb, smh, smm, smn,
     sgb, sgh, sgm, sgd,
     H, QLEN: constexpr, KLEN: constexpr, D, scale,
-    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_GATE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, MASK_KEYS: tl.constexpr, HAS_GATE: tl.constexpr,
+    ROW_PAIRS: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # One program: BLOCK_Q query rows of one (b, h). Reads q once, streams k, v
-    # (and the bias / mask tiles) over the key axis; writes BLOCK_Q x D outputs and
+    # One program: BLOCK_Q query rows of one (b, h) -- or, with ROW_PAIRS, of two
+    # rows b, b+1 that share the bias (triangle / MSA row attention), so each bias
+    # tile is read once for both, halving the dominant bias traffic. Reads q once,
+    # streams k, v, bias and mask over the key axis; writes BLOCK_Q x D outputs and
     # two fp32 statistics per row. Logits live only in registers.
     pid_q = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
+    if ROW_PAIRS:
+        b = (pid_bh // H).to(tl.int64) * 2
+    else:
+        b = (pid_bh // H).to(tl.int64)
+    b1 = b + 1
     offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
     offs_d = tl.arange(0, BLOCK_D)
     q_ok = offs_q < QLEN
     d_ok = offs_d < D
-    q = tl.load(Q + b * sqb + h * sqh + offs_q[:, None] * sqm + offs_d[None, :] * sqd,
-                mask=q_ok[:, None] & d_ok[None, :], other=0.0)
-    k_base = K + b * skb + h * skh
-    v_base = V + b * svb + h * svh
-    bias_base = BIAS + b * sbb + h * sbh
-    mask_base = MASK + b * smb + h * smh
-
+    qd_ok = q_ok[:, None] & d_ok[None, :]
+    q_off = h * sqh + offs_q[:, None] * sqm + offs_d[None, :] * sqd
+    q = tl.load(Q + b * sqb + q_off, mask=qd_ok, other=0.0)
     m_i = tl.full([BLOCK_Q], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_Q], tl.float32)
     acc = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
+    if ROW_PAIRS:
+        q1 = tl.load(Q + b1 * sqb + q_off, mask=qd_ok, other=0.0)
+    else:
+        q1 = q
+    m_1 = tl.full([BLOCK_Q], float("-inf"), tl.float32)
+    l_1 = tl.zeros([BLOCK_Q], tl.float32)
+    acc1 = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
+    bias_base = BIAS + b * sbb + h * sbh  # ROW_PAIRS only when sbb == 0
     for start in range(0, KLEN, BLOCK_K):
         offs_k = start + tl.arange(0, BLOCK_K)
         k_ok = offs_k < KLEN
-        kt = tl.load(k_base + offs_k[None, :] * skn + offs_d[:, None] * skd,
-                     mask=d_ok[:, None] & k_ok[None, :], other=0.0)
-        s = tl.dot(q, kt, input_precision=PRECISION) * scale
-        tile_ok = q_ok[:, None] & k_ok[None, :]
+        bias = 0.0
         if HAS_BIAS:
-            s += tl.load(bias_base + offs_q[:, None] * sbm + offs_k[None, :] * sbn, mask=tile_ok,
-                         other=0.0).to(tl.float32)
-        keep = tile_ok
-        if HAS_MASK:
-            keep = keep & (tl.load(mask_base + offs_q[:, None] * smm + offs_k[None, :] * smn, mask=tile_ok,
-                                   other=0) != 0)
-        # Scale to base 2 only after the fp32 sum, so equal logits (e.g. all -1e9) stay equal.
-        s = tl.where(keep, s * 1.4426950408889634, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row with nothing kept so far has max -inf: shift by 0 so exp2 gives 0, not NaN.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_k[:, None] * svn + offs_d[None, :] * svd,
-                    mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
-
-    empty = l_i == 0.0  # fully masked row: output 0, statistics that give P = 0 in backward
-    o = acc / tl.where(empty, 1.0, l_i)[:, None]
-    row = pid_bh.to(tl.int64) * QLEN + offs_q
-    tl.store(ROWMAX + row, tl.where(empty, 0.0, m_i), mask=q_ok)
-    tl.store(LOGSUM + row, tl.log2(tl.where(empty, 1.0, l_i)), mask=q_ok)
-    # Outputs are contiguous [B, H, Q, D].
-    o_off = pid_bh.to(tl.int64) * QLEN * D + offs_q[:, None] * D + offs_d[None, :]
-    io_ok = q_ok[:, None] & d_ok[None, :]
-    if HAS_GATE:
-        g = tl.load(GATE + b * sgb + h * sgh + offs_q[:, None] * sgm + offs_d[None, :] * sgd,
-                    mask=io_ok, other=0.0).to(tl.float32)
-        tl.store(OATT + o_off, o.to(OATT.dtype.element_ty), mask=io_ok)
-        o = o * tl.sigmoid(g)
-    tl.store(OUT + o_off, o.to(OUT.dtype.element_ty), mask=io_ok)
+            bias = tl.load(bias_base + offs_q[:, None] * sbm + offs_k[None, :] * sbn,
+                           mask=q_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        m_i, l_i, acc = _fwd_step(q, K + b * skb + h * skh, V + b * svb + h * svh, MASK + b * smb + h * smh, bias,
+                                  offs_q, offs_k, offs_d, q_ok, k_ok, d_ok, skn, skd, svn, svd, smm, smn, scale,
+                                  m_i, l_i, acc, HAS_MASK, MASK_KEYS, PRECISION)
+        if ROW_PAIRS:
+            m_1, l_1, acc1 = _fwd_step(q1, K + b1 * skb + h * skh, V + b1 * svb + h * svh,
+                                       MASK + b1 * smb + h * smh, bias, offs_q, offs_k, offs_d, q_ok, k_ok, d_ok,
+                                       skn, skd, svn, svd, smm, smn, scale, m_1, l_1, acc1,
+                                       HAS_MASK, MASK_KEYS, PRECISION)
+    _fwd_finish(acc, m_i, l_i, b, h, H, GATE, OUT, OATT, ROWMAX, LOGSUM, sgb, sgh, sgm, sgd,
+                offs_q, offs_d, q_ok, d_ok, QLEN, D, HAS_GATE)
+    if ROW_PAIRS:
+        _fwd_finish(acc1, m_1, l_1, b1, h, H, GATE, OUT, OATT, ROWMAX, LOGSUM, sgb, sgh, sgm, sgd,
+                    offs_q, offs_d, q_ok, d_ok, QLEN, D, HAS_GATE)
 
 
 @triton.autotune(configs=_configs("pre"), key=["QLEN", "BLOCK_D", "HAS_GATE"])
@@ -215,7 +268,8 @@ def _probs(s_dot, bias, keep, rowmax, logsum, scale):
     return tl.exp2((s - rowmax) - logsum)
 
 
-@triton.autotune(configs=_configs("dkdv"), key=["QLEN", "KLEN", "BLOCK_D", "HAS_BIAS", "HAS_MASK", "HQ_PER_KV"])
+@triton.autotune(configs=_configs("dkdv"),
+                 key=["QLEN", "KLEN", "BLOCK_D", "HAS_BIAS", "HAS_MASK", "MASK_KEYS", "HQ_PER_KV"])
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, BIAS, MASK, DO, ROWMAX, LOGSUM, DELTA, DK, DV,
@@ -225,7 +279,7 @@ def _attn_bwd_dkdv_kernel(
     sbb, sbh, sbm, sbn,
     smb, smh, smm, smn,
     H, HKV, HQ_PER_KV: constexpr, QLEN: constexpr, KLEN: constexpr, D, scale,
-    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, MASK_KEYS: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # One program: BLOCK_K keys of one (b, K/V head). Loops over every query block of
@@ -264,8 +318,7 @@ def _attn_bwd_dkdv_kernel(
                 bias = tl.load(BIAS + b * sbb + h * sbh + offs_k[:, None] * sbn + offs_q[None, :] * sbm,
                                mask=keep, other=0.0).to(tl.float32)
             if HAS_MASK:
-                keep = keep & (tl.load(MASK + b * smb + h * smh + offs_k[:, None] * smn + offs_q[None, :] * smm,
-                                       mask=keep, other=0) != 0)
+                keep = _load_mask(MASK + b * smb + h * smh, offs_k, offs_q, smn, smm, k_ok, q_ok, MASK_KEYS, False)
             pt = _probs(tl.dot(k, qt, input_precision=PRECISION), bias, keep, rmax[None, :], lsum[None, :], scale)
             dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
             dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
@@ -276,7 +329,8 @@ def _attn_bwd_dkdv_kernel(
     tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kd_ok)
 
 
-@triton.autotune(configs=_configs("dq"), key=["QLEN", "KLEN", "BLOCK_D", "HAS_BIAS", "HAS_MASK", "STORE_DS"])
+@triton.autotune(configs=_configs("dq"),
+                 key=["QLEN", "KLEN", "BLOCK_D", "HAS_BIAS", "HAS_MASK", "MASK_KEYS", "STORE_DS"])
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V, BIAS, MASK, DO, ROWMAX, LOGSUM, DELTA, DQ, DBIAS,
@@ -286,7 +340,7 @@ def _attn_bwd_dq_kernel(
     sbb, sbh, sbm, sbn,
     smb, smh, smm, smn,
     H, QLEN: constexpr, KLEN: constexpr, D, scale,
-    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, STORE_DS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, MASK_KEYS: tl.constexpr, STORE_DS: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # One program: BLOCK_Q query rows of one (b, h); loops over key blocks summing dq.
@@ -322,8 +376,7 @@ def _attn_bwd_dq_kernel(
                            mask=keep, other=0.0).to(tl.float32)
         tile_ok = keep
         if HAS_MASK:
-            keep = keep & (tl.load(MASK + b * smb + h * smh + offs_q[:, None] * smm + offs_k[None, :] * smn,
-                                   mask=keep, other=0) != 0)
+            keep = _load_mask(MASK + b * smb + h * smh, offs_q, offs_k, smm, smn, q_ok, k_ok, False, MASK_KEYS)
         p = _probs(tl.dot(q, kt, input_precision=PRECISION), bias, keep, rmax[:, None], lsum[:, None], scale)
         dp = tl.dot(do, vt, input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
@@ -336,7 +389,7 @@ def _attn_bwd_dq_kernel(
 
 
 @triton.autotune(configs=_configs("dbias"),
-                 key=["QLEN", "KLEN", "BLOCK_D", "HAS_MASK", "ROWS", "HEADS", "Q_BCAST", "K_BCAST"])
+                 key=["QLEN", "KLEN", "BLOCK_D", "HAS_MASK", "MASK_KEYS", "ROWS", "HEADS", "Q_BCAST", "K_BCAST"])
 @triton.jit
 def _attn_bwd_dbias_kernel(
     Q, K, V, BIAS, MASK, DO, ROWMAX, LOGSUM, DELTA, DBIAS,
@@ -346,7 +399,7 @@ def _attn_bwd_dbias_kernel(
     sbb, sbh, sbm, sbn,
     smb, smh, smm, smn,
     H, HB, ROWS: constexpr, HEADS: constexpr, QLEN: constexpr, KLEN: constexpr, D, scale,
-    HAS_MASK: tl.constexpr, Q_BCAST: tl.constexpr, K_BCAST: tl.constexpr,
+    HAS_MASK: tl.constexpr, MASK_KEYS: tl.constexpr, Q_BCAST: tl.constexpr, K_BCAST: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # One program owns one tile of the (broadcast) bias gradient and sums dS over
@@ -393,8 +446,8 @@ def _attn_bwd_dbias_kernel(
                                  mask=dk_ok, other=0.0)
                     keep = q_ok[:, None] & k_ok[None, :]
                     if HAS_MASK:
-                        keep = keep & (tl.load(MASK + b * smb + h * smh + offs_q[:, None] * smm
-                                               + offs_k[None, :] * smn, mask=keep, other=0) != 0)
+                        keep = _load_mask(MASK + b * smb + h * smh, offs_q, offs_k, smm, smn, q_ok, k_ok, False,
+                                          MASK_KEYS)
                     p = _probs(tl.dot(q, kt, input_precision=PRECISION), bias, keep, rmax[:, None], lsum[:, None],
                                scale)
                     dp = tl.dot(do, vt, input_precision=PRECISION)
@@ -425,6 +478,11 @@ def _precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
         return "tf32"
     return "ieee" if dtype == torch.float32 else "tf32"  # ignored for fp16 / bf16 operands
+
+
+def _keys_only(mask: torch.Tensor | None) -> bool:
+    """Whether a (4-d) mask is a key mask, constant along the query axis."""
+    return mask is not None and (mask.shape[2] == 1 or mask.stride(2) == 0)
 
 
 def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
@@ -507,7 +565,9 @@ class _AttentionFn(torch.autograd.Function):
         mask_u8 = mask.view(torch.uint8) if mask is not None else None
         kv_h = lambda t: (t.stride(0), 0 if t.shape[1] == 1 else t.stride(1), t.stride(2), t.stride(3))  # noqa: E731
         precision = _precision(q.dtype)
-        grid = lambda meta: (triton.cdiv(Q, meta["BLOCK_Q"]), B * H)  # noqa: E731
+        # Two rows per program where a bias is shared by every row (triangle / MSA row attention).
+        pairs = bias is not None and bias.shape[0] == 1 and B % 2 == 0
+        grid = lambda meta: (triton.cdiv(Q, meta["BLOCK_Q"]), (B // 2 if pairs else B) * H)  # noqa: E731
         note_launch("attention_fwd")
         _attn_fwd_kernel[grid](
             q, k, v, bias if bias is not None else dummy, mask_u8 if mask is not None else dummy,
@@ -517,7 +577,8 @@ class _AttentionFn(torch.autograd.Function):
             *(_strides(mask_u8) if mask is not None else (0, 0, 0, 0)),
             *(gate.stride() if gate is not None else (0, 0, 0, 0)),
             H, Q, K, D, scale,
-            HAS_BIAS=bias is not None, HAS_MASK=mask is not None, HAS_GATE=gate is not None,
+            HAS_BIAS=bias is not None, HAS_MASK=mask is not None, MASK_KEYS=_keys_only(mask),
+            HAS_GATE=gate is not None, ROW_PAIRS=pairs,
             PRECISION=precision, BLOCK_D=block_d,
         )
         ctx.save_for_backward(q, k, v, bias, mask, gate, oatt, rowmax, logsum)
@@ -540,7 +601,8 @@ class _AttentionFn(torch.autograd.Function):
         bias_t = bias if bias is not None else dummy
         bias_st = _strides(bias) if bias is not None else (0, 0, 0, 0)
         kv_h = lambda t: (t.stride(0), 0 if t.shape[1] == 1 else t.stride(1), t.stride(2), t.stride(3))  # noqa: E731
-        flags = dict(HAS_BIAS=bias is not None, HAS_MASK=mask is not None, PRECISION=precision, BLOCK_D=block_d)
+        flags = dict(HAS_BIAS=bias is not None, HAS_MASK=mask is not None, MASK_KEYS=_keys_only(mask),
+                     PRECISION=precision, BLOCK_D=block_d)
 
         # 1. delta (and the gate's share): reads dout, O; writes delta [, dO_attn, dgate].
         delta = _empty((B * H, Q), torch.float32, dev)
@@ -584,7 +646,8 @@ class _AttentionFn(torch.autograd.Function):
             _attn_bwd_dbias_kernel[grid](
                 q, k, v, bias, mask_u8, do_att, rowmax, logsum, delta, dbias, *common,
                 H, Hb, B if Bb == 1 else 1, H if Hb == 1 else 1, Q, K, D, scale,
-                HAS_MASK=mask is not None, Q_BCAST=q_bcast, K_BCAST=k_bcast, PRECISION=precision, BLOCK_D=block_d,
+                HAS_MASK=mask is not None, MASK_KEYS=_keys_only(mask), Q_BCAST=q_bcast, K_BCAST=k_bcast,
+                PRECISION=precision, BLOCK_D=block_d,
             )
         if dbias is not None:
             dbias = dbias.to(bias.dtype)

@@ -47,7 +47,6 @@ Example::
 """
 from __future__ import annotations
 
-import math
 import operator
 import re
 from typing import Any, Callable, Sequence
@@ -243,6 +242,8 @@ _INT_OPS: dict[str, Callable] = {
 
 
 def _rule_int_arith(ctx: _Ctx):
+    if isinstance(ctx.out, bool) or ctx.out is None:
+        return None  # a Python comparison (a tracer's assertion on a flag): no size to derive
     name = ctx.prop.op_name(ctx.node)
     fn = _INT_OPS.get(name)
     if fn is None or not isinstance(ctx.out, (int, float)) or isinstance(ctx.out, bool):
@@ -635,9 +636,10 @@ def _rule_reduce(ctx: _Ctx):
     d = ctx.arg(1, "dim")
     if isinstance(d, torch.Tensor):  # torch.max(a, b): element-wise
         return _broadcast(_tensor_pairs(ctx))
-    keep = bool(ctx.arg(2, "keepdim", False))
-    if ctx.prop.op_name(ctx.node) in ("var", "std") and not isinstance(ctx.arg(2, "keepdim", False), bool):
-        keep = bool(ctx.kwargs.get("keepdim", False))
+    if ctx.prop.op_name(ctx.node) in ("var", "std"):  # var(x, dim, unbiased, keepdim)
+        keep = bool(ctx.arg(3, "keepdim", False))
+    else:
+        keep = bool(ctx.arg(2, "keepdim", False))
     if d is None:
         dims = set(range(len(in_c)))
     else:
@@ -789,7 +791,7 @@ _POINTWISE = """add sub mul div truediv floordiv mod neg pow rsub true_divide ab
  nan_to_num fill_ zero_ masked_fill_ copy_ lerp addcmul addcdiv hardtanh threshold""".split()
 _SAME = """contiguous clone detach float half double bfloat16 int long bool to type type_as cpu cuda
  softmax log_softmax layer_norm group_norm normalize cumsum cumprod triu tril flip roll requires_grad_
- rms_norm _softmax glu_off""".split()
+ rms_norm _softmax""".split()
 _REDUCE = "sum mean amax amin max min prod var std norm logsumexp all any argmax argmin nansum".split()
 
 _RULES: dict[str, Callable[[_Ctx], Any]] = {}
@@ -806,7 +808,7 @@ _RULES.update({
     "swapdims": _rule_transpose, "t": _rule_transpose, "movedim": _rule_movedim, "moveaxis": _rule_movedim,
     "unsqueeze": _rule_unsqueeze, "squeeze": _rule_squeeze, "expand": _rule_expand, "repeat": _rule_repeat,
     "cat": _rule_cat, "concat": _rule_cat, "concatenate": _rule_cat, "stack": _rule_stack,
-    "split": _rule_split, "chunk": _rule_split, "tensor_split_off": _rule_split, "unbind": _rule_unbind,
+    "split": _rule_split, "chunk": _rule_split, "unbind": _rule_unbind,
     "select": _rule_select, "narrow": _rule_narrow, "pad": _rule_pad,
     "linear": _rule_linear, "matmul": _rule_matmul, "bmm": _rule_matmul, "mm": _rule_matmul,
     "addmm": _rule_matmul, "baddbmm": _rule_matmul, "einsum": _rule_einsum,

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 import traceback
 from typing import Callable
 
@@ -36,7 +37,8 @@ import torch.nn.functional as F
 from bench.common import Results, peak_memory_bytes, time_ms
 from foldcompile.kernels.attention import attention
 
-COLUMNS = ["case", "dtype", "impl", "fwd_ms", "fwd_bwd_ms", "fwd_tflops", "fwd_bwd_tflops", "peak_extra_MiB",
+COLUMNS = ["case", "dtype", "impl", "fwd_ms", "fwd_host_ms", "fwd_bwd_ms", "fwd_tflops", "fwd_bwd_tflops",
+           "peak_extra_MiB",
            "fwd_speedup_vs_eager", "fwd_bwd_speedup_vs_eager", "note"]
 
 
@@ -91,13 +93,13 @@ def _make_case(name: str, dtype: torch.dtype, dev: str):
         n = int(name.split("_")[1])
         B, H, Q, K, D = n, 4, n, n, 32
         q, k, v = rnd(B, H, Q, D), rnd(B, H, K, D), rnd(B, H, K, D)
-        bias = rnd(1, H, Q, K, dt=torch.float32)
+        bias = rnd(1, H, Q, K)
         mask = torch.rand(B, 1, 1, K, device=dev, generator=g) > 0.1
         gate = None
     elif name == "msa_row_128x256":
         B, H, Q, K, D = 128, 8, 256, 256, 32
         q, k, v = rnd(B, H, Q, D), rnd(B, H, K, D), rnd(B, H, K, D)
-        bias = rnd(1, H, Q, K, dt=torch.float32)
+        bias = rnd(1, H, Q, K)
         mask = torch.rand(B, 1, 1, K, device=dev, generator=g) > 0.1
         gate = rnd(B, H, Q, D)
     elif name == "msa_col_128x256":
@@ -122,29 +124,60 @@ def _trifast_inputs(inputs: dict):
     return dict(q=tq, k=tk, v=tv, bias=tb, mask=tm)
 
 
-def _measure(fn: Callable, inputs: dict, backward: bool, reps: int) -> tuple[float, int]:
-    """(median ms, peak extra bytes) of one forward (and backward) call."""
+def _measure(fn: Callable, inputs: dict, backward: bool, reps: int) -> tuple[float, int, float]:
+    """(median ms, peak extra bytes, host ms per call) of one forward (and backward) call.
+
+    The output gradient is allocated before the measured call: peak extra memory is
+    peak - inputs - output - gradient buffers, as the issue defines it."""
     leaves = [t for n, t in inputs.items() if n != "mask" and t is not None]
-    out_bytes = [0]
+    with torch.no_grad():
+        out = fn(**inputs)
+    out_bytes = out.numel() * out.element_size()
+    dout = torch.ones_like(out)
+    del out
 
     def call():
-        out = fn(**inputs)
-        out_bytes[0] = out.numel() * out.element_size()
         if backward:
-            grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
-            del grads
-        return out
+            out = fn(**inputs)
+            torch.autograd.grad(out, leaves, dout)
+        else:
+            with torch.no_grad():
+                fn(**inputs)
 
-    def call_nograd():
-        if backward:
-            return call()
-        with torch.no_grad():
-            return call()
-
-    ms = time_ms(call_nograd, warmup=3, reps=reps)
-    peak = peak_memory_bytes(call_nograd)
+    ms = time_ms(call, warmup=3, reps=reps)
+    peak = peak_memory_bytes(call)
     grad_bytes = sum(t.numel() * t.element_size() for t in leaves) if backward else 0
-    return ms, peak - out_bytes[0] - grad_bytes
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(5):  # host-side cost: if it is close to the GPU time, launches dominate
+        call()
+    host_ms = (time.perf_counter() - start) / 5 * 1e3
+    torch.cuda.synchronize()
+    return ms, peak - out_bytes - grad_bytes, host_ms
+
+
+def _kernel_breakdown(fn: Callable, inputs: dict) -> str:
+    """GPU time of each kernel in one forward+backward call (torch.profiler), as a note."""
+    from torch.profiler import ProfilerActivity, profile
+
+    leaves = [t for n, t in inputs.items() if n != "mask" and t is not None]
+    out = fn(**inputs)
+    dout = torch.ones_like(out)
+    torch.autograd.grad(out, leaves, dout)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        out = fn(**inputs)
+        torch.autograd.grad(out, leaves, dout)
+        torch.cuda.synchronize()
+    times = []
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", None)
+        if t is None:
+            t = getattr(ev, "cuda_time_total", 0.0)
+        if t:
+            times.append((t / 1e3, ev.key))
+    times.sort(reverse=True)
+    return ", ".join(f"{name[:40]} {ms:.3f} ms" for ms, name in times[:8])
 
 
 def _eager_fits(dims, dtype) -> bool:
@@ -162,6 +195,9 @@ def run(quick: bool = False) -> Results:
     res = Results("attention (pair bias, mask, gate): foldcompile vs eager, torch.compile, SDPA, trifast", COLUMNS)
     trifast = _trifast_fn()
     res.notes.append("trifast: " + ("imported" if trifast is not None else "not importable here; skipped"))
+    res.notes.append("Biases are in the input dtype (bf16 in a bf16 model, as trifast and SDPA take them); the "
+                     "kernel adds them in fp32. fwd_host_ms = host time per forward call (launch-bound when close "
+                     "to fwd_ms).")
     res.notes.append("SDPA gets the pair bias as float attn_mask but not the key mask (a lower bound on its cost); "
                      "for MSA column attention (no bias) it gets the boolean key mask.")
     res.notes.append("fwd FLOPs = 4*B*H*Q*K*D; fwd+bwd FLOPs = 3.5x that. peak_extra = peak allocated during the call "
@@ -198,7 +234,7 @@ def run(quick: bool = False) -> Results:
             notes = []
             for key, backward in (("fwd", False), ("fwd_bwd", True)):
                 try:
-                    ms, extra = _measure(fn, args, backward, reps)
+                    ms, extra, host_ms = _measure(fn, args, backward, reps)
                 except Exception as exc:  # noqa: BLE001 - record the failure, keep benchmarking
                     notes.append(f"{key} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
                     if os.environ.get("BENCH_DEBUG"):
@@ -209,17 +245,26 @@ def run(quick: bool = False) -> Results:
                 row[f"{key}_tflops"] = (flops * (3.5 if backward else 1.0)) / (ms * 1e-3) / 1e12
                 if backward:
                     row["peak_extra_MiB"] = extra / 2**20
+                else:
+                    row["fwd_host_ms"] = host_ms
                 if impl == "eager":
                     eager_ms[key] = ms
                 if key in eager_ms:
                     row[f"{key}_speedup_vs_eager"] = eager_ms[key] / ms
+            if impl == "foldcompile" and case == "triangle_1024":
+                try:
+                    breakdown = _kernel_breakdown(fn, args)
+                    res.notes.append(f"{case} {row['dtype']} foldcompile kernels (fwd+bwd): {breakdown}")
+                except Exception as exc:  # noqa: BLE001
+                    notes.append(f"profiler failed: {exc}")
             if impl == "foldcompile" and not fits:
                 notes.append("eager/compile skipped: logits do not fit")
             row["note"] = "; ".join(notes)
             res.add(**row)
         # foldcompile was timed before eager: fill in its speed-up now.
         for row in res.rows:
-            if row["case"] == case and row["dtype"] == str(dtype).replace("torch.", "") and row["impl"] == "foldcompile":
+            mine = row["case"] == case and row["dtype"] == str(dtype).replace("torch.", "")
+            if mine and row["impl"] == "foldcompile":
                 for key in ("fwd", "fwd_bwd"):
                     if key in eager_ms and f"{key}_ms" in row:
                         row[f"{key}_speedup_vs_eager"] = eager_ms[key] / row[f"{key}_ms"]

@@ -211,3 +211,24 @@ def test_af2_evoformer_gemm_flops_at_af2_sizes():
     assert round(totals.evaluate(N_seq=128, N_res=256)["classes"]["GEMM"]["flops"] / 1e9, 2) == 216.09
     assert round(totals.evaluate(N_seq=128, N_res=1024)["classes"]["GEMM"]["flops"] / 1e9, 2) == 3702.26
     assert "tri_att_start" in totals.by_module(depth=1)
+
+
+@pytest.mark.parametrize("name", ["evoformer_stack", "extra_msa_stack", "template_pair_stack", "pairformer_block",
+                                  "structure_module"])
+def test_zoo_gemm_flops_match_flop_counter(name):
+    import inspect
+
+    from foldcompile.capture import trace
+    from foldcompile.models import zoo
+    from foldcompile.passes.normalize import normalize_pass
+
+    module, inputs = zoo.get(name, size="tiny")
+    module.eval()
+    gm = normalize_pass(trace(module, *inputs)).graph_module
+    bound = inspect.signature(module.forward).bind(*inputs)
+    bound.apply_defaults()
+    flat = list(bound.args) + list(bound.kwargs.values())
+    shape_prop_pass(gm, flat)
+    rec = classify_pass(gm).record
+    assert rec["counts"]["GEMM"] > 10 and rec["other"] == []
+    assert check_flops_against_flop_counter(gm, flat) == []

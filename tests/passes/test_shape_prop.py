@@ -147,3 +147,43 @@ def test_integer_arithmetic_and_split_sections():
     out = [n for n in gm.graph.nodes if n.op == "output"][0].meta["sym_shape"]
     assert out == ((2 * R, 3), (2, R, 4), (R, R, 4, 2), (R, R, 4))
     assert operator.mul in {n.target for n in gm.graph.nodes}
+
+
+def test_narrow_to_the_end_and_norms():
+    def f(z, chunk: int = 13):
+        rows = torch.narrow(z, 0, 0, 13)           # a specialised chunk loop's only chunk: all of N_res
+        tail = torch.narrow(z, 1, 3, 10)           # reaches the end: N_res - 3
+        mid = torch.narrow(z, 1, 1, 4)             # a constant
+        return rows, tail, mid, torch.linalg.vector_norm(z, dim=-1), F.one_hot(z.argmax(-1), 5)
+
+    gm = fx.symbolic_trace(f, concrete_args={"chunk": 13})
+    res = shape_prop_pass(gm, (torch.randn(13, 13, 4),))
+    out = [n for n in gm.graph.nodes if n.op == "output"][0].meta["sym_shape"]
+    assert out == ((R, R, 4), (R, R - 3, 4), (R, 4, 4), (R, R), (R, R, 5))
+    assert res.record["fallback"] == []
+
+
+def _captured_zoo(name, n_seq, n_res):
+    import inspect
+
+    from foldcompile.capture import trace
+    from foldcompile.models import zoo
+    from foldcompile.passes.normalize import normalize_pass
+
+    module, inputs = zoo.get(name, size="tiny", n_seq=n_seq, n_res=n_res)
+    module.eval()
+    gm = normalize_pass(trace(module, *inputs)).graph_module
+    bound = inspect.signature(module.forward).bind(*inputs)
+    bound.apply_defaults()
+    return gm, list(bound.args) + list(bound.kwargs.values())
+
+
+@pytest.mark.parametrize("name", ["evoformer_block", "pairformer_block", "structure_module"])
+def test_zoo_symbolic_shapes_do_not_depend_on_the_example_sizes(name):
+    shapes = []
+    for n_seq, n_res in [(5, 11), (7, 13)]:
+        gm, flat = _captured_zoo(name, n_seq, n_res)
+        res = shape_prop_pass(gm, flat)
+        assert res.record["fallback"] == []
+        shapes.append([n.meta["sym_shape"] for n in gm.graph.nodes])
+    assert shapes[0] == shapes[1]
