@@ -87,7 +87,7 @@ def run_case(results: Results, name: str, case: str, variant: str, flops: float)
             step()
             torch.cuda.synchronize()
             first_s = time.perf_counter() - t0
-            ms = time_ms(step, warmup=1, reps=5 if spec["n_res"] >= 1024 else 10)
+            ms = time_ms(step, warmup=1, reps=3 if spec["n_res"] >= 2048 else 5 if spec["n_res"] >= 1024 else 10)
             peak = peak_memory_bytes(step)
             results.add(**row, ms_per_block=ms / N_BLOCKS, tflops=flops / (ms * 1e-3) / 1e12,
                         peak_gib=(peak + torch.cuda.memory_allocated()) / 2**30,
