@@ -1,0 +1,109 @@
+"""Does a captured graph's structure hold at other sizes? Checked, not assumed.
+
+A capture specialises on its example sizes: a chunk loop over ``range(0, N_res, c)``
+is unrolled into ``ceil(N_res / c)`` pieces, ``if n <= chunk_size`` picks one path,
+``min(N, 64)`` becomes a constant. The symbolic costs written by ``classify_pass``
+are then right at the captured sizes but may be wrong at others. Before a cost is
+evaluated at other sizes, :func:`check_structure_at` captures the model again at
+those sizes on the ``meta`` device (no memory, no arithmetic) and requires that
+
+- the new graph has the same nodes, in the same order, with the same targets, and
+- every tensor's concrete shape there equals the captured graph's symbolic shape
+  evaluated at the new sizes.
+
+If either fails, the graph's structure depends on the sizes and the cost is refused
+with the first node where the two graphs part.
+
+    >>> check_structure_at(block, gm, placeholder_values, {"N_res": 1024})   # raises SizeGuardError
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Mapping, Sequence
+
+import sympy
+import torch
+import torch.fx
+from torch.fx.passes.shape_prop import ShapeProp
+
+
+class SizeGuardError(RuntimeError):
+    """The captured graph's structure differs at the requested sizes."""
+
+
+def _dim_symbols(expr: Any) -> set[str]:
+    return {str(s) for s in sympy.sympify(expr).free_symbols} if expr is not None else set()
+
+
+def _evaluate_shape(sym_shape: Sequence[Any], subs: Mapping[sympy.Symbol, int]) -> tuple[int, ...]:
+    return tuple(int(sympy.sympify(s).subs(subs)) for s in sym_shape)
+
+
+def _resized_inputs(gm: torch.fx.GraphModule, values: Sequence[Any], subs: Mapping[sympy.Symbol, int]) -> list[Any]:
+    """The example inputs with every named dim set to its new size, as meta tensors."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    resized = []
+    for node, value in zip(placeholders, values):
+        if isinstance(value, torch.Tensor):
+            sym_shape = node.meta.get("sym_shape")
+            if sym_shape is None:
+                raise SizeGuardError(f"input {node.name!r} has no symbolic shape: run shape_prop_pass first")
+            resized.append(torch.empty(_evaluate_shape(sym_shape, subs), dtype=value.dtype, device="meta"))
+        else:
+            resized.append(value)
+    return resized
+
+
+def _structure(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    return [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+
+
+def _target_name(node: torch.fx.Node) -> str:
+    return f"{node.op}:{getattr(node.target, '__name__', node.target)}"
+
+
+def check_structure_at(model: torch.nn.Module, gm: torch.fx.GraphModule, placeholder_values: Sequence[Any],
+                       sizes: Mapping[str, int]) -> None:
+    """Raise :class:`SizeGuardError` unless ``gm``'s structure and symbolic shapes hold at ``sizes``.
+
+    ``gm`` is the captured, normalised and shape-propagated graph of ``model`` and
+    ``placeholder_values`` the example values of its placeholders (as given to
+    ``shape_prop_pass``); ``sizes`` maps dim names (``N_res``) to the sizes asked for.
+    """
+    # imported here: the front end imports this module's users, not the other way round
+    from foldcompile.capture import CaptureError, trace
+    from foldcompile.passes.normalize import normalize_pass
+    from foldcompile.passes.shape_prop import dim_symbol
+
+    dims = dict(gm.meta.get("dims", {}))
+    subs = {dim_symbol(k): v for k, v in {**dims, **sizes}.items()}
+    if all(dims.get(k) == v for k, v in sizes.items()):
+        return
+    meta_model = copy.deepcopy(model).to("meta")
+    inputs = _resized_inputs(gm, placeholder_values, subs)
+    try:
+        probe = normalize_pass(trace(meta_model, *inputs)).graph_module
+        ShapeProp(probe).propagate(*[v for v in inputs])
+    except (CaptureError, RuntimeError, NotImplementedError) as e:
+        raise SizeGuardError(f"cannot check the graph's structure at {dict(sizes)}: capturing the model there "
+                             f"failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+
+    ours, theirs = _structure(gm), _structure(probe)
+    where = f"at {dict(sizes)} (captured at {dims})"
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        if _target_name(a) != _target_name(b):
+            raise SizeGuardError(f"the graph's structure depends on the sizes: {where}, node {i} is "
+                                 f"{_target_name(b)} ({b.name}) where the capture has {_target_name(a)} ({a.name}); "
+                                 f"capture at these sizes to get their cost")
+        sym_shape, tensor_meta = a.meta.get("sym_shape"), b.meta.get("tensor_meta")
+        if sym_shape is None or tensor_meta is None or a.meta.get("multi_output") \
+                or not hasattr(tensor_meta, "shape"):
+            continue
+        expected = _evaluate_shape(sym_shape, subs)
+        if tuple(tensor_meta.shape) != expected:
+            raise SizeGuardError(f"the graph's shapes depend on the sizes in a way the capture cannot see: {where}, "
+                                 f"node {a.name!r} has shape {tuple(tensor_meta.shape)}, its symbolic shape "
+                                 f"{tuple(str(s) for s in sym_shape)} gives {expected}")
+    if len(ours) != len(theirs):
+        raise SizeGuardError(f"the graph's structure depends on the sizes: {where} it has {len(theirs)} nodes, "
+                             f"the capture {len(ours)}; capture at these sizes to get their cost")
