@@ -1,0 +1,46 @@
+"""check_structure_at: costs at other sizes only where the captured structure holds there."""
+import pytest
+
+import foldcompile
+from foldcompile.models import zoo
+from foldcompile.passes import classify_pass, cost_totals, normalize_pass, shape_prop_pass
+from foldcompile.size_check import SizeGuardError, check_structure_at
+
+
+def _analysed(n_seq, n_res, chunk_size):
+    module, inputs = zoo.get("evoformer_block", n_seq=n_seq, n_res=n_res)
+    gm = normalize_pass(foldcompile.trace(module, *inputs, chunk_size=chunk_size)).graph_module
+    values = list(inputs) + [chunk_size]
+    shape_prop_pass(gm, values)
+    classify_pass(gm)
+    return module, gm, values
+
+
+def test_unchunked_block_holds_at_other_sizes_and_costs_match_a_fresh_capture():
+    module, gm, values = _analysed(5, 11, None)
+    check_structure_at(module, gm, values, {"N_seq": 7, "N_res": 17})
+    _, fresh, _ = _analysed(7, 17, None)
+    predicted = cost_totals(gm).evaluate(N_seq=7, N_res=17)["classes"]
+    measured = cost_totals(fresh).evaluate()["classes"]
+    for op_class in ("GEMM", "REDUCTION", "ELEMENTWISE"):
+        assert predicted[op_class]["flops"] == measured[op_class]["flops"]
+        assert predicted[op_class]["bytes"] == measured[op_class]["bytes"]
+
+
+def test_unrolled_chunk_loop_is_refused_with_the_node():
+    module, gm, values = _analysed(5, 11, 4)
+    with pytest.raises(SizeGuardError, match="depend on the sizes"):
+        check_structure_at(module, gm, values, {"N_res": 17})
+
+
+def test_chunk_branch_not_taken_at_capture_is_refused():
+    """chunk_size=16 >= N_res=11: the capture took the unchunked path, N_res=40 would not."""
+    module, gm, values = _analysed(5, 11, 16)
+    check_structure_at(module, gm, values, {"N_res": 13})  # still unchunked: fine
+    with pytest.raises(SizeGuardError):
+        check_structure_at(module, gm, values, {"N_res": 40})
+
+
+def test_same_sizes_need_no_check():
+    module, gm, values = _analysed(5, 11, 4)
+    check_structure_at(module, gm, values, {"N_seq": 5, "N_res": 11})
