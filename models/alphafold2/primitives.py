@@ -81,26 +81,3 @@ def dropout_columnwise(x: torch.Tensor, p: float, training: bool) -> torch.Tenso
     shape[-2] = 1
     keep = torch.bernoulli(torch.full(shape, 1.0 - p, dtype=x.dtype, device=x.device))
     return x * keep / (1.0 - p)
-
-
-def chunked(fn, inputs: dict, chunk_size: int | None, dim: int) -> torch.Tensor:
-    """Apply ``fn(**inputs)`` in chunks of ``chunk_size`` along batch-like ``dim``.
-
-    The usual inference memory saver: every tensor in ``inputs`` whose size at
-    ``dim`` equals the full length is sliced; the others (broadcast biases) are
-    passed whole. ``chunk_size=None`` runs in one piece.
-    """
-    tensors = [v for v in inputs.values() if isinstance(v, torch.Tensor)]
-    length = max(t.shape[dim] for t in tensors)
-    if chunk_size is None or chunk_size >= length:
-        return fn(**inputs)
-    outputs = []
-    for start in range(0, length, chunk_size):
-        piece = {}
-        for name, value in inputs.items():
-            if isinstance(value, torch.Tensor) and value.shape[dim] == length:
-                piece[name] = value.narrow(dim, start, min(chunk_size, length - start))
-            else:
-                piece[name] = value
-        outputs.append(fn(**piece))
-    return torch.cat(outputs, dim=dim)

@@ -1,12 +1,11 @@
 """AlphaFold 2 with recycling (Alg. 2): embedders and the full model at tiny sizes."""
-import math
 
 import pytest
 import torch
 
+from foldcompile.models.zoo import randomize_parameters
 from foldcompile.models.alphafold2.embedders import InputEmbedder, RecyclingEmbedder, RelativePosition
-from foldcompile.models.alphafold2.model import GLYCINE_CHANNEL, AlphaFold2
-from foldcompile.models.alphafold2.primitives import LayerNorm, Linear
+from foldcompile.models.alphafold2.model import AlphaFold2
 
 TINY = dict(n_evoformer_blocks=2, n_extra_blocks=1, n_template_blocks=1, c_m=16, c_z=8, c_s=16, c_e=8, c_t=8,
             n_recycle=1, c_hidden_msa_att=4, n_heads_msa=2, c_hidden_opm=4, c_hidden_mul=8, c_hidden_pair_att=4,
@@ -15,26 +14,6 @@ TINY = dict(n_evoformer_blocks=2, n_extra_blocks=1, n_template_blocks=1, c_m=16,
             c_hidden_template_pointwise=4, n_heads_template_pointwise=2, c_ipa=4, n_heads_ipa=2,
             n_query_points=2, n_value_points=2, c_resnet=8, n_structure_layers=2)
 N_SEQ, N_EXTRA, N_TEMPL = 3, 4, 2
-
-
-def randomize_parameters(module: torch.nn.Module, seed: int = 0) -> None:
-    """Give every parameter a random non-zero value (AF2 zero-initialises final and
-    gating layers, which would make every residual update and gradient test vacuous)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for sub in module.modules():
-            if isinstance(sub, Linear):
-                sub.weight.copy_(torch.randn(sub.weight.shape, generator=gen) / math.sqrt(sub.in_features))
-                if sub.bias is not None:
-                    sub.bias.copy_(torch.randn(sub.bias.shape, generator=gen) * 0.1)
-            elif isinstance(sub, LayerNorm):
-                sub.weight.copy_(1.0 + 0.1 * torch.randn(sub.weight.shape, generator=gen))
-                sub.bias.copy_(0.1 * torch.randn(sub.bias.shape, generator=gen))
-        for name, p in module.named_parameters():
-            if name.endswith("head_weights"):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-    for name, p in module.named_parameters():
-        assert p.abs().max() > 0, f"{name} left at zero"
 
 
 def make_model(dtype=torch.float32, **overrides) -> AlphaFold2:

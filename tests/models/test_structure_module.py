@@ -1,38 +1,15 @@
 """Rigid-frame utilities and the AlphaFold 2 structure module (Alg. 20-23)."""
-import math
 
 import pytest
 import torch
 
+from foldcompile.models.zoo import randomize_parameters
 from foldcompile.models.alphafold2 import rigid
-from foldcompile.models.alphafold2.primitives import LayerNorm, Linear
 from foldcompile.models.alphafold2.structure_module import (
     IDEAL_BACKBONE, InvariantPointAttention, StructureModule, pseudo_beta)
 
 TINY = dict(c_s=16, c_z=8, c_ipa=4, n_heads_ipa=3, n_query_points=2, n_value_points=3,
             c_resnet=8, n_layers=3)
-
-
-def randomize_parameters(module: torch.nn.Module, seed: int = 0) -> None:
-    """Give every parameter a random non-zero value.
-
-    AlphaFold zero-initialises its final and gating layers, which would make the
-    output of IPA, the transition and the backbone update vanish and hide bugs.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for sub in module.modules():
-            if isinstance(sub, Linear):
-                std = 1.0 / math.sqrt(sub.in_features)
-                sub.weight.copy_(torch.randn(sub.weight.shape, generator=gen) * std)
-                if sub.bias is not None:
-                    sub.bias.copy_(torch.randn(sub.bias.shape, generator=gen) * 0.1)
-            elif isinstance(sub, LayerNorm):
-                sub.weight.copy_(1.0 + 0.1 * torch.randn(sub.weight.shape, generator=gen))
-                sub.bias.copy_(0.1 * torch.randn(sub.bias.shape, generator=gen))
-        for name, p in module.named_parameters():
-            if name.endswith("head_weights"):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
 
 
 def random_frames(n, dtype=torch.float64, seed=0):
