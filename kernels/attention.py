@@ -27,6 +27,12 @@ backward recomputes probabilities from the row max and the log of the row sum ke
 *separately*, because folding them into one logsumexp would round ``log(sum)`` away
 against a max of -1e9 (fp32's spacing there is 64).
 
+Forward kernel: one program per (query block, b, h) streams key blocks. Where the
+bias is shared by every row of the leading dim (triangle and MSA row attention) a
+program takes two rows b, b+1 (``ROW_PAIRS``), so each bias tile is read once for
+both: at triangle attention's inference sizes the bias re-reads, B*H*Q*K elements,
+are the largest memory stream.
+
 Backward kernels (all without atomics):
 - ``attention_bwd_pre``: delta = rowsum(dO * O); with a gate, also dO_attn and dgate.
 - ``attention_bwd_dkdv``: one program per (key block, K/V head) loops over query
@@ -44,6 +50,11 @@ Backward kernels (all without atomics):
   element, and per-row partial sums would need the O(N^3) memory this kernel exists
   to avoid. The price is recomputing two tile products (q k^T and dO v^T) per row,
   ~2/7 more backward FLOPs, with no extra memory beyond the fp32 bias gradient.
+
+Measured on an H100 (bf16, triangle attention N_res=1024, 4 heads x 32, bf16 bias,
+key mask; bench/kernels/attention.py): forward 4.3-4.7 ms, forward+backward 17.7 ms
+(dkdv 5.4, dbias 4.1, forward 4.0, dq 3.4 ms), 64 MiB extra memory. At the training
+crop the calls are host-bound (~0.3-0.4 ms of Python and launch overhead per forward).
 
 Cost of odd layouts: q, k, v and gate are viewed as ``[B, H, L, D]`` (leading dims
 flattened); where a strided input's leading dims cannot be flattened as a view,
