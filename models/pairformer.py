@@ -27,9 +27,10 @@ transitions x4) has 3,070,848 parameters:
                                        + LayerNorm(z) 256 + bias 128x16                    = 740,736
   single transition:                   LayerNorm 768 + 3 x 384x1536                        = 1,770,240
 
-Masks (float, 1 = real, 0 = padding) are applied as the released AlphaFold code does
-(the pseudo-code leaves them out):
-  * every attention adds ``1e9 * (mask - 1)`` to the logits of masked *keys*
+Masks (1 = real, 0 = padding; bool or float, cast to the activations' dtype) are
+applied as the released AlphaFold code does (the pseudo-code leaves them out):
+  * every attention adds ``1e9 * (mask - 1)`` (float16: ``3e4 * (mask - 1)``) to the
+    logits of masked *keys*
     (triangle attention: ``pair_mask[i, k]`` starting node, ``pair_mask[k, j]`` ending
     node; single attention: ``single_mask[j]``);
   * the triangle multiplications multiply the ``a`` and ``b`` projections by
@@ -70,6 +71,14 @@ __all__ = [
 
 # Additive logit for a masked key, as in AlphaFold's released code.
 MASK_INF = 1e9
+
+
+def _mask_inf(dtype: torch.dtype) -> float:
+    """``MASK_INF`` for ``dtype``: 1e9, but 3e4 in float16 (as Uni-Fold), whose largest
+    finite value is 65504. With 1e9 a padded token's query row, all of whose keys are
+    masked, would be all -inf in float16 and give NaN, which reaches real tokens
+    through ``0 * NaN``; 3e4 stays finite and ``exp(-3e4)`` is still exactly 0."""
+    return 3e4 if dtype == torch.float16 else MASK_INF
 
 
 class Linear(nn.Linear):
@@ -262,7 +271,7 @@ class TriangleAttention(nn.Module):
         # q, k, v: [*, I, N, H, c] for a chunk of rows I; mask [*, I, N]; bias [*, H, N, N] (b_jk).
         logits = torch.einsum("...ijhc,...ikhc->...hijk", q, k) / math.sqrt(self.c_hidden)
         logits = logits + bias.unsqueeze(-3)
-        logits = logits + (MASK_INF * (mask - 1.0))[..., None, :, None, :]
+        logits = logits + (_mask_inf(mask.dtype) * (mask - 1.0))[..., None, :, None, :]
         weights = torch.softmax(logits, dim=-1)
         return torch.einsum("...hijk,...ikhc->...ijhc", weights, v)
 
@@ -272,7 +281,7 @@ class TriangleAttention(nn.Module):
         # mask [*, N, N] whole (m_kj); bias [*, H, N, I] (b_ki for the chunk's i).
         logits = torch.einsum("...ijhc,...kjhc->...hijk", q, k) / math.sqrt(self.c_hidden)
         logits = logits + bias.transpose(-1, -2).unsqueeze(-2)
-        logits = logits + (MASK_INF * (mask - 1.0)).transpose(-1, -2)[..., None, None, :, :]
+        logits = logits + (_mask_inf(mask.dtype) * (mask - 1.0)).transpose(-1, -2)[..., None, None, :, :]
         weights = torch.softmax(logits, dim=-1)
         return torch.einsum("...hijk,...kjhc->...ijhc", weights, v)
 
@@ -354,7 +363,7 @@ class AttentionPairBias(nn.Module):
         q = self._heads(self.linear_q(a))
         k = self._heads(self.linear_k(a))
         v = self._heads(self.linear_v(a))
-        key_bias = (MASK_INF * (single_mask - 1.0))[..., None, None, :]  # [*, 1, 1, N_keys]
+        key_bias = (_mask_inf(single_mask.dtype) * (single_mask - 1.0))[..., None, None, :]  # [*, 1, 1, N_keys]
         n_queries = q.shape[-3]
         step = n_queries if chunk_size is None else chunk_size
         pieces = []
@@ -433,7 +442,8 @@ class PairformerBlock(nn.Module):
     def forward(self, s: torch.Tensor, z: torch.Tensor, single_mask: Optional[torch.Tensor] = None,
                 pair_mask: Optional[torch.Tensor] = None,
                 chunk_size: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Update ``s`` ``[*, N_tok, c_s]`` and ``z`` ``[*, N_tok, N_tok, c_z]``; masks are float 0/1."""
+        """Update ``s`` ``[*, N_tok, c_s]`` and ``z`` ``[*, N_tok, N_tok, c_z]``; masks are 0/1, bool or
+        float (cast to the activations' dtype)."""
         single_mask, pair_mask = _check_inputs(s, z, single_mask, pair_mask, self.c_s, self.c_z)
         _check_chunk_size(chunk_size)
         p = self.dropout_pair

@@ -124,13 +124,18 @@ def _structure_inputs(size, s, gen, dtype):
 
 def _alphafold2_inputs(size, s, gen, dtype):
     n_seq, n_res, n_extra, n_templ = s["n_seq"], s["n_res"], s["n_extra"], s["n_templ"]
+    # AF2's target_feat: [between_segment_residues (1), aatype one-hot (21)], residue
+    # types 0..19 in AF2's order (glycine = 7, so channel 8 = model.GLYCINE_CHANNEL).
     aatype = torch.randint(0, 20, (n_res,), generator=gen)
-    target_feat = nn.functional.one_hot(aatype, 22).to(dtype)
+    target_feat = torch.cat([torch.zeros(n_res, 1), nn.functional.one_hot(aatype, 21).float()], dim=-1).to(dtype)
     residue_index = torch.arange(n_res)
     msa_feat = _randn(gen, dtype, n_seq, n_res, 49)
     extra_msa_feat = _randn(gen, dtype, n_extra, n_res, 25)
     template_pair_feat = _randn(gen, dtype, n_templ, n_res, n_res, 88)
     template_angle_feat = _randn(gen, dtype, n_templ, n_res, 57)
+    # Channels 50..56 are AF2's 7 torsion-angle masks, 0/1: mostly 1, a few 0. The psi
+    # mask (channel 52) masks the template rows appended to the MSA.
+    template_angle_feat[..., 50:] = (torch.rand(n_templ, n_res, 7, generator=gen) > 0.2).to(dtype)
     return (target_feat, residue_index, msa_feat, extra_msa_feat, template_pair_feat, template_angle_feat,
             _msa_mask(gen, n_seq, n_res, dtype), _seq_mask(n_res, dtype), _msa_mask(gen, n_extra, n_res, dtype),
             torch.ones(n_templ, dtype=dtype))

@@ -8,10 +8,12 @@ output Linear with bias ("final" init) maps the heads back.
 Masks are applied as AlphaFold 2's released code applies them (the supplement's
 pseudo-code leaves them out): a mask of 0/1 floats over the *keys* becomes an
 additive logit bias ``1e9 * (mask - 1)``, so masked keys get a weight of exactly
-zero wherever at least one key is unmasked. (In float16 the bias of a masked key
-is -inf, so a row whose keys are all masked would give NaN; use float32 or
-bfloat16, as AF2 does.) Queries are not masked; masked query
-positions produce outputs that no unmasked position ever reads.
+zero wherever at least one key is unmasked. In float16, which cannot hold 1e9,
+the factor is 3e4 (``primitives.mask_inf``), so a row whose keys are all masked
+(a padded query) stays finite instead of turning into NaN. Queries are not
+masked; masked query positions produce outputs that no unmasked position ever
+reads. Masks may be bool or any float dtype: each module casts them to its
+activations' dtype on entry.
 
 Shapes use ``*`` for optional leading batch dims.
 """
@@ -22,15 +24,13 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from foldcompile.models.alphafold2.primitives import LayerNorm, Linear
-
-# AlphaFold 2's code turns a 0/1 mask into an additive logit bias with this factor.
-MASK_BIAS = 1e9
+from foldcompile.models.alphafold2.primitives import LayerNorm, Linear, cast_mask, mask_inf
 
 
 def mask_bias(mask: torch.Tensor) -> torch.Tensor:
-    """Additive attention bias from a 0/1 key mask: ``1e9 * (mask - 1)`` (AF2 code)."""
-    return MASK_BIAS * (mask - 1.0)
+    """Additive attention bias from a float 0/1 key mask: ``1e9 * (mask - 1)`` (AF2 code),
+    3e4 instead of 1e9 for a float16 mask (see ``primitives.mask_inf``)."""
+    return mask_inf(mask.dtype) * (mask - 1.0)
 
 
 def chunk_rows(fn: Callable[..., torch.Tensor], sliced: Sequence[tuple[torch.Tensor, int]],
@@ -104,7 +104,9 @@ class GlobalAttention(nn.Module):
     """Global gated attention of the extra MSA stack (Alg. 19, lines 2-8).
 
     One query per column, the masked mean of the column's rows
-    (``sum(mask * x) / (sum(mask) + 1e-10)``, AF2's ``mask_mean``), with
+    (``sum(mask * x) / (sum(mask) + 1e-10)``, AF2's ``mask_mean``, computed in at
+    least float32: in float16 the 1e-10 would round to 0 and a fully masked
+    column would give 0/0), with
     ``n_heads`` heads; keys and values are single-headed (``c_hidden`` channels,
     shared by the heads). Every row gets its own sigmoid gate.
     Mask: key mask bias ``1e9 * (mask - 1)`` and the masked mean of the query.
@@ -121,8 +123,12 @@ class GlobalAttention(nn.Module):
         self.linear_o = Linear(c_hidden * n_heads, c_in, init="final")
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """``x [..., K, c_in]`` attended along ``K``; ``mask [..., K]``; returns ``[..., K, c_in]``."""
-        q_avg = (mask.unsqueeze(-1) * x).sum(dim=-2) / (mask.sum(dim=-1, keepdim=True) + 1e-10)
+        """``x [..., K, c_in]`` attended along ``K``; ``mask [..., K]`` (bool or float); returns ``[..., K, c_in]``."""
+        mask = cast_mask(mask, x)
+        mean_dtype = torch.promote_types(x.dtype, torch.float32)
+        mask_wide = mask.to(mean_dtype)
+        q_avg = (mask_wide.unsqueeze(-1) * x.to(mean_dtype)).sum(dim=-2) / (mask_wide.sum(dim=-1, keepdim=True) + 1e-10)
+        q_avg = q_avg.to(x.dtype)
         q = self.linear_q(q_avg) * (self.c_hidden ** -0.5)
         q = q.view(*q.shape[:-1], self.n_heads, self.c_hidden)  # [..., H, c]
         k = self.linear_k(x)  # [..., K, c]
@@ -153,8 +159,7 @@ class MSARowAttentionWithPairBias(nn.Module):
 
     def forward(self, m: torch.Tensor, z: torch.Tensor, msa_mask: torch.Tensor | None = None,
                 chunk_size: int | None = None) -> torch.Tensor:
-        if msa_mask is None:
-            msa_mask = m.new_ones(m.shape[:-1])
+        msa_mask = cast_mask(msa_mask, m)
         m = self.layer_norm_m(m)
         # [*, N_res, N_res, H] -> [*, 1, H, N_res, N_res]: shared by every sequence
         pair_bias = self.linear_z(self.layer_norm_z(z)).permute(*range(z.dim() - 3), -1, -3, -2).unsqueeze(-4)
@@ -181,8 +186,7 @@ class MSAColumnAttention(nn.Module):
 
     def forward(self, m: torch.Tensor, msa_mask: torch.Tensor | None = None,
                 chunk_size: int | None = None) -> torch.Tensor:
-        if msa_mask is None:
-            msa_mask = m.new_ones(m.shape[:-1])
+        msa_mask = cast_mask(msa_mask, m)
         # As AF2's code: swap the axes and run row attention over the columns.
         m = self.layer_norm_m(m.transpose(-2, -3))  # [*, N_res, N_seq, c_m]
         key_bias = mask_bias(msa_mask.transpose(-1, -2))[..., None, None, :]  # [*, N_res, 1, 1, N_seq]
@@ -209,8 +213,7 @@ class MSAColumnGlobalAttention(nn.Module):
 
     def forward(self, m: torch.Tensor, msa_mask: torch.Tensor | None = None,
                 chunk_size: int | None = None) -> torch.Tensor:
-        if msa_mask is None:
-            msa_mask = m.new_ones(m.shape[:-1])
+        msa_mask = cast_mask(msa_mask, m)
         m = self.layer_norm_m(m.transpose(-2, -3))  # [*, N_res, N_seq, c]
         mask = msa_mask.transpose(-1, -2)  # [*, N_res, N_seq]
         out = chunk_rows(self.global_attention, [(m, -3), (mask, -2)], [], chunk_size, out_dim=-3)
@@ -237,8 +240,7 @@ class TriangleAttention(nn.Module):
 
     def forward(self, z: torch.Tensor, pair_mask: torch.Tensor | None = None,
                 chunk_size: int | None = None) -> torch.Tensor:
-        if pair_mask is None:
-            pair_mask = z.new_ones(z.shape[:-1])
+        pair_mask = cast_mask(pair_mask, z)
         if not self.starting:
             z = z.transpose(-2, -3)
             pair_mask = pair_mask.transpose(-1, -2)

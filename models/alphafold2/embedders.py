@@ -5,7 +5,10 @@ The model takes feature tensors, not raw sequences (featurisation is out of scop
 - ``target_feat [N_res, 22]``: "between segment residues" flag + one-hot of 21 amino
   acid types (20 + unknown), as AlphaFold 2 builds it.
 - ``msa_feat [N_seq, N_res, 49]``, ``extra_msa_feat [N_extra, N_res, 25]``.
-- ``template_pair_feat [N_templ, N_res, N_res, 88]``, ``template_angle_feat [N_templ, N_res, 57]``.
+- ``template_pair_feat [N_templ, N_res, N_res, 88]``, ``template_angle_feat [N_templ, N_res, 57]``:
+  the latter in AlphaFold 2's layout, aatype one-hot (22, channels 0-21), sin/cos of
+  the 7 torsion angles (14, 22-35), of the alternative angles (14, 36-49) and the 7
+  torsion-angle masks (50-56); psi's mask (torsion 2) is channel 52.
 """
 from __future__ import annotations
 
@@ -15,14 +18,14 @@ from torch import nn
 from foldcompile.models.alphafold2.primitives import LayerNorm, Linear
 
 
-def one_hot_nearest(x: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
-    """One-hot of the nearest bin (Alg. 5): ``x [*]``, ``bins [n]`` -> ``[*, n]``."""
-    nearest = torch.argmin(torch.abs(x.unsqueeze(-1) - bins), dim=-1)
-    return nn.functional.one_hot(nearest, bins.shape[0]).to(bins.dtype)
-
-
 class RelativePosition(nn.Module):
-    """Relative position encoding (Alg. 4): one-hot of ``clip(r_i - r_j, -32, 32)`` (65 bins) -> ``c_z``."""
+    """Relative position encoding (Alg. 4): one-hot of ``clip(r_i - r_j, -32, 32)`` (65 bins) -> ``c_z``.
+
+    The offsets are taken on the integer residue index (a float index is rounded
+    first), and only the one-hot is cast to the weights' dtype: bfloat16 holds
+    integers exactly only up to 256, so differencing a bfloat16 index would give
+    wrong offsets in any longer protein.
+    """
 
     def __init__(self, c_z: int = 128, max_relative_idx: int = 32):
         super().__init__()
@@ -31,12 +34,15 @@ class RelativePosition(nn.Module):
 
     def forward(self, residue_index: torch.Tensor) -> torch.Tensor:
         """``residue_index [N_res]`` (int or float) -> ``[N_res, N_res, c_z]``."""
-        r = residue_index.to(self.linear.weight.dtype)
+        r = residue_index
+        if r.is_floating_point():
+            r = torch.round(r)
+        r = r.long()
         d = r.unsqueeze(-1) - r.unsqueeze(-2)
         k = self.max_relative_idx
-        bins = torch.arange(-k, k + 1, dtype=d.dtype, device=d.device)
-        # Clipping first makes "nearest bin" the plain clip of Alg. 4 line 2.
-        return self.linear(one_hot_nearest(torch.clamp(d, -k, k), bins))
+        # Alg. 4 lines 2-3: the nearest of the bins -32..32 is the clipped offset itself.
+        rel = nn.functional.one_hot(torch.clamp(d, -k, k) + k, 2 * k + 1)
+        return self.linear(rel.to(self.linear.weight.dtype))
 
 
 class InputEmbedder(nn.Module):
@@ -77,7 +83,11 @@ class RecyclingEmbedder(nn.Module):
     The distogram of the previous pseudo-beta positions has 15 bins with lower
     edges 3.25 .. 20.75 Å, the last one open-ended, and is all-zero below 3.25 Å
     (so the zero positions of the first iteration contribute nothing), as in
-    AlphaFold 2's released code.
+    AlphaFold 2's released code. As there, the bins are compared on squared
+    distances, with the open upper edge 1e8 (Å²) on the squared distance, and
+    this is computed in float32 whatever ``x_prev``'s dtype (squared distances of
+    a large protein are far beyond what bfloat16/float16 resolve); only the
+    one-hot is cast to the weights' dtype.
     """
 
     def __init__(self, c_m: int = 256, c_z: int = 128, min_bin: float = 3.25, max_bin: float = 20.75,
@@ -91,11 +101,12 @@ class RecyclingEmbedder(nn.Module):
     def forward(self, m_prev_first_row: torch.Tensor, z_prev: torch.Tensor,
                 x_prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``m_prev_first_row [N_res, c_m]``, ``z_prev [N_res, N_res, c_z]``, ``x_prev [N_res, 3]`` (Å)."""
-        lower = torch.linspace(self.min_bin, self.max_bin, self.n_bins, dtype=x_prev.dtype, device=x_prev.device)
+        x = x_prev.to(torch.promote_types(x_prev.dtype, torch.float32))
+        lower = torch.linspace(self.min_bin, self.max_bin, self.n_bins, dtype=x.dtype, device=x.device) ** 2
         upper = torch.cat([lower[1:], lower.new_tensor([self.inf])])
-        diff = x_prev.unsqueeze(-2) - x_prev.unsqueeze(-3)
+        diff = x.unsqueeze(-2) - x.unsqueeze(-3)
         d2 = (diff * diff).sum(-1, keepdim=True)
-        dgram = ((d2 > lower * lower) & (d2 < upper * upper)).to(z_prev.dtype)
+        dgram = ((d2 > lower) & (d2 < upper)).to(self.linear.weight.dtype)
         z_update = self.linear(dgram) + self.layer_norm_z(z_prev)
         return self.layer_norm_m(m_prev_first_row), z_update
 

@@ -19,7 +19,7 @@ from foldcompile.models.alphafold2.attention import (
     TriangleAttentionStartingNode,
 )
 from foldcompile.models.alphafold2.outer_product_mean import OuterProductMean
-from foldcompile.models.alphafold2.primitives import Linear, dropout_columnwise, dropout_rowwise
+from foldcompile.models.alphafold2.primitives import Linear, cast_mask, dropout_columnwise, dropout_rowwise
 from foldcompile.models.alphafold2.transitions import MSATransition, PairTransition
 from foldcompile.models.alphafold2.triangle import TriangleMultiplicationIncoming, TriangleMultiplicationOutgoing
 
@@ -39,7 +39,8 @@ class EvoformerBlock(nn.Module):
     and column attentions and masks the outer product mean (projections and the
     normalisation); ``pair_mask [*, N_res, N_res]`` masks the triangle
     multiplications' projections and is the key mask of both triangle attentions.
-    Transitions are unmasked. Missing masks mean "all ones".
+    Transitions are unmasked. Missing masks mean "all ones"; masks may be bool or
+    float and are cast to the activations' dtype.
     """
 
     def __init__(self, c_m: int = 256, c_z: int = 128, c_hidden_msa_att: int = 32, n_heads_msa: int = 8,
@@ -66,10 +67,8 @@ class EvoformerBlock(nn.Module):
                 pair_mask: torch.Tensor | None = None,
                 chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``m [*, N_seq, N_res, c_m]``, ``z [*, N_res, N_res, c_z]`` -> updated ``(m, z)``."""
-        if msa_mask is None:
-            msa_mask = m.new_ones(m.shape[:-1])
-        if pair_mask is None:
-            pair_mask = z.new_ones(z.shape[:-1])
+        msa_mask = cast_mask(msa_mask, m)
+        pair_mask = cast_mask(pair_mask, z)
         m = m + dropout_rowwise(self.msa_att_row(m, z, msa_mask, chunk_size), self.msa_dropout, self.training)
         m = m + self.msa_att_col(m, msa_mask, chunk_size)
         m = m + self.msa_transition(m, chunk_size)

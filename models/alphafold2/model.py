@@ -9,8 +9,11 @@ AlphaFold 2's training; the last one runs with them.
 Masks, as AlphaFold 2's code builds them: ``pair_mask = seq_mask ⊗ seq_mask``;
 the MSA mask is also multiplied by ``seq_mask`` (so a caller that pads residues
 only needs to pass ``seq_mask``); the template rows appended to the MSA get the
-mask ``template_mask ⊗ seq_mask``; the template pair stack gets
-``template_mask ⊗ pair_mask``; the structure module gets ``seq_mask``.
+template's psi-angle mask (AF2: ``torsion_angles_mask[..., 2]``, channel 52 of
+``template_angle_feat``) times ``seq_mask``; the template pair stack gets the
+plain ``pair_mask`` (``template_mask`` acts in the point-wise attention only, as
+its key mask); the structure module gets ``seq_mask``. Masks may be bool or
+float; they are cast to the features' dtype on entry.
 """
 from __future__ import annotations
 
@@ -21,13 +24,17 @@ from foldcompile.models.alphafold2.embedders import (
     ExtraMSAEmbedder, InputEmbedder, RecyclingEmbedder, TemplateAngleEmbedder, TemplatePairEmbedder)
 from foldcompile.models.alphafold2.evoformer import EvoformerStack
 from foldcompile.models.alphafold2.extra_msa import ExtraMSAStack
-from foldcompile.models.alphafold2.primitives import Linear
+from foldcompile.models.alphafold2.primitives import Linear, cast_mask
 from foldcompile.models.alphafold2.structure_module import StructureModule, pseudo_beta
 from foldcompile.models.alphafold2.template import TemplatePairStack, TemplatePointwiseAttention
 
 # target_feat = [between_segment_residues (1), one-hot aatype (21)], residue types in
 # AlphaFold's order "ARNDCQEGHILKMFPSTWYV" + X: glycine is type 7, channel 1 + 7.
 GLYCINE_CHANNEL = 8
+# template_angle_feat = [aatype one-hot (22), torsion sin/cos (14), alternative torsion
+# sin/cos (14), torsion masks (7)]; the torsions are (omega, phi, psi, chi1..chi4), so
+# psi's mask (AF2's torsion_angles_mask[..., 2]) is channel 22 + 14 + 14 + 2.
+PSI_MASK_CHANNEL = 52
 
 
 class AlphaFold2(nn.Module):
@@ -36,8 +43,9 @@ class AlphaFold2(nn.Module):
     Inputs have no leading batch dim: ``target_feat [N_res, 22]``, ``residue_index
     [N_res]``, ``msa_feat [N_seq, N_res, 49]``, ``extra_msa_feat [N_extra, N_res, 25]``,
     optional ``template_pair_feat [N_templ, N_res, N_res, 88]`` and
-    ``template_angle_feat [N_templ, N_res, 57]``; masks are float 0/1 and default
-    to ones. ``forward`` returns a dict:
+    ``template_angle_feat [N_templ, N_res, 57]`` (AF2's layout: its channel 52 is
+    the psi mask of the template row's residues); masks are 0/1 (bool or float)
+    and default to ones. ``forward`` returns a dict:
 
     - ``single [N_res, c_s]`` (Evoformer), ``pair [N_res, N_res, c_z]``,
       ``msa_first_row [N_res, c_m]``, ``sm_single [N_res, c_s]`` (structure module)
@@ -110,13 +118,18 @@ class AlphaFold2(nn.Module):
         # Alg. 2 lines 7-13: templates
         if self.templates and template_pair_feat is not None:
             t = self.template_pair_embedder(template_pair_feat)
-            templ_pair_mask = template_mask[:, None, None] * pair_mask.unsqueeze(0)
-            t = self.template_pair_stack(t, templ_pair_mask, chunk_size=chunk_size)
+            # As AF2's code: the plain pair mask (shared by every template). A masked
+            # template is a masked key of the point-wise attention, which also zeroes
+            # the update when no template is present, so it needs no mask here.
+            t = self.template_pair_stack(t, pair_mask.unsqueeze(0), chunk_size=chunk_size)
             z = z + self.template_pointwise_attention(t, z, template_mask, chunk_size=chunk_size)
         if self.templates and template_angle_feat is not None:
             a = self.template_angle_embedder(template_angle_feat)
             m = torch.cat([m, a], dim=0)
-            msa_mask = torch.cat([msa_mask, template_mask[:, None] * seq_mask.unsqueeze(0)], dim=0)
+            # AF2 masks each template row by the template's psi-angle mask
+            # (torsion_angles_mask[:, :, 2]); times seq_mask for padded residues.
+            psi_mask = template_angle_feat[..., PSI_MASK_CHANNEL]
+            msa_mask = torch.cat([msa_mask, psi_mask * seq_mask.unsqueeze(0)], dim=0)
 
         # Alg. 2 lines 14-15: extra MSA stack
         e = self.extra_msa_embedder(extra_msa_feat)
@@ -160,13 +173,10 @@ class AlphaFold2(nn.Module):
         if n_recycle < 0:
             raise ValueError(f"n_recycle must be >= 0, got {n_recycle}")
 
-        # Optional masks default to ones.
-        if seq_mask is None:
-            seq_mask = target_feat.new_ones(n_res)
-        if msa_mask is None:
-            msa_mask = msa_feat.new_ones(msa_feat.shape[:-1])
-        if extra_msa_mask is None:
-            extra_msa_mask = extra_msa_feat.new_ones(extra_msa_feat.shape[:-1])
+        # Optional masks default to ones; given ones (bool or float) take the features' dtype.
+        seq_mask = target_feat.new_ones(n_res) if seq_mask is None else seq_mask.to(target_feat.dtype)
+        msa_mask = cast_mask(msa_mask, msa_feat)
+        extra_msa_mask = cast_mask(extra_msa_mask, extra_msa_feat)
         msa_mask = msa_mask * seq_mask
         extra_msa_mask = extra_msa_mask * seq_mask
         pair_mask = seq_mask[:, None] * seq_mask[None, :]
@@ -175,6 +185,8 @@ class AlphaFold2(nn.Module):
                 template_mask = template_pair_feat.new_ones(template_pair_feat.shape[0])
             elif template_angle_feat is not None:
                 template_mask = template_angle_feat.new_ones(template_angle_feat.shape[0])
+        else:
+            template_mask = template_mask.to(msa_feat.dtype)
 
         # The first iteration sees zeros (Alg. 2 line 3).
         m_prev = msa_feat.new_zeros(n_res, self.c_m)

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from foldcompile.models.alphafold2.attention import chunk_rows
-from foldcompile.models.alphafold2.primitives import LayerNorm, Linear
+from foldcompile.models.alphafold2.primitives import LayerNorm, Linear, cast_mask
 
 # AF2's code adds this to the count of unmasked sequence pairs before dividing.
 OPM_EPS = 1e-3
@@ -42,9 +42,8 @@ class OuterProductMean(nn.Module):
 
     def forward(self, m: torch.Tensor, msa_mask: torch.Tensor | None = None,
                 chunk_size: int | None = None) -> torch.Tensor:
-        """``m [*, N_seq, N_res, c_m]``, ``msa_mask [*, N_seq, N_res]``."""
-        if msa_mask is None:
-            msa_mask = m.new_ones(m.shape[:-1])
+        """``m [*, N_seq, N_res, c_m]``, ``msa_mask [*, N_seq, N_res]`` (bool or float)."""
+        msa_mask = cast_mask(msa_mask, m)
         mask = msa_mask.unsqueeze(-1)
         m = self.layer_norm(m)
         a = mask * self.linear_a(m)

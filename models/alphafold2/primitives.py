@@ -24,6 +24,30 @@ from torch import nn
 LayerNorm = nn.LayerNorm
 
 
+def mask_inf(dtype: torch.dtype) -> float:
+    """The large constant that turns a 0/1 mask into an additive logit bias.
+
+    AlphaFold 2's code uses 1e9 (float32, bfloat16 and float64 hold it). float16
+    does not (its largest finite value is 65504): 1e9 would become -inf, and a
+    row whose keys are all masked (a padded query) would give NaN, which then
+    spreads to real residues through ``0 * NaN``. For float16 we take 3e4, as
+    Uni-Fold does: finite, and still large enough that ``exp(-3e4)`` is exactly 0.
+    """
+    return 3e4 if dtype == torch.float16 else 1e9
+
+
+def cast_mask(mask: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """A 0/1 mask (bool or any float dtype) in ``x``'s dtype; ones of ``x.shape[:-1]`` if None.
+
+    Every public module that takes a mask calls this on entry, so a float32 or
+    bool mask works with bfloat16/float16 activations (mixing them would promote
+    the activations to float32, or fail on ``bool - 1``).
+    """
+    if mask is None:
+        return x.new_ones(x.shape[:-1])
+    return mask.to(dtype=x.dtype)
+
+
 def _trunc_normal_(weight: torch.Tensor, scale: float) -> None:
     fan_in = weight.shape[1]
     # std of a standard normal truncated to [-2, 2] is 0.87962566103423978

@@ -10,7 +10,9 @@ Conventions, as in AlphaFold 2's released code:
 - Gradients through the rotations are stopped between layers (Alg. 20 line 20).
 - The residue mask enters invariant point attention only, as an additive
   ``-1e5`` on the logits of every pair (i, j) with ``mask_i * mask_j == 0``; a
-  padded residue therefore never influences a real one.
+  padded residue therefore never influences a real one. In float16, which
+  cannot hold 1e5, the constant is 1e4 (see ``ipa_mask_inf``). The mask may be
+  bool or float; it is cast to the activations' dtype.
 - The linear layers of IPA carry biases and the angle ResNet applies a ReLU to
   its two inputs, as the released code does (the pseudo-code omits both).
 """
@@ -23,13 +25,28 @@ import torch.nn.functional as F
 from torch import nn
 
 from foldcompile.models.alphafold2 import rigid
-from foldcompile.models.alphafold2.primitives import LayerNorm, Linear
+from foldcompile.models.alphafold2.primitives import LayerNorm, Linear, cast_mask
 
 # Idealised atom positions in the backbone frame (Å), from the literature values
 # AlphaFold 2 uses (Engh & Huber 1991 via its residue_constants; alanine's).
 BACKBONE_ATOMS = ("N", "CA", "C")
 IDEAL_BACKBONE = ((-0.525, 1.363, 0.0), (0.0, 0.0, 0.0), (1.526, 0.0, 0.0))
 IDEAL_CB = (-0.529, -0.774, -1.205)
+
+
+def ipa_mask_inf(dtype: torch.dtype, inf: float = 1e5) -> float:
+    """The constant IPA subtracts from the logits of masked pairs: AF2's 1e5, or 1e4 in float16.
+
+    float16 tops out at 65504, so 1e5 is inf there and a padded residue's row,
+    all of whose pairs are masked, would become NaN (which then reaches real
+    residues through ``0 * NaN``). IPA's logits, unlike the other attentions',
+    include ``-gamma * w_c / 2 * |q - k|^2``, which reaches thousands for distant
+    residues; 1e4 leaves more than 5e4 of headroom for them before
+    ``logit - 1e4`` could overflow, and is still far beyond what softmax can
+    resolve (``exp(-1e4)`` is 0), so masked pairs get exactly zero weight
+    whenever their logits lie within 1e4 of the unmasked ones.
+    """
+    return min(inf, 1e4) if dtype == torch.float16 else inf
 
 
 def pseudo_beta(rot: torch.Tensor, trans: torch.Tensor, is_glycine: torch.Tensor | None = None) -> torch.Tensor:
@@ -56,7 +73,7 @@ class InvariantPointAttention(nn.Module):
     residue's frame, with their norms) and the pair representation, so it is
     invariant to any global rotation and translation of the frames.
 
-    Masks: ``mask [*, N_res]`` as ``-1e5`` on the logits of pairs with a padded end.
+    Masks: ``mask [*, N_res]`` as ``-1e5`` (float16: ``-1e4``) on the logits of pairs with a padded end.
     """
 
     def __init__(self, c_s: int = 384, c_z: int = 128, c_hidden: int = 16, n_heads: int = 12,
@@ -85,8 +102,7 @@ class InvariantPointAttention(nn.Module):
     def forward(self, s: torch.Tensor, z: torch.Tensor, rot: torch.Tensor, trans: torch.Tensor,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
         """``s [*, N, c_s]``, ``z [*, N, N, c_z]``, frames ``rot [*, N, 3, 3]``, ``trans [*, N, 3]`` -> ``[*, N, c_s]``."""
-        if mask is None:
-            mask = s.new_ones(s.shape[:-1])
+        mask = cast_mask(mask, s)
         h, c = self.n_heads, self.c_hidden
         q = self.linear_q(s).reshape(*s.shape[:-1], h, c)
         k = self.linear_k(s).reshape(*s.shape[:-1], h, c)
@@ -104,7 +120,7 @@ class InvariantPointAttention(nn.Module):
         gamma = F.softplus(self.head_weights).reshape(h, 1, 1)
         logits = w_l * (scalar + bias - gamma * (w_c / 2.0) * dist2)
         pair_mask = mask.unsqueeze(-1) * mask.unsqueeze(-2)
-        logits = logits - self.inf * (1.0 - pair_mask.unsqueeze(-3))
+        logits = logits - ipa_mask_inf(logits.dtype, self.inf) * (1.0 - pair_mask.unsqueeze(-3))
         a = torch.softmax(logits, dim=-1)
 
         o = torch.einsum("...hij,...jhc->...ihc", a, v)
@@ -189,7 +205,7 @@ class StructureModule(nn.Module):
     backbone update and angle prediction, all sharing one set of weights.
 
     ``forward(s, z, mask=None)`` with ``s [N_res, c_s]``, ``z [N_res, N_res, c_z]``
-    (a leading batch dim also works), ``mask [N_res]`` float 0/1, returns a dict:
+    (a leading batch dim also works), ``mask [N_res]`` 0/1 (bool or float), returns a dict:
 
     - ``frames``: ``(rotations [L, *, N, 3, 3], translations [L, *, N, 3])`` in Å, one per layer
     - ``angles`` / ``unnormalized_angles``: ``[L, *, N, 7, 2]`` (sin, cos)
@@ -218,8 +234,7 @@ class StructureModule(nn.Module):
     def forward(self, s: torch.Tensor, z: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
         if s.shape[-2] != z.shape[-2] or z.shape[-3] != z.shape[-2]:
             raise ValueError(f"StructureModule: s {tuple(s.shape)} and z {tuple(z.shape)} disagree on N_res")
-        if mask is None:
-            mask = s.new_ones(s.shape[:-1])
+        mask = cast_mask(mask, s)
         s_initial = self.layer_norm_s(s)
         z = self.layer_norm_z(z)
         s = self.linear_in(s_initial)

@@ -12,19 +12,20 @@ from foldcompile.models.alphafold2.attention import (
     chunk_rows,
     mask_bias,
 )
-from foldcompile.models.alphafold2.primitives import LayerNorm, dropout_columnwise, dropout_rowwise
+from foldcompile.models.alphafold2.primitives import LayerNorm, cast_mask, dropout_columnwise, dropout_rowwise
 from foldcompile.models.alphafold2.transitions import PairTransition
 from foldcompile.models.alphafold2.triangle import TriangleMultiplicationIncoming, TriangleMultiplicationOutgoing
 
 
 def _template_pair_mask(t: torch.Tensor, pair_mask: torch.Tensor | None) -> torch.Tensor:
-    """A pair mask of shape ``t.shape[:-1]`` (``[*, N_templ, N_res, N_res]``)."""
+    """A pair mask of shape ``t.shape[:-1]`` (``[*, N_templ, N_res, N_res]``) in ``t``'s dtype
+    (the given mask may be bool or float)."""
     if pair_mask is None:
         return t.new_ones(t.shape[:-1])
     if pair_mask.dim() != t.dim() - 1:
         raise ValueError(f"template pair_mask must have shape [*, N_templ, N_res, N_res] (dims of size 1 "
                          f"broadcast) for t of shape {tuple(t.shape)}; got {tuple(pair_mask.shape)}")
-    return pair_mask.expand(t.shape[:-1])
+    return cast_mask(pair_mask, t).expand(t.shape[:-1])
 
 
 class TemplatePairBlock(nn.Module):
@@ -115,6 +116,7 @@ class TemplatePointwiseAttention(nn.Module):
         if template_mask.shape != t.shape[:-3]:
             raise ValueError(f"template_mask must have shape {tuple(t.shape[:-3])} ([*, N_templ]) for t of "
                              f"shape {tuple(t.shape)}; got {tuple(template_mask.shape)}")
+        template_mask = template_mask.to(dtype=t.dtype)  # bool or float in, t's dtype out
         q_x = z.unsqueeze(-2)  # [*, N_res, N_res, 1, c_z]
         kv_x = t.movedim(-4, -2)  # [*, N_res, N_res, N_templ, c_t]
         # [*, 1, 1, 1, 1, N_templ]: broadcast over i, j, heads and the single query

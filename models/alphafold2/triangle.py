@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from foldcompile.models.alphafold2.primitives import LayerNorm, Linear
+from foldcompile.models.alphafold2.primitives import LayerNorm, Linear, cast_mask
 
 
 class TriangleMultiplicativeUpdate(nn.Module):
@@ -23,7 +23,8 @@ class TriangleMultiplicativeUpdate(nn.Module):
 
     Mask: ``pair_mask [*, N_res, N_res]`` multiplies both projections ``a`` and
     ``b`` (so masked pairs never enter the sum over k), as AF2's code does; the
-    gate and the output are not masked. Returns the update for ``z``.
+    gate and the output are not masked. The mask may be bool or float; it is cast to
+    ``z``'s dtype. Returns the update for ``z``.
     """
 
     def __init__(self, c_z: int, c_hidden: int, outgoing: bool = True):
@@ -40,9 +41,7 @@ class TriangleMultiplicativeUpdate(nn.Module):
 
     def forward(self, z: torch.Tensor, pair_mask: torch.Tensor | None = None) -> torch.Tensor:
         """``z [*, N_res, N_res, c_z]``, ``pair_mask [*, N_res, N_res]``; returns ``[*, N_res, N_res, c_z]``."""
-        if pair_mask is None:
-            pair_mask = z.new_ones(z.shape[:-1])
-        mask = pair_mask.unsqueeze(-1)
+        mask = cast_mask(pair_mask, z).unsqueeze(-1)
         z = self.layer_norm_in(z)
         a = mask * torch.sigmoid(self.linear_a_g(z)) * self.linear_a_p(z)
         b = mask * torch.sigmoid(self.linear_b_g(z)) * self.linear_b_p(z)

@@ -38,6 +38,8 @@ def make_features(n_res: int, dtype=torch.float32, seed: int = 0, templates: boo
     if templates:
         feats["template_pair_feat"] = torch.randn(N_TEMPL, n_res, n_res, 88, generator=gen, dtype=dtype)
         feats["template_angle_feat"] = torch.randn(N_TEMPL, n_res, 57, generator=gen, dtype=dtype)
+        # channels 50..56 are AF2's torsion-angle masks (0/1); psi's (52) masks the template rows
+        feats["template_angle_feat"][..., 50:] = (torch.rand(N_TEMPL, n_res, 7, generator=gen) > 0.2).to(dtype)
     return feats
 
 
@@ -116,7 +118,8 @@ def test_recycling_and_templates_change_the_output():
     assert (model(**feats, n_recycle=0)["positions"] - base["positions"]).abs().max() > 1e-4
     no_templ = {k: v for k, v in feats.items() if not k.startswith("template")}
     assert (model(**no_templ, n_recycle=1)["pair"] - base["pair"]).abs().max() > 1e-4
-    # a fully masked template set contributes nothing to the pair stack, but its rows stay in the MSA
+    # a fully masked template set contributes nothing through the point-wise attention, but its
+    # rows stay in the MSA (masked by their psi masks, not by template_mask, as in AF2)
     masked = model(**feats, template_mask=torch.zeros(N_TEMPL), n_recycle=1)
     assert (masked["pair"] - base["pair"]).abs().max() > 1e-4
 
