@@ -44,6 +44,7 @@ from foldcompile.passes.classify import classify_pass
 from foldcompile.passes.cost_model import OP_CLASSES, CostTotals, cost_totals
 from foldcompile.passes.normalize import normalize_pass
 from foldcompile.passes.shape_prop import dim_symbol, op_name, shape_prop_pass
+from foldcompile.size_check import check_structure_at
 
 __all__ = ["explain", "explain_graph", "Report", "flat_inputs", "structure_dependent_dims", "ROOT"]
 
@@ -230,6 +231,11 @@ class Report:
     guarded_dims: dict[str, str] = field(default_factory=dict)
     passes: dict[str, dict[str, Any]] = field(default_factory=dict)
     model_name: str = "model"
+    # the model and the graph's example input values, so that costs asked at other sizes
+    # can be checked against a capture there (foldcompile.size_check); None skips the check
+    model: torch.nn.Module | None = field(default=None, repr=False)
+    example_values: list[Any] | None = field(default=None, repr=False)
+    _checked_sizes: set = field(default_factory=set, repr=False)
 
     @property
     def code(self) -> str:
@@ -248,7 +254,17 @@ class Report:
             if name in self.guarded_dims and v != self.dims[name]:
                 raise PassError(f"the graph's structure depends on {name} (captured at {name}={self.dims[name]}; "
                                 f"{self.guarded_dims[name]}): its cost at {name}={v} needs a capture at that size")
+        self._check_structure(sizes)
         return {dim_symbol(k): v for k, v in {**self.dims, **sizes}.items()}
+
+    def _check_structure(self, sizes: Mapping[str, int]) -> None:
+        """Re-capture on the meta device at ``sizes`` and require the same graph (see size_check):
+        the rules behind ``guarded_dims`` cannot see a Python branch on a size that left no trace."""
+        key = frozenset((k, v) for k, v in sizes.items() if v != self.dims.get(k))
+        if not key or key in self._checked_sizes or self.model is None or self.example_values is None:
+            return
+        check_structure_at(self.model, self.graph_module, self.example_values, dict(key))
+        self._checked_sizes.add(key)
 
     def node_costs(self, **sizes: int) -> list[tuple[str, str, str, int, int]]:
         """``(node, op class, module path, flops, bytes)`` per classified node, at ``sizes``
@@ -412,4 +428,7 @@ def explain(model: torch.nn.Module, *example_inputs: Any, dims: dict[str, int] |
     from each other and from every channel size, or shape propagation raises asking for them.
     """
     gm = trace(model, *example_inputs, **example_kwargs)
-    return explain_graph(gm, example_inputs, example_kwargs, dims=dims, model_name=type(model).__name__)
+    report = explain_graph(gm, example_inputs, example_kwargs, dims=dims, model_name=type(model).__name__)
+    report.model = model
+    report.example_values = flat_inputs(gm, example_inputs, example_kwargs)
+    return report

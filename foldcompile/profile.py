@@ -166,6 +166,9 @@ class ProfileReport:
                  f"{self.instrumented_wall_ms:.4g} ms; graph as is {self.uninstrumented_ms:.4g} ms; eager "
                  f"{self.eager_ms:.4g} ms; overhead x{self.overhead:.3g}"]
         lines += [f"note: {n}" for n in self.notes]
+        if self.timing == "cuda_events" and self.overhead < 1:
+            lines.append("note: profiled < graph as is: the plain run leaves the GPU idle between launches "
+                         "(CPU-bound); the padded profile times GPU work only")
         head = ["nodes", "ms", "%", "GFLOP", "MB", "TFLOP/s", "GB/s"]
         for level, groups in (("op class", self.by_class()), (f"module (depth {depth})", self.by_module(depth))):
             lines.append("")

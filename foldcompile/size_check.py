@@ -26,9 +26,12 @@ import torch
 import torch.fx
 from torch.fx.passes.shape_prop import ShapeProp
 
+from foldcompile.passes.base import PassError
 
-class SizeGuardError(RuntimeError):
-    """The captured graph's structure differs at the requested sizes."""
+
+class SizeGuardError(PassError):
+    """The captured graph's structure differs at the requested sizes (a ``PassError``, as every
+    other refusal of ``Report.cost``)."""
 
 
 def _dim_symbols(expr: Any) -> set[str]:
@@ -70,7 +73,7 @@ def check_structure_at(model: torch.nn.Module, gm: torch.fx.GraphModule, placeho
     ``placeholder_values`` the example values of its placeholders (as given to
     ``shape_prop_pass``); ``sizes`` maps dim names (``N_res``) to the sizes asked for.
     """
-    # imported here: the front end imports this module's users, not the other way round
+    # imported here: foldcompile.capture imports the guards, which must not import passes eagerly
     from foldcompile.capture import CaptureError, trace
     from foldcompile.passes.normalize import normalize_pass
     from foldcompile.passes.shape_prop import dim_symbol

@@ -20,7 +20,8 @@ from foldcompile.profile import ProfileReport, profile
 def evo():
     module, inputs = zoo.get("evoformer_block", size="tiny")
     with torch.no_grad():
-        prof = profile(module, *inputs, warmup=1, reps=3)
+        # one timed run: its node times are disjoint parts of that run's wall time
+        prof = profile(module, *inputs, warmup=1, reps=1)
         report = explain(module, *inputs)
     return module, inputs, prof, report
 
@@ -39,7 +40,7 @@ def test_every_node_timed_and_times_add_up(evo):
     assert math.isclose(sum(e["ms"] for e in prof.by_module(depth=1).values()), prof.profiled_ms, rel_tol=1e-9)
     assert math.isclose(sum(e["share"] for e in classes.values()), 1.0, rel_tol=1e-9)
     assert sum(e["count"] for e in classes.values()) == len(ops)
-    # the profiled sum is a real part of the run: below the instrumented wall time
+    # the node times are disjoint parts of the run: their sum stays below its wall time
     assert prof.profiled_ms <= prof.instrumented_wall_ms
     assert prof.uninstrumented_ms > 0 and prof.eager_ms > 0 and prof.overhead > 0
 

@@ -1,5 +1,6 @@
 """check_structure_at: costs at other sizes only where the captured structure holds there."""
 import pytest
+import torch
 
 import foldcompile
 from foldcompile.models import zoo
@@ -44,3 +45,27 @@ def test_chunk_branch_not_taken_at_capture_is_refused():
 def test_same_sizes_need_no_check():
     module, gm, values = _analysed(5, 11, 4)
     check_structure_at(module, gm, values, {"N_seq": 5, "N_res": 11})
+
+
+class _SizeBranch(torch.nn.Module):
+    """Real code branches on sizes (``if q.shape[-2] <= 16`` in a popular implementation):
+    the branch not taken at capture leaves no trace in the graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(8, 8)
+
+    def forward(self, z):
+        if z.shape[0] <= 16:
+            return self.linear(z)
+        return torch.sigmoid(self.linear(z)) * z
+
+
+def test_report_cost_checks_the_structure_where_the_rules_cannot_see_it():
+    from foldcompile.explain import explain
+
+    report = explain(_SizeBranch(), torch.randn(11, 11, 8))
+    assert report.dims == {"N_res": 11} and not report.guarded_dims
+    assert report.cost(N_res=13)["classes"]["GEMM"]["flops"] > report.cost()["classes"]["GEMM"]["flops"]
+    with pytest.raises(SizeGuardError, match="depends on the sizes"):
+        report.cost(N_res=40)
