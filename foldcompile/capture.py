@@ -33,11 +33,15 @@ What cannot be captured as one graph (Python control flow on tensor values,
 ``.item()`` feeding Python) raises :class:`CaptureError` naming the construct
 and the user's source file and line. Example::
 
-    >>> gm = trace(block, m, z, mask=None)
+    >>> from foldcompile.models import zoo
+    >>> block, (m, z, msa_mask, pair_mask) = zoo.get("evoformer_block")
+    >>> gm = trace(block, m, z, msa_mask, pair_mask)
     >>> gm.meta["capture"]
     {'graphs': 1, 'leaves': 0, 'tracer': 'dynamo'}
-    >>> torch.allclose(gm(m, z), block(m, z))
-    True
+    >>> [torch.allclose(a, b) for a, b in zip(gm(m, z, msa_mask, pair_mask), block(m, z, msa_mask, pair_mask))]
+    [True, True]
+    >>> gm.graph.find_nodes(op="get_attr")[0].target            # the model's own parameter names
+    'msa_att_row.layer_norm_m.weight'
 """
 from __future__ import annotations
 

@@ -7,14 +7,23 @@ classified graph and the symbolic costs, so one capture at small sizes gives the
 size where the graph's structure does not depend on the size::
 
     >>> from foldcompile.models import zoo
-    >>> block, ex = zoo.get("evoformer_block", size="af2", n_seq=11, n_res=13)
+    >>> block, ex = zoo.get("evoformer_block")              # tiny: N_seq=5, N_res=11
     >>> report = explain(block, *ex)
     >>> print(report)                                       # class and module tables
+    EvoformerBlock: 1 graph(s), 0 leaves, tracer dynamo; dims N_seq=5, N_res=11
+    <BLANKLINE>
+    op class     nodes      GFLOP       MB  FLOP/B
+    -----------  -----  ---------  -------  ------
+    GEMM            53  0.0008881   0.4551   1.952
+    ...
     >>> report.to_dict()["classes"]["GEMM"]["count"]
     53
-    >>> round(report.cost(N_seq=128, N_res=256)["classes"]["GEMM"]["flops"] / 1e9, 2)
-    216.09
-    >>> report.to_html("evoformer.html")                    # the graph coloured by op class
+    >>> report.cost(N_seq=128, N_res=256)["classes"]["GEMM"]["flops"]  # same graph, other sizes
+    2682257408
+    >>> import os, tempfile
+    >>> with tempfile.TemporaryDirectory() as tmp:          # the graph coloured by op class
+    ...     os.path.basename(report.to_html(os.path.join(tmp, "evoformer.html")))
+    'evoformer.html'
 
 Sizes at which the structure is specialised are *guarded* (``report.guarded_dims``, with the
 reason) and ``report.cost`` refuses other values for them. A dim is guarded when the capture

@@ -8,9 +8,14 @@ capture records a :class:`Guards` set and installs a forward pre-hook that
 checks it on every call, raising :class:`GuardError` that names the failed
 guard::
 
-    >>> gm = foldcompile.capture.trace(model, m)          # m: [11, 13, 8]
-    >>> gm(torch.randn(12, 13, 8))
-    GuardError: input 'm' shape (12, 13, 8) != captured (11, 13, 8)
+    >>> from foldcompile.capture import trace
+    >>> from foldcompile.models import zoo
+    >>> block, (m, z, msa_mask, pair_mask) = zoo.get("evoformer_block")    # m: [5, 11, 16]
+    >>> gm = trace(block, m, z, msa_mask, pair_mask)
+    >>> gm(torch.randn(6, 11, 16), z, msa_mask, pair_mask)
+    Traceback (most recent call last):
+        ...
+    foldcompile.guards.GuardError: input 'm' shape (6, 11, 16) != captured (5, 11, 16)
 
 What is guarded (simple and sound rather than minimal):
 

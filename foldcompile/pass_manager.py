@@ -5,11 +5,25 @@ lambda). The manager runs them in order on a copy of the captured module, keeps 
 after every pass in ``history[name]`` (a ``Step``: the GraphModule and the PassResult), can
 stop after any pass, and compares any intermediate graph with the captured one::
 
-    >>> pm = PassManager([("shape_prop", partial(shape_prop_pass, example_inputs=ex)),
+    >>> from functools import partial
+    >>> from foldcompile.capture import trace
+    >>> from foldcompile.explain import flat_inputs
+    >>> from foldcompile.models import zoo
+    >>> from foldcompile.passes import classify_pass, normalize_pass, shape_prop_pass
+    >>> block, ex = zoo.get("evoformer_block")
+    >>> captured = trace(block, *ex)
+    >>> values = flat_inputs(captured, ex)                  # one value per placeholder (chunk_size=None too)
+    >>> pm = PassManager([normalize_pass,
+    ...                   ("shape_prop", partial(shape_prop_pass, example_inputs=values)),
     ...                   ("classify", classify_pass)])
     >>> gm = pm.run(captured, stop_after="shape_prop")
-    >>> print(pm.history["shape_prop"].graph_module.code)   # readable Python
+    >>> list(pm.history)
+    ['normalize', 'shape_prop']
+    >>> code = pm.history["shape_prop"].graph_module.code   # readable Python
+    >>> print(code.strip().splitlines()[0])
+    def forward(self, m, z, msa_mask, pair_mask, chunk_size):
     >>> pm.compare("shape_prop", *ex)                       # max relative error, 0.0 here
+    0.0
 
 Each kept graph is its own ``fx.Graph`` (nodes and their meta copied), sharing parameters
 with the captured module, so a later pass that rewrites its graph in place never changes

@@ -5,13 +5,16 @@
 that marks time after every op, and attributes each interval to its node, so every node's
 time lands in exactly one op class and one module::
 
-    >>> block, ex = zoo.get("evoformer_block", size="af2", n_seq=128, n_res=256,
-    ...                     device="cuda", dtype=torch.bfloat16)
-    >>> small = explain(*zoo.get("evoformer_block", size="af2", n_seq=11, n_res=13,
-    ...                          device="cuda", dtype=torch.bfloat16))
+    >>> from foldcompile.models import zoo
+    >>> block, ex = zoo.get("evoformer_block")          # tiny, on the CPU: timings are CPU wall-clock
     >>> with torch.no_grad():
-    ...     prof = profile(block, *ex, cost_report=small)
+    ...     prof = profile(block, *ex, warmup=1, reps=1)
     >>> print(prof)          # ms, share, TFLOP/s and GB/s per class and per module
+    EvoformerBlock on cpu (CPU wall-clock timing (not GPU kernel times)); dims N_seq=5, N_res=11; ...
+    >>> {c: v["count"] for c, v in prof.by_class().items()}
+    {'GEMM': 53, 'REDUCTION': 17, 'ELEMENTWISE': 67, 'LAYOUT': 57, 'COMM': 0, 'OTHER': 0}
+    >>> abs(sum(v["ms"] for v in prof.by_class().values()) - prof.profiled_ms) < 1e-9
+    True
 
 How it measures, and why. On a GPU, CUDA events are recorded on the stream after every node
 (one more before the first): the time between consecutive events is the GPU time of that

@@ -14,7 +14,19 @@ those sizes on the ``meta`` device (no memory, no arithmetic) and requires that
 If either fails, the graph's structure depends on the sizes and the cost is refused
 with the first node where the two graphs part.
 
-    >>> check_structure_at(block, gm, placeholder_values, {"N_res": 1024})   # raises SizeGuardError
+    >>> from foldcompile.capture import trace
+    >>> from foldcompile.explain import flat_inputs
+    >>> from foldcompile.models import zoo
+    >>> from foldcompile.passes import normalize_pass, shape_prop_pass
+    >>> block, ex = zoo.get("evoformer_block")              # N_seq=5, N_res=11
+    >>> gm = normalize_pass(trace(block, *ex, chunk_size=4)).graph_module   # chunk loops unrolled
+    >>> placeholder_values = flat_inputs(gm, ex, {"chunk_size": 4})
+    >>> shape_prop_pass(gm, placeholder_values).record["dims"]
+    {'N_seq': 5, 'N_res': 11}
+    >>> check_structure_at(block, gm, placeholder_values, {"N_res": 13})
+    Traceback (most recent call last):
+        ...
+    foldcompile.size_check.SizeGuardError: the graph's shapes depend on the sizes in a way the capture cannot see: at {'N_res': 13} (captured at {'N_seq': 5, 'N_res': 11}), node 'narrow_8' has shape (4, 5, 16), ...
 """
 from __future__ import annotations
 

@@ -8,6 +8,13 @@ through Triton's interpreter.
     >>> from foldcompile.kernels import layer_norm, softmax, attention
     >>> x = torch.randn(37, 61)
     >>> y = layer_norm(x, torch.ones(61), torch.zeros(61))
+    >>> y.shape, round(y.mean(-1).abs().max().item(), 4)
+    (torch.Size([37, 61]), 0.0)
+    >>> softmax(x, dim=-1).sum(-1).allclose(torch.ones(37))
+    True
+    >>> q = k = v = torch.randn(2, 5, 8)              # [H, Q, D]
+    >>> attention(q, k, v).shape
+    torch.Size([2, 5, 8])
 """
 from foldcompile.kernels._dispatch import record_launches, use_triton
 from foldcompile.kernels.attention import attention, attention_reference

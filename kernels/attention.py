@@ -62,6 +62,18 @@ flattened); where a strided input's leading dims cannot be flattened as a view,
 whose leading dims are neither all 1 nor all full (e.g. ``[1, S2, H, Q, K]`` against
 leading dims ``(S1, S2)``) is expanded to the full leading shape (a copy of
 ``B * H * Q * K`` elements) and its gradient summed back by autograd.
+
+Example (MSA row attention: 3 rows, 2 heads, 13 residues, head dim 8)::
+
+    >>> q, k, v, gate = (torch.randn(3, 2, 13, 8) for _ in range(4))
+    >>> pair_bias = torch.randn(1, 2, 13, 13)             # shared by every row
+    >>> key_mask = torch.rand(3, 1, 1, 13) > 0.2           # True = attend
+    >>> o = attention(q, k, v, bias=pair_bias, mask=key_mask, gate=gate)
+    >>> o.shape
+    torch.Size([3, 2, 13, 8])
+    >>> ref = attention_reference(q, k, v, bias=pair_bias, mask=key_mask, gate=gate)
+    >>> torch.allclose(o, ref, atol=1e-5)
+    True
 """
 import math
 

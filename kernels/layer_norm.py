@@ -26,10 +26,13 @@ otherwise; a last dim with stride ≠ 1 is copied to contiguous.
 
 Example::
 
-    >>> x = torch.randn(4, 37, 256)
-    >>> w, b = torch.randn(256), torch.randn(256)
-    >>> layer_norm(x, w, b).shape
-    torch.Size([4, 37, 256])
+    >>> x = torch.randn(4, 37, 24)
+    >>> w, b = torch.randn(24), torch.randn(24)
+    >>> y = layer_norm(x, w, b)
+    >>> y.shape
+    torch.Size([4, 37, 24])
+    >>> torch.allclose(y, layer_norm_reference(x, w, b), atol=1e-5)
+    True
 """
 from __future__ import annotations
 

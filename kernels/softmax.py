@@ -33,11 +33,15 @@ in fp32) or rows longer than ``MAX_TRITON_DIM``, ``softmax_reference`` runs.
 
 Example (MSA row attention logits with pair bias and key mask)::
 
-    >>> logits = torch.randn(4, 8, 37, 37)            # [N_seq, H, N_res, N_res]
-    >>> pair_bias = torch.randn(8, 37, 37)            # broadcast over N_seq
-    >>> key_mask = torch.rand(4, 1, 1, 37) > 0.2      # True = attend
-    >>> softmax(logits, scale=0.125, bias=pair_bias, mask=key_mask).shape
-    torch.Size([4, 8, 37, 37])
+    >>> logits = torch.randn(3, 2, 13, 13)            # [N_seq, H, N_res, N_res]
+    >>> pair_bias = torch.randn(2, 13, 13)            # broadcast over N_seq
+    >>> key_mask = torch.rand(3, 1, 1, 13) > 0.2      # True = attend
+    >>> p = softmax(logits, scale=0.125, bias=pair_bias, mask=key_mask)
+    >>> p.shape
+    torch.Size([3, 2, 13, 13])
+    >>> ref = softmax_reference(logits, scale=0.125, bias=pair_bias, mask=key_mask)
+    >>> torch.allclose(p, ref, atol=1e-6)
+    True
 """
 from __future__ import annotations
 

@@ -13,10 +13,15 @@ FLOPs differ from its GEMM FLOPs (non-GEMM nodes must count 0).
 
 Example::
 
+    >>> from foldcompile.passes import shape_prop_pass
     >>> gm = torch.fx.symbolic_trace(lambda a, b: torch.matmul(a, b).relu())
-    >>> shape_prop_pass(gm, (torch.randn(3, 5), torch.randn(5, 7)))
+    >>> _ = shape_prop_pass(gm, (torch.randn(3, 5), torch.randn(5, 7)), dims={"M": 3, "K": 5, "N": 7})
     >>> classify_pass(gm).record["counts"]
     {'GEMM': 1, 'ELEMENTWISE': 1}
+    >>> [(n.name, n.meta["op_class"], n.meta["cost"]["flops"]) for n in gm.graph.nodes]
+    [('a', 'INPUT', 0), ('b', 'INPUT', 0), ('matmul', 'GEMM', 2*K*M*N), ('relu', 'ELEMENTWISE', M*N), ('output', 'OUTPUT', 0)]
+    >>> check_flops_against_flop_counter(gm, (torch.randn(3, 5), torch.randn(5, 7)))   # no mismatch
+    []
 """
 from __future__ import annotations
 

@@ -31,6 +31,18 @@ a tuple moves 0 bytes.
 Nodes that compute only Python integers (``x.shape[0] // 2``) are classed LAYOUT with zero
 cost. Placeholders and get_attr nodes are classed ``INPUT`` and the output node ``OUTPUT``,
 both with zero cost; totals leave them out.
+
+Example (the totals of a classified graph, symbolic and evaluated at other sizes)::
+
+    >>> from foldcompile.passes import classify_pass, shape_prop_pass
+    >>> gm = torch.fx.symbolic_trace(lambda a, b: torch.matmul(a, b).relu())
+    >>> _ = shape_prop_pass(gm, (torch.randn(3, 5), torch.randn(5, 7)), dims={"M": 3, "K": 5, "N": 7})
+    >>> _ = classify_pass(gm)
+    >>> totals = cost_totals(gm)
+    >>> totals.total()
+    {'count': 2, 'flops': 2*K*M*N + M*N, 'bytes': 4*K*M + 4*K*N + 12*M*N}
+    >>> totals.evaluate(M=64, K=32, N=16)["classes"]["GEMM"]
+    {'count': 1, 'flops': 65536, 'bytes': 14336, 'intensity': 4.571428571428571}
 """
 from __future__ import annotations
 

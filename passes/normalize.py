@@ -25,9 +25,22 @@ hand-built one), for the top-level graph and every subgraph (checkpoint bodies):
 
 Example::
 
-    >>> res = normalize_pass(foldcompile.capture.trace(model, x))
+    >>> from foldcompile.capture import trace
+    >>> from foldcompile.models import zoo
+    >>> block, ex = zoo.get("evoformer_block")
+    >>> res = normalize_pass(trace(block, *ex))
     >>> res.record["methods_to_functions"], res.record["gemms"]
-    ({'permute': 1, 'softmax': 1}, {'linear': 2, 'matmul': 1})
+    ({'to': 9, 'permute': 3, 'unsqueeze': 7, 'view': 12, 'transpose': 26, 'reshape': 5}, {'linear': 42, 'matmul': 8, 'einsum': 4})
+    >>> {n.name: n.meta["einsum"] for n in res.graph_module.graph.nodes if n.name in ("linear", "matmul_1")}
+    {'linear': 'abc,dc->abd', 'matmul_1': 'abcd,abde->abce'}
+    >>> small = normalize_pass(torch.fx.symbolic_trace(lambda a, b: (a @ b).softmax(-1)))   # hand-built
+    >>> small.changed, small.record["operators_to_functions"], small.record["methods_to_functions"]
+    (True, {'matmul': 1}, {'softmax': 1})
+    >>> print(small.graph_module.code.strip())
+    def forward(self, a, b):
+        matmul = torch.matmul(a, b);  a = b = None
+        softmax = torch.softmax(matmul, -1);  matmul = None
+        return softmax
 """
 from __future__ import annotations
 
