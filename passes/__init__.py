@@ -2,6 +2,7 @@
 
     normalize   modules inlined, methods as functions, GEMMs annotated with einsum equations
     shape_prop  shapes, dtypes, and sizes as sympy expressions over named dims (N_seq, N_res, ...)
+    shape_rules the per-op symbolic-shape rules shape_prop applies (RULES; the rule contract)
     classify    op class (GEMM / REDUCTION / ELEMENTWISE / LAYOUT / COMM / OTHER) and symbolic cost
 """
 from foldcompile.passes.base import PassError, PassResult

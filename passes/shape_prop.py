@@ -12,7 +12,8 @@ inputs (an ``fx.Interpreter``) and writes into every node's meta:
 - ``aliases_input``: for ops whose output shares storage with an input (views).
 
 Symbolic sizes are derived op by op (a rule per op: broadcasting, reshape groups,
-einsum letters, slices, cat, pad, ...). Integers written literally into the graph
+einsum letters, slices, cat, pad, ...; the rules and their contract are in
+:mod:`foldcompile.passes.shape_rules`). Integers written literally into the graph
 (a capture that specialised ``x.view(169, 32)``) are resolved structurally first
 (reshape groups, factors of the input size), and only then by value: a literal
 equal to a named dim's example value is that dim. Ops with no rule fall back to
@@ -41,13 +42,16 @@ or buffer, or one name is inferred with two different values.
 Example::
 
     >>> gm = torch.fx.symbolic_trace(lambda z: z.reshape(z.shape[0] * z.shape[1], -1))
-    >>> shape_prop_pass(gm, (torch.randn(13, 13, 8),))
+    >>> result = shape_prop_pass(gm, (torch.randn(13, 13, 8),))
+    >>> result.changed, result.record["dims"]
+    (False, {'N_res': 13})
     >>> [n.meta["sym_shape"] for n in gm.graph.nodes][-2]
     (N_res**2, 8)
+
+A captured zoo model is in :func:`shape_prop_pass`.
 """
 from __future__ import annotations
 
-import operator
 import re
 from typing import Any, Callable, Sequence
 
@@ -56,8 +60,13 @@ import torch
 import torch.fx
 
 from foldcompile.passes.base import PassError, PassResult, describe_node
+# numel_expr, einsum_operands and parse_einsum live with the rules that use them; other
+# passes import them from here.
+from foldcompile.passes.shape_rules import (RULES, NoRule, RuleContext, einsum_operands, numel_expr,
+                                            parse_einsum)
 
-__all__ = ["shape_prop_pass", "dim_symbol", "numel_expr", "infer_dims", "LAYOUT_PATTERNS"]
+__all__ = ["shape_prop_pass", "dim_symbol", "numel_expr", "infer_dims", "LAYOUT_PATTERNS", "op_name", "module_of",
+           "einsum_operands", "parse_einsum"]
 
 # (name regex, trailing dim names; None = a channel size kept as an integer)
 LAYOUT_PATTERNS: list[tuple[str, tuple[str | None, ...]]] = [
@@ -74,15 +83,6 @@ LAYOUT_PATTERNS: list[tuple[str, tuple[str | None, ...]]] = [
 def dim_symbol(name: str) -> sympy.Symbol:
     """The sympy symbol used for a named dim (positive integer)."""
     return sympy.Symbol(name, positive=True, integer=True)
-
-
-def numel_expr(sym_shape: Sequence[sympy.Expr]) -> sympy.Expr:
-    """Product of a symbolic shape (1 for a scalar)."""
-    return sympy.Mul(*[sympy.sympify(s) for s in sym_shape]) if len(sym_shape) else sympy.Integer(1)
-
-
-class _NoRule(Exception):
-    """The op has no symbolic rule (or this call form is not covered): fall back."""
 
 
 def _clean_name(name: str) -> str:
@@ -154,675 +154,6 @@ def infer_dims(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
     return result
 
 
-# ----------------------------------------------------------------------------------------------
-# symbolic rules
-
-
-class _Ctx:
-    """What a rule sees: concrete args, symbolic args, the concrete result."""
-
-    def __init__(self, prop: "_SymShapeProp", node: torch.fx.Node, args, kwargs, out):
-        self.prop, self.node, self.args, self.kwargs, self.out = prop, node, args, dict(kwargs), out
-        self.sargs = [prop.sym_of(a) for a in node.args]
-        self.skwargs = {k: prop.sym_of(v) for k, v in node.kwargs.items()}
-
-    def arg(self, i: int, name: str, default: Any = None) -> Any:
-        if i < len(self.args):
-            return self.args[i]
-        return self.kwargs.get(name, default)
-
-    def sarg(self, i: int, name: str, default: Any = None) -> Any:
-        if i < len(self.sargs):
-            return self.sargs[i]
-        return self.skwargs.get(name, default)
-
-    def tshape(self, i: int, name: str = "input") -> tuple[tuple[int, ...], tuple[sympy.Expr, ...]]:
-        t, s = self.arg(i, name), self.sarg(i, name)
-        if not isinstance(t, torch.Tensor) or not isinstance(s, tuple):
-            raise _NoRule(f"argument {i} is not a tensor with a symbolic shape")
-        return tuple(t.shape), s
-
-    def size_list(self, start: int, name: str) -> tuple[list[int], list[Any]]:
-        """Size arguments given as varargs (``x.view(a, b)``) or one sequence (``reshape(x, (a, b))``)."""
-        vals = list(self.args[start:]) if len(self.args) > start else [self.kwargs.get(name)]
-        syms = list(self.sargs[start:]) if len(self.args) > start else [self.skwargs.get(name)]
-        if len(vals) == 1 and isinstance(vals[0], (list, tuple, torch.Size)):
-            vals = list(vals[0])
-            syms = list(syms[0]) if isinstance(syms[0], (list, tuple)) else [None] * len(vals)
-        return [int(v) for v in vals], syms
-
-    def match(self, value: int) -> sympy.Expr:
-        return self.prop.match_value(value)
-
-
-def _norm_dim(d: int, ndim: int) -> int:
-    return d + ndim if d < 0 else d
-
-
-def _broadcast(pairs: list[tuple[tuple[int, ...], tuple[sympy.Expr, ...]]]) -> tuple[sympy.Expr, ...]:
-    ndim = max((len(c) for c, _ in pairs), default=0)
-    out = []
-    for k in range(ndim, 0, -1):
-        chosen = sympy.Integer(1)
-        for c, s in pairs:
-            if k <= len(c) and c[-k] != 1:
-                chosen = s[-k]
-                break
-        out.append(chosen)
-    return tuple(out)
-
-
-def _tensor_pairs(ctx: _Ctx) -> list:
-    pairs = []
-    for v, s in list(zip(ctx.args, ctx.sargs)) + [(ctx.kwargs[k], ctx.skwargs[k]) for k in ctx.kwargs]:
-        if isinstance(v, torch.Tensor) and isinstance(s, tuple):
-            pairs.append((tuple(v.shape), s))
-    return pairs
-
-
-def _rule_pointwise(ctx: _Ctx):
-    if not isinstance(ctx.out, torch.Tensor):
-        return _rule_int_arith(ctx)
-    pairs = _tensor_pairs(ctx)
-    if not pairs:
-        raise _NoRule("no tensor operand")
-    return _broadcast(pairs)
-
-
-def _rule_same_as_first(ctx: _Ctx):
-    _, s = ctx.tshape(0)
-    return s
-
-
-_INT_OPS: dict[str, Callable] = {
-    "add": operator.add, "sub": operator.sub, "mul": operator.mul,
-    "floordiv": lambda a, b: sympy.floor(a / b), "truediv": lambda a, b: a / b,
-    "mod": lambda a, b: sympy.Mod(a, b), "neg": operator.neg, "pow": operator.pow,
-}
-
-
-def _rule_int_arith(ctx: _Ctx):
-    if isinstance(ctx.out, bool) or ctx.out is None:
-        return None  # a Python comparison (a tracer's assertion on a flag): no size to derive
-    name = ctx.prop.op_name(ctx.node)
-    fn = _INT_OPS.get(name)
-    if fn is None or not isinstance(ctx.out, (int, float)) or isinstance(ctx.out, bool):
-        raise _NoRule("not integer arithmetic")
-    operands = []
-    for v, s in zip(ctx.args, ctx.sargs):
-        if isinstance(s, sympy.Expr):
-            operands.append(s)
-        elif isinstance(v, (int, float)) and not isinstance(v, bool):
-            operands.append(sympy.sympify(v))
-        else:
-            raise _NoRule("non-numeric operand")
-    return sympy.sympify(fn(*operands))
-
-
-def _rule_size(ctx: _Ctx):
-    shape, s = ctx.tshape(0)
-    d = ctx.arg(1, "dim")
-    if d is None:
-        return list(s)
-    return s[_norm_dim(int(d), len(shape))]
-
-
-def _rule_getattr(ctx: _Ctx):
-    attr = ctx.args[1]
-    if attr == "shape" and isinstance(ctx.sargs[0], tuple):
-        return list(ctx.sargs[0])
-    if attr == "ndim":
-        return sympy.Integer(ctx.out)
-    return None
-
-
-def _rule_dim(ctx: _Ctx):
-    return sympy.Integer(ctx.out)
-
-
-def _rule_numel(ctx: _Ctx):
-    _, s = ctx.tshape(0)
-    return numel_expr(s)
-
-
-def _slice_len(sl: slice, ssl: tuple, L: sympy.Expr, Lc: int) -> sympy.Expr:
-    start, stop, step = sl.start, sl.stop, sl.step
-    sstart, sstop, sstep = ssl
-    step = 1 if step is None else int(step)
-    if step <= 0:
-        raise _NoRule("non-positive slice step")
-    sstep = sympy.Integer(step) if sstep is None else sstep
-
-    def norm(v, sv, default_c, default_s):
-        if v is None:
-            return default_c, default_s
-        v = int(v)
-        sv = sympy.Integer(v) if sv is None else sv
-        if v < 0:
-            vc, vs = v + Lc, L + sv
-            if vc < 0:
-                return 0, sympy.Integer(0)
-            return vc, vs
-        if v >= Lc:
-            return Lc, L
-        return v, sv
-
-    c0, s0 = norm(start, sstart, 0, sympy.Integer(0))
-    c1, s1 = norm(stop, sstop, Lc, L)
-    if c1 <= c0:
-        return sympy.Integer(0)
-    return s1 - s0 if step == 1 else sympy.ceiling((s1 - s0) / sstep)
-
-
-def _sym_slice(prop: "_SymShapeProp", sl: Any) -> tuple:
-    if isinstance(sl, slice):
-        return tuple(prop.sym_of(x) if isinstance(x, torch.fx.Node) else None for x in (sl.start, sl.stop, sl.step))
-    return (None, None, None)
-
-
-def _rule_getitem(ctx: _Ctx):
-    base, idx = ctx.args[0], ctx.args[1]
-    sbase = ctx.sargs[0]
-    if not isinstance(base, torch.Tensor):
-        if isinstance(sbase, (list, tuple)):
-            if isinstance(idx, int):
-                return sbase[idx]
-            if isinstance(idx, slice):
-                return list(sbase[idx])
-        raise _NoRule("getitem on a non-tensor without symbols")
-    raw_idx = ctx.node.args[1]
-    items = list(idx) if isinstance(idx, tuple) else [idx]
-    raw_items = list(raw_idx) if isinstance(raw_idx, tuple) else [raw_idx]
-    if any(isinstance(i, (torch.Tensor, list)) or (isinstance(i, bool)) for i in items):
-        raise _NoRule("advanced indexing")
-    shape, s = tuple(base.shape), sbase
-    n_consume = sum(1 for i in items if i is not None and i is not Ellipsis)
-    out: list[sympy.Expr] = []
-    d = 0
-    for i, raw in zip(items, raw_items):
-        if i is None:
-            out.append(sympy.Integer(1))
-        elif i is Ellipsis:
-            skip = len(shape) - n_consume
-            out.extend(s[d:d + skip])
-            d += skip
-        elif isinstance(i, int):
-            d += 1
-        elif isinstance(i, slice):
-            out.append(_slice_len(i, _sym_slice(ctx.prop, raw), s[d], shape[d]))
-            d += 1
-        else:
-            raise _NoRule(f"index {i!r}")
-    out.extend(s[d:])
-    return tuple(out)
-
-
-def _factors(expr: sympy.Expr) -> list[sympy.Expr]:
-    out: list[sympy.Expr] = []
-    for f in sympy.Mul.make_args(expr):
-        if f.is_Pow and f.exp.is_Integer and f.exp > 0:
-            out.extend([f.base] * int(f.exp))
-        elif f.is_Integer:
-            out.extend([sympy.Integer(p) for p, k in sympy.factorint(int(f)).items() for _ in range(k)]
-                       if f != 1 else [])
-        else:
-            out.append(f)
-    return out
-
-
-def _reshape_syms(ctx: _Ctx, in_c: tuple[int, ...], in_s: tuple, out_c: list[int], out_known: list) -> tuple:
-    """Symbolic output sizes of a reshape; ``out_known[i]`` is a sym (from a graph node) or None."""
-    subs = ctx.prop.example_subs
-    unknown = [i for i, k in enumerate(out_known) if k is None]
-    if not unknown:
-        return tuple(out_known)
-    if len(unknown) == 1:
-        known = sympy.Mul(*[k for k in out_known if k is not None])
-        res = list(out_known)
-        res[unknown[0]] = sympy.simplify(numel_expr(in_s) / known)
-        return tuple(res)
-    # align non-1 dims into groups of equal concrete product
-    res: list[Any] = [k if k is not None else (sympy.Integer(1) if c == 1 else None)
-                      for k, c in zip(out_known, out_c)]
-    ins = [(c, s) for c, s in zip(in_c, in_s) if c != 1]
-    outs = [i for i, c in enumerate(out_c) if c != 1]
-    a = b = 0
-    while b < len(outs):
-        gi, go = [], []
-        pi = pj = 1
-        while True:
-            if pi <= pj and a < len(ins) and (not gi or pi != pj):
-                gi.append(ins[a]); pi *= ins[a][0]; a += 1
-            elif b < len(outs) and (not go or pi != pj):
-                go.append(outs[b]); pj *= out_c[outs[b]]; b += 1
-            else:
-                break
-            if gi and go and pi == pj:
-                break
-        total = sympy.Mul(*[s for _, s in gi])
-        missing = [i for i in go if res[i] is None]
-        if len(missing) == 1:
-            known = sympy.Mul(*[res[i] for i in go if res[i] is not None])
-            res[missing[0]] = sympy.simplify(total / known)
-            continue
-        pool = _factors(total)
-        for i in missing:
-            for f in pool:
-                if int(f.subs(subs)) == out_c[i]:
-                    res[i] = f
-                    pool.remove(f)
-                    break
-            else:
-                res[i] = ctx.match(out_c[i])
-    return tuple(ctx.match(out_c[i]) if r is None else r for i, r in enumerate(res))
-
-
-def _rule_reshape(ctx: _Ctx):
-    in_c, in_s = ctx.tshape(0)
-    out_c = list(ctx.out.shape)
-    _, syms = ctx.size_list(1, "shape")
-    known = [s if isinstance(s, sympy.Expr) and not _is_literal(ctx, i) else None
-             for i, s in enumerate(syms)]
-    known = [None if (k is not None and int(out_c[i]) != int(k.subs(ctx.prop.example_subs))) else k
-             for i, k in enumerate(known)]
-    return _reshape_syms(ctx, in_c, in_s, out_c, known)
-
-
-def _is_literal(ctx: _Ctx, i: int) -> bool:
-    """Is reshape size ``i`` written literally (an int constant, not computed from a node)?"""
-    raw = list(ctx.node.args[1:]) if len(ctx.node.args) > 1 else [ctx.node.kwargs.get("shape")]
-    if len(raw) == 1 and isinstance(raw[0], (list, tuple)):
-        raw = list(raw[0])
-    return not isinstance(raw[i], torch.fx.Node) if i < len(raw) else True
-
-
-def _rule_like_other(ctx: _Ctx):
-    _, s = ctx.tshape(1, "other")
-    return s
-
-
-def _rule_flatten(ctx: _Ctx):
-    in_c, s = ctx.tshape(0)
-    if len(in_c) == 0:
-        return (sympy.Integer(1),)
-    a = _norm_dim(int(ctx.arg(1, "start_dim", 0)), len(in_c))
-    b = _norm_dim(int(ctx.arg(2, "end_dim", -1)), len(in_c))
-    return tuple(s[:a]) + (numel_expr(s[a:b + 1]),) + tuple(s[b + 1:])
-
-
-def _rule_unflatten(ctx: _Ctx):
-    in_c, s = ctx.tshape(0)
-    d = _norm_dim(int(ctx.arg(1, "dim")), len(in_c))
-    sizes = list(ctx.arg(2, "sizes"))
-    ssizes = ctx.sarg(2, "sizes")
-    raw = ctx.node.args[2] if len(ctx.node.args) > 2 else ctx.node.kwargs.get("sizes")
-    known = [ss if isinstance(r, torch.fx.Node) else None for ss, r in zip(ssizes, raw)]
-    out_c = list(ctx.out.shape)[d:d + len(sizes)]
-    mid = _reshape_syms(ctx, (in_c[d],), (s[d],), out_c, known)
-    return tuple(s[:d]) + mid + tuple(s[d + 1:])
-
-
-def _rule_permute(ctx: _Ctx):
-    in_c, s = ctx.tshape(0)
-    perm, _ = ctx.size_list(1, "dims")
-    return tuple(s[_norm_dim(p, len(in_c))] for p in perm)
-
-
-def _rule_transpose(ctx: _Ctx):
-    in_c, s = ctx.tshape(0)
-    if len(in_c) < 2 and ctx.prop.op_name(ctx.node) == "t":
-        return s
-    a = _norm_dim(int(ctx.arg(1, "dim0", 0)), len(in_c))
-    b = _norm_dim(int(ctx.arg(2, "dim1", 1)), len(in_c))
-    out = list(s)
-    out[a], out[b] = out[b], out[a]
-    return tuple(out)
-
-
-def _rule_movedim(ctx: _Ctx):
-    in_c, s = ctx.tshape(0)
-    src, dst = ctx.arg(1, "source"), ctx.arg(2, "destination")
-    src = [src] if isinstance(src, int) else list(src)
-    dst = [dst] if isinstance(dst, int) else list(dst)
-    n = len(in_c)
-    src = [_norm_dim(x, n) for x in src]
-    dst = [_norm_dim(x, n) for x in dst]
-    order: list[int | None] = [None] * n
-    for a, b in zip(src, dst):
-        order[b] = a
-    rest = iter(i for i in range(n) if i not in src)
-    order = [o if o is not None else next(rest) for o in order]
-    return tuple(s[o] for o in order)
-
-
-def _rule_unsqueeze(ctx: _Ctx):
-    in_c, s = ctx.tshape(0)
-    d = _norm_dim(int(ctx.arg(1, "dim")), len(in_c) + 1)
-    return tuple(s[:d]) + (sympy.Integer(1),) + tuple(s[d:])
-
-
-def _rule_squeeze(ctx: _Ctx):
-    in_c, s = ctx.tshape(0)
-    d = ctx.arg(1, "dim")
-    if d is None:
-        drop = {i for i, c in enumerate(in_c) if c == 1}
-    else:
-        ds = [d] if isinstance(d, int) else list(d)
-        drop = {_norm_dim(x, len(in_c)) for x in ds if in_c[_norm_dim(x, len(in_c))] == 1}
-    return tuple(x for i, x in enumerate(s) if i not in drop)
-
-
-def _rule_expand(ctx: _Ctx):
-    in_c, s = ctx.tshape(0)
-    vals, syms = ctx.size_list(1, "size")
-    off = len(vals) - len(in_c)
-    out = []
-    for i, (v, sv) in enumerate(zip(vals, syms)):
-        j = i - off
-        if v == -1 or (j >= 0 and in_c[j] == v and in_c[j] != 1):
-            out.append(s[j])
-        elif isinstance(sv, sympy.Expr) and _node_sized(ctx, i):
-            out.append(sv)
-        else:
-            out.append(ctx.match(int(ctx.out.shape[i])))
-    return tuple(out)
-
-
-def _node_sized(ctx: _Ctx, i: int) -> bool:
-    return not _is_literal(ctx, i)
-
-
-def _rule_repeat(ctx: _Ctx):
-    in_c, s = ctx.tshape(0)
-    vals, syms = ctx.size_list(1, "repeats")
-    off = len(vals) - len(in_c)
-    out = []
-    for i, v in enumerate(vals):
-        rep = syms[i] if isinstance(syms[i], sympy.Expr) else sympy.Integer(v)
-        out.append(rep * (s[i - off] if i >= off else 1))
-    return tuple(out)
-
-
-def _rule_cat(ctx: _Ctx):
-    tensors, stensors = ctx.arg(0, "tensors"), ctx.sarg(0, "tensors")
-    d = int(ctx.arg(1, "dim", 0))
-    items = [(t, st) for t, st in zip(tensors, stensors) if not (t.dim() == 1 and t.shape[0] == 0)]
-    if not items or any(not isinstance(st, tuple) for _, st in items):
-        raise _NoRule("cat of tensors without symbolic shapes")
-    nd = items[0][0].dim()
-    d = _norm_dim(d, nd)
-    base = list(items[0][1])
-    base[d] = sympy.Add(*[st[d] for _, st in items])
-    return tuple(base)
-
-
-def _rule_stack(ctx: _Ctx):
-    tensors, stensors = ctx.arg(0, "tensors"), ctx.sarg(0, "tensors")
-    d = _norm_dim(int(ctx.arg(1, "dim", 0)), tensors[0].dim() + 1)
-    s = list(stensors[0])
-    return tuple(s[:d]) + (sympy.Integer(len(tensors)),) + tuple(s[d:])
-
-
-def _rule_split(ctx: _Ctx):
-    in_c, s = ctx.tshape(0)
-    name = ctx.prop.op_name(ctx.node)
-    d = _norm_dim(int(ctx.arg(2, "dim", 0)), len(in_c))
-    L = s[d]
-    n = len(ctx.out)
-    if name == "chunk":
-        chunks = int(ctx.arg(1, "chunks"))
-        size = sympy.ceiling(L / chunks)
-        sizes = [size] * (n - 1) + [L - (n - 1) * size]
-    else:
-        spec, sspec = ctx.arg(1, "split_size_or_sections"), ctx.sarg(1, "split_size_or_sections")
-        if isinstance(spec, int):
-            size = sspec if isinstance(sspec, sympy.Expr) else sympy.Integer(spec)
-            sizes = [size] * (n - 1) + [L - (n - 1) * size]
-        else:
-            sizes = [x if isinstance(x, sympy.Expr) else sympy.Integer(v) for v, x in zip(spec, sspec)]
-    outs = []
-    for sz in sizes:
-        o = list(s)
-        o[d] = sz
-        outs.append(tuple(o))
-    return tuple(outs)
-
-
-def _rule_unbind(ctx: _Ctx):
-    in_c, s = ctx.tshape(0)
-    d = _norm_dim(int(ctx.arg(1, "dim", 0)), len(in_c))
-    return tuple(tuple(s[:d]) + tuple(s[d + 1:]) for _ in range(in_c[d]))
-
-
-def _rule_select(ctx: _Ctx):
-    in_c, s = ctx.tshape(0)
-    d = _norm_dim(int(ctx.arg(1, "dim")), len(in_c))
-    return tuple(s[:d]) + tuple(s[d + 1:])
-
-
-def _rule_narrow(ctx: _Ctx):
-    in_c, s = ctx.tshape(0)
-    d = _norm_dim(int(ctx.arg(1, "dim")), len(in_c))
-    start, length = int(ctx.arg(2, "start")), int(ctx.arg(3, "length"))
-    sstart, slength = ctx.sarg(2, "start"), ctx.sarg(3, "length")
-    raw_len = ctx.node.args[3] if len(ctx.node.args) > 3 else ctx.node.kwargs.get("length")
-    out = list(s)
-    if isinstance(raw_len, torch.fx.Node):
-        out[d] = slength
-    elif start % in_c[d] + length == in_c[d]:
-        # a literal length reaching the end of the dim (a specialised chunk loop's last or only
-        # chunk) is the rest of the dim, not a constant
-        out[d] = s[d] - (sstart if start >= 0 else s[d] + sstart)
-    else:
-        out[d] = sympy.Integer(length)
-    return tuple(out)
-
-
-def _rule_pad(ctx: _Ctx):
-    in_c, s = ctx.tshape(0)
-    pad, spad = list(ctx.arg(1, "pad")), ctx.sarg(1, "pad")
-    spad = list(spad) if isinstance(spad, (list, tuple)) else [None] * len(pad)
-    out = list(s)
-    for k in range(len(pad) // 2):
-        d = len(in_c) - 1 - k
-        lo = spad[2 * k] if isinstance(spad[2 * k], sympy.Expr) else sympy.Integer(pad[2 * k])
-        hi = spad[2 * k + 1] if isinstance(spad[2 * k + 1], sympy.Expr) else sympy.Integer(pad[2 * k + 1])
-        out[d] = s[d] + lo + hi
-    return tuple(out)
-
-
-def _rule_reduce(ctx: _Ctx):
-    in_c, s = ctx.tshape(0)
-    d = ctx.arg(1, "dim")
-    if isinstance(d, torch.Tensor):  # torch.max(a, b): element-wise
-        return _broadcast(_tensor_pairs(ctx))
-    if ctx.prop.op_name(ctx.node) in ("var", "std"):  # var(x, dim, unbiased, keepdim)
-        keep = bool(ctx.arg(3, "keepdim", False))
-    else:
-        keep = bool(ctx.arg(2, "keepdim", False))
-    if d is None:
-        dims = set(range(len(in_c)))
-    else:
-        ds = [d] if isinstance(d, int) else list(d)
-        dims = {_norm_dim(int(x), len(in_c)) for x in ds}
-    out = tuple(sympy.Integer(1) if i in dims else x for i, x in enumerate(s) if keep or i not in dims)
-    if isinstance(ctx.out, tuple):  # (values, indices)
-        return (out, out)
-    return out
-
-
-def _rule_vector_norm(ctx: _Ctx):
-    # linalg_vector_norm(x, ord=2, dim=None, keepdim=False): dim and keepdim sit one place later
-    in_c, s = ctx.tshape(0)
-    d, keep = ctx.arg(2, "dim"), bool(ctx.arg(3, "keepdim", False))
-    dims = set(range(len(in_c))) if d is None else {_norm_dim(int(x), len(in_c))
-                                                     for x in ([d] if isinstance(d, int) else d)}
-    return tuple(sympy.Integer(1) if i in dims else x for i, x in enumerate(s) if keep or i not in dims)
-
-
-def _rule_one_hot(ctx: _Ctx):
-    _, s = ctx.tshape(0)
-    return tuple(s) + (sympy.Integer(int(ctx.out.shape[-1])),)  # the class count is a constant
-
-
-def _rule_constant(ctx: _Ctx):
-    return tuple(sympy.Integer(int(c)) for c in ctx.out.shape)  # torch.tensor(data): sizes of the data
-
-
-def _rule_count_args(ctx: _Ctx):
-    # eye(n[, m]), linspace(start, end, steps): sizes written as ints, matched to dims by value
-    if ctx.prop.op_name(ctx.node) == "eye":
-        raw = list(ctx.node.args[:2])
-        syms = [ctx.sargs[i] if isinstance(raw[i], torch.fx.Node) else ctx.match(int(ctx.args[i]))
-                for i in range(len(raw))]
-        return tuple(syms) if len(syms) == 2 else (syms[0], syms[0])
-    steps = ctx.sarg(2, "steps")
-    raw = ctx.node.args[2] if len(ctx.node.args) > 2 else ctx.node.kwargs.get("steps")
-    return (steps if isinstance(raw, torch.fx.Node) else ctx.match(int(ctx.out.shape[0])),)
-
-
-def _rule_linear(ctx: _Ctx):
-    _, sx = ctx.tshape(0)
-    _, sw = ctx.tshape(1, "weight")
-    return tuple(sx[:-1]) + (sw[0],)
-
-
-def _rule_matmul(ctx: _Ctx):
-    name = ctx.prop.op_name(ctx.node)
-    off = 1 if name in ("addmm", "baddbmm", "addbmm") else 0
-    ac, a = ctx.tshape(off, "mat1" if off else "input")
-    bc, b = ctx.tshape(off + 1, "mat2" if off else "other")
-    if len(ac) == 1 and len(bc) == 1:
-        return ()
-    if len(ac) == 1:
-        return tuple(b[:-2]) + (b[-1],)
-    if len(bc) == 1:
-        return tuple(a[:-1])
-    batch = _broadcast([(ac[:-2], a[:-2]), (bc[:-2], b[:-2])])
-    return batch + (a[-2], b[-1])
-
-
-def einsum_operands(args: Sequence[Any]) -> tuple[str, list[Any]]:
-    """(equation, operands) from an ``einsum`` call's args (varargs or a list)."""
-    eq = args[0]
-    ops = list(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) else list(args[1:])
-    return eq, ops
-
-
-def parse_einsum(eq: str, ndims: Sequence[int]) -> tuple[list[str], str]:
-    """Expand ``...`` and an implicit output: ``("bij,bjk", (3, 3)) -> (["bij", "bjk"], "bik")``."""
-    eq = eq.replace(" ", "")
-    lhs, rhs = (eq.split("->") + [None])[:2]
-    terms = lhs.split(",")
-    if len(terms) != len(ndims):
-        raise PassError(f"einsum {eq!r} names {len(terms)} operands but got {len(ndims)}")
-    used = set(c for c in eq if c.isalpha())
-    spare = iter(c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz" if c not in used)
-    ell_len = max((nd - (len(t) - 3) for t, nd in zip(terms, ndims) if "..." in t), default=0)
-    ell = "".join(next(spare) for _ in range(ell_len))
-    out_terms = []
-    for t, nd in zip(terms, ndims):
-        if "..." in t:
-            k = nd - (len(t) - 3)
-            t = t.replace("...", ell[ell_len - k:])
-        out_terms.append(t)
-    if rhs is None:
-        counts: dict[str, int] = {}
-        for t in out_terms:
-            for c in t:
-                counts[c] = counts.get(c, 0) + 1
-        rhs = ell + "".join(sorted(c for c, k in counts.items() if k == 1 and c not in ell))
-    else:
-        rhs = rhs.replace("...", ell)
-    return out_terms, rhs
-
-
-def _rule_einsum(ctx: _Ctx):
-    eq, ops = einsum_operands(ctx.args)
-    _, sops = einsum_operands(ctx.sargs)
-    terms, rhs = parse_einsum(eq, [o.dim() for o in ops])
-    sizes: dict[str, sympy.Expr] = {}
-    for t, o, so in zip(terms, ops, sops):
-        for c, cv, sv in zip(t, o.shape, so):
-            if c not in sizes or (cv != 1 and sizes[c] == 1):
-                sizes[c] = sv if cv != 1 else sizes.get(c, sympy.Integer(1))
-    return tuple(sizes[c] for c in rhs)
-
-
-def _rule_sdpa(ctx: _Ctx):
-    _, q = ctx.tshape(0, "query")
-    _, v = ctx.tshape(2, "value")
-    return tuple(q[:-1]) + (v[-1],)
-
-
-def _rule_creation(ctx: _Ctx):
-    name = ctx.prop.op_name(ctx.node)
-    start = 1 if name.startswith("new_") else 0
-    if name in ("full", "new_full"):
-        vals, syms = ([int(v) for v in ctx.arg(start, "size")], ctx.sarg(start, "size"))
-    else:
-        vals, syms = ctx.size_list(start, "size")
-    raw_arg = ctx.node.args[start] if len(ctx.node.args) > start else ctx.node.kwargs.get("size")
-    raws = list(raw_arg) if isinstance(raw_arg, (list, tuple)) else list(ctx.node.args[start:])
-    out = []
-    for i, v in enumerate(vals):
-        sv = syms[i] if isinstance(syms, (list, tuple)) and i < len(syms) else None
-        is_node = i < len(raws) and isinstance(raws[i], torch.fx.Node)
-        out.append(sv if is_node and isinstance(sv, sympy.Expr) else ctx.match(v))
-    return tuple(out)
-
-
-def _rule_arange(ctx: _Ctx):
-    vals = [a for a in ctx.args]
-    syms = [s if isinstance(s, sympy.Expr) else (sympy.sympify(v) if isinstance(v, (int, float)) else None)
-            for v, s in zip(vals, ctx.sargs)]
-    if len(vals) == 1:
-        return (syms[0] if isinstance(ctx.node.args[0], torch.fx.Node) else ctx.match(len(ctx.out)),)
-    if len(vals) >= 2 and all(isinstance(x, sympy.Expr) for x in syms[:2]) and (len(vals) == 2 or vals[2] == 1):
-        return (syms[1] - syms[0],)
-    raise _NoRule("arange form")
-
-
-_POINTWISE = """add sub mul div truediv floordiv mod neg pow rsub true_divide abs exp log log1p sqrt rsqrt
- sigmoid tanh relu relu_ gelu silu elu leaky_relu softplus erf sin cos reciprocal square clamp clamp_min
- clamp_max where masked_fill lt le gt ge eq ne logical_and logical_or logical_not and_ or_ invert
- maximum minimum dropout dropout_ alpha_dropout feature_alpha_dropout sign floor ceil round trunc
- sub_ add_ mul_ div_ iadd imul isub itruediv bitwise_and bitwise_or bitwise_not logsigmoid
- nan_to_num fill_ zero_ masked_fill_ copy_ lerp addcmul addcdiv hardtanh threshold""".split()
-_SAME = """contiguous clone detach float half double bfloat16 int long bool to type type_as cpu cuda
- softmax log_softmax layer_norm group_norm normalize cumsum cumprod triu tril flip roll requires_grad_
- rms_norm _softmax""".split()
-_REDUCE = "sum mean amax amin max min prod var std norm logsumexp all any argmax argmin nansum".split()
-
-_RULES: dict[str, Callable[[_Ctx], Any]] = {}
-_RULES.update({n: _rule_pointwise for n in _POINTWISE})
-_RULES.update({n: _rule_same_as_first for n in _SAME})
-_RULES.update({n: _rule_reduce for n in _REDUCE})
-_RULES.update({
-    "size": _rule_size, "getattr": _rule_getattr, "dim": _rule_dim, "numel": _rule_numel,
-    "getitem": _rule_getitem,
-    "reshape": _rule_reshape, "view": _rule_reshape,
-    "view_as": _rule_like_other, "reshape_as": _rule_like_other, "expand_as": _rule_like_other,
-    "flatten": _rule_flatten, "unflatten": _rule_unflatten,
-    "permute": _rule_permute, "transpose": _rule_transpose, "swapaxes": _rule_transpose,
-    "swapdims": _rule_transpose, "t": _rule_transpose, "movedim": _rule_movedim, "moveaxis": _rule_movedim,
-    "unsqueeze": _rule_unsqueeze, "squeeze": _rule_squeeze, "expand": _rule_expand, "repeat": _rule_repeat,
-    "cat": _rule_cat, "concat": _rule_cat, "concatenate": _rule_cat, "stack": _rule_stack,
-    "split": _rule_split, "chunk": _rule_split, "unbind": _rule_unbind,
-    "select": _rule_select, "narrow": _rule_narrow, "pad": _rule_pad,
-    "linear": _rule_linear, "matmul": _rule_matmul, "bmm": _rule_matmul, "mm": _rule_matmul,
-    "addmm": _rule_matmul, "baddbmm": _rule_matmul, "einsum": _rule_einsum,
-    "scaled_dot_product_attention": _rule_sdpa,
-    "zeros": _rule_creation, "ones": _rule_creation, "empty": _rule_creation, "full": _rule_creation,
-    "rand": _rule_creation, "randn": _rule_creation, "new_zeros": _rule_creation,
-    "new_ones": _rule_creation, "new_empty": _rule_creation, "new_full": _rule_creation,
-    "zeros_like": _rule_same_as_first, "ones_like": _rule_same_as_first, "empty_like": _rule_same_as_first,
-    "full_like": _rule_same_as_first, "rand_like": _rule_same_as_first, "randn_like": _rule_same_as_first,
-    "bernoulli": _rule_same_as_first, "arange": _rule_arange, "linalg_vector_norm": _rule_vector_norm,
-    "one_hot": _rule_one_hot, "tensor": _rule_constant, "eye": _rule_count_args, "linspace": _rule_count_args,
-})
-
-
 # Leaf modules a plain ``symbolic_trace`` leaves as call_module nodes, by the function they compute.
 _MODULE_OPS: dict[type, str] = {
     torch.nn.Linear: "linear", torch.nn.LayerNorm: "layer_norm", torch.nn.Dropout: "dropout",
@@ -864,6 +195,9 @@ def _storage_ptr(t: torch.Tensor) -> int | None:
 
 
 class _SymShapeProp(torch.fx.Interpreter):
+    """Runs the graph; for each node finds its symbolic sizes (by ``RULES``, else by value),
+    checks them against the concrete result and writes the node's meta."""
+
     def __init__(self, gm: torch.fx.GraphModule, dims: dict[str, int]):
         super().__init__(gm)
         self.dims = dims
@@ -964,19 +298,19 @@ class _SymShapeProp(torch.fx.Interpreter):
             sym = self.sym_of(n.args[0])
         else:
             args, kwargs = self.fetch_args_kwargs_from_env(n)
-            rule = _RULES.get(op_name(n))
+            rule = RULES.get(op_name(n))
             sym = None
             if out is None:  # a state-setting call (``_set_grad_enabled``): no sizes to derive
                 pass
             elif rule is not None:
                 try:
-                    ctx = _Ctx(self, n, args, kwargs, out)
+                    ctx = RuleContext(self, n, args, kwargs, out)
                     mod = module_of(n)
                     if isinstance(mod, torch.nn.Linear):  # the weight is a module attribute, not an arg
                         ctx.kwargs["weight"] = mod.weight
                         ctx.skwargs["weight"] = tuple(sympy.Integer(int(c)) for c in mod.weight.shape)
                     sym = rule(ctx)
-                except _NoRule as e:
+                except NoRule as e:
                     sym = self._fallback(n, out, f"no rule for this form: {e}")
                 except (TypeError, ValueError, IndexError, KeyError, AttributeError) as e:
                     sym = self._fallback(n, out, f"rule failed: {type(e).__name__}: {e}")
@@ -1017,6 +351,23 @@ def shape_prop_pass(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
     The graph is not rewritten (``changed`` is False). ``gm.meta["dims"]`` gets the named
     dims with their example values. The record holds ``dims``, the number of annotated
     nodes and ``fallback``: the nodes whose sizes were found by value, with the reason.
+
+    ``example_inputs`` are one value per placeholder, as the graph takes them (a captured
+    model's defaults included). On a tiny Evoformer block (N_seq=5, N_res=11, c_m=16, c_z=8)::
+
+        >>> import foldcompile
+        >>> from foldcompile.explain import flat_inputs
+        >>> from foldcompile.models import zoo
+        >>> from foldcompile.passes import normalize_pass
+        >>> block, (m, z, msa_mask, pair_mask) = zoo.get("evoformer_block")
+        >>> gm = normalize_pass(foldcompile.trace(block, m, z, msa_mask, pair_mask)).graph_module
+        >>> flat = flat_inputs(gm, (m, z, msa_mask, pair_mask))  # chunk_size=None is an input too
+        >>> result = shape_prop_pass(gm, flat)
+        >>> result.changed, result.record["dims"], result.record["fallback"]
+        (False, {'N_seq': 5, 'N_res': 11}, [])
+        >>> logits = next(n for n in gm.graph.nodes if n.name == "logits")  # MSA row attention
+        >>> logits.meta["shape"], logits.meta["sym_shape"]
+        ((5, 2, 11, 11), (N_seq, 2, N_res, N_res))
     """
     if not isinstance(gm, torch.fx.GraphModule):
         raise PassError(f"shape_prop_pass needs a torch.fx.GraphModule, got {type(gm).__name__}")

@@ -14,7 +14,6 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 

@@ -1,7 +1,6 @@
 """Every zoo model through the whole front end: one graph, torch-level ops, equal to eager,
 classified, with GEMM FLOPs equal to what torch's FlopCounterMode counts node by node."""
 import pytest
-import torch
 
 from foldcompile import explain
 from foldcompile.models import zoo
