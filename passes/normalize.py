@@ -87,6 +87,7 @@ def normalize_pass(gm: torch.fx.GraphModule) -> PassResult:
         "methods_to_functions": Counter(),
         "operators_to_functions": Counter(),
         "gemms": Counter(),
+        "parameters_renamed": Counter(),
     }
     changed = False
     for owner in [gm] + [m for _, m in gm.named_modules() if isinstance(m, torch.fx.GraphModule) and m is not gm]:
@@ -108,6 +109,7 @@ def _normalize_graph(owner: torch.fx.GraphModule, record: dict) -> bool:
             record["modules_inlined"][type(owner.get_submodule(node.target)).__name__] += 1
             _inline_module(owner, node)
             changed = True
+    changed |= _name_parameters_after_the_model(graph, record)
     # inlined graphs may themselves hold call_method nodes: rewrite after inlining
     for node in list(graph.nodes):
         if node.op == "call_method":
@@ -126,6 +128,24 @@ def _normalize_graph(owner: torch.fx.GraphModule, record: dict) -> bool:
                 node.meta["einsum"] = eq
                 changed = True
             record["gemms"][_GEMM_NAMES[node.target]] += 1
+    return changed
+
+
+def _name_parameters_after_the_model(graph: torch.fx.Graph, record: dict) -> bool:
+    """Name every parameter/buffer node after the model's own attribute path
+    (``msa_att_row_layer_norm_m_weight``, not the tracer's ``l__self___msa_att_row_...``),
+    so the printed graph reads like the user's model."""
+    if not hasattr(torch.fx.Node, "_rename"):  # private fx API; the names are cosmetic
+        return False
+    changed = False
+    for node in graph.nodes:
+        if node.op != "get_attr":
+            continue
+        wanted = str(node.target).replace(".", "_")
+        if not node.name.startswith(wanted):  # a clash leaves ``wanted_1``: still ours
+            node._rename(wanted)
+            record["parameters_renamed"]["get_attr"] += 1
+            changed = True
     return changed
 
 

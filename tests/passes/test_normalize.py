@@ -149,3 +149,17 @@ def test_bad_graphs_raise_naming_the_node():
     g.output(g.call_function(torch.einsum, (eq, x, x)))
     with pytest.raises(PassError, match="not a constant string"):
         normalize_pass(torch.fx.GraphModule(nn.Module(), g))
+
+
+def test_parameters_are_named_after_the_model_attribute_paths():
+    import foldcompile
+    from foldcompile.models import zoo
+
+    block, inputs = zoo.get("evoformer_block")
+    result = normalize_pass(foldcompile.trace(block, *inputs))
+    gm = result.graph_module
+    params = [n for n in gm.graph.nodes if n.op == "get_attr"]
+    assert params and all(n.name.startswith(n.target.replace(".", "_")) for n in params)
+    assert "l__self" not in gm.code
+    assert result.record["parameters_renamed"]["get_attr"] == len(params)
+    assert normalize_pass(gm).changed is False
