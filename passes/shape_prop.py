@@ -34,10 +34,11 @@ leading batch dims stay constant)::
     seq_mask                        [..., N_res]
 
 (Tracer prefixes such as ``l_`` and surrounding underscores are ignored.)
-A size is *ambiguous*, and raises ``PassError`` asking for distinct example sizes
-or explicit dims, when two dims share an example value, a dim's example value is
-1, a dim equals a channel size of a known-layout input or any size of a parameter
-or buffer, or one name is inferred with two different values.
+A size is *ambiguous*, and raises ``PassError``, when two dims share an example value,
+a dim's example value is 1, a dim equals a channel size of a known-layout input or any
+size of a parameter or buffer (capture at distinct example sizes and evaluate the cost at
+the sizes wanted: explicit dims cannot tell a 128 that is N_res from a 128 that is c_z),
+or one name is inferred with two different values (pass explicit dims).
 
 Example::
 
@@ -137,20 +138,23 @@ def infer_dims(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
             raise PassError(f"example size of {name} is 1, which cannot be told from broadcasting; "
                             "use an example size > 1")
         if v in by_value:
-            raise PassError(f"dims {by_value[v]} and {name} both have example size {v}: ambiguous; "
-                            "use distinct example sizes or pass explicit dims")
+            raise PassError(f"dims {by_value[v]} and {name} both have example size {v}: ambiguous, even with "
+                            "explicit dims; capture at distinct example sizes and evaluate report.cost(...) at "
+                            "these sizes")
         by_value[v] = name
     for size, where in channel_sizes:
         if size in by_value:
             raise PassError(f"channel size {size} of {where} equals the example {by_value[size]}={size}: "
-                            "ambiguous; use example sizes distinct from every channel size, or explicit dims")
+                            "ambiguous, even with explicit dims; capture at example sizes distinct from every "
+                            f"channel size and evaluate report.cost({by_value[size]}={size})")
     for pname, p in list(gm.named_parameters()) + list(gm.named_buffers()):
         for size in p.shape:
             if int(size) in by_value:
                 raise PassError(
                     f"parameter/buffer {pname!r} {tuple(p.shape)} has a size equal to the example "
-                    f"{by_value[int(size)]}={int(size)}: ambiguous; use example sizes distinct from every "
-                    "channel size, or explicit dims")
+                    f"{by_value[int(size)]}={int(size)}: ambiguous, even with explicit dims; capture at example "
+                    f"sizes distinct from every channel size and evaluate report.cost({by_value[int(size)]}="
+                    f"{int(size)})")
     return result
 
 
