@@ -81,7 +81,7 @@ import torch
 import triton
 import triton.language as tl
 
-from foldcompile.kernels._dispatch import interpreting, note_launch, use_triton
+from foldcompile.kernels._dispatch import check_offsets32, interpreting, note_launch, once_differentiable, use_triton
 
 __all__ = ["attention", "attention_reference"]
 
@@ -570,6 +570,32 @@ def _check(q, k, v, bias, mask, gate) -> None:
         raise ValueError(f"attention: all inputs must be on one device, got {sorted(map(str, devices))}")
 
 
+# CUDA limits grid axes 1 and 2 to 65535 programs. Launches that put B·H (or Bb·Hb) on
+# such an axis are split into slices along B when the product exceeds it (module level
+# so tests can lower it); typical sizes keep one launch.
+_MAX_GRID_YZ = 65535
+
+
+def _b_slices(B: int, per_b: int, step: int = 1) -> list[tuple[int, int]]:
+    """[b0, b1) ranges of rows whose launch has (b1 - b0) // step * per_b <= _MAX_GRID_YZ
+    programs on a limited grid axis; ``step`` (2 for row pairs) divides every slice but the last."""
+    if (B // step) * per_b <= _MAX_GRID_YZ:
+        return [(0, B)]
+    n = (_MAX_GRID_YZ // per_b) * step
+    if n == 0:
+        raise ValueError(f"attention: {per_b} heads exceed the CUDA grid limit of {_MAX_GRID_YZ} programs "
+                         "on one axis; split the heads")
+    return [(b0, min(b0 + n, B)) for b0 in range(0, B, n)]
+
+
+def _rows_of(t: torch.Tensor | None, b0: int, b1: int) -> torch.Tensor | None:
+    """Rows [b0, b1) of a [B, ...] tensor (a view: the kernel sees a shifted base pointer);
+    a [1, ...] tensor broadcast over the rows is passed whole."""
+    if t is None or t.shape[0] == 1:
+        return t
+    return t[b0:b1]
+
+
 # --------------------------------------------------------------------------- autograd
 class _AttentionFn(torch.autograd.Function):
     """Triton forward/backward on canonical 4-d tensors ([B, H, L, D]; bias/mask [1|B, *, *, *])."""
@@ -584,36 +610,51 @@ class _AttentionFn(torch.autograd.Function):
         oatt = _empty(out.shape, out.dtype, dev) if gate is not None else out
         rowmax = _empty((B * H, Q), torch.float32, dev)
         logsum = _empty((B * H, Q), torch.float32, dev)
+        ctx.scale = scale
+        if B * H * Q * K == 0:  # nothing to compute (the backward returns empty gradients)
+            ctx.save_for_backward(q, k, v, bias, mask, gate, oatt, rowmax, logsum)
+            return out
         dummy = q  # stands in for absent bias / mask / gate pointers (never read)
         mask_u8 = mask.view(torch.uint8) if mask is not None else None
         kv_h = lambda t: (t.stride(0), 0 if t.shape[1] == 1 else t.stride(1), t.stride(2), t.stride(3))  # noqa: E731
         precision = _precision(q.dtype)
         # Two rows per program where a bias is shared by every row (triangle / MSA row attention).
         pairs = bias is not None and bias.shape[0] == 1 and B % 2 == 0
-        grid = lambda meta: (triton.cdiv(Q, meta["BLOCK_Q"]), (B // 2 if pairs else B) * H)  # noqa: E731
-        note_launch("attention_fwd")
-        _attn_fwd_kernel[grid](
-            q, k, v, bias if bias is not None else dummy, mask_u8 if mask is not None else dummy,
-            gate if gate is not None else dummy, out, oatt, rowmax, logsum,
-            *q.stride(), *kv_h(k), *kv_h(v),
-            *(_strides(bias) if bias is not None else (0, 0, 0, 0)),
-            *(_strides(mask_u8) if mask is not None else (0, 0, 0, 0)),
-            *(gate.stride() if gate is not None else (0, 0, 0, 0)),
-            H, Q, K, D, scale,
-            HAS_BIAS=bias is not None, HAS_MASK=mask is not None, MASK_KEYS=_keys_only(mask),
-            HAS_GATE=gate is not None, ROW_PAIRS=pairs,
-            PRECISION=precision, BLOCK_D=block_d,
-        )
+        step = 2 if pairs else 1
+        for b0, b1 in _b_slices(B, H, step):
+            nb = b1 - b0
+            grid = lambda meta, nb=nb: (triton.cdiv(Q, meta["BLOCK_Q"]), (nb // step) * H)  # noqa: E731
+            rs = slice(b0 * H, b1 * H)  # rows of the [B·H, Q] statistics
+            note_launch("attention_fwd")
+            _attn_fwd_kernel[grid](
+                q[b0:b1], k[b0:b1], v[b0:b1], _rows_of(bias, b0, b1) if bias is not None else dummy,
+                _rows_of(mask_u8, b0, b1) if mask is not None else dummy,
+                gate[b0:b1] if gate is not None else dummy, out[b0:b1], oatt[b0:b1], rowmax[rs], logsum[rs],
+                *q.stride(), *kv_h(k), *kv_h(v),
+                *(_strides(bias) if bias is not None else (0, 0, 0, 0)),
+                *(_strides(mask_u8) if mask is not None else (0, 0, 0, 0)),
+                *(gate.stride() if gate is not None else (0, 0, 0, 0)),
+                H, Q, K, D, scale,
+                HAS_BIAS=bias is not None, HAS_MASK=mask is not None, MASK_KEYS=_keys_only(mask),
+                HAS_GATE=gate is not None, ROW_PAIRS=pairs,
+                PRECISION=precision, BLOCK_D=block_d,
+            )
         ctx.save_for_backward(q, k, v, bias, mask, gate, oatt, rowmax, logsum)
-        ctx.scale = scale
         return out
 
     @staticmethod
+    @once_differentiable  # not itself differentiable: a double backward raises
     def backward(ctx, dout):
         q, k, v, bias, mask, gate, oatt, rowmax, logsum = ctx.saved_tensors
         scale = ctx.scale
         B, H, Q, D = q.shape
         HKV, K = k.shape[1], k.shape[2]
+        need_dbias = bias is not None and ctx.needs_input_grad[3]
+        if B * H * Q * K == 0:
+            # Empty problem: every gradient is empty or 0 (and H // HKV below would divide by 0).
+            return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v),
+                    torch.zeros_like(bias) if need_dbias else None, None,
+                    torch.zeros_like(gate) if gate is not None else None, None)
         block_d = max(16, triton.next_power_of_2(D))
         precision = _precision(q.dtype)
         dev = q.device
@@ -631,47 +672,64 @@ class _AttentionFn(torch.autograd.Function):
         delta = _empty((B * H, Q), torch.float32, dev)
         dgate = _empty(dout.shape, gate.dtype, dev) if gate is not None else None
         do_att = _empty(dout.shape, q.dtype, dev) if gate is not None else dout
-        note_launch("attention_bwd_pre")
-        _attn_bwd_pre_kernel[lambda meta: (triton.cdiv(Q, meta["BLOCK_Q"]), B * H)](
-            dout, oatt, gate if gate is not None else dummy, do_att, dgate if gate is not None else dummy, delta,
-            *(gate.stride() if gate is not None else (0, 0, 0, 0)), H, Q, D,
-            HAS_GATE=gate is not None, BLOCK_D=block_d,
-        )
+        for b0, b1 in _b_slices(B, H):
+            nb, rs = b1 - b0, slice(b0 * H, b1 * H)
+            note_launch("attention_bwd_pre")
+            _attn_bwd_pre_kernel[lambda meta, nb=nb: (triton.cdiv(Q, meta["BLOCK_Q"]), nb * H)](
+                dout[b0:b1], oatt[b0:b1], gate[b0:b1] if gate is not None else dummy, do_att[b0:b1],
+                dgate[b0:b1] if gate is not None else dummy, delta[rs],
+                *(gate.stride() if gate is not None else (0, 0, 0, 0)), H, Q, D,
+                HAS_GATE=gate is not None, BLOCK_D=block_d,
+            )
         common = (*q.stride(), *kv_h(k), *kv_h(v), *bias_st, *mask_st)
+
+        def per_rows(b0: int, b1: int) -> tuple:
+            """The row-indexed operands of the dk/dv, dq and dbias kernels for rows [b0, b1)."""
+            rs = slice(b0 * H, b1 * H)
+            return (q[b0:b1], k[b0:b1], v[b0:b1], _rows_of(bias_t, b0, b1) if bias is not None else dummy,
+                    _rows_of(mask_u8, b0, b1) if mask is not None else dummy, do_att[b0:b1],
+                    rowmax[rs], logsum[rs], delta[rs])
 
         # 2. dk, dv: [B, HKV, K, D], summed over the query heads sharing a K/V head.
         dk = _empty((B, HKV, K, D), k.dtype, dev)
         dv = _empty((B, HKV, K, D), v.dtype, dev)
-        note_launch("attention_bwd_dkdv")
-        _attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(K, meta["BLOCK_K"]), B * HKV)](
-            q, k, v, bias_t, mask_u8, do_att, rowmax, logsum, delta, dk, dv, *common,
-            H, HKV, H // HKV, Q, K, D, scale, **flags,
-        )
+        for b0, b1 in _b_slices(B, HKV):
+            nb = b1 - b0
+            note_launch("attention_bwd_dkdv")
+            _attn_bwd_dkdv_kernel[lambda meta, nb=nb: (triton.cdiv(K, meta["BLOCK_K"]), nb * HKV)](
+                *per_rows(b0, b1), dk[b0:b1], dv[b0:b1], *common,
+                H, HKV, H // HKV, Q, K, D, scale, **flags,
+            )
 
         # 3. dq (and dS itself when the bias is per (b, h, q, k)).
-        need_dbias = bias is not None and ctx.needs_input_grad[3]
         full_bias = need_dbias and tuple(bias.shape) == (B, H, Q, K)
         dbias = _empty(bias.shape, torch.float32, dev) if need_dbias else None
         dq = _empty(q.shape, q.dtype, dev)
-        note_launch("attention_bwd_dq")
-        _attn_bwd_dq_kernel[lambda meta: (triton.cdiv(Q, meta["BLOCK_Q"]), B * H)](
-            q, k, v, bias_t, mask_u8, do_att, rowmax, logsum, delta, dq, dbias if full_bias else dummy, *common,
-            H, Q, K, D, scale, STORE_DS=full_bias, **flags,
-        )
+        for b0, b1 in _b_slices(B, H):
+            nb = b1 - b0
+            note_launch("attention_bwd_dq")
+            _attn_bwd_dq_kernel[lambda meta, nb=nb: (triton.cdiv(Q, meta["BLOCK_Q"]), nb * H)](
+                *per_rows(b0, b1), dq[b0:b1], dbias[b0:b1] if full_bias else dummy, *common,
+                H, Q, K, D, scale, STORE_DS=full_bias, **flags,
+            )
 
         # 4. Broadcast bias: its own reduction kernel (see the module docstring).
         if need_dbias and not full_bias:
             Bb, Hb, Qb, Kb = bias.shape
             q_bcast, k_bcast = Qb == 1, Kb == 1
-            grid = lambda meta: (1 if q_bcast else triton.cdiv(Q, meta["BLOCK_Q"]),  # noqa: E731
-                                 1 if k_bcast else triton.cdiv(K, meta["BLOCK_K"]), Bb * Hb)
-            note_launch("attention_bwd_dbias")
-            _attn_bwd_dbias_kernel[grid](
-                q, k, v, bias, mask_u8, do_att, rowmax, logsum, delta, dbias, *common,
-                H, Hb, B if Bb == 1 else 1, H if Hb == 1 else 1, Q, K, D, scale,
-                HAS_MASK=mask is not None, MASK_KEYS=_keys_only(mask), Q_BCAST=q_bcast, K_BCAST=k_bcast,
-                PRECISION=precision, BLOCK_D=block_d,
-            )
+            # A bias shared by every row (Bb == 1) loops over all B rows in one program: only
+            # a per-row bias (Bb == B) is sliced.
+            for b0, b1 in _b_slices(Bb, Hb):
+                nb = b1 - b0
+                grid = lambda meta, nb=nb: (1 if q_bcast else triton.cdiv(Q, meta["BLOCK_Q"]),  # noqa: E731
+                                            1 if k_bcast else triton.cdiv(K, meta["BLOCK_K"]), nb * Hb)
+                note_launch("attention_bwd_dbias")
+                _attn_bwd_dbias_kernel[grid](
+                    *per_rows(*((b0, b1) if Bb != 1 else (0, B))), dbias[b0:b1], *common,
+                    H, Hb, B if Bb == 1 else 1, H if Hb == 1 else 1, Q, K, D, scale,
+                    HAS_MASK=mask is not None, MASK_KEYS=_keys_only(mask), Q_BCAST=q_bcast, K_BCAST=k_bcast,
+                    PRECISION=precision, BLOCK_D=block_d,
+                )
         if dbias is not None:
             dbias = dbias.to(bias.dtype)
         return dq, dk, dv, dbias, None, dgate, None
@@ -731,6 +789,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, bias: torch.
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if q.dtype not in _SUPPORTED or not use_triton(q, k, v, bias, mask, gate):
         return attention_reference(q, k, v, bias=bias, mask=mask, gate=gate, scale=scale)
+    for name, t in (("q", q), ("k", k), ("v", v), ("bias", bias), ("mask", mask), ("gate", gate)):
+        if t is not None:
+            check_offsets32("attention", name, t, tuple(range(max(0, t.dim() - 2), t.dim())))
     lead = q.shape[:-3]
     B = math.prod(lead)
     H, Q, D = q.shape[-3:]

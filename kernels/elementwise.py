@@ -228,9 +228,14 @@ class FusedElementwise:
         if backward:
             # Broadcast grad inputs (a False in their pattern) are reduced. If every one of them is
             # broadcast over a common run of leading dims, those become tile rows summed in-kernel.
-            pos = {v: k for k, v in enumerate(prep.tensor_inputs)}
-            bcast = [not all(ops[pos[v]].pattern) for v in grad_inputs]
-            leading = [_leading_false(ops[pos[v]].pattern) for v, b in zip(grad_inputs, bcast) if b]
+            # Whether an input is broadcast (its gradient summed) follows from its SHAPE (dims
+            # missing or of size 1), not its strides: an expanded input (stride 0, size > 1)
+            # gets a full-size gradient, which autograd's expand backward then sums.
+            groups = _collapsed_groups(lay.out_shape, operand_strides)
+            patterns = [_shape_pattern(tuple(inputs[vals[v].index].shape), lay.out_shape, groups)
+                        for v in grad_inputs]
+            bcast = [not all(p) for p in patterns]
+            leading = [_leading_false(p) for p, b in zip(patterns, bcast) if b]
             if leading and min(leading) > 0:
                 split, reduced = min(leading), tuple(bcast)
         key = (backward, tuple(grad_inputs), tuple(lay.kinds), tuple(map(str, lay.dtypes)),
@@ -277,6 +282,29 @@ class FusedElementwise:
                               *stride_vals, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps)
 
 
+def _collapsed_groups(out_shape: tuple[int, ...], operand_strides: list[tuple[int, ...]]) -> list[list[int]]:
+    """The output dims making up each dim of ``_geometry``'s collapsed shape (same merge rule)."""
+    dims = [d for d in range(len(out_shape)) if out_shape[d] != 1]
+    if not dims:
+        return [[]]
+    groups = [[dims[0]]]
+    last = [op[dims[0]] for op in operand_strides]
+    for d in dims[1:]:
+        if all(st == op[d] * out_shape[d] for st, op in zip(last, operand_strides)):
+            groups[-1].append(d)
+        else:
+            groups.append([d])
+        last = [op[d] for op in operand_strides]
+    return groups
+
+
+def _shape_pattern(shape: tuple[int, ...], out_shape: tuple[int, ...], groups: list[list[int]]) -> tuple[bool, ...]:
+    """Per collapsed dim: True where the input has a full-size dim (by shape), False where
+    it is broadcast over every output dim of that collapsed dim (missing or size 1)."""
+    aligned = (1,) * (len(out_shape) - len(shape)) + tuple(shape)
+    return tuple(any(aligned[d] != 1 for d in g) for g in groups)
+
+
 def _tile_extent(plan: _Plan) -> tuple[int, int]:
     """(rows, columns) of a tile-mode plan's output, in elements."""
     return math.prod(plan.sizes[:plan.split]), math.prod(plan.sizes[plan.split:])
@@ -302,6 +330,7 @@ class _FusedFunction(torch.autograd.Function):
         return tuple(outs)
 
     @staticmethod
+    @_dispatch.once_differentiable  # not itself differentiable: a double backward raises
     def backward(ctx, *gouts: torch.Tensor):
         fused: FusedElementwise = ctx.fused
         frag = fused._frag

@@ -106,6 +106,10 @@ _RULES: dict[str, _Rule] = {
     "logical_or": _Rule("bb", "b", "{0} | {1}", (None, None), torch.logical_or),
 }
 
+# Casts whose target is narrower than the fp32 registers values are computed in: the
+# generated code rounds through the target type (see _gen_kernel).
+_ROUNDING_CASTS: dict[torch.dtype, str] = {torch.float16: "tl.float16", torch.bfloat16: "tl.bfloat16"}
+
 # ---------------------------------------------------------------------------------
 # The fragment IR and the fx -> IR lowering
 # ---------------------------------------------------------------------------------
@@ -447,6 +451,31 @@ def _promote(dtypes: list[torch.dtype]) -> torch.dtype:
     return out
 
 
+def _eager_result_dtype(frag: _Fragment, v: _Val, rule: _Rule, inputs: Sequence[Any],
+                        dtypes: list[torch.dtype | None], shapes: list[tuple[int, ...] | None]) -> torch.dtype:
+    """dtype eager PyTorch gives op ``v``: its torch function run on meta tensors of the
+    operands' real ranks and dtypes (Python-number operands passed as numbers of their type),
+    with the same bool <-> float operand conversions as the reference."""
+    args: list[Any] = []
+    for a, need in zip(v.args, rule.arg_kinds):
+        if shapes[a] is None:
+            av = frag.vals[a]
+            if av.kind == "input":
+                args.append(inputs[av.index])
+            elif av.kind == "const":
+                args.append(av.value)
+            else:  # computed from Python numbers only: the reference computes it in float64 (a 0-dim tensor)
+                args.append(torch.empty((), dtype=torch.float64, device="meta"))
+            continue
+        dt = dtypes[a]
+        if need == "f" and dt == torch.bool:
+            dt = torch.get_default_dtype()
+        elif need == "b" and dt != torch.bool:
+            dt = torch.bool
+        args.append(torch.empty(shapes[a], dtype=dt, device="meta"))
+    return rule.torch(*args).dtype
+
+
 def _layout(frag: _Fragment, inputs: Sequence[Any]) -> _Layout:
     if len(inputs) != frag.n_inputs:
         raise TypeError(f"fused fragment takes {frag.n_inputs} inputs ({', '.join(frag.input_names)}), "
@@ -489,8 +518,14 @@ def _layout(frag: _Fragment, inputs: Sequence[Any]) -> _Layout:
             elif v.op in ("masked_fill", "dropout"):
                 dtypes[i] = dtypes[v.args[0]] if dtypes[v.args[0]] not in (None, torch.bool) else torch.float32
             else:
-                float_args = [d for k, d in zip(rule.arg_kinds, [dtypes[a] for a in v.args]) if k == "f" and d]
-                d = _promote(float_args) if float_args else _promote(tensor_dtypes)
+                ranks = [len(shapes[a]) for a in v.args if shapes[a] is not None]
+                if 0 in ranks and any(r > 0 for r in ranks):
+                    # A 0-dim tensor next to dimensioned ones: eager's result_type rule (a 0-dim
+                    # fp32 tensor does not promote an fp16 [4, 8] tensor) decides, so ask it.
+                    d = _eager_result_dtype(frag, v, rule, inputs, dtypes, shapes)
+                else:
+                    float_args = [d for k, d in zip(rule.arg_kinds, [dtypes[a] for a in v.args]) if k == "f" and d]
+                    d = _promote(float_args) if float_args else _promote(tensor_dtypes)
                 dtypes[i] = d if d.is_floating_point else torch.get_default_dtype()
     # Live values: those the outputs depend on.
     needed = set(frag.outputs)
@@ -689,7 +724,12 @@ def _gen_kernel(frag: _Fragment, lay: _Layout, sizes: list[int], loaded: list[in
             cnt = offset_expr(f"mask{i}", mask_ops[i])
             w(f"keep{i} = tl.rand(seed, ({cnt}).to(tl.int64) + doff{i}) >= {names[v.args[1]]}")
             fmt["keep"] = f"keep{i}"
-        w(f"v{i} = {rule.triton.format(*operands, **fmt)}  # {v.name} = {v.op}("
+        expr = rule.triton.format(*operands, **fmt)
+        if v.op == "cast" and v.dtype in _ROUNDING_CASTS:
+            # Values live in fp32 registers; a cast to a 16-bit float must still round like
+            # eager's ``.half()`` / ``.bfloat16()`` (``a.half().float() - a`` is not 0).
+            expr = f"({expr}).to({_ROUNDING_CASTS[v.dtype]}).to(tl.float32)"
+        w(f"v{i} = {expr}  # {v.name} = {v.op}("
           f"{', '.join(vals[a].name for a in v.args)})")
         names[i] = f"v{i}"
     if not backward:

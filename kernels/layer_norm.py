@@ -205,13 +205,16 @@ class LayerNormFunction(torch.autograd.Function):
                 m, n, x2.stride(0), float(eps),
                 HAS_W=weight is not None, HAS_B=bias is not None,
                 BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
-        ctx.save_for_backward(x2, weight, bias, mean, rstd)
+        # x itself is saved too (unused by the kernels): x2 was made under no_grad, and the
+        # double-backward guard (_dispatch.once_differentiable) anchors its error on x.
+        ctx.save_for_backward(x2, weight, bias, mean, rstd, x)
         ctx.x_shape = x.shape
         return y.view(x.shape)
 
     @staticmethod
+    @_dispatch.once_differentiable  # not itself differentiable: a double backward raises
     def backward(ctx, dy: torch.Tensor):
-        x2, weight, bias, mean, rstd = ctx.saved_tensors
+        x2, weight, bias, mean, rstd, _ = ctx.saved_tensors
         need_dx, need_dw, need_db = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         m, n = x2.shape
         dy2 = dy.reshape(m, n).contiguous()
@@ -306,5 +309,9 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
     _check(x, weight, bias, eps)
     if (_dispatch.use_triton(x, weight, bias) and x.dtype != torch.float64
             and x.shape[-1] <= MAX_TRITON_DIM):
+        # The kernels index weight and bias with unit stride: make them contiguous here
+        # (a no-op for the usual parameters) so autograd routes their gradients back through the copy.
+        weight = weight.contiguous() if weight is not None else None
+        bias = bias.contiguous() if bias is not None else None
         return LayerNormFunction.apply(x, weight, bias, float(eps))
     return layer_norm_reference(x, weight, bias, eps)

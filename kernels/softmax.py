@@ -285,6 +285,7 @@ class SoftmaxFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @_dispatch.once_differentiable  # not itself differentiable: a double backward raises
     def backward(ctx, dy: torch.Tensor):
         (y,) = ctx.saved_tensors
         need_dx, need_db = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -423,8 +424,14 @@ def softmax(x: torch.Tensor, dim: int = -1, *, scale: float | None = None,
         x = x.movedim(dim, -1).contiguous()
         bias = None if bias is None else to_rank(bias).movedim(dim, -1)
         mask = None if mask is None else to_rank(mask).movedim(dim, -1)
+    for name, t in (("x", x), ("bias", bias), ("mask", mask)):
+        if t is not None and t.dim() > 0:
+            _dispatch.check_offsets32("softmax", name, t, (t.dim() - 1,))
     plan = _fwd_plan(x, bias, mask)
-    if plan is None:
+    # The backward needs its own plan for the bias gradient: the bias's size-1 dims (stride 0
+    # dims of size > 1 count as varying) may split into more runs than the kernel indexes.
+    if plan is None or (bias is not None and bias.requires_grad and _bwd_plan(list(x.shape[:-1]), tuple(
+            (1,) * (x.dim() - bias.dim()) + tuple(bias.shape))) is None):
         # More broadcast patterns than the kernel indexes: materialise at x's size (rare).
         x = x.contiguous()
         bias = None if bias is None else bias.expand(x.shape).contiguous()
