@@ -31,7 +31,28 @@ trace (see PITFALLS.md). Dynamo checks both, so it is the only tracer here.
 
 What cannot be captured as one graph (Python control flow on tensor values,
 ``.item()`` feeding Python) raises :class:`CaptureError` naming the construct
-and the user's source file and line. Example::
+and the user's source file and line. A ``forward`` that writes module state
+(``self.last = x``, ``self.calls.append(...)``, ``self.n += 1``) is refused with a
+:class:`CaptureError` naming the attribute, and the state is restored: the graph
+cannot repeat Python side effects.
+
+Limitations (not guarded; the caller must keep them fixed after capture):
+
+- module-level globals and closure variables read by ``forward`` are guarded
+  only where they are named directly in a module class's ``forward`` code and
+  hold plain data (or a tensor, by identity); those read in helper functions,
+  closures, or other objects' methods are not, because Dynamo's own guards on
+  them are not evaluated by foldcompile: do not change such globals after
+  capture;
+- ``torch.compiler.is_compiling()`` (and ``torch._dynamo.is_compiling()``) is
+  True during capture, so a branch on it takes its compiling side in the graph;
+- process-wide flags read in ``forward`` (``torch.backends.*``,
+  ``torch.are_deterministic_algorithms_enabled()``, default dtype, matmul
+  precision) are not guarded;
+- the graph holds the values of tensors it read that are not the model's
+  parameters, buffers or tensor attributes (constants built in ``forward``).
+
+Example::
 
     >>> from foldcompile.models import zoo
     >>> block, (m, z, msa_mask, pair_mask) = zoo.get("evoformer_block")
@@ -53,7 +74,7 @@ import torch
 import torch.fx
 import torch.utils.checkpoint
 
-from foldcompile.guards import Guards, install_guards
+from foldcompile.guards import Guards, install_guards, module_state_changes, snapshot_module_state
 
 __all__ = ["trace", "CaptureError", "module_path_of"]
 
@@ -81,17 +102,31 @@ def trace(model: torch.nn.Module, *example_inputs: Any, **example_kwargs: Any) -
     except TypeError as e:
         raise CaptureError(f"example inputs do not match {type(model).__name__}.forward{signature}: {e}") from None
     bound.apply_defaults()
-    guards = Guards.record(model, bound)
 
+    # Dynamo replays forward's Python side effects on the real modules (with fake tensors); the graph
+    # cannot repeat them, so a forward that writes module state is refused (and the state restored)
+    before = snapshot_module_state(model)
     try:
         exported = torch._dynamo.export(model, assume_static_by_default=True)(*bound.args, **bound.kwargs)[0]
     except Exception as e:  # Dynamo raises many exception types; all mean "not one graph"
+        module_state_changes(before, restore=True)
         raise CaptureError(_describe_failure(model, e)) from e
+    changes = module_state_changes(before, restore=True)
+    if changes:
+        raise CaptureError(
+            f"cannot capture {type(model).__name__}: forward {changes[0]}"
+            + (f" (and {len(changes) - 1} more: {'; '.join(changes[1:4])})" if len(changes) > 1 else "")
+            + ": the captured graph cannot repeat Python side effects; keep such state outside the model "
+            "or return it (module state restored to before the capture)"
+        )
+    # recorded after the capture and the side-effect check, so they describe the model as it is now
+    guards = Guards.record(model, bound)
 
     gm = _rebuild(model, exported)
     gm.train(model.training)
     leaves = sum(1 for g in _all_graphs(gm) for n in g.nodes if n.op == "call_module")
     gm.meta["capture"] = {"graphs": 1, "leaves": leaves, "tracer": "dynamo"}
+    guards.record_graph_attrs(model, gm)
     install_guards(gm, guards)
     return gm
 

@@ -270,8 +270,14 @@ class Report:
         """Re-capture on the meta device at ``sizes`` and require the same graph (see size_check):
         the rules behind ``guarded_dims`` cannot see a Python branch on a size that left no trace."""
         key = frozenset((k, v) for k, v in sizes.items() if v != self.dims.get(k))
-        if not key or key in self._checked_sizes or self.model is None or self.example_values is None:
+        if not key or key in self._checked_sizes:
             return
+        if self.model is None or self.example_values is None:
+            # without the model nothing can re-capture at the new sizes, and a size branch that left
+            # no trace in the graph would make the cost silently wrong: refuse rather than guess
+            raise PassError(f"cannot check the graph's structure at {dict(key)}: the report holds no model "
+                            f"(a hand-built graph, or the captured model is gone); its cost is known only at "
+                            f"the captured sizes {self.dims}: explain the model at these sizes instead")
         check_structure_at(self.model, self.graph_module, self.example_values, dict(key))
         self._checked_sizes.add(key)
 
@@ -410,7 +416,11 @@ def explain_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
                   example_kwargs: Mapping[str, Any] | None = None, dims: dict[str, int] | None = None,
                   model_name: str = "model") -> Report:
     """``explain`` on a graph already captured by :func:`foldcompile.capture.trace` (the
-    examples must be those it was captured with)."""
+    examples must be those it was captured with).
+
+    The report's ``model`` is the model the guards of ``gm`` refer to (a weak reference taken at
+    capture), so costs at other sizes are checked against a capture there; without one (a
+    hand-built graph, or the model is gone) ``Report.cost`` refuses sizes other than the captured."""
     flat = flat_inputs(gm, example_inputs, example_kwargs)
     pm = PassManager([
         ("normalize", normalize_pass),
@@ -425,7 +435,12 @@ def explain_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
     totals = cost_totals(out)
     passes = {name: {"changed": step.result.changed, "record": step.result.record}
               for name, step in pm.history.items()}
-    return Report(out, totals, capture, dict(out.meta.get("dims", {})), guarded, passes, model_name)
+    # the model the graph was captured from (the guards hold a weak reference), so that costs at
+    # other sizes are checked against a capture there (Report._check_structure)
+    guards = getattr(gm, "guards", None)
+    model = guards.model_ref() if guards is not None and guards.model_ref is not None else None
+    return Report(out, totals, capture, dict(out.meta.get("dims", {})), guarded, passes, model_name,
+                  model=model, example_values=flat if model is not None else None)
 
 
 def explain(model: torch.nn.Module, *example_inputs: Any, dims: dict[str, int] | None = None,

@@ -1,12 +1,13 @@
 """What a capture specialised on, and the check that runs before every call.
 
-A captured graph is specialised on its example inputs: Python branches on
-shapes, dtypes, flags and ``self.training`` were decided once, at capture time,
-and chunk loops over tensor sizes were unrolled. Running it on inputs for which
-those decisions differ would compute a different function silently, so the
-capture records a :class:`Guards` set and installs a forward pre-hook that
-checks it on every call, raising :class:`GuardError` that names the failed
-guard::
+A captured graph is specialised on its example inputs AND on the model's state:
+Python branches on shapes, dtypes, flags, module attributes, ``self.training``
+and hooks were decided once, at capture time, chunk loops over tensor sizes
+were unrolled, and parameters were baked in as the very objects the model held.
+Running it where those decisions differ would compute a different function
+silently, so the capture records a :class:`Guards` set and installs a forward
+pre-hook that checks it on every call, raising :class:`GuardError` that names
+the failed guard::
 
     >>> from foldcompile.capture import trace
     >>> from foldcompile.models import zoo
@@ -20,12 +21,32 @@ guard::
 What is guarded (simple and sound rather than minimal):
 
 - every argument of ``forward`` (defaults applied): tensors by shape, dtype,
-  device and layout; everything else (flags, ``None``, numbers, strings,
-  nested containers) by structure and value;
-- the ``training`` flag of every module of the model and of the graph module;
-- plain Python attributes (bool/int/float/str/None) of every submodule, e.g.
-  ``chunk_size`` or ``_mask_trans`` flags the code may branch on;
+  device, layout, ``requires_grad`` and strides (of the dims longer than 1);
+  everything else (flags, ``None``, numbers, strings, nested containers) by
+  structure and value;
+- the module tree: every submodule by identity and exact class (a swapped
+  ``m.act = nn.GELU()`` or a parametrization registered after capture is
+  refused), its ``training`` flag, the set of its instance attribute names,
+  and the number and identity of its forward, forward-pre, backward and
+  backward-pre hooks (Dynamo inlined the hooks present at capture);
+- module attributes, instance AND class attributes (from the class's MRO up to
+  ``nn.Module``; methods, properties and other descriptors are skipped): plain
+  data (bool/int/float/str/None/dtype/device/Enum and tuples, lists, dicts and
+  sets of them, dataclass instances and plain objects' ``__dict__``) by value
+  against a deep snapshot; anything else (callables, tensors, opaque objects),
+  and containers nested deeper than 4 levels or longer than 256 items, by
+  identity (an in-place change inside those is not seen);
+- every parameter, buffer or tensor constant the graph reads (``get_attr``):
+  it must still be the model's very object at that path (a re-assigned
+  ``model.lin.weight = nn.Parameter(...)`` or ``load_state_dict(assign=True)``
+  is refused; in-place updates share storage and are fine), with its captured
+  dtype, shape, device and ``requires_grad`` (``model.double()`` is refused);
+- plain-data globals (and global tensors, by identity) named in the
+  ``forward`` code of each module class of the model;
 - the autocast state (enabled, dtype) for cpu and cuda, and grad mode.
+
+Every state guard is precomputed at capture into a flat list (module weakref,
+attribute, snapshot), so a check is a loop of identity and value comparisons.
 
 The hook also binds the call to the model's signature and fills in defaults,
 so the graph module accepts the same calls as the model (``gm(x)`` with
@@ -34,7 +55,12 @@ guards over with :func:`install_guards` (or :func:`copy_guards`).
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
+import enum
 import inspect
+import math
+import types
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -43,12 +69,26 @@ import torch
 import torch.fx
 from torch.utils import _pytree as pytree
 
-__all__ = ["GuardError", "Guards", "TensorSpec", "install_guards", "copy_guards", "autocast_state"]
+__all__ = [
+    "GuardError", "Guards", "TensorSpec", "install_guards", "copy_guards", "autocast_state",
+    "snapshot_module_state", "module_state_changes",
+]
 
 _PRIMITIVES = (bool, int, float, str, type(None), torch.dtype, torch.device)
+# immutable leaf values compared by type and value
+_VALUE_TYPES = frozenset({bool, int, float, complex, str, bytes, type(None), torch.dtype, torch.device,
+                          torch.layout, torch.memory_format})
 _AUTOCAST_DEVICES = ("cpu", "cuda")
 # nn.Module's own bookkeeping (hooks, training flag, ...): not model configuration
 _MODULE_INTERNALS = frozenset(vars(torch.nn.Module())) | {"_compiled_call_impl", "_is_full_backward_hook"}
+# attributes Dynamo itself sets on the modules it captures: not the model's side effects
+_DYNAMO_ATTRS = frozenset({"_is_torch_compile"})
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+# how deep plain objects/containers are compared by value; deeper, by identity
+_MAX_DEPTH = 4
+# containers longer than this are compared by identity (a per-call deep compare would cost too much)
+_MAX_ITEMS = 256
+_MISSING = object()
 
 
 class GuardError(RuntimeError):
@@ -57,16 +97,23 @@ class GuardError(RuntimeError):
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """The properties of an input tensor that the capture specialised on."""
+    """The properties of an input tensor that the capture specialised on.
+
+    ``strides`` holds the strides of the dims longer than 1 (``None`` for
+    length-1 dims, whose stride means nothing), so two contiguous tensors of a
+    shape always match but a transposed or expanded view does not.
+    """
 
     shape: tuple[int, ...]
     dtype: torch.dtype
     device: torch.device
     layout: torch.layout
+    requires_grad: bool = False
+    strides: tuple[int | None, ...] | None = None
 
     @classmethod
     def of(cls, t: torch.Tensor) -> "TensorSpec":
-        return cls(tuple(int(s) for s in t.shape), t.dtype, t.device, t.layout)
+        return cls(tuple(int(s) for s in t.shape), t.dtype, t.device, t.layout, t.requires_grad, _strides(t))
 
     def mismatch(self, t: torch.Tensor) -> str | None:
         """Why ``t`` does not match, or None."""
@@ -78,10 +125,24 @@ class TensorSpec:
             return f"device {t.device} != captured {self.device}"
         if t.layout != self.layout:
             return f"layout {t.layout} != captured {self.layout}"
+        if t.requires_grad != self.requires_grad:
+            return f"requires_grad {t.requires_grad} != captured {self.requires_grad}"
+        if self.strides is not None:
+            got = _strides(t)
+            if got != self.strides:
+                return (f"strides {got} != captured {self.strides} (None: a length-1 dim); pass a tensor of the "
+                        "captured layout (e.g. .contiguous()) or capture with this one")
         return None
 
     def __str__(self) -> str:
-        return f"Tensor(shape={self.shape}, dtype={self.dtype}, device={self.device})"
+        grad = ", requires_grad=True" if self.requires_grad else ""
+        return f"Tensor(shape={self.shape}, dtype={self.dtype}, device={self.device}{grad})"
+
+
+def _strides(t: torch.Tensor) -> tuple[int | None, ...] | None:
+    if t.layout != torch.strided:
+        return None
+    return tuple(None if n == 1 else int(s) for n, s in zip(t.shape, t.stride()))
 
 
 def autocast_state() -> dict[str, tuple[bool, torch.dtype]]:
@@ -95,8 +156,176 @@ def _leaf_spec(v: Any) -> Any:
     return v
 
 
+# ------------------------------------------------------------------ value snapshots
+#
+# A snapshot is a tagged tuple: ("v", value) immutable leaf; ("id", obj) identity;
+# ("seq", type, (snaps...)); ("set", type, frozenset); ("dict", type, ((key, snap), ...));
+# ("obj", type, ((attr, snap), ...)) a dataclass or plain object by its fields; ("missing",).
+
+
+def _is_value(v: Any) -> bool:
+    return type(v) in _VALUE_TYPES or isinstance(v, enum.Enum)
+
+
+def _is_plain_object(v: Any) -> bool:
+    """A configuration-like object compared by its fields: a dataclass instance, a SimpleNamespace,
+    or an instance of a user class with a ``__dict__`` that is not callable, a module, a tensor or a type."""
+    if isinstance(v, (torch.Tensor, torch.nn.Module, type, types.ModuleType)) or callable(v):
+        return False
+    if dataclasses.is_dataclass(v) or isinstance(v, types.SimpleNamespace):
+        return True
+    mod = getattr(type(v), "__module__", "") or ""
+    return hasattr(v, "__dict__") and not mod.startswith(("torch", "builtins", "numpy"))
+
+
+def _snap(v: Any, depth: int = 0) -> tuple:
+    if _is_value(v):
+        return ("v", v)
+    if depth >= _MAX_DEPTH:
+        return ("id", v)
+    t = type(v)
+    # subclasses too (namedtuples, torch.Size, OrderedDict, ...): their contents are what code reads
+    if isinstance(v, (tuple, list)):
+        if len(v) > _MAX_ITEMS:
+            return ("id", v)
+        return ("seq", t, tuple(_snap(x, depth + 1) for x in v))
+    if isinstance(v, (set, frozenset)):
+        if len(v) <= _MAX_ITEMS and all(_is_value(x) for x in v):
+            return ("set", t, frozenset((type(x), x) for x in v))
+        return ("id", v)
+    if isinstance(v, dict):
+        if len(v) > _MAX_ITEMS or not all(_is_value(k) for k in v):
+            return ("id", v)
+        return ("dict", t, tuple((k, _snap(x, depth + 1)) for k, x in v.items()))
+    if _is_plain_object(v):
+        if dataclasses.is_dataclass(v):
+            items = [(f.name, getattr(v, f.name, _MISSING)) for f in dataclasses.fields(v)]
+        else:
+            items = list(vars(v).items())
+        if len(items) > _MAX_ITEMS:
+            return ("id", v)
+        return ("obj", t, tuple((k, ("missing",) if x is _MISSING else _snap(x, depth + 1)) for k, x in items))
+    return ("id", v)
+
+
+def _same(v: Any, s: tuple) -> bool:
+    """Does ``v`` still match snapshot ``s``?"""
+    tag = s[0]
+    if tag == "v":
+        want = s[1]
+        if type(v) is not type(want):
+            return False
+        if v == want:
+            return True
+        return isinstance(v, float) and math.isnan(v) and math.isnan(want)
+    if tag == "id":
+        return v is s[1]
+    if tag == "missing":
+        return v is _MISSING
+    if type(v) is not s[1]:
+        return False
+    if tag == "seq":
+        return len(v) == len(s[2]) and all(_same(x, sx) for x, sx in zip(v, s[2]))
+    if tag == "set":
+        return len(v) == len(s[2]) and frozenset((type(x), x) for x in v) == s[2]
+    if tag == "dict":
+        return len(v) == len(s[2]) and all(k in v and _same(v[k], sx) for k, sx in s[2])
+    if tag == "obj":
+        if dataclasses.is_dataclass(v):
+            return all(_same(getattr(v, k, _MISSING), sx) for k, sx in s[2])
+        d = getattr(v, "__dict__", None)
+        return d is not None and len(d) == len(s[2]) and all(_same(d.get(k, _MISSING), sx) for k, sx in s[2])
+    raise AssertionError(f"unknown snapshot tag {tag!r}")
+
+
+def _shown(s: tuple) -> str:
+    """A snapshot as the value it stood for (for messages)."""
+    tag = s[0]
+    if tag in ("v", "id"):
+        return _short(s[1])
+    if tag == "missing":
+        return "<missing>"
+    if tag == "seq":
+        return _short(s[1](_Shown(_shown(x)) for x in s[2])) if s[1] in (tuple, list) else f"{s[1].__name__}(...)"
+    if tag == "set":
+        return _short({x for _, x in s[2]})
+    if tag == "dict":
+        return _short({k: _Shown(_shown(x)) for k, x in s[2]})
+    return f"{s[1].__name__}({', '.join(f'{k}={_shown(x)}' for k, x in s[2])})"[:80]
+
+
+class _Shown(str):
+    def __repr__(self) -> str:
+        return str(self)
+
+
+# ------------------------------------------------------------------ module state
+
+
+def _is_descriptor_or_function(v: Any) -> bool:
+    return isinstance(v, (types.FunctionType, staticmethod, classmethod, property, types.MethodType,
+                          types.MethodDescriptorType, types.WrapperDescriptorType,
+                          types.MemberDescriptorType, types.GetSetDescriptorType)) \
+        or hasattr(type(v), "__get__") and not isinstance(v, (type, torch.Tensor))
+
+
+def _class_attrs(cls: type) -> dict[str, Any]:
+    """Non-dunder data attributes of ``cls`` and its bases up to (not including) ``nn.Module``; the
+    nearest class wins, as attribute lookup does."""
+    out: dict[str, Any] = {}
+    for base in cls.__mro__:
+        if base is torch.nn.Module or base is object:
+            break
+        if base.__module__.startswith("torch.nn.modules") and base.__name__ == "Module":
+            break
+        for name, v in vars(base).items():
+            if name.startswith("__") and name.endswith("__") or name in out or name in _MODULE_INTERNALS:
+                continue
+            if _is_descriptor_or_function(v):
+                out[name] = _MISSING  # shadowed by a method: a base's data attribute of this name is not read
+                continue
+            out[name] = v
+    return {k: v for k, v in out.items() if v is not _MISSING}
+
+
+_NO_HOOKS = ((), (), (), ())
+
+
+def _hook_keys(mod: torch.nn.Module) -> tuple[tuple, ...]:
+    return tuple(tuple(getattr(mod, d, None) or ()) for d in _HOOK_DICTS)
+
+
+@dataclass
+class _ModuleGuard:
+    """Everything guarded on one module (precomputed; checked per call in :meth:`Guards.check`)."""
+
+    path: str
+    ref: Callable[[], torch.nn.Module | None]
+    cls: type
+    training: bool
+    keys: frozenset
+    instance_attrs: list[tuple[str, tuple]]
+    class_attrs: list[tuple[str, tuple]]
+    hooks: tuple[tuple, ...]
+    children: list[tuple[str, Callable[[], torch.nn.Module | None]]]
+
+
+def _module_guards(model: torch.nn.Module) -> list[_ModuleGuard]:
+    out = []
+    for path, mod in model.named_modules():  # one entry per module object; shared ones by their first path
+        inst = [(k, _snap(v)) for k, v in vars(mod).items() if k not in _MODULE_INTERNALS]
+        cls_attrs = [(k, _snap(v)) for k, v in _class_attrs(type(mod)).items() if k not in vars(mod)]
+        out.append(_ModuleGuard(
+            path=path or "<root>", ref=weakref.ref(mod), cls=type(mod), training=mod.training,
+            keys=frozenset(vars(mod)), instance_attrs=inst, class_attrs=cls_attrs, hooks=_hook_keys(mod),
+            children=[(name, weakref.ref(child)) for name, child in mod._modules.items() if child is not None],
+        ))
+    return out
+
+
 def _module_attrs(model: torch.nn.Module) -> dict[str, Any]:
-    """Plain Python attributes of every submodule: the flags code may branch on."""
+    """Plain Python attributes (bool/int/float/str/None/dtype/device) of every submodule, by path:
+    the flags code may branch on (``explain`` reads ``chunk_size``-like ones)."""
     out: dict[str, Any] = {}
     for name, mod in model.named_modules(remove_duplicate=False):
         for attr, value in vars(mod).items():
@@ -111,13 +340,146 @@ def _training_flags(model: torch.nn.Module) -> dict[str, bool]:
     return {name or "<root>": m.training for name, m in model.named_modules(remove_duplicate=False)}
 
 
+def _attr_path(path: str, attr: str) -> str:
+    return attr if path == "<root>" else f"{path}.{attr}"
+
+
+# ------------------------------------------------------------------ side effects of a capture
+
+
+def snapshot_module_state(model: torch.nn.Module) -> list[tuple]:
+    """Every module's attribute state, to compare after running ``forward`` once
+    (:func:`module_state_changes`): its instance dict (shallow), deep copies of mutable plain
+    data, and its parameter, buffer and submodule dicts."""
+    snap = []
+    for path, mod in model.named_modules():
+        d = dict(vars(mod))
+        values = {k: _snap(v) for k, v in d.items() if k not in _MODULE_INTERNALS}
+        copies = {}
+        for k, s in values.items():
+            if s[0] in ("seq", "set", "dict", "obj"):
+                try:
+                    copies[k] = copy.deepcopy(d[k])
+                except Exception:  # an uncopyable object: still detected, just not restorable
+                    pass
+        snap.append((path or "<root>", mod, d, values, copies,
+                     dict(mod._parameters), dict(mod._buffers), dict(mod._modules)))
+    return snap
+
+
+def module_state_changes(snapshot: list[tuple], restore: bool = True) -> list[str]:
+    """What changed in the modules since :func:`snapshot_module_state` (``"assigns 'blocks.0.last'"``,
+    ...), restoring the snapshot where possible when ``restore``. Empty if nothing changed."""
+    changes = []
+    for path, mod, before, values, copies, params, buffers, modules in snapshot:
+        now = vars(mod)
+        for k in list(before) + [k for k in now if k not in before]:  # in definition order
+            if k in _MODULE_INTERNALS or k in _DYNAMO_ATTRS or k.startswith(("_dynamo", "_torchdynamo")):
+                if restore and k in now and k not in before:
+                    del now[k]  # leave the model as it was, so the guards' attribute-name set matches
+                continue
+            where = _attr_path(path, k)
+            if k not in now:
+                changes.append(f"deletes module attribute {where!r}")
+                if restore:
+                    now[k] = before[k]
+            elif k not in before:
+                changes.append(f"assigns module attribute {where!r} (new, {_short(now[k])})")
+                if restore:
+                    del now[k]
+            elif now[k] is not before[k]:
+                changes.append(f"assigns module attribute {where!r} ({_short(before[k])} -> {_short(now[k])})")
+                if restore:
+                    now[k] = before[k]
+            elif not _same(now[k], values[k]):
+                changes.append(f"mutates module attribute {where!r} in place")
+                if restore and k in copies:
+                    now[k] = copies[k]
+        for kind, was, cur in (("parameter", params, mod._parameters), ("buffer", buffers, mod._buffers),
+                               ("submodule", modules, mod._modules)):
+            if set(was) != set(cur) or any(cur[k] is not was[k] for k in was):
+                changed = sorted(k for k in set(was) | set(cur) if was.get(k, _MISSING) is not cur.get(k, _MISSING))
+                changes.append(f"re-assigns {kind}(s) {[_attr_path(path, k) for k in changed]}")
+                if restore:
+                    cur.clear()
+                    cur.update(was)
+    return changes
+
+
+# ------------------------------------------------------------------ parameters, buffers, globals
+
+
+@dataclass
+class _AttrGuard:
+    """A tensor the graph reads by ``get_attr``: the model's object at ``target`` and its properties."""
+
+    target: str
+    obj: torch.Tensor
+    owner: Callable[[], torch.nn.Module | None] | None  # the model's module holding it, None: a graph constant
+    name: str
+    spec: tuple
+    store: str = "_parameters"  # where the owner keeps it: _parameters, _buffers or __dict__
+
+    @staticmethod
+    def spec_of(t: torch.Tensor) -> tuple:
+        return (t.dtype, tuple(t.shape), t.device, t.requires_grad)
+
+
+def _model_tensor(model: torch.nn.Module, target: str) -> tuple[torch.nn.Module, str, Any, str] | None:
+    """The model's module holding ``target`` and the tensor there, or None if the path is not the model's."""
+    mod_path, _, name = target.rpartition(".")
+    try:
+        mod = model.get_submodule(mod_path) if mod_path else model
+    except AttributeError:
+        return None
+    for store in ("_parameters", "_buffers", "__dict__"):
+        if name in getattr(mod, store):
+            return mod, name, getattr(mod, store)[name], store
+    return None
+
+
+def _global_guards(model: torch.nn.Module) -> list[tuple[str, Callable, str, tuple]]:
+    """``(where, forward function, name, snapshot)`` of each plain-data global (or global tensor, by
+    identity) named in the ``forward`` code of a module class of the model."""
+    out, seen = [], set()
+    for mod in model.modules():
+        fwd = getattr(type(mod), "forward", None)
+        code, glob = getattr(fwd, "__code__", None), getattr(fwd, "__globals__", None)
+        if code is None or glob is None or (id(code)) in seen:
+            continue
+        seen.add(id(code))
+        for name in code.co_names:
+            if name not in glob:
+                continue
+            v = glob[name]
+            s = _snap(v)
+            if isinstance(v, torch.Tensor) or (s[0] != "id" and _plain_data(s)):
+                out.append((f"{fwd.__module__}.{name}", fwd, name, s))  # the function, not its globals dict:
+                # functions deep-copy as themselves, a globals dict would be copied whole
+    return out
+
+
+def _plain_data(s: tuple) -> bool:
+    """A snapshot that holds only values and containers of them (no identity leaves, no objects)."""
+    tag = s[0]
+    if tag in ("v", "set"):
+        return True
+    if tag == "seq":
+        return all(_plain_data(x) for x in s[2])
+    if tag == "dict":
+        return all(_plain_data(x) for _, x in s[2])
+    return False
+
+
 @dataclass
 class Guards:
     """Everything a capture specialised on; :meth:`check` raises :class:`GuardError` on a mismatch.
 
     ``signature`` is the model's ``forward`` signature (without ``self``);
     ``inputs`` maps each argument name to its pytree structure and leaf specs
-    (:class:`TensorSpec` for tensors, the value itself otherwise).
+    (:class:`TensorSpec` for tensors, the value itself otherwise);
+    ``module_attrs`` the primitive instance attributes of every submodule by path
+    (for reports; the check uses the fuller precomputed module guards).
     """
 
     signature: inspect.Signature
@@ -128,10 +490,15 @@ class Guards:
     grad_enabled: bool
     model_ref: Callable[[], torch.nn.Module | None] | None = field(default=None, repr=False, compare=False)
     root_training: bool = True
+    modules: list[_ModuleGuard] = field(default_factory=list, repr=False, compare=False)
+    attrs: list[_AttrGuard] = field(default_factory=list, repr=False, compare=False)
+    globals: list[tuple[str, Callable, str, tuple]] = field(default_factory=list, repr=False, compare=False)
 
     @classmethod
     def record(cls, model: torch.nn.Module, bound: inspect.BoundArguments) -> "Guards":
-        """Record the guards of a capture of ``model`` on the (defaults-applied) ``bound`` arguments."""
+        """Record the guards of a capture of ``model`` on the (defaults-applied) ``bound`` arguments.
+
+        Parameter guards are added by :meth:`record_graph_attrs` once the graph exists."""
         inputs = {}
         for name, value in bound.arguments.items():
             leaves, spec = pytree.tree_flatten(value)
@@ -145,7 +512,37 @@ class Guards:
             grad_enabled=torch.is_grad_enabled(),
             model_ref=weakref.ref(model),
             root_training=model.training,
+            modules=_module_guards(model),
+            globals=_global_guards(model),
         )
+
+    def record_graph_attrs(self, model: torch.nn.Module, gm: torch.fx.GraphModule) -> None:
+        """Guard every tensor ``gm`` reads by ``get_attr``: the model's object at that path, or, for a
+        constant of the graph's own, its properties."""
+        self.attrs = []
+        seen = set()
+        graphs = [gm] + [m for _, m in gm.named_modules() if isinstance(m, torch.fx.GraphModule) and m is not gm]
+        for owner in graphs:
+            for node in owner.graph.find_nodes(op="get_attr"):
+                target = str(node.target)
+                try:
+                    obj = _fetch(owner, target)
+                except AttributeError:
+                    continue
+                if not isinstance(obj, torch.Tensor) or (id(owner), target) in seen:
+                    continue
+                seen.add((id(owner), target))
+                found = _model_tensor(model, target) if owner is gm else None
+                if found is not None and found[2] is obj:
+                    self.attrs.append(_AttrGuard(target, obj, weakref.ref(found[0]), found[1],
+                                                 _AttrGuard.spec_of(obj), found[3]))
+                else:
+                    self.attrs.append(_AttrGuard(target, obj, None, target, _AttrGuard.spec_of(obj)))
+
+    def __deepcopy__(self, memo: dict) -> "Guards":
+        # a deep-copied graph module keeps checking the same model: the snapshots hold objects compared
+        # by identity (callables, tensors, the model's parameters), which a deep copy would replace
+        return copy.copy(self)
 
     def bind(self, args: tuple, kwargs: dict) -> inspect.BoundArguments:
         """Bind a call to the model's signature with defaults applied; a bad call is a GuardError."""
@@ -191,17 +588,75 @@ class Guards:
                 f"graph module training={graph_module.training} != captured {self.root_training}; "
                 "capture again after model.train()/model.eval()"
             )
-        model = self.model_ref() if self.model_ref is not None else None
-        if model is not None:
-            for mod_name, flag in _training_flags(model).items():
-                if self.training.get(mod_name, flag) != flag:
-                    raise GuardError(f"module {mod_name!r} training={flag} != captured {self.training[mod_name]}")
-            for attr, value in _module_attrs(model).items():
-                if attr in self.module_attrs and (
-                    type(value) is not type(self.module_attrs[attr]) or value != self.module_attrs[attr]
-                ):
-                    raise GuardError(f"module attribute {attr!r} = {value!r} != captured {self.module_attrs[attr]!r}")
+        self._check_modules()
+        self._check_attrs()
+        for where, fwd, name, s in self.globals:
+            glob = fwd.__globals__
+            if not _same(glob.get(name, _MISSING), s):
+                if s[0] == "id":
+                    raise GuardError(f"global {where} was rebound to another object since capture "
+                                     "(the graph holds the one it had then): capture again")
+                raise GuardError(f"global {where} = {_short(glob.get(name, '<missing>'))} != captured {_shown(s)}; "
+                                 "the graph baked the value it had at capture: capture again")
         return bound
+
+    def _check_modules(self) -> None:
+        for g in self.modules:
+            mod = g.ref()
+            if mod is None:  # the model is gone; the graph holds what it needs
+                return
+            if type(mod) is not g.cls:
+                raise GuardError(f"module {g.path!r} is now a {type(mod).__name__}, captured a {g.cls.__name__} "
+                                 "(a parametrization or class swap after capture): capture again")
+            if mod.training != g.training:
+                raise GuardError(f"module {g.path!r} training={mod.training} != captured {g.training}")
+            d = mod.__dict__
+            if d.keys() != g.keys:
+                diff = sorted((set(d) ^ g.keys) - _MODULE_INTERNALS)
+                if diff:
+                    raise GuardError(f"module {g.path!r} attributes {diff} added or deleted since capture")
+            for attr, s in g.instance_attrs:
+                v = d.get(attr, _MISSING)
+                if s[0] == "v" and type(v) is type(s[1]) and v == s[1]:  # the common case, inline
+                    continue
+                if not _same(v, s):
+                    raise GuardError(f"module attribute {_attr_path(g.path, attr)!r} = "
+                                     f"{_short(d.get(attr, '<missing>'))} != captured {_shown(s)}")
+            for attr, s in g.class_attrs:
+                v = getattr(mod, attr, _MISSING)
+                if not _same(v, s):
+                    raise GuardError(f"class attribute {_attr_path(g.path, attr)!r} "
+                                     f"({type(mod).__name__}.{attr}) = {_short(v)} != captured {_shown(s)}")
+            if (g.hooks == _NO_HOOKS and (mod._forward_hooks or mod._forward_pre_hooks or mod._backward_hooks
+                                          or mod._backward_pre_hooks)) \
+                    or (g.hooks != _NO_HOOKS and _hook_keys(mod) != g.hooks):
+                raise GuardError(f"hooks of module {g.path!r} (forward, forward-pre, backward, backward-pre counts "
+                                 f"{tuple(len(h) for h in _hook_keys(mod))}) changed since capture "
+                                 f"{tuple(len(h) for h in g.hooks)}: the graph inlined the hooks present then")
+            children = mod._modules
+            for name, ref in g.children:
+                if children.get(name) is not ref():
+                    raise GuardError(f"submodule {_attr_path(g.path, name)!r} is now "
+                                     f"{type(children.get(name)).__name__}, not the module captured: capture again")
+            if len(children) != len(g.children):
+                raise GuardError(f"module {g.path!r} has {len(children)} submodules, captured {len(g.children)}")
+
+    def _check_attrs(self) -> None:
+        for a in self.attrs:
+            if a.owner is not None:
+                mod = a.owner()
+                if mod is None:
+                    continue
+                if getattr(mod, a.store).get(a.name, _MISSING) is not a.obj:
+                    raise GuardError(f"parameter/buffer {a.target!r} of the model is no longer the tensor "
+                                     f"captured (re-assigned, e.g. load_state_dict(assign=True)): capture again "
+                                     f"(in-place updates such as load_state_dict() or optimizer steps are fine)")
+            o, (dtype, shape, device, requires_grad) = a.obj, a.spec
+            if o.dtype is not dtype or o.requires_grad is not requires_grad or o.shape != shape or o.device != device:
+                spec = _AttrGuard.spec_of(o)
+                names = ("dtype", "shape", "device", "requires_grad")
+                diff = ", ".join(f"{n} {g} != captured {w}" for n, g, w in zip(names, spec, a.spec) if g != w)
+                raise GuardError(f"parameter/buffer {a.target!r}: {diff}")
 
     def __str__(self) -> str:
         lines = ["Guards:"]
@@ -212,8 +667,16 @@ class Guards:
         lines.append(f"  grad_enabled: {self.grad_enabled}")
         n_train = sum(self.training.values())
         lines.append(f"  training: {n_train}/{len(self.training)} modules in training mode (root {self.root_training})")
-        lines.append(f"  module attributes: {len(self.module_attrs)} plain values")
+        n_attr = sum(len(g.instance_attrs) + len(g.class_attrs) for g in self.modules)
+        lines.append(f"  modules: {len(self.modules)} (identity, class, hooks), {n_attr} attributes")
+        lines.append(f"  parameters/buffers read by the graph: {len(self.attrs)}; globals: {len(self.globals)}")
         return "\n".join(lines)
+
+
+def _fetch(obj: Any, target: str) -> Any:
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def _short(v: Any) -> str:
@@ -241,6 +704,19 @@ def install_guards(gm: torch.fx.GraphModule, guards: Guards) -> None:
         return bound.args, bound.kwargs
 
     gm._foldcompile_guard_hook = gm.register_forward_pre_hook(_check, with_kwargs=True)
+    # GraphModule.__deepcopy__ rebuilds the module without its forward hooks, which would leave a
+    # copy unguarded; fx makes a class per GraphModule instance, so patching it touches only ``gm``
+    cls = type(gm)
+    if cls.__qualname__.endswith("GraphModuleImpl") and "__deepcopy__" not in cls.__dict__:
+        cls.__deepcopy__ = _deepcopy_keeping_guards
+
+
+def _deepcopy_keeping_guards(self: torch.fx.GraphModule, memo: dict) -> torch.fx.GraphModule:
+    res = super(type(self), self).__deepcopy__(memo)
+    guards = getattr(self, "guards", None)
+    if guards is not None:
+        install_guards(res, guards)
+    return res
 
 
 def copy_guards(src: torch.fx.GraphModule, dst: torch.fx.GraphModule) -> None:

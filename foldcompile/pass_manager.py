@@ -72,6 +72,10 @@ def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         # a captured module checks its guards (and binds defaults) on every call: keep that
         from foldcompile.guards import install_guards
         install_guards(new, gm.guards)
+    if gm.meta.get("inlined_training"):
+        # normalize baked the training flag of inlined modules into the graph: keep refusing other modes
+        from foldcompile.passes.normalize import install_training_check
+        install_training_check(new)
     return new
 
 

@@ -5,7 +5,10 @@ hand-built one), for the top-level graph and every subgraph (checkpoint bodies):
 
 - no ``call_module`` node is left: each is inlined, by tracing the submodule
   with ``torch.fx.symbolic_trace`` and splicing its graph in, with get_attr
-  targets prefixed by the submodule's path (``lin.weight``);
+  targets prefixed by the submodule's path (``lin.weight``); the trace bakes
+  each module's ``training`` flag in, so it is recorded in
+  ``gm.meta["inlined_training"]`` and a pre-hook refuses calls in another mode
+  (:func:`install_training_check`);
 - no ``call_method`` node is left: ``x.m(*a)`` becomes ``torch.m(x, *a)`` where
   ``torch.m`` is the same op with the same arguments (``_TORCH_SAME``), else
   ``torch.Tensor.m(x, *a)``; size varargs are packed, so ``x.permute(1, 0, 2)``
@@ -54,7 +57,7 @@ import torch.fx
 
 from foldcompile.passes.base import PassError, PassResult, describe_node
 
-__all__ = ["normalize_pass", "gemm_operands", "GEMM_TARGETS"]
+__all__ = ["normalize_pass", "gemm_operands", "GEMM_TARGETS", "TrainingModeError", "install_training_check"]
 
 # Tensor methods whose torch.<name> function is the same op with the same arguments after self.
 _TORCH_SAME = frozenset("""
@@ -90,15 +93,52 @@ def normalize_pass(gm: torch.fx.GraphModule) -> PassResult:
         "parameters_renamed": Counter(),
     }
     changed = False
-    for owner in [gm] + [m for _, m in gm.named_modules() if isinstance(m, torch.fx.GraphModule) and m is not gm]:
-        changed |= _normalize_graph(owner, record)
+    training: dict[str, bool] = dict(gm.meta.get("inlined_training", {}))
+    for prefix, owner in [("", gm)] + [(f"{name}.", m) for name, m in gm.named_modules()
+                                       if isinstance(m, torch.fx.GraphModule) and m is not gm]:
+        changed |= _normalize_graph(owner, record, training, prefix)
         owner.graph.lint()
         owner.recompile()
+    if training:
+        gm.meta["inlined_training"] = training
+        install_training_check(gm)
     record = {k: dict(v) for k, v in record.items()}
     return PassResult(gm, changed, record)
 
 
-def _normalize_graph(owner: torch.fx.GraphModule, record: dict) -> bool:
+class TrainingModeError(PassError):
+    """A normalised graph was called in another training mode than the modules it inlined had."""
+
+
+def install_training_check(gm: torch.fx.GraphModule) -> None:
+    """Refuse calls of ``gm`` whose training mode differs from the one its inlined modules were traced in.
+
+    ``symbolic_trace`` bakes ``self.training`` of each inlined module (dropout, batch norm, ``if
+    self.training``) into the graph, so after ``gm.eval()`` the graph would still compute the training
+    function. ``gm.meta["inlined_training"]`` maps each inlined module's path to its flag at inlining;
+    a forward pre-hook compares it with the module's flag now (or ``gm.training`` where the module is
+    gone) and raises :class:`TrainingModeError`.
+    """
+    old = getattr(gm, "_foldcompile_training_hook", None)
+    if old is not None:
+        old.remove()
+
+    def _check(module: torch.nn.Module, args: tuple) -> None:
+        for path, flag in module.meta.get("inlined_training", {}).items():
+            try:
+                now = module.get_submodule(path).training
+            except AttributeError:
+                now = module.training
+            if now != flag:
+                raise TrainingModeError(
+                    f"module {path!r} was inlined by normalize_pass with training={flag} (baked into the graph: "
+                    f"dropout, batch norm, `if self.training`), but is now training={now}; set it back or "
+                    f"normalise a graph traced in this mode")
+
+    gm._foldcompile_training_hook = gm.register_forward_pre_hook(_check)
+
+
+def _normalize_graph(owner: torch.fx.GraphModule, record: dict, training: dict[str, bool], prefix: str) -> bool:
     changed = False
     graph = owner.graph
     while True:  # inlined bodies may hold call_module nodes of their own
@@ -106,7 +146,9 @@ def _normalize_graph(owner: torch.fx.GraphModule, record: dict) -> bool:
         if not calls:
             break
         for node in calls:
-            record["modules_inlined"][type(owner.get_submodule(node.target)).__name__] += 1
+            sub = owner.get_submodule(node.target)
+            record["modules_inlined"][type(sub).__name__] += 1
+            training[f"{prefix}{node.target}"] = sub.training
             _inline_module(owner, node)
             changed = True
     changed |= _name_parameters_after_the_model(graph, record)
