@@ -260,6 +260,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                 results.append({"name": name, "ok": False, "error": f"{type(e).__name__}: {e}"})
         if "evoformer_block" in names:
             _demo_af2_scaling(device)
+    from foldcompile.demo_kernels import demo_kernels
+    kernels_ok = demo_kernels(device)
     print(f"\n== summary ({time.perf_counter() - t0:.0f} s)")
     for r in results:
         if "error" in r:
@@ -268,7 +270,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             print(f"   {r['name']:20s} {'ok    ' if r['ok'] else 'FAILED'}  {r['graphs']} graph, {r['leaves']} leaves, "
                   f"{r['ops']:4d} ops, max rel err {r['err']:.1e}, {r['gflop']:.3g} GFLOP "
                   f"({100 * r['gemm_share']:.0f}% GEMM), {r['seconds']:.1f} s")
-    return 0 if all(r["ok"] for r in results) else 1
+    print(f"   kernels              {'ok' if kernels_ok else 'FAILED'}")
+    return 0 if all(r["ok"] for r in results) and kernels_ok else 1
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -109,6 +109,10 @@ def test_demo_on_one_tiny_model(capsys):
     assert "GEMM 216.09 GFLOP" in out and "GEMM 3702.26 GFLOP" in out
     summary = out.split("== summary")[1]
     assert "evoformer_block" in summary and "ok" in summary
+    # the kernel section: under the test suite's TRITON_INTERPRET=1 the Triton kernels themselves run
+    kernels = out.split("== kernels")[1].split("== summary")[0]
+    assert kernels.count("triton (interpreter)") == 4 and "TOO LARGE" not in kernels
+    assert "kernels              ok" in summary
 
 
 def test_demo_rejects_unknown_model(capsys):
