@@ -63,6 +63,32 @@ def copy_bandwidth_gbs(n_bytes: int = 1 << 30) -> float:
     return 2 * n_bytes / (ms * 1e-3) / 1e9
 
 
+def add_memory_bound_rows(results: "Results", key: dict, passes, ours, eager, compiled, copy_gbs: float,
+                          extra: dict) -> None:
+    """Time ``ours``, ``eager`` and ``compiled`` (None if torch.compile failed) for each
+    ``(pass name, make, bytes)`` in ``passes`` — ``make(fn)`` returns the thunk to time — and add
+    one row per pass: times, our GB/s and % of the card's copy bandwidth, ratios, peak memory.
+    A compile failure is recorded in the notes, not raised: it is a result."""
+    for pass_name, make, n_bytes in passes:
+        t_ours = time_ms(make(ours))
+        t_eager = time_ms(make(eager))
+        t_comp = float("nan")
+        if compiled is not None:
+            try:
+                t_comp = time_ms(make(compiled))
+            except Exception as exc:  # noqa: BLE001 - any compile failure is a result
+                results.notes.append(f"torch.compile failed on {' '.join(map(str, key.values()))}: "
+                                     f"{type(exc).__name__}")
+                compiled = None
+        gbs = n_bytes / (t_ours * 1e-3) / 1e9
+        results.add(**key, **{
+            "pass": pass_name, "ours ms": t_ours, "eager ms": t_eager, "compile ms": t_comp,
+            "ours GB/s": gbs, "%copy": 100.0 * gbs / copy_gbs, "×eager": t_eager / t_ours,
+            "×compile": t_comp / t_ours,
+            "ours peak MiB": peak_memory_bytes(make(ours)) / 2**20,
+            "eager peak MiB": peak_memory_bytes(make(eager)) / 2**20}, **extra)
+
+
 @dataclass
 class Results:
     """Rows of one benchmark run, written as a markdown table and JSON in bench/results/."""

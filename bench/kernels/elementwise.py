@@ -34,7 +34,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from bench.common import Results, copy_bandwidth_gbs, peak_memory_bytes, time_ms
+from bench.common import Results, add_memory_bound_rows, copy_bandwidth_gbs
 from foldcompile.kernels.elementwise import FusedElementwise, dropout, fuse_elementwise
 
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -149,24 +149,9 @@ def run(quick: bool = False) -> Results:
             def fwd_bwd(f):
                 return lambda: torch.autograd.grad(f(*inputs), inputs, dy)
 
-            for pass_name, make, n_bytes in (("fwd", fwd, fwd_bytes), ("fwd+bwd", fwd_bwd, fwd_bytes + bwd_bytes)):
-                t_ours = time_ms(make(ours))
-                t_eager = time_ms(make(eager))
-                t_comp = float("nan")
-                if compiled is not None:
-                    try:
-                        t_comp = time_ms(make(compiled))
-                    except Exception as exc:  # compile failure is a result, not a crash
-                        res.notes.append(f"torch.compile failed on {fragment} {label} {dname}: {type(exc).__name__}")
-                        compiled = None
-                gbs = n_bytes / (t_ours * 1e-3) / 1e9
-                res.add(fragment=fragment, shape=label, dtype=dname, **{
-                    "pass": pass_name, "ours ms": t_ours, "eager ms": t_eager, "compile ms": t_comp,
-                    "ours GB/s": gbs, "%copy": 100.0 * gbs / bw, "×eager": t_eager / t_ours,
-                    "×compile": t_comp / t_ours,
-                    "ours peak MiB": peak_memory_bytes(make(ours)) / 2**20,
-                    "eager peak MiB": peak_memory_bytes(make(eager)) / 2**20,
-                    "err": err})
+            passes = (("fwd", fwd, fwd_bytes), ("fwd+bwd", fwd_bwd, fwd_bytes + bwd_bytes))
+            add_memory_bound_rows(res, {"fragment": fragment, "shape": label, "dtype": dname}, passes, ours, eager,
+                                  compiled, bw, {"err": err})
             del inputs, dy, compiled
     return res
 
