@@ -2,8 +2,8 @@
 
 GPU only: times with CUDA events after warm-up, reports the median of several
 repetitions, and measures peak memory with the caching allocator's counters.
-Every speed figure a benchmark reports is a ratio against a baseline timed in the
-same process on the same card.
+A speed-up a benchmark reports is always a ratio against a baseline timed in the same
+process on the same card; bench/baseline.py itself records the baselines' absolute times.
 """
 from __future__ import annotations
 

@@ -319,7 +319,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # errors the library raises for the user's model: one clear line, no traceback
         from foldcompile.capture import CaptureError
         from foldcompile.passes.base import PassError
-        if isinstance(e, (CaptureError, PassError, KeyError, ValueError)):
+        if isinstance(e, (CaptureError, PassError, ValueError)):  # ValueError: argument checks
             print(f"foldcompile {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
             return 2
         raise

@@ -293,12 +293,14 @@ def get(name: str, size: str = "tiny", n_seq: int | None = None, n_res: int | No
     if n_blocks is not None and n_blocks < 1:
         raise ValueError(f"n_blocks must be >= 1, got {n_blocks}")
     device = torch.device(device)
-    torch.manual_seed(seed)  # the modules' own initialisers, before they are re-randomised
     if device.type == "meta":
         with torch.device("meta"):
             module = spec.build(size, sizes, n_blocks)
     else:
-        module = randomize_parameters(spec.build(size, sizes, n_blocks), seed)
+        # the modules' own initialisers draw from the global RNG; fork it so a zoo call leaves the
+        # caller's random state alone (every value is redrawn from ``seed`` right after)
+        with torch.random.fork_rng(devices=[]):
+            module = randomize_parameters(spec.build(size, sizes, n_blocks), seed)
     module = module.to(device=device, dtype=dtype).eval()
     gen = torch.Generator().manual_seed(seed + 1)
     inputs = spec.inputs(size, sizes, gen, torch.float32)

@@ -413,4 +413,8 @@ def cost_totals(gm: torch.fx.GraphModule) -> CostTotals:
             raise PassError(f"node {n.name!r} has no op_class/cost: run classify_pass first")
         rows.append((n.name, cls, str(n.meta.get("module_path") or ""), n.meta["cost"]["flops"],
                      n.meta["cost"]["bytes"]))
-    return CostTotals(rows, dict(gm.meta.get("dims", {})), frozenset(gm.meta.get("guarded_dims") or ()))
+    dims = dict(gm.meta.get("dims", {}))
+    guarded = set(gm.meta.get("guarded_dims") or ())
+    if gm.meta.get("shape_fallbacks"):  # some sizes were matched by value: none may move
+        guarded |= set(dims)
+    return CostTotals(rows, dims, frozenset(guarded))

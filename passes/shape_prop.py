@@ -317,7 +317,9 @@ class _SymShapeProp(torch.fx.Interpreter):
                 except NoRule as e:
                     sym = self._fallback(n, out, f"no rule for this form: {e}")
                 except (TypeError, ValueError, IndexError, KeyError, AttributeError) as e:
-                    sym = self._fallback(n, out, f"rule failed: {type(e).__name__}: {e}")
+                    # a rule that breaks is a bug to report, not a reason to guess sizes by value
+                    raise PassError(f"the symbolic shape rule for {describe_node(n)} failed: "
+                                    f"{type(e).__name__}: {e}") from e
             else:
                 sym = self._fallback(n, out, "no symbolic rule for this op")
             if sym is None and isinstance(out, torch.Tensor):
@@ -386,5 +388,7 @@ def shape_prop_pass(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
     with torch.no_grad():
         prop.run(*example_inputs)
     gm.meta["dims"] = dict(all_dims)
+    # sizes found by value hold at the example sizes only: cost_totals refuses other sizes then
+    gm.meta["shape_fallbacks"] = list(prop.fallback)
     record = {"dims": dict(all_dims), "nodes": len(gm.graph.nodes), "fallback": prop.fallback}
     return PassResult(gm, False, record)

@@ -107,3 +107,20 @@ def test_bad_settings():
     module, inputs = zoo.get("pairformer_block", size="tiny")
     with pytest.raises(ValueError, match="reps"):
         profile(module, *inputs, reps=0)
+
+
+class _OneHeavyOp(torch.nn.Module):
+    """A 512x512x512 matrix product next to two element-wise ops on 16 numbers: the product is
+    far more work, so a profile that credits time to the wrong node shows."""
+
+    def forward(self, x, w, s):
+        return torch.matmul(x, w), (s + 1.0) * 2.0
+
+
+def test_time_is_attributed_to_the_node_that_spent_it():
+    x, w, s = torch.randn(512, 512), torch.randn(512, 512), torch.randn(16)
+    with torch.no_grad():
+        prof = profile(_OneHeavyOp(), x, w, s, warmup=1, reps=3)
+    heavy = [n for n in prof.nodes if n.op_class == "GEMM"]
+    assert len(heavy) == 1 and len(prof.nodes) == 3
+    assert heavy[0].ms > 0.8 * prof.profiled_ms, [(n.name, n.ms) for n in prof.nodes]

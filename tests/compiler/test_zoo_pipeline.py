@@ -1,6 +1,7 @@
 """Every zoo model through the whole front end: one graph, torch-level ops, equal to eager,
 classified, with GEMM FLOPs equal to what torch's FlopCounterMode counts node by node."""
 import pytest
+import torch
 
 from foldcompile import explain
 from foldcompile.models import zoo
@@ -27,11 +28,21 @@ def test_one_graph_no_leaves_torch_level_targets(analysed):
             assert not module_name.startswith("torch._ops"), f"{name}: aten op {node.target} left in the graph"
 
 
-def test_normalised_graph_equals_eager(analysed):
+def test_normalised_graph_equals_eager_on_fresh_inputs(analysed):
+    """Fresh random values (and mask patterns) of the captured shapes: a graph that baked in
+    anything from its example inputs would part from the model here."""
     name, module, inputs, report = analysed
-    expected = module(*inputs)  # grad mode as captured (the graph's guards check it)
-    got = report.graph_module(*report.example_values)
+    fresh = zoo.get(name, size="tiny", seed=11)[1]
+    assert any(not torch.equal(a, b) for a, b in zip(fresh, inputs) if a.is_floating_point())
+    extra = report.example_values[len(fresh):]  # defaulted arguments (chunk_size=None, ...)
+    expected = module(*fresh)  # grad mode as captured (the graph's guards check it)
+    got = report.graph_module(*fresh, *extra)
     assert max_rel_error(got, expected) <= 1e-6, name
+
+
+def test_symbolic_shapes_derived_without_guessing(analysed):
+    name, _, _, report = analysed
+    assert report.to_dict()["passes"]["shape_prop"]["record"]["fallback"] == [], name
 
 
 def test_every_node_classified_and_gemm_flops_match_flop_counter(analysed):

@@ -130,7 +130,7 @@ def test_chunk_size_gives_the_same_function():
     ref = flat_outputs(model(**feats))
     chunked = flat_outputs(model(**feats, chunk_size=2))
     for key in ref:
-        torch.testing.assert_close(chunked[key], ref[key], atol=1e-8, rtol=0, msg=key)
+        torch.testing.assert_close(chunked[key], ref[key], atol=1e-10, rtol=0, msg=key)
 
 
 def test_padded_residues_leave_real_residues_unchanged():
@@ -148,10 +148,10 @@ def test_padded_residues_leave_real_residues_unchanged():
     seq_mask = torch.cat([torch.ones(n), torch.zeros(pad)]).double()
     ref = model(**feats, n_recycle=2)
     out = model(**padded, seq_mask=seq_mask, n_recycle=2)
-    torch.testing.assert_close(out["single"][:n], ref["single"], atol=1e-5, rtol=0)
-    torch.testing.assert_close(out["sm_single"][:n], ref["sm_single"], atol=1e-5, rtol=0)
-    torch.testing.assert_close(out["pair"][:n, :n], ref["pair"], atol=1e-5, rtol=0)
-    torch.testing.assert_close(out["msa_first_row"][:n], ref["msa_first_row"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out["single"][:n], ref["single"], atol=1e-9, rtol=0)
+    torch.testing.assert_close(out["sm_single"][:n], ref["sm_single"], atol=1e-9, rtol=0)
+    torch.testing.assert_close(out["pair"][:n, :n], ref["pair"], atol=1e-9, rtol=0)
+    torch.testing.assert_close(out["msa_first_row"][:n], ref["msa_first_row"], atol=1e-9, rtol=0)
     torch.testing.assert_close(out["positions"][:n], ref["positions"], atol=1e-5, rtol=0)
     torch.testing.assert_close(out["angles"][:, :n], ref["angles"], atol=1e-5, rtol=0)
     # the check has teeth: without the mask the padding changes the real residues

@@ -120,7 +120,7 @@ def test_chunking_matches_unchunked(chunk_size):
     ref = stack(m, z, msa_mask, pair_mask)
     out = stack(m, z, msa_mask, pair_mask, chunk_size=chunk_size)
     for a, b in zip(out, ref):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 
 def test_bad_chunk_size_and_depth_raise():
@@ -199,10 +199,15 @@ def test_padding_with_masked_residues_changes_nothing():
     msa_mask[3:, 5] = 0.0  # a gap in some sequences
     pair_mask = torch.ones(N_RES, N_RES, dtype=m.dtype)
     m_ref, z_ref, s_ref = stack(m, z, msa_mask, pair_mask)
-    m_pad, z_pad, s_pad = stack(*pad_residues(m, z, msa_mask, pair_mask, n_pad=4))
-    torch.testing.assert_close(m_pad[:, :N_RES], m_ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(z_pad[:N_RES, :N_RES], z_ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(s_pad[:N_RES], s_ref, rtol=1e-5, atol=1e-5)
+    padded = pad_residues(m, z, msa_mask, pair_mask, n_pad=4)
+    m_pad, z_pad, s_pad = stack(*padded)
+    torch.testing.assert_close(m_pad[:, :N_RES], m_ref, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(z_pad[:N_RES, :N_RES], z_ref, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(s_pad[:N_RES], s_ref, rtol=1e-9, atol=1e-9)
+    # not vacuous: with the padding unmasked, the padded residues do leak into the real ones
+    m_leak, z_leak, _ = stack(padded[0], padded[1])
+    assert (z_leak[:N_RES, :N_RES] - z_ref).abs().max() > 1e-3
+    assert (m_leak[:, :N_RES] - m_ref).abs().max() > 1e-3
 
 
 def test_msa_row_permutation_equivariance():
@@ -212,9 +217,9 @@ def test_msa_row_permutation_equivariance():
     assert not torch.equal(perm, torch.arange(N_SEQ))
     m_ref, z_ref, s_ref = stack(m, z, msa_mask, pair_mask)
     m_perm, z_perm, s_perm = stack(m[perm], z, msa_mask[perm], pair_mask)
-    torch.testing.assert_close(m_perm, m_ref[perm], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(z_perm, z_ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(s_perm, s_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(m_perm, m_ref[perm], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(z_perm, z_ref, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(s_perm, s_ref, rtol=1e-9, atol=1e-9)
 
 
 def test_incoming_triangle_multiplication_is_outgoing_on_transpose():

@@ -71,7 +71,7 @@ def test_extra_msa_stack_shapes_chunking_and_batch():
     e, z, msa_mask, pair_mask = extra_inputs()
     out = stack(e, z, msa_mask, pair_mask)
     assert out.shape == z.shape and not torch.allclose(out, z)
-    torch.testing.assert_close(stack(e, z, msa_mask, pair_mask, chunk_size=2), out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stack(e, z, msa_mask, pair_mask, chunk_size=2), out, rtol=1e-9, atol=1e-9)
     batched = stack(torch.stack([e, e.flip(0)]), torch.stack([z, z]), torch.stack([msa_mask, msa_mask.flip(0)]),
                     torch.stack([pair_mask, pair_mask]))
     torch.testing.assert_close(batched[0], out, rtol=1e-9, atol=1e-9)
@@ -89,7 +89,9 @@ def test_extra_msa_stack_padding_with_masked_residues_changes_nothing():
     msa_mask_p, pair_mask_p = torch.zeros(N_EXTRA, n, dtype=e.dtype), torch.zeros(n, n, dtype=e.dtype)
     msa_mask_p[:, :N_RES], pair_mask_p[:N_RES, :N_RES] = msa_mask, pair_mask
     out = stack(e_p, z_p, msa_mask_p, pair_mask_p)
-    torch.testing.assert_close(out[:N_RES, :N_RES], ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[:N_RES, :N_RES], ref, rtol=1e-9, atol=1e-9)
+    leak = stack(e_p, z_p)  # unmasked padding does reach the real residues: the check above is not vacuous
+    assert (leak[:N_RES, :N_RES] - ref).abs().max() > 1e-3
 
 
 def test_extra_msa_stack_checkpointing_same_outputs_and_gradients():
@@ -119,7 +121,7 @@ def test_template_pair_stack_shapes_chunking_and_independent_templates():
     torch.testing.assert_close(normed.mean(-1), torch.zeros(out.shape[:-1], dtype=out.dtype), rtol=0, atol=1e-9)
     torch.testing.assert_close(normed.var(-1, unbiased=False), torch.ones(out.shape[:-1], dtype=out.dtype),
                                rtol=0, atol=1e-3)
-    torch.testing.assert_close(stack(t, pair_mask, chunk_size=3), out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stack(t, pair_mask, chunk_size=3), out, rtol=1e-9, atol=1e-9)
     for k in range(N_TEMPL):
         torch.testing.assert_close(stack(t[k:k + 1], pair_mask[k:k + 1])[0], out[k], rtol=1e-9, atol=1e-9)
     with_batch = stack(t[None], pair_mask[None])
@@ -136,7 +138,8 @@ def test_template_pair_stack_padding_with_masked_residues_changes_nothing():
     pair_mask = torch.zeros(N_TEMPL, n, n, dtype=t.dtype)
     pair_mask[:, :N_RES, :N_RES] = 1.0
     out = stack(t_p, pair_mask)
-    torch.testing.assert_close(out[:, :N_RES, :N_RES], ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[:, :N_RES, :N_RES], ref, rtol=1e-9, atol=1e-9)
+    assert (stack(t_p)[:, :N_RES, :N_RES] - ref).abs().max() > 1e-3  # unmasked padding leaks: not vacuous
     # a mask of size 1 over templates broadcasts
     torch.testing.assert_close(stack(t_p, pair_mask[:1]), out, rtol=1e-12, atol=1e-12)
 
@@ -181,7 +184,7 @@ def test_template_pointwise_attention_definition():
         w = torch.softmax(torch.einsum("hc,thc->ht", q, k), dim=-1)
         expected = mha.linear_o(torch.einsum("ht,thc->hc", w, v).reshape(6))
         torch.testing.assert_close(out[i, j], expected, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(att(t, z, mask, chunk_size=2), out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(att(t, z, mask, chunk_size=2), out, rtol=1e-9, atol=1e-9)
     # batch dim
     batched = att(torch.stack([t, t]), torch.stack([z, z]), torch.stack([mask, torch.zeros_like(mask)]))
     torch.testing.assert_close(batched[0], out, rtol=1e-9, atol=1e-9)

@@ -83,6 +83,13 @@ def test_bf16_models_accept_float32_and_bool_masks(name):
             assert len(out) == len(ref)
             for a, b in zip(out, ref):
                 assert a.dtype == b.dtype and torch.equal(a, b), name
+        # and the masks do act in bf16: masking one more real residue changes the outputs
+        args = list(inputs)
+        first = MASK_ARGS[name][0]
+        args[first] = args[first].clone()
+        args[first].view(-1)[0] = 0
+        changed = _flat(module(*args))
+        assert any(not torch.equal(a, b) for a, b in zip(changed, ref)), name
 
 
 # ------------------------------------------------------------- 3. fp16 with padding
@@ -110,7 +117,7 @@ def test_fp16_with_padding_is_finite_and_close_to_fp32(name):
     for a, b in zip(_real_parts(name, out16), _real_parts(name, out32)):
         assert a.dtype == torch.float16
         rel = (a.float() - b).norm() / b.norm()
-        assert rel < 2e-2, (name, tuple(b.shape), rel.item())
+        assert rel < 5e-3, (name, tuple(b.shape), rel.item())  # measured 6e-4..2e-3; ignored masks give > 5e-2
 
 
 # ------------------------------------------------------------- 4, 5. template masks in AlphaFold2
