@@ -52,9 +52,10 @@ Backward kernels (all without atomics):
   ~2/7 more backward FLOPs, with no extra memory beyond the fp32 bias gradient.
 
 Measured on an H100 (bf16, triangle attention N_res=1024, 4 heads x 32, bf16 bias,
-key mask; bench/kernels/attention.py): forward 4.3-4.7 ms, forward+backward 17.7 ms
-(dkdv 5.4, dbias 4.1, forward 4.0, dq 3.4 ms), 64 MiB extra memory. At the training
-crop the calls are host-bound (~0.3-0.4 ms of Python and launch overhead per forward).
+key mask; bench/results/kernels_attention_NVIDIA_H100_80GB_HBM3_2026-11-27.md): forward 4.48 ms,
+forward+backward 17.93 ms,
+64 MiB extra memory. At the training crop the calls are host-bound (``fwd_host_ms`` in that
+table: ~0.3 ms of Python and launch overhead per forward).
 
 Cost of odd layouts: q, k, v and gate are viewed as ``[B, H, L, D]`` (leading dims
 flattened); where a strided input's leading dims cannot be flattened as a view,

@@ -135,8 +135,10 @@ def test_softmax_expanded_bias_backward():
     b0 = _randn(1, 1, 1, 1, 1, 1, 1, 5, grad=True)
     x = _randn(2, 2, 2, 2, 2, 2, 2, 5, grad=True)
     g = _randn(*x.shape)
-    y = softmax(x, bias=b0.expand(1, 2, 1, 2, 1, 2, 1, 5))
-    y.backward(g)
+    with record_launches() as launched:
+        y = softmax(x, bias=b0.expand(1, 2, 1, 2, 1, 2, 1, 5))
+        y.backward(g)
+    assert {"softmax_fwd", "softmax_bwd"} <= set(launched)
     b0r = b0.detach().double().requires_grad_()
     xr = x.detach().double().requires_grad_()
     yr = softmax_reference(xr, bias=b0r.expand(1, 2, 1, 2, 1, 2, 1, 5))
@@ -153,7 +155,9 @@ def test_fused_elementwise_zero_dim_tensor_promotion():
     h = _randn(4, 8, dtype=torch.float16)
     s = torch.tensor(2.0, device=DEV)  # 0-dim fp32: does not promote a dimensioned fp16 tensor
     f = fuse_elementwise(lambda a, b: a * b)
-    out = f(h, s)
+    with record_launches() as launched:
+        out = f(h, s)
+    assert "fused_elementwise_fwd" in launched
     assert out.dtype == (h * s).dtype == torch.float16
     assert torch.equal(out, h * s)
     # Both 0-dim: ordinary promotion.
@@ -174,7 +178,7 @@ def test_fused_elementwise_half_cast_rounds():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 is wrong in the Triton interpreter")
-def test_fused_elementwise_bfloat16_cast_rounds():
+def test_fused_elementwise_cast_rounds_bf16_cuda():
     f = fuse_elementwise(lambda a: a.bfloat16().float() - a)
     x = _randn(64) * 1.001
     torch.testing.assert_close(f(x), x.bfloat16().float() - x, rtol=0, atol=0)
