@@ -30,7 +30,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import inspect
+import logging
+import os
 import sys
 import time
 from typing import Any, Sequence
@@ -43,6 +46,10 @@ __all__ = ["main", "load_target"]
 
 _AF2_SMALL = dict(n_seq=11, n_res=13, n_extra=17, n_templ=3)
 _DEMO_TOL = 1e-5  # fp32 graph vs eager; on a GPU the same kernels run, so the bar holds there too
+
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_log = logging.getLogger("foldcompile.cli")
 
 
 class CLIError(Exception):
@@ -81,10 +88,11 @@ def _call_with(fn: Any, what: str, options: dict[str, Any]) -> Any:
 
 
 def load_target(target: str, size: str | None = None, n_seq: int | None = None, n_res: int | None = None,
-                device: str = "cpu", dtype: torch.dtype = torch.float32
+                device: str = "cpu", dtype: torch.dtype | None = None
                 ) -> tuple[torch.nn.Module, tuple, dict, str]:
     """Resolve a CLI target to ``(module, example_inputs, example_kwargs, name)`` (see the module
-    docstring). Zoo models are built on ``device`` in ``dtype``; user targets are moved there."""
+    docstring). Zoo models are built on ``device`` (in ``dtype``, default float32); user targets are
+    moved to ``device`` and cast to ``dtype`` only when one is given (their own dtype is kept)."""
     from foldcompile.models import zoo
 
     if ":" not in target:
@@ -95,13 +103,12 @@ def load_target(target: str, size: str | None = None, n_seq: int | None = None, 
         sizes: dict[str, Any] = {"n_seq": n_seq, "n_res": n_res}
         if size == "af2" and n_seq is None and n_res is None:
             sizes = dict(_AF2_SMALL)
-        module, inputs = zoo.get(target, size=size, device=device, dtype=dtype, **sizes)
+        module, inputs = zoo.get(target, size=size, device=device, dtype=dtype or torch.float32, **sizes)
         return module, tuple(inputs), {}, target
-    mod_name, _, attr = target.partition(":")
-    try:
-        obj: Any = importlib.import_module(mod_name)
-    except ImportError as e:
-        raise CLIError(f"cannot import {mod_name!r} for target {target!r}: {e}") from None
+    mod_name, _, attr = target.rpartition(":")
+    if not mod_name or not attr:
+        raise CLIError(f"target {target!r}: expected a zoo name, package.module:attr or path/to/file.py:attr")
+    obj: Any = _import_target_module(mod_name, target)
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise CLIError(f"{mod_name!r} has no attribute {attr!r}")
@@ -110,11 +117,16 @@ def load_target(target: str, size: str | None = None, n_seq: int | None = None, 
         raise CLIError(f"{target} is a {type(obj).__name__}; it must be a callable returning "
                        "(module, example_inputs) or a module factory")
     options = {k: v for k, v in (("size", size), ("n_seq", n_seq), ("n_res", n_res)) if v is not None}
-    if isinstance(obj, type) and issubclass(obj, torch.nn.Module):
-        made = obj()
-    else:
-        made = _call_with(obj, target, options)
-        options = {}
+    try:
+        if isinstance(obj, type) and issubclass(obj, torch.nn.Module):
+            made = obj()
+        else:
+            made = _call_with(obj, target, options)
+            options = {}
+    except CLIError:
+        raise
+    except Exception as e:  # the user's own builder failed: say where, in a few lines, no traceback
+        raise CLIError(f"{target} raised {type(e).__name__}: {e}{_user_frame(e)}") from None
     kwargs: dict = {}
     if isinstance(made, torch.nn.Module):
         ex = getattr(made, "example_inputs", None)
@@ -130,10 +142,63 @@ def load_target(target: str, size: str | None = None, n_seq: int | None = None, 
         raise CLIError(f"{target}() returned {type(made).__name__}; expected (module, example_inputs) "
                        "or an nn.Module with example_inputs")
     inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-    move = lambda x: (x.to(device=device, dtype=dtype) if x.is_floating_point() else x.to(device)) \
-        if isinstance(x, torch.Tensor) else x
-    module = module.to(device=device, dtype=dtype)
+
+    def move(x: Any) -> Any:
+        if not isinstance(x, torch.Tensor):
+            return x
+        return x.to(device=device, dtype=dtype) if (dtype is not None and x.is_floating_point()) else x.to(device)
+
+    module = module.to(device=device) if dtype is None else module.to(device=device, dtype=dtype)
     return module, tuple(move(x) for x in inputs), {k: move(v) for k, v in kwargs.items()}, target
+
+
+def _import_target_module(spec: str, target: str) -> Any:
+    """Import ``package.module`` (from the working directory too, as ``python -m`` would) or a
+    ``path/to/file.py``."""
+    if spec.endswith(".py") or "/" in spec or os.sep in spec:
+        path = os.path.abspath(spec)
+        if not os.path.isfile(path):
+            raise CLIError(f"target {target!r}: no file {spec!r} (from {os.getcwd()})")
+        name = "_foldcompile_target_" + os.path.splitext(os.path.basename(path))[0]
+        module_spec = importlib.util.spec_from_file_location(name, path)
+        if module_spec is None or module_spec.loader is None:
+            raise CLIError(f"target {target!r}: cannot load {spec!r} as a Python file")
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[name] = module
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as e:
+            sys.modules.pop(name, None)
+            raise CLIError(f"importing {spec!r} raised {type(e).__name__}: {e}{_user_frame(e)}") from None
+        return module
+    # a console script does not put the working directory on sys.path; `python -m` does
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        return importlib.import_module(spec)
+    except ModuleNotFoundError as e:
+        hint = ""
+        if e.name and spec.split(".")[0] == e.name.split(".")[0]:
+            hint = (f" (run from the folder that holds {spec.split('.')[0]!r}, add it to PYTHONPATH, "
+                    f"or give the file: path/to/{spec.replace('.', '/')}.py:ATTR)")
+        raise CLIError(f"cannot import {spec!r} for target {target!r}: {e}{hint}") from None
+    except Exception as e:
+        raise CLIError(f"importing {spec!r} raised {type(e).__name__}: {e}{_user_frame(e)}") from None
+
+
+def _user_frame(e: BaseException) -> str:
+    """`` (at file:line: code)`` for the innermost traceback frame outside foldcompile and torch."""
+    import traceback
+
+    ours = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository / install root
+    library = (os.path.join(ours, d) + os.sep for d in ("foldcompile", "passes", "kernels"))
+    skip = tuple(library) + (os.path.dirname(os.path.abspath(torch.__file__)) + os.sep, importlib.__file__)
+    frames = [f for f in traceback.extract_tb(e.__traceback__)
+              if not os.path.abspath(f.filename).startswith(skip) and not f.filename.startswith("<frozen")]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f" (at {f.filename}:{f.lineno}: {(f.line or '').strip()})"
 
 
 def _parse_at(items: Sequence[str] | None) -> dict[str, int]:
@@ -155,10 +220,26 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
-    module, inputs, kwargs, name = load_target(args.target, args.size, args.n_seq, args.n_res)
-    report = explain(module, *inputs, **kwargs)
+    at_given = _parse_at(args.at)          # syntax checked before any work
+    if args.html:
+        _check_writable(args.html, "--html")
+    t0 = time.perf_counter()
+    module, inputs, kwargs, name = load_target(args.target, args.size, args.n_seq, args.n_res,
+                                               dtype=_DTYPES[args.dtype] if args.dtype else None)
+    _log.info("loaded %s in %.1f s; capturing and analysing", name, time.perf_counter() - t0)
+    from foldcompile.passes.base import PassError
+    try:
+        report = explain(module, *inputs, **kwargs)
+    except PassError as e:
+        if "ambiguous" not in str(e):
+            raise
+        # the library's advice names its Python API; a CLI user changes flags instead
+        raise CLIError(f"{e.__class__.__name__}: {str(e).split(';')[0]}; give distinct example sizes "
+                       "(e.g. --n-seq 11 --n-res 13) and read the costs at the sizes you want with "
+                       "--at N_seq=... N_res=...") from None
     report.model_name = name
-    at = _parse_at(args.at)
+    _log.info("explained %s in %.1f s", name, time.perf_counter() - t0)
+    at = _resolve_at(at_given, report)
     if args.json:
         d = report.to_dict(depth=args.depth)
         if at:
@@ -176,14 +257,33 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+def _resolve_at(at: dict[str, int], report: Report) -> dict[str, int]:
+    """Map ``--at`` names onto the report's dims: exact, else case- and dash-insensitive
+    (``n_res`` / ``n-res`` for ``N_res``, the spelling of the ``--n-res`` flag)."""
+    folded = {k.lower().replace("-", "_"): k for k in report.dims}
+    out: dict[str, int] = {}
+    for name, value in at.items():
+        dim = name if name in report.dims else folded.get(name.lower().replace("-", "_"))
+        if dim is None:
+            raise CLIError(f"--at {name}={value}: this model's dims are "
+                           f"{', '.join(report.dims) or 'none (no size was named)'}")
+        out[dim] = value
+    return out
+
+
+def _check_writable(path: str, flag: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise CLIError(f"{flag} {path}: folder {folder} does not exist")
+    if os.path.isdir(path) or not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise CLIError(f"{flag} {path}: cannot write there")
 
 
 def _cmd_profile(args: argparse.Namespace) -> int:
     from foldcompile.profile import profile
     device = _device(args.device)
     module, inputs, kwargs, name = load_target(args.target, args.size, args.n_seq, args.n_res, device,
-                                               _DTYPES[args.dtype])
+                                               _DTYPES[args.dtype] if args.dtype else None)
     with torch.no_grad():
         prof = profile(module, *inputs, reps=args.reps, **kwargs)
     prof.model_name = name
@@ -274,42 +374,114 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0 if all(r["ok"] for r in results) and kernels_ok else 1
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="foldcompile", description="A compiler for AlphaFold-family PyTorch models.")
-    sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("zoo", help="list the bundled reference models")
+_EPILOG = """examples:
+  foldcompile zoo
+  foldcompile explain evoformer_block --size af2 --at N_seq=128 N_res=1024 --html evo.html
+  foldcompile explain mymodel.py:build --n-res 64      # a file in the working directory
+  foldcompile explain my_pkg.models:build --dtype bfloat16
+  foldcompile profile pairformer_block --device cpu --reps 3
+  foldcompile demo --models evoformer_block
+"""
 
-    e = sub.add_parser("explain", help="op classes, FLOPs and bytes by class and by module")
-    e.add_argument("target", help="zoo name or package.module:attr")
-    e.add_argument("--size", choices=("tiny", "af2"), default=None)
-    e.add_argument("--n-seq", type=int, default=None)
-    e.add_argument("--n-res", type=int, default=None)
-    e.add_argument("--depth", type=int, default=None, help="module path depth of the module table")
-    e.add_argument("--at", nargs="+", metavar="DIM=V", help="also evaluate the costs at these sizes")
+_TARGET_HELP = ("a zoo model (`foldcompile zoo`), package.module:ATTR or path/to/file.py:ATTR, where ATTR "
+                "returns (module, example_inputs) or is a module factory with example_inputs")
+
+
+def _add_verbosity(p: argparse.ArgumentParser, default: Any) -> None:
+    p.add_argument("-v", "--verbose", action="count", default=default,
+                   help="progress of each stage on stderr (-vv: every pass's details)")
+    p.add_argument("-q", "--quiet", action="store_true", default=default, help="only errors on stderr")
+
+
+def _add_target_args(p: argparse.ArgumentParser) -> None:
+    _add_verbosity(p, argparse.SUPPRESS)
+    p.add_argument("target", help=_TARGET_HELP)
+    p.add_argument("--size", choices=("tiny", "af2"), default=None,
+                   help="zoo model dimensions: tiny (default) or AlphaFold's own channel sizes")
+    p.add_argument("--n-seq", type=_positive_int, default=None, metavar="N",
+                   help="MSA depth of the example inputs (passed to the target as n_seq=)")
+    p.add_argument("--n-res", type=_positive_int, default=None, metavar="N",
+                   help="number of residues of the example inputs (passed to the target as n_res=)")
+    p.add_argument("--dtype", choices=tuple(_DTYPES), default=None,
+                   help="cast the model and its floating-point inputs (default: zoo models float32, "
+                        "your own model as it is)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    from foldcompile import __version__
+
+    p = argparse.ArgumentParser(prog="foldcompile", epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                description="A compiler for AlphaFold-family PyTorch models: capture, classify, "
+                                            "explain and profile (fusion, optimize and DAP: see the README).")
+    p.add_argument("--version", action="version", version=f"foldcompile {__version__}")
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="progress of each stage on stderr (-vv: every pass's details)")
+    p.add_argument("-q", "--quiet", action="store_true", default=False, help="only errors on stderr")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser("zoo", help="list the bundled reference models",
+                   description="List the bundled reference models with their sizes.")
+
+    e = sub.add_parser("explain", help="op classes, FLOPs and bytes by class and by module",
+                       description="Capture TARGET as one graph, classify every op (GEMM / REDUCTION / ELEMENTWISE / "
+                                   "LAYOUT / COMM / OTHER) with symbolic FLOPs and bytes, and print them by op class "
+                                   "and by module.", epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_target_args(e)
+    e.add_argument("--depth", type=_positive_int, default=None, metavar="D",
+                   help="group the module table by the first D parts of each module path (default: full paths)")
+    e.add_argument("--at", nargs="+", metavar="DIM=V",
+                   help="also evaluate the costs at these sizes, e.g. --at N_seq=128 N_res=1024 "
+                        "(dim names as in the report; n_res works too)")
     e.add_argument("--json", action="store_true", help="print the report as JSON")
     e.add_argument("--html", metavar="OUT.html", help="write the self-contained HTML picture")
 
-    pr = sub.add_parser("profile", help="time per op class and per module")
-    pr.add_argument("target")
-    pr.add_argument("--size", choices=("tiny", "af2"), default=None)
-    pr.add_argument("--n-seq", type=int, default=None)
-    pr.add_argument("--n-res", type=int, default=None)
-    pr.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    pr.add_argument("--dtype", choices=tuple(_DTYPES), default="float32")
-    pr.add_argument("--reps", type=int, default=5)
-    pr.add_argument("--depth", type=int, default=1)
-    pr.add_argument("--json", action="store_true")
+    pr = sub.add_parser("profile", help="time per op class and per module",
+                        description="Run TARGET node by node and attribute the time to op classes and modules "
+                                    "(CUDA events on a GPU, CPU wall-clock otherwise), next to the cost model.",
+                        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_target_args(pr)
+    pr.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                    help="where to run (auto: the GPU when there is one)")
+    pr.add_argument("--reps", type=_positive_int, default=5, help="timed runs (node times are medians)")
+    pr.add_argument("--depth", type=_positive_int, default=1, metavar="D", help="module path depth of the table")
+    pr.add_argument("--json", action="store_true", help="print the profile as JSON")
 
-    d = sub.add_parser("demo", help="what the compiler does today, on the bundled models")
-    d.add_argument("--models", nargs="+", metavar="NAME")
-    d.add_argument("--size", choices=("tiny", "af2"), default="tiny")
-    d.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    d = sub.add_parser("demo", help="the whole pipeline on the bundled models",
+                       description="Capture, normalise and classify each bundled model, check it against eager, "
+                                   "read costs at AlphaFold sizes, and run each fused kernel against its reference.")
+    _add_verbosity(d, argparse.SUPPRESS)
+    d.add_argument("--models", nargs="+", metavar="NAME", help="only these zoo models (default: all)")
+    d.add_argument("--size", choices=("tiny", "af2"), default="tiny", help="zoo model dimensions")
+    d.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where to run (auto: the GPU when there is one)")
     return p
+
+
+def _configure_logging(verbose: int, quiet: bool) -> None:
+    """Progress goes to stderr through the ``foldcompile`` logger hierarchy (``foldcompile.passes.*``)."""
+    level = logging.ERROR if quiet else (logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
+    log = logging.getLogger("foldcompile")
+    log.setLevel(level)
+    if not any(getattr(h, "_foldcompile_cli", False) for h in log.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[foldcompile %(relativeCreated)6.0f ms] %(message)s"))
+        handler._foldcompile_cli = True  # type: ignore[attr-defined]
+        log.addHandler(handler)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``foldcompile`` command; returns the exit status."""
     args = _parser().parse_args(argv)
+    _configure_logging(args.verbose, args.quiet)
     handlers = {"zoo": _cmd_zoo, "explain": _cmd_explain, "profile": _cmd_profile, "demo": _cmd_demo}
     try:
         return handlers[args.command](args)

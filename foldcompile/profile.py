@@ -102,6 +102,13 @@ class ProfileReport:
     model_name: str = "model"
     reps: int = 1
     notes: list[str] = field(default_factory=list)
+    #: every timed run's total, per measurement ("profiled", "graph", "eager"), so a noisy run shows
+    runs_ms: dict[str, list[float]] = field(default_factory=dict)
+
+    def spread(self, what: str = "profiled") -> tuple[float, float]:
+        """``(min, max)`` over the timed runs of ``what`` ("profiled", "graph" or "eager")."""
+        runs = self.runs_ms.get(what) or [self.profiled_ms]
+        return min(runs), max(runs)
 
     @property
     def overhead(self) -> float:
@@ -136,6 +143,7 @@ class ProfileReport:
             "model": self.model_name, "device": self.device, "timing": self.timing, "dims": dict(self.dims),
             "reps": self.reps, "profiled_ms": self.profiled_ms, "instrumented_wall_ms": self.instrumented_wall_ms,
             "uninstrumented_ms": self.uninstrumented_ms, "eager_ms": self.eager_ms, "overhead": self.overhead,
+            "runs_ms": {k: list(v) for k, v in self.runs_ms.items()},
             "classes": self.by_class(), "modules": self.by_module(depth),
             "nodes": [vars(n).copy() for n in self.nodes], "notes": list(self.notes),
         }
@@ -168,6 +176,15 @@ class ProfileReport:
                  f"profiled (sum of nodes) {self.profiled_ms:.4g} ms; instrumented wall "
                  f"{self.instrumented_wall_ms:.4g} ms; graph as is {self.uninstrumented_ms:.4g} ms; eager "
                  f"{self.eager_ms:.4g} ms; overhead x{self.overhead:.3g}"]
+        if self.runs_ms:
+            lines.append("spread over runs (min-max): " + "; ".join(
+                f"{what} {lo:.4g}-{hi:.4g} ms" for what in ("profiled", "graph", "eager") if what in self.runs_ms
+                for lo, hi in [self.spread(what)]))
+            noisy = [what for what in self.runs_ms if self.spread(what)[0] > 0
+                     and self.spread(what)[1] / self.spread(what)[0] > 1.5]
+            if noisy or self.reps < 3:
+                lines.append(f"note: {'runs differ by more than 1.5x (' + ', '.join(noisy) + ')' if noisy else 'fewer than 3 runs'}"
+                             ": compare medians of more runs (--reps) before reading a ratio")
         lines += [f"note: {n}" for n in self.notes]
         if self.timing == "cuda_events" and self.overhead < 1:
             lines.append("note: profiled < graph as is: the plain run leaves the GPU idle between launches "
@@ -230,7 +247,8 @@ class _Timer(torch.fx.Interpreter):
         return dict(self.cpu_ms), (time.perf_counter() - t0) * 1e3
 
 
-def _time_call(fn, cuda: bool, warmup: int, reps: int) -> float:
+def _time_call(fn, cuda: bool, warmup: int, reps: int) -> list[float]:
+    """Each timed run's milliseconds (``warmup`` untimed runs first)."""
     for _ in range(warmup):
         fn()
     times = []
@@ -247,7 +265,7 @@ def _time_call(fn, cuda: bool, warmup: int, reps: int) -> float:
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return times
 
 
 def _sleep_cycles_per_ms() -> float | None:
@@ -357,7 +375,9 @@ def profile(model: torch.nn.Module, *example_inputs: Any, dims: dict[str, int] |
         cls, path, f, b = node_info.get(n, ("OTHER", str(n.meta.get("module_path") or ""), 0, 0))
         nodes.append(NodeTime(n.name, op_name(n), cls, path, statistics.median(samples[n]), f, b))
     profiled = sum(n.ms for n in nodes)
-    uninstrumented = _time_call(lambda: run_gm(*example_inputs, **example_kwargs), cuda, warmup, reps)
-    eager = _time_call(lambda: model(*example_inputs, **example_kwargs), cuda, warmup, reps)
+    per_run = [sum(samples[n][i] for n in samples) for i in range(reps)]
+    graph_runs = _time_call(lambda: run_gm(*example_inputs, **example_kwargs), cuda, warmup, reps)
+    eager_runs = _time_call(lambda: model(*example_inputs, **example_kwargs), cuda, warmup, reps)
     return ProfileReport(nodes, device, "cuda_events" if cuda else "cpu_wall", profiled, statistics.median(walls),
-                         uninstrumented, eager, run_dims, type(model).__name__, reps, notes)
+                         statistics.median(graph_runs), statistics.median(eager_runs), run_dims, type(model).__name__,
+                         reps, notes, runs_ms={"profiled": per_run, "graph": graph_runs, "eager": eager_runs})

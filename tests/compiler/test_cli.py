@@ -4,6 +4,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 from foldcompile.cli import load_target, main
 from foldcompile.models import zoo
@@ -126,3 +127,122 @@ def test_profile_command_on_cpu(capsys):
     d = json.loads(capsys.readouterr().out)
     assert d["timing"] == "cpu_wall" and d["model"] == "pairformer_block"
     assert abs(sum(e["ms"] for e in d["classes"].values()) - d["profiled_ms"]) < 1e-9
+
+
+# ----------------------------------------------------------------------------- targets a user types
+
+def test_module_attr_found_from_the_working_directory(tmp_path, monkeypatch, capsys):
+    # a console script does not put the working directory on sys.path: the CLI must
+    (tmp_path / "cwd_model.py").write_text(_USER_MODULE)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    try:
+        assert main(["explain", "cwd_model:build", "--n-res", "5", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["dims"] == {"N_res": 5}
+    finally:
+        sys.modules.pop("cwd_model", None)
+
+
+def test_file_path_target(tmp_path, monkeypatch, capsys):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "my_file_model.py").write_text(_USER_MODULE)
+    monkeypatch.chdir(tmp_path)
+    assert main(["explain", "./sub/my_file_model.py:build", "--n-res", "7", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["dims"] == {"N_res": 7}
+    assert main(["explain", "sub/missing.py:build"]) == 2
+    assert "no file 'sub/missing.py'" in capsys.readouterr().err
+
+
+def test_a_builder_that_raises_is_reported_with_its_line(tmp_path, monkeypatch, capsys):
+    (tmp_path / "raising_model.py").write_text("def build():\n    raise ValueError('c_z must be even')\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["explain", "raising_model.py:build"]) == 2
+    err = capsys.readouterr().err
+    assert "raised ValueError: c_z must be even" in err
+    assert "raising_model.py:2" in err and "Traceback" not in err
+
+
+def test_import_error_hint(capsys):
+    assert main(["explain", "not_a_module_here:build"]) == 2
+    err = capsys.readouterr().err
+    assert "No module named 'not_a_module_here'" in err and "path/to/not_a_module_here.py:ATTR" in err
+
+
+def test_user_model_keeps_its_dtype_unless_dtype_is_given(user_module, capsys):
+    from foldcompile import explain
+
+    module, inputs, _, _ = load_target(f"{user_module}:build")
+    module, inputs = module.to(torch.bfloat16), tuple(x.to(torch.bfloat16) for x in inputs)
+    api_bytes = explain(module, *inputs).to_dict()["total"]["bytes"]
+    made = load_target(f"{user_module}:build")
+    assert made[0].proj.weight.dtype == torch.float32 and made[1][0].dtype == torch.float32
+    cast = load_target(f"{user_module}:build", dtype=torch.bfloat16)
+    assert cast[0].proj.weight.dtype == torch.bfloat16 and cast[1][0].dtype == torch.bfloat16
+    assert main(["explain", f"{user_module}:build", "--dtype", "bfloat16", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["total"]["bytes"] == api_bytes
+
+
+def test_at_accepts_the_flag_spelling_and_names_the_dims(user_module, capsys):
+    assert main(["explain", f"{user_module}:build", "--n-res", "7", "--json", "--at", "n_res=64"]) == 0
+    assert json.loads(capsys.readouterr().out)["at"]["dims"] == {"N_res": 64}
+    assert main(["explain", f"{user_module}:build", "--n-res", "7", "--at", "N_x=3"]) == 2
+    err = capsys.readouterr().err
+    assert "--at N_x=3" in err and "N_res" in err
+
+
+def test_bad_arguments_refused_before_any_work(user_module, tmp_path, capsys, monkeypatch):
+    import foldcompile.cli as cli
+
+    def no_work(*a, **k):
+        raise AssertionError("the model was loaded before the arguments were checked")
+
+    monkeypatch.setattr(cli, "load_target", no_work)
+    assert main(["explain", f"{user_module}:build", "--html", str(tmp_path / "no_dir" / "x.html")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["explain", f"{user_module}:build", "--at", "N_res=x"]) == 2
+    assert "DIM=INT" in capsys.readouterr().err
+    for bad in (["--depth", "0"], ["--n-res", "-3"], ["--n-seq", "two"]):
+        with pytest.raises(SystemExit) as e:
+            main(["explain", f"{user_module}:build", *bad])
+        assert e.value.code == 2
+        assert "positive integer" in capsys.readouterr().err
+
+
+def test_ambiguous_sizes_advice_names_flags_not_python(capsys):
+    assert main(["explain", "evoformer_block", "--n-seq", "9", "--n-res", "9"]) == 2
+    err = capsys.readouterr().err
+    assert "--n-seq" in err and "--at" in err and "report.cost" not in err and "l_" not in err
+
+
+def test_version_help_and_python_dash_m(capsys):
+    import subprocess
+
+    from foldcompile import __version__
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"foldcompile {__version__}"
+    for cmd in ("explain", "profile", "demo", "zoo"):
+        with pytest.raises(SystemExit):
+            main([cmd, "--help"])
+        assert capsys.readouterr().out.count("--") >= 1
+    done = subprocess.run([sys.executable, "-m", "foldcompile", "--version"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == f"foldcompile {__version__}"
+
+
+def test_verbose_progress_on_stderr(user_module, capsys):
+    assert main(["explain", f"{user_module}:build", "-v"]) == 0
+    captured = capsys.readouterr()
+    assert "capturing and analysing" in captured.err and "explained" in captured.err
+    assert "[foldcompile" not in captured.out
+    assert main(["explain", f"{user_module}:build", "-q"]) == 0
+    assert "[foldcompile" not in capsys.readouterr().err
+
+
+def test_profile_reports_the_spread_of_runs(capsys):
+    assert main(["profile", "pairformer_block", "--device", "cpu", "--reps", "2", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert {k: len(v) for k, v in d["runs_ms"].items()} == {"profiled": 2, "graph": 2, "eager": 2}
+    assert main(["profile", "pairformer_block", "--device", "cpu", "--reps", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "spread over runs (min-max)" in out and "fewer than 3 runs" in out
