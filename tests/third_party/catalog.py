@@ -20,7 +20,8 @@ Counting convention (what ``expected`` means; keys that are absent are not asser
   (a Python chunk loop over query rows or batch rows that concatenates the pieces counts
   once: it is one attention);
 - ``layer_norm``: layer norms over the last dim (``nn.LayerNorm``, ``F.layer_norm``, with or
-  without affine parameters);
+  without affine parameters, or written out by hand; ``handwritten`` says how many of the
+  expected ones are hand-written);
 - ``softmax``: biased / masked softmaxes OUTSIDE a matched attention (a softmax absorbed
   into an attention is not counted again);
 - ``at_least`` (a separate dict) gives lower bounds where grouping is the compiler's
@@ -73,6 +74,7 @@ class Case:
     train: bool = True  # meaningful in train mode (run it there)
     eval: bool = True  # meaningful in eval mode
     eval_differs: bool = False  # eval runs other code than train (eval chunking, dropout off, an eval path)
+    handwritten: dict = field(default_factory=dict)  # how many of ``expected`` are written out by hand
     seq_dims: tuple = ()  # the sequence-like sizes of the example (<= 24, not multiples of 8)
     head_dim: Optional[int] = None
 
@@ -97,7 +99,7 @@ class Case:
 def _redraw_norms(module: nn.Module) -> None:
     with torch.no_grad():
         for m in module.modules():
-            if isinstance(m, (nn.LayerNorm, of.OFLayerNorm)):
+            if isinstance(m, (nn.LayerNorm, of.OFLayerNorm, px.PXLayerNormByHand)):
                 if getattr(m, "weight", None) is not None:
                     m.weight.copy_(1.0 + 0.2 * torch.randn_like(m.weight))
                 if getattr(m, "bias", None) is not None:
@@ -238,6 +240,9 @@ def _protenix() -> list[Case]:
         Case("px_adaptive_layer_norm", "protenix", px.PXAdaptiveLayerNorm,
              lambda: px.PXAdaptiveLayerNorm(C, 8), lambda g: (_randn(g, B, N_TOK, C), _randn(g, B, N_TOK, 8)),
              {"attention": 0, "layer_norm": 2, "softmax": 0}, {"elementwise": 1}, seq_dims=(N_TOK,)),
+        Case("px_layer_norm_by_hand", "protenix", px.PXLayerNormByHand,
+             lambda: px.PXLayerNormByHand(C), lambda g: (_randn(g, B, N_TOK, C, shift=0.7),),
+             {"attention": 0, "layer_norm": 1, "softmax": 0}, handwritten={"layer_norm": 1}, seq_dims=(N_TOK,)),
     ]
     return out
 

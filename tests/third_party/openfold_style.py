@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
-    "OFLayerNorm", "OFAttention", "OFGlobalAttention", "OFMSARowAttentionWithPairBias",
+    "OFLayerNorm", "OFAttention", "OFAttentionEarly", "OFGlobalAttention", "OFMSARowAttentionWithPairBias",
     "OFMSAColumnAttention", "OFMSAColumnGlobalAttention", "OFTriangleAttention",
     "OFTriangleMultiplicativeUpdate", "OFOuterProductMean", "OFPairTransition", "OFPairCore",
 ]
@@ -193,6 +193,48 @@ class OFAttention(nn.Module):
         return self._wrap_up(o, q_x)
 
 
+class OFAttentionEarly(nn.Module):
+    """The earlier OpenFold ``Attention.forward`` spelling (before ``_prep_qkv`` existed).
+
+    Heads stay ``[*, L, H, C]`` after the ``view``; the logits are
+    ``matmul(permute_final_dims(q, (0, 2, 1, 3)), permute_final_dims(k, (0, 2, 3, 1)))``; the
+    scale is MULTIPLIED ON THE LOGITS (``a = a * (1 / sqrt(c))``, not in place); biases are
+    added out of place; the softmax is an ``nn.Softmax(dim=-1)`` module.
+    """
+
+    def __init__(self, c_q: int, c_kv: int, c_hidden: int, n_heads: int):
+        super().__init__()
+        self.c_hidden = c_hidden
+        self.n_heads = n_heads
+        self.linear_q = nn.Linear(c_q, c_hidden * n_heads, bias=False)
+        self.linear_k = nn.Linear(c_kv, c_hidden * n_heads, bias=False)
+        self.linear_v = nn.Linear(c_kv, c_hidden * n_heads, bias=False)
+        self.linear_o = nn.Linear(c_hidden * n_heads, c_q)
+        self.linear_g = nn.Linear(c_q, c_hidden * n_heads)
+        self.sigmoid = nn.Sigmoid()
+        self.softmax = nn.Softmax(dim=-1)
+
+    def forward(self, q_x: torch.Tensor, kv_x: torch.Tensor, biases: Optional[list] = None) -> torch.Tensor:
+        q = self.linear_q(q_x)
+        k = self.linear_k(kv_x)
+        v = self.linear_v(kv_x)
+        q = q.view(q.shape[:-1] + (self.n_heads, -1))
+        k = k.view(k.shape[:-1] + (self.n_heads, -1))
+        v = v.view(v.shape[:-1] + (self.n_heads, -1))
+        a = torch.matmul(permute_final_dims(q, (0, 2, 1, 3)), permute_final_dims(k, (0, 2, 3, 1)))
+        norm = 1 / math.sqrt(self.c_hidden)
+        a = a * norm
+        if biases is not None:
+            for b in biases:
+                a = a + b
+        a = self.softmax(a)
+        o = torch.matmul(a, permute_final_dims(v, (0, 2, 1, 3)))
+        o = o.transpose(-2, -3)
+        g = self.sigmoid(self.linear_g(q_x))
+        o = o * g.view(g.shape[:-1] + (self.n_heads, -1))
+        return self.linear_o(flatten_final_dims(o, 2))
+
+
 class OFGlobalAttention(nn.Module):
     """Global attention: one query per column (masked mean), single-headed K and V."""
 
@@ -263,15 +305,17 @@ class OFMSAColumnAttention(nn.Module):
     """OpenFold-style MSA column attention.
 
     Style: OpenFold ``MSAColumnAttention``: transpose m and the mask, run the row attention
-    (here without pair bias) and transpose back. Spelling: ``m.transpose(-2, -3)``, mask bias
-    ``inf * (mask - 1)``, one-element ``biases`` list, in-place scale and bias add.
+    (here without pair bias) and transpose back, with the attention spelled as OpenFold's
+    earlier ``Attention`` (``OFAttentionEarly``). Spelling: ``m.transpose(-2, -3)``, mask bias
+    ``inf * (mask - 1)``, one-element ``biases`` list; ``permute_final_dims`` inside the two
+    ``matmul`` s, the scale multiplied on the logits, ``nn.Softmax(dim=-1)``.
     """
 
     def __init__(self, c_m: int = 16, c_hidden: int = 8, n_heads: int = 2, inf: float = 1e9):
         super().__init__()
         self.inf = inf
         self.layer_norm_m = OFLayerNorm(c_m)
-        self.mha = OFAttention(c_m, c_m, c_hidden, n_heads)
+        self.mha = OFAttentionEarly(c_m, c_m, c_hidden, n_heads)
 
     def forward(self, m: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         m = m.transpose(-2, -3)

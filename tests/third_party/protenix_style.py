@@ -41,6 +41,7 @@ from torch import nn
 __all__ = [
     "permute_final_dims", "flatten_final_dims", "PXAttention", "PXAttentionPairBias", "PXBoolMaskAttention",
     "PXBmmAttention", "PXMSAPairWeightedAveraging", "PXTransition", "PXAdaptiveLayerNorm",
+    "PXLayerNormByHand",
 ]
 
 
@@ -362,3 +363,30 @@ class PXAdaptiveLayerNorm(nn.Module):
         a = self.layernorm_a(a)
         s = self.layernorm_s(s)
         return torch.sigmoid(self.linear_s(s)) * a + self.linear_nobias_s(s)
+
+
+class PXLayerNormByHand(nn.Module):
+    """A layer norm with Protenix's ``OpenFoldLayerNorm`` interface, its body written out by hand.
+
+    Style: Protenix ``modules/primitives``/``triangular/layers.OpenFoldLayerNorm`` parameters
+    (``weight``, ``bias``, ``eps = 1e-5``) followed by a bias-free ``LinearNoBias``, with the
+    normalisation spelled out as plain PyTorch code commonly does (Protenix itself calls
+    ``F.layer_norm`` or a fused kernel). Spelling: ``mean = x.mean(dim=-1, keepdim=True)``,
+    ``var = ((x - mean) ** 2).mean(dim=-1, keepdim=True)`` (the biased variance),
+    ``(x - mean) * torch.rsqrt(var + eps) * weight + bias``. The math of a layer norm: a rule
+    matching by math takes it (the near misses ``NMRMSNorm`` and ``NMUnbiasedVarianceNorm``
+    are the ones it must not take).
+    """
+
+    def __init__(self, c: int = 16, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(c))
+        self.bias = nn.Parameter(torch.zeros(c))
+        self.linear_no_bias = nn.Linear(c, c, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = x.mean(dim=-1, keepdim=True)
+        var = ((x - mean) ** 2).mean(dim=-1, keepdim=True)
+        y = (x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
+        return self.linear_no_bias(y)
