@@ -527,13 +527,15 @@ def _validate(kind: str, spec, err: Optional[str], x: torch.Tensor, name: str, c
     for q, (*_, e) in enumerate(every):
         if e is not None:
             raise ValueError(e)
+    # judge everything by rank 0's view, so that every rank raises the same error
     shape0, dtype0, dev0, spec0, _ = every[0]
-    free = {spec.cat_dim} if isinstance(spec, _AllToAll) else {spec.dim} if isinstance(spec, _AllGather) else set()
-    sizes = spec.cat_sizes if isinstance(spec, _AllToAll) else spec.sizes if isinstance(spec, _AllGather) else None
+    for q, (*_, sp, _e) in enumerate(every):
+        if sp != spec0:
+            raise ValueError(f"{kind} '{name}' on rank {q}: called as {sp}, on rank 0 as {spec0}")
+    free = {spec0.cat_dim} if isinstance(spec0, _AllToAll) else {spec0.dim} if isinstance(spec0, _AllGather) else set()
+    sizes = spec0.cat_sizes if isinstance(spec0, _AllToAll) else spec0.sizes if isinstance(spec0, _AllGather) else None
     for q, (shape, dtype, dev, sp, _) in enumerate(every):
         where = f"{kind} '{name}' on rank {q}"
-        if sp != spec0:
-            raise ValueError(f"{where}: called as {sp}, on rank 0 as {spec0}")
         if (dtype, dev) != (dtype0, dev0):
             raise ValueError(f"{where}: the tensor is {dtype} on {dev}, rank 0's is {dtype0} on {dev0}")
         if len(shape) != len(shape0) or any(a != b for d, (a, b) in enumerate(zip(shape, shape0))
