@@ -389,3 +389,67 @@ def block_case(rank, n, loss):
     log.append(("backward", "end", ""))
     reducer.wait()
     return out.detach(), z.grad, {k: p.grad for k, p in m.named_parameters()}, log
+
+
+# --------------------------------------------------------------------------- the Partial-gradient reducer
+
+class TwoPart(torch.nn.Module):
+    """``enc`` runs on this rank's rows (Partial gradients); ``dec`` runs replicated on the
+    gathered result (Replicate gradients); ``extra`` is used only on rank 0 (when asked)."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc = torch.nn.Linear(3, 4)
+        self.dec = torch.nn.Linear(4, 2)
+        self.extra = torch.nn.Parameter(torch.ones(4, dtype=F64))
+        self.unused = torch.nn.Parameter(torch.ones(2, dtype=F64))
+
+    def forward(self, x, use_extra, n):   # x: this rank's rows; returns the replicated loss
+        h = torch.tanh(self.enc(x))
+        if use_extra:
+            h = h * self.extra
+        full = all_gather(h, 0, sizes=n, grad_placement="replicate") if dist.is_initialized() else h
+        return wsin(rand(51, n, 2), self.dec(full))
+
+
+def reducer_case(rank, n, steps):
+    """Two backward passes accumulated (one wait after each); ``extra`` used on rank 0 only."""
+    P = world()
+    torch.manual_seed(0)
+    m = TwoPart().double()
+    red = PartialGradReducer([*m.enc.parameters(), m.extra, m.unused], bucket_cap_mb=1e-4)
+    for step in range(steps):
+        x = piece(rand(50 + step, n, 3), 0, rank, P)
+        # the loss is replicated: each rank's enc/extra gradient is the part from its rows
+        m(x, use_extra=(rank == 0), n=n).backward()
+        red.wait()
+    return {k: p.grad for k, p in m.named_parameters()}
+
+
+def reducer_ref(n, steps, P):
+    """One process: ``extra`` multiplies rank 0's rows only."""
+    torch.manual_seed(0)
+    m = TwoPart().double()
+    for step in range(steps):
+        X = rand(50 + step, n, 3)
+        h = torch.tanh(m.enc(X))
+        s = split_sizes(n, P)[0]
+        h = torch.cat([h[:s] * m.extra, h[s:]])
+        wsin(rand(51, n, 2), m.dec(h)).backward()
+    return {k: p.grad for k, p in m.named_parameters()}
+
+
+def reducer_misuse_case(rank):
+    lin = torch.nn.Linear(2, 2).double()
+    red = PartialGradReducer(lin.parameters())
+    lin(rand(60, 3, 2)).sum().backward()
+    try:
+        lin(rand(61, 3, 2)).sum().backward()
+        msg = None
+    except RuntimeError as e:
+        msg = str(e)
+    red.wait()  # completes the first backward's reduction; the ranks stay in step
+    lin.zero_grad(set_to_none=True)
+    lin(rand(62, 3, 2)).sum().backward()  # and the next step works
+    red.wait()
+    return msg, lin.bias.grad
