@@ -91,7 +91,11 @@ def split_sizes(length: int, parts: int) -> list[int]:
 
 
 def split_offsets(sizes: Sequence[int]) -> list[int]:
-    """Start offsets of consecutive shards: ``split_offsets([5, 4, 4]) == [0, 5, 9]``."""
+    """Start offsets of consecutive shards.
+
+        >>> split_offsets([5, 4, 4])
+        [0, 5, 9]
+    """
     out, acc = [], 0
     for s in sizes:
         out.append(acc)
@@ -134,7 +138,12 @@ class _Comm:
 
 
 def world_and_rank(group: Optional[dist.ProcessGroup] = None) -> tuple[int, int]:
-    """``(world size, rank)`` of ``group``; ``(1, 0)`` when no process group exists."""
+    """``(world size, rank)`` of ``group``; ``(1, 0)`` when no process group exists.
+
+        >>> from foldcompile.distributed import world_and_rank
+        >>> world_and_rank()
+        (1, 0)
+    """
     if not (dist.is_available() and dist.is_initialized()):
         return 1, 0
     return dist.get_world_size(group), dist.get_rank(group)
@@ -498,7 +507,15 @@ def wait(handle: Handle) -> torch.Tensor:
     """Block until ``handle``'s collective is done and return its result (once per handle).
 
     In backward this node issues the transposed collective; the matching ``start``
-    waits for it. See the module docstring for an example.
+    waits for it.
+
+        >>> import torch
+        >>> from foldcompile.distributed import reduce_scatter_start, wait
+        >>> h = reduce_scatter_start(torch.ones(4, 2), 0, name="g")
+        >>> h
+        <Handle reduce_scatter 'g' elided>
+        >>> wait(h).shape
+        torch.Size([4, 2])
     """
     if not isinstance(handle, Handle):
         raise TypeError(f"wait: expected a Handle from a *_start function, got {type(handle).__name__}")
@@ -687,22 +704,46 @@ def all_reduce_start(x: torch.Tensor, *, grad_placement: GradPlacement,
 # --------------------------------------------------------------------------- synchronous forms
 
 def all_to_all(x: torch.Tensor, split_dim: int, cat_dim: int, **kw) -> torch.Tensor:
-    """``wait(all_to_all_start(x, split_dim, cat_dim, **kw))``."""
+    """``wait(all_to_all_start(x, split_dim, cat_dim, **kw))``.
+
+        >>> import torch
+        >>> from foldcompile.distributed import all_to_all
+        >>> all_to_all(torch.ones(3, 5), split_dim=1, cat_dim=0).shape   # world size 1
+        torch.Size([3, 5])
+    """
     return wait(all_to_all_start(x, split_dim, cat_dim, **kw))
 
 
 def all_gather(x: torch.Tensor, dim: int, *, grad_placement: GradPlacement, **kw) -> torch.Tensor:
-    """``wait(all_gather_start(x, dim, grad_placement=..., **kw))``."""
+    """``wait(all_gather_start(x, dim, grad_placement=..., **kw))``.
+
+        >>> import torch
+        >>> from foldcompile.distributed import all_gather
+        >>> all_gather(torch.ones(2, 3), 1, grad_placement="replicate").shape
+        torch.Size([2, 3])
+    """
     return wait(all_gather_start(x, dim, grad_placement=grad_placement, **kw))
 
 
 def reduce_scatter(x: torch.Tensor, dim: int, **kw) -> torch.Tensor:
-    """``wait(reduce_scatter_start(x, dim, **kw))``."""
+    """``wait(reduce_scatter_start(x, dim, **kw))``.
+
+        >>> import torch
+        >>> from foldcompile.distributed import reduce_scatter
+        >>> reduce_scatter(torch.ones(6, 2), 0).shape                    # world size 1
+        torch.Size([6, 2])
+    """
     return wait(reduce_scatter_start(x, dim, **kw))
 
 
 def all_reduce(x: torch.Tensor, *, grad_placement: GradPlacement, **kw) -> torch.Tensor:
-    """``wait(all_reduce_start(x, grad_placement=..., **kw))``."""
+    """``wait(all_reduce_start(x, grad_placement=..., **kw))``.
+
+        >>> import torch
+        >>> from foldcompile.distributed import all_reduce
+        >>> all_reduce(torch.ones(2), grad_placement="partial")          # world size 1
+        tensor([1., 1.])
+    """
     return wait(all_reduce_start(x, grad_placement=grad_placement, **kw))
 
 

@@ -1,0 +1,15 @@
+"""The docstring examples of foldcompile.distributed (the one-process ones; the examples
+that need several processes are marked +SKIP there and run as tests in this folder)."""
+import doctest
+import importlib
+
+import pytest
+
+
+@pytest.mark.parametrize("name", ["foldcompile.distributed", "foldcompile.distributed.collectives",
+                                  "foldcompile.distributed.grad_sync", "foldcompile.distributed.spawn"])
+def test_docstring_examples(name):
+    module = importlib.import_module(name)  # the package's `spawn` attribute is the function
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0, f"{name} has no docstring example"
+    assert result.failed == 0, f"{result.failed} of {result.attempted} examples failed in {name}"
