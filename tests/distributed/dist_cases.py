@@ -453,3 +453,25 @@ def reducer_misuse_case(rank):
     lin(rand(62, 3, 2)).sum().backward()  # and the next step works
     red.wait()
     return msg, lin.bias.grad
+
+
+def inplace_case(rank):
+    """A wait's result is a fresh tensor (not a view), so it can be modified in place and
+    still backpropagate: y *= 3 then sum(y) gives every input element a gradient of 3."""
+    P = world()
+    out = {}
+    for kind in ("all_to_all", "all_gather", "reduce_scatter", "all_reduce"):
+        x = leaf(rand(70 + rank, 5, 4))
+        if kind == "all_to_all":
+            y = all_to_all(x, 1, 0, cat_sizes=[5] * P)
+        elif kind == "all_gather":
+            y = all_gather(x, 1, sizes=[4] * P, grad_placement="replicate")
+        elif kind == "reduce_scatter":
+            y = reduce_scatter(x, 1)
+        else:
+            y = all_reduce(x, grad_placement="replicate")
+        is_view = y._base is not None
+        y.mul_(3.0)
+        y.sum().backward()  # replicated results: the same loss on every rank
+        out[kind] = (is_view, x.grad)
+    return out

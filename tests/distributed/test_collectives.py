@@ -177,3 +177,11 @@ def test_overlap_order(pools, kind, backward_kind):
             ("backward", "compute", "independent"),
             ("backward", "wait", f"{backward_kind}:t"),
         ], log
+
+
+def test_results_are_fresh_tensors_usable_in_place(pools):
+    for r, res in enumerate(pools.run(2, C.inplace_case)):
+        assert set(res) == {"all_to_all", "all_gather", "reduce_scatter", "all_reduce"}
+        for kind, (is_view, g) in res.items():
+            assert not is_view, f"rank {r} {kind}: the result is a view"
+            close(g, torch.full((5, 4), 3.0, dtype=torch.float64), f"rank {r} {kind} gradient")
