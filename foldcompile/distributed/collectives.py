@@ -90,6 +90,9 @@ def split_sizes(length: int, parts: int) -> list[int]:
     return [base + 1 if r < extra else base for r in range(parts)]
 
 
+_even_split = split_sizes  # for the functions whose ``split_sizes`` argument shadows it
+
+
 def split_offsets(sizes: Sequence[int]) -> list[int]:
     """Start offsets of consecutive shards.
 
@@ -569,19 +572,20 @@ def _validate(kind: str, spec, err: Optional[str], x: torch.Tensor, name: str, c
 # --------------------------------------------------------------------------- public starts
 
 def all_to_all_start(x: torch.Tensor, split_dim: int, cat_dim: int, *, cat_sizes: Sizes = None,
-                     split_sizes_: Sizes = None, group: Optional[dist.ProcessGroup] = None,
+                     split_sizes: Sizes = None, group: Optional[dist.ProcessGroup] = None,
                      name: str = "x", hook: Optional[Hook] = None, force: bool = False,
                      validate: bool = False) -> Handle:
     """Start an all_to_all: ``x`` is sharded along ``cat_dim`` (whole along ``split_dim``);
     the result is whole along ``cat_dim`` and sharded along ``split_dim``.
 
-    ``cat_sizes``: every rank's shard size along ``cat_dim`` (sequence), or that dim's global
-    length (int, split by :func:`split_sizes`), or None for even shards. ``split_sizes_``:
-    how ``split_dim`` is split (default :func:`split_sizes` of its length). ``name`` names
-    the tensor in errors and events; ``hook`` receives a :class:`CollectiveEvent` at each
-    issue and wait (forward and backward); ``force`` runs the collective at world size 1;
-    ``validate`` checks shapes, dtypes and split sizes across ranks (one extra blocking
-    exchange). Backward: the inverse all_to_all.
+    ``cat_sizes``: every rank's shard size along ``cat_dim`` (a sequence), or that dim's
+    global length (an int, split by :func:`split_sizes`), or None for even shards.
+    ``split_sizes``: how ``split_dim`` is split over the ranks (a sequence, or None or its
+    length for :func:`split_sizes`). ``name`` names the tensor in errors and events;
+    ``hook`` receives a :class:`CollectiveEvent` at each issue and wait (forward and
+    backward); ``force`` runs the collective at world size 1; ``validate`` checks shapes,
+    dtypes and split sizes across ranks (one extra blocking exchange). Backward: the
+    inverse all_to_all.
 
         >>> import torch
         >>> from foldcompile.distributed import spawn, all_to_all_start, wait
@@ -599,12 +603,13 @@ def all_to_all_start(x: torch.Tensor, split_dim: int, cat_dim: int, *, cat_sizes
         if s == c:
             raise ValueError(f"{w}: split_dim and cat_dim must differ (both {s})")
         cs = _sizes(cat_sizes, x.shape[c], comm, "cat_sizes", w)
-        if split_sizes_ is None:
-            ss = tuple(split_sizes(x.shape[s], comm.world))
-        elif isinstance(split_sizes_, int):
-            ss = tuple(split_sizes(split_sizes_, comm.world))
+        if isinstance(split_sizes, int) and split_sizes != x.shape[s]:
+            raise ValueError(f"{w}: split_sizes={split_sizes} must equal the size {x.shape[s]} of "
+                             f"split_dim={s}")
+        if split_sizes is None or isinstance(split_sizes, int):
+            ss = tuple(_even_split(x.shape[s], comm.world))
         else:
-            ss = tuple(int(v) for v in split_sizes_)
+            ss = tuple(int(v) for v in split_sizes)
         if len(ss) != comm.world or sum(ss) != x.shape[s] or min(ss) < 0:
             raise ValueError(f"{w}: split sizes {list(ss)} must be {comm.world} sizes >= 0 summing to "
                              f"the size {x.shape[s]} of split_dim={s}")
@@ -672,7 +677,7 @@ def reduce_scatter_start(x: torch.Tensor, dim: int, *, sizes: Sizes = None,
         if sizes is None or isinstance(sizes, int):
             if isinstance(sizes, int) and sizes != n:
                 raise ValueError(f"{w}: sizes={sizes} must equal the size {n} of dim={d}")
-            ss = tuple(split_sizes(n, comm.world))
+            ss = tuple(_even_split(n, comm.world))
         else:
             ss = tuple(int(v) for v in sizes)
             if len(ss) != comm.world or sum(ss) != n or min(ss) < 0:

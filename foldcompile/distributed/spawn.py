@@ -43,6 +43,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from multiprocessing import connection as mp_connection
 
 __all__ = ["spawn", "Pool", "RankError", "RankTimeoutError"]
 
@@ -89,8 +90,16 @@ def _worker(rank: int, world: int, backend: str, init_method: str, timeout_s: fl
         results.put((rank, -1, "error", f"{type(e).__name__}: {e}", traceback.format_exc()))
         return
     results.put((rank, -1, "ready", None, None))
+    parent = mp.parent_process()
     while True:
-        msg = tasks.get()
+        # wait for a task, or leave if the parent is gone (never linger as an orphan)
+        ready = mp_connection.wait([tasks] + ([parent.sentinel] if parent is not None else []))
+        if tasks not in ready:
+            break
+        try:
+            msg = tasks.recv()
+        except EOFError:  # the parent closed its end
+            break
         if msg is None:
             break
         task_id, payload = msg
@@ -147,13 +156,16 @@ class Pool:
         self._dir = tempfile.mkdtemp(prefix="foldcompile-dist-")
         init = "file://" + os.path.join(self._dir, "rendezvous")
         self._results = ctx.Queue()
-        self._tasks = [ctx.SimpleQueue() for _ in range(self.world_size)]
+        pipes = [ctx.Pipe(duplex=False) for _ in range(self.world_size)]  # (reader, writer)
+        self._tasks = [w for _, w in pipes]
         self._procs = [ctx.Process(target=_worker, daemon=True, name=f"foldcompile-rank{r}",
                                    args=(r, self.world_size, self.backend, init, self.timeout_s,
-                                         self.threads_per_rank, self._tasks[r], self._results))
+                                         self.threads_per_rank, pipes[r][0], self._results))
                        for r in range(self.world_size)]
         for p in self._procs:
             p.start()
+        for reader, _ in pipes:
+            reader.close()  # the ranks hold the reading ends
         ready: set[int] = set()
         deadline = time.monotonic() + self.start_timeout_s
         while len(ready) < self.world_size:
@@ -186,6 +198,9 @@ class Pool:
         for p in self._procs:
             p.join(timeout=5)
         self._procs = []
+        for q in self._tasks:
+            q.close()
+        self._tasks = []
         if self._dir:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
@@ -195,7 +210,10 @@ class Pool:
         if not self._procs:
             return
         for q in self._tasks:
-            q.put(None)
+            try:
+                q.send(None)
+            except OSError:  # a rank that already exited
+                pass
         for p in self._procs:
             p.join(timeout=10)
         self._kill()
@@ -231,7 +249,12 @@ class Pool:
         tid = self._next_task
         self._next_task += 1
         for q in self._tasks:
-            q.put((tid, payload))
+            try:
+                q.send((tid, payload))
+            except OSError:  # a rank died since the last call
+                time.sleep(0.1)
+                self._check_alive(f"sending {getattr(fn, '__qualname__', fn)}", set())
+                raise
         limit = self.timeout_s + 10.0 if timeout_s is None else float(timeout_s)
         deadline = time.monotonic() + limit
         got: dict[int, tuple] = {}

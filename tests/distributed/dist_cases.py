@@ -475,3 +475,25 @@ def inplace_case(rank):
         y.sum().backward()  # replicated results: the same loss on every rank
         out[kind] = (is_view, x.grad)
     return out
+
+
+def custom_piece(x, dim, sizes, rank):
+    return x.narrow(dim, split_offsets(sizes)[rank], sizes[rank])
+
+
+def explicit_sizes_case(rank, cat_list, split_list):
+    """Shard sizes other than split_sizes' (e.g. a user's own split), given explicitly."""
+    X, W = rand(80, sum(cat_list), sum(split_list), 2), rand(81, sum(cat_list), sum(split_list), 2)
+    x = leaf(custom_piece(X, 0, cat_list, rank))
+    y = all_to_all(x, 1, 0, cat_sizes=cat_list, split_sizes=split_list, validate=True)
+    back = all_to_all(y, 0, 1, cat_sizes=split_list, split_sizes=cat_list)
+    full = all_gather(y, 1, sizes=split_list, grad_placement="replicate")
+    wsin(W, full).backward()
+    return y.detach(), back.detach(), x.grad
+
+
+def explicit_rs_case(rank, sizes):
+    x = leaf(rand(90 + rank, sum(sizes), 3))
+    y = reduce_scatter(x, 0, sizes=sizes, validate=True)
+    wsin(custom_piece(rand(91, sum(sizes), 3), 0, sizes, rank), y).backward()
+    return y.detach(), x.grad

@@ -185,3 +185,25 @@ def test_results_are_fresh_tensors_usable_in_place(pools):
         for kind, (is_view, g) in res.items():
             assert not is_view, f"rank {r} {kind}: the result is a view"
             close(g, torch.full((5, 4), 3.0, dtype=torch.float64), f"rank {r} {kind} gradient")
+
+
+@pytest.mark.parametrize("cat_list,split_list", [([1, 6], [4, 0]), ([3, 0, 4], [2, 5, 1])])
+def test_explicit_split_sizes(pools, cat_list, split_list):
+    """Shards that do not follow split_sizes (even empty ones), given as lists."""
+    P = len(cat_list)
+    X, W = C.rand(80, sum(cat_list), sum(split_list), 2), C.rand(81, sum(cat_list), sum(split_list), 2)
+    for r, (y, back, g) in enumerate(pools.run(P, C.explicit_sizes_case, cat_list, split_list)):
+        close(y, C.custom_piece(X, 1, split_list, r), f"rank {r} output")
+        close(back, C.custom_piece(X, 0, cat_list, r), f"rank {r} round trip")
+        close(g, C.custom_piece(W * torch.cos(X), 0, cat_list, r), f"rank {r} gradient")
+
+
+@pytest.mark.parametrize("sizes", [[6, 1], [0, 5, 2]])
+def test_reduce_scatter_explicit_sizes(pools, sizes):
+    P = len(sizes)
+    Y = sum(C.rand(90 + q, sum(sizes), 3) for q in range(P))
+    W = C.rand(91, sum(sizes), 3)
+    for r, (y, g) in enumerate(pools.run(P, C.explicit_rs_case, sizes)):
+        close(y, C.custom_piece(Y, 0, sizes, r), f"rank {r} output")
+        # each summand's gradient is the whole dL/dY: W cos(Y)
+        close(g, W * torch.cos(Y), f"rank {r} gradient")
