@@ -587,13 +587,13 @@ def all_to_all_start(x: torch.Tensor, split_dim: int, cat_dim: int, *, cat_sizes
     dtypes and split sizes across ranks (one extra blocking exchange). Backward: the
     inverse all_to_all.
 
-        >>> import torch
-        >>> from foldcompile.distributed import spawn, all_to_all_start, wait
-        >>> def rows_to_cols(rank):                   # z sharded on rows -> sharded on columns
-        ...     z = torch.arange(13 * 7.).view(13, 7)
-        ...     mine = z[[0, 5, 9][rank]:][:[5, 4, 4][rank]]
-        ...     return wait(all_to_all_start(mine, split_dim=1, cat_dim=0, cat_sizes=13)).shape
-        >>> spawn(rows_to_cols, 3)                    # doctest: +SKIP
+    Across processes (``rows_to_cols`` in foldcompile/distributed/examples.py shards a
+    [13, 7] tensor on rows, [5, 4, 4], and calls
+    ``wait(all_to_all_start(mine, split_dim=1, cat_dim=0, cat_sizes=13))``):
+
+        >>> from foldcompile.distributed import spawn
+        >>> from foldcompile.distributed.examples import rows_to_cols
+        >>> spawn(rows_to_cols, 3)
         [torch.Size([13, 3]), torch.Size([13, 2]), torch.Size([13, 2])]
     """
     def spec(comm: _Comm) -> _AllToAll:
@@ -645,6 +645,14 @@ def all_gather_start(x: torch.Tensor, dim: int, *, grad_placement: GradPlacement
         >>> b = torch.randn(4, 13, 2)                 # world size 1: elided
         >>> wait(all_gather_start(b, 0, grad_placement="partial", sizes=4, name="bias")) is b
         True
+
+    Across processes, a bias row used by both ranks (weights 1 and 2) gets the sum of
+    their uses (``bias_gradient`` in foldcompile/distributed/examples.py):
+
+        >>> from foldcompile.distributed import spawn
+        >>> from foldcompile.distributed.examples import bias_gradient
+        >>> spawn(bias_gradient, 2)
+        [tensor([[3., 3., 3.]]), tensor([[3., 3., 3.]])]
     """
     def spec(comm: _Comm) -> _AllGather:
         w = _where("all_gather", name, comm)

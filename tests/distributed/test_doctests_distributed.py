@@ -1,5 +1,5 @@
-"""The docstring examples of foldcompile.distributed (the one-process ones; the examples
-that need several processes are marked +SKIP there and run as tests in this folder)."""
+"""The docstring examples of foldcompile.distributed, the multi-process ones included
+(they spawn ranks running the functions of foldcompile/distributed/examples.py)."""
 import doctest
 import importlib
 
@@ -7,7 +7,8 @@ import pytest
 
 
 @pytest.mark.parametrize("name", ["foldcompile.distributed", "foldcompile.distributed.collectives",
-                                  "foldcompile.distributed.grad_sync", "foldcompile.distributed.spawn"])
+                                  "foldcompile.distributed.grad_sync", "foldcompile.distributed.spawn",
+                                  "foldcompile.distributed.examples"])
 def test_docstring_examples(name):
     module = importlib.import_module(name)  # the package's `spawn` attribute is the function
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
