@@ -25,6 +25,7 @@ def worlds(*full):
 @pytest.mark.parametrize("loss", ["sharded", "replicated"])
 @pytest.mark.parametrize("shape,split_dim,cat_dim", [
     ((13, 7, 5), 1, 0),      # rows -> columns, both uneven over 3
+    ((12, 6, 2), 1, 0),      # even over 2 and 3
     ((7, 13, 5), 0, 1),      # columns -> rows
     ((5, 3, 13), 2, 0),      # split the last dim
     ((3, 13, 7), -1, 1),     # negative dim, cat not first
@@ -40,7 +41,8 @@ def test_all_to_all(pools, P, loss, shape, split_dim, cat_dim):
 # --------------------------------------------------------------------------- all_gather
 
 @pytest.mark.parametrize("P", worlds(8))
-@pytest.mark.parametrize("shape,dim", [((13, 3, 2), 0), ((3, 7, 2), 1), ((2, 3, 5), -1)])
+@pytest.mark.parametrize("shape,dim", [((13, 3, 2), 0), ((3, 7, 2), 1), ((2, 3, 5), -1),
+                                       ((12, 3, 2), 0), ((3, 6, 2), 1)])   # the last two even over 2, 3
 def test_all_gather_replicated_consumers(pools, P, shape, dim):
     res = pools.run(P, C.gather_replicate_case, shape, dim)
     X, G = C.gather_replicate_ref(shape)
@@ -80,7 +82,7 @@ def test_all_gather_wrong_declaration_is_caught(pools, P):
 
 @pytest.mark.parametrize("P", worlds(8))
 @pytest.mark.parametrize("loss", ["sharded", "replicated"])
-@pytest.mark.parametrize("shape,dim", [((13, 3), 0), ((2, 7, 3), 1), ((3, 5), -1)])
+@pytest.mark.parametrize("shape,dim", [((13, 3), 0), ((2, 7, 3), 1), ((3, 5), -1), ((2, 6, 3), 1)])
 def test_reduce_scatter(pools, P, loss, shape, dim):
     res = pools.run(P, C.reduce_scatter_case, shape, dim, loss)
     Y, grads = C.reduce_scatter_ref(shape, P)
