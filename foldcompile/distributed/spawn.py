@@ -68,6 +68,11 @@ class RankTimeoutError(TimeoutError):
         self.ranks = ranks
 
 
+# NVLink multicast stays off in the NCCL ranks this starts, as the project's multi-GPU
+# machines require (a value the user set wins).
+_NCCL_ENV_DEFAULTS = ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS")
+
+
 def _is_timeout(e: BaseException) -> bool:
     text = str(e).lower()
     return isinstance(e, TimeoutError) or (isinstance(e, RuntimeError) and
@@ -79,6 +84,8 @@ def _worker(rank: int, world: int, backend: str, init_method: str, timeout_s: fl
     torch.set_num_threads(threads)
     try:
         if backend == "nccl":
+            for var in _NCCL_ENV_DEFAULTS:  # multicast off unless the user says otherwise
+                os.environ.setdefault(var, "1" if "DISABLE" in var else "0")
             torch.cuda.set_device(rank % torch.cuda.device_count())
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
                                 timeout=timedelta(seconds=timeout_s))
