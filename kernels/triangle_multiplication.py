@@ -277,7 +277,7 @@ def _trimul_out_kernel(P, Z, MEAN, RSTD, LN1W, LN1B, LN2W, LN2B, WO, BO, WGO, BG
 @triton.jit
 def _trimul_out_bwd_kernel(P, Z, MEAN, RSTD, LN1W, LN1B, LN2W, LN2B, WO, BO, WGO, BGO, DOUT,
                            DP, DO, Y, DU, PW2, PB2,
-                           NN, eps2, LD_DU, GATE_OFF, NPROG,
+                           NN, eps2, LD_DU, GATE_OFF,
                            C: tl.constexpr, H: tl.constexpr, PRECISION: tl.constexpr,
                            BLOCK_C: tl.constexpr, BLOCK_HF: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_H: tl.constexpr):
@@ -301,7 +301,7 @@ def _trimul_out_bwd_kernel(P, Z, MEAN, RSTD, LN1W, LN1B, LN2W, LN2B, WO, BO, WGO
     wo_t = tl.load(WO + cols[None, :] * H + hh[:, None], mask=h_ok[:, None] & c_ok[None, :],
                    other=0.0).to(y_t.dtype)
     dy_t = tl.dot(wo_t, tl.trans(do_c), input_precision=PRECISION)
-    g_id = pid_b * NPROG + pid
+    g_id = pid_b * tl.num_programs(0) + pid           # partial-sum row: [B, programs] row-major
     tl.store(PW2 + g_id * H + hh, tl.sum(dy_t * yhat_t, axis=1), mask=h_ok)
     tl.store(PB2 + g_id * H + hh, tl.sum(dy_t, axis=1), mask=h_ok)
     # LayerNorm backward over the channels (axis 0): dp = rstd·(dŷ − mean(dŷ) − ŷ·mean(ŷ·dŷ)).
@@ -316,7 +316,7 @@ def _trimul_out_bwd_kernel(P, Z, MEAN, RSTD, LN1W, LN1B, LN2W, LN2B, WO, BO, WGO
 @triton.autotune(configs=_configs("proj_bwd"), key=["NN", "C", "H", "HAS_MASK"])
 @triton.jit
 def _trimul_proj_bwd_kernel(Z, MASK, MEAN, RSTD, LNW, LNB, WP, BP, WG, BG, WGO, DAB, DU, X1, DZ, PW1, PB1,
-                            NN, BHNN, LD_DU, NPROG,
+                            NN, BHNN, LD_DU,
                             C: tl.constexpr, H: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
                             BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
     # One program: BLOCK_M pair rows. Reads z (C), dA/dB (2H, channel-major), dgate (C) and the
@@ -370,7 +370,7 @@ def _trimul_proj_bwd_kernel(Z, MASK, MEAN, RSTD, LNW, LNB, WP, BP, WG, BG, WGO, 
     wgo = tl.load(WGO + cols[:, None] * C + cols[None, :], mask=c_ok[:, None] & c_ok[None, :],
                   other=0.0).to(x1.dtype)
     dx1 += tl.dot(dgate, wgo, input_precision=PRECISION)
-    g_id = pid_b * NPROG + pid
+    g_id = pid_b * tl.num_programs(0) + pid           # partial-sum row: [B, programs] row-major
     tl.store(PW1 + g_id * C + cols, tl.sum(dx1 * xhat, axis=0), mask=c_ok)
     tl.store(PB1 + g_id * C + cols, tl.sum(dx1, axis=0), mask=c_ok)
     dxh = dx1 * w1[None, :]
@@ -394,6 +394,11 @@ def _blocks(C: int, H: int) -> dict:
 
 def _grid(NN: int, B: int):
     return lambda meta: (triton.cdiv(NN, meta["BLOCK_M"]), B)
+
+
+def _partial_rows(kernel, NN: int, B: int) -> int:
+    """Partial-sum rows the last launch of an autotuned kernel wrote (B x its program count)."""
+    return B * triton.cdiv(NN, kernel.best_config.kwargs["BLOCK_M"])
 
 
 def _bmm_tri(x: torch.Tensor, y: torch.Tensor, outgoing: bool, out: torch.Tensor) -> torch.Tensor:
@@ -472,16 +477,17 @@ class TriangleMultiplicationFunction(torch.autograd.Function):
         dp = torch.empty((B * H, N, N), dtype=dt, device=dev)
         do = torch.empty((M, C), dtype=dt, device=dev)
         y = torch.empty((M, H), dtype=dt, device=dev)
-        # Partial-sum rows for the largest program count any config can launch; rows of
-        # programs a larger BLOCK_M does not launch stay 0.
-        nprog2 = triton.cdiv(NN, _min_block_m("out_bwd"))
-        pw2 = torch.zeros((B * nprog2, H), dtype=torch.float32, device=dev)
-        pb2 = torch.zeros((B * nprog2, H), dtype=torch.float32, device=dev)
+        # One partial-sum row per program, for the largest program count any config launches;
+        # only the rows of the config that ran are summed (the autotuner's benchmark runs of
+        # smaller tiles leave others behind).
+        pw2 = torch.empty((B * triton.cdiv(NN, _min_block_m("out_bwd")), H), dtype=torch.float32, device=dev)
+        pb2 = torch.empty(pw2.shape, dtype=torch.float32, device=dev)
         note_launch("trimul_out_bwd")
         _trimul_out_bwd_kernel[_grid(NN, B)](
             p, z4, mean, rstd, w1, b1, w2, b2, wo, bo, wgo, bgo, dout, dp, do, y, du, pw2, pb2,
-            NN, float(eps2), ld, 4 * H, nprog2,
+            NN, float(eps2), ld, 4 * H,
             PRECISION=prec, BLOCK_HF=max(16, triton.next_power_of_2(H)), **blk)
+        rows2 = _partial_rows(_trimul_out_bwd_kernel, NN, B)
         dab = torch.empty((2, B * H, N, N), dtype=dt, device=dev)
         a, b = ab[0], ab[1]
         if ctx.outgoing:                                      # P = A B^T
@@ -493,14 +499,14 @@ class TriangleMultiplicationFunction(torch.autograd.Function):
         del dp
         x1 = torch.empty((M, C), dtype=dt, device=dev)
         dz = torch.empty((M, C), dtype=dt, device=dev)
-        nprog1 = triton.cdiv(NN, _min_block_m("proj_bwd"))
-        pw1 = torch.zeros((B * nprog1, C), dtype=torch.float32, device=dev)
-        pb1 = torch.zeros((B * nprog1, C), dtype=torch.float32, device=dev)
+        pw1 = torch.empty((B * triton.cdiv(NN, _min_block_m("proj_bwd")), C), dtype=torch.float32, device=dev)
+        pb1 = torch.empty(pw1.shape, dtype=torch.float32, device=dev)
         note_launch("trimul_proj_bwd")
         _trimul_proj_bwd_kernel[_grid(NN, B)](
             z4, mask3 if mask3 is not None else z4, mean, rstd, w1, b1, wp, bp, wg, bg, wgo, dab, du, x1, dz,
-            pw1, pb1, NN, B * H * NN, ld, nprog1,
+            pw1, pb1, NN, B * H * NN, ld,
             HAS_MASK=mask3 is not None, PRECISION=prec, **blk)
+        rows1 = _partial_rows(_trimul_proj_bwd_kernel, NN, B)
         need = ctx.needs_input_grad
         grads: list[Optional[torch.Tensor]] = [None] * 17
         grads[0] = dz.view(z4.shape) if need[0] else None
@@ -513,8 +519,8 @@ class TriangleMultiplicationFunction(torch.autograd.Function):
         if need[12] or need[13]:
             grads[12] = _wgrad(do, y)                         # [C, H]
             grads[13] = do.sum(0, dtype=torch.float32)
-        grads[2], grads[3] = pw1.sum(0), pb1.sum(0)
-        grads[10], grads[11] = pw2.sum(0), pb2.sum(0)
+        grads[2], grads[3] = pw1[:rows1].sum(0), pb1[:rows1].sum(0)
+        grads[10], grads[11] = pw2[:rows2].sum(0), pb2[:rows2].sum(0)
         saved = (z4, mask3, w1, b1, wp, bp, wg, bg, wgo, bgo, w2, b2, wo, bo)
         for i in range(2, 14):
             grads[i] = grads[i].to(saved[i].dtype) if need[i] and grads[i] is not None else None
