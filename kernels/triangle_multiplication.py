@@ -380,6 +380,54 @@ def _trimul_proj_bwd_kernel(Z, MASK, MEAN, RSTD, LNW, LNB, WP, BP, WG, BG, WGO, 
     tl.store(DZ + rows[:, None] * C + cols[None, :], dz.to(DZ.dtype.element_ty), mask=zc_ok)
 
 
+def _bmm_configs() -> list[triton.Config]:
+    """Batched-GEMM tiles: the usual Hopper bf16 GEMM shapes (128x128 / 128x256 output tiles,
+    64-deep K steps, 3-4 shared-memory stages, grouped row blocks for L2 reuse)."""
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}, num_warps=4,
+                              num_stages=1)]
+    shapes = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (64, 64, 32, 4, 2)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=st)
+            for m, n, k, w, st in shapes]
+
+
+@triton.autotune(configs=_bmm_configs(), key=["N"])
+@triton.jit
+def _trimul_bmm_kernel(X, Y, OUT, sxb, sxm, sxk, syb, syk, syn,
+                       N: tl.constexpr, PRECISION: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    # OUT[c] = X[c] @ Y[c] for one channel matrix c = program_id(1) (N x N x N, any operand
+    # strides, so transposed views cost nothing). Reads (N/BLOCK_N + N/BLOCK_M)·N² elements per
+    # channel (mostly L2 hits thanks to the grouped order), writes N². N is a compile-time
+    # constant: the interpreter cannot loop to a run-time bound, and the autotuner keys on N anyway.
+    pid = tl.program_id(0)
+    c = tl.program_id(1).to(tl.int64)
+    num_m = tl.cdiv(N, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_size = tl.minimum(num_m - first_m, GROUP_M)
+    pm = first_m + (pid % per_group) % group_size
+    pn = (pid % per_group) // group_size
+    offs_m = pm * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pn * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < N
+    n_ok = offs_n < N
+    x_base = X + c * sxb
+    y_base = Y + c * syb
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, N, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < N
+        x = tl.load(x_base + offs_m[:, None] * sxm + offs_k[None, :] * sxk, mask=m_ok[:, None] & k_ok[None, :],
+                    other=0.0)
+        y = tl.load(y_base + offs_k[:, None] * syk + offs_n[None, :] * syn, mask=k_ok[:, None] & n_ok[None, :],
+                    other=0.0)
+        acc = tl.dot(x, y, acc, input_precision=PRECISION)
+    tl.store(OUT + c * (N * N) + offs_m[:, None] * N + offs_n[None, :], acc.to(OUT.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
 # --------------------------------------------------------------------------- launch helpers
 def _precision(dtype: torch.dtype) -> str:
     """tl.dot input precision: TF32 only for fp32 when the user allowed it (as cuBLAS does)."""
@@ -401,14 +449,21 @@ def _partial_rows(kernel, NN: int, B: int) -> int:
     return B * triton.cdiv(NN, kernel.best_config.kwargs["BLOCK_M"])
 
 
-def _bmm_tri(x: torch.Tensor, y: torch.Tensor, outgoing: bool, out: torch.Tensor) -> torch.Tensor:
-    """The triangle product over [B·H, N, N] channel matrices: outgoing x y^T, incoming x^T y."""
-    if outgoing:
-        return torch.bmm(x, y.transpose(1, 2), out=out)
-    return torch.bmm(x.transpose(1, 2), y, out=out)
+_PRODUCTS = ("cublas", "triton")
 
 
-def _forward(z4, mask3, w1, b1, wp, bp, wg, bg, wgo, bgo, w2, b2, wo, bo, eps1, eps2, outgoing, keep):
+def _bmm(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor, product: str) -> torch.Tensor:
+    """out[c] = x[c] @ y[c] over [B·H, N, N] channel matrices (x, y possibly transposed views)."""
+    if product == "cublas":
+        return torch.bmm(x, y, out=out)
+    n = x.shape[-1]
+    note_launch("trimul_bmm")
+    _trimul_bmm_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), x.shape[0])](
+        x, y, out, *x.stride(), *y.stride(), N=n, PRECISION=_precision(x.dtype))
+    return out
+
+
+def _forward(z4, mask3, w1, b1, wp, bp, wg, bg, wgo, bgo, w2, b2, wo, bo, eps1, eps2, outgoing, product, keep):
     """Run the three forward stages on canonical inputs; returns out and (if keep) the saved tensors."""
     B, N, _, C = z4.shape
     H = wp.shape[0] // 2
@@ -424,7 +479,12 @@ def _forward(z4, mask3, w1, b1, wp, bp, wg, bg, wgo, bgo, w2, b2, wo, bo, eps1, 
         z4, mask3 if mask3 is not None else z4, w1, b1, wp, bp, wg, bg, ab, mean, rstd,
         NN, B * H * NN, float(eps1), HAS_MASK=mask3 is not None, PRECISION=prec, **blk)
     p = torch.empty((B * H, N, N), dtype=dt, device=dev)
-    _bmm_tri(ab[0], ab[1], outgoing, p)
+    a, b = ab[0], ab[1]
+    if outgoing:                                              # P_c = A_c B_c^T
+        _bmm(a, b.transpose(1, 2), p, product)
+    else:                                                     # P_c = A_c^T B_c
+        _bmm(a.transpose(1, 2), b, p, product)
+    del a, b
     if not keep:
         del ab
         ab = None
@@ -452,12 +512,13 @@ class TriangleMultiplicationFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, z4, mask3, w1, b1, wp, bp, wg, bg, wgo, bgo, w2, b2, wo, bo, eps1: float, eps2: float,
-                outgoing: bool):
+                outgoing: bool, product: str):
         out, (ab, p, mean, rstd) = _forward(z4, mask3, w1, b1, wp, bp, wg, bg, wgo, bgo, w2, b2, wo, bo,
-                                            eps1, eps2, outgoing, keep=True)
+                                            eps1, eps2, outgoing, product, keep=True)
         ctx.save_for_backward(z4, mask3, w1, b1, wp, bp, wg, bg, wgo, bgo, w2, b2, wo, bo, ab, p, mean, rstd)
         ctx.eps = (eps1, eps2)
         ctx.outgoing = outgoing
+        ctx.product = product
         return out
 
     @staticmethod
@@ -491,11 +552,11 @@ class TriangleMultiplicationFunction(torch.autograd.Function):
         dab = torch.empty((2, B * H, N, N), dtype=dt, device=dev)
         a, b = ab[0], ab[1]
         if ctx.outgoing:                                      # P = A B^T
-            torch.bmm(dp, b, out=dab[0])
-            torch.bmm(dp.transpose(1, 2), a, out=dab[1])
+            _bmm(dp, b, dab[0], ctx.product)
+            _bmm(dp.transpose(1, 2), a, dab[1], ctx.product)
         else:                                                 # P = A^T B
-            torch.bmm(b, dp.transpose(1, 2), out=dab[0])
-            torch.bmm(a, dp, out=dab[1])
+            _bmm(b, dp.transpose(1, 2), dab[0], ctx.product)
+            _bmm(a, dp, dab[1], ctx.product)
         del dp
         x1 = torch.empty((M, C), dtype=dt, device=dev)
         dz = torch.empty((M, C), dtype=dt, device=dev)
@@ -508,7 +569,7 @@ class TriangleMultiplicationFunction(torch.autograd.Function):
             HAS_MASK=mask3 is not None, PRECISION=prec, **blk)
         rows1 = _partial_rows(_trimul_proj_bwd_kernel, NN, B)
         need = ctx.needs_input_grad
-        grads: list[Optional[torch.Tensor]] = [None] * 17
+        grads: list[Optional[torch.Tensor]] = [None] * 18
         grads[0] = dz.view(z4.shape) if need[0] else None
         if any(need[4:10]):
             dw_cat = _wgrad(du, x1)                           # [4H + C, C]
@@ -690,7 +751,7 @@ def _or_const(t: Optional[torch.Tensor], n: int, value: float, device) -> torch.
 
 
 def triangle_multiplication(z: torch.Tensor, mask: Optional[torch.Tensor], params: TriangleMultiplicationParams,
-                            outgoing: bool = True) -> torch.Tensor:
+                            outgoing: bool = True, *, product: str = "cublas") -> torch.Tensor:
     """Fused triangle multiplicative update (see the module docstring for the formula).
 
     Args:
@@ -700,11 +761,16 @@ def triangle_multiplication(z: torch.Tensor, mask: Optional[torch.Tensor], param
         params: the update's parameters (:class:`TriangleMultiplicationParams`,
             e.g. from :func:`params_from_module`).
         outgoing: ``p_ij = sum_k a_ik b_jk`` if True, else ``p_ij = sum_k a_ki b_kj``.
+        product: which batched GEMM runs the triangle product (forward and backward) on the
+            kernel path: ``"cublas"`` (``torch.bmm``, the default) or ``"triton"`` (this module's
+            ``trimul_bmm`` kernel), kept so the benchmark can compare the two.
 
     Returns ``[..., N, N, c_z]`` in z's dtype; differentiable in z and every parameter.
     """
     if not isinstance(outgoing, bool):
         raise TypeError(f"triangle_multiplication: outgoing must be a bool, got {type(outgoing).__name__}")
+    if product not in _PRODUCTS:
+        raise ValueError(f"triangle_multiplication: product must be one of {_PRODUCTS}, got {product!r}")
     C, H = _check(z, mask, params)
     P = params
     tensors = [z, mask] + [getattr(P, f.name) for f in dataclasses.fields(P) if f.name not in ("eps_in", "eps_out")]
@@ -728,7 +794,7 @@ def triangle_multiplication(z: torch.Tensor, mask: Optional[torch.Tensor], param
             P.gate_weight.contiguous(), _or_const(P.gate_bias, C, 0.0, dev),
             _or_const(P.ln_out_weight, H, 1.0, dev), _or_const(P.ln_out_bias, H, 0.0, dev),
             P.out_weight.contiguous(), _or_const(P.out_bias, C, 0.0, dev),
-            float(P.eps_in), float(P.eps_out), outgoing)
+            float(P.eps_in), float(P.eps_out), outgoing, product)
     if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in args):
         out = TriangleMultiplicationFunction.apply(*args)
     else:
@@ -738,10 +804,10 @@ def triangle_multiplication(z: torch.Tensor, mask: Optional[torch.Tensor], param
 
 
 def triangle_multiplication_module(module: torch.nn.Module, z: torch.Tensor,
-                                   mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                                   mask: Optional[torch.Tensor] = None, *, product: str = "cublas") -> torch.Tensor:
     """``module(z, mask)`` for a zoo triangle multiplication module, through the fused kernels.
 
     Gradients reach the module's own parameters.
     """
     params, outgoing = params_from_module(module)
-    return triangle_multiplication(z, mask, params, outgoing)
+    return triangle_multiplication(z, mask, params, outgoing, product=product)

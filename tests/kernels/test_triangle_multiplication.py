@@ -49,10 +49,10 @@ def make_inputs(n: int, c_z: int, lead=(1,), seed: int = 0):
     return z.to(DEVICE), mask.to(DEVICE)
 
 
-def fwd_bwd(fn, module, z, mask, dout):
+def fwd_bwd(fn, module, z, mask, dout, **kwargs):
     """Output and the gradients of z and of every module parameter (in named_parameters order)."""
     z = z.detach().requires_grad_()
-    out = fn(module, z, mask)
+    out = fn(module, z, mask, **kwargs)
     grads = torch.autograd.grad(out, [z, *module.parameters()], dout)
     return out, grads
 
@@ -61,7 +61,7 @@ def run_module(module, z, mask):
     return module(z, mask)
 
 
-def check_against_float64(module, z64, mask64, dtype, tol, dout=None):
+def check_against_float64(module, z64, mask64, dtype, tol, dout=None, product="cublas"):
     """Kernel in ``dtype`` vs the module in float64 (forward, dz and every parameter
     gradient, each under ``tol(name)``); returns the worst error."""
     dout = torch.randn_like(z64) if dout is None else dout
@@ -69,8 +69,13 @@ def check_against_float64(module, z64, mask64, dtype, tol, dout=None):
     ref, gref = fwd_bwd(run_module, m64, z64, mask64, dout)
     mk = copy.deepcopy(module).to(dtype)
     with record_launches() as launched:
-        out, grads = fwd_bwd(triangle_multiplication_module, mk, z64.to(dtype), mask64.to(dtype), dout.to(dtype))
-    assert launched == FWD + BWD
+        out, grads = fwd_bwd(triangle_multiplication_module, mk, z64.to(dtype), mask64.to(dtype), dout.to(dtype),
+                             product=product)
+    if product == "cublas":
+        assert launched == FWD + BWD
+    else:  # the Triton batched GEMM runs the triangle product: once forward, twice backward
+        assert launched == ["trimul_proj", "trimul_bmm", "trimul_out", "trimul_out_bwd", "trimul_bmm", "trimul_bmm",
+                            "trimul_proj_bwd"]
     assert out.dtype == dtype and out.shape == z64.shape and grads[0].dtype == dtype
     names = ["out", "z"] + [n for n, _ in module.named_parameters()]
     errs = {n: rel(a, r) for n, a, r in zip(names, (out, *grads), (ref, *gref))}
@@ -99,7 +104,7 @@ def test_fp16_matches_zoo_module(kind, outgoing):
     # Bar: 2e-3, or twice the error of the module itself run in fp16 (measured ~1e-3 for both).
     torch.manual_seed(2)
     module = make_module(kind, outgoing, seed=1)
-    z, mask = make_inputs(19, 20, seed=1)
+    z, mask = make_inputs(13, 20, seed=1)
     m64, m16 = copy.deepcopy(module).double(), copy.deepcopy(module).half()
     dout = torch.randn_like(z)
     ref, gref = fwd_bwd(run_module, m64, z, mask, dout)
@@ -107,6 +112,16 @@ def test_fp16_matches_zoo_module(kind, outgoing):
     names = ["out", "z"] + [n for n, _ in module.named_parameters()]
     module_err = {n: rel(a, r) for n, a, r in zip(names, (own, *gown), (ref, *gref))}
     check_against_float64(module, z, mask, torch.float16, lambda n: max(2e-3, 2 * module_err[n]), dout)
+
+
+@pytest.mark.parametrize("kind,outgoing,dtype,n", [("af2", False, torch.float32, 19), ("pf", True, torch.float16, 13)])
+def test_triton_batched_gemm_product(kind, outgoing, dtype, n):
+    # product="triton": the triangle product (forward and backward) in this module's own batched
+    # GEMM instead of cuBLAS; N = 19 leaves a tail in every tile dimension, including K.
+    module = make_module(kind, outgoing, seed=13)
+    z, mask = make_inputs(n, 20, seed=13)
+    check_against_float64(module, z, mask, dtype, lambda n: 1e-5 if dtype == torch.float32 else 2e-3,
+                          product="triton")
 
 
 def test_every_output_element_written(monkeypatch):
@@ -243,6 +258,8 @@ def test_bad_inputs_raise_naming_the_argument():
     with pytest.raises(ValueError, match=r"params.ln_out_bias has shape \(20,\), expected \(12,\)"):
         triangle_multiplication(z, None, TriangleMultiplicationParams(**{**vars(params),
                                                                          "ln_out_bias": torch.randn(20)}))
+    with pytest.raises(ValueError, match="product must be one of"):
+        triangle_multiplication(z, None, params, product="cutlass")
     with pytest.raises(TypeError, match="outgoing must be a bool"):
         triangle_multiplication(z, None, params, outgoing="incoming")
     with pytest.raises(TypeError, match="params must be a TriangleMultiplicationParams"):
