@@ -30,15 +30,18 @@ Kernels (M = B·N² pair rows, C = c_z, H = c_hidden; bytes for a 2-byte dtype):
   product reads. Writes 2·2H bytes a row. The output gate ``g`` is *not* computed here:
   storing it would cost an N²·C write and read and N²·C of peak memory; the output
   kernel recomputes it from z (a C×C GEMM, ~1/5 of this kernel's FLOPs).
-- triangle product: ``torch.bmm`` (cuBLAS) over the B·H channel matrices:
-  outgoing ``P_c = A_c B_c^T``, incoming ``P_c = A_c^T B_c``. "Transposed for incoming"
-  is a transposed *view* that cuBLAS reads natively (its transpose flags): no copy and
-  no scattered transposed store. Why cuBLAS and not a Triton batched GEMM: nothing can
-  be fused into this stage (the next op, LN over the channels of p, needs all H
-  channels of a pair while a batched GEMM program owns one channel), so a Triton
-  kernel could at best tie cuBLAS, whose Hopper batched-GEMM kernels already run this
-  square bf16 problem (4·H·N³/2 FLOPs over 3·H·N² elements: ~340 FLOP/byte at N=1024)
-  at the tensor-core rate. Writes p channel-major, ``[B, H, N, N]``, in z's dtype.
+- triangle product: a batched GEMM over the B·H channel matrices, outgoing
+  ``P_c = A_c B_c^T``, incoming ``P_c = A_c^T B_c``. "Transposed for incoming" is a
+  transposed *view* that both GEMMs read natively (cuBLAS's transpose flags, the Triton
+  kernel's strides): no copy and no scattered transposed store. Writes p channel-major,
+  ``[B, H, N, N]``, in z's dtype. Default ``torch.bmm`` (cuBLAS); ``product="triton"``
+  runs ``trimul_bmm``, a grouped-tile Triton batched GEMM. Why cuBLAS by default: nothing
+  can be fused into this stage (the next op, LN over the channels of p, needs all H
+  channels of a pair, while a batched-GEMM program owns one channel), so the Triton kernel
+  can at best tie cuBLAS, whose Hopper kernels (wgmma, TMA, tuned per shape) run this
+  square bf16 problem (2·H·N³ FLOPs over 3·H·N² elements: ~340 FLOP/byte at N=1024) at
+  the tensor-core rate; ``bench/kernels/triangle.py`` times both (``foldcompile`` vs
+  ``foldcompile_triton_bmm`` rows) so the choice rests on a measurement once it has run.
 - ``trimul_out`` (LN prologue → output projection, gate GEMM, gating epilogue): one
   program reads BLOCK_M pairs of p as a ``[H, BLOCK_M]`` tile from the channel-major
   layout (coalesced along the pairs), normalises over the channels, multiplies by
@@ -62,8 +65,8 @@ LN(z), the four projections, g, LN(p) and the output projection are recomputed.
   → dp, stored channel-major (the layout the triangle backward reads); partial sums
   for LN_out's weight and bias per program. Writes do, LN(p) and dgate row-major for
   the weight gradients.
-- triangle backward: two ``torch.bmm`` each (outgoing ``dA = dP B``, ``dB = dP^T A``;
-  incoming ``dA = B dP^T``, ``dB = A dP``), cuBLAS for the reason above.
+- triangle backward: two batched GEMMs (outgoing ``dA = dP B``, ``dB = dP^T A``;
+  incoming ``dA = B dP^T``, ``dB = A dP``), by the same ``product`` choice.
 - ``trimul_proj_bwd``: recomputes LN(z) and the gated projections tile by tile,
   forms the gradients of the four pre-activations from dA, dB and the mask, stores
   them row-major next to dgate in one ``du [M, 4H + C]`` buffer, accumulates

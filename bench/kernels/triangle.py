@@ -1,6 +1,7 @@
 """GPU benchmark: the fused triangle multiplicative update.
 
-Compares ``foldcompile.kernels.triangle_multiplication`` with the zoo's Pairformer module
+Compares ``foldcompile.kernels.triangle_multiplication`` (its default, the triangle product in
+cuBLAS, and ``product="triton"``, the same in its own Triton batched GEMM) with the zoo's Pairformer module
 (``models/pairformer.py``'s ``TriangleMultiplication``: no projection biases, the same
 function cuEquivariance computes) run eagerly, under ``torch.compile``, and with
 cuEquivariance's ``cuequivariance_torch.triangle_multiplicative_update`` when importable
@@ -148,6 +149,8 @@ def run(quick: bool = False) -> Results:
         compiled = torch.compile(module, dynamic=False)
         impls: list[tuple[str, Callable]] = [
             ("foldcompile", lambda z, m, module=module: triangle_multiplication_module(module, z, m)),
+            ("foldcompile_triton_bmm",
+             lambda z, m, module=module: triangle_multiplication_module(module, z, m, product="triton")),
             ("eager", module), ("torch.compile", compiled)]
         if cueq is not None:
             impls.append(("cuequivariance", _cueq_call(cueq, module)))
