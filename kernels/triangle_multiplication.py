@@ -133,7 +133,9 @@ def _configs(kind: str) -> list[triton.Config]:
     [64, 128] weight tile 16 KiB, so a 128-row program with two 64-wide output tiles in flight
     fits shared memory with room for double buffering; 8 warps are two warpgroups for wgmma.
     The output kernels keep two [BLOCK_M, C] fp32 accumulators (o and the gate): 64 rows with
-    one warpgroup keeps them at 64 registers a thread. Every program reads the weights it
+    one warpgroup keeps them at 64 registers a thread. The backward kernels hold about four
+    such fp32 tiles at once (LN(p), o, g, dout; or dLN(z), x̂ and the loop's tiles), hence
+    their 8-warp entries: 32 registers a tile at 64 rows instead of spilling. Every program reads the weights it
     needs from L2 (2·(2H + 2H)·C bytes in the projection kernel, 2·(H + C)·C in the output
     kernel), so BLOCK_M also sets the ratio of L2 weight reads to HBM traffic: at 128 rows the
     projection kernel reads 128 KiB of weights against 96 KiB of z and a/b; 256-row tiles
@@ -145,9 +147,9 @@ def _configs(kind: str) -> list[triton.Config]:
     # (the autotuner drops configs that run out of shared memory or registers).
     shapes = {
         "proj": [(128, 64, 8, 2), (256, 64, 8, 2), (64, 128, 4, 2), (64, 32, 4, 1)],
-        "out": [(64, 64, 4, 2), (128, 64, 8, 2), (32, 64, 4, 1)],
-        "out_bwd": [(64, 64, 4, 2), (32, 64, 4, 1)],
-        "proj_bwd": [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 1)],
+        "out": [(64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2), (32, 64, 4, 1)],
+        "out_bwd": [(64, 64, 8, 2), (64, 64, 4, 2), (32, 64, 4, 1)],
+        "proj_bwd": [(64, 64, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 1)],
     }[kind]
     return [triton.Config({"BLOCK_M": m, "BLOCK_H": h}, num_warps=w, num_stages=s) for m, h, w, s in shapes]
 
