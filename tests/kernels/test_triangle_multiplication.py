@@ -155,6 +155,20 @@ def test_no_mask_and_broadcast_mask():
     assert rel(out_b, ref_b) < 1e-5
 
 
+def test_non_contiguous_z_and_double_backward_raises():
+    module = make_module("pf", False, seed=14).float()
+    z, mask = make_inputs(13, 20, seed=14)
+    zt = z.float().transpose(-2, -3).detach().requires_grad_()      # a strided view, not a copy
+    assert not zt.is_contiguous()
+    out = triangle_multiplication_module(module, zt, mask.float())
+    ref = copy.deepcopy(module).double()(zt.detach().double(), mask)
+    assert rel(out, ref) < 1e-5
+    (gz,) = torch.autograd.grad(out.square().sum(), [zt], create_graph=True)
+    assert gz.shape == zt.shape
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        gz.sum().backward()
+
+
 def test_bool_mask_equals_float_mask():
     module = make_module("pf", True, seed=5).float()
     z, mask = make_inputs(13, 20, seed=5)
