@@ -93,8 +93,9 @@ and wider channels run :func:`triangle_multiplication_reference`.
 Example (AF3's Pairformer module, 13 residues)::
 
     >>> from foldcompile.models.pairformer import TriangleMultiplicationIncoming
-    >>> module = TriangleMultiplicationIncoming(c_z=16, c_hidden=8)
-    >>> z, mask = torch.randn(1, 13, 13, 16), torch.ones(1, 13, 13)
+    >>> from foldcompile.models.zoo import randomize_parameters
+    >>> module = randomize_parameters(TriangleMultiplicationIncoming(c_z=16, c_hidden=8))  # no zero layers
+    >>> z, mask = torch.randn(1, 13, 13, 16), (torch.rand(1, 13, 13) > 0.1).float()
     >>> out = triangle_multiplication_module(module, z, mask)
     >>> out.shape
     torch.Size([1, 13, 13, 16])
