@@ -51,8 +51,8 @@ Kernels (M = B·N² pair rows, C = c_z, H = c_hidden; bytes for a 2-byte dtype):
 
 Forward traffic a pair row (bf16, C = H = 128): ours reads z twice and p once, writes
 a, b, p and out once, and the GEMM reads a and b at least once: 2·(3C + 6H) elements,
-≈ 2.3 KiB (2.3 GiB at N=1024, ~0.55 ms at 4.3 TB/s, against ~480 GFLOP of GEMMs, ~0.65 ms
-at a measured ~750 TFLOP/s: the three stages are each near balanced). The eager module
+≈ 2.3 KiB (2.3 GiB at N=1024, ~0.55 ms at 4.3 TB/s, against ~480 GFLOP of GEMMs, ~0.6 ms
+at the ~800 TFLOP/s bf16 ceiling issue 11 measured: each stage is near balanced). The eager module
 writes and reads LN(z), the four projections, two sigmoids, two products, two masked
 products, the einsum's permuted operands and result, LN(p), the output projection, the
 gate and its sigmoid: ~14 C-wide and ~28 H-wide passes, ≈ 10.5 KiB a row. Peak extra
