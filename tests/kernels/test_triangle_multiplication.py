@@ -288,8 +288,9 @@ def test_bad_inputs_raise_naming_the_argument():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 is wrong in the Triton interpreter; needs CUDA")
+@pytest.mark.parametrize("product", ["cublas", "triton"])
 @pytest.mark.parametrize("kind,outgoing", VARIANTS)
-def test_bf16_on_cuda(kind, outgoing):
+def test_bf16_on_cuda(kind, outgoing, product):
     # AlphaFold widths (c_z = c_hidden = 128), N = 100 (not a multiple of any block size).
     # Bar: 1e-2, or 3x the error of the module itself run in bf16.
     module = make_module(kind, outgoing, c_z=128, c_h=128, seed=12)
@@ -300,4 +301,5 @@ def test_bf16_on_cuda(kind, outgoing):
     own, gown = fwd_bwd(run_module, mbf, z.bfloat16(), mask.bfloat16(), dout.bfloat16())
     names = ["out", "z"] + [n for n, _ in module.named_parameters()]
     module_err = {n: rel(a, r) for n, a, r in zip(names, (own, *gown), (ref, *gref))}
-    check_against_float64(module, z, mask, torch.bfloat16, lambda n: max(1e-2, 3 * module_err[n]), dout)
+    check_against_float64(module, z, mask, torch.bfloat16, lambda n: max(1e-2, 3 * module_err[n]), dout,
+                          product=product)
