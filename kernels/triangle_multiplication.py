@@ -643,6 +643,9 @@ def params_from_module(module: torch.nn.Module) -> tuple[TriangleMultiplicationP
     ``sum_k a_ki b_kj`` with a and b swapped: the swap is made here.
     """
     name = type(module).__name__
+    if not isinstance(getattr(module, "outgoing", None), bool):
+        raise TypeError(f"params_from_module: {name} has no boolean `outgoing` attribute (not a known triangle "
+                        f"multiplication module)")
     if all(hasattr(module, n) for n in ("linear_a_p", "linear_a_g", "linear_b_p", "linear_b_g", "linear_z")):
         a_p, a_g, b_p, b_g, out = (module.linear_a_p, module.linear_a_g, module.linear_b_p, module.linear_b_g,
                                    module.linear_z)
@@ -652,10 +655,9 @@ def params_from_module(module: torch.nn.Module) -> tuple[TriangleMultiplicationP
                                    module.linear_out)
         swap = False
     else:
-        raise TypeError(f"params_from_module: {name} is not a known triangle multiplication module (expected AF2's "
-                        f"linear_a_p/linear_a_g/.../linear_z or the Pairformer's linear_a/linear_a_gate/.../linear_out)")
-    if not isinstance(getattr(module, "outgoing", None), bool):
-        raise TypeError(f"params_from_module: {name} has no boolean `outgoing` attribute")
+        raise TypeError(f"params_from_module: {name} is not a known triangle multiplication module (expected "
+                        f"AF2's linear_a_p/linear_a_g/.../linear_z or the Pairformer's "
+                        f"linear_a/linear_a_gate/.../linear_out)")
     if swap:
         a_p, a_g, b_p, b_g = b_p, b_g, a_p, a_g
     c_z, c_h = a_p.in_features, a_p.out_features

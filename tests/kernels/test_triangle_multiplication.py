@@ -280,6 +280,10 @@ def test_bad_inputs_raise_naming_the_argument():
         triangle_multiplication(z, None, {"a_proj_weight": None})
     with pytest.raises(TypeError, match="not a known triangle multiplication module"):
         params_from_module(torch.nn.Linear(3, 3))
+    impostor = torch.nn.Linear(3, 3)
+    impostor.outgoing = True
+    with pytest.raises(TypeError, match="Linear is not a known triangle multiplication module"):
+        params_from_module(impostor)
     if torch.cuda.is_available():
         with pytest.raises(ValueError, match="params.out_weight is on"):
             triangle_multiplication(z, None, TriangleMultiplicationParams(**{**vars(params),
