@@ -8,9 +8,11 @@ interpreter's 16-wide blocks (N = 13, 19; c_z = 20, c_hidden = 12). Errors are r
 to the module run in float64 (PITFALLS correctness guide); NaN never passes.
 """
 import copy
+import importlib
 
 import pytest
 import torch
+import triton
 
 from foldcompile.kernels._dispatch import record_launches, use_triton
 from foldcompile.kernels.triangle_multiplication import (TriangleMultiplicationParams, params_from_module,
@@ -137,6 +139,33 @@ def test_every_output_element_written(monkeypatch):
     z, mask = make_inputs(19, 32, lead=(2,), seed=3)
     monkeypatch.setattr(torch, "empty", poisoned)
     check_against_float64(module, z, mask, torch.float32, lambda n: 1e-5)
+
+
+@pytest.mark.full
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter check of the GPU tile lists (on a GPU the "
+                    "autotuner runs them)")
+@pytest.mark.parametrize("index", range(4))
+def test_gpu_tile_configs_through_the_interpreter(index, monkeypatch):
+    """Each kernel with the index-th entry of its Hopper tile list (cycling): tiles far larger
+    than N = 13, c_z = 20, c_hidden = 12 (every load and store masked), 256-row projection
+    tiles, partial-sum buffers sized for the smallest tile of which only the used rows may be
+    summed (buffers NaN-poisoned), and the Triton batched GEMM's grouped ordering."""
+    tm = importlib.import_module("foldcompile.kernels.triangle_multiplication")
+    monkeypatch.setattr(tm, "interpreting", lambda: False)
+    lists = {"proj": tm._configs("proj"), "out": tm._configs("out"), "out_bwd": tm._configs("out_bwd"),
+             "proj_bwd": tm._configs("proj_bwd"), "bmm": tm._bmm_configs()}
+    monkeypatch.undo()
+    kernels = {"proj": tm._trimul_proj_kernel, "out": tm._trimul_out_kernel, "out_bwd": tm._trimul_out_bwd_kernel,
+               "proj_bwd": tm._trimul_proj_bwd_kernel, "bmm": tm._trimul_bmm_kernel}
+    for name, kernel in kernels.items():
+        c = lists[name][index % len(lists[name])]
+        monkeypatch.setattr(kernel, "configs", [triton.Config(c.kwargs, num_warps=c.num_warps)])
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: (lambda t: t.fill_(float("nan")) if t.is_floating_point()
+                                                         else t)(real_empty(*a, **k)))
+    module = make_module("af2", index % 2 == 0, seed=15)
+    z, mask = make_inputs(13, 20, seed=15)
+    check_against_float64(module, z, mask, torch.float32, lambda n: 1e-5, product="triton")
 
 
 def test_no_mask_and_broadcast_mask():
