@@ -15,7 +15,8 @@ import torch
 import triton
 
 from foldcompile.kernels._dispatch import record_launches, use_triton
-from foldcompile.kernels.triangle_multiplication import (TriangleMultiplicationParams, params_from_module,
+from foldcompile.kernels.triangle_multiplication import (MAX_TRITON_DIM, TriangleMultiplicationParams,
+                                                         params_from_module,
                                                          triangle_multiplication,
                                                          triangle_multiplication_module,
                                                          triangle_multiplication_reference)
@@ -244,6 +245,17 @@ def test_float64_runs_reference():
         out = triangle_multiplication_module(module, z, mask)
     assert launched == []
     assert rel(out, module(z, mask)) < 1e-12
+
+
+def test_channels_over_the_kernel_limit_run_reference():
+    # c_z > MAX_TRITON_DIM: the kernels hold whole rows in registers, so the reference runs.
+    module = make_module("pf", True, c_z=MAX_TRITON_DIM + 8, c_h=8, seed=16).float()
+    z, mask = make_inputs(5, MAX_TRITON_DIM + 8, seed=16)
+    with torch.no_grad(), record_launches() as launched:
+        out = triangle_multiplication_module(module, z.float(), mask.float())
+        ref = copy.deepcopy(module).double()(z, mask)
+    assert launched == []
+    assert rel(out, ref) < 1e-5
 
 
 @pytest.mark.parametrize("kind,outgoing", VARIANTS)
