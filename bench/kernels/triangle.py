@@ -12,7 +12,8 @@ cuEquivariance's ``cuequivariance_torch.triangle_multiplicative_update`` when im
   parameter);
 - N = 1024 (inference): forward.
 
-Each row: median time (CUDA events), peak extra memory (peak allocated during the call,
+Each row: median time (CUDA events), host time per call (launch-bound when close to the
+GPU time: expected for ours at N = 256), peak extra memory (peak allocated during the call,
 minus its output and, for forward+backward, the gradient buffers), speed-ups against eager
 and torch.compile, and the output's error relative to the module run in fp32 on the same
 inputs (so a peer computing a different orientation shows). Targets (issue 11, H200):
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import time
 import traceback
 from typing import Callable
 
@@ -36,8 +38,8 @@ from foldcompile.kernels.triangle_multiplication import triangle_multiplication_
 from foldcompile.models.pairformer import TriangleMultiplication
 from foldcompile.models.zoo import randomize_parameters
 
-COLUMNS = ["N", "direction", "pass", "impl", "ms", "peak_extra_MiB", "x_eager", "x_compile", "rel_err_vs_fp32",
-           "note"]
+COLUMNS = ["N", "direction", "pass", "impl", "ms", "host_ms", "peak_extra_MiB", "x_eager", "x_compile",
+           "rel_err_vs_fp32", "note"]
 C_Z = C_HIDDEN = 128
 
 
@@ -77,8 +79,9 @@ def _inputs(n: int, dtype: torch.dtype, dev: str):
 
 
 def _measure(fn: Callable, module: torch.nn.Module, z: torch.Tensor, mask: torch.Tensor, backward: bool,
-             reps: int) -> tuple[float, float]:
-    """(median ms, peak extra MiB) of one forward (and backward) call."""
+             reps: int) -> tuple[float, float, float]:
+    """(median ms, peak extra MiB, host ms) of one forward (and backward) call. host ms is the
+    wall time per call with the GPU queue kept busy: close to ms means launch-bound."""
     leaves = [z, *module.parameters()]
     with torch.no_grad():
         out = fn(z, mask)
@@ -96,7 +99,13 @@ def _measure(fn: Callable, module: torch.nn.Module, z: torch.Tensor, mask: torch
     ms = time_ms(call, warmup=3, reps=reps)
     peak = peak_memory_bytes(call)
     grad_bytes = sum(t.numel() * t.element_size() for t in leaves) if backward else 0
-    return ms, (peak - out_bytes - grad_bytes) / 2**20
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(5):
+        call()
+    host_ms = (time.perf_counter() - start) / 5 * 1e3
+    torch.cuda.synchronize()
+    return ms, (peak - out_bytes - grad_bytes) / 2**20, host_ms
 
 
 def _kernel_breakdown(call: Callable) -> str:
@@ -164,8 +173,8 @@ def run(quick: bool = False) -> Results:
                     out = fn(z, mask)
                 row["rel_err_vs_fp32"] = ((out.float() - ref32).norm() / ref32.norm()).item()
                 del out
-                ms, extra = _measure(fn, module, z, mask, pass_name == "fwd_bwd", reps)
-                row["ms"], row["peak_extra_MiB"] = ms, extra
+                ms, extra, host_ms = _measure(fn, module, z, mask, pass_name == "fwd_bwd", reps)
+                row["ms"], row["peak_extra_MiB"], row["host_ms"] = ms, extra, host_ms
                 times[impl] = ms
             except Exception as exc:  # noqa: BLE001 - record the failure, keep benchmarking
                 row["note"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
