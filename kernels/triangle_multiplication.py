@@ -1,0 +1,824 @@
+"""Fused triangle multiplicative update (AF2 Alg. 11/12, AF3 Alg. 12/13), forward and backward.
+
+``triangle_multiplication(z, mask, params, outgoing=True)`` computes, for a pair
+representation ``z [*, N, N, c_z]`` and a pair mask ``[*, N, N]`` (or None)::
+
+    x = LN_in(z)
+    a = mask * sigmoid(x W_ag^T + b_ag) * (x W_ap^T + b_ap)          [*, N, N, H]
+    b = mask * sigmoid(x W_bg^T + b_bg) * (x W_bp^T + b_bp)
+    g = sigmoid(x W_g^T + b_g)                                        [*, N, N, c_z]
+    outgoing:  p_ij = sum_k a_ik b_jk        incoming:  p_ij = sum_k a_ki b_kj
+    out = g * (LN_out(p) W_o^T + b_o)
+
+The incoming formula is the supplements' (AF2 and AF3) and the Pairformer module's.
+AF2's released code (and ``models/alphafold2/triangle.py``) writes incoming as
+``sum_k a_kj b_ki``: the same function with the two projections swapped, so
+:func:`params_from_module` swaps a and b for an AF2 incoming module and the kernel
+has one incoming orientation. Biases may be None (the Pairformer's projections have
+none); LayerNorm weights/biases may be None (no affine).
+
+Kernels (M = B·N² pair rows, C = c_z, H = c_hidden; bytes for a 2-byte dtype):
+
+- ``trimul_proj`` (LN prologue → one concatenated gated-projection GEMM → gating
+  epilogue): one program owns BLOCK_M pair rows of one batch element, reads their z
+  rows once (2·C bytes a row), normalises them in registers (fp32 statistics, kept:
+  8 bytes a row), and loops over blocks of the 2H concatenated outputs
+  ``[W_ap; W_bp]`` / ``[W_ag; W_bg]`` (weights stay in L2), computing each tile
+  transposed, ``[channels, rows] = W · x^T``, so that the epilogue
+  ``mask · sigmoid(gate) · proj`` stores a and b *channel-major*, ``ab[2, B, H, N, N]``,
+  with the pair index contiguous: coalesced stores of exactly what the triangle
+  product reads. Writes 2·2H bytes a row. The output gate ``g`` is *not* computed here:
+  storing it would cost an N²·C write and read and N²·C of peak memory; the output
+  kernel recomputes it from z (a C×C GEMM, ~1/5 of this kernel's FLOPs).
+- triangle product: a batched GEMM over the B·H channel matrices, outgoing
+  ``P_c = A_c B_c^T``, incoming ``P_c = A_c^T B_c``. "Transposed for incoming" is a
+  transposed *view* that both GEMMs read natively (cuBLAS's transpose flags, the Triton
+  kernel's strides): no copy and no scattered transposed store. Writes p channel-major,
+  ``[B, H, N, N]``, in z's dtype. Default ``torch.bmm`` (cuBLAS); ``product="triton"``
+  runs ``trimul_bmm``, a grouped-tile Triton batched GEMM. Why cuBLAS by default: nothing
+  can be fused into this stage (the next op, LN over the channels of p, needs all H
+  channels of a pair, while a batched-GEMM program owns one channel), so the Triton kernel
+  can at best tie cuBLAS, whose Hopper kernels (wgmma, TMA, tuned per shape) run this
+  square bf16 problem (2·H·N³ FLOPs over 3·H·N² elements: ~340 FLOP/byte at N=1024) at
+  the tensor-core rate; ``bench/kernels/triangle.py`` times both (``foldcompile`` vs
+  ``foldcompile_triton_bmm`` rows) so the choice rests on a measurement once it has run.
+- ``trimul_out`` (LN prologue → output projection, gate GEMM, gating epilogue): one
+  program reads BLOCK_M pairs of p as a ``[H, BLOCK_M]`` tile from the channel-major
+  layout (coalesced along the pairs), normalises over the channels, multiplies by
+  ``W_o^T``; re-reads the same z rows, normalises them with the saved statistics,
+  recomputes ``g``; writes ``g · (LN(p) W_o^T + b_o)``. Reads 2·(H + C) bytes a row,
+  writes 2·C.
+
+Forward traffic a pair row (bf16, C = H = 128): ours reads z twice and p once, writes
+a, b, p and out once, and the GEMM reads a and b at least once: 2·(3C + 6H) elements,
+≈ 2.3 KiB (2.3 GiB at N=1024, ~0.55 ms at 4.3 TB/s, against ~480 GFLOP of GEMMs, ~0.6 ms
+at the ~800 TFLOP/s bf16 ceiling issue 11 measured: each stage is near balanced). The eager module
+writes and reads LN(z), the four projections, two sigmoids, two products, two masked
+products, the einsum's permuted operands and result, LN(p), the output projection, the
+gate and its sigmoid: ~14 C-wide and ~28 H-wide passes, ≈ 10.5 KiB a row. Peak extra
+memory here (forward, no grad): a, b and p, 3·N²·H·2 bytes (768 MiB at N=1024), plus
+8 bytes a row of statistics and the mask in fp32 (4 bytes a pair).
+
+Backward (z and every parameter). Saved: z (the caller holds it anyway), a, b
+(channel-major, needed by the triangle product's backward), p, and z's LN statistics;
+LN(z), the four projections, g, LN(p) and the output projection are recomputed.
+
+- ``trimul_out_bwd``: recomputes LN(p), ``o``, ``g`` from p and z; ``do = dout · g``,
+  ``dgate = dout · o · g(1-g)``; ``dLN(p) = do W_o``; LayerNorm backward in registers
+  → dp, stored channel-major (the layout the triangle backward reads); partial sums
+  for LN_out's weight and bias per program. Writes do, LN(p) and dgate row-major for
+  the weight gradients.
+- triangle backward: two batched GEMMs (outgoing ``dA = dP B``, ``dB = dP^T A``;
+  incoming ``dA = B dP^T``, ``dB = A dP``), by the same ``product`` choice.
+- ``trimul_proj_bwd``: recomputes LN(z) and the gated projections tile by tile,
+  forms the gradients of the four pre-activations from dA, dB and the mask, stores
+  them row-major next to dgate in one ``du [M, 4H + C]`` buffer, accumulates
+  ``dLN(z) = du · [W_ap; W_bp; W_ag; W_bg; W_g]`` in registers (the GEMM never leaves
+  the program), and finishes with LN_in's backward → dz, plus LN_in's weight/bias
+  partial sums. Writes LN(z) for the weight gradient.
+- weight gradients: ``du^T · LN(z)`` ([4H + C, M]·[M, C]) and ``do^T · LN(p)``
+  ([C, M]·[M, H]) as two cuBLAS GEMMs; bias gradients are column sums. These are
+  reductions over all M rows: inside the fused kernels they would need an fp32
+  [4H+C, C] accumulator per program (320 KiB of registers at C = H = 128) or M-wide
+  atomics; cuBLAS does them at the tensor-core rate for the cost of writing and
+  reading du, do and the two LN outputs once (2·(4H + 2C + H + C) bytes a row).
+
+Numerics: LayerNorm statistics, GEMM accumulators and epilogues are fp32; GEMM
+operands, a, b, p and the output are in z's dtype (what a bf16 module computes).
+fp32 GEMMs use TF32 only where ``torch.get_float32_matmul_precision()`` allows it
+(Triton and cuBLAS alike). The mask takes no gradient (a mask that requires grad is
+refused).
+
+Dispatch: CUDA tensors (or CPU tensors under ``TRITON_INTERPRET=1``) in fp16 / bf16 /
+fp32 with c_z, c_hidden ≤ ``MAX_TRITON_DIM`` run the kernels; float64, other devices
+and wider channels run :func:`triangle_multiplication_reference`.
+
+Example (AF3's Pairformer module, 13 residues)::
+
+    >>> from foldcompile.models.pairformer import TriangleMultiplicationIncoming
+    >>> from foldcompile.models.zoo import randomize_parameters
+    >>> module = randomize_parameters(TriangleMultiplicationIncoming(c_z=16, c_hidden=8))  # no zero layers
+    >>> z, mask = torch.randn(1, 13, 13, 16), (torch.rand(1, 13, 13) > 0.1).float()
+    >>> out = triangle_multiplication_module(module, z, mask)
+    >>> out.shape
+    torch.Size([1, 13, 13, 16])
+    >>> torch.allclose(out, module(z, mask), atol=1e-5)
+    True
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from foldcompile.kernels._dispatch import interpreting, note_launch, once_differentiable, use_triton
+
+__all__ = ["triangle_multiplication", "triangle_multiplication_reference", "triangle_multiplication_module",
+           "TriangleMultiplicationParams", "params_from_module", "TriangleMultiplicationFunction",
+           "MAX_TRITON_DIM"]
+
+_SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
+# Whole rows of z (C channels) and of p (H channels) are held in registers for the LayerNorms,
+# and the output tiles are [BLOCK_M, C]: 256 channels is the widest that keeps them in registers.
+MAX_TRITON_DIM = 256
+
+
+# --------------------------------------------------------------------------- configs
+def _configs(kind: str) -> list[triton.Config]:
+    """Tile configurations, chosen at import time: exactly one under the interpreter (small
+    tiles, so 13- and 19-residue tests hit every tail); a short Hopper list on the GPU.
+
+    Hopper reasoning (C = H = 128, bf16): a [128, 128] tile of normalised z is 32 KiB, each
+    [64, 128] weight tile 16 KiB, so a 128-row program with two 64-wide output tiles in flight
+    fits shared memory with room for double buffering; 8 warps are two warpgroups for wgmma.
+    The output kernels keep two [BLOCK_M, C] fp32 accumulators (o and the gate): 64 rows with
+    one warpgroup keeps them at 64 registers a thread. The backward kernels hold about four
+    such fp32 tiles at once (LN(p), o, g, dout; or dLN(z), x̂ and the loop's tiles), hence
+    their 8-warp entries: 32 registers a tile at 64 rows instead of spilling. Every program reads the weights it
+    needs from L2 (2·(2H + 2H)·C bytes in the projection kernel, 2·(H + C)·C in the output
+    kernel), so BLOCK_M also sets the ratio of L2 weight reads to HBM traffic: at 128 rows the
+    projection kernel reads 128 KiB of weights against 96 KiB of z and a/b; 256-row tiles
+    halve that, at the price of 128 accumulator registers a thread.
+    """
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_H": 16}, num_warps=4, num_stages=1)]
+    # The last entry of each list is small enough to compile for fp32 operands and 256 channels
+    # (the autotuner drops configs that run out of shared memory or registers).
+    shapes = {
+        "proj": [(128, 64, 8, 2), (256, 64, 8, 2), (64, 128, 4, 2), (64, 32, 4, 1)],
+        "out": [(64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2), (32, 64, 4, 1)],
+        "out_bwd": [(64, 64, 8, 2), (64, 64, 4, 2), (32, 64, 4, 1)],
+        "proj_bwd": [(64, 64, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 1)],
+    }[kind]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_H": h}, num_warps=w, num_stages=s) for m, h, w, s in shapes]
+
+
+def _min_block_m(kind: str) -> int:
+    return min(c.kwargs["BLOCK_M"] for c in _configs(kind))
+
+
+# --------------------------------------------------------------------------- kernels
+@triton.jit
+def _ln_rows(x, ok, w, b, n, eps):
+    """LayerNorm over axis 1 of an fp32 [rows, channels] tile; masked lanes (ok False) stay 0.
+    Returns (normalised x̂, affine output, mean, rstd)."""
+    mean = tl.sum(x, axis=1) / n
+    xc = tl.where(ok, x - mean[:, None], 0.0)
+    var = tl.sum(xc * xc, axis=1) / n
+    rstd = 1.0 / tl.sqrt(var + eps)
+    xhat = xc * rstd[:, None]
+    return xhat, xhat * w[None, :] + b[None, :], mean, rstd
+
+
+@triton.autotune(configs=_configs("proj"), key=["NN", "C", "H", "HAS_MASK"])
+@triton.jit
+def _trimul_proj_kernel(Z, MASK, LNW, LNB, WP, BP, WG, BG, AB, MEAN, RSTD,
+                        NN, BHNN, eps,
+                        C: tl.constexpr, H: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+                        BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
+    # One program: BLOCK_M pair rows of batch element pid_b. Reads BLOCK_M·C of z (once) and
+    # BLOCK_M mask values; writes BLOCK_M·2H of a/b channel-major and 2 fp32 statistics a row.
+    pid = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    rs = pid * BLOCK_M + tl.arange(0, BLOCK_M)          # pair index r·N + s within the batch element
+    r_ok = rs < NN
+    rows = pid_b * NN + rs                                # row of the flattened [M, C] z
+    cols = tl.arange(0, BLOCK_C)
+    c_ok = cols < C
+    zc_ok = r_ok[:, None] & c_ok[None, :]
+    x = tl.load(Z + rows[:, None] * C + cols[None, :], mask=zc_ok, other=0.0).to(tl.float32)
+    w = tl.load(LNW + cols, mask=c_ok, other=0.0).to(tl.float32)
+    b = tl.load(LNB + cols, mask=c_ok, other=0.0).to(tl.float32)
+    _, x1, mean, rstd = _ln_rows(x, zc_ok, w, b, C, eps)
+    tl.store(MEAN + rows, mean, mask=r_ok)
+    tl.store(RSTD + rows, rstd, mask=r_ok)
+    x1t = tl.trans(x1.to(Z.dtype.element_ty))           # [BLOCK_C, BLOCK_M]: the GEMM's right operand
+    if HAS_MASK:
+        mk = tl.load(MASK + rows, mask=r_ok, other=0.0)
+    base = AB + pid_b * (H * NN)
+    for h0 in range(0, 2 * H, BLOCK_H):
+        hh = h0 + tl.arange(0, BLOCK_H)                   # concatenated output channel: [a | b]
+        h_ok = hh < 2 * H
+        w_ok = h_ok[:, None] & c_ok[None, :]
+        # [BLOCK_H, BLOCK_C] tiles of the [2H, C] weights (row-major, as nn.Linear stores them).
+        wp = tl.load(WP + hh[:, None] * C + cols[None, :], mask=w_ok, other=0.0).to(x1t.dtype)
+        wg = tl.load(WG + hh[:, None] * C + cols[None, :], mask=w_ok, other=0.0).to(x1t.dtype)
+        bp = tl.load(BP + hh, mask=h_ok, other=0.0).to(tl.float32)
+        bg = tl.load(BG + hh, mask=h_ok, other=0.0).to(tl.float32)
+        up = tl.dot(wp, x1t, input_precision=PRECISION) + bp[:, None]   # [BLOCK_H, BLOCK_M]
+        ug = tl.dot(wg, x1t, input_precision=PRECISION) + bg[:, None]
+        v = tl.sigmoid(ug) * up
+        if HAS_MASK:
+            v = v * mk[None, :]
+        t = hh // H                                        # 0: a, 1: b
+        ch = (hh - t * H).to(tl.int64)
+        off = t.to(tl.int64) * BHNN + ch * NN
+        tl.store(base + off[:, None] + rs[None, :], v.to(AB.dtype.element_ty), mask=h_ok[:, None] & r_ok[None, :])
+
+
+@triton.jit
+def _out_common(P, Z, MEAN, RSTD, LN1W, LN1B, LN2W, LN2B, WO, BO, WGO, BGO, pid, pid_b, NN, eps2,
+                C: tl.constexpr, H: tl.constexpr, PRECISION: tl.constexpr,
+                BLOCK_C: tl.constexpr, BLOCK_HF: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Shared by the output kernel and its backward: LN(p) from a channel-major tile, the
+    output projection o = LN(p) W_o^T + b_o, and the gate g = sigmoid(LN(z) W_g^T + b_g)."""
+    rs = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    r_ok = rs < NN
+    rows = pid_b * NN + rs
+    hh = tl.arange(0, BLOCK_HF)
+    h_ok = hh < H
+    cols = tl.arange(0, BLOCK_C)
+    c_ok = cols < C
+    # p^T tile [H, BLOCK_M]: contiguous along the pairs, so the channel-major read is coalesced.
+    pt_ok = h_ok[:, None] & r_ok[None, :]
+    pt = tl.load(P + pid_b * (H * NN) + hh[:, None].to(tl.int64) * NN + rs[None, :], mask=pt_ok,
+                 other=0.0).to(tl.float32)
+    mean2 = tl.sum(pt, axis=0) / H
+    pc = tl.where(pt_ok, pt - mean2[None, :], 0.0)
+    var2 = tl.sum(pc * pc, axis=0) / H
+    rstd2 = 1.0 / tl.sqrt(var2 + eps2)
+    yhat_t = pc * rstd2[None, :]                         # [H, BLOCK_M]
+    w2 = tl.load(LN2W + hh, mask=h_ok, other=0.0).to(tl.float32)
+    b2 = tl.load(LN2B + hh, mask=h_ok, other=0.0).to(tl.float32)
+    y_t = (yhat_t * w2[:, None] + b2[:, None]).to(P.dtype.element_ty)
+    # W_o is [C, H] row-major; its transpose as a [H, C] tile.
+    wo_t = tl.load(WO + cols[None, :] * H + hh[:, None], mask=h_ok[:, None] & c_ok[None, :],
+                   other=0.0).to(y_t.dtype)
+    bo = tl.load(BO + cols, mask=c_ok, other=0.0).to(tl.float32)
+    o = tl.dot(tl.trans(y_t), wo_t, input_precision=PRECISION) + bo[None, :]        # [BLOCK_M, C]
+    zc_ok = r_ok[:, None] & c_ok[None, :]
+    x = tl.load(Z + rows[:, None] * C + cols[None, :], mask=zc_ok, other=0.0).to(tl.float32)
+    mean1 = tl.load(MEAN + rows, mask=r_ok, other=0.0)
+    rstd1 = tl.load(RSTD + rows, mask=r_ok, other=0.0)
+    w1 = tl.load(LN1W + cols, mask=c_ok, other=0.0).to(tl.float32)
+    b1 = tl.load(LN1B + cols, mask=c_ok, other=0.0).to(tl.float32)
+    x1 = (tl.where(zc_ok, (x - mean1[:, None]) * rstd1[:, None], 0.0) * w1[None, :] + b1[None, :])
+    # W_g is [C, C] row-major; its transpose as a tile: wg_t[k, c] = W_g[c, k].
+    wg_t = tl.load(WGO + cols[None, :] * C + cols[:, None], mask=c_ok[:, None] & c_ok[None, :],
+                   other=0.0).to(y_t.dtype)
+    bg = tl.load(BGO + cols, mask=c_ok, other=0.0).to(tl.float32)
+    g = tl.sigmoid(tl.dot(x1.to(y_t.dtype), wg_t, input_precision=PRECISION) + bg[None, :])
+    return rs, r_ok, rows, hh, h_ok, cols, c_ok, zc_ok, yhat_t, y_t, rstd2, w2, o, g
+
+
+@triton.autotune(configs=_configs("out"), key=["NN", "C", "H"])
+@triton.jit
+def _trimul_out_kernel(P, Z, MEAN, RSTD, LN1W, LN1B, LN2W, LN2B, WO, BO, WGO, BGO, OUT,
+                       NN, eps2,
+                       C: tl.constexpr, H: tl.constexpr, PRECISION: tl.constexpr,
+                       BLOCK_C: tl.constexpr, BLOCK_HF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
+    # One program: BLOCK_M pairs of one batch element. Reads BLOCK_M·H of p and BLOCK_M·C of z,
+    # writes BLOCK_M·C of the output. LN(p), the projection and the gate never leave registers.
+    pid = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    rs, r_ok, rows, hh, h_ok, cols, c_ok, zc_ok, yhat_t, y_t, rstd2, w2, o, g = _out_common(
+        P, Z, MEAN, RSTD, LN1W, LN1B, LN2W, LN2B, WO, BO, WGO, BGO, pid, pid_b, NN, eps2,
+        C, H, PRECISION, BLOCK_C, BLOCK_HF, BLOCK_M)
+    tl.store(OUT + rows[:, None] * C + cols[None, :], (g * o).to(OUT.dtype.element_ty), mask=zc_ok)
+
+
+@triton.autotune(configs=_configs("out_bwd"), key=["NN", "C", "H"])
+@triton.jit
+def _trimul_out_bwd_kernel(P, Z, MEAN, RSTD, LN1W, LN1B, LN2W, LN2B, WO, BO, WGO, BGO, DOUT,
+                           DP, DO, Y, DU, PW2, PB2,
+                           NN, eps2, LD_DU, GATE_OFF,
+                           C: tl.constexpr, H: tl.constexpr, PRECISION: tl.constexpr,
+                           BLOCK_C: tl.constexpr, BLOCK_HF: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_H: tl.constexpr):
+    # One program: BLOCK_M pairs. Reads p (H), z (C) and dout (C) a row; writes dp (H,
+    # channel-major), do (C), LN(p) (H) and dgate (C) a row, and one fp32 partial row of
+    # LN_out's dweight and dbias.
+    pid = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    rs, r_ok, rows, hh, h_ok, cols, c_ok, zc_ok, yhat_t, y_t, rstd2, w2, o, g = _out_common(
+        P, Z, MEAN, RSTD, LN1W, LN1B, LN2W, LN2B, WO, BO, WGO, BGO, pid, pid_b, NN, eps2,
+        C, H, PRECISION, BLOCK_C, BLOCK_HF, BLOCK_M)
+    dout = tl.load(DOUT + rows[:, None] * C + cols[None, :], mask=zc_ok, other=0.0).to(tl.float32)
+    do = dout * g
+    dgate = dout * o * g * (1.0 - g)
+    do_c = do.to(y_t.dtype)
+    tl.store(DO + rows[:, None] * C + cols[None, :], do_c, mask=zc_ok)
+    tl.store(DU + rows[:, None] * LD_DU + GATE_OFF + cols[None, :], dgate.to(DU.dtype.element_ty), mask=zc_ok)
+    pt_ok = h_ok[:, None] & r_ok[None, :]
+    tl.store(Y + rows[None, :] * H + hh[:, None], y_t, mask=pt_ok)
+    # dLN(p)^T [H, BLOCK_M] = W_o^T · do^T   (W_o [C, H] row-major, read as an [H, C] tile).
+    wo_t = tl.load(WO + cols[None, :] * H + hh[:, None], mask=h_ok[:, None] & c_ok[None, :],
+                   other=0.0).to(y_t.dtype)
+    dy_t = tl.dot(wo_t, tl.trans(do_c), input_precision=PRECISION)
+    g_id = pid_b * tl.num_programs(0) + pid           # partial-sum row: [B, programs] row-major
+    tl.store(PW2 + g_id * H + hh, tl.sum(dy_t * yhat_t, axis=1), mask=h_ok)
+    tl.store(PB2 + g_id * H + hh, tl.sum(dy_t, axis=1), mask=h_ok)
+    # LayerNorm backward over the channels (axis 0): dp = rstd·(dŷ − mean(dŷ) − ŷ·mean(ŷ·dŷ)).
+    dyh = dy_t * w2[:, None]
+    c1 = tl.sum(yhat_t * dyh, axis=0) / H
+    c2 = tl.sum(dyh, axis=0) / H
+    dp_t = (dyh - (yhat_t * c1[None, :] + c2[None, :])) * rstd2[None, :]
+    tl.store(DP + pid_b * (H * NN) + hh[:, None].to(tl.int64) * NN + rs[None, :], dp_t.to(DP.dtype.element_ty),
+             mask=pt_ok)
+
+
+@triton.autotune(configs=_configs("proj_bwd"), key=["NN", "C", "H", "HAS_MASK"])
+@triton.jit
+def _trimul_proj_bwd_kernel(Z, MASK, MEAN, RSTD, LNW, LNB, WP, BP, WG, BG, WGO, DAB, DU, X1, DZ, PW1, PB1,
+                            NN, BHNN, LD_DU,
+                            C: tl.constexpr, H: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+                            BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
+    # One program: BLOCK_M pair rows. Reads z (C), dA/dB (2H, channel-major), dgate (C) and the
+    # mask a row; writes du's 4H pre-activation gradients, LN(z) (C) and dz (C) a row, and one
+    # fp32 partial row of LN_in's dweight and dbias. dLN(z) = du · W_cat stays in registers.
+    pid = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    rs = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    r_ok = rs < NN
+    rows = pid_b * NN + rs
+    cols = tl.arange(0, BLOCK_C)
+    c_ok = cols < C
+    zc_ok = r_ok[:, None] & c_ok[None, :]
+    x = tl.load(Z + rows[:, None] * C + cols[None, :], mask=zc_ok, other=0.0).to(tl.float32)
+    mean = tl.load(MEAN + rows, mask=r_ok, other=0.0)
+    rstd = tl.load(RSTD + rows, mask=r_ok, other=0.0)
+    w1 = tl.load(LNW + cols, mask=c_ok, other=0.0).to(tl.float32)
+    b1 = tl.load(LNB + cols, mask=c_ok, other=0.0).to(tl.float32)
+    xhat = tl.where(zc_ok, (x - mean[:, None]) * rstd[:, None], 0.0)
+    x1 = (xhat * w1[None, :] + b1[None, :]).to(Z.dtype.element_ty)
+    tl.store(X1 + rows[:, None] * C + cols[None, :], x1, mask=zc_ok)
+    x1t = tl.trans(x1)
+    if HAS_MASK:
+        mk = tl.load(MASK + rows, mask=r_ok, other=0.0)
+    dx1 = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+    base = DAB + pid_b * (H * NN)
+    for h0 in range(0, 2 * H, BLOCK_H):
+        hh = h0 + tl.arange(0, BLOCK_H)
+        h_ok = hh < 2 * H
+        w_ok = h_ok[:, None] & c_ok[None, :]
+        wp = tl.load(WP + hh[:, None] * C + cols[None, :], mask=w_ok, other=0.0).to(x1.dtype)
+        wg = tl.load(WG + hh[:, None] * C + cols[None, :], mask=w_ok, other=0.0).to(x1.dtype)
+        bp = tl.load(BP + hh, mask=h_ok, other=0.0).to(tl.float32)
+        bg = tl.load(BG + hh, mask=h_ok, other=0.0).to(tl.float32)
+        up = tl.dot(wp, x1t, input_precision=PRECISION) + bp[:, None]      # [BLOCK_H, BLOCK_M]
+        sg = tl.sigmoid(tl.dot(wg, x1t, input_precision=PRECISION) + bg[:, None])
+        t = hh // H
+        ch = (hh - t * H).to(tl.int64)
+        ht_ok = h_ok[:, None] & r_ok[None, :]
+        dab = tl.load(base + (t.to(tl.int64) * BHNN + ch * NN)[:, None] + rs[None, :], mask=ht_ok,
+                      other=0.0).to(tl.float32)
+        if HAS_MASK:
+            dab = dab * mk[None, :]
+        dup = (dab * sg).to(x1.dtype)                      # d(proj pre-activation)
+        dug = (dab * up * sg * (1.0 - sg)).to(x1.dtype)    # d(gate pre-activation)
+        tl.store(DU + rows[None, :] * LD_DU + hh[:, None], dup, mask=ht_ok)
+        tl.store(DU + rows[None, :] * LD_DU + 2 * H + hh[:, None], dug, mask=ht_ok)
+        dx1 += tl.dot(tl.trans(dup), wp, input_precision=PRECISION)
+        dx1 += tl.dot(tl.trans(dug), wg, input_precision=PRECISION)
+    dgate = tl.load(DU + rows[:, None] * LD_DU + 4 * H + cols[None, :], mask=zc_ok, other=0.0).to(x1.dtype)
+    wgo = tl.load(WGO + cols[:, None] * C + cols[None, :], mask=c_ok[:, None] & c_ok[None, :],
+                  other=0.0).to(x1.dtype)
+    dx1 += tl.dot(dgate, wgo, input_precision=PRECISION)
+    g_id = pid_b * tl.num_programs(0) + pid           # partial-sum row: [B, programs] row-major
+    tl.store(PW1 + g_id * C + cols, tl.sum(dx1 * xhat, axis=0), mask=c_ok)
+    tl.store(PB1 + g_id * C + cols, tl.sum(dx1, axis=0), mask=c_ok)
+    dxh = dx1 * w1[None, :]
+    c1 = tl.sum(xhat * dxh, axis=1) / C
+    c2 = tl.sum(dxh, axis=1) / C
+    dz = (dxh - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
+    tl.store(DZ + rows[:, None] * C + cols[None, :], dz.to(DZ.dtype.element_ty), mask=zc_ok)
+
+
+def _bmm_configs() -> list[triton.Config]:
+    """Batched-GEMM tiles: the usual Hopper bf16 GEMM shapes (128x128 / 128x256 output tiles,
+    64-deep K steps, 3-4 shared-memory stages, grouped row blocks for L2 reuse)."""
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}, num_warps=4,
+                              num_stages=1)]
+    shapes = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (64, 64, 32, 4, 2)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=st)
+            for m, n, k, w, st in shapes]
+
+
+@triton.autotune(configs=_bmm_configs(), key=["N"])
+@triton.jit
+def _trimul_bmm_kernel(X, Y, OUT, sxb, sxm, sxk, syb, syk, syn,
+                       N: tl.constexpr, PRECISION: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    # OUT[c] = X[c] @ Y[c] for one channel matrix c = program_id(1) (N x N x N, any operand
+    # strides, so transposed views cost nothing). Reads (N/BLOCK_N + N/BLOCK_M)·N² elements per
+    # channel (mostly L2 hits thanks to the grouped order), writes N². N is a compile-time
+    # constant: the interpreter cannot loop to a run-time bound, and the autotuner keys on N anyway.
+    pid = tl.program_id(0)
+    c = tl.program_id(1).to(tl.int64)
+    num_m = tl.cdiv(N, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_size = tl.minimum(num_m - first_m, GROUP_M)
+    pm = first_m + (pid % per_group) % group_size
+    pn = (pid % per_group) // group_size
+    offs_m = pm * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pn * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < N
+    n_ok = offs_n < N
+    x_base = X + c * sxb
+    y_base = Y + c * syb
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, N, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < N
+        x = tl.load(x_base + offs_m[:, None] * sxm + offs_k[None, :] * sxk, mask=m_ok[:, None] & k_ok[None, :],
+                    other=0.0)
+        y = tl.load(y_base + offs_k[:, None] * syk + offs_n[None, :] * syn, mask=k_ok[:, None] & n_ok[None, :],
+                    other=0.0)
+        acc = tl.dot(x, y, acc, input_precision=PRECISION)
+    tl.store(OUT + c * (N * N) + offs_m[:, None] * N + offs_n[None, :], acc.to(OUT.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+# --------------------------------------------------------------------------- launch helpers
+def _precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision: TF32 only for fp32 when the user allowed it (as cuBLAS does)."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"
+    return "ieee" if dtype == torch.float32 else "tf32"  # ignored for fp16 / bf16 operands
+
+
+def _blocks(C: int, H: int) -> dict:
+    return dict(C=C, H=H, BLOCK_C=max(16, triton.next_power_of_2(C)))
+
+
+def _grid(NN: int, B: int):
+    return lambda meta: (triton.cdiv(NN, meta["BLOCK_M"]), B)
+
+
+def _partial_rows(kernel, NN: int, B: int) -> int:
+    """Partial-sum rows the last launch of an autotuned kernel wrote (B x its program count)."""
+    return B * triton.cdiv(NN, kernel.best_config.kwargs["BLOCK_M"])
+
+
+_PRODUCTS = ("cublas", "triton")
+
+
+def _bmm(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor, product: str) -> torch.Tensor:
+    """out[c] = x[c] @ y[c] over [B·H, N, N] channel matrices (x, y possibly transposed views)."""
+    if product == "cublas":
+        return torch.bmm(x, y, out=out)
+    n = x.shape[-1]
+    note_launch("trimul_bmm")
+    _trimul_bmm_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), x.shape[0])](
+        x, y, out, *x.stride(), *y.stride(), N=n, PRECISION=_precision(x.dtype))
+    return out
+
+
+def _forward(z4, mask3, w1, b1, wp, bp, wg, bg, wgo, bgo, w2, b2, wo, bo, eps1, eps2, outgoing, product, keep):
+    """Run the three forward stages on canonical inputs; returns out and (if keep) the saved tensors."""
+    B, N, _, C = z4.shape
+    H = wp.shape[0] // 2
+    NN = N * N
+    dev, dt = z4.device, z4.dtype
+    prec = _precision(dt)
+    blk = _blocks(C, H)
+    mean = torch.empty(B * NN, dtype=torch.float32, device=dev)
+    rstd = torch.empty(B * NN, dtype=torch.float32, device=dev)
+    ab = torch.empty((2, B * H, N, N), dtype=dt, device=dev)
+    note_launch("trimul_proj")
+    _trimul_proj_kernel[_grid(NN, B)](
+        z4, mask3 if mask3 is not None else z4, w1, b1, wp, bp, wg, bg, ab, mean, rstd,
+        NN, B * H * NN, float(eps1), HAS_MASK=mask3 is not None, PRECISION=prec, **blk)
+    p = torch.empty((B * H, N, N), dtype=dt, device=dev)
+    a, b = ab[0], ab[1]
+    if outgoing:                                              # P_c = A_c B_c^T
+        _bmm(a, b.transpose(1, 2), p, product)
+    else:                                                     # P_c = A_c^T B_c
+        _bmm(a.transpose(1, 2), b, p, product)
+    del a, b
+    if not keep:
+        del ab
+        ab = None
+    out = torch.empty((B, N, N, C), dtype=dt, device=dev)
+    note_launch("trimul_out")
+    _trimul_out_kernel[_grid(NN, B)](
+        p, z4, mean, rstd, w1, b1, w2, b2, wo, bo, wgo, bgo, out, NN, float(eps2),
+        PRECISION=prec, BLOCK_HF=max(16, triton.next_power_of_2(H)), **blk)
+    return out, (ab, p, mean, rstd)
+
+
+def _wgrad(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a^T b in fp32 precision: cuBLAS accumulates 16-bit GEMMs in fp32 on the GPU; on the CPU
+    (interpreter tests) upcast so the reduction over all rows is not rounded on the way."""
+    if a.device.type == "cpu":
+        return a.float().t() @ b.float()
+    return (a.t() @ b).float()
+
+
+class TriangleMultiplicationFunction(torch.autograd.Function):
+    """Autograd wrapper of the fused kernels on canonical, validated inputs:
+    z [B, N, N, C] contiguous; mask [B, N, N] fp32 or None; wp = [W_ap; W_bp] and
+    wg = [W_ag; W_bg] ([2H, C]); every bias and LayerNorm affine present (zeros / ones
+    stand in for absent ones)."""
+
+    @staticmethod
+    def forward(ctx, z4, mask3, w1, b1, wp, bp, wg, bg, wgo, bgo, w2, b2, wo, bo, eps1: float, eps2: float,
+                outgoing: bool, product: str):
+        out, (ab, p, mean, rstd) = _forward(z4, mask3, w1, b1, wp, bp, wg, bg, wgo, bgo, w2, b2, wo, bo,
+                                            eps1, eps2, outgoing, product, keep=True)
+        ctx.save_for_backward(z4, mask3, w1, b1, wp, bp, wg, bg, wgo, bgo, w2, b2, wo, bo, ab, p, mean, rstd)
+        ctx.eps = (eps1, eps2)
+        ctx.outgoing = outgoing
+        ctx.product = product
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout):
+        z4, mask3, w1, b1, wp, bp, wg, bg, wgo, bgo, w2, b2, wo, bo, ab, p, mean, rstd = ctx.saved_tensors
+        eps1, eps2 = ctx.eps
+        B, N, _, C = z4.shape
+        H = wp.shape[0] // 2
+        NN, M = N * N, B * N * N
+        dev, dt = z4.device, z4.dtype
+        prec = _precision(dt)
+        blk = _blocks(C, H)
+        dout = dout.contiguous()
+        ld = 4 * H + C                                        # du = [d(a_p, b_p) | d(a_g, b_g) | dgate]
+        du = torch.empty((M, ld), dtype=dt, device=dev)
+        dp = torch.empty((B * H, N, N), dtype=dt, device=dev)
+        do = torch.empty((M, C), dtype=dt, device=dev)
+        y = torch.empty((M, H), dtype=dt, device=dev)
+        # One partial-sum row per program, for the largest program count any config launches;
+        # only the rows of the config that ran are summed (the autotuner's benchmark runs of
+        # smaller tiles leave others behind).
+        pw2 = torch.empty((B * triton.cdiv(NN, _min_block_m("out_bwd")), H), dtype=torch.float32, device=dev)
+        pb2 = torch.empty(pw2.shape, dtype=torch.float32, device=dev)
+        note_launch("trimul_out_bwd")
+        _trimul_out_bwd_kernel[_grid(NN, B)](
+            p, z4, mean, rstd, w1, b1, w2, b2, wo, bo, wgo, bgo, dout, dp, do, y, du, pw2, pb2,
+            NN, float(eps2), ld, 4 * H,
+            PRECISION=prec, BLOCK_HF=max(16, triton.next_power_of_2(H)), **blk)
+        rows2 = _partial_rows(_trimul_out_bwd_kernel, NN, B)
+        dab = torch.empty((2, B * H, N, N), dtype=dt, device=dev)
+        a, b = ab[0], ab[1]
+        if ctx.outgoing:                                      # P = A B^T
+            _bmm(dp, b, dab[0], ctx.product)
+            _bmm(dp.transpose(1, 2), a, dab[1], ctx.product)
+        else:                                                 # P = A^T B
+            _bmm(b, dp.transpose(1, 2), dab[0], ctx.product)
+            _bmm(a, dp, dab[1], ctx.product)
+        del dp
+        x1 = torch.empty((M, C), dtype=dt, device=dev)
+        dz = torch.empty((M, C), dtype=dt, device=dev)
+        pw1 = torch.empty((B * triton.cdiv(NN, _min_block_m("proj_bwd")), C), dtype=torch.float32, device=dev)
+        pb1 = torch.empty(pw1.shape, dtype=torch.float32, device=dev)
+        note_launch("trimul_proj_bwd")
+        _trimul_proj_bwd_kernel[_grid(NN, B)](
+            z4, mask3 if mask3 is not None else z4, mean, rstd, w1, b1, wp, bp, wg, bg, wgo, dab, du, x1, dz,
+            pw1, pb1, NN, B * H * NN, ld,
+            HAS_MASK=mask3 is not None, PRECISION=prec, **blk)
+        rows1 = _partial_rows(_trimul_proj_bwd_kernel, NN, B)
+        need = ctx.needs_input_grad
+        grads: list[Optional[torch.Tensor]] = [None] * 18
+        grads[0] = dz.view(z4.shape) if need[0] else None
+        if any(need[4:10]):
+            dw_cat = _wgrad(du, x1)                           # [4H + C, C]
+            db_cat = du.sum(0, dtype=torch.float32)
+            for i, (lo, hi) in zip((4, 6, 8), ((0, 2 * H), (2 * H, 4 * H), (4 * H, 4 * H + C))):
+                grads[i] = dw_cat[lo:hi]
+                grads[i + 1] = db_cat[lo:hi]
+        if need[12] or need[13]:
+            grads[12] = _wgrad(do, y)                         # [C, H]
+            grads[13] = do.sum(0, dtype=torch.float32)
+        grads[2], grads[3] = pw1[:rows1].sum(0), pb1[:rows1].sum(0)
+        grads[10], grads[11] = pw2[:rows2].sum(0), pb2[:rows2].sum(0)
+        saved = (z4, mask3, w1, b1, wp, bp, wg, bg, wgo, bgo, w2, b2, wo, bo)
+        for i in range(2, 14):
+            grads[i] = grads[i].to(saved[i].dtype) if need[i] and grads[i] is not None else None
+        return tuple(grads)
+
+
+# --------------------------------------------------------------------------- public API
+@dataclasses.dataclass
+class TriangleMultiplicationParams:
+    """Parameters of one triangle multiplicative update (nn.Linear layout: weight [out, in]).
+
+    ``a_*`` and ``b_*`` are the two gated projections ([H, C] weights), ``gate_*`` the output
+    gate ([C, C]), ``out_*`` the output projection ([C, H]); ``ln_in_*`` over C channels,
+    ``ln_out_*`` over H. Every bias and LayerNorm affine may be None.
+    """
+
+    a_proj_weight: torch.Tensor
+    a_gate_weight: torch.Tensor
+    b_proj_weight: torch.Tensor
+    b_gate_weight: torch.Tensor
+    gate_weight: torch.Tensor
+    out_weight: torch.Tensor
+    a_proj_bias: Optional[torch.Tensor] = None
+    a_gate_bias: Optional[torch.Tensor] = None
+    b_proj_bias: Optional[torch.Tensor] = None
+    b_gate_bias: Optional[torch.Tensor] = None
+    gate_bias: Optional[torch.Tensor] = None
+    out_bias: Optional[torch.Tensor] = None
+    ln_in_weight: Optional[torch.Tensor] = None
+    ln_in_bias: Optional[torch.Tensor] = None
+    ln_out_weight: Optional[torch.Tensor] = None
+    ln_out_bias: Optional[torch.Tensor] = None
+    eps_in: float = 1e-5
+    eps_out: float = 1e-5
+
+
+def _layer_norm_of(module, attr: str, n: int, where: str) -> tuple:
+    ln = getattr(module, attr)
+    if not isinstance(ln, torch.nn.LayerNorm) or tuple(ln.normalized_shape) != (n,):
+        raise TypeError(f"params_from_module: {where}.{attr} must be an nn.LayerNorm over {n} channels, got {ln!r}")
+    return ln.weight, ln.bias, float(ln.eps)
+
+
+def params_from_module(module: torch.nn.Module) -> tuple[TriangleMultiplicationParams, bool]:
+    """``(params, outgoing)`` of a zoo triangle multiplication module: AF2's
+    ``TriangleMultiplicativeUpdate`` (``linear_a_p`` / ``linear_a_g`` ..., ``linear_z``) or the
+    Pairformer's ``TriangleMultiplication`` (``linear_a`` / ``linear_a_gate`` ..., ``linear_out``).
+
+    AF2's incoming update is ``sum_k a_kj b_ki`` (its released code), i.e. the supplement's
+    ``sum_k a_ki b_kj`` with a and b swapped: the swap is made here.
+    """
+    name = type(module).__name__
+    if not isinstance(getattr(module, "outgoing", None), bool):
+        raise TypeError(f"params_from_module: {name} has no boolean `outgoing` attribute (not a known triangle "
+                        f"multiplication module)")
+    if all(hasattr(module, n) for n in ("linear_a_p", "linear_a_g", "linear_b_p", "linear_b_g", "linear_z")):
+        a_p, a_g, b_p, b_g, out = (module.linear_a_p, module.linear_a_g, module.linear_b_p, module.linear_b_g,
+                                   module.linear_z)
+        swap = not module.outgoing
+    elif all(hasattr(module, n) for n in ("linear_a", "linear_a_gate", "linear_b", "linear_b_gate", "linear_out")):
+        a_p, a_g, b_p, b_g, out = (module.linear_a, module.linear_a_gate, module.linear_b, module.linear_b_gate,
+                                   module.linear_out)
+        swap = False
+    else:
+        raise TypeError(f"params_from_module: {name} is not a known triangle multiplication module (expected "
+                        f"AF2's linear_a_p/linear_a_g/.../linear_z or the Pairformer's "
+                        f"linear_a/linear_a_gate/.../linear_out)")
+    if swap:
+        a_p, a_g, b_p, b_g = b_p, b_g, a_p, a_g
+    c_z, c_h = a_p.in_features, a_p.out_features
+    w_in, b_in, eps_in = _layer_norm_of(module, "layer_norm_in", c_z, name)
+    w_out, b_out, eps_out = _layer_norm_of(module, "layer_norm_out", c_h, name)
+    params = TriangleMultiplicationParams(
+        a_proj_weight=a_p.weight, a_gate_weight=a_g.weight, b_proj_weight=b_p.weight, b_gate_weight=b_g.weight,
+        gate_weight=module.linear_g.weight, out_weight=out.weight,
+        a_proj_bias=a_p.bias, a_gate_bias=a_g.bias, b_proj_bias=b_p.bias, b_gate_bias=b_g.bias,
+        gate_bias=module.linear_g.bias, out_bias=out.bias,
+        ln_in_weight=w_in, ln_in_bias=b_in, ln_out_weight=w_out, ln_out_bias=b_out, eps_in=eps_in, eps_out=eps_out)
+    return params, module.outgoing
+
+
+def _check(z: torch.Tensor, mask: Optional[torch.Tensor], params: TriangleMultiplicationParams) -> tuple[int, int]:
+    """Validate the inputs; returns (C, H)."""
+    op = "triangle_multiplication"
+    if not isinstance(z, torch.Tensor):
+        raise TypeError(f"{op}: z must be a tensor, got {type(z).__name__}")
+    if z.dtype not in (*_SUPPORTED, torch.float64):
+        raise TypeError(f"{op}: z has dtype {z.dtype}; supported: float16, bfloat16, float32, float64")
+    if z.dim() < 3 or z.shape[-2] != z.shape[-3]:
+        raise ValueError(f"{op}: z must be [..., N, N, c_z], got shape {tuple(z.shape)}")
+    if not isinstance(params, TriangleMultiplicationParams):
+        raise TypeError(f"{op}: params must be a TriangleMultiplicationParams (see params_from_module), "
+                        f"got {type(params).__name__}")
+    C = z.shape[-1]
+    if C == 0 or z.shape[-2] == 0:
+        raise ValueError(f"{op}: z has an empty residue or channel dim, shape {tuple(z.shape)}")
+    H = params.a_proj_weight.shape[0] if params.a_proj_weight.dim() == 2 else -1
+    if H <= 0:
+        raise ValueError(f"{op}: a_proj_weight must be [c_hidden, c_z], got {tuple(params.a_proj_weight.shape)}")
+    shapes = {"a_proj_weight": (H, C), "a_gate_weight": (H, C), "b_proj_weight": (H, C), "b_gate_weight": (H, C),
+              "gate_weight": (C, C), "out_weight": (C, H), "a_proj_bias": (H,), "a_gate_bias": (H,),
+              "b_proj_bias": (H,), "b_gate_bias": (H,), "gate_bias": (C,), "out_bias": (C,),
+              "ln_in_weight": (C,), "ln_in_bias": (C,), "ln_out_weight": (H,), "ln_out_bias": (H,)}
+    for name, shape in shapes.items():
+        t = getattr(params, name)
+        if t is None:
+            if name.endswith("_weight") and not name.startswith("ln_"):
+                raise ValueError(f"{op}: params.{name} is required")
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: params.{name} must be a tensor or None, got {type(t).__name__}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{op}: params.{name} has shape {tuple(t.shape)}, expected {shape} "
+                             f"(c_z={C} from z {tuple(z.shape)}, c_hidden={H} from a_proj_weight)")
+        if not t.is_floating_point():
+            raise TypeError(f"{op}: params.{name} has dtype {t.dtype}; expected a floating dtype")
+        if t.device != z.device:
+            raise ValueError(f"{op}: params.{name} is on {t.device} but z is on {z.device}")
+    for name in ("eps_in", "eps_out"):
+        if not getattr(params, name) >= 0:
+            raise ValueError(f"{op}: params.{name} must be >= 0, got {getattr(params, name)}")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor):
+            raise TypeError(f"{op}: mask must be a tensor or None, got {type(mask).__name__}")
+        if not (mask.is_floating_point() or mask.dtype == torch.bool):
+            raise TypeError(f"{op}: mask has dtype {mask.dtype}; expected bool or floating (1 = keep)")
+        try:
+            ok = torch.broadcast_shapes(mask.shape, z.shape[:-1]) == z.shape[:-1]
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"{op}: mask has shape {tuple(mask.shape)}, expected one broadcastable to "
+                             f"z.shape[:-1] = {tuple(z.shape[:-1])}")
+        if mask.device != z.device:
+            raise ValueError(f"{op}: mask is on {mask.device} but z is on {z.device}")
+        if mask.requires_grad:
+            raise ValueError(f"{op}: mask requires grad; the mask takes no gradient here (detach it)")
+    return C, H
+
+
+def triangle_multiplication_reference(z: torch.Tensor, mask: Optional[torch.Tensor],
+                                      params: TriangleMultiplicationParams, outgoing: bool = True) -> torch.Tensor:
+    """Plain-PyTorch triangle multiplicative update with the semantics of :func:`triangle_multiplication`.
+
+    Computes in fp32 (fp64 for fp64 z) with ``F.layer_norm``, ``F.linear`` and ``einsum``,
+    materialising every intermediate; differentiable by autograd; returns z's dtype.
+    """
+    _check(z, mask, params)
+    ct = torch.float64 if z.dtype == torch.float64 else torch.float32
+    up = lambda t: None if t is None else t.to(ct)  # noqa: E731
+    P = params
+    x = F.layer_norm(z.to(ct), (z.shape[-1],), up(P.ln_in_weight), up(P.ln_in_bias), P.eps_in)
+    m = torch.ones((), dtype=ct, device=z.device) if mask is None else mask.to(ct).unsqueeze(-1)
+    a = m * torch.sigmoid(F.linear(x, up(P.a_gate_weight), up(P.a_gate_bias))) * F.linear(
+        x, up(P.a_proj_weight), up(P.a_proj_bias))
+    b = m * torch.sigmoid(F.linear(x, up(P.b_gate_weight), up(P.b_gate_bias))) * F.linear(
+        x, up(P.b_proj_weight), up(P.b_proj_bias))
+    if outgoing:
+        p = torch.einsum("...ikc,...jkc->...ijc", a, b)
+    else:
+        p = torch.einsum("...kic,...kjc->...ijc", a, b)
+    y = F.layer_norm(p, (p.shape[-1],), up(P.ln_out_weight), up(P.ln_out_bias), P.eps_out)
+    g = torch.sigmoid(F.linear(x, up(P.gate_weight), up(P.gate_bias)))
+    return (g * F.linear(y, up(P.out_weight), up(P.out_bias))).to(z.dtype)
+
+
+def _or_const(t: Optional[torch.Tensor], n: int, value: float, device) -> torch.Tensor:
+    return t.contiguous() if t is not None else torch.full((n,), value, dtype=torch.float32, device=device)
+
+
+def triangle_multiplication(z: torch.Tensor, mask: Optional[torch.Tensor], params: TriangleMultiplicationParams,
+                            outgoing: bool = True, *, product: str = "cublas") -> torch.Tensor:
+    """Fused triangle multiplicative update (see the module docstring for the formula).
+
+    Args:
+        z: ``[..., N, N, c_z]`` pair representation, fp16 / bf16 / fp32 (fp64 runs the reference).
+        mask: ``[..., N, N]`` (or broadcastable), bool or float, 1 = keep; multiplies a and b.
+            None means no mask. Takes no gradient.
+        params: the update's parameters (:class:`TriangleMultiplicationParams`,
+            e.g. from :func:`params_from_module`).
+        outgoing: ``p_ij = sum_k a_ik b_jk`` if True, else ``p_ij = sum_k a_ki b_kj``.
+        product: which batched GEMM runs the triangle product (forward and backward) on the
+            kernel path: ``"cublas"`` (``torch.bmm``, the default) or ``"triton"`` (this module's
+            ``trimul_bmm`` kernel), kept so the benchmark can compare the two.
+
+    Returns ``[..., N, N, c_z]`` in z's dtype; differentiable in z and every parameter.
+    """
+    if not isinstance(outgoing, bool):
+        raise TypeError(f"triangle_multiplication: outgoing must be a bool, got {type(outgoing).__name__}")
+    if product not in _PRODUCTS:
+        raise ValueError(f"triangle_multiplication: product must be one of {_PRODUCTS}, got {product!r}")
+    C, H = _check(z, mask, params)
+    P = params
+    tensors = [z, mask] + [getattr(P, f.name) for f in dataclasses.fields(P) if f.name not in ("eps_in", "eps_out")]
+    if (z.dtype not in _SUPPORTED or C > MAX_TRITON_DIM or H > MAX_TRITON_DIM or not use_triton(*tensors)):
+        return triangle_multiplication_reference(z, mask, params, outgoing)
+    lead = z.shape[:-3]
+    N = z.shape[-2]
+    B = math.prod(lead)
+    z4 = z.reshape(B, N, N, C).contiguous()
+    mask3 = None
+    if mask is not None:
+        mask3 = mask.to(torch.float32).expand(z.shape[:-1]).reshape(B, N, N).contiguous()
+    dev = z.device
+    # Concatenated in-projection weights ([a; b] for the projections and for the gates): the
+    # cats are differentiable, so autograd splits the kernels' [2H, C] gradients back.
+    wp = torch.cat([P.a_proj_weight, P.b_proj_weight]).contiguous()
+    wg = torch.cat([P.a_gate_weight, P.b_gate_weight]).contiguous()
+    bp = torch.cat([_or_const(P.a_proj_bias, H, 0.0, dev), _or_const(P.b_proj_bias, H, 0.0, dev)])
+    bg = torch.cat([_or_const(P.a_gate_bias, H, 0.0, dev), _or_const(P.b_gate_bias, H, 0.0, dev)])
+    args = (z4, mask3, _or_const(P.ln_in_weight, C, 1.0, dev), _or_const(P.ln_in_bias, C, 0.0, dev), wp, bp, wg, bg,
+            P.gate_weight.contiguous(), _or_const(P.gate_bias, C, 0.0, dev),
+            _or_const(P.ln_out_weight, H, 1.0, dev), _or_const(P.ln_out_bias, H, 0.0, dev),
+            P.out_weight.contiguous(), _or_const(P.out_bias, C, 0.0, dev),
+            float(P.eps_in), float(P.eps_out), outgoing, product)
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in args):
+        out = TriangleMultiplicationFunction.apply(*args)
+    else:
+        # Inference: nothing is saved, so a and b are freed as soon as the triangle product ran.
+        out, _ = _forward(*args, keep=False)
+    return out.view(z.shape)
+
+
+def triangle_multiplication_module(module: torch.nn.Module, z: torch.Tensor,
+                                   mask: Optional[torch.Tensor] = None, *, product: str = "cublas") -> torch.Tensor:
+    """``module(z, mask)`` for a zoo triangle multiplication module, through the fused kernels.
+
+    Gradients reach the module's own parameters.
+    """
+    params, outgoing = params_from_module(module)
+    return triangle_multiplication(z, mask, params, outgoing, product=product)
