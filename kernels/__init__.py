@@ -23,7 +23,12 @@ from foldcompile.kernels.elementwise import (FusedElementwise, UnsupportedElemen
 from foldcompile.kernels.elementwise import dropout as shared_dropout
 from foldcompile.kernels.layer_norm import layer_norm, layer_norm_reference
 from foldcompile.kernels.softmax import softmax, softmax_reference
+from foldcompile.kernels.triangle_multiplication import (params_from_module, triangle_multiplication,
+                                                         triangle_multiplication_module,
+                                                         triangle_multiplication_reference)
 
 __all__ = ["attention", "attention_reference", "layer_norm", "layer_norm_reference", "softmax", "softmax_reference",
            "fuse_elementwise", "FusedElementwise", "fused_elementwise_reference", "UnsupportedElementwiseOp",
-           "unsupported_reason", "shared_dropout", "dropout_mask_reference", "record_launches", "use_triton"]
+           "unsupported_reason", "shared_dropout", "dropout_mask_reference", "record_launches", "use_triton",
+           "triangle_multiplication", "triangle_multiplication_module", "triangle_multiplication_reference",
+           "params_from_module"]

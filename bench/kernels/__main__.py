@@ -12,7 +12,7 @@ import importlib
 import os
 import traceback
 
-FAMILIES = ("norm_softmax", "attention", "elementwise")
+FAMILIES = ("norm_softmax", "attention", "elementwise", "triangle")
 
 
 def main(argv=None) -> None:
