@@ -319,3 +319,34 @@ def test_dataclass_output_names_the_line():
     with pytest.raises(CaptureError, match=r"(?s)Out.*" + HERE + r":\d+.*return Out\(y\)") as e:
         trace(ReturnsDataclass(), torch.randn(3))
     assert "unknown source line" not in str(e.value)
+
+
+def test_explain_says_when_global_module_hooks_are_registered():
+    from foldcompile.explain import explain_graph
+
+    m, x = nn.Sequential(nn.Linear(3, 3)), torch.randn(2, 3)
+    report = explain_graph(trace(m, x), (x,))
+    assert "global module hooks" not in str(report)
+    handle = nn_module.register_module_forward_hook(lambda mod, i, o: o)
+    try:
+        assert "note: global module hooks are registered (register_module_forward_hook (1))" in str(report)
+    finally:
+        handle.remove()
+
+
+def test_reassigned_tensor_attribute_is_named_another_object():
+    """Both tensors print alike (same shape and dtype): the message must say what differs."""
+    class HoldsTensor(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.t = torch.ones(3)
+
+        def forward(self, x):
+            return x + self.t
+
+    m, x = HoldsTensor(), torch.randn(3)
+    gm = trace(m, x)
+    m.t = torch.ones(3)
+    with pytest.raises(GuardError, match="module attribute 't' is another object than the one captured") as e:
+        gm(x)
+    assert "!= captured" not in str(e.value)
