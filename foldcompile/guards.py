@@ -78,7 +78,7 @@ from torch.utils import _pytree as pytree
 
 __all__ = [
     "GuardError", "Guards", "TensorSpec", "install_guards", "copy_guards", "autocast_state",
-    "snapshot_module_state", "module_state_changes", "global_module_hooks",
+    "snapshot_module_state", "module_state_changes", "global_module_hooks", "Mismatch", "variant_key",
 ]
 
 _PRIMITIVES = (bool, int, float, str, type(None), torch.dtype, torch.device)
@@ -99,7 +99,26 @@ _MISSING = object()
 
 
 class GuardError(RuntimeError):
-    """A captured graph was called where one of its capture-time assumptions does not hold."""
+    """A captured graph was called where one of its capture-time assumptions does not hold.
+
+    ``guard`` names the kind of guard that failed (see :class:`Mismatch`)."""
+
+    def __init__(self, message: str, guard: str | None = None):
+        super().__init__(message)
+        self.guard = guard
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """Which guard a call breaks: ``guard`` is one of ``"signature"``, ``"input 'NAME'"``, ``"autocast"``,
+    ``"grad_mode"``, ``"training"``, ``"global_hooks"``, ``"module_state"``, ``"parameters"``,
+    ``"globals"``; ``message`` is the text the GuardError would carry."""
+
+    guard: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.guard}: {self.message}"
 
 
 @dataclass(frozen=True)
@@ -677,7 +696,8 @@ class Guards:
         try:
             bound = self.signature.bind(*args, **kwargs)
         except TypeError as e:
-            raise GuardError(f"call does not match the captured signature {self.signature}: {e}") from None
+            raise GuardError(f"call does not match the captured signature {self.signature}: {e}",
+                             "signature") from None
         bound.apply_defaults()
         return bound
 
@@ -687,51 +707,77 @@ class Guards:
         for name, (spec, leaf_specs) in self.inputs.items():
             value = bound.arguments[name]
             leaves, got_spec = pytree.tree_flatten(value)
+            guard = f"input {name!r}"
             if got_spec != spec:
                 raise GuardError(
-                    f"input {name!r} structure {_short(value)} != captured {pytree.tree_unflatten(leaf_specs, spec)!r}"
-                )
+                    f"input {name!r} structure {_short(value)} != captured {pytree.tree_unflatten(leaf_specs, spec)!r}",
+                    guard)
             for i, (leaf, want) in enumerate(zip(leaves, leaf_specs)):
                 where = f"input {name!r}" + (f" leaf {i}" if len(leaves) > 1 else "")
                 if isinstance(want, TensorSpec):
                     if not isinstance(leaf, torch.Tensor):
-                        raise GuardError(f"{where} is {_short(leaf)}, captured a tensor {want}")
+                        raise GuardError(f"{where} is {_short(leaf)}, captured a tensor {want}", guard)
                     why = want.mismatch(leaf)
                     if why:
-                        raise GuardError(f"{where} {why}")
+                        raise GuardError(f"{where} {why}", guard)
                 else:
                     if isinstance(leaf, torch.Tensor) or type(leaf) is not type(want) or leaf != want:
-                        raise GuardError(f"{where} = {_short(leaf)} != captured {want!r}")
+                        raise GuardError(f"{where} = {_short(leaf)} != captured {want!r}", guard)
         state = autocast_state()
         for dev, want in self.autocast.items():
             if state[dev] != want:
                 raise GuardError(
                     f"autocast({dev!r}) (enabled, dtype) = {state[dev]} != captured {want}; "
-                    "capture again under the autocast state you run in"
+                    "capture again under the autocast state you run in", "autocast"
                 )
         if torch.is_grad_enabled() != self.grad_enabled:
-            raise GuardError(f"grad mode {torch.is_grad_enabled()} != captured {self.grad_enabled}")
+            raise GuardError(f"grad mode {torch.is_grad_enabled()} != captured {self.grad_enabled}", "grad_mode")
         if graph_module is not None and graph_module.training != self.root_training:
             raise GuardError(
                 f"graph module training={graph_module.training} != captured {self.root_training}; "
-                "capture again after model.train()/model.eval()"
+                "capture again after model.train()/model.eval()", "training"
             )
         if _nn_module._global_forward_pre_hooks or _nn_module._global_forward_hooks \
                 or _nn_module._global_backward_pre_hooks or _nn_module._global_backward_hooks:
             raise GuardError(f"global module hook(s) registered since capture: {', '.join(global_module_hooks())} "
                              "(torch.nn.modules.module): eager runs them around every submodule, the graph runs "
-                             "none of them; remove them (handle.remove()) to call the graph")
-        self._check_modules()
-        self._check_attrs()
+                             "none of them; remove them (handle.remove()) to call the graph", "global_hooks")
+        try:
+            self._check_modules()
+        except GuardError as e:
+            # a module's training flag is the training guard; everything else there is module state
+            e.guard = e.guard or ("training" if " training=" in str(e) else "module_state")
+            raise
+        try:
+            self._check_attrs()
+        except GuardError as e:
+            e.guard = e.guard or "parameters"
+            raise
         for where, fwd, name, s in self.globals:
             glob = fwd.__globals__
             if not _same(glob.get(name, _MISSING), s):
                 if s[0] == "id":
                     raise GuardError(f"global {where} was rebound to another object since capture "
-                                     "(the graph holds the one it had then): capture again")
+                                     "(the graph holds the one it had then): capture again", "globals")
                 raise GuardError(f"global {where} = {_short(glob.get(name, '<missing>'))} != captured {_shown(s)}; "
-                                 "the graph baked the value it had at capture: capture again")
+                                 "the graph baked the value it had at capture: capture again", "globals")
         return bound
+
+    def mismatch(self, args: tuple, kwargs: dict, graph_module: torch.nn.Module | None = None) -> Mismatch | None:
+        """The first guard a call breaks, or None where :meth:`check` would pass; never raises a GuardError
+        (a variant cache asks this before choosing or building a variant)."""
+        try:
+            self.check(args, kwargs, graph_module)
+        except GuardError as e:
+            return Mismatch(e.guard or "unknown", str(e))
+        return None
+
+    def variant_key(self, args: tuple, kwargs: dict) -> tuple:
+        """:func:`variant_key` of a call, bound to the captured signature (defaults applied) and with the
+        training mode of the captured model (the graph's own where the model is gone)."""
+        model = self.model_ref() if self.model_ref is not None else None
+        training = model.training if model is not None else self.root_training
+        return _key_of(self.bind(args, kwargs), training)
 
     def _check_modules(self) -> None:
         for g in self.modules:
@@ -811,6 +857,51 @@ class Guards:
         lines.append(f"  modules: {len(self.modules)} (identity, class, hooks), {n_attr} attributes")
         lines.append(f"  parameters/buffers read by the graph: {len(self.attrs)}; globals: {len(self.globals)}")
         return "\n".join(lines)
+
+
+def variant_key(model: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> tuple:
+    """A hashable key of what a call of ``model`` would specialise a capture on, to pick a variant:
+
+    per argument of ``forward`` (defaults applied) its pytree structure and, per leaf, a tensor's
+    ``(shape, dtype, device, layout, requires_grad, strides)`` or a value by type and value; then the
+    grad mode, the autocast state (cpu, cuda) and ``model.training``. Two calls with equal keys may
+    still differ in module state, parameters or globals: a variant's own guards (``check``) decide.
+
+        >>> lin = torch.nn.Linear(4, 4)
+        >>> key = variant_key(lin, (torch.randn(2, 4),))
+        >>> key == variant_key(lin, (torch.randn(2, 4),)), key == variant_key(lin, (torch.randn(3, 4),))
+        (True, False)
+        >>> with torch.no_grad():
+        ...     key == variant_key(lin, (torch.randn(2, 4),))
+        False
+    """
+    signature = inspect.signature(model.forward)
+    try:
+        bound = signature.bind(*args, **(kwargs or {}))
+    except TypeError as e:
+        raise GuardError(f"call does not match {type(model).__name__}.forward{signature}: {e}", "signature") from None
+    bound.apply_defaults()
+    return _key_of(bound, model.training)
+
+
+def _key_of(bound: inspect.BoundArguments, training: bool) -> tuple:
+    parts = []
+    for name, value in bound.arguments.items():
+        leaves, spec = pytree.tree_flatten(value)
+        parts.append((name, str(spec), tuple(_leaf_key(v) for v in leaves)))
+    autocast = tuple(sorted((d, e, str(t)) for d, (e, t) in autocast_state().items()))
+    return (tuple(parts), torch.is_grad_enabled(), autocast, bool(training))
+
+
+def _leaf_key(v: Any) -> tuple:
+    if isinstance(v, torch.Tensor):
+        return ("tensor", tuple(v.shape), str(v.dtype), str(v.device), str(v.layout), v.requires_grad, _strides(v))
+    try:
+        hash(v)
+    except TypeError:
+        return ("object", type(v).__qualname__, id(v))  # unhashable and opaque: by identity
+    # the type too: 1, 1.0 and True are equal and hash alike but specialise differently
+    return ("value", type(v).__qualname__, v)
 
 
 def _fetch(obj: Any, target: str) -> Any:
