@@ -90,6 +90,7 @@ _AUTOCAST_DEVICES = ("cpu", "cuda")
 _MODULE_INTERNALS = frozenset(vars(torch.nn.Module())) | {"_compiled_call_impl", "_is_full_backward_hook"}
 # attributes Dynamo itself sets on the modules it captures: not the model's side effects
 _DYNAMO_ATTRS = frozenset({"_is_torch_compile"})
+_DYNAMO_PREFIXES = ("_dynamo", "_torchdynamo", "___")
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 # how deep plain objects/containers are compared by value; deeper, by identity
 _MAX_DEPTH = 4
@@ -460,7 +461,7 @@ def module_state_changes(snapshot: dict[str, list[tuple]], restore: bool = True)
     for path, mod, before, values, copies, params, buffers, modules in snapshot["modules"]:
         now = vars(mod)
         for k in list(before) + [k for k in now if k not in before]:  # in definition order
-            if k in _MODULE_INTERNALS or k in _DYNAMO_ATTRS or k.startswith(("_dynamo", "_torchdynamo")):
+            if k in _MODULE_INTERNALS or k in _DYNAMO_ATTRS or k.startswith(_DYNAMO_PREFIXES):
                 if restore and k in now and k not in before:
                     del now[k]  # leave the model as it was, so the guards' attribute-name set matches
                 continue
@@ -492,6 +493,8 @@ def module_state_changes(snapshot: dict[str, list[tuple]], restore: bool = True)
     for cls, before, values, copies in snapshot["classes"]:
         now = vars(cls)
         for k in list(before) + [k for k in now if k not in before and not (k.startswith("__") and k.endswith("__"))]:
+            if k.startswith(_DYNAMO_PREFIXES):  # Dynamo's own bookkeeping on classes, not the model's
+                continue
             where = f"class attribute '{cls.__name__}.{k}'"
             if k not in now:
                 changes.append(f"deletes {where}")
