@@ -49,11 +49,11 @@ objects are never changed by a capture. Writes into objects created inside
 
 Limitations (not guarded unless said; the caller must keep them fixed after capture):
 
-- module-level globals and closure variables read by ``forward`` are guarded
-  only where they are named directly in a module class's ``forward`` code and
-  hold plain data (or a tensor, by identity); those read in helper functions,
-  closures, or other objects' methods are not, because Dynamo's own guards on
-  them are not evaluated by foldcompile: do not change such globals after
+- module-level globals read during the capture are guarded where they hold plain
+  data (or a tensor, by identity) and are named in a module class's ``forward``
+  code or appear in Dynamo's own guards as a global of a Python module (helper
+  functions, ``import cfg; cfg.SCALE``); closure variables, globals reached through
+  locals, and objects that are not plain data are not: do not change them after
   capture;
 - process-wide module hooks (``torch.nn.modules.module.register_module_forward_hook``,
   ``register_module_forward_pre_hook``, ``register_module_full_backward_hook``,
@@ -142,7 +142,7 @@ def trace(model: torch.nn.Module, *example_inputs: Any, **example_kwargs: Any) -
     before = snapshot_module_state(model)
     try:
         with torch._dynamo.config.patch(**_dynamo_side_effect_config()):
-            exported = torch._dynamo.export(model, assume_static_by_default=True)(*args, **kwargs)[0]
+            exported, dynamo_guards = torch._dynamo.export(model, assume_static_by_default=True)(*args, **kwargs)
     except Exception as e:  # Dynamo raises many exception types; all mean "not one graph"
         module_state_changes(before, restore=True)
         effects = _side_effects_seen_by_dynamo(e, list(bound.arguments))
@@ -156,6 +156,7 @@ def trace(model: torch.nn.Module, *example_inputs: Any, **example_kwargs: Any) -
         raise CaptureError(_side_effect_message(model, changes))
     # recorded after the capture and the side-effect check, so they describe the model as it is now
     guards = Guards.record(model, bound)
+    guards.add_dynamo_globals(model, dynamo_guards)
 
     gm = _rebuild(model, exported)
     gm.train(model.training)

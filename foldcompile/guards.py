@@ -42,7 +42,9 @@ What is guarded (simple and sound rather than minimal):
   is refused; in-place updates share storage and are fine), with its captured
   dtype, shape, device and ``requires_grad`` (``model.double()`` is refused);
 - plain-data globals (and global tensors, by identity) named in the
-  ``forward`` code of each module class of the model;
+  ``forward`` code of each module class of the model, and those Dynamo's own
+  guards record as read from a Python module (helper functions, other modules:
+  :meth:`Guards.add_dynamo_globals`);
 - the autocast state (enabled, dtype) for cpu and cuda, and grad mode;
 - that no process-wide module hook (``register_module_forward_hook`` and its
   pre-hook and backward variants) is registered: eager would run it around every
@@ -66,6 +68,8 @@ import dataclasses
 import enum
 import inspect
 import math
+import re
+import sys
 import types
 import weakref
 from dataclasses import dataclass, field
@@ -689,6 +693,38 @@ class Guards:
                 else:
                     self.attrs.append(_AttrGuard(target, obj, None, target, _AttrGuard.spec_of(obj)))
 
+    def add_dynamo_globals(self, model: torch.nn.Module, dynamo_guards: Any) -> None:
+        """Guard the plain-data globals (and global tensors) Dynamo's own guards say the capture read:
+        ``G['X']`` in the model's ``forward`` module, ``G['__import_pkg_dot_mod'].X`` or ``G['mod'].X`` in
+        another module — globals read by helper functions and other modules' code, which the
+        ``forward``-code scan of :meth:`record` does not see. Torch's own module state is left out, and
+        so are globals reached through closures or locals."""
+        fwd = getattr(type(model), "forward", None)
+        root = getattr(fwd, "__globals__", None)
+        seen = {(id(h if isinstance(h, dict) else h.__globals__), n) for _, h, n, _ in self.globals}
+        for guard in dynamo_guards or ():
+            src = str(getattr(guard, "name", ""))
+            if m := re.fullmatch(r"G\['([A-Za-z_]\w*)'\]", src):
+                holder, name, where = root, m.group(1), f"{getattr(fwd, '__module__', '?')}.{m.group(1)}"
+            elif m := re.fullmatch(r"G\['([A-Za-z_]\w*)'\]\.([A-Za-z_]\w*)", src):
+                # a module's global: through Dynamo's import alias (helpers of other modules) or through a
+                # module object bound to a global of forward's module (``import cfg; cfg.SCALE``)
+                base = m.group(1)
+                module = sys.modules.get(base[len("__import_"):].replace("_dot_", ".")) \
+                    if base.startswith("__import_") else (root or {}).get(base)
+                if not isinstance(module, types.ModuleType) or module.__name__.split(".")[0] == "torch":
+                    continue
+                holder, name, where = vars(module), m.group(2), f"{module.__name__}.{m.group(2)}"
+            else:
+                continue
+            if holder is None or name.startswith("__") or name not in holder or (id(holder), name) in seen:
+                continue
+            seen.add((id(holder), name))
+            v = holder[name]
+            snap = _snap(v)
+            if isinstance(v, torch.Tensor) or (snap[0] != "id" and _plain_data(snap)):
+                self.globals.append((where, holder if holder is not root else fwd, name, snap))
+
     def __deepcopy__(self, memo: dict) -> "Guards":
         # a deep-copied graph module keeps checking the same model: the snapshots hold objects compared
         # by identity (callables, tensors, the model's parameters), which a deep copy would replace
@@ -756,8 +792,8 @@ class Guards:
         except GuardError as e:
             e.guard = e.guard or "parameters"
             raise
-        for where, fwd, name, s in self.globals:
-            glob = fwd.__globals__
+        for where, holder, name, s in self.globals:
+            glob = holder if isinstance(holder, dict) else holder.__globals__
             if not _same(glob.get(name, _MISSING), s):
                 if s[0] == "id":
                     raise GuardError(f"global {where} was rebound to another object since capture "
