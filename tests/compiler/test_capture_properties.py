@@ -4,7 +4,10 @@ The oracle: **the captured graph equals eager over three successive calls on dee
 arguments (outputs, the arguments after the call, the model's buffers), and the caller's arguments
 are deep-equal (and the very same objects) after the capture — or the capture refuses with a
 CaptureError**, and then the caller's arguments, the model, its class and the globals are as they
-were. Refusal is not a free pass: a generated module is refused exactly when its forward has a
+were. Then one change of state between calls (a flag, a chunk size, a deque the forward reads, a
+global read by a helper, a re-assigned buffer, ``model.double()``, a module hook, a global module
+hook, the training mode), made to the model and its eager twin alike: the graph refuses the call
+(GuardError) or still equals eager. Refusal is not a free pass: a generated module is refused exactly when its forward has a
 Python side effect the graph cannot repeat (``af.REFUSED_EFFECTS``), so a capture that refused
 everything, or took everything, fails here.
 
@@ -37,6 +40,7 @@ from hypothesis import strategies as st
 from torch.utils import _pytree as pytree
 
 from foldcompile.capture import CaptureError, trace
+from foldcompile.guards import GuardError
 from foldcompile.passes.base import PassError
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -123,7 +127,7 @@ def _assert_untouched(spec, args, kwargs, pristine, identities, model, state_bef
 # ---------------------------------------------------------------- property 1: capture == eager, or refuse
 
 
-def _check_capture(spec: af.GenSpec) -> None:
+def _check_capture(spec: af.GenSpec, change: str = "none") -> None:
     torch.manual_seed(0)
     cls = type("Generated", (af.Generated,), {"calls": 0})  # class attributes of its own
     model = cls(spec)
@@ -152,18 +156,71 @@ def _check_capture(spec: af.GenSpec) -> None:
         _assert_same(out, ref, f"call {call}: output", exact=False)
         _assert_same(a_graph, a_eager, f"call {call}: arguments after the call", exact=False)
         _assert_same(dict(model.named_buffers()), dict(eager.named_buffers()), f"call {call}: buffers", exact=False)
+    _check_after_change(spec, model, eager, gm, pristine, change)
 
 
-@given(spec=specs())
-def test_generated_modules_capture_equals_eager_or_refuses(spec):
-    _check_capture(spec)
+# what a user may change between calls; each is applied to the captured model and its eager twin alike
+CHANGES = ("none", "flip_flag", "chunk_size", "history", "global_value", "reassign_parameter", "to_double",
+           "module_hook", "global_hook", "train_mode")
+
+
+def _check_after_change(spec, model, eager, gm, example, change) -> None:
+    """After a change of state, the graph refuses the call (GuardError) or still equals eager."""
+    undo = []
+    for m in (model, eager):
+        if change == "flip_flag":
+            m.gated = not m.gated
+        elif change == "chunk_size":
+            m.chunk_size += 1
+        elif change == "history":
+            m.history.append(1)
+        elif change == "reassign_parameter":
+            m.offset = torch.full_like(m.offset, 0.25)  # a new buffer object, the same for both
+        elif change == "to_double":
+            m.double()
+        elif change == "module_hook":
+            m.layers[0].register_forward_hook(lambda _m, _i, out: out * 2 if isinstance(out, torch.Tensor) else out)
+        elif change == "train_mode":
+            m.train(not m.training)
+    if change == "global_value":
+        old = af.GEN_SCALE
+        af.GEN_SCALE = 0.75
+        undo.append(lambda: setattr(af, "GEN_SCALE", old))
+    elif change == "global_hook":
+        handle = nn.modules.module.register_module_forward_hook(
+            lambda _m, _i, out: out + 1 if isinstance(out, torch.Tensor) else out)
+        undo.append(handle.remove)
+    try:
+        a_eager, a_graph = copy.deepcopy(example), copy.deepcopy(example)
+        torch.manual_seed(7)
+        try:
+            ref = eager(*a_eager[0], **a_eager[1])
+        except (RuntimeError, TypeError):  # the change breaks eager itself (a dtype mismatch): nothing to compare
+            return
+        torch.manual_seed(7)
+        try:
+            out = gm(*a_graph[0], **a_graph[1])
+        except GuardError:
+            return
+        _assert_same(out, ref, f"after {change}: output", exact=False)
+    finally:
+        for f in undo:
+            f()
+
+
+# three times the profile's default in CI (about 20 s here): these examples are cheap and this is the
+# property that matters most; the large profile and the slow sweep below draw more
+@settings(max_examples=max(75, settings.default.max_examples))
+@given(spec=specs(), change=st.sampled_from(CHANGES))
+def test_generated_modules_capture_equals_eager_or_refuses(spec, change):
+    _check_capture(spec, change)
 
 
 @pytest.mark.slow
 @settings(max_examples=300)
-@given(spec=specs())
-def test_generated_modules_capture_equals_eager_or_refuses_large(spec):
-    _check_capture(spec)
+@given(spec=specs(), change=st.sampled_from(CHANGES))
+def test_generated_modules_capture_equals_eager_or_refuses_large(spec, change):
+    _check_capture(spec, change)
 
 
 # ---------------------------------------------------------------- property 2: cost at other sizes
