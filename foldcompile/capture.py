@@ -31,19 +31,35 @@ trace (see PITFALLS.md). Dynamo checks both, so it is the only tracer here.
 
 What cannot be captured as one graph (Python control flow on tensor values,
 ``.item()`` feeding Python) raises :class:`CaptureError` naming the construct
-and the user's source file and line. A ``forward`` that writes module state
-(``self.last = x``, ``self.calls.append(...)``, ``self.n += 1``) is refused with a
-:class:`CaptureError` naming the attribute, and the state is restored: the graph
-cannot repeat Python side effects.
+and the user's source file and line.
 
-Limitations (not guarded; the caller must keep them fixed after capture):
+The graph cannot repeat Python side effects, so a ``forward`` that writes
+anything that outlives the call is refused with a :class:`CaptureError` naming
+the object written and the line: module state (``self.last = x``,
+``self.calls.append(...)``, ``self.n += 1``, a deque's ``append``), class
+attributes (``type(self).calls += 1``), globals (``LOG.append(1)``,
+``global N; N += 1``) and the arguments' containers (AF2's recycling
+``prev["z"] = z``, ``acc.append(x)``). Dynamo runs with its side-effect replay
+off and its side-effect check raising (it tracks every such write, in helper
+functions too); it traces private copies of the argument containers, and the
+model's state, the classes' attributes and the globals named in ``forward`` are
+compared before and after as a second line (and restored), so the caller's
+objects are never changed by a capture. Writes into objects created inside
+``forward`` are fine, and so are in-place tensor ops (the graph repeats them).
 
-- module-level globals and closure variables read by ``forward`` are guarded
-  only where they are named directly in a module class's ``forward`` code and
-  hold plain data (or a tensor, by identity); those read in helper functions,
-  closures, or other objects' methods are not, because Dynamo's own guards on
-  them are not evaluated by foldcompile: do not change such globals after
+Limitations (not guarded unless said; the caller must keep them fixed after capture):
+
+- module-level globals read during the capture are guarded where they hold plain
+  data (or a tensor, by identity) and are named in a module class's ``forward``
+  code or appear in Dynamo's own guards as a global of a Python module (helper
+  functions, ``import cfg; cfg.SCALE``); closure variables, globals reached through
+  locals, and objects that are not plain data are not: do not change them after
   capture;
+- process-wide module hooks (``torch.nn.modules.module.register_module_forward_hook``,
+  ``register_module_forward_pre_hook``, ``register_module_full_backward_hook``,
+  ``register_module_full_backward_pre_hook``) are refused at capture and, registered
+  after it, refused by the guards on every call (a ``GuardError`` naming them):
+  eager runs them around every submodule, the graph runs none;
 - ``torch.compiler.is_compiling()`` (and ``torch._dynamo.is_compiling()``) is
   True during capture, so a branch on it takes its compiling side in the graph;
 - process-wide flags read in ``forward`` (``torch.backends.*``,
@@ -66,15 +82,22 @@ Example::
 """
 from __future__ import annotations
 
+import ast
+import collections
+import copy
 import inspect
+import os
 import re
+import textwrap
+import types
 from typing import Any
 
 import torch
 import torch.fx
 import torch.utils.checkpoint
 
-from foldcompile.guards import Guards, install_guards, module_state_changes, snapshot_module_state
+from foldcompile.guards import (Guards, global_module_hooks, install_guards, module_state_changes,
+                                snapshot_module_state)
 
 __all__ = ["trace", "CaptureError", "module_path_of"]
 
@@ -103,24 +126,37 @@ def trace(model: torch.nn.Module, *example_inputs: Any, **example_kwargs: Any) -
         raise CaptureError(f"example inputs do not match {type(model).__name__}.forward{signature}: {e}") from None
     bound.apply_defaults()
 
-    # Dynamo replays forward's Python side effects on the real modules (with fake tensors); the graph
-    # cannot repeat them, so a forward that writes module state is refused (and the state restored)
+    hooks = global_module_hooks()
+    if hooks:
+        raise CaptureError(f"cannot capture {type(model).__name__}: global module hook(s) are registered "
+                           f"({', '.join(hooks)}, torch.nn.modules.module): eager runs them around every module, "
+                           "a graph cannot hold them; remove them before the capture (and keep them off while the "
+                           "graph runs: its guards refuse calls while any is registered)")
+
+    # The graph cannot repeat Python side effects, so a forward that writes anything outside itself is
+    # refused. Dynamo traces on private copies of the argument containers (the caller's are never
+    # handed to it) with its side-effect replay switched off and its side-effect check set to raise;
+    # the before/after comparison below is the second line, for what Dynamo does not report.
+    private = _private_copy(dict(bound.arguments))
+    args, kwargs = _split_arguments(signature, private)
     before = snapshot_module_state(model)
     try:
-        exported = torch._dynamo.export(model, assume_static_by_default=True)(*bound.args, **bound.kwargs)[0]
+        with torch._dynamo.config.patch(**_dynamo_side_effect_config()):
+            exported, dynamo_guards = torch._dynamo.export(model, assume_static_by_default=True)(*args, **kwargs)
     except Exception as e:  # Dynamo raises many exception types; all mean "not one graph"
         module_state_changes(before, restore=True)
-        raise CaptureError(_describe_failure(model, e)) from e
+        effects = _side_effects_seen_by_dynamo(e, list(bound.arguments))
+        if effects:
+            raise CaptureError(_side_effect_message(model, effects)) from None
+        raise CaptureError(_describe_failure(model, e, args, kwargs)) from e
     changes = module_state_changes(before, restore=True)
+    changes += [f"mutates argument {where} (the caller's object is unchanged: the capture ran on a copy)"
+                for where in _argument_changes(dict(bound.arguments), private)]
     if changes:
-        raise CaptureError(
-            f"cannot capture {type(model).__name__}: forward {changes[0]}"
-            + (f" (and {len(changes) - 1} more: {'; '.join(changes[1:4])})" if len(changes) > 1 else "")
-            + ": the captured graph cannot repeat Python side effects; keep such state outside the model "
-            "or return it (module state restored to before the capture)"
-        )
+        raise CaptureError(_side_effect_message(model, changes))
     # recorded after the capture and the side-effect check, so they describe the model as it is now
     guards = Guards.record(model, bound)
+    guards.add_dynamo_globals(model, dynamo_guards)
 
     gm = _rebuild(model, exported)
     gm.train(model.training)
@@ -209,13 +245,248 @@ def _parse_source(source: str) -> str:
     return ".".join(parts)
 
 
-def _describe_failure(model: torch.nn.Module, e: Exception) -> str:
+# ------------------------------------------------------------------ side effects
+
+
+def _dynamo_side_effect_config() -> dict[str, Any]:
+    """Dynamo settings for a capture: never replay ``forward``'s Python side effects on the real objects
+    (they would be written once, with fake tensors, and never by the graph), and raise on any instead.
+    Only the settings this torch build has: where it lacks them, the before/after comparison in
+    :func:`trace` is what refuses."""
+    cfg = torch._dynamo.config
+    wanted = {"replay_side_effects": False, "side_effect_replay_policy": "error"}
+    return {k: v for k, v in wanted.items() if hasattr(cfg, k)}
+
+
+def _private_copy(arguments: dict[str, Any]) -> dict[str, Any]:
+    """The arguments with every container copied and every tensor, module, class and function kept as
+    the caller's very object (tensors' identities are what the graph's inputs are matched by)."""
+    memo: dict[int, Any] = {}
+    _keep_identity(arguments, memo, 0)
+    try:
+        return copy.deepcopy(arguments, memo)
+    except Exception:  # an argument that cannot be copied: Dynamo's side-effect check still guards it
+        return arguments
+
+
+def _keep_identity(v: Any, memo: dict[int, Any], depth: int) -> None:
+    if id(v) in memo or depth > 32:
+        return
+    if isinstance(v, (torch.Tensor, torch.nn.Module, type, types.ModuleType, types.FunctionType,
+                      types.BuiltinFunctionType, types.MethodType)):
+        memo[id(v)] = v
+        return
+    if isinstance(v, dict):
+        for k, x in v.items():
+            _keep_identity(k, memo, depth + 1)
+            _keep_identity(x, memo, depth + 1)
+    elif isinstance(v, (list, tuple, set, frozenset, collections.deque)):
+        for x in v:
+            _keep_identity(x, memo, depth + 1)
+    elif hasattr(v, "__dict__"):
+        for x in vars(v).values():
+            _keep_identity(x, memo, depth + 1)
+
+
+def _split_arguments(signature: inspect.Signature, arguments: dict[str, Any]) -> tuple[tuple, dict]:
+    bound = inspect.BoundArguments(signature, arguments)  # type: ignore[arg-type]
+    return bound.args, bound.kwargs
+
+
+def _argument_changes(originals: dict[str, Any], private: dict[str, Any]) -> list[str]:
+    """Where the private copies differ from the caller's arguments after the capture (``'prev' (prev['z'])``)."""
+    out: list[str] = []
+    for name, v in originals.items():
+        if private is originals:
+            break
+        where = _first_difference(v, private[name], name, 0)
+        if where is not None:
+            out.append(f"{name!r}" + (f" ({where})" if where != name else ""))
+    return out
+
+
+def _first_difference(a: Any, b: Any, path: str, depth: int) -> str | None:
+    if a is b:
+        return None
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor) or type(a) is not type(b) or depth > 32:
+        return path  # tensors are the caller's objects in the copy too: another object is a write
+    if isinstance(a, (list, tuple, collections.deque)):
+        if len(a) != len(b):
+            return f"{path}: length {len(a)} -> {len(b)}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            if (d := _first_difference(x, y, f"{path}[{i}]", depth + 1)) is not None:
+                return d
+        return None
+    if isinstance(a, dict):
+        if list(a) != list(b):
+            return f"{path}: keys {list(a)} -> {list(b)}"
+        for k in a:
+            if (d := _first_difference(a[k], b[k], f"{path}[{k!r}]", depth + 1)) is not None:
+                return d
+        return None
+    if isinstance(a, (set, frozenset)):
+        return None if a == b else path
+    if hasattr(a, "__dict__") and not isinstance(a, type):
+        va, vb = vars(a), vars(b)
+        if list(va) != list(vb):
+            return f"{path}: attributes {list(va)} -> {list(vb)}"
+        for k in va:
+            if (d := _first_difference(va[k], vb[k], f"{path}.{k}", depth + 1)) is not None:
+                return d
+        return None
+    try:
+        return None if bool(a == b) else path
+    except Exception:
+        return path
+
+
+_SIDE_EFFECT_ERROR = "found certain side effects happened"
+
+
+def _side_effects_seen_by_dynamo(e: BaseException, arg_names: list[str]) -> list[str]:
+    """The side effects Dynamo refused (``side_effect_replay_policy="error"``), described for the user with
+    the line of each write; empty if ``e`` is another failure.
+
+    Dynamo's error lists the written objects by their source names only (``L['prev']``) and points
+    at the ``return``; the line of each write is in its side-effect record (``mutation_user_stacks``),
+    read from the ``OutputGraph`` in the traceback of the error."""
+    chain, exc = [], e
+    while exc is not None and exc not in chain:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    text = next((str(x) for x in chain if _SIDE_EFFECT_ERROR in str(x)), None)
+    if text is None:
+        return []
+    m = re.search(r"double check: (\[.*?\])", text)
+    try:
+        names = [str(n) for n in ast.literal_eval(m.group(1))] if m else []
+    except (ValueError, SyntaxError):
+        names = []
+    records = _side_effect_records(chain)
+    out = []
+    for var, kind, attrs, stacks in records:
+        name = _source_name(getattr(var, "source", None))
+        if name is None or (names and name not in names):
+            continue
+        cls = _class_of(var)
+        out.append(_describe_write(name, kind, attrs, cls, arg_names) + _user_line(stacks))
+        names = [n for n in names if n != name] if names else names
+    out += [_describe_write(n, "", [], None, arg_names) for n in names]  # those with no record found
+    return out or ["has Python side effects Dynamo could not name"]
+
+
+def _side_effect_records(chain: list[BaseException]) -> list[tuple[Any, str, list[str], list]]:
+    """``(variable, "value"|"attr", attributes written, user stacks)`` of every write Dynamo recorded on an
+    object that existed before ``forward`` ran."""
+    try:
+        from torch._dynamo.output_graph import OutputGraph
+        from torch._dynamo.variables.base import AttributeMutationExisting, ValueMutationExisting
+    except ImportError:
+        return []
+    graph = None
+    for exc in chain:
+        tb = exc.__traceback__
+        while tb is not None and graph is None:
+            owner = tb.tb_frame.f_locals.get("self")
+            if isinstance(owner, OutputGraph):
+                graph = owner
+            tb = tb.tb_next
+    if graph is None:
+        return []
+    se = graph.side_effects
+    out = []
+    for var, stacks in getattr(se, "mutation_user_stacks", {}).items():
+        mt = getattr(var, "mutation_type", None)
+        if isinstance(mt, ValueMutationExisting):
+            out.append((var, "value", [], stacks))
+        elif isinstance(mt, AttributeMutationExisting):
+            out.append((var, "attr", list(getattr(se, "store_attr_mutations", {}).get(var, {})), stacks))
+    return out
+
+
+def _class_of(var: Any) -> type | None:
+    """The class a class-attribute write goes to (a ``UserDefinedClassVariable``'s value), else None."""
+    try:
+        v = var.value if type(var).__name__ == "UserDefinedClassVariable" else None
+    except Exception:  # a variable that cannot give a value
+        return None
+    return v if isinstance(v, type) else None
+
+
+def _source_name(source: Any) -> str | None:
+    if source is None:
+        return None
+    name = source.name
+    return str(name() if callable(name) else name)
+
+
+def _describe_write(name: str, kind: str, attrs: list[str], value: Any, arg_names: list[str]) -> str:
+    """A Dynamo source name and write kind in the user's terms: ``mutates argument 'prev' in place``."""
+    verb = "assigns" if kind == "attr" else "mutates"
+    tail = "" if kind == "attr" else " in place"
+    if m := re.fullmatch(r"type\((L\['self'\].*)\)", name):
+        path = _parse_source(m.group(1))
+        cls = value.__name__ if isinstance(value, type) else "class of " + (path or "the model")
+        what = ", ".join(f"'{cls}.{a}'" for a in attrs) or f"'{cls}'"
+        return f"{verb} class attribute {what}{tail}"
+    if name.startswith("L['self']"):
+        path = _parse_source(name)
+        if kind == "attr" and attrs:
+            what = ", ".join(repr(f"{path}.{a}" if path else a) for a in attrs)
+        else:
+            what = repr(path) if path else "the model"
+        return f"{verb} module attribute {what}{tail}"
+    if m := re.fullmatch(r"G\['([^']+)'\](.*)", name):
+        at = f" ({m.group(1)}{m.group(2)})" if m.group(2) else ""
+        return f"{verb} global '{m.group(1)}'{at}{tail}"
+    if (m := re.fullmatch(r"L\['([^']+)'\](.*)", name)) and m.group(1) in arg_names:
+        arg, rest = m.group(1), m.group(2)
+        at = f" ({arg}{rest})" if rest else ""
+        if kind == "attr" and attrs:
+            return f"assigns attribute(s) {', '.join(attrs)} of argument '{arg}'{at}"
+        return f"{verb} argument '{arg}'{at}{tail}"
+    return f"{verb} {name}{tail}"
+
+
+def _user_line(stacks: list) -> str:
+    """`` at file:line in fn: code`` of the innermost user frame (not torch's own code) of a write."""
+    torch_dir = os.path.dirname(torch.__file__)
+    for stack in stacks:
+        frames = [f for f in stack if not f.filename.startswith(torch_dir)]
+        if frames:
+            f = frames[-1]
+            return f" at {f.filename}:{f.lineno} in {f.name}: {(f.line or '').strip()}"
+    return ""
+
+
+def _side_effect_message(model: torch.nn.Module, changes: list[str]) -> str:
+    # a change found by comparing state has no line of its own: name where forward is instead
+    site = "" if " at " in changes[0] else f" (in {_forward_site(model)})"
+    return (f"cannot capture {type(model).__name__}: forward {changes[0]}"
+            + (f" (and {len(changes) - 1} more: {'; '.join(changes[1:4])})" if len(changes) > 1 else "")
+            + f"{site}: the captured graph cannot repeat Python side effects; keep such "
+            "state outside the model or return it (the model, its arguments and the globals it writes are as "
+            "they were before the capture)")
+
+
+def _forward_site(model: torch.nn.Module) -> str:
+    fwd = type(model).forward
+    try:
+        return f"{type(model).__name__}.forward is at {inspect.getsourcefile(fwd)}:{inspect.getsourcelines(fwd)[1]}"
+    except (OSError, TypeError):
+        return f"{type(model).__name__}.forward"
+
+
+# ------------------------------------------------------------------ other failures
+
+
+def _describe_failure(model: torch.nn.Module, e: Exception, args: tuple = (), kwargs: dict | None = None) -> str:
     """One readable message: the construct Dynamo could not take, and the user's file and line."""
     construct = getattr(e, "gb_type", None)
     text = str(e)
     if not construct:
         construct = next((line.strip() for line in text.splitlines() if line.strip()), type(e).__name__)
-    where = "unknown source line"
+    where = None
     frames = getattr(e, "real_stack", None)
     if frames:
         f = frames[-1]
@@ -224,8 +495,88 @@ def _describe_failure(model: torch.nn.Module, e: Exception) -> str:
         m = re.search(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.*)', text.split("from user code:")[-1])
         if m:
             where = f"{m.group(1)}:{m.group(2)} in {m.group(3)}: {m.group(4).strip()}"
+    if where is None:
+        # export's own checks of the graph's inputs and outputs run after tracing, with no user frame
+        if re.search(r"in the outputs|outputs with type", text):
+            construct = (f"an output of a type export cannot flatten ({_output_type(text)}; return tensors in "
+                         "tuples, lists or dicts, or register the type with torch.utils._pytree)")
+            where = _return_lines(model)
+        elif "inputs with type" in text:
+            construct = (f"an argument of a type export cannot flatten ({_output_type(text)}; pass tensors in "
+                         "tuples, lists or dicts, or register the type with torch.utils._pytree)")
+            where = _forward_site(model)
+        elif "in the inputs" in text:
+            found = _graph_input_not_an_argument(model, args, kwargs or {})
+            if found:
+                construct, where = found
+    where = where or f"an unknown line ({_forward_site(model)})"
     detail = "\n".join(text.splitlines()[:12])
     return (
         f"cannot capture {type(model).__name__} as one graph: {construct} at {where}\n"
         f"(Dynamo: {type(e).__name__}: {detail})"
     )
+
+
+def _output_type(text: str) -> str:
+    m = re.search(r"type `?<class '([^']+)'>`?", text)
+    return m.group(1).rsplit(".", 1)[-1] if m else "unknown type"
+
+
+def _return_lines(model: torch.nn.Module) -> str | None:
+    """``file:line in forward: return ...`` of the return statement(s) of the model's ``forward``."""
+    fwd = type(model).forward
+    try:
+        lines, first = inspect.getsourcelines(fwd)
+        filename = inspect.getsourcefile(fwd)
+        tree = ast.parse(textwrap.dedent("".join(lines)))
+    except (OSError, TypeError, SyntaxError):
+        return None
+    found = [f"{filename}:{first + n.lineno - 1} in forward: {lines[n.lineno - 1].strip()}"
+             for n in ast.walk(tree) if isinstance(n, ast.Return)]
+    return " / ".join(found) if found else None
+
+
+class _GraphSeen(Exception):
+    pass
+
+
+def _graph_input_not_an_argument(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[str, str] | None:
+    """Trace ``model`` once more with a backend that only looks at the graph, and name the first graph
+    input that is not an argument, parameter or buffer (a numpy array read through ``torch.from_numpy``)
+    with the line that reads it. ``None`` if there is none or the trace fails."""
+    inputs: list[tuple[str | None, str]] = []
+
+    def look(gm: torch.fx.GraphModule, _inputs: list) -> Any:
+        # read here: Dynamo drops the placeholders' "grapharg" (their sources) once the backend returns
+        for node in gm.graph.find_nodes(op="placeholder"):
+            inputs.append((_source_name(getattr(node.meta.get("grapharg"), "source", None)),
+                           node.meta.get("stack_trace") or ""))
+        raise _GraphSeen  # nothing needs to run
+
+    try:
+        with torch._dynamo.config.patch(**_dynamo_side_effect_config()):
+            torch.compile(model, backend=look, fullgraph=True, dynamic=False)(*args, **kwargs)
+    except Exception:  # the backend's own stop, or a failure: either way only `inputs` is read
+        pass
+    arg_roots = tuple(f"L['{name}']" for name in inspect.signature(model.forward).parameters)
+    for source, trace_text in inputs:
+        if source is None or source.startswith(arg_roots) or "_parameters[" in source or "_buffers[" in source:
+            continue
+        readable = re.sub(r"L\['([^']+)'\]", r"\1", source).replace("___", "torch.")
+        m = list(re.finditer(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.*)', trace_text))
+        line = f"{m[-1].group(1)}:{m[-1].group(2)} in {m[-1].group(3)}: {m[-1].group(4).strip()}" if m else None
+        return (f"forward reads {readable}, which is not an argument, parameter or buffer (export would make it a "
+                "graph input; convert it once, outside forward, into a registered buffer)", line)
+    return None
+    arg_roots = tuple(f"L['{name}']" for name in inspect.signature(model.forward).parameters)
+    for node in seen[0].graph.find_nodes(op="placeholder"):
+        source = _source_name(getattr(node.meta.get("grapharg"), "source", None))
+        if source is None or source.startswith(arg_roots) or "_parameters[" in source or "_buffers[" in source:
+            continue
+        readable = re.sub(r"L\['([^']+)'\]", r"\1", source).replace("___", "torch.")
+        trace_text = node.meta.get("stack_trace") or ""
+        m = list(re.finditer(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.*)', trace_text))
+        line = f"{m[-1].group(1)}:{m[-1].group(2)} in {m[-1].group(3)}: {m[-1].group(4).strip()}" if m else None
+        return (f"forward reads {readable}, which is not an argument, parameter or buffer (export would make it a "
+                "graph input; convert it once, outside forward, into a registered buffer)", line)
+    return None

@@ -47,6 +47,7 @@ import torch.fx
 import torch.fx._pytree as fx_pytree
 
 from foldcompile.capture import trace
+from foldcompile.guards import global_module_hooks
 from foldcompile.pass_manager import PassManager
 from foldcompile.passes.base import PassError
 from foldcompile.passes.classify import classify_pass
@@ -363,6 +364,11 @@ class Report:
         if self.guarded_dims:
             lines.append("guarded (cost refuses other values): " +
                          "; ".join(f"{d}: {why}" for d, why in self.guarded_dims.items()))
+        # -- capture limitation (foldcompile.guards.global_module_hooks): said where it applies now
+        hooks = global_module_hooks()
+        if hooks:
+            lines.append(f"note: global module hooks are registered ({', '.join(hooks)}): eager runs them around "
+                         "every module, the captured graph runs none (its guards refuse calls while any is registered)")
         lines.append("")
         lines += format_table(["op class", "nodes", "GFLOP", "MB", "FLOP/B"],
                               [[cls, e["count"], e["flops"] / 1e9, e["bytes"] / 1e6, e["intensity"]]

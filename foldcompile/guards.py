@@ -42,8 +42,15 @@ What is guarded (simple and sound rather than minimal):
   is refused; in-place updates share storage and are fine), with its captured
   dtype, shape, device and ``requires_grad`` (``model.double()`` is refused);
 - plain-data globals (and global tensors, by identity) named in the
-  ``forward`` code of each module class of the model;
-- the autocast state (enabled, dtype) for cpu and cuda, and grad mode.
+  ``forward`` code of each module class of the model, and those Dynamo's own
+  guards record as read from a Python module (helper functions, other modules:
+  :meth:`Guards.add_dynamo_globals`);
+- the autocast state (enabled, dtype) for cpu and cuda, and grad mode;
+- that no process-wide module hook (``register_module_forward_hook`` and its
+  pre-hook and backward variants) is registered: eager would run it around every
+  submodule, the graph runs none (a capture refuses them too).
+
+Deques are compared by their items and ``maxlen`` like lists (they have no ``__dict__``).
 
 Every state guard is precomputed at capture into a flat list (module weakref,
 attribute, snapshot), so a check is a loop of identity and value comparisons.
@@ -55,11 +62,14 @@ guards over with :func:`install_guards` (or :func:`copy_guards`).
 """
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import enum
 import inspect
 import math
+import re
+import sys
 import types
 import weakref
 from dataclasses import dataclass, field
@@ -67,11 +77,12 @@ from typing import Any, Callable
 
 import torch
 import torch.fx
+from torch.nn.modules import module as _nn_module
 from torch.utils import _pytree as pytree
 
 __all__ = [
     "GuardError", "Guards", "TensorSpec", "install_guards", "copy_guards", "autocast_state",
-    "snapshot_module_state", "module_state_changes",
+    "snapshot_module_state", "module_state_changes", "global_module_hooks", "Mismatch", "variant_key",
 ]
 
 _PRIMITIVES = (bool, int, float, str, type(None), torch.dtype, torch.device)
@@ -83,6 +94,7 @@ _AUTOCAST_DEVICES = ("cpu", "cuda")
 _MODULE_INTERNALS = frozenset(vars(torch.nn.Module())) | {"_compiled_call_impl", "_is_full_backward_hook"}
 # attributes Dynamo itself sets on the modules it captures: not the model's side effects
 _DYNAMO_ATTRS = frozenset({"_is_torch_compile"})
+_DYNAMO_PREFIXES = ("_dynamo", "_torchdynamo", "___")
 _HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 # how deep plain objects/containers are compared by value; deeper, by identity
 _MAX_DEPTH = 4
@@ -92,7 +104,26 @@ _MISSING = object()
 
 
 class GuardError(RuntimeError):
-    """A captured graph was called where one of its capture-time assumptions does not hold."""
+    """A captured graph was called where one of its capture-time assumptions does not hold.
+
+    ``guard`` names the kind of guard that failed (see :class:`Mismatch`)."""
+
+    def __init__(self, message: str, guard: str | None = None):
+        super().__init__(message)
+        self.guard = guard
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """Which guard a call breaks: ``guard`` is one of ``"signature"``, ``"input 'NAME'"``, ``"autocast"``,
+    ``"grad_mode"``, ``"training"``, ``"global_hooks"``, ``"module_state"``, ``"parameters"``,
+    ``"globals"``; ``message`` is the text the GuardError would carry."""
+
+    guard: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.guard}: {self.message}"
 
 
 @dataclass(frozen=True)
@@ -159,7 +190,8 @@ def _leaf_spec(v: Any) -> Any:
 # ------------------------------------------------------------------ value snapshots
 #
 # A snapshot is a tagged tuple: ("v", value) immutable leaf; ("id", obj) identity;
-# ("seq", type, (snaps...)); ("set", type, frozenset); ("dict", type, ((key, snap), ...));
+# ("seq", type, (snaps...)); ("deque", type, maxlen, (snaps...)); ("set", type, frozenset);
+# ("dict", type, ((key, snap), ...));
 # ("obj", type, ((attr, snap), ...)) a dataclass or plain object by its fields; ("missing",).
 
 
@@ -189,6 +221,10 @@ def _snap(v: Any, depth: int = 0) -> tuple:
         if len(v) > _MAX_ITEMS:
             return ("id", v)
         return ("seq", t, tuple(_snap(x, depth + 1) for x in v))
+    if isinstance(v, collections.deque):  # no __dict__, not a list: by its items and maxlen
+        if len(v) > _MAX_ITEMS:
+            return ("id", v)
+        return ("deque", t, v.maxlen, tuple(_snap(x, depth + 1) for x in v))
     if isinstance(v, (set, frozenset)):
         if len(v) <= _MAX_ITEMS and all(_is_value(x) for x in v):
             return ("set", t, frozenset((type(x), x) for x in v))
@@ -228,6 +264,8 @@ def _same(v: Any, s: tuple) -> bool:
         return len(v) == len(s[2]) and all(_same(x, sx) for x, sx in zip(v, s[2]))
     if tag == "set":
         return len(v) == len(s[2]) and frozenset((type(x), x) for x in v) == s[2]
+    if tag == "deque":
+        return v.maxlen == s[2] and len(v) == len(s[3]) and all(_same(x, sx) for x, sx in zip(v, s[3]))
     if tag == "dict":
         return len(v) == len(s[2]) and all(k in v and _same(v[k], sx) for k, sx in s[2])
     if tag == "obj":
@@ -249,6 +287,8 @@ def _shown(s: tuple) -> str:
         return _short(s[1](_Shown(_shown(x)) for x in s[2])) if s[1] in (tuple, list) else f"{s[1].__name__}(...)"
     if tag == "set":
         return _short({x for _, x in s[2]})
+    if tag == "deque":
+        return _short(collections.deque((_Shown(_shown(x)) for x in s[3]), maxlen=s[2]))
     if tag == "dict":
         return _short({k: _Shown(_shown(x)) for k, x in s[2]})
     return f"{s[1].__name__}({', '.join(f'{k}={_shown(x)}' for k, x in s[2])})"[:80]
@@ -289,6 +329,22 @@ def _class_attrs(cls: type) -> dict[str, Any]:
 
 
 _NO_HOOKS = ((), (), (), ())
+
+# process-wide hooks that nn.Module.__call__ runs around EVERY module (torch.nn.modules.module's dicts),
+# by the public function that registers them
+_GLOBAL_HOOKS = (
+    ("_global_forward_pre_hooks", "register_module_forward_pre_hook"),
+    ("_global_forward_hooks", "register_module_forward_hook"),
+    ("_global_backward_pre_hooks", "register_module_full_backward_pre_hook"),
+    ("_global_backward_hooks", "register_module_full_backward_hook/register_module_backward_hook"),
+)
+
+
+def global_module_hooks() -> list[str]:
+    """The process-wide module hooks registered now, as ``"register_module_forward_hook (1)"``; empty
+    when there are none. A capture refuses them and a captured graph's guards refuse a call while any
+    is registered: eager runs them around every submodule, the graph holds none of them."""
+    return [f"{name} ({len(d)})" for attr, name in _GLOBAL_HOOKS if (d := getattr(_nn_module, attr, None))]
 
 
 def _hook_keys(mod: torch.nn.Module) -> tuple[tuple, ...]:
@@ -347,34 +403,69 @@ def _attr_path(path: str, attr: str) -> str:
 # ------------------------------------------------------------------ side effects of a capture
 
 
-def snapshot_module_state(model: torch.nn.Module) -> list[tuple]:
-    """Every module's attribute state, to compare after running ``forward`` once
-    (:func:`module_state_changes`): its instance dict (shallow), deep copies of mutable plain
-    data, and its parameter, buffer and submodule dicts."""
-    snap = []
+def _restorable_copy(v: Any, s: tuple) -> Any:
+    """A deep copy of a mutable plain-data value (to put back after an in-place change), or _MISSING."""
+    if s[0] not in ("seq", "deque", "set", "dict", "obj"):
+        return _MISSING
+    try:
+        return copy.deepcopy(v)
+    except Exception:  # an uncopyable object: a change is still detected, just not undone
+        return _MISSING
+
+
+def snapshot_module_state(model: torch.nn.Module) -> dict[str, list[tuple]]:
+    """The state a ``forward`` could write, to compare after running it once (:func:`module_state_changes`):
+
+    - every module's instance dict (shallow), deep copies of its mutable plain data, and its parameter,
+      buffer and submodule dicts;
+    - the data attributes of every class of those modules, up to ``nn.Module`` (``type(self).calls``);
+    - the globals named in each module class's ``forward`` code (``LOG.append(...)``, ``global N``).
+
+    Globals written only by helper functions are not in it: Dynamo's own side-effect tracking
+    (:mod:`foldcompile.capture`) is what sees those."""
+    modules = []
     for path, mod in model.named_modules():
         d = dict(vars(mod))
         values = {k: _snap(v) for k, v in d.items() if k not in _MODULE_INTERNALS}
-        copies = {}
-        for k, s in values.items():
-            if s[0] in ("seq", "set", "dict", "obj"):
-                try:
-                    copies[k] = copy.deepcopy(d[k])
-                except Exception:  # an uncopyable object: still detected, just not restorable
-                    pass
-        snap.append((path or "<root>", mod, d, values, copies,
-                     dict(mod._parameters), dict(mod._buffers), dict(mod._modules)))
-    return snap
+        copies = {k: c for k, s in values.items() if (c := _restorable_copy(d[k], s)) is not _MISSING}
+        modules.append((path or "<root>", mod, d, values, copies,
+                        dict(mod._parameters), dict(mod._buffers), dict(mod._modules)))
+    classes, seen_cls = [], set()
+    for mod in model.modules():
+        for cls in type(mod).__mro__:
+            if cls is torch.nn.Module or cls is object or cls in seen_cls or \
+                    (cls.__module__ or "").startswith("torch."):
+                break
+            seen_cls.add(cls)
+            d = {k: v for k, v in vars(cls).items() if not (k.startswith("__") and k.endswith("__"))}
+            values = {k: _snap(v) for k, v in d.items() if not _is_descriptor_or_function(v)}
+            copies = {k: c for k, s in values.items() if (c := _restorable_copy(d[k], s)) is not _MISSING}
+            classes.append((cls, d, values, copies))
+    globs, seen_code = [], set()
+    for mod in model.modules():
+        fwd = getattr(type(mod), "forward", None)
+        code, glob = getattr(fwd, "__code__", None), getattr(fwd, "__globals__", None)
+        if code is None or glob is None or id(code) in seen_code:
+            continue
+        seen_code.add(id(code))
+        for name in code.co_names:
+            v = glob.get(name, _MISSING)
+            if isinstance(v, (types.ModuleType, type)) or callable(v) and not isinstance(v, torch.nn.Module):
+                continue  # modules, classes and functions: not state a forward writes
+            s = ("missing",) if v is _MISSING else _snap(v)
+            globs.append((fwd.__module__, glob, name, v, s, _restorable_copy(v, s)))
+    return {"modules": modules, "classes": classes, "globals": globs}
 
 
-def module_state_changes(snapshot: list[tuple], restore: bool = True) -> list[str]:
-    """What changed in the modules since :func:`snapshot_module_state` (``"assigns 'blocks.0.last'"``,
-    ...), restoring the snapshot where possible when ``restore``. Empty if nothing changed."""
+def module_state_changes(snapshot: dict[str, list[tuple]], restore: bool = True) -> list[str]:
+    """What changed in the modules, their classes and the globals their ``forward`` names since
+    :func:`snapshot_module_state` (``"assigns module attribute 'blocks.0.last'"``, ...), restoring the
+    snapshot where possible when ``restore``. Empty if nothing changed."""
     changes = []
-    for path, mod, before, values, copies, params, buffers, modules in snapshot:
+    for path, mod, before, values, copies, params, buffers, modules in snapshot["modules"]:
         now = vars(mod)
         for k in list(before) + [k for k in now if k not in before]:  # in definition order
-            if k in _MODULE_INTERNALS or k in _DYNAMO_ATTRS or k.startswith(("_dynamo", "_torchdynamo")):
+            if k in _MODULE_INTERNALS or k in _DYNAMO_ATTRS or k.startswith(_DYNAMO_PREFIXES):
                 if restore and k in now and k not in before:
                     del now[k]  # leave the model as it was, so the guards' attribute-name set matches
                 continue
@@ -394,7 +485,7 @@ def module_state_changes(snapshot: list[tuple], restore: bool = True) -> list[st
             elif not _same(now[k], values[k]):
                 changes.append(f"mutates module attribute {where!r} in place")
                 if restore and k in copies:
-                    now[k] = copies[k]
+                    _put_back(now, k, copies[k])
         for kind, was, cur in (("parameter", params, mod._parameters), ("buffer", buffers, mod._buffers),
                                ("submodule", modules, mod._modules)):
             if set(was) != set(cur) or any(cur[k] is not was[k] for k in was):
@@ -403,7 +494,68 @@ def module_state_changes(snapshot: list[tuple], restore: bool = True) -> list[st
                 if restore:
                     cur.clear()
                     cur.update(was)
+    for cls, before, values, copies in snapshot["classes"]:
+        now = vars(cls)
+        for k in list(before) + [k for k in now if k not in before and not (k.startswith("__") and k.endswith("__"))]:
+            if k.startswith(_DYNAMO_PREFIXES):  # Dynamo's own bookkeeping on classes, not the model's
+                continue
+            where = f"class attribute '{cls.__name__}.{k}'"
+            if k not in now:
+                changes.append(f"deletes {where}")
+                if restore:
+                    setattr(cls, k, before[k])
+            elif k not in before:
+                changes.append(f"assigns {where} (new, {_short(now[k])})")
+                if restore:
+                    delattr(cls, k)
+            elif now[k] is not before[k]:
+                changes.append(f"assigns {where} ({_short(before[k])} -> {_short(now[k])})")
+                if restore:
+                    setattr(cls, k, before[k])
+            elif k in values and not _same(now[k], values[k]):
+                changes.append(f"mutates {where} in place")
+                if restore and k in copies:
+                    _put_back(cls, k, copies[k])
+    for module_name, glob, name, v, s, saved in snapshot["globals"]:
+        cur = glob.get(name, _MISSING)
+        where = f"global '{name}' (of {module_name})"
+        if cur is not v:
+            changes.append(f"assigns {where} ({_short(v) if v is not _MISSING else '<missing>'} -> {_short(cur)})")
+            if restore:
+                if v is _MISSING:
+                    glob.pop(name, None)
+                else:
+                    glob[name] = v
+        elif not _same(cur, s):
+            changes.append(f"mutates {where} in place")
+            if restore and saved is not _MISSING:
+                _put_back(glob, name, saved)
     return changes
+
+
+def _put_back(owner: Any, name: str, saved: Any) -> None:
+    """Undo an in-place change of ``owner[name]`` (or ``owner.name``) by writing the saved copy's contents
+    into the very object there, so that other references to it see the old contents again."""
+    cur = owner[name] if isinstance(owner, dict) else getattr(owner, name)
+    try:
+        if isinstance(cur, (list, collections.deque)):
+            cur.clear()
+            cur.extend(saved)
+            return
+        if isinstance(cur, (dict, set)):
+            cur.clear()
+            cur.update(saved)
+            return
+        if hasattr(cur, "__dict__") and not isinstance(cur, type):
+            vars(cur).clear()
+            vars(cur).update(vars(saved))
+            return
+    except (TypeError, AttributeError):
+        pass
+    if isinstance(owner, dict):
+        owner[name] = saved
+    else:
+        setattr(owner, name, saved)
 
 
 # ------------------------------------------------------------------ parameters, buffers, globals
@@ -466,6 +618,8 @@ def _plain_data(s: tuple) -> bool:
         return True
     if tag == "seq":
         return all(_plain_data(x) for x in s[2])
+    if tag == "deque":
+        return all(_plain_data(x) for x in s[3])
     if tag == "dict":
         return all(_plain_data(x) for _, x in s[2])
     return False
@@ -539,6 +693,38 @@ class Guards:
                 else:
                     self.attrs.append(_AttrGuard(target, obj, None, target, _AttrGuard.spec_of(obj)))
 
+    def add_dynamo_globals(self, model: torch.nn.Module, dynamo_guards: Any) -> None:
+        """Guard the plain-data globals (and global tensors) Dynamo's own guards say the capture read:
+        ``G['X']`` in the model's ``forward`` module, ``G['__import_pkg_dot_mod'].X`` or ``G['mod'].X`` in
+        another module — globals read by helper functions and other modules' code, which the
+        ``forward``-code scan of :meth:`record` does not see. Torch's own module state is left out, and
+        so are globals reached through closures or locals."""
+        fwd = getattr(type(model), "forward", None)
+        root = getattr(fwd, "__globals__", None)
+        seen = {(id(h if isinstance(h, dict) else h.__globals__), n) for _, h, n, _ in self.globals}
+        for guard in dynamo_guards or ():
+            src = str(getattr(guard, "name", ""))
+            if m := re.fullmatch(r"G\['([A-Za-z_]\w*)'\]", src):
+                holder, name, where = root, m.group(1), f"{getattr(fwd, '__module__', '?')}.{m.group(1)}"
+            elif m := re.fullmatch(r"G\['([A-Za-z_]\w*)'\]\.([A-Za-z_]\w*)", src):
+                # a module's global: through Dynamo's import alias (helpers of other modules) or through a
+                # module object bound to a global of forward's module (``import cfg; cfg.SCALE``)
+                base = m.group(1)
+                module = sys.modules.get(base[len("__import_"):].replace("_dot_", ".")) \
+                    if base.startswith("__import_") else (root or {}).get(base)
+                if not isinstance(module, types.ModuleType) or module.__name__.split(".")[0] == "torch":
+                    continue
+                holder, name, where = vars(module), m.group(2), f"{module.__name__}.{m.group(2)}"
+            else:
+                continue
+            if holder is None or name.startswith("__") or name not in holder or (id(holder), name) in seen:
+                continue
+            seen.add((id(holder), name))
+            v = holder[name]
+            snap = _snap(v)
+            if isinstance(v, torch.Tensor) or (snap[0] != "id" and _plain_data(snap)):
+                self.globals.append((where, holder if holder is not root else fwd, name, snap))
+
     def __deepcopy__(self, memo: dict) -> "Guards":
         # a deep-copied graph module keeps checking the same model: the snapshots hold objects compared
         # by identity (callables, tensors, the model's parameters), which a deep copy would replace
@@ -549,7 +735,8 @@ class Guards:
         try:
             bound = self.signature.bind(*args, **kwargs)
         except TypeError as e:
-            raise GuardError(f"call does not match the captured signature {self.signature}: {e}") from None
+            raise GuardError(f"call does not match the captured signature {self.signature}: {e}",
+                             "signature") from None
         bound.apply_defaults()
         return bound
 
@@ -559,46 +746,77 @@ class Guards:
         for name, (spec, leaf_specs) in self.inputs.items():
             value = bound.arguments[name]
             leaves, got_spec = pytree.tree_flatten(value)
+            guard = f"input {name!r}"
             if got_spec != spec:
                 raise GuardError(
-                    f"input {name!r} structure {_short(value)} != captured {pytree.tree_unflatten(leaf_specs, spec)!r}"
-                )
+                    f"input {name!r} structure {_short(value)} != captured {pytree.tree_unflatten(leaf_specs, spec)!r}",
+                    guard)
             for i, (leaf, want) in enumerate(zip(leaves, leaf_specs)):
                 where = f"input {name!r}" + (f" leaf {i}" if len(leaves) > 1 else "")
                 if isinstance(want, TensorSpec):
                     if not isinstance(leaf, torch.Tensor):
-                        raise GuardError(f"{where} is {_short(leaf)}, captured a tensor {want}")
+                        raise GuardError(f"{where} is {_short(leaf)}, captured a tensor {want}", guard)
                     why = want.mismatch(leaf)
                     if why:
-                        raise GuardError(f"{where} {why}")
+                        raise GuardError(f"{where} {why}", guard)
                 else:
                     if isinstance(leaf, torch.Tensor) or type(leaf) is not type(want) or leaf != want:
-                        raise GuardError(f"{where} = {_short(leaf)} != captured {want!r}")
+                        raise GuardError(f"{where} = {_short(leaf)} != captured {want!r}", guard)
         state = autocast_state()
         for dev, want in self.autocast.items():
             if state[dev] != want:
                 raise GuardError(
                     f"autocast({dev!r}) (enabled, dtype) = {state[dev]} != captured {want}; "
-                    "capture again under the autocast state you run in"
+                    "capture again under the autocast state you run in", "autocast"
                 )
         if torch.is_grad_enabled() != self.grad_enabled:
-            raise GuardError(f"grad mode {torch.is_grad_enabled()} != captured {self.grad_enabled}")
+            raise GuardError(f"grad mode {torch.is_grad_enabled()} != captured {self.grad_enabled}", "grad_mode")
         if graph_module is not None and graph_module.training != self.root_training:
             raise GuardError(
                 f"graph module training={graph_module.training} != captured {self.root_training}; "
-                "capture again after model.train()/model.eval()"
+                "capture again after model.train()/model.eval()", "training"
             )
-        self._check_modules()
-        self._check_attrs()
-        for where, fwd, name, s in self.globals:
-            glob = fwd.__globals__
+        if _nn_module._global_forward_pre_hooks or _nn_module._global_forward_hooks \
+                or _nn_module._global_backward_pre_hooks or _nn_module._global_backward_hooks:
+            raise GuardError(f"global module hook(s) registered since capture: {', '.join(global_module_hooks())} "
+                             "(torch.nn.modules.module): eager runs them around every submodule, the graph runs "
+                             "none of them; remove them (handle.remove()) to call the graph", "global_hooks")
+        try:
+            self._check_modules()
+        except GuardError as e:
+            # a module's training flag is the training guard; everything else there is module state
+            e.guard = e.guard or ("training" if " training=" in str(e) else "module_state")
+            raise
+        try:
+            self._check_attrs()
+        except GuardError as e:
+            e.guard = e.guard or "parameters"
+            raise
+        for where, holder, name, s in self.globals:
+            glob = holder if isinstance(holder, dict) else holder.__globals__
             if not _same(glob.get(name, _MISSING), s):
                 if s[0] == "id":
                     raise GuardError(f"global {where} was rebound to another object since capture "
-                                     "(the graph holds the one it had then): capture again")
+                                     "(the graph holds the one it had then): capture again", "globals")
                 raise GuardError(f"global {where} = {_short(glob.get(name, '<missing>'))} != captured {_shown(s)}; "
-                                 "the graph baked the value it had at capture: capture again")
+                                 "the graph baked the value it had at capture: capture again", "globals")
         return bound
+
+    def mismatch(self, args: tuple, kwargs: dict, graph_module: torch.nn.Module | None = None) -> Mismatch | None:
+        """The first guard a call breaks, or None where :meth:`check` would pass; never raises a GuardError
+        (a variant cache asks this before choosing or building a variant)."""
+        try:
+            self.check(args, kwargs, graph_module)
+        except GuardError as e:
+            return Mismatch(e.guard or "unknown", str(e))
+        return None
+
+    def variant_key(self, args: tuple, kwargs: dict) -> tuple:
+        """:func:`variant_key` of a call, bound to the captured signature (defaults applied) and with the
+        training mode of the captured model (the graph's own where the model is gone)."""
+        model = self.model_ref() if self.model_ref is not None else None
+        training = model.training if model is not None else self.root_training
+        return _key_of(self.bind(args, kwargs), training)
 
     def _check_modules(self) -> None:
         for g in self.modules:
@@ -620,11 +838,18 @@ class Guards:
                 if s[0] == "v" and type(v) is type(s[1]) and v == s[1]:  # the common case, inline
                     continue
                 if not _same(v, s):
+                    if s[0] == "id" and v is not _MISSING:  # both would print alike (two equal-looking tensors)
+                        raise GuardError(f"module attribute {_attr_path(g.path, attr)!r} is another object than the "
+                                         f"one captured ({_short(v)}; the graph holds the one it had then): "
+                                         "capture again")
                     raise GuardError(f"module attribute {_attr_path(g.path, attr)!r} = "
                                      f"{_short(d.get(attr, '<missing>'))} != captured {_shown(s)}")
             for attr, s in g.class_attrs:
                 v = getattr(mod, attr, _MISSING)
                 if not _same(v, s):
+                    if s[0] == "id" and v is not _MISSING:
+                        raise GuardError(f"class attribute {_attr_path(g.path, attr)!r} ({type(mod).__name__}.{attr}) "
+                                         f"is another object than the one captured ({_short(v)}): capture again")
                     raise GuardError(f"class attribute {_attr_path(g.path, attr)!r} "
                                      f"({type(mod).__name__}.{attr}) = {_short(v)} != captured {_shown(s)}")
             if (g.hooks == _NO_HOOKS and (mod._forward_hooks or mod._forward_pre_hooks or mod._backward_hooks
@@ -671,6 +896,51 @@ class Guards:
         lines.append(f"  modules: {len(self.modules)} (identity, class, hooks), {n_attr} attributes")
         lines.append(f"  parameters/buffers read by the graph: {len(self.attrs)}; globals: {len(self.globals)}")
         return "\n".join(lines)
+
+
+def variant_key(model: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> tuple:
+    """A hashable key of what a call of ``model`` would specialise a capture on, to pick a variant:
+
+    per argument of ``forward`` (defaults applied) its pytree structure and, per leaf, a tensor's
+    ``(shape, dtype, device, layout, requires_grad, strides)`` or a value by type and value; then the
+    grad mode, the autocast state (cpu, cuda) and ``model.training``. Two calls with equal keys may
+    still differ in module state, parameters or globals: a variant's own guards (``check``) decide.
+
+        >>> lin = torch.nn.Linear(4, 4)
+        >>> key = variant_key(lin, (torch.randn(2, 4),))
+        >>> key == variant_key(lin, (torch.randn(2, 4),)), key == variant_key(lin, (torch.randn(3, 4),))
+        (True, False)
+        >>> with torch.no_grad():
+        ...     key == variant_key(lin, (torch.randn(2, 4),))
+        False
+    """
+    signature = inspect.signature(model.forward)
+    try:
+        bound = signature.bind(*args, **(kwargs or {}))
+    except TypeError as e:
+        raise GuardError(f"call does not match {type(model).__name__}.forward{signature}: {e}", "signature") from None
+    bound.apply_defaults()
+    return _key_of(bound, model.training)
+
+
+def _key_of(bound: inspect.BoundArguments, training: bool) -> tuple:
+    parts = []
+    for name, value in bound.arguments.items():
+        leaves, spec = pytree.tree_flatten(value)
+        parts.append((name, str(spec), tuple(_leaf_key(v) for v in leaves)))
+    autocast = tuple(sorted((d, e, str(t)) for d, (e, t) in autocast_state().items()))
+    return (tuple(parts), torch.is_grad_enabled(), autocast, bool(training))
+
+
+def _leaf_key(v: Any) -> tuple:
+    if isinstance(v, torch.Tensor):
+        return ("tensor", tuple(v.shape), str(v.dtype), str(v.device), str(v.layout), v.requires_grad, _strides(v))
+    try:
+        hash(v)
+    except TypeError:
+        return ("object", type(v).__qualname__, id(v))  # unhashable and opaque: by identity
+    # the type too: 1, 1.0 and True are equal and hash alike but specialise differently
+    return ("value", type(v).__qualname__, v)
 
 
 def _fetch(obj: Any, target: str) -> Any:

@@ -7,9 +7,13 @@ are then right at the captured sizes but may be wrong at others. Before a cost i
 evaluated at other sizes, :func:`check_structure_at` captures the model again at
 those sizes on the ``meta`` device (no memory, no arithmetic) and requires that
 
-- the new graph has the same nodes, in the same order, with the same targets, and
-- every tensor's concrete shape there equals the captured graph's symbolic shape
-  evaluated at the new sizes.
+- the new graph has the same nodes, in the same order, with the same targets,
+- with the same arguments, tensors abstracted to the position of the node that makes
+  them and numbers to "a number" (sizes move; their effect shows in the shapes): a
+  size branch that only picks another einsum equation, ``dim``, flag or dtype is seen
+  here, where op names and shapes agree, and
+- every tensor's concrete shape (and dtype) there equals the captured graph's symbolic
+  shape evaluated at the new sizes, for ops with several outputs too.
 
 If either fails, the graph's structure depends on the sizes and the cost is refused
 with the first node where the two graphs part.
@@ -77,6 +81,56 @@ def _target_name(node: torch.fx.Node) -> str:
     return f"{node.op}:{getattr(node.target, '__name__', node.target)}"
 
 
+def _arg_form(a: Any, position: Mapping[torch.fx.Node, int]) -> Any:
+    """An argument with every node replaced by its position in its graph and every number by one marker:
+    what must agree between two captures of one structure at different sizes."""
+    if isinstance(a, torch.fx.Node):
+        return ("node", position.get(a))
+    if isinstance(a, bool) or a is None:
+        return a
+    if isinstance(a, (int, float, torch.SymInt, torch.SymFloat)):
+        return ("number",)
+    if isinstance(a, (list, tuple)):
+        return (type(a).__name__, tuple(_arg_form(x, position) for x in a))
+    if isinstance(a, dict):
+        return ("dict", tuple((k, _arg_form(v, position)) for k, v in a.items()))
+    if isinstance(a, slice):
+        return ("slice", _arg_form(a.start, position), _arg_form(a.stop, position), _arg_form(a.step, position))
+    if isinstance(a, (str, torch.dtype, torch.device, torch.layout, torch.memory_format, type(...))):
+        return a
+    return ("object", type(a).__name__)  # callables, subgraph modules: their identity differs between captures
+
+
+def _first_argument_difference(a: torch.fx.Node, b: torch.fx.Node, pos_a: Mapping, pos_b: Mapping) -> str | None:
+    """``"argument 0 'ijc,ijc->ijc' where the capture has 'ijc,kjc->ikc'"``, or None if they agree."""
+    items = [(str(i), x, y) for i, (x, y) in enumerate(zip(a.args, b.args))]
+    if len(a.args) != len(b.args):
+        return f"{len(b.args)} positional arguments where the capture has {len(a.args)}"
+    if a.kwargs.keys() != b.kwargs.keys():
+        return f"keyword arguments {sorted(b.kwargs)} where the capture has {sorted(a.kwargs)}"
+    items += [(repr(k), a.kwargs[k], b.kwargs[k]) for k in a.kwargs]
+    for name, x, y in items:
+        if _arg_form(x, pos_a) != _arg_form(y, pos_b):
+            return f"argument {name} {_shown_arg(y)} where the capture has {_shown_arg(x)}"
+    return None
+
+
+def _shown_arg(a: Any) -> str:
+    if isinstance(a, torch.fx.Node):
+        return f"node {a.name!r}"
+    r = repr(a)
+    return r if len(r) <= 120 else r[:117] + "..."
+
+
+def _metas(tensor_meta: Any) -> list[Any] | None:
+    """The TensorMetadata of a node's output(s), one per tensor; None if not (only) tensors."""
+    if hasattr(tensor_meta, "shape"):
+        return [tensor_meta]
+    if isinstance(tensor_meta, (list, tuple)) and tensor_meta and all(hasattr(t, "shape") for t in tensor_meta):
+        return list(tensor_meta)
+    return None
+
+
 def check_structure_at(model: torch.nn.Module, gm: torch.fx.GraphModule, placeholder_values: Sequence[Any],
                        sizes: Mapping[str, int]) -> None:
     """Raise :class:`SizeGuardError` unless ``gm``'s structure and symbolic shapes hold at ``sizes``.
@@ -104,21 +158,38 @@ def check_structure_at(model: torch.nn.Module, gm: torch.fx.GraphModule, placeho
                              f"failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
 
     ours, theirs = _structure(gm), _structure(probe)
+    pos_ours = {n: i for i, n in enumerate(gm.graph.nodes)}
+    pos_theirs = {n: i for i, n in enumerate(probe.graph.nodes)}
     where = f"at {dict(sizes)} (captured at {dims})"
     for i, (a, b) in enumerate(zip(ours, theirs)):
         if _target_name(a) != _target_name(b):
             raise SizeGuardError(f"the graph's structure depends on the sizes: {where}, node {i} is "
                                  f"{_target_name(b)} ({b.name}) where the capture has {_target_name(a)} ({a.name}); "
                                  f"capture at these sizes to get their cost")
-        sym_shape, tensor_meta = a.meta.get("sym_shape"), b.meta.get("tensor_meta")
-        if sym_shape is None or tensor_meta is None or a.meta.get("multi_output") \
-                or not hasattr(tensor_meta, "shape"):
+        why = _first_argument_difference(a, b, pos_ours, pos_theirs)
+        if why is not None:
+            raise SizeGuardError(f"the graph's structure depends on the sizes: {where}, node {i} "
+                                 f"({_target_name(a)}, {a.name!r}) has {why} (a branch on a size that only changes "
+                                 f"an argument); capture at these sizes to get their cost")
+        sym_shape, metas = a.meta.get("sym_shape"), _metas(b.meta.get("tensor_meta"))
+        if sym_shape is None or metas is None:
             continue
-        expected = _evaluate_shape(sym_shape, subs)
-        if tuple(tensor_meta.shape) != expected:
-            raise SizeGuardError(f"the graph's shapes depend on the sizes in a way the capture cannot see: {where}, "
-                                 f"node {a.name!r} has shape {tuple(tensor_meta.shape)}, its symbolic shape "
-                                 f"{tuple(str(s) for s in sym_shape)} gives {expected}")
+        sym_shapes = list(sym_shape) if a.meta.get("multi_output") else [sym_shape]
+        dtypes = a.meta.get("dtype")
+        dtypes = list(dtypes) if isinstance(dtypes, (list, tuple)) else [dtypes]
+        if len(sym_shapes) != len(metas):
+            raise SizeGuardError(f"the graph's structure depends on the sizes: {where}, node {a.name!r} gives "
+                                 f"{len(metas)} tensors, the capture {len(sym_shapes)}")
+        for k, (s_k, meta) in enumerate(zip(sym_shapes, metas)):
+            expected = _evaluate_shape(s_k, subs)
+            label = repr(a.name) + (f" (output {k})" if len(metas) > 1 else "")
+            if tuple(meta.shape) != expected:
+                raise SizeGuardError(f"the graph's shapes depend on the sizes in a way the capture cannot see: "
+                                     f"{where}, node {label} has shape {tuple(meta.shape)}, its symbolic shape "
+                                     f"{tuple(str(x) for x in s_k)} gives {expected}")
+            if k < len(dtypes) and isinstance(dtypes[k], torch.dtype) and meta.dtype != dtypes[k]:
+                raise SizeGuardError(f"the graph's dtypes depend on the sizes: {where}, node {label} is "
+                                     f"{meta.dtype}, the capture {dtypes[k]}")
     if len(ours) != len(theirs):
         raise SizeGuardError(f"the graph's structure depends on the sizes: {where} it has {len(theirs)} nodes, "
                              f"the capture {len(ours)}; capture at these sizes to get their cost")

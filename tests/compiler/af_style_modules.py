@@ -291,3 +291,191 @@ class ItemLoop(nn.Module):
         for _ in range(steps):
             x = x * 0.5
         return x
+
+
+# ------------------------------------------------------------------ generated modules (property tests)
+#
+# ``Generated(spec)`` is one AF-style module per ``GenSpec``: a stack of blocks (linear, layer norm,
+# attention with an optional additive mask, sigmoid gating behind a flag, a chunk loop over rows,
+# in-place updates of an intermediate, a buffer), its input packed in a dict, list, tuple or bare,
+# its output packed likewise, and at most one Python side effect. ``tests/compiler/
+# test_capture_properties.py`` draws the specs; ``REFUSED_EFFECTS`` are those a capture must refuse
+# (the graph cannot repeat them), the others it must capture and repeat exactly.
+
+import collections
+import dataclasses as _dc
+
+GEN_LOG: list = []          # a module-level list a generated forward may append to
+GEN_SCALE = 0.5             # a module-level constant a generated forward may read
+
+BLOCKS = ("linear", "layer_norm", "attention", "gated", "chunk", "inplace", "buffer", "dropout")
+CONTAINERS = ("bare", "dict", "list", "tuple")
+EFFECTS = ("none", "write_argument", "append_global", "helper_global", "class_attribute", "deque_append",
+           "module_attribute", "buffer_inplace", "input_inplace", "read_global", "local_container")
+REFUSED_EFFECTS = frozenset({"write_argument", "append_global", "helper_global", "class_attribute", "deque_append",
+                             "module_attribute"})
+
+
+def _note_call() -> None:
+    """A helper that writes a global: no module's ``forward`` names GEN_LOG here."""
+    GEN_LOG.append("helper")
+
+
+@_dc.dataclass(frozen=True)
+class GenSpec:
+    blocks: tuple[str, ...]
+    container: str = "bare"
+    output: str = "tensor"          # tensor, tuple, dict, list
+    effect: str = "none"
+    masked: bool = False
+    gated: bool = True              # the flag the "gated" block branches on
+    chunk: int = 2
+    c: int = 8
+    n: tuple[int, int] = (3, 5)     # (rows, columns) of the [rows, columns, c] input
+    dtype: torch.dtype = torch.float32
+    training: bool = False          # dropout blocks drop in training mode only
+
+
+class _GenAttention(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(c, c, bias=False), nn.Linear(c, c, bias=False), nn.Linear(c, c)
+        self.scale = 1.0 / math.sqrt(c)
+
+    def forward(self, x, mask=None):
+        a = torch.einsum("...ic,...jc->...ij", self.q(x) * self.scale, self.k(x))
+        if mask is not None:
+            a = a + (mask - 1.0)[..., None, :] * 1e9
+        return torch.softmax(a, dim=-1) @ self.v(x)
+
+
+class Generated(nn.Module):
+    """One generated AF-style module (see ``GenSpec``)."""
+
+    calls = 0  # a class attribute the "class_attribute" effect increments (tests use a fresh subclass)
+
+    def __init__(self, spec: GenSpec):
+        super().__init__()
+        self.spec = spec
+        c = spec.c
+        self.kinds = list(spec.blocks)
+        self.gated = spec.gated
+        self.chunk_size = spec.chunk
+        self.effect = spec.effect
+        self.container = spec.container
+        self.output = spec.output
+        layers = []
+        for kind in spec.blocks:
+            if kind == "linear":
+                layers.append(nn.Linear(c, c))
+            elif kind == "layer_norm":
+                layers.append(nn.LayerNorm(c))
+            elif kind == "attention":
+                layers.append(_GenAttention(c))
+            elif kind in ("gated", "chunk"):
+                layers.append(nn.Linear(c, c))
+            elif kind == "dropout":
+                layers.append(nn.Dropout(0.25))
+            else:  # inplace, buffer: no parameters of their own
+                layers.append(nn.Identity())
+        self.layers = nn.ModuleList(layers)
+        self.register_buffer("offset", torch.randn(c))
+        self.register_buffer("count", torch.zeros(()))
+        self.history = collections.deque(maxlen=3)
+        self.to(spec.dtype)
+        self.train(spec.training)
+
+    def _unpack(self, inputs):
+        if self.container == "dict":
+            return inputs["x"]
+        if self.container in ("list", "tuple"):
+            return inputs[0]
+        return inputs
+
+    def forward(self, inputs, mask=None, state=None):
+        x = self._unpack(inputs)
+        if self.effect == "input_inplace":
+            x.mul_(2.0)  # an in-place op on the caller's tensor: in the graph, repeated every call
+        for kind, layer in zip(self.kinds, self.layers):
+            if kind == "attention":
+                x = x + layer(x, mask)
+            elif kind == "gated":
+                if self.gated:
+                    x = x * torch.sigmoid(layer(x))
+            elif kind == "chunk":
+                x = chunk_rows(lambda t: layer(t).relu(), x, self.chunk_size, dim=0)
+            elif kind == "inplace":
+                y = x * 1.0
+                y.mul_(0.5)
+                y.add_(self.offset)
+                x = y
+            elif kind == "buffer":
+                x = x + self.offset
+            else:
+                x = layer(x)
+        x = self._effect(x, inputs, state)
+        return self._pack(x)
+
+    def _effect(self, x, inputs, state):
+        effect = self.effect
+        if effect == "write_argument":
+            if self.container == "dict":
+                inputs["prev"] = x.detach()
+            elif self.container == "list":
+                inputs.append(x.detach())
+            elif self.container == "tuple":
+                inputs[1]["prev"] = x.detach()
+            else:
+                state["prev"] = x.detach()
+        elif effect == "append_global":
+            GEN_LOG.append(1)
+        elif effect == "helper_global":
+            _note_call()
+        elif effect == "class_attribute":
+            type(self).calls += 1
+        elif effect == "deque_append":
+            self.history.append(1)
+        elif effect == "module_attribute":
+            self.last = x.detach()
+        elif effect == "buffer_inplace":
+            self.count.add_(1.0)  # a buffer updated in place: the graph repeats it
+            x = x + self.count
+        elif effect == "read_global":
+            x = x * GEN_SCALE + len(self.history)
+        elif effect == "local_container":
+            scratch = {"x": x}
+            scratch["y"] = x * 2.0  # a container made in forward: writing it is no side effect
+            x = scratch["y"] - scratch["x"]
+        return x
+
+    def _pack(self, x):
+        if self.output == "tuple":
+            return x, x.sum(-1)
+        if self.output == "dict":
+            return {"out": x, "aux": [x.mean(-1)]}
+        if self.output == "list":
+            return [x]
+        return x
+
+
+def generated_inputs(spec: GenSpec, gen: torch.Generator) -> tuple[tuple, dict]:
+    """Example ``(args, kwargs)`` for ``Generated(spec)``: the input packed as the spec says, the
+    optional mask (with a fully masked column when there are several), the ``state`` dict if needed."""
+    rows, cols = spec.n
+    x = torch.randn(rows, cols, spec.c, generator=gen, dtype=spec.dtype)
+    if spec.container == "dict":
+        inputs = {"x": x}
+    elif spec.container == "list":
+        inputs = [x]
+    elif spec.container == "tuple":
+        inputs = (x, {})
+    else:
+        inputs = x
+    kwargs = {}
+    if spec.masked:
+        mask = (torch.rand(cols, generator=gen) > 0.3).to(spec.dtype)
+        mask[0] = 1.0  # at least one column attended
+        kwargs["mask"] = mask
+    if spec.effect == "write_argument" and spec.container == "bare":
+        kwargs["state"] = {}
+    return (inputs,), kwargs

@@ -7,7 +7,9 @@ divergence; legitimate repeated calls and in-place updates must keep working.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+import sys
 import enum
 import types
 
@@ -363,3 +365,52 @@ def test_deep_copied_graph_module_keeps_working():
     m.sizes.append(3)
     with pytest.raises(GuardError, match="module attribute 'sizes'"):
         gm(X)
+
+
+# ---------------------------------------------------------------- 9. globals read outside forward's own code
+
+sys.path.insert(0, os.path.dirname(__file__))
+import af_style_modules as af_mod  # noqa: E402  (another module, imported at module level as real code does)
+
+HELPER_GAIN = 2.0
+
+
+def _gain(x):
+    return x * HELPER_GAIN  # a helper function reads the global, forward's code never names it
+
+
+class UsesHelperGlobal(nn.Module):
+    def forward(self, x):
+        return _gain(x) + 1
+
+
+def test_globals_read_in_helper_functions_are_guarded_from_dynamos_record():
+    global HELPER_GAIN
+    m = UsesHelperGlobal()
+    gm = trace(m, X)
+    _same(gm, m, X)
+    try:
+        HELPER_GAIN = 3.0
+        with pytest.raises(GuardError, match="global .*HELPER_GAIN = 3.0 != captured 2.0") as e:
+            gm(X)
+        assert e.value.guard == "globals"
+    finally:
+        HELPER_GAIN = 2.0
+    _same(gm, m, X)
+
+
+def test_globals_of_other_modules_read_by_forward_are_guarded():
+    class ReadsOtherModule(nn.Module):
+        def forward(self, x):
+            return af_mod.GEN_SCALE * x
+
+    m = ReadsOtherModule()
+    gm = trace(m, X)
+    old = af_mod.GEN_SCALE
+    try:
+        af_mod.GEN_SCALE = 4.0
+        with pytest.raises(GuardError, match="GEN_SCALE"):
+            gm(X)
+    finally:
+        af_mod.GEN_SCALE = old
+    _same(gm, m, X)

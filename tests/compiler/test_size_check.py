@@ -69,3 +69,32 @@ def test_report_cost_checks_the_structure_where_the_rules_cannot_see_it():
     assert report.cost(N_res=13)["classes"]["GEMM"]["flops"] > report.cost()["classes"]["GEMM"]["flops"]
     with pytest.raises(SizeGuardError, match="depends on the sizes"):
         report.cost(N_res=40)
+
+
+class _EquationBranch(torch.nn.Module):
+    """A size branch that changes only a non-tensor argument: the einsum equation. Both equations take
+    and give the same shapes ([N, N, c]), so op names and shapes agree at either size, but one contracts
+    over N (2·N³·c FLOPs, a GEMM) and the other is an element-wise product (N²·c)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(8, 8)
+
+    def forward(self, z):
+        a = self.linear(z)
+        eq = "ijc,kjc->ikc" if z.shape[0] <= 12 else "ijc,ijc->ijc"
+        return torch.einsum(eq, a, z)
+
+
+def test_a_size_branch_on_a_non_tensor_argument_is_refused_or_costed_right():
+    from foldcompile.explain import explain
+
+    report = explain(_EquationBranch(), torch.randn(11, 11, 8))
+    assert report.cost(N_res=12)["classes"] == explain(_EquationBranch(), torch.randn(12, 12, 8)).cost()["classes"]
+    fresh = explain(_EquationBranch(), torch.randn(13, 13, 8)).cost()["classes"]
+    try:
+        at_13 = report.cost(N_res=13)["classes"]
+    except SizeGuardError as e:
+        assert "einsum" in str(e) and "ijc,kjc->ikc" in str(e) and "ijc,ijc->ijc" in str(e)
+    else:
+        assert at_13 == fresh
