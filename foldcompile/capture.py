@@ -84,11 +84,14 @@ from __future__ import annotations
 
 import ast
 import collections
+import contextlib
 import copy
 import inspect
+import logging
 import os
 import re
 import textwrap
+import traceback
 import types
 from typing import Any
 
@@ -141,13 +144,19 @@ def trace(model: torch.nn.Module, *example_inputs: Any, **example_kwargs: Any) -
     args, kwargs = _split_arguments(signature, private)
     before = snapshot_module_state(model)
     try:
-        with torch._dynamo.config.patch(**_dynamo_side_effect_config()):
+        with torch._dynamo.config.patch(**_dynamo_side_effect_config()), _quiet_fake_tensor_log():
             exported, dynamo_guards = torch._dynamo.export(model, assume_static_by_default=True)(*args, **kwargs)
     except Exception as e:  # Dynamo raises many exception types; all mean "not one graph"
         module_state_changes(before, restore=True)
         effects = _side_effects_seen_by_dynamo(e, list(bound.arguments))
         if effects:
             raise CaptureError(_side_effect_message(model, effects)) from None
+        # An op that failed on fake tensors (a wrong channel size, ...) most likely fails in eager too:
+        # then the model's own error is what the user must see. Only then is the model run eagerly, so a
+        # refusal never runs the user's forward for other failures.
+        eager_error = _eager_failure(model, signature, bound) if type(e).__name__ == "TorchRuntimeError" else None
+        if eager_error is not None:
+            raise CaptureError(eager_error[0]) from eager_error[1]
         raise CaptureError(_describe_failure(model, e, args, kwargs)) from e
     changes = module_state_changes(before, restore=True)
     changes += [f"mutates argument {where} (the caller's object is unchanged: the capture ran on a copy)"
@@ -478,6 +487,52 @@ def _forward_site(model: torch.nn.Module) -> str:
 
 
 # ------------------------------------------------------------------ other failures
+
+
+@contextlib.contextmanager
+def _quiet_fake_tensor_log():
+    """Dynamo logs a full traceback at ERROR level for every op that fails on fake tensors before it
+    raises; the CaptureError says the same in a few lines, so that log is held back during capture."""
+    log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _eager_failure(model: torch.nn.Module, signature: inspect.Signature,
+                   bound: inspect.BoundArguments) -> tuple[str, BaseException] | None:
+    """When an op failed on fake tensors during capture, run the model eagerly once (on private copies
+    of the arguments, without autograd, module state restored): if the model itself fails on these
+    inputs, that is the user's error to see — reported as such with its own source line, not as a
+    capture failure."""
+    private = _private_copy(dict(bound.arguments))
+    args, kwargs = _split_arguments(signature, private)
+    before = snapshot_module_state(model)
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    except Exception as e:  # the model's own error, whatever its type
+        return (f"{type(model).__name__} fails when run eagerly on the example inputs (not a capture problem): "
+                f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+                f"{_innermost_user_frame(e)}", e)
+    finally:
+        module_state_changes(before, restore=True)
+    return None
+
+
+def _innermost_user_frame(e: BaseException) -> str:
+    """`` at file:line in fn: code`` for the innermost frame of ``e`` outside torch and foldcompile."""
+    torch_dir = os.path.dirname(os.path.abspath(torch.__file__)) + os.sep
+    ours = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frames = [f for f in traceback.extract_tb(e.__traceback__)
+              if not os.path.abspath(f.filename).startswith((torch_dir, ours))]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f" at {f.filename}:{f.lineno} in {f.name}: {(f.line or '').strip()}"
 
 
 def _describe_failure(model: torch.nn.Module, e: Exception, args: tuple = (), kwargs: dict | None = None) -> str:

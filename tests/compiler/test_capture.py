@@ -324,3 +324,40 @@ def test_zoo_pairformer_stack():
     normalize_pass(gm)
     assert not any(n.op in ("call_module", "call_method") for n in _nodes(gm))
     assert _rel_err(gm(s, z), model(s, z)) <= 1e-6
+
+
+def test_a_model_that_fails_eagerly_is_reported_as_its_own_error(caplog):
+    """A wrong channel size is the user's bug, not a capture limitation: the CaptureError says the
+    model fails eagerly, with the model's own error and line, and Dynamo's fake-tensor traceback
+    is not logged."""
+    class WrongChannels(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.lin(x).relu()  # x has 7 channels: fails in eager too
+
+    model = WrongChannels()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with caplog.at_level("ERROR"):
+        with pytest.raises(CaptureError) as e:
+            trace(model, torch.randn(3, 7))
+    msg = str(e.value)
+    assert "fails when run eagerly" in msg and "RuntimeError" in msg
+    assert "test_capture.py" in msg and "self.lin(x).relu()" in msg
+    assert len(msg.splitlines()) <= 3
+    assert not [r for r in caplog.records if r.name.startswith("torch._subclasses")]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_capture_failure_of_a_model_that_runs_eagerly_still_names_the_construct():
+    class DataDependent(torch.nn.Module):
+        def forward(self, x):
+            if x.sum() > 0:  # a branch on a tensor value: eager runs, one graph cannot hold it
+                return x * 2
+            return x
+
+    with pytest.raises(CaptureError) as e:
+        trace(DataDependent(), torch.ones(3))
+    assert "fails when run eagerly" not in str(e.value) and "x.sum() > 0" in str(e.value)
