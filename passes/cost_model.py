@@ -1,6 +1,8 @@
 """The cost model: which class each op belongs to, and its FLOPs and bytes as sympy expressions.
 
-Rules (per node, in the symbolic sizes written by ``shape_prop_pass``):
+The facts per op — class, FLOPs per element, matrix product or not, views, creation — are its
+entry in the op registry (:mod:`foldcompile.passes.registry`); this module applies them, per
+node, in the symbolic sizes written by ``shape_prop_pass``:
 
 GEMM (linear, matmul, ``@``, bmm, mm, addmm, baddbmm, einsum with a contracted index,
 scaled_dot_product_attention)
@@ -20,8 +22,9 @@ ELEMENTWISE
     tensor creation (they only move bytes).
 LAYOUT (view, permute, getitem, cat, pad, ...), COMM (collectives)
     0 FLOPs.
-OTHER (anything unknown)
-    0 FLOPs, bytes counted as for any op; ``classify_pass`` lists them in its record.
+OTHER (anything without a registry entry)
+    0 FLOPs, bytes counted as for any op; ``classify_pass`` lists them in its record
+    (``other`` and ``uncosted``) and ``explain`` prints them.
 
 Bytes moved = element size × numel, summed over every tensor input (parameters included)
 and every output. Ops that return a view of their input (``meta["aliases_input"]``, e.g.

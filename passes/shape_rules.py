@@ -241,18 +241,18 @@ def _rule_same_as_first(ctx: RuleContext):
     return s
 
 
-_INT_OPS: dict[str, Callable] = {
-    "add": operator.add, "sub": operator.sub, "mul": operator.mul,
-    "floordiv": lambda a, b: sympy.floor(a / b), "truediv": lambda a, b: a / b,
-    "mod": lambda a, b: sympy.Mod(a, b), "neg": operator.neg, "pow": operator.pow,
+# Python's integer operators on sizes (``x.shape[0] // 2``), by the callable, as sympy arithmetic
+_INT_OPS: dict[Callable, Callable] = {
+    operator.add: operator.add, operator.sub: operator.sub, operator.mul: operator.mul,
+    operator.floordiv: lambda a, b: sympy.floor(a / b), operator.truediv: lambda a, b: a / b,
+    operator.mod: lambda a, b: sympy.Mod(a, b), operator.neg: operator.neg, operator.pow: operator.pow,
 }
 
 
 def _rule_int_arith(ctx: RuleContext):
     if isinstance(ctx.out, bool) or ctx.out is None:
         return None  # a Python comparison (a tracer's assertion on a flag): no size to derive
-    name = ctx.prop.op_name(ctx.node)
-    fn = _INT_OPS.get(name)
+    fn = _INT_OPS.get(ctx.node.target) if ctx.node.op == "call_function" else None
     if fn is None or not isinstance(ctx.out, (int, float)) or isinstance(ctx.out, bool):
         raise NoRule("not integer arithmetic")
     operands = []

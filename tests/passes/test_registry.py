@@ -44,9 +44,11 @@ def _graph_of(target, args, kwargs) -> tuple[fx.GraphModule, list]:
 
 
 def _cases():
+    # the quick tier runs each entry through its first callable; the full tier through every one
     for e in ENTRIES:
-        for t in e.targets:
-            yield pytest.param(e, t, id=f"{e.name}-{getattr(t, '__module__', '') or ''}.{getattr(t, '__name__', t)}")
+        for i, t in enumerate(e.targets):
+            yield pytest.param(e, t, id=f"{e.name}-{getattr(t, '__module__', '') or ''}.{getattr(t, '__name__', t)}",
+                               marks=() if i == 0 else (pytest.mark.full,))
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +146,7 @@ def test_the_registry_is_keyed_by_callables_not_names():
     assert all(not isinstance(t, str) for e in ENTRIES for t in e.targets)
 
 
+@pytest.mark.full  # three captures
 def test_every_op_the_zoo_produces_has_an_entry():
     from foldcompile.explain import explain
     from foldcompile.models import zoo

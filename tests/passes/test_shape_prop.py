@@ -234,3 +234,23 @@ def test_literal_view_sizes_record_their_symbolic_meaning():
     shape_prop_pass(gm, (torch.randn(11, 11, 8),))
     node = next(n for n in gm.graph.nodes if n.op == "call_function")
     assert node.meta["sym_args"] == {1: (R, R, 2, -1)} and node.meta["sym_shape"] == (R, R, 2, 4)
+
+
+@pytest.mark.full  # a capture and two propagations
+def test_fake_propagation_of_a_captured_block_equals_the_real_one():
+    """No data is needed: the zoo block annotated on fake tensors gets the same shapes, symbolic
+    shapes and costs as on real ones (so a rewritten graph can be annotated again)."""
+    import copy
+
+    from foldcompile.passes.classify import classify_pass
+
+    gm, flat = _captured_zoo("evoformer_block", 5, 11)
+    fake_gm = copy.deepcopy(gm)
+    real = shape_prop_pass(gm, flat)
+    fake = shape_prop_pass(fake_gm, flat, fake=True)
+    assert real.record == fake.record
+    classify_pass(gm)
+    classify_pass(fake_gm)
+    keys = ("shape", "sym_shape", "dtype", "sym_args", "op_class", "cost", "aliases_input")
+    assert [[n.meta.get(k) for k in keys] for n in gm.graph.nodes] == \
+        [[n.meta.get(k) for k in keys] for n in fake_gm.graph.nodes]
