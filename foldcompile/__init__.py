@@ -10,11 +10,20 @@
     >>> sorted(report.to_dict()["classes"])[:3]
     ['COMM', 'ELEMENTWISE', 'GEMM']
 
+Progress is logged under the ``foldcompile`` logger (``foldcompile.passes.<name>`` per pass):
+``logging.getLogger("foldcompile").setLevel(logging.INFO)`` with a handler shows it.
+
 Note: ``foldcompile.explain`` and ``foldcompile.profile`` are the functions; their modules
 are ``importlib.import_module("foldcompile.explain")`` (``from foldcompile.explain import
 Report`` works as usual).
 """
+import logging as _logging
+
 from foldcompile._source_layout import ensure_subpackages as _ensure_subpackages
+
+# one logger hierarchy: "foldcompile", "foldcompile.passes.<name>", "foldcompile.pass_manager", ...;
+# silent unless the application configures logging
+_logging.getLogger("foldcompile").addHandler(_logging.NullHandler())
 
 _ensure_subpackages(__name__, __path__[0])
 

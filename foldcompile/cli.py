@@ -40,7 +40,8 @@ from typing import Any, Sequence
 
 import torch
 
-from foldcompile.explain import Report, explain, explain_graph, format_table
+from foldcompile.explain import Report, explain, explain_graph
+from foldcompile.tables import format_table
 
 __all__ = ["main", "load_target"]
 

@@ -51,14 +51,17 @@ from foldcompile.guards import global_module_hooks
 from foldcompile.pass_manager import PassManager
 from foldcompile.passes.base import PassError
 from foldcompile.passes.classify import classify_pass
-from foldcompile.passes.cost_model import OP_CLASSES, CostTotals, cost_totals
+from foldcompile.passes.cost_model import CostTotals, cost_totals
+from foldcompile.passes.registry import OP_CLASSES, op_name
 from foldcompile.passes.normalize import normalize_pass
-from foldcompile.passes.shape_prop import dim_symbol, op_name, shape_prop_pass
+from foldcompile.passes.shape_prop import dim_symbol, shape_prop_pass
 from foldcompile.size_check import check_structure_at
+from foldcompile.tables import ROOT, cut_path, entry, format_table
 
-__all__ = ["explain", "explain_graph", "Report", "flat_inputs", "structure_dependent_dims", "ROOT"]
+__all__ = ["explain", "explain_graph", "Report", "flat_inputs", "structure_dependent_dims", "ROOT", "cut_path",
+           "format_table"]
 
-ROOT = "(root)"  # how nodes of the model's own forward (module path "") are shown
+
 
 
 def flat_inputs(gm: torch.fx.GraphModule, args: Sequence[Any], kwargs: Mapping[str, Any] | None = None) -> list[Any]:
@@ -196,17 +199,6 @@ def _num(expr: Any, subs: Mapping[sympy.Symbol, int], cache: dict) -> int:
     return cache[key]
 
 
-def _entry(count: int, flops: int, nbytes: int) -> dict[str, Any]:
-    return {"count": count, "flops": flops, "bytes": nbytes, "intensity": (flops / nbytes) if nbytes else 0.0}
-
-
-def cut_path(path: str, depth: int | None) -> str:
-    """A module path cut to its first ``depth`` components; the root is shown as ``(root)``."""
-    if not path:
-        return ROOT
-    return path if depth is None else ".".join(path.split(".")[:depth])
-
-
 def _jsonable(x: Any) -> Any:
     if isinstance(x, Mapping):
         return {str(k): _jsonable(v) for k, v in x.items()}
@@ -310,9 +302,9 @@ class Report:
         total = [sum(v[i] for v in classes.values()) for i in range(3)]
         return {
             "dims": {**self.dims, **sizes},
-            "classes": {c: _entry(*v) for c, v in classes.items()},
-            "modules": {p: {c: _entry(*v) for c, v in cs.items()} for p, cs in modules.items()},
-            "total": _entry(*total),
+            "classes": {c: entry(*v) for c, v in classes.items()},
+            "modules": {p: {c: entry(*v) for c, v in cs.items()} for p, cs in modules.items()},
+            "total": entry(*total),
         }
 
     def module_depth(self, max_groups: int = 24) -> int:
@@ -369,6 +361,11 @@ class Report:
         if hooks:
             lines.append(f"note: global module hooks are registered ({', '.join(hooks)}): eager runs them around "
                          "every module, the captured graph runs none (its guards refuse calls while any is registered)")
+        missing = self.uncosted()
+        if missing:
+            lines.append("un-costed ops (no registry entry: 0 FLOPs counted, bytes counted): " +
+                         ", ".join(f"{op} ({len(nodes)} node{'s' if len(nodes) > 1 else ''}: {', '.join(nodes)})"
+                                   for op, nodes in missing.items()))
         lines.append("")
         lines += format_table(["op class", "nodes", "GFLOP", "MB", "FLOP/B"],
                               [[cls, e["count"], e["flops"] / 1e9, e["bytes"] / 1e6, e["intensity"]]
@@ -387,6 +384,13 @@ class Report:
                                "mix (G/R/E/L/C/O nodes)"], rows)
         return "\n".join(lines)
 
+    def uncosted(self) -> dict[str, list[str]]:
+        """``{op: [node names]}`` for the ops whose FLOPs the cost model does not know (counted 0)."""
+        out: dict[str, list[str]] = {}
+        for item in (self.passes.get("classify", {}).get("record", {}).get("uncosted") or []):
+            out.setdefault(item["op"], []).append(item["node"])
+        return out
+
     def __str__(self) -> str:
         return self.table()
 
@@ -401,21 +405,6 @@ class Report:
         with open(path, "w", encoding="utf-8") as f:
             f.write(html)
         return path
-
-
-def format_table(header: list[str], rows: list[list[Any]]) -> list[str]:
-    """Aligned plain-text table lines; floats with 4 significant digits."""
-    def fmt(v: Any) -> str:
-        if isinstance(v, float):
-            return f"{v:.4g}" if v else "0"
-        return str(v)
-    cells = [[fmt(v) for v in r] for r in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(header)]
-    out = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths)))]
-    out.append("  ".join("-" * w for w in widths))
-    for r in cells:
-        out.append("  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths))))
-    return out
 
 
 def explain_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],

@@ -1,7 +1,9 @@
 """The pass manager: run an ordered list of passes, keep every intermediate graph.
 
 A pass is a callable ``fn(gm) -> PassResult`` (bind options with ``functools.partial`` or a
-lambda). The manager runs them in order on a copy of the captured module, keeps the graph
+lambda). A pass declared with :func:`foldcompile.passes.base.declare` names the node-meta keys
+it ``requires`` and ``ensures``; the manager refuses to run one whose requirements no earlier
+pass ensured (nor the input graph carries), naming the pass and the key. The manager runs them in order on a copy of the captured module, keeps the graph
 after every pass in ``history[name]`` (a ``Step``: the GraphModule and the PassResult), can
 stop after any pass, and compares any intermediate graph with the captured one::
 
@@ -31,13 +33,17 @@ an earlier snapshot.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import torch
 import torch.fx
 
-from foldcompile.passes.base import PassError, PassResult
+from foldcompile.passes.base import PassError, PassResult, declared
+from foldcompile.passes.meta import NODE_KEYS
+
+_log = logging.getLogger(__name__)
 
 __all__ = ["PassManager", "Step", "copy_graph_module", "max_rel_error"]
 
@@ -72,11 +78,15 @@ def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         # a captured module checks its guards (and binds defaults) on every call: keep that
         from foldcompile.guards import install_guards
         install_guards(new, gm.guards)
-    if gm.meta.get("inlined_training"):
-        # normalize baked the training flag of inlined modules into the graph: keep refusing other modes
-        from foldcompile.passes.normalize import install_training_check
-        install_training_check(new)
     return new
+
+
+def carried_keys(gm: torch.fx.GraphModule) -> set[str]:
+    """The schema's node-meta keys a graph already carries: those on every op node (a capture's
+    ``module_path``), plus those recorded as ensured by passes run on it (``gm.meta["ensured"]``)."""
+    ops = [n for n in gm.graph.nodes if n.op in ("call_function", "call_method")]
+    on_all = {k for k in NODE_KEYS if ops and all(k in n.meta for n in ops)}
+    return on_all | set(gm.meta.get("ensured", ()))
 
 
 def _flatten(x: Any) -> list[Any]:
@@ -160,11 +170,21 @@ class PassManager:
         self.captured = gm
         self.history = {}
         cur = copy_graph_module(gm)
+        have = carried_keys(cur)
         for name, fn in self.passes:
+            requires, ensures = declared(fn)
+            missing = sorted(requires - have)
+            if missing:
+                raise PassError(f"pass {name!r} requires node meta {missing[0]!r}"
+                                + (f" (and {missing[1:]})" if len(missing) > 1 else "")
+                                + f", which no earlier pass ensures (passes before it: {list(self.history)})")
+            _log.info("running pass %s", name)
             result = fn(cur)
             if not isinstance(result, PassResult):
                 raise PassError(f"pass {name!r} returned {type(result).__name__}, not a PassResult")
             cur = result.graph_module
+            have |= ensures
+            cur.meta["ensured"] = sorted(set(cur.meta.get("ensured", ())) | ensures)
             cur.graph.lint()
             cur.recompile()
             self.history[name] = Step(name, copy_graph_module(cur), result)

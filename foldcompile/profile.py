@@ -52,15 +52,15 @@ import torch
 import torch.fx
 
 from foldcompile.capture import trace
-from foldcompile.explain import Report, cut_path, explain_graph, flat_inputs, format_table
+from foldcompile.explain import Report, explain_graph, flat_inputs
 from foldcompile.pass_manager import PassManager
-from foldcompile.passes.cost_model import OP_CLASSES
 from foldcompile.passes.normalize import normalize_pass
-from foldcompile.passes.shape_prop import op_name
+from foldcompile.passes.registry import OP_CLASSES, op_name
+from foldcompile.tables import cut_path, format_table
 
 __all__ = ["profile", "ProfileReport", "NodeTime"]
 
-_CALL_OPS = ("call_function", "call_method", "call_module")
+_CALL_OPS = ("call_function", "call_method")
 
 
 @dataclass

@@ -19,10 +19,10 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import torch.fx
 
-from foldcompile.passes.cost_model import OP_CLASSES
-from foldcompile.passes.shape_prop import op_name
+from foldcompile.passes.registry import OP_CLASSES, op_name
+from foldcompile.tables import cut_path
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # for the annotation only: this module never imports explain at run time
     from foldcompile.explain import Report
 
 __all__ = ["render_html", "CLASS_COLORS", "module_runs", "svg_graph"]
@@ -39,7 +39,6 @@ def _esc(x: Any) -> str:
 
 
 def _run_key(n: torch.fx.Node, depth: int) -> str | None:
-    from foldcompile.explain import cut_path
     if n.op == "get_attr":
         return None
     if n.op == "placeholder":

@@ -1,15 +1,23 @@
 """Compiler passes, one module each. A pass takes a GraphModule and returns a PassResult.
 
-    normalize   modules inlined, methods as functions, GEMMs annotated with einsum equations
-    shape_prop  shapes, dtypes, and sizes as sympy expressions over named dims (N_seq, N_res, ...)
-    shape_rules the per-op symbolic-shape rules shape_prop applies (RULES; the rule contract)
+    normalize   methods as canonical functions, GEMMs annotated with einsum equations (no modules)
+    shape_prop  shapes, dtypes, and sizes as sympy expressions over named dims (N_seq, N_res, ...),
+                on real or fake tensors
     classify    op class (GEMM / REDUCTION / ELEMENTWISE / LAYOUT / COMM / OTHER) and symbolic cost
+
+The op IR under them:
+
+    registry    one entry per op, keyed by its callables: class, shape rule, FLOPs, spelling, ...
+    shape_rules the symbolic-shape rules, each registering its ops (the rule contract)
+    op_comm     the collectives' entries; op_kernels the kernels' torch.library ops' entries
+    einsum      every GEMM-like node as an equation; letter sizes, FLOPs, batch/free/contracted
+    meta        the node-meta schema: the keys the passes share, and rank/dtype readers
 """
-from foldcompile.passes.base import PassError, PassResult
+from foldcompile.passes.base import PassError, PassResult, declare
 from foldcompile.passes.classify import check_flops_against_flop_counter, classify_pass
 from foldcompile.passes.cost_model import CostTotals, cost_totals
 from foldcompile.passes.normalize import normalize_pass
 from foldcompile.passes.shape_prop import shape_prop_pass
 
-__all__ = ["PassError", "PassResult", "normalize_pass", "shape_prop_pass", "classify_pass",
+__all__ = ["PassError", "PassResult", "declare", "normalize_pass", "shape_prop_pass", "classify_pass",
            "check_flops_against_flop_counter", "cost_totals", "CostTotals"]

@@ -9,7 +9,7 @@ what it did (counts and decisions, with reasons) for ``explain``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Iterable, TypeVar
 
 import torch.fx
 
@@ -19,6 +19,34 @@ class PassResult:
     graph_module: torch.fx.GraphModule
     changed: bool
     record: dict[str, Any] = field(default_factory=dict)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def declare(requires: Iterable[str] = (), ensures: Iterable[str] = ()) -> Callable[[F], F]:
+    """Declare the ``node.meta`` keys (:mod:`foldcompile.passes.meta`) a pass reads and writes.
+
+    The pass manager refuses to run a pass whose ``requires`` no earlier pass ``ensures`` (and
+    the input graph does not carry), naming the pass and the key::
+
+        >>> @declare(requires=("shape",), ensures=("op_class",))
+        ... def my_pass(gm): ...
+        >>> sorted(my_pass.requires), sorted(my_pass.ensures)
+        (['shape'], ['op_class'])
+    """
+    def deco(fn: F) -> F:
+        fn.requires = frozenset(requires)  # type: ignore[attr-defined]
+        fn.ensures = frozenset(ensures)  # type: ignore[attr-defined]
+        return fn
+    return deco
+
+
+def declared(fn: Callable[..., Any]) -> tuple[frozenset[str], frozenset[str]]:
+    """``(requires, ensures)`` of a pass, seen through ``functools.partial``; empty when undeclared."""
+    while fn is not None and not hasattr(fn, "requires") and hasattr(fn, "func"):
+        fn = fn.func
+    return frozenset(getattr(fn, "requires", ())), frozenset(getattr(fn, "ensures", ()))
 
 
 class PassError(RuntimeError):

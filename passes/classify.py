@@ -13,8 +13,8 @@ FLOPs differ from its GEMM FLOPs (non-GEMM nodes must count 0).
 
 Example::
 
-    >>> from foldcompile.passes import shape_prop_pass
-    >>> gm = torch.fx.symbolic_trace(lambda a, b: torch.matmul(a, b).relu())
+    >>> from foldcompile.passes import normalize_pass, shape_prop_pass
+    >>> gm = normalize_pass(torch.fx.symbolic_trace(lambda a, b: torch.matmul(a, b).relu())).graph_module
     >>> _ = shape_prop_pass(gm, (torch.randn(3, 5), torch.randn(5, 7)), dims={"M": 3, "K": 5, "N": 7})
     >>> classify_pass(gm).record["counts"]
     {'GEMM': 1, 'ELEMENTWISE': 1}
@@ -25,6 +25,7 @@ Example::
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -33,13 +34,18 @@ import torch
 import torch.fx
 from torch.utils.flop_counter import FlopCounterMode
 
-from foldcompile.passes.base import PassError, PassResult, describe_node
-from foldcompile.passes.cost_model import mask_only_nodes, node_cost, op_class_of
-from foldcompile.passes.shape_prop import dim_symbol, op_name
+from foldcompile.passes.base import PassError, PassResult, declare, describe_node
+from foldcompile.passes.cost_model import mask_only_nodes, node_cost, op_class_of, uncosted
+from foldcompile.passes.meta import COST, DTYPE, EINSUM, OP_CLASS, SHAPE, SYM_SHAPE
+from foldcompile.passes.registry import op_name
+from foldcompile.passes.shape_prop import dim_symbol
+
+_log = logging.getLogger(__name__)  # foldcompile.passes.<name>: progress of this pass
 
 __all__ = ["classify_pass", "check_flops_against_flop_counter", "FlopMismatch"]
 
 
+@declare(requires=(SHAPE, SYM_SHAPE, DTYPE, EINSUM), ensures=(OP_CLASS, COST))
 def classify_pass(gm: torch.fx.GraphModule) -> PassResult:
     """Write ``op_class`` and ``cost`` into every node's meta (the graph is unchanged).
 
@@ -48,12 +54,15 @@ def classify_pass(gm: torch.fx.GraphModule) -> PassResult:
     product FLOPs stay in its cost.
 
     Record: ``counts`` (nodes per class), ``other`` (``[{"node", "op"}]`` for every OTHER node),
-    ``mask_products`` (the names of the mask-only products).
+    ``uncosted`` (``[{"node", "op"}]`` for every node whose FLOPs are unknown — ops without a
+    registry entry, costed 0 FLOPs — so no cost is silently missing), ``mask_products`` (the
+    names of the mask-only products).
     """
     if not isinstance(gm, torch.fx.GraphModule):
         raise PassError(f"classify_pass needs a torch.fx.GraphModule, got {type(gm).__name__}")
     counts: dict[str, int] = {}
     other: list[dict[str, str]] = []
+    missing: list[dict[str, str]] = []
     mask_products: list[str] = []
     for n in gm.graph.nodes:
         if n.op not in ("placeholder", "get_attr", "output") and "shape" not in n.meta:
@@ -67,9 +76,15 @@ def classify_pass(gm: torch.fx.GraphModule) -> PassResult:
             counts[cls] = counts.get(cls, 0) + 1
         if cls == "OTHER":
             other.append({"node": n.name, "op": op_name(n)})
+        if uncosted(n):
+            missing.append({"node": n.name, "op": op_name(n)})
         if cls != "GEMM" and "product_flops" in n.meta["cost"]:
             mask_products.append(n.name)
-    return PassResult(gm, False, {"counts": counts, "other": other, "mask_products": mask_products})
+    _log.info("classify: %s; %d un-costed", counts, len(missing))
+    for item in missing:
+        _log.warning("classify: no cost known for %s (node %s): counted 0 FLOPs", item["op"], item["node"])
+    return PassResult(gm, False, {"counts": counts, "other": other, "uncosted": missing,
+                                  "mask_products": mask_products})
 
 
 @dataclass
@@ -89,7 +104,7 @@ class _CountingInterpreter(torch.fx.Interpreter):
         self.counted: dict[torch.fx.Node, int] = {}
 
     def run_node(self, n: torch.fx.Node) -> Any:
-        if n.op not in ("call_function", "call_method", "call_module"):
+        if n.op not in ("call_function", "call_method"):
             return super().run_node(n)
         with FlopCounterMode(display=False) as fc:
             out = super().run_node(n)

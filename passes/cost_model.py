@@ -1,10 +1,12 @@
 """The cost model: which class each op belongs to, and its FLOPs and bytes as sympy expressions.
 
-Rules (per node, in the symbolic sizes written by ``shape_prop_pass``):
+The facts per op — class, FLOPs per element, matrix product or not, views, creation — are its
+entry in the op registry (:mod:`foldcompile.passes.registry`); this module applies them, per
+node, in the symbolic sizes written by ``shape_prop_pass``:
 
 GEMM (linear, matmul, ``@``, bmm, mm, addmm, baddbmm, einsum with a contracted index,
 scaled_dot_product_attention)
-    Every product is written as an einsum equation (``gemm_equation``); its FLOPs are
+    Every product is an einsum equation (``meta["einsum"]``, :mod:`foldcompile.passes.einsum`); its FLOPs are
     ``2 × the product of all index sizes`` (2·M·N·K for a matrix product), summed over the
     pairwise products of an einsum with more than two operands (contracted left to right).
     This counts the products only, as ``torch.utils.flop_counter.FlopCounterMode`` does: the
@@ -20,8 +22,9 @@ ELEMENTWISE
     tensor creation (they only move bytes).
 LAYOUT (view, permute, getitem, cat, pad, ...), COMM (collectives)
     0 FLOPs.
-OTHER (anything unknown)
-    0 FLOPs, bytes counted as for any op; ``classify_pass`` lists them in its record.
+OTHER (anything without a registry entry)
+    0 FLOPs, bytes counted as for any op; ``classify_pass`` lists them in its record
+    (``other`` and ``uncosted``) and ``explain`` prints them.
 
 Bytes moved = element size × numel, summed over every tensor input (parameters included)
 and every output. Ops that return a view of their input (``meta["aliases_input"]``, e.g.
@@ -34,8 +37,8 @@ both with zero cost; totals leave them out.
 
 Example (the totals of a classified graph, symbolic and evaluated at other sizes)::
 
-    >>> from foldcompile.passes import classify_pass, shape_prop_pass
-    >>> gm = torch.fx.symbolic_trace(lambda a, b: torch.matmul(a, b).relu())
+    >>> from foldcompile.passes import classify_pass, normalize_pass, shape_prop_pass
+    >>> gm = normalize_pass(torch.fx.symbolic_trace(lambda a, b: torch.matmul(a, b).relu())).graph_module
     >>> _ = shape_prop_pass(gm, (torch.randn(3, 5), torch.randn(5, 7)), dims={"M": 3, "K": 5, "N": 7})
     >>> _ = classify_pass(gm)
     >>> totals = cost_totals(gm)
@@ -54,42 +57,22 @@ import torch
 import torch.fx
 
 from foldcompile.passes.base import PassError
-from foldcompile.passes.shape_prop import (dim_symbol, einsum_operands, module_of, numel_expr, op_name,
-                                           parse_einsum)
+from foldcompile.passes.einsum import contractions_of, gemm_operands
+from foldcompile.passes.meta import DTYPE, MULTI_OUTPUT, SHAPE, SYM_SHAPE, SYM_VALUE, ALIASES_INPUT
+from foldcompile.passes.registry import (COMM, ELEMENTWISE, GEMM, LAYOUT, OP_CLASSES, OTHER, REDUCTION, OpEntry,
+                                         entry_of)
+from foldcompile.passes.shape_prop import dim_symbol, numel_expr
 
-__all__ = ["OP_CLASSES", "op_class_of", "mask_only_nodes", "node_cost", "gemm_equation", "einsum_flops",
-           "CostTotals", "cost_totals"]
-
-OP_CLASSES = ("GEMM", "REDUCTION", "ELEMENTWISE", "LAYOUT", "COMM", "OTHER")
-
-_GEMM = {"linear", "matmul", "bmm", "mm", "addmm", "baddbmm", "einsum", "scaled_dot_product_attention"}
-_REDUCTION_FLOPS = {
-    "softmax": 5, "log_softmax": 5, "_softmax": 5, "layer_norm": 8, "group_norm": 8, "rms_norm": 4,
-    "normalize": 4, "var": 3, "std": 3, "logsumexp": 4, "norm": 2, "sum": 1, "mean": 1, "amax": 1,
-    "amin": 1, "max": 1, "min": 1, "prod": 1, "all": 1, "any": 1, "argmax": 1, "argmin": 1,
-    "nansum": 1, "cumsum": 1, "cumprod": 1, "linalg_vector_norm": 2,
-}
-_ELEMENTWISE_ARITH = set("""add sub mul div truediv floordiv mod neg pow rsub true_divide abs exp log log1p
- sqrt rsqrt sigmoid tanh relu relu_ gelu silu elu leaky_relu softplus erf sin cos reciprocal square clamp
- clamp_min clamp_max where masked_fill lt le gt ge eq ne logical_and logical_or logical_not and_ or_
- invert maximum minimum dropout dropout_ alpha_dropout feature_alpha_dropout sign floor ceil round trunc
- sub_ add_ mul_ div_ iadd imul isub itruediv bitwise_and bitwise_or bitwise_not logsigmoid nan_to_num
- masked_fill_ lerp addcmul addcdiv hardtanh threshold bernoulli""".split())
-_ELEMENTWISE_MOVE = set("""float half double bfloat16 int long bool to type type_as cpu cuda fill_ zero_
- copy_ zeros ones empty full rand randn new_zeros new_ones new_empty new_full zeros_like ones_like
- empty_like full_like rand_like randn_like arange requires_grad_ one_hot eye linspace tensor""".split())
-_LAYOUT = set("""view reshape view_as reshape_as expand expand_as flatten unflatten permute transpose
- swapaxes swapdims t movedim moveaxis unsqueeze squeeze getitem cat concat concatenate stack split chunk
- unbind select narrow pad repeat contiguous clone detach tril triu flip roll size getattr dim numel""".split())
-_COMM_WORDS = ("all_to_all", "all_gather", "reduce_scatter", "all_reduce", "broadcast_", "collective")
+__all__ = ["OP_CLASSES", "op_class_of", "mask_only_nodes", "mask_inputs", "node_cost", "CostTotals", "cost_totals"]
 
 
 def _is_tensor_node(n: Any) -> bool:
-    return isinstance(n, torch.fx.Node) and n.meta.get("sym_shape") is not None and not n.meta.get("multi_output")
+    return isinstance(n, torch.fx.Node) and n.meta.get(SYM_SHAPE) is not None and not n.meta.get(MULTI_OUTPUT)
 
 
 def op_class_of(node: torch.fx.Node, mask_only: bool = False) -> str:
-    """The op class of one node (needs ``shape_prop_pass`` meta to tell tensor from integer ops).
+    """The op class of one node, from its registry entry (needs ``shape_prop_pass`` meta to tell
+    tensor from integer ops); an op without an entry is OTHER.
 
     ``mask_only``: the node reads only mask values (see ``mask_only_nodes``); a matrix product of
     masks is a count of unmasked pairs, classed REDUCTION, not GEMM."""
@@ -97,123 +80,17 @@ def op_class_of(node: torch.fx.Node, mask_only: bool = False) -> str:
         return "INPUT"
     if node.op == "output":
         return "OUTPUT"
-    name = op_name(node)
-    if any(w in name for w in _COMM_WORDS):
-        return "COMM"
-    if node.meta.get("shape") is None and "sym_value" in node.meta:
-        return "LAYOUT"  # Python-integer shape arithmetic
-    if name in ("max", "min") and len(node.args) > 1 and isinstance(node.args[1], torch.fx.Node) \
-            and node.args[1].meta.get("shape") is not None:
-        return "ELEMENTWISE"  # torch.max(a, b)
-    if name == "einsum":
-        eq, ops = einsum_operands(node.args)
-        if len(ops) >= 2:
-            return ("REDUCTION" if mask_only else "GEMM") if _einsum_contracts(node) else "ELEMENTWISE"
-        terms, rhs = parse_einsum(eq, [len(o.meta["shape"]) for o in ops])
-        return "REDUCTION" if set(terms[0]) - set(rhs) else "LAYOUT"
-    if name in _GEMM:
-        return "REDUCTION" if mask_only else "GEMM"
-    if name in _REDUCTION_FLOPS:
-        return "REDUCTION"
-    if name in _ELEMENTWISE_ARITH or name in _ELEMENTWISE_MOVE:
-        if node.meta.get("shape") is None and not node.meta.get("multi_output"):
-            return "LAYOUT"  # Python-number arithmetic on non-shape values
-        return "ELEMENTWISE"
-    if name in _LAYOUT:
-        return "LAYOUT"
-    return "OTHER"
-
-
-def _einsum_contracts(node: torch.fx.Node) -> bool:
-    eq, ops = einsum_operands(node.args)
-    terms, rhs = parse_einsum(eq, [len(o.meta["shape"]) for o in ops])
-    return bool(set("".join(terms)) - set(rhs))
-
-
-def _letter_sizes(terms: list[str], shapes: list[tuple], syms: list[tuple]) -> dict[str, sympy.Expr]:
-    sizes: dict[str, sympy.Expr] = {}
-    for t, c, s in zip(terms, shapes, syms):
-        for ch, cv, sv in zip(t, c, s):
-            if ch not in sizes or (cv != 1 and sizes[ch] == 1):
-                sizes[ch] = sv if cv != 1 else sizes.get(ch, sympy.Integer(1))
-    return sizes
-
-
-def einsum_flops(terms: list[str], rhs: str, sizes: Mapping[str, sympy.Expr]) -> sympy.Expr:
-    """2 × product of index sizes per pairwise product, contracting left to right (as torch does
-    without a path optimiser); an index is kept after a step while later operands or the output use it."""
-    if len(terms) == 1:
-        return sympy.Integer(0)
-    total = sympy.Integer(0)
-    cur = terms[0]
-    for k in range(1, len(terms)):
-        nxt = terms[k]
-        idx = set(cur) | set(nxt)
-        total += 2 * sympy.Mul(*[sizes[c] for c in sorted(idx)])
-        later = set("".join(terms[k + 1:])) | set(rhs)
-        cur = "".join(sorted(c for c in idx if c in later))
-    return total
-
-
-def gemm_equation(node: torch.fx.Node) -> tuple[list[str], str, dict[str, sympy.Expr]]:
-    """A GEMM node as an einsum: (operand terms, output term, letter -> symbolic size).
-
-    ``linear(x[b, k], w[n, k]) -> "bk,nk->bn"``; ``matmul(a[..., m, k], b[..., k, n])`` broadcasts
-    the batch dims; an existing ``einsum`` keeps its own equation (``...`` expanded).
-    """
-    name = op_name(node)
-    letters = iter("abcdefghijklmnopqrstuvwxyz")
-    if name == "einsum":
-        eq, ops = einsum_operands(node.args)
-        shapes = [o.meta["shape"] for o in ops]
-        terms, rhs = parse_einsum(eq, [len(s) for s in shapes])
-        return terms, rhs, _letter_sizes(terms, shapes, [o.meta["sym_shape"] for o in ops])
-    if name == "linear":
-        x = node.args[0]
-        mod = module_of(node)
-        if mod is not None:
-            wc = tuple(mod.weight.shape)
-            ws = tuple(sympy.Integer(c) for c in wc)
-        else:
-            w = node.args[1] if len(node.args) > 1 else node.kwargs["weight"]
-            wc, ws = w.meta["shape"], w.meta["sym_shape"]
-        xc, xs = x.meta["shape"], x.meta["sym_shape"]
-        batch = "".join(next(letters) for _ in range(len(xc) - 1))
-        k, n = next(letters), next(letters)
-        terms = [batch + k, n + k]
-        return terms, batch + n, _letter_sizes(terms, [xc, wc], [xs, ws])
-    if name in ("matmul", "bmm", "mm", "addmm", "baddbmm"):
-        off = 1 if name in ("addmm", "baddbmm") else 0
-        a, b = node.args[off], node.args[off + 1]
-        ac, bc = a.meta["shape"], b.meta["shape"]
-        nb = max(len(ac), len(bc)) - 2
-        batch = "".join(next(letters) for _ in range(max(nb, 0)))
-        m, k, n = next(letters), next(letters), next(letters)
-        ta = (batch[len(batch) - (len(ac) - 2):] if len(ac) > 2 else "") + (m + k if len(ac) > 1 else k)
-        tb = (batch[len(batch) - (len(bc) - 2):] if len(bc) > 2 else "") + (k + n if len(bc) > 1 else k)
-        rhs = batch + (m if len(ac) > 1 else "") + (n if len(bc) > 1 else "")
-        terms = [ta, tb]
-        return terms, rhs, _letter_sizes(terms, [ac, bc], [a.meta["sym_shape"], b.meta["sym_shape"]])
-    if name == "scaled_dot_product_attention":
-        q, k_, v = node.args[:3]
-        qc, kc, vc = q.meta["shape"], k_.meta["shape"], v.meta["shape"]
-        batch = "".join(next(letters) for _ in range(len(qc) - 2))
-        l, e, s, f = next(letters), next(letters), next(letters), next(letters)
-        # two products: (l,e)x(s,e) -> (l,s) and (l,s)x(s,f) -> (l,f)
-        terms = [batch + l + e, batch + s + e, batch + s + f]
-        return terms, batch + l + f, _letter_sizes(terms, [qc, kc, vc],
-                                                   [q.meta["sym_shape"], k_.meta["sym_shape"],
-                                                    v.meta["sym_shape"]])
-    raise PassError(f"{name} is not a GEMM")
-
-
-def _gemm_flops(node: torch.fx.Node) -> sympy.Expr:
-    terms, rhs, sizes = gemm_equation(node)
-    if op_name(node) == "scaled_dot_product_attention":
-        b, (l, e), (s, f) = terms[0][:-2], terms[0][-2:], terms[2][-2:]
-        batch = sympy.Mul(*[sizes[c] for c in b])
-        return 2 * batch * sizes[l] * sizes[s] * (sizes[e] + sizes[f])
-    return einsum_flops(terms, rhs, sizes)
+    entry = entry_of(node)
+    if entry is None:
+        return OTHER
+    if entry.op_class == COMM:
+        return COMM
+    if node.meta.get(SHAPE) is None and SYM_VALUE in node.meta:
+        return LAYOUT  # Python-integer shape arithmetic
+    cls = entry.class_of(node, mask_only)
+    if cls == ELEMENTWISE and node.meta.get(SHAPE) is None and not node.meta.get(MULTI_OUTPUT):
+        return LAYOUT  # Python-number arithmetic on non-shape values
+    return cls
 
 
 def _bytes_of(sym_shape: Iterable, dtype: torch.dtype) -> sympy.Expr:
@@ -238,85 +115,150 @@ def _tensor_inputs(node: torch.fx.Node) -> list[torch.fx.Node]:
     return seen
 
 
-_CREATION = {"zeros", "ones", "empty", "full", "rand", "randn", "new_zeros", "new_ones", "new_empty", "new_full",
-             "zeros_like", "ones_like", "empty_like", "full_like", "arange", "eye", "linspace", "tensor"}
+def _tensor_inputs_of(node: torch.fx.Node) -> list[torch.fx.Node]:
+    return [a for a in node.all_input_nodes if a.meta.get(SHAPE) is not None or a.meta.get(MULTI_OUTPUT)]
+
+
+def mask_inputs(gm: torch.fx.GraphModule) -> set[torch.fx.Node]:
+    """The graph inputs used as masks, recognised by how they are used, not by their names.
+
+    *Mask-valued* nodes are the candidate inputs and what layout and element-wise ops make of
+    them alone (``mask[:, None]``, ``mask.to(x.dtype)``, ``(mask - 1) * 1e9``, ``m1 * m2``). An
+    input is a mask when (1) every mask-valued node made from it is consumed only by element-wise
+    or layout ops, by reductions of mask values (``mask.sum(-1)``) or by products of mask values
+    (``einsum("si,sj->ij", mask, mask)``) — never by a normalisation, a softmax of features or a
+    product with features — and (2) at least one element-wise use applies it to a value that is
+    not mask-valued (``x * mask``, ``logits + bias``, ``masked_fill(x, mask == 0, ...)``). Model
+    activations fail (1): they meet a layer norm or a projection; the two plain inputs of a
+    matmul fail (2).
+    """
+    inputs = [n for n in gm.graph.nodes if n.op == "placeholder" and n.meta.get(SHAPE) is not None]
+    candidates = set(inputs)
+    while True:
+        sources: dict[torch.fx.Node, set[torch.fx.Node]] = {p: {p} for p in candidates}
+        for n in gm.graph.nodes:
+            if n.op not in ("call_function", "call_method") or n.meta.get(SHAPE) is None:
+                continue
+            entry = entry_of(n)
+            ins = _tensor_inputs_of(n)
+            if entry is not None and entry.op_class in (LAYOUT, ELEMENTWISE) and not entry.creation and ins \
+                    and all(a in sources for a in ins):
+                sources[n] = set().union(*(sources[a] for a in ins))
+        bad: set[torch.fx.Node] = set()
+        applied: set[torch.fx.Node] = set()
+        for n, src in sources.items():
+            for user in n.users:
+                if user in sources or user.op == "output":
+                    continue
+                if user.meta.get(SHAPE) is None and not user.meta.get(MULTI_OUTPUT):
+                    continue  # a size query (mask.shape[0]): not a use of the values
+                entry = entry_of(user)
+                cls = entry.op_class if entry is not None else OTHER
+                all_masks = all(a in sources for a in _tensor_inputs_of(user))
+                if cls == ELEMENTWISE:
+                    applied |= src  # not all inputs mask-valued, or the user would be in sources
+                elif cls == LAYOUT or (all_masks and (cls == REDUCTION or (entry is not None and entry.gemm))):
+                    continue  # moved, counted (mask.sum(-1)) or a product of masks
+                else:
+                    bad |= src
+        kept = candidates - bad
+        if kept == candidates:
+            return {c for c in kept if c in applied}
+        candidates = kept
 
 
 def mask_only_nodes(gm: torch.fx.GraphModule) -> set[torch.fx.Node]:
     """Nodes whose tensor *values* come only from mask inputs and constants.
 
-    Sources: placeholders whose name contains ``mask`` and creation ops (``new_ones``,
-    ``torch.ones``, ``zeros_like``, ...: their values never depend on their input's values).
-    A node is mask-only when every tensor it reads is mask-only (parameters and other inputs
-    are not). Used to tell AlphaFold's mask normalisers (``einsum("si,sj->ij", mask, mask)``:
-    the count of unmasked sequence pairs in the outer product mean) from model GEMMs.
+    Sources: the inputs :func:`mask_inputs` finds and creation ops (``new_ones``, ``torch.ones``,
+    ``zeros_like``, ...: registry entries with ``creation``, whose values never depend on their
+    input's values). A node is mask-only when every tensor it reads is mask-only (parameters and
+    other inputs are not). Used to tell AlphaFold's mask normalisers (``einsum("si,sj->ij", mask,
+    mask)``: the count of unmasked sequence pairs in the outer product mean) from model GEMMs.
     """
-    out: set[torch.fx.Node] = set()
+    out: set[torch.fx.Node] = set(mask_inputs(gm))
     for n in gm.graph.nodes:
-        if n.op == "placeholder":
-            if "mask" in n.name.lower():
-                out.add(n)
-        elif n.op in ("call_function", "call_method"):
-            if op_name(n) in _CREATION:
+        if n.op in ("call_function", "call_method"):
+            entry = entry_of(n)
+            if entry is not None and entry.creation:
                 out.add(n)
                 continue
-            tensors = [a for a in n.all_input_nodes if a.meta.get("shape") is not None]
+            tensors = [a for a in n.all_input_nodes if a.meta.get(SHAPE) is not None]
             if tensors and all(a in out for a in tensors):
                 out.add(n)
     return out
 
 
+def _has_bias(node: torch.fx.Node, entry: OpEntry) -> bool:
+    if entry.name in ("addmm", "baddbmm"):
+        return True
+    return entry.name == "linear" and ((len(node.args) > 2 and node.args[2] is not None)
+                                       or node.kwargs.get("bias") is not None)
+
+
+def _product_flops(node: torch.fx.Node) -> sympy.Expr:
+    cons, sizes = contractions_of(node)
+    return sympy.Add(*[c.flops(sizes) for c in cons])
+
+
 def node_cost(node: torch.fx.Node, op_class: str) -> dict[str, sympy.Expr]:
     """``{"flops": expr, "bytes": expr}``, plus ``bias_flops`` for a biased linear/addmm and
-    ``product_flops`` (the 2·M·N·K count FlopCounterMode makes) for every matrix-product op."""
+    ``product_flops`` (the 2·M·N·K count FlopCounterMode makes, from ``meta["einsum"]``) for
+    every op whose entry is a matrix product (``gemm``) and that contracts a letter."""
     zero = sympy.Integer(0)
-    if op_class in ("INPUT", "OUTPUT") or (node.meta.get("shape") is None and "sym_value" in node.meta):
+    if op_class in ("INPUT", "OUTPUT") or (node.meta.get(SHAPE) is None and SYM_VALUE in node.meta):
         return {"flops": zero, "bytes": zero}
-    name = op_name(node)
+    entry = entry_of(node)
     # bytes
-    if op_class == "LAYOUT" and (node.meta.get("aliases_input") or
-                                 (name == "getitem" and node.args[0].meta.get("multi_output"))
-                                 or name in ("split", "chunk", "unbind")):  # these always return views
+    if op_class == LAYOUT and (node.meta.get(ALIASES_INPUT) or (entry is not None and entry.views) or
+                               (entry is not None and entry.name == "getitem"
+                                and node.args[0].meta.get(MULTI_OUTPUT))):
         nbytes = zero
     else:
         nbytes = zero
         for a in _tensor_inputs(node):
-            nbytes += _bytes_of(a.meta["sym_shape"], a.meta["dtype"])
-        mod = module_of(node)
-        if mod is not None:
-            for p in list(mod.parameters(recurse=False)) + list(mod.buffers(recurse=False)):
-                nbytes += p.numel() * p.dtype.itemsize
-        if node.meta.get("multi_output"):
-            for s, d in zip(node.meta["sym_shape"], node.meta["dtype"]):
+            nbytes += _bytes_of(a.meta[SYM_SHAPE], a.meta[DTYPE])
+        if node.meta.get(MULTI_OUTPUT):
+            for s, d in zip(node.meta[SYM_SHAPE], node.meta[DTYPE]):
                 nbytes += _bytes_of(s, d)
-        elif node.meta.get("sym_shape") is not None:
-            nbytes += _bytes_of(node.meta["sym_shape"], node.meta["dtype"])
+        elif node.meta.get(SYM_SHAPE) is not None:
+            nbytes += _bytes_of(node.meta[SYM_SHAPE], node.meta[DTYPE])
     cost = {"flops": zero, "bytes": sympy.expand(nbytes)}
-    out_numel = numel_expr(node.meta["sym_shape"]) if _is_tensor_node(node) else zero
-    if op_class == "GEMM" or (name in _GEMM and name != "einsum") or (
-            name == "einsum" and len(einsum_operands(node.args)[1]) >= 2 and _einsum_contracts(node)):
-        cost["product_flops"] = sympy.expand(_gemm_flops(node))
-    if op_class == "GEMM":
+    if entry is None:
+        return cost
+    out_numel = numel_expr(node.meta[SYM_SHAPE]) if _is_tensor_node(node) else zero
+    if entry.gemm and (op_class == GEMM or entry.name != "einsum" or _contracts(node)):
+        cost["product_flops"] = sympy.expand(_product_flops(node))
+    if op_class == GEMM:
         cost["flops"] = cost["product_flops"]
-        has_bias = (name == "addmm" or name == "baddbmm" or
-                    (name == "linear" and ((module_of(node) is not None and module_of(node).bias is not None)
-                                           or (len(node.args) > 2 and node.args[2] is not None)
-                                           or node.kwargs.get("bias") is not None)))
-        if has_bias:
+        if _has_bias(node, entry):
             cost["bias_flops"] = sympy.expand(out_numel)
-    elif op_class == "REDUCTION" and "product_flops" in cost:  # a mask-only product
+    elif op_class == REDUCTION and "product_flops" in cost:  # a mask-only product
         cost["flops"] = cost["product_flops"]
-    elif op_class == "REDUCTION":
+    elif op_class == REDUCTION:
         src = node.args[0] if node.args and _is_tensor_node(node.args[0]) else None
-        if name == "einsum":
-            src = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], torch.fx.Node) \
-                else node.args[1][0]
-        in_numel = numel_expr(src.meta["sym_shape"]) if src is not None else out_numel
-        cost["flops"] = sympy.expand(_REDUCTION_FLOPS.get(name, 1) * in_numel)
-    elif op_class == "ELEMENTWISE":
-        if name in _ELEMENTWISE_ARITH or name in ("max", "min", "einsum"):
-            cost["flops"] = sympy.expand(out_numel)
+        if entry.name == "einsum":
+            src = gemm_operands(node)[0]
+        in_numel = numel_expr(src.meta[SYM_SHAPE]) if src is not None else out_numel
+        cost["flops"] = sympy.expand(entry.flops_per_element * in_numel)
+    elif op_class == ELEMENTWISE:
+        # an element-wise max(a, b) or an outer-product einsum: one op per output element
+        per = 1 if entry.op_class != ELEMENTWISE else entry.flops_per_element
+        cost["flops"] = sympy.expand(per * out_numel)
     return cost
+
+
+def _contracts(node: torch.fx.Node) -> bool:
+    ops = gemm_operands(node)
+    if len(ops) < 2:
+        return False
+    cons, _ = contractions_of(node)
+    return bool(cons[0].contracted)
+
+
+def uncosted(node: torch.fx.Node) -> bool:
+    """A node whose FLOPs the cost model does not know (an op without a registry entry)."""
+    return node.op in ("call_function", "call_method") and entry_of(node) is None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -53,21 +53,23 @@ A captured zoo model is in :func:`shape_prop_pass`.
 """
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any, Callable, Sequence
 
 import sympy
 import torch
 import torch.fx
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
-from foldcompile.passes.base import PassError, PassResult, describe_node
-# numel_expr, einsum_operands and parse_einsum live with the rules that use them; other
-# passes import them from here.
-from foldcompile.passes.shape_rules import (RULES, NoRule, RuleContext, einsum_operands, numel_expr,
-                                            parse_einsum)
+from foldcompile.passes.base import PassError, PassResult, declare, describe_node
+from foldcompile.passes.meta import ALIASES_INPUT, DTYPE, MULTI_OUTPUT, SHAPE, SYM_ARGS, SYM_SHAPE, SYM_VALUE
+from foldcompile.passes.registry import entry_of, op_name
+from foldcompile.passes.shape_rules import NoRule, RuleContext, numel_expr
 
-__all__ = ["shape_prop_pass", "dim_symbol", "numel_expr", "infer_dims", "LAYOUT_PATTERNS", "op_name", "module_of",
-           "einsum_operands", "parse_einsum"]
+_log = logging.getLogger(__name__)  # foldcompile.passes.<name>: progress of this pass
+
+__all__ = ["shape_prop_pass", "dim_symbol", "numel_expr", "infer_dims", "LAYOUT_PATTERNS", "op_name"]
 
 # (name regex, trailing dim names; None = a channel size kept as an integer)
 LAYOUT_PATTERNS: list[tuple[str, tuple[str | None, ...]]] = [
@@ -158,48 +160,42 @@ def infer_dims(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
     return result
 
 
-# Leaf modules a plain ``symbolic_trace`` leaves as call_module nodes, by the function they compute.
-_MODULE_OPS: dict[type, str] = {
-    torch.nn.Linear: "linear", torch.nn.LayerNorm: "layer_norm", torch.nn.Dropout: "dropout",
-    torch.nn.ReLU: "relu", torch.nn.Sigmoid: "sigmoid", torch.nn.GELU: "gelu", torch.nn.SiLU: "silu",
-    torch.nn.Softmax: "softmax", torch.nn.Identity: "contiguous", torch.nn.Tanh: "tanh",
-}
+def _fake_mode(example_inputs: Sequence[Any]) -> FakeTensorMode:
+    for x in example_inputs:
+        if isinstance(x, FakeTensor):
+            return x.fake_mode
+    # parameters stay real tensors: the mode converts them where they meet fake inputs
+    return FakeTensorMode(allow_non_fake_inputs=True)
 
 
-def module_of(node: torch.fx.Node) -> torch.nn.Module | None:
-    """The module a call_module node calls (None for other nodes)."""
-    if node.op != "call_module":
-        return None
+def gm_module(node: torch.fx.Node) -> Any:
+    """The module a call_module node calls (for error messages)."""
     return node.graph.owning_module.get_submodule(str(node.target))
 
 
-def op_name(node: torch.fx.Node) -> str:
-    """A node's op as one lower-case name: ``torch.reshape``, ``Tensor.view`` and ``x.view`` all give
-    their function name; ``operator.add`` gives ``add``; ``F.linear`` gives ``linear``; a leaf
-    ``nn.Linear`` module gives ``linear`` (see ``_MODULE_OPS``; other modules give ``call_module``)."""
-    if node.op == "call_module":
-        mod = module_of(node)
-        for cls in type(mod).__mro__:
-            if cls in _MODULE_OPS:
-                return _MODULE_OPS[cls]
-        return "call_module"
-    if node.op == "call_method":
-        return str(node.target)
-    if node.op == "call_function":
-        name = getattr(node.target, "__name__", str(node.target))
-        return name.split(".")[-1]
-    return node.op
-
-
 def _storage_ptr(t: torch.Tensor) -> int | None:
+    # the storage's identity, for real and fake tensors alike (a fake tensor has no data pointer)
     try:
-        return t.untyped_storage().data_ptr()
+        return t.untyped_storage()._cdata
     except Exception:  # tensors without storage (e.g. sparse)
         return None
 
 
+def _literal_sizes(n: torch.fx.Node, entry: Any, sym: Any) -> dict[int, tuple] | None:
+    """The symbolic meaning of a literal size argument (``view(x, (11, 11, 2, 4))`` ->
+    ``{1: (N_res, N_res, 2, 4)}``): each literal is the output size it sets; ``-1`` stays."""
+    if entry is None or entry.size_arg is None or not isinstance(sym, tuple):
+        return None
+    i = entry.size_arg
+    raw = n.args[i] if len(n.args) == i + 1 else tuple(n.args[i:])
+    if not isinstance(raw, (list, tuple)) or len(raw) != len(sym):
+        return None
+    return {i: tuple(-1 if isinstance(r, int) and r == -1 else (s if isinstance(r, int) else r)
+                     for r, s in zip(raw, sym))}
+
+
 class _SymShapeProp(torch.fx.Interpreter):
-    """Runs the graph; for each node finds its symbolic sizes (by ``RULES``, else by value),
+    """Runs the graph; for each node finds its symbolic sizes (by its registry entry's shape rule, else by value),
     checks them against the concrete result and writes the node's meta."""
 
     def __init__(self, gm: torch.fx.GraphModule, dims: dict[str, int]):
@@ -293,6 +289,9 @@ class _SymShapeProp(torch.fx.Interpreter):
 
     # -- the interpreter
     def run_node(self, n: torch.fx.Node) -> Any:
+        if n.op == "call_module":
+            raise PassError(f"{describe_node(n)} calls module {n.target!r} ({type(gm_module(n)).__name__}): "
+                            "shape_prop_pass takes op-level graphs (a capture, normalized), with no call_module node")
         out = super().run_node(n)
         if n.op in ("placeholder", "get_attr"):
             sym = self._map_out(out, lambda t: tuple(self.match_value(int(c)) if n.op == "placeholder"
@@ -302,18 +301,14 @@ class _SymShapeProp(torch.fx.Interpreter):
             sym = self.sym_of(n.args[0])
         else:
             args, kwargs = self.fetch_args_kwargs_from_env(n)
-            rule = RULES.get(op_name(n))
+            entry = entry_of(n)
+            rule = entry.shape_rule if entry is not None else None
             sym = None
             if out is None:  # a state-setting call (``_set_grad_enabled``): no sizes to derive
                 pass
             elif rule is not None:
                 try:
-                    ctx = RuleContext(self, n, args, kwargs, out)
-                    mod = module_of(n)
-                    if isinstance(mod, torch.nn.Linear):  # the weight is a module attribute, not an arg
-                        ctx.kwargs["weight"] = mod.weight
-                        ctx.skwargs["weight"] = tuple(sympy.Integer(int(c)) for c in mod.weight.shape)
-                    sym = rule(ctx)
+                    sym = rule(RuleContext(self, n, args, kwargs, out))
                 except NoRule as e:
                     sym = self._fallback(n, out, f"no rule for this form: {e}")
                 except (TypeError, ValueError, IndexError, KeyError, AttributeError) as e:
@@ -326,8 +321,12 @@ class _SymShapeProp(torch.fx.Interpreter):
                 sym = self._fallback(n, out, "rule gave no shape")
             self._check(n, out, sym)
             if isinstance(out, torch.Tensor):
-                ptrs = {_storage_ptr(a) for a in args if isinstance(a, torch.Tensor)}
-                n.meta["aliases_input"] = _storage_ptr(out) in ptrs
+                ptrs = {_storage_ptr(a) for a in args if isinstance(a, torch.Tensor)} - {None}
+                n.meta[ALIASES_INPUT] = _storage_ptr(out) in ptrs
+            n.meta.pop(SYM_ARGS, None)
+            literal = _literal_sizes(n, entry, sym)
+            if literal is not None:
+                n.meta[SYM_ARGS] = literal
         self.sym[n] = sym
         self._write_meta(n, out, sym)
         return out
@@ -350,13 +349,19 @@ class _SymShapeProp(torch.fx.Interpreter):
                 n.meta["sym_value"] = list(sym)
 
 
+@declare(requires=(), ensures=(SHAPE, DTYPE, SYM_SHAPE, SYM_VALUE, SYM_ARGS, MULTI_OUTPUT, ALIASES_INPUT))
 def shape_prop_pass(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
-                    dims: dict[str, int] | None = None) -> PassResult:
+                    dims: dict[str, int] | None = None, fake: bool = False) -> PassResult:
     """Annotate every node with ``shape``, ``dtype`` and ``sym_shape`` (see the module docstring).
 
     The graph is not rewritten (``changed`` is False). ``gm.meta["dims"]`` gets the named
     dims with their example values. The record holds ``dims``, the number of annotated
     nodes and ``fallback``: the nodes whose sizes were found by value, with the reason.
+
+    ``fake=True`` (or fake example inputs) runs the graph on fake tensors: no data is touched,
+    so a graph with collectives (``torch.ops._c10d_functional.all_to_all_single``) or with the
+    kernels' ``torch.ops.foldcompile`` ops can be annotated again after a rewrite. Literal size
+    arguments get their symbolic meaning in ``meta["sym_args"]``.
 
     ``example_inputs`` are one value per placeholder, as the graph takes them (a captured
     model's defaults included). On a tiny Evoformer block (N_seq=5, N_res=11, c_m=16, c_z=8)::
@@ -385,10 +390,21 @@ def shape_prop_pass(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
                         f"{len(example_inputs)} example inputs were given")
     all_dims = infer_dims(gm, example_inputs, dims)
     prop = _SymShapeProp(gm, all_dims)
-    with torch.no_grad():
-        prop.run(*example_inputs)
+    mode = _fake_mode(example_inputs) if fake or any(isinstance(x, FakeTensor) for x in example_inputs) else None
+    if mode is None:
+        with torch.no_grad():
+            prop.run(*example_inputs)
+    else:
+        # no data: fake tensors carry sizes and dtypes only, so graphs holding collectives or
+        # fused-kernel ops (torch.library ops with fake implementations) are annotated without running them
+        inputs = [mode.from_tensor(x) if isinstance(x, torch.Tensor) and not isinstance(x, FakeTensor) else x
+                  for x in example_inputs]
+        with torch.no_grad(), mode:
+            prop.run(*inputs)
     gm.meta["dims"] = dict(all_dims)
     # sizes found by value hold at the example sizes only: cost_totals refuses other sizes then
     gm.meta["shape_fallbacks"] = list(prop.fallback)
     record = {"dims": dict(all_dims), "nodes": len(gm.graph.nodes), "fallback": prop.fallback}
+    _log.info("shape_prop: %d nodes at %s%s, %d sized by value", len(gm.graph.nodes), all_dims,
+              " on fake tensors" if mode is not None else "", len(prop.fallback))
     return PassResult(gm, False, record)

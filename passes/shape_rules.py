@@ -1,9 +1,11 @@
-"""Symbolic-shape rules: one function per op, and the table ``RULES`` that names them.
+"""Symbolic-shape rules, one function per op family, each registering its ops in the op registry.
 
-``shape_prop_pass`` (:mod:`foldcompile.passes.shape_prop`) runs the graph on the example
-inputs and, for every ``call_function`` / ``call_method`` / ``call_module`` node, looks up
-``RULES[op_name(node)]`` (``torch.reshape``, ``Tensor.view`` and ``x.view`` are all
-``"view"``-like names; a leaf ``nn.Linear`` is ``"linear"``). This module is that table.
+``shape_prop_pass`` (:mod:`foldcompile.passes.shape_prop`) runs the graph and, for every
+``call_function`` / ``call_method`` node, applies the shape rule of the node's registry entry
+(:func:`foldcompile.passes.registry.entry_of`: ``torch.reshape``, ``torch.Tensor.view`` and
+``x.view(...)`` find their entries by callable). Each rule carries ``@register_op`` decorators
+that register the ops it serves with their other facts (class, FLOPs per element, the
+spelling normalize writes, sample inputs).
 
 The rule contract
 -----------------
@@ -41,9 +43,10 @@ rule returns is checked against the concrete result at the example dims, and a
 mismatch raises ``PassError``: a wrong rule fails loudly, it never yields a wrong
 expression. Rules are pure: they read ``ctx`` and return a value, nothing else.
 
-Adding an op is one function and one entry in ``RULES`` (or one word in
-``_POINTWISE`` / ``_SAME`` / ``_REDUCE`` when an existing rule fits), e.g.::
+Adding an op is one decorated function (or one more name in a decorator when an existing
+rule fits), e.g.::
 
+    @register_op("unsqueeze", op_class=LAYOUT, torch_spelling=True, samples=S.layout)
     def _rule_unsqueeze(ctx):
         in_c, s = ctx.tshape(0)                              # concrete and symbolic input shape
         d = _norm_dim(int(ctx.arg(1, "dim")), len(in_c) + 1)
@@ -58,16 +61,18 @@ import sympy
 import torch
 import torch.fx
 
-from foldcompile.passes.base import PassError
+from foldcompile.passes import op_samples as S
+from foldcompile.passes.einsum import einsum_operands, letter_sizes, parse
+from foldcompile.passes.registry import ELEMENTWISE, GEMM, LAYOUT, REDUCTION, register_op
 
-__all__ = ["RULES", "RuleContext", "NoRule", "SymEnv", "numel_expr", "einsum_operands", "parse_einsum"]
+__all__ = ["RuleContext", "NoRule", "SymEnv", "numel_expr"]
 
 
 class SymEnv(Protocol):
     """What a rule may ask of the running pass (``ctx.prop``)."""
 
     example_subs: dict[sympy.Symbol, int]  # each named dim's symbol -> its example value
-    op_name: Callable[[torch.fx.Node], str]  # the op name a node is looked up by in RULES
+    op_name: Callable[[torch.fx.Node], str]  # the op's name (registry.op_name), for rules serving several ops
 
     def sym_of(self, a: Any) -> Any:
         """The symbolic value of an argument (a node's sizes or expression; an int as sympy)."""
@@ -136,39 +141,32 @@ def numel_expr(sym_shape: Sequence[sympy.Expr]) -> sympy.Expr:
     return sympy.Mul(*[sympy.sympify(s) for s in sym_shape]) if len(sym_shape) else sympy.Integer(1)
 
 
-def einsum_operands(args: Sequence[Any]) -> tuple[str, list[Any]]:
-    """(equation, operands) from an ``einsum`` call's args (varargs or a list)."""
-    eq = args[0]
-    ops = list(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) else list(args[1:])
-    return eq, ops
+# ----------------------------------------------------------------------------------------------
+# per-node classes, for the ops whose class depends on the call (given to register_op as ``classify``)
 
 
-def parse_einsum(eq: str, ndims: Sequence[int]) -> tuple[list[str], str]:
-    """Expand ``...`` and an implicit output: ``("bij,bjk", (3, 3)) -> (["bij", "bjk"], "bik")``."""
-    eq = eq.replace(" ", "")
-    lhs, rhs = (eq.split("->") + [None])[:2]
-    terms = lhs.split(",")
-    if len(terms) != len(ndims):
-        raise PassError(f"einsum {eq!r} names {len(terms)} operands but got {len(ndims)}")
-    used = set(c for c in eq if c.isalpha())
-    spare = iter(c for c in "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz" if c not in used)
-    ell_len = max((nd - (len(t) - 3) for t, nd in zip(terms, ndims) if "..." in t), default=0)
-    ell = "".join(next(spare) for _ in range(ell_len))
-    out_terms = []
-    for t, nd in zip(terms, ndims):
-        if "..." in t:
-            k = nd - (len(t) - 3)
-            t = t.replace("...", ell[ell_len - k:])
-        out_terms.append(t)
-    if rhs is None:
-        counts: dict[str, int] = {}
-        for t in out_terms:
-            for c in t:
-                counts[c] = counts.get(c, 0) + 1
-        rhs = ell + "".join(sorted(c for c, k in counts.items() if k == 1 and c not in ell))
-    else:
-        rhs = rhs.replace("...", ell)
-    return out_terms, rhs
+def _tensor_arg(a: Any) -> bool:
+    return isinstance(a, torch.fx.Node) and a.meta.get("shape") is not None
+
+
+def _class_gemm(node: torch.fx.Node, mask_only: bool) -> str:
+    """A matrix product of mask values only counts unmasked pairs: a REDUCTION, not model GEMM work."""
+    return REDUCTION if mask_only else GEMM
+
+
+def _class_max_min(node: torch.fx.Node, mask_only: bool) -> str:
+    """``torch.max(a, b)`` of two tensors is element-wise; ``max(x, dim)`` a reduction."""
+    return ELEMENTWISE if len(node.args) > 1 and _tensor_arg(node.args[1]) else REDUCTION
+
+
+def _class_einsum(node: torch.fx.Node, mask_only: bool) -> str:
+    """Two or more operands: a GEMM when a letter is contracted, else element-wise (an outer or
+    Hadamard product); one operand: a REDUCTION when it sums a letter, else a LAYOUT (a permutation)."""
+    eq, ops = einsum_operands(node.args)
+    c = parse(eq, [len(o.meta["shape"]) for o in ops])
+    if len(ops) >= 2:
+        return _class_gemm(node, mask_only) if c.contracted else ELEMENTWISE
+    return REDUCTION if c.contracted else LAYOUT
 
 
 # ----------------------------------------------------------------------------------------------
@@ -200,6 +198,19 @@ def _tensor_pairs(ctx: RuleContext) -> list:
     return pairs
 
 
+@register_op(*"""add sub mul div neg abs exp log sqrt rsqrt sigmoid tanh relu masked_fill lt le gt ge logical_and
+    logical_or logical_not""".split(), op_class=ELEMENTWISE, flops_per_element=1, torch_spelling=True,
+             fusible="pointwise", samples=S.pointwise)
+@register_op(*"""pow erf sin cos reciprocal square clamp clamp_min clamp_max eq ne sign nan_to_num
+    exp2""".split(), op_class=ELEMENTWISE, flops_per_element=1, torch_spelling=True, samples=S.pointwise)
+@register_op(*"truediv true_divide gelu silu where and_ or_ invert dropout".split(), op_class=ELEMENTWISE,
+             flops_per_element=1, fusible="pointwise", samples=S.pointwise)
+@register_op(*"""floordiv mod rsub log1p relu_ elu leaky_relu softplus maximum minimum dropout_ alpha_dropout
+    feature_alpha_dropout floor ceil round trunc sub_ add_ mul_ div_ iadd imul isub itruediv bitwise_and bitwise_or
+    bitwise_not logsigmoid masked_fill_ lerp addcmul addcdiv hardtanh threshold""".split(), op_class=ELEMENTWISE,
+             flops_per_element=1, samples=S.pointwise)
+@register_op("isnan", "isinf", op_class=ELEMENTWISE, flops_per_element=1, torch_spelling=True, samples=S.pointwise)
+@register_op("fill_", "zero_", "copy_", op_class=ELEMENTWISE, flops_per_element=0, samples=S.pointwise)
 def _rule_pointwise(ctx: RuleContext):
     if not isinstance(ctx.out, torch.Tensor):
         return _rule_int_arith(ctx)
@@ -209,23 +220,39 @@ def _rule_pointwise(ctx: RuleContext):
     return _broadcast(pairs)
 
 
+@register_op("float", "half", "bfloat16", "to", op_class=ELEMENTWISE, fusible="pointwise", samples=S.same_as_first)
+@register_op(*"double int long bool type type_as cpu requires_grad_ rand_like randn_like".split(),
+             op_class=ELEMENTWISE, samples=S.same_as_first)
+@register_op("zeros_like", "ones_like", "empty_like", "full_like", op_class=ELEMENTWISE, creation=True,
+             samples=S.same_as_first)
+@register_op("bernoulli", op_class=ELEMENTWISE, flops_per_element=1, samples=S.same_as_first)
+@register_op("contiguous", "clone", "detach", op_class=LAYOUT, samples=S.same_as_first)
+@register_op("triu", "tril", "flip", "roll", op_class=LAYOUT, torch_spelling=True, samples=S.same_as_first)
+@register_op("cumsum", op_class=REDUCTION, flops_per_element=1, torch_spelling=True, samples=S.same_as_first)
+@register_op("cumprod", op_class=REDUCTION, flops_per_element=1, samples=S.same_as_first)
+@register_op("normalize", "rms_norm", op_class=REDUCTION, flops_per_element=4, samples=S.same_as_first)
+@register_op("softmax", "log_softmax", op_class=REDUCTION, flops_per_element=5, torch_spelling=True,
+             fusible="kernel", samples=S.same_as_first)
+@register_op("_softmax", op_class=REDUCTION, flops_per_element=5, samples=S.same_as_first)
+@register_op("layer_norm", op_class=REDUCTION, flops_per_element=8, fusible="kernel", samples=S.same_as_first)
+@register_op("group_norm", op_class=REDUCTION, flops_per_element=8, samples=S.same_as_first)
 def _rule_same_as_first(ctx: RuleContext):
     _, s = ctx.tshape(0)
     return s
 
 
-_INT_OPS: dict[str, Callable] = {
-    "add": operator.add, "sub": operator.sub, "mul": operator.mul,
-    "floordiv": lambda a, b: sympy.floor(a / b), "truediv": lambda a, b: a / b,
-    "mod": lambda a, b: sympy.Mod(a, b), "neg": operator.neg, "pow": operator.pow,
+# Python's integer operators on sizes (``x.shape[0] // 2``), by the callable, as sympy arithmetic
+_INT_OPS: dict[Callable, Callable] = {
+    operator.add: operator.add, operator.sub: operator.sub, operator.mul: operator.mul,
+    operator.floordiv: lambda a, b: sympy.floor(a / b), operator.truediv: lambda a, b: a / b,
+    operator.mod: lambda a, b: sympy.Mod(a, b), operator.neg: operator.neg, operator.pow: operator.pow,
 }
 
 
 def _rule_int_arith(ctx: RuleContext):
     if isinstance(ctx.out, bool) or ctx.out is None:
         return None  # a Python comparison (a tracer's assertion on a flag): no size to derive
-    name = ctx.prop.op_name(ctx.node)
-    fn = _INT_OPS.get(name)
+    fn = _INT_OPS.get(ctx.node.target) if ctx.node.op == "call_function" else None
     if fn is None or not isinstance(ctx.out, (int, float)) or isinstance(ctx.out, bool):
         raise NoRule("not integer arithmetic")
     operands = []
@@ -239,6 +266,7 @@ def _rule_int_arith(ctx: RuleContext):
     return sympy.sympify(fn(*operands))
 
 
+@register_op("size", op_class=LAYOUT, samples=S.shape_query)
 def _rule_size(ctx: RuleContext):
     shape, s = ctx.tshape(0)
     d = ctx.arg(1, "dim")
@@ -247,6 +275,7 @@ def _rule_size(ctx: RuleContext):
     return s[_norm_dim(int(d), len(shape))]
 
 
+@register_op("getattr", op_class=LAYOUT, samples=S.shape_query)
 def _rule_getattr(ctx: RuleContext):
     attr = ctx.args[1]
     if attr == "shape" and isinstance(ctx.sargs[0], tuple):
@@ -256,10 +285,12 @@ def _rule_getattr(ctx: RuleContext):
     return None
 
 
+@register_op("dim", op_class=LAYOUT, samples=S.shape_query)
 def _rule_dim(ctx: RuleContext):
     return sympy.Integer(ctx.out)
 
 
+@register_op("numel", op_class=LAYOUT, samples=S.shape_query)
 def _rule_numel(ctx: RuleContext):
     _, s = ctx.tshape(0)
     return numel_expr(s)
@@ -300,6 +331,7 @@ def _sym_slice(prop: SymEnv, sl: Any) -> tuple:
     return (None, None, None)
 
 
+@register_op("getitem", op_class=LAYOUT, samples=S.layout)
 def _rule_getitem(ctx: RuleContext):
     base, idx = ctx.args[0], ctx.args[1]
     sbase = ctx.sargs[0]
@@ -398,6 +430,8 @@ def _reshape_syms(ctx: RuleContext, in_c: tuple[int, ...], in_s: tuple, out_c: l
     return tuple(ctx.match(out_c[i]) if r is None else r for i, r in enumerate(res))
 
 
+@register_op("view", op_class=LAYOUT, size_arg=1, samples=S.layout)
+@register_op("reshape", op_class=LAYOUT, torch_spelling=True, size_arg=1, samples=S.layout)
 def _rule_reshape(ctx: RuleContext):
     in_c, in_s = ctx.tshape(0)
     out_c = list(ctx.out.shape)
@@ -417,11 +451,13 @@ def _is_literal(ctx: RuleContext, i: int) -> bool:
     return not isinstance(raw[i], torch.fx.Node) if i < len(raw) else True
 
 
+@register_op("view_as", "reshape_as", "expand_as", op_class=LAYOUT, samples=S.layout)
 def _rule_like_other(ctx: RuleContext):
     _, s = ctx.tshape(1, "other")
     return s
 
 
+@register_op("flatten", op_class=LAYOUT, torch_spelling=True, samples=S.layout)
 def _rule_flatten(ctx: RuleContext):
     in_c, s = ctx.tshape(0)
     if len(in_c) == 0:
@@ -431,6 +467,7 @@ def _rule_flatten(ctx: RuleContext):
     return tuple(s[:a]) + (numel_expr(s[a:b + 1]),) + tuple(s[b + 1:])
 
 
+@register_op("unflatten", op_class=LAYOUT, samples=S.layout)
 def _rule_unflatten(ctx: RuleContext):
     in_c, s = ctx.tshape(0)
     d = _norm_dim(int(ctx.arg(1, "dim")), len(in_c))
@@ -443,12 +480,15 @@ def _rule_unflatten(ctx: RuleContext):
     return tuple(s[:d]) + mid + tuple(s[d + 1:])
 
 
+@register_op("permute", op_class=LAYOUT, torch_spelling=True, samples=S.layout)
 def _rule_permute(ctx: RuleContext):
     in_c, s = ctx.tshape(0)
     perm, _ = ctx.size_list(1, "dims")
     return tuple(s[_norm_dim(p, len(in_c))] for p in perm)
 
 
+@register_op("transpose", "t", op_class=LAYOUT, torch_spelling=True, samples=S.layout)
+@register_op("swapaxes", "swapdims", op_class=LAYOUT, samples=S.layout)
 def _rule_transpose(ctx: RuleContext):
     in_c, s = ctx.tshape(0)
     if len(in_c) < 2 and ctx.prop.op_name(ctx.node) == "t":
@@ -460,6 +500,8 @@ def _rule_transpose(ctx: RuleContext):
     return tuple(out)
 
 
+@register_op("movedim", op_class=LAYOUT, torch_spelling=True, samples=S.layout)
+@register_op("moveaxis", op_class=LAYOUT, samples=S.layout)
 def _rule_movedim(ctx: RuleContext):
     in_c, s = ctx.tshape(0)
     src, dst = ctx.arg(1, "source"), ctx.arg(2, "destination")
@@ -476,12 +518,14 @@ def _rule_movedim(ctx: RuleContext):
     return tuple(s[o] for o in order)
 
 
+@register_op("unsqueeze", op_class=LAYOUT, torch_spelling=True, samples=S.layout)
 def _rule_unsqueeze(ctx: RuleContext):
     in_c, s = ctx.tshape(0)
     d = _norm_dim(int(ctx.arg(1, "dim")), len(in_c) + 1)
     return tuple(s[:d]) + (sympy.Integer(1),) + tuple(s[d:])
 
 
+@register_op("squeeze", op_class=LAYOUT, torch_spelling=True, samples=S.layout)
 def _rule_squeeze(ctx: RuleContext):
     in_c, s = ctx.tshape(0)
     d = ctx.arg(1, "dim")
@@ -493,6 +537,7 @@ def _rule_squeeze(ctx: RuleContext):
     return tuple(x for i, x in enumerate(s) if i not in drop)
 
 
+@register_op("expand", "broadcast_to", op_class=LAYOUT, size_arg=1, samples=S.layout)
 def _rule_expand(ctx: RuleContext):
     in_c, s = ctx.tshape(0)
     vals, syms = ctx.size_list(1, "size")
@@ -513,6 +558,7 @@ def _node_sized(ctx: RuleContext, i: int) -> bool:
     return not _is_literal(ctx, i)
 
 
+@register_op("repeat", op_class=LAYOUT, samples=S.layout)
 def _rule_repeat(ctx: RuleContext):
     in_c, s = ctx.tshape(0)
     vals, syms = ctx.size_list(1, "repeats")
@@ -524,6 +570,7 @@ def _rule_repeat(ctx: RuleContext):
     return tuple(out)
 
 
+@register_op("cat", "concat", "concatenate", op_class=LAYOUT, samples=S.layout)
 def _rule_cat(ctx: RuleContext):
     tensors, stensors = ctx.arg(0, "tensors"), ctx.sarg(0, "tensors")
     d = int(ctx.arg(1, "dim", 0))
@@ -537,6 +584,7 @@ def _rule_cat(ctx: RuleContext):
     return tuple(base)
 
 
+@register_op("stack", op_class=LAYOUT, samples=S.layout)
 def _rule_stack(ctx: RuleContext):
     tensors, stensors = ctx.arg(0, "tensors"), ctx.sarg(0, "tensors")
     d = _norm_dim(int(ctx.arg(1, "dim", 0)), tensors[0].dim() + 1)
@@ -544,6 +592,7 @@ def _rule_stack(ctx: RuleContext):
     return tuple(s[:d]) + (sympy.Integer(len(tensors)),) + tuple(s[d:])
 
 
+@register_op("split", "chunk", op_class=LAYOUT, views=True, torch_spelling=True, samples=S.layout)
 def _rule_split(ctx: RuleContext):
     in_c, s = ctx.tshape(0)
     name = ctx.prop.op_name(ctx.node)
@@ -569,18 +618,21 @@ def _rule_split(ctx: RuleContext):
     return tuple(outs)
 
 
+@register_op("unbind", op_class=LAYOUT, views=True, torch_spelling=True, samples=S.layout)
 def _rule_unbind(ctx: RuleContext):
     in_c, s = ctx.tshape(0)
     d = _norm_dim(int(ctx.arg(1, "dim", 0)), len(in_c))
     return tuple(tuple(s[:d]) + tuple(s[d + 1:]) for _ in range(in_c[d]))
 
 
+@register_op("select", op_class=LAYOUT, torch_spelling=True, samples=S.layout)
 def _rule_select(ctx: RuleContext):
     in_c, s = ctx.tshape(0)
     d = _norm_dim(int(ctx.arg(1, "dim")), len(in_c))
     return tuple(s[:d]) + tuple(s[d + 1:])
 
 
+@register_op("narrow", op_class=LAYOUT, torch_spelling=True, samples=S.layout)
 def _rule_narrow(ctx: RuleContext):
     in_c, s = ctx.tshape(0)
     d = _norm_dim(int(ctx.arg(1, "dim")), len(in_c))
@@ -599,6 +651,7 @@ def _rule_narrow(ctx: RuleContext):
     return tuple(out)
 
 
+@register_op("pad", op_class=LAYOUT, samples=S.layout)
 def _rule_pad(ctx: RuleContext):
     in_c, s = ctx.tshape(0)
     pad, spad = list(ctx.arg(1, "pad")), ctx.sarg(1, "pad")
@@ -612,6 +665,13 @@ def _rule_pad(ctx: RuleContext):
     return tuple(out)
 
 
+@register_op(*"sum mean amax amin prod all any argmax argmin".split(), op_class=REDUCTION, flops_per_element=1,
+             torch_spelling=True, samples=S.reduce)
+@register_op("max", "min", op_class=REDUCTION, flops_per_element=1, torch_spelling=True, classify=_class_max_min,
+             samples=S.reduce)
+@register_op("nansum", op_class=REDUCTION, flops_per_element=1, samples=S.reduce)
+@register_op("var", "std", op_class=REDUCTION, flops_per_element=3, torch_spelling=True, samples=S.reduce)
+@register_op("logsumexp", op_class=REDUCTION, flops_per_element=4, torch_spelling=True, samples=S.reduce)
 def _rule_reduce(ctx: RuleContext):
     in_c, s = ctx.tshape(0)
     d = ctx.arg(1, "dim")
@@ -632,8 +692,11 @@ def _rule_reduce(ctx: RuleContext):
     return out
 
 
+@register_op("linalg_vector_norm", op_class=REDUCTION, flops_per_element=2, samples=S.reduce)
+@register_op("norm", op_class=REDUCTION, flops_per_element=2, torch_spelling=True, samples=S.reduce)
 def _rule_vector_norm(ctx: RuleContext):
-    # linalg_vector_norm(x, ord=2, dim=None, keepdim=False): dim and keepdim sit one place later
+    # linalg_vector_norm(x, ord=2, dim=None, keepdim=False) and norm(x, p, dim, keepdim): dim and
+    # keepdim sit one place later than in sum
     in_c, s = ctx.tshape(0)
     d, keep = ctx.arg(2, "dim"), bool(ctx.arg(3, "keepdim", False))
     dims = set(range(len(in_c))) if d is None else {_norm_dim(int(x), len(in_c))
@@ -641,15 +704,18 @@ def _rule_vector_norm(ctx: RuleContext):
     return tuple(sympy.Integer(1) if i in dims else x for i, x in enumerate(s) if keep or i not in dims)
 
 
+@register_op("one_hot", op_class=ELEMENTWISE, samples=S.creation)
 def _rule_one_hot(ctx: RuleContext):
     _, s = ctx.tshape(0)
     return tuple(s) + (sympy.Integer(int(ctx.out.shape[-1])),)  # the class count is a constant
 
 
+@register_op("tensor", op_class=ELEMENTWISE, creation=True, samples=S.creation)
 def _rule_constant(ctx: RuleContext):
     return tuple(sympy.Integer(int(c)) for c in ctx.out.shape)  # torch.tensor(data): sizes of the data
 
 
+@register_op("eye", "linspace", op_class=ELEMENTWISE, creation=True, samples=S.creation)
 def _rule_count_args(ctx: RuleContext):
     # eye(n[, m]), linspace(start, end, steps): sizes written as ints, matched to dims by value
     if ctx.prop.op_name(ctx.node) == "eye":
@@ -662,12 +728,16 @@ def _rule_count_args(ctx: RuleContext):
     return (steps if isinstance(raw, torch.fx.Node) else ctx.match(int(ctx.out.shape[0])),)
 
 
+@register_op("linear", op_class=GEMM, gemm=True, classify=_class_gemm, samples=S.gemm)
 def _rule_linear(ctx: RuleContext):
     _, sx = ctx.tshape(0)
     _, sw = ctx.tshape(1, "weight")
     return tuple(sx[:-1]) + (sw[0],)
 
 
+@register_op("matmul", "bmm", "mm", op_class=GEMM, gemm=True, torch_spelling=True, classify=_class_gemm,
+             samples=S.gemm)
+@register_op("addmm", "baddbmm", op_class=GEMM, gemm=True, classify=_class_gemm, samples=S.gemm)
 def _rule_matmul(ctx: RuleContext):
     name = ctx.prop.op_name(ctx.node)
     off = 1 if name in ("addmm", "baddbmm", "addbmm") else 0
@@ -682,24 +752,27 @@ def _rule_matmul(ctx: RuleContext):
     batch = _broadcast([(ac[:-2], a[:-2]), (bc[:-2], b[:-2])])
     return batch + (a[-2], b[-1])
 
+@register_op("einsum", op_class=GEMM, gemm=True, flops_per_element=1, classify=_class_einsum, samples=S.gemm)
 def _rule_einsum(ctx: RuleContext):
     eq, ops = einsum_operands(ctx.args)
     _, sops = einsum_operands(ctx.sargs)
-    terms, rhs = parse_einsum(eq, [o.dim() for o in ops])
-    sizes: dict[str, sympy.Expr] = {}
-    for t, o, so in zip(terms, ops, sops):
-        for c, cv, sv in zip(t, o.shape, so):
-            if c not in sizes or (cv != 1 and sizes[c] == 1):
-                sizes[c] = sv if cv != 1 else sizes.get(c, sympy.Integer(1))
-    return tuple(sizes[c] for c in rhs)
+    c = parse(eq, [o.dim() for o in ops])
+    sizes = letter_sizes(c.inputs, sops, [tuple(o.shape) for o in ops])
+    return tuple(sizes[ch] for ch in c.output)
 
 
+@register_op("scaled_dot_product_attention", op_class=GEMM, gemm=True, classify=_class_gemm,
+             samples=S.gemm)
 def _rule_sdpa(ctx: RuleContext):
     _, q = ctx.tshape(0, "query")
     _, v = ctx.tshape(2, "value")
     return tuple(q[:-1]) + (v[-1],)
 
 
+@register_op("zeros", "ones", "empty", "full", op_class=ELEMENTWISE, creation=True, size_arg=0, samples=S.creation)
+@register_op("new_zeros", "new_ones", "new_empty", "new_full", op_class=ELEMENTWISE, creation=True, size_arg=1,
+             samples=S.creation)
+@register_op("rand", "randn", op_class=ELEMENTWISE, creation=True, size_arg=0, samples=S.creation)
 def _rule_creation(ctx: RuleContext):
     name = ctx.prop.op_name(ctx.node)
     start = 1 if name.startswith("new_") else 0
@@ -717,6 +790,7 @@ def _rule_creation(ctx: RuleContext):
     return tuple(out)
 
 
+@register_op("arange", op_class=ELEMENTWISE, creation=True, samples=S.creation)
 def _rule_arange(ctx: RuleContext):
     vals = [a for a in ctx.args]
     syms = [s if isinstance(s, sympy.Expr) else (sympy.sympify(v) if isinstance(v, (int, float)) else None)
@@ -728,44 +802,39 @@ def _rule_arange(ctx: RuleContext):
     raise NoRule("arange form")
 
 
-# Ops that share a rule, by name: broadcasting element-wise ops (and Python int arithmetic on
-# sizes), ops whose output has their first input's shape, and reductions over ``dim``.
-_POINTWISE = """add sub mul div truediv floordiv mod neg pow rsub true_divide abs exp log log1p sqrt rsqrt
- sigmoid tanh relu relu_ gelu silu elu leaky_relu softplus erf sin cos reciprocal square clamp clamp_min
- clamp_max where masked_fill lt le gt ge eq ne logical_and logical_or logical_not and_ or_ invert
- maximum minimum dropout dropout_ alpha_dropout feature_alpha_dropout sign floor ceil round trunc
- sub_ add_ mul_ div_ iadd imul isub itruediv bitwise_and bitwise_or bitwise_not logsigmoid
- nan_to_num fill_ zero_ masked_fill_ copy_ lerp addcmul addcdiv hardtanh threshold""".split()
-_SAME = """contiguous clone detach float half double bfloat16 int long bool to type type_as cpu cuda
- softmax log_softmax layer_norm group_norm normalize cumsum cumprod triu tril flip roll requires_grad_
- rms_norm _softmax""".split()
-_REDUCE = "sum mean amax amin max min prod var std norm logsumexp all any argmax argmin nansum".split()
 
-# op name (``op_name(node)`` in foldcompile.passes.shape_prop) -> rule
-RULES: dict[str, Callable[[RuleContext], Any]] = {}
-RULES.update({n: _rule_pointwise for n in _POINTWISE})
-RULES.update({n: _rule_same_as_first for n in _SAME})
-RULES.update({n: _rule_reduce for n in _REDUCE})
-RULES.update({
-    "size": _rule_size, "getattr": _rule_getattr, "dim": _rule_dim, "numel": _rule_numel,
-    "getitem": _rule_getitem,
-    "reshape": _rule_reshape, "view": _rule_reshape,
-    "view_as": _rule_like_other, "reshape_as": _rule_like_other, "expand_as": _rule_like_other,
-    "flatten": _rule_flatten, "unflatten": _rule_unflatten,
-    "permute": _rule_permute, "transpose": _rule_transpose, "swapaxes": _rule_transpose,
-    "swapdims": _rule_transpose, "t": _rule_transpose, "movedim": _rule_movedim, "moveaxis": _rule_movedim,
-    "unsqueeze": _rule_unsqueeze, "squeeze": _rule_squeeze, "expand": _rule_expand, "repeat": _rule_repeat,
-    "cat": _rule_cat, "concat": _rule_cat, "concatenate": _rule_cat, "stack": _rule_stack,
-    "split": _rule_split, "chunk": _rule_split, "unbind": _rule_unbind,
-    "select": _rule_select, "narrow": _rule_narrow, "pad": _rule_pad,
-    "linear": _rule_linear, "matmul": _rule_matmul, "bmm": _rule_matmul, "mm": _rule_matmul,
-    "addmm": _rule_matmul, "baddbmm": _rule_matmul, "einsum": _rule_einsum,
-    "scaled_dot_product_attention": _rule_sdpa,
-    "zeros": _rule_creation, "ones": _rule_creation, "empty": _rule_creation, "full": _rule_creation,
-    "rand": _rule_creation, "randn": _rule_creation, "new_zeros": _rule_creation,
-    "new_ones": _rule_creation, "new_empty": _rule_creation, "new_full": _rule_creation,
-    "zeros_like": _rule_same_as_first, "ones_like": _rule_same_as_first, "empty_like": _rule_same_as_first,
-    "full_like": _rule_same_as_first, "rand_like": _rule_same_as_first, "randn_like": _rule_same_as_first,
-    "bernoulli": _rule_same_as_first, "arange": _rule_arange, "linalg_vector_norm": _rule_vector_norm,
-    "one_hot": _rule_one_hot, "tensor": _rule_constant, "eye": _rule_count_args, "linspace": _rule_count_args,
-})
+
+@register_op("index_select", op_class=LAYOUT, torch_spelling=True, samples=S.layout)
+def _rule_index_select(ctx: RuleContext):
+    in_c, s = ctx.tshape(0)
+    d = _norm_dim(int(ctx.arg(1, "dim")), len(in_c))
+    _, si = ctx.tshape(2, "index")
+    return tuple(s[:d]) + (si[0] if len(si) else sympy.Integer(1),) + tuple(s[d + 1:])
+
+
+@register_op("gather", op_class=LAYOUT, torch_spelling=True, samples=S.layout)
+def _rule_gather(ctx: RuleContext):
+    _, si = ctx.tshape(2, "index")  # the output has the index's shape
+    return si
+
+
+@register_op("tile", op_class=LAYOUT, torch_spelling=True, samples=S.layout)
+def _rule_tile(ctx: RuleContext):
+    in_c, s = ctx.tshape(0)
+    vals, syms = ctx.size_list(1, "dims")
+    n = max(len(vals), len(in_c))  # the shorter of dims and shape is padded with leading ones
+    reps = [sympy.Integer(1)] * (n - len(vals)) + [x if isinstance(x, sympy.Expr) else sympy.Integer(v)
+                                                   for v, x in zip(vals, syms)]
+    base = [sympy.Integer(1)] * (n - len(in_c)) + list(s)
+    return tuple(r * b for r, b in zip(reps, base))
+
+
+@register_op("diagonal", op_class=LAYOUT, torch_spelling=True, samples=S.layout)
+def _rule_diagonal(ctx: RuleContext):
+    in_c, s = ctx.tshape(0)
+    off = int(ctx.arg(1, "offset", 0))
+    a = _norm_dim(int(ctx.arg(2, "dim1", 0)), len(in_c))
+    b = _norm_dim(int(ctx.arg(3, "dim2", 1)), len(in_c))
+    la, lb = (s[a], s[b] - off) if off >= 0 else (s[a] + off, s[b])
+    n = la if la == lb else sympy.Max(0, sympy.Min(la, lb))
+    return tuple(x for i, x in enumerate(s) if i not in (a, b)) + (n,)

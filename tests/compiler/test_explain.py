@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from foldcompile.explain import Report, explain, structure_dependent_dims
 from foldcompile.models import zoo
 from foldcompile.passes.base import PassError
-from foldcompile.passes.cost_model import OP_CLASSES
+from foldcompile.passes.registry import OP_CLASSES
 
 
 @pytest.fixture(scope="module")

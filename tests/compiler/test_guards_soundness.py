@@ -21,7 +21,6 @@ from foldcompile.capture import CaptureError, trace
 from foldcompile.explain import explain_graph
 from foldcompile.guards import GuardError
 from foldcompile.passes.base import PassError
-from foldcompile.passes.normalize import TrainingModeError, normalize_pass
 
 X = torch.randn(3, 4)
 
@@ -305,24 +304,6 @@ def test_explain_graph_without_a_model_refuses_moved_sizes():
     report.cost(N_res=11)  # the captured sizes need no check
     with pytest.raises(PassError, match="no model"):
         report.cost(N_res=13)
-
-
-# ---------------------------------------------------------------- 7. normalize on hand-built graphs
-
-
-def test_normalized_hand_built_graph_refuses_other_training_mode():
-    m = nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5)).train()
-    gm = normalize_pass(torch.fx.symbolic_trace(m)).graph_module
-    assert gm.meta["inlined_training"] == {"0": True, "1": True}
-    torch.manual_seed(0)
-    a = gm(X)
-    torch.manual_seed(0)
-    assert torch.equal(a, m(X))
-    gm.eval()
-    with pytest.raises(TrainingModeError, match="module '0' was inlined .* training=True"):
-        gm(X)
-    gm.train()
-    gm(X)
 
 
 # ---------------------------------------------------------------- 8. globals read by forward

@@ -9,7 +9,9 @@ import torch.nn.functional as F
 
 from foldcompile.pass_manager import PassManager, copy_graph_module, max_rel_error
 from foldcompile.passes.base import PassError, PassResult
+from foldcompile.passes.base import declare
 from foldcompile.passes.classify import classify_pass
+from foldcompile.passes.normalize import normalize_pass
 from foldcompile.passes.shape_prop import shape_prop_pass
 
 
@@ -50,13 +52,13 @@ def add_to_torch_add_pass(gm):
 
 
 def _manager():
-    return PassManager([("shape_prop", partial(shape_prop_pass, example_inputs=_inputs())),
+    return PassManager([normalize_pass, ("shape_prop", partial(shape_prop_pass, example_inputs=_inputs())),
                         classify_pass, add_to_torch_add_pass, sigmoid_to_tanh_pass])
 
 
 def test_runs_in_order_and_keeps_every_graph():
     pm = _manager()
-    assert pm.names == ["shape_prop", "classify", "add_to_torch_add", "sigmoid_to_tanh"]
+    assert pm.names == ["normalize", "shape_prop", "classify", "add_to_torch_add", "sigmoid_to_tanh"]
     captured = fx.symbolic_trace(Block())
     out = pm.run(captured)
     assert list(pm.history) == pm.names
@@ -88,7 +90,7 @@ def test_compare_measures_each_intermediate_graph():
 def test_stop_after():
     pm = _manager()
     gm = pm.run(fx.symbolic_trace(Block()), stop_after="classify")
-    assert list(pm.history) == ["shape_prop", "classify"]
+    assert list(pm.history) == ["normalize", "shape_prop", "classify"]
     assert "torch.add" not in gm.code
     with pytest.raises(PassError, match="passes run"):
         pm.compare("sigmoid_to_tanh", *_inputs())
@@ -144,3 +146,23 @@ def test_captured_zoo_block_through_normalize_shape_prop_classify():
     assert pm.history["shape_prop"].graph_module.meta["dims"] == {"N_seq": 5, "N_res": 7}
     assert pm.history["classify"].result.record["other"] == []
     assert "def forward(self, m, z, msa_mask, pair_mask, chunk_size)" in pm.code("classify")
+
+
+def test_a_pass_whose_requires_are_missing_is_refused_naming_pass_and_key():
+    # classify reads the einsum equations normalize writes: without normalize it must not run
+    pm = PassManager([("shape_prop", partial(shape_prop_pass, example_inputs=_inputs())), classify_pass])
+    with pytest.raises(PassError, match="pass 'classify' requires node meta 'einsum'"):
+        pm.run(fx.symbolic_trace(Block()))
+    assert list(pm.history) == ["shape_prop"]  # refused before it ran
+
+    @declare(requires=("op_class",), ensures=("shard",))
+    def shard_pass(gm):
+        return PassResult(gm, False, {})
+
+    with pytest.raises(PassError, match="pass 'shard' requires node meta 'op_class'"):
+        PassManager([normalize_pass, shard_pass]).run(fx.symbolic_trace(Block()))
+    # declared through functools.partial, and satisfied by the passes before it
+    pm = PassManager([normalize_pass, ("shape_prop", partial(shape_prop_pass, example_inputs=_inputs())),
+                      classify_pass, shard_pass])
+    gm = pm.run(fx.symbolic_trace(Block()))
+    assert set(gm.meta["ensured"]) >= {"einsum", "shape", "sym_shape", "op_class", "cost", "shard"}

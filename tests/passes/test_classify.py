@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from foldcompile.passes.base import PassError
 from foldcompile.passes.classify import check_flops_against_flop_counter, classify_pass
 from foldcompile.passes.cost_model import cost_totals
+from foldcompile.passes.normalize import normalize_pass
 from foldcompile.passes.shape_prop import dim_symbol, shape_prop_pass
 
 S, R = dim_symbol("N_seq"), dim_symbol("N_res")
@@ -50,7 +51,7 @@ def _inputs(s=11, r=13):
 
 
 def _prepared(module, inputs, dims=None):
-    gm = fx.symbolic_trace(module)
+    gm = normalize_pass(fx.symbolic_trace(module)).graph_module
     shape_prop_pass(gm, inputs, dims=dims)
     res = classify_pass(gm)
     return gm, res
@@ -96,17 +97,19 @@ def test_classes_and_costs_of_a_zoo_like_module():
                                                               torch.randn(2, 6, 3))),
 ])
 def test_gemm_flops_match_flop_counter(fn, inputs):
-    gm = fx.symbolic_trace(fn)
+    gm = normalize_pass(fx.symbolic_trace(fn)).graph_module
     shape_prop_pass(gm, inputs)
     classify_pass(gm)
-    assert [n.meta["op_class"] for n in gm.graph.nodes if n.op == "call_function"] == ["GEMM"]
+    # (a method call such as .transpose is a call_function after normalize: a LAYOUT node)
+    assert [n.meta["op_class"] for n in gm.graph.nodes
+            if n.op == "call_function" and n.meta["op_class"] != "LAYOUT"] == ["GEMM"]
     assert check_flops_against_flop_counter(gm, inputs) == []
 
 
 def test_matrix_vector_flops_are_counted_though_flop_counter_misses_them():
     # torch.matmul(matrix, vector) runs aten.mv, which FlopCounterMode does not count:
     # the cost model still counts 2*M*K, and the checker reports the disagreement.
-    gm = fx.symbolic_trace(lambda v, a: torch.matmul(a, v))
+    gm = normalize_pass(fx.symbolic_trace(lambda v, a: torch.matmul(a, v))).graph_module
     inputs = (torch.randn(7), torch.randn(5, 7))
     shape_prop_pass(gm, inputs)
     classify_pass(gm)
@@ -114,15 +117,27 @@ def test_matrix_vector_flops_are_counted_though_flop_counter_misses_them():
     assert [(b.expected, b.counted) for b in check_flops_against_flop_counter(gm, inputs)] == [(70, 0)]
 
 
-def test_flop_counter_check_on_modules_with_leaves_and_masks():
+def test_flop_counter_check_on_captured_modules_and_masks():
+    from foldcompile.capture import trace
+
     gm, _ = _prepared(TinyRowAttention(), _inputs())
     assert check_flops_against_flop_counter(gm, _inputs()) == []
     seq = torch.nn.Sequential(torch.nn.LayerNorm(5), torch.nn.Linear(5, 7), torch.nn.ReLU(), torch.nn.Linear(7, 3))
     x = torch.randn(4, 13, 5)
-    gm2, _ = _prepared(seq, (x,), dims={"N_res": 13})
-    assert [n.meta["op_class"] for n in gm2.graph.nodes if n.op == "call_module"] == \
+    gm2 = normalize_pass(trace(seq, x)).graph_module  # the capture inlines the modules into ops
+    shape_prop_pass(gm2, (x,), dims={"N_res": 13})
+    classify_pass(gm2)
+    assert [n.meta["op_class"] for n in gm2.graph.nodes if n.op == "call_function"] == \
         ["REDUCTION", "GEMM", "ELEMENTWISE", "GEMM"]
     assert check_flops_against_flop_counter(gm2, (x,)) == []
+
+
+def test_call_module_nodes_are_refused_naming_the_module():
+    seq = torch.nn.Sequential(torch.nn.Linear(5, 7))
+    with pytest.raises(PassError, match="module '0' \\(Linear\\)"):
+        normalize_pass(fx.symbolic_trace(seq))
+    with pytest.raises(PassError, match="calls module '0' \\(Linear\\)"):
+        shape_prop_pass(fx.symbolic_trace(seq), (torch.randn(3, 5),))
 
 
 def test_flop_checker_reports_a_wrong_cost():
@@ -146,6 +161,7 @@ def test_unknown_op_is_other_with_bytes_and_recorded():
     res = classify_pass(gm)
     node = _node(gm, "mystery")
     assert node.meta["op_class"] == "OTHER" and res.record["other"] == [{"node": "mystery", "op": "mystery"}]
+    assert res.record["uncosted"] == [{"node": "mystery", "op": "mystery"}]  # named, not silently 0
     assert node.meta["cost"] == {"flops": 0, "bytes": 2 * 4 * R * R * 4}
 
 
@@ -232,3 +248,60 @@ def test_zoo_gemm_flops_match_flop_counter(name):
     rec = classify_pass(gm).record
     assert rec["counts"]["GEMM"] > 10 and rec["other"] == []
     assert check_flops_against_flop_counter(gm, flat) == []
+
+
+# ---------------------------------------------------------------- defects fixed with the op registry
+
+
+def test_op_name_of_torch_ops_overloads_names_the_op():
+    from foldcompile.passes.registry import op_name
+
+    g = fx.Graph()
+    x = g.placeholder("x")
+    add = g.call_function(torch.ops.aten.add.Tensor, (x, x))
+    a2a = g.call_function(torch.ops._c10d_functional.all_to_all_single.default, (x, [2], [2], "g"))
+    other = g.call_function(torch.ops._c10d_functional.all_gather_into_tensor_coalesced.default, ([x], 2, "g"))
+    assert (op_name(add), op_name(a2a), op_name(other)) == \
+        ("add", "all_to_all_single", "_c10d_functional.all_gather_into_tensor_coalesced")
+
+
+def test_broadcast_to_is_layout_not_a_collective():
+    gm, res = _prepared(lambda z: torch.broadcast_to(z[:, :1], (13, 13, 4)), (torch.randn(13, 13, 4),))
+    node = _node(gm, "broadcast_to")
+    assert node.meta["op_class"] == "LAYOUT" and res.record["counts"].get("COMM", 0) == 0
+
+
+def test_masks_are_recognised_by_use_not_by_name():
+    """Renaming the mask argument changes no class and no number."""
+    import inspect
+
+    class Renamed(TinyRowAttention):
+        def forward(self, m, z, keep):  # the same code with the mask called `keep`
+            return super().forward(m, z, keep)
+
+    from foldcompile.capture import trace
+
+    graphs = []
+    for module in (TinyRowAttention(), Renamed()):
+        gm = normalize_pass(trace(module, *_inputs())).graph_module
+        shape_prop_pass(gm, _inputs())
+        graphs.append((gm, classify_pass(gm).record))
+    (base, rec_base), (renamed, rec) = graphs
+    assert rec["mask_products"] == rec_base["mask_products"] != []
+    assert "keep" in [n.name for n in renamed.graph.nodes if n.op == "placeholder"][2] \
+        and "keep" in inspect.signature(Renamed.forward).parameters
+    assert [(n.meta["op_class"], n.meta["cost"]) for n in base.graph.nodes] == \
+        [(n.meta["op_class"], n.meta["cost"]) for n in renamed.graph.nodes]
+
+
+def test_uncosted_ops_are_named_in_the_record_and_in_explain():
+    from foldcompile.explain import explain_graph
+
+    def f(m):
+        return torch.cdist(m, m).sum() + torch.linalg.norm(m)
+
+    report = explain_graph(fx.symbolic_trace(f), (torch.randn(11, 13, 4),))
+    rec = report.passes["classify"]["record"]
+    assert sorted(u["op"] for u in rec["uncosted"]) == ["cdist", "linalg_norm"]
+    assert report.uncosted() == {"cdist": ["cdist"], "linalg_norm": ["linalg_norm"]}
+    assert "un-costed ops" in str(report) and "cdist (1 node: cdist)" in str(report)

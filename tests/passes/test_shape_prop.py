@@ -187,3 +187,70 @@ def test_zoo_symbolic_shapes_do_not_depend_on_the_example_sizes(name):
         assert res.record["fallback"] == []
         shapes.append([n.meta["sym_shape"] for n in gm.graph.nodes])
     assert shapes[0] == shapes[1]
+
+
+def test_fake_tensor_propagation_through_kernel_ops_and_a_collective():
+    """A graph no process could run as is (a collective, fused-kernel ops), annotated without data."""
+    import foldcompile.kernels.ops  # noqa: F401  (torch.ops.foldcompile.*)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from foldcompile.passes.classify import classify_pass
+    from foldcompile.passes.normalize import normalize_pass
+
+    K, C = torch.ops.foldcompile, torch.ops._c10d_functional
+    g = fx.Graph()
+    m = g.placeholder("m")                                                        # [N_seq, N_res, 8]
+    ln = g.call_function(K.layer_norm.default, (m, None, None, 1e-5))
+    heads = g.call_function(torch.Tensor.view, (ln, (5, 11, 2, 4)))               # literal sizes
+    q = g.call_function(torch.permute, (heads, (2, 0, 1, 3)))                     # [2, N_seq, N_res, 4]
+    att = g.call_function(K.attention.default, (q, q, q))
+    probs = g.call_function(K.softmax.default, (att, -1))
+    a2a = g.call_function(C.all_to_all_single.default, (m, [2, 3], [3, 2], "dap"))  # uneven splits
+    done = g.call_function(C.wait_tensor.default, (a2a,))
+    g.output((probs, done))
+    gm = normalize_pass(fx.GraphModule(torch.nn.Module(), g)).graph_module
+    with FakeTensorMode() as mode:
+        fake_m = mode.from_tensor(torch.empty(5, 11, 8))
+    res = shape_prop_pass(gm, (fake_m,))                                          # fake inputs: no data
+    assert res.record["fallback"] == [] and res.record["dims"] == {"N_seq": 5, "N_res": 11}
+    nodes = _by_name(gm)
+    assert nodes["view"].meta["sym_args"] == {1: (S, R, 2, 4)}                   # the literal's meaning
+    assert nodes["attention_default"].meta["sym_shape"] == (2, S, R, 4)
+    assert nodes["softmax_default"].meta["sym_shape"] == (2, S, R, 4)
+    assert nodes["all_to_all_single_default"].meta["sym_shape"] == (S, R, 8)
+    rec = classify_pass(gm).record
+    cls = {n.name: n.meta["op_class"] for n in gm.graph.nodes}
+    assert cls["all_to_all_single_default"] == cls["wait_tensor_default"] == "COMM"
+    assert cls["attention_default"] == "GEMM" and cls["layer_norm_default"] == cls["softmax_default"] == "REDUCTION"
+    assert nodes["attention_default"].meta["cost"]["flops"] == 2 * 2 * S * R * R * (4 + 4)
+    assert rec["other"] == [] and rec["uncosted"] == []
+
+
+def test_literal_view_sizes_record_their_symbolic_meaning():
+    g = fx.Graph()
+    z = g.placeholder("z")
+    g.output(g.call_function(torch.Tensor.view, (z, (11, 11, 2, -1))))
+    gm = fx.GraphModule(torch.nn.Module(), g)
+    shape_prop_pass(gm, (torch.randn(11, 11, 8),))
+    node = next(n for n in gm.graph.nodes if n.op == "call_function")
+    assert node.meta["sym_args"] == {1: (R, R, 2, -1)} and node.meta["sym_shape"] == (R, R, 2, 4)
+
+
+@pytest.mark.full  # a capture and two propagations
+def test_fake_propagation_of_a_captured_block_equals_the_real_one():
+    """No data is needed: the zoo block annotated on fake tensors gets the same shapes, symbolic
+    shapes and costs as on real ones (so a rewritten graph can be annotated again)."""
+    import copy
+
+    from foldcompile.passes.classify import classify_pass
+
+    gm, flat = _captured_zoo("evoformer_block", 5, 11)
+    fake_gm = copy.deepcopy(gm)
+    real = shape_prop_pass(gm, flat)
+    fake = shape_prop_pass(fake_gm, flat, fake=True)
+    assert real.record == fake.record
+    classify_pass(gm)
+    classify_pass(fake_gm)
+    keys = ("shape", "sym_shape", "dtype", "sym_args", "op_class", "cost", "aliases_input")
+    assert [[n.meta.get(k) for k in keys] for n in gm.graph.nodes] == \
+        [[n.meta.get(k) for k in keys] for n in fake_gm.graph.nodes]

@@ -1,0 +1,214 @@
+"""The op registry: one entry per op, keyed by the op's callables, holding every fact a pass needs.
+
+An entry (:class:`OpEntry`) holds the op's class, its symbolic shape rule, its FLOPs per
+element (or ``gemm=True``: FLOPs from its einsum equation), whether it always returns views,
+whether its values are independent of its inputs' values (creation ops), the spelling
+``normalize_pass`` gives a method call of it, whether a fused kernel may take it, an empty slot
+for its sharding rule, and the sample inputs the registry's tests run it on.
+
+The keys are the callables themselves — ``torch.permute``, ``torch.Tensor.permute``,
+``operator.add``, ``torch.ops._c10d_functional.all_to_all_single.default`` — never a name
+string. :func:`register_op` is a decorator put on the op's shape rule; a name given as a
+string is resolved once, at registration, to every callable of that name in torch's
+namespaces (``torch``, ``torch.Tensor``, ``torch.nn.functional``, ``torch._C._nn``,
+``torch._C._linalg``, ``operator``), so ``x.add(y)``, ``torch.add`` and ``x + y`` find one entry.
+
+    >>> import torch
+    >>> from foldcompile.passes.registry import lookup, register_op, ELEMENTWISE
+    >>> def twice(x): return 2 * x
+    >>> @register_op(twice, op_class=ELEMENTWISE, flops_per_element=1,
+    ...              samples=lambda: [((torch.randn(3, 5),), {})])
+    ... def _rule_twice(ctx): return ctx.tshape(0)[1]
+    >>> lookup(twice).op_class, lookup(torch.Tensor.permute).name
+    ('ELEMENTWISE', 'permute')
+"""
+from __future__ import annotations
+
+import builtins
+import operator
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+
+__all__ = ["OpEntry", "register_op", "lookup", "entry_of", "entries", "resolve_name", "op_name", "target_of",
+           "OP_CLASSES", "GEMM", "REDUCTION", "ELEMENTWISE", "LAYOUT", "COMM", "OTHER"]
+
+GEMM, REDUCTION, ELEMENTWISE, LAYOUT, COMM, OTHER = "GEMM", "REDUCTION", "ELEMENTWISE", "LAYOUT", "COMM", "OTHER"
+OP_CLASSES = (GEMM, REDUCTION, ELEMENTWISE, LAYOUT, COMM, OTHER)
+
+# where a name given to register_op is looked up (getattr is Python's own: fx records x.shape so)
+_NAMESPACES: tuple[Any, ...] = (torch, torch.Tensor, F, torch._C._nn, torch._C._linalg, operator)
+_BUILTINS = {"getattr": builtins.getattr}
+# callables whose name matches an op but which are other functions (operator.concat joins sequences)
+_NOT_THE_OP = (operator.concat,)
+
+Sample = tuple[tuple, dict]  # (args, kwargs) of one call; tensors are real, small and distinct-sized
+
+
+@dataclass
+class OpEntry:
+    """Everything the passes know about one op (see the module docstring)."""
+
+    name: str
+    op_class: str
+    shape_rule: Callable[..., Any] | None
+    targets: tuple[Any, ...]
+    flops_per_element: int = 0          # ELEMENTWISE: per output element; REDUCTION: per input element
+    gemm: bool = False                  # FLOPs are the products of meta["einsum"]
+    views: bool = False                 # always returns views of its input: moves no bytes
+    creation: bool = False              # output values never depend on input values (torch.ones_like)
+    canonical: Any = None               # what normalize writes for a method call of this op
+    fusible: str | None = None          # "pointwise": a generated element-wise kernel may take it;
+    #                                     "kernel": one of foldcompile's own kernels computes it
+    classify: Callable[[torch.fx.Node, bool], str] | None = None  # per-node class where it varies
+    sharding: Callable[..., Any] | None = None   # the DAP pass's rule (not written yet)
+    size_arg: int | None = None         # position of the argument listing the output's sizes (view, zeros)
+    samples: Callable[[], list[Sample]] | None = None
+    doc: str = ""
+
+    def class_of(self, node: torch.fx.Node, mask_only: bool = False) -> str:
+        return self.classify(node, mask_only) if self.classify is not None else self.op_class
+
+
+_REGISTRY: dict[Any, OpEntry] = {}
+_ENTRIES: list[OpEntry] = []
+
+
+def resolve_name(name: str) -> tuple[Any, ...]:
+    """Every callable called ``name`` in the registry's namespaces (dtypes and modules excluded)."""
+    found: list[Any] = []
+    if name in _BUILTINS:
+        found.append(_BUILTINS[name])
+    for ns in _NAMESPACES:
+        obj = getattr(ns, name, None)
+        if obj is None or not callable(obj) or isinstance(obj, type) or isinstance(obj, torch.dtype) \
+                or any(obj is x for x in _NOT_THE_OP):
+            continue
+        if not any(obj is f for f in found):
+            found.append(obj)
+    return tuple(found)
+
+
+def register_op(*ops: str | Any, op_class: str, flops_per_element: int = 0, gemm: bool = False,
+                views: bool = False, creation: bool = False, torch_spelling: bool = False,
+                fusible: str | None = None, size_arg: int | None = None, classify: Callable[[torch.fx.Node, bool], str] | None = None,
+                samples: Callable[[str], list[Sample]] | Callable[[], list[Sample]] | None = None,
+                name: str | None = None) -> Callable[[Callable], Callable]:
+    """Decorate a shape rule to register the ops it serves (one entry per op).
+
+    ``ops``: op names (resolved by :func:`resolve_name`; each is its own entry) or callables
+    (together one entry, named ``name`` or after the first callable). ``torch_spelling``:
+    normalize writes a method call ``x.m(...)`` as ``torch.m(x, ...)`` (the same op with the same
+    arguments), else as ``torch.Tensor.m(x, ...)``. ``samples(name)`` (or ``samples()`` for
+    callables) returns ``[(args, kwargs)]`` calls the registry tests run the op on.
+    """
+    if op_class not in OP_CLASSES:
+        raise ValueError(f"op_class must be one of {OP_CLASSES}, got {op_class!r}")
+
+    def deco(rule: Callable) -> Callable:
+        names = [o for o in ops if isinstance(o, str)]
+        fns = tuple(o for o in ops if not isinstance(o, str))
+        groups: list[tuple[str, tuple[Any, ...], Callable | None]] = []
+        for n in names:
+            targets = resolve_name(n)
+            if not targets:
+                raise ValueError(f"register_op: no callable named {n!r} in {_NAMESPACES}")
+            groups.append((n, targets, (lambda n=n: samples(n)) if samples is not None else None))
+        if fns:
+            groups.append((name or getattr(fns[0], "__name__", str(fns[0])), fns, samples))
+        for n, targets, smp in groups:
+            canonical = None
+            if torch_spelling and callable(getattr(torch, n, None)):
+                canonical = getattr(torch, n)
+            elif hasattr(torch.Tensor, n) and callable(getattr(torch.Tensor, n)):
+                canonical = getattr(torch.Tensor, n)
+            entry = OpEntry(n, op_class, rule, targets, flops_per_element, gemm, views, creation, canonical,
+                            fusible, classify, None, size_arg, smp, (rule.__doc__ or "").strip())
+            for t in targets:
+                if t in _REGISTRY:
+                    raise ValueError(f"register_op: {t!r} is already registered as {_REGISTRY[t].name!r}")
+                _REGISTRY[t] = entry
+            _ENTRIES.append(entry)
+        return rule
+
+    return deco
+
+
+def lookup(target: Any) -> OpEntry | None:
+    """The entry of a callable (``torch.permute``, an OpOverload, ...), ``None`` if unregistered."""
+    _ensure_loaded()
+    if isinstance(target, torch._ops.OpOverload) and target.namespace == "foldcompile" and target not in _REGISTRY:
+        # the kernels' ops exist once foldcompile.kernels.ops is imported (a graph holding one did);
+        # their entries load with them, so analysing a plain model never imports Triton
+        import foldcompile.passes.op_kernels  # noqa: F401
+    try:
+        return _REGISTRY.get(target)
+    except TypeError:  # an unhashable target
+        return None
+
+
+def target_of(node: torch.fx.Node) -> Any:
+    """The callable a node calls: its target, or ``torch.Tensor.<m>`` for a method call ``x.m()``."""
+    if node.op == "call_method":
+        return getattr(torch.Tensor, str(node.target), None)
+    if node.op == "call_function":
+        return node.target
+    return None
+
+
+def entry_of(node: torch.fx.Node) -> OpEntry | None:
+    """The entry of the op a node calls (placeholders, outputs, unknown ops: ``None``)."""
+    if node.op not in ("call_function", "call_method"):
+        return None
+    _ensure_loaded()
+    return lookup(target_of(node))
+
+
+def entries(kernels: bool = True) -> Iterator[OpEntry]:
+    """Every registered entry, in registration order (with ``kernels``, the kernels' ops too,
+    which imports :mod:`foldcompile.kernels.ops`)."""
+    _ensure_loaded()
+    if kernels:
+        import foldcompile.passes.op_kernels  # noqa: F401
+    return iter(list(_ENTRIES))
+
+
+def op_name(node: torch.fx.Node) -> str:
+    """A node's op as one name, for records and tables: the entry's name where registered
+    (``torch.reshape``, ``Tensor.view`` and ``x.view`` give their op's name), else the callable's
+    own: ``operator.add`` gives ``add``, an ATen overload its op (``aten.add.Tensor`` -> ``add``),
+    any other ``torch.ops`` overload ``namespace.op`` (``_c10d_functional.all_to_all_single``)."""
+    entry = entry_of(node)
+    if entry is not None:
+        return entry.name
+    if node.op == "call_method":
+        return str(node.target)
+    if node.op == "call_function":
+        t = node.target
+        if isinstance(t, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+            ns, op = t._schema.name.split("::")
+            return op if ns == "aten" else f"{ns}.{op}"
+        name = getattr(t, "__name__", str(t))
+        return name.split(".")[-1]
+    return node.op
+
+
+_LOADED = False
+
+
+def _ensure_loaded() -> None:
+    # the entries are registered by the modules that define their rules; import them once
+    global _LOADED
+    if not _LOADED:
+        _LOADED = True
+        import foldcompile.passes.op_comm  # noqa: F401
+        import foldcompile.passes.shape_rules  # noqa: F401
+
+
+def all_targets() -> Iterable[Any]:
+    """Every registered callable."""
+    _ensure_loaded()
+    return list(_REGISTRY)
