@@ -108,13 +108,14 @@ Example (AF3's Pairformer module, 13 residues)::
 from __future__ import annotations
 
 import dataclasses
-import math
+import os
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+import triton.testing
 
 from foldcompile.kernels._dispatch import interpreting, note_launch, once_differentiable, use_triton
 
@@ -129,37 +130,83 @@ MAX_TRITON_DIM = 256
 
 
 # --------------------------------------------------------------------------- configs
-def _configs(kind: str) -> list[triton.Config]:
-    """Tile configurations, chosen at import time: exactly one under the interpreter (small
-    tiles, so 13- and 19-residue tests hit every tail); a short Hopper list on the GPU.
-
-    Hopper reasoning (C = H = 128, bf16): a [128, 128] tile of normalised z is 32 KiB, each
-    [64, 128] weight tile 16 KiB, so a 128-row program with two 64-wide output tiles in flight
-    fits shared memory with room for double buffering; 8 warps are two warpgroups for wgmma.
-    The output kernels keep two [BLOCK_M, C] fp32 accumulators (o and the gate): 64 rows with
-    one warpgroup keeps them at 64 registers a thread. The backward kernels hold about four
-    such fp32 tiles at once (LN(p), o, g, dout; or dLN(z), x̂ and the loop's tiles), hence
-    their 8-warp entries: 32 registers a tile at 64 rows instead of spilling. Every program reads the weights it
-    needs from L2 (2·(2H + 2H)·C bytes in the projection kernel, 2·(H + C)·C in the output
-    kernel), so BLOCK_M also sets the ratio of L2 weight reads to HBM traffic: at 128 rows the
-    projection kernel reads 128 KiB of weights against 96 KiB of z and a/b; 256-row tiles
-    halve that, at the price of 128 accumulator registers a thread.
-    """
-    if interpreting():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_H": 16}, num_warps=4, num_stages=1)]
-    # The last entry of each list is small enough to compile for fp32 operands and 256 channels
-    # (the autotuner drops configs that run out of shared memory or registers).
-    shapes = {
-        "proj": [(128, 64, 8, 2), (256, 64, 8, 2), (64, 128, 4, 2), (64, 32, 4, 1)],
-        "out": [(64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2), (32, 64, 4, 1)],
-        "out_bwd": [(64, 64, 8, 2), (64, 64, 4, 2), (32, 64, 4, 1)],
-        "proj_bwd": [(64, 64, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 1)],
-    }[kind]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_H": h}, num_warps=w, num_stages=s) for m, h, w, s in shapes]
+# A config is a dict: BLOCK_M (pair rows a tile), BLOCK_H (output channels an inner step; the
+# projection kernels), num_warps, num_stages, and CTAS: 0 = one tile a program (grid = tiles),
+# k > 0 = persistent: about k programs per multiprocessor, each looping over TILES tiles
+# (a power of two, so few compiled variants) with the next tile's loads issued before the
+# current tile's math (register prefetch).
+_KEYS = ("BLOCK_M", "BLOCK_H", "num_warps", "num_stages", "CTAS")
+_GPU_CONFIGS = {
+    # Reasoned, not yet measured (bench/kernels/triangle_tune.py measures them): the first entry
+    # of each list is the one used when tuning is off (FOLDCOMPILE_TRIMUL_TUNE=0).
+    "proj": [(128, 64, 8, 2, 1), (128, 128, 8, 2, 1), (64, 64, 4, 2, 2), (256, 64, 8, 2, 1),
+             (128, 64, 8, 2, 0), (64, 32, 4, 1, 0)],
+    "out": [(64, 64, 8, 1, 2), (64, 64, 4, 1, 2), (128, 64, 8, 1, 1), (64, 64, 4, 2, 0), (128, 64, 8, 2, 0),
+            (32, 64, 4, 1, 0)],
+    "out_bwd": [(64, 64, 8, 2, 0), (64, 64, 4, 2, 0), (32, 64, 4, 1, 0)],
+    "proj_bwd": [(64, 64, 8, 2, 0), (64, 64, 4, 2, 0), (128, 64, 8, 2, 0), (64, 32, 4, 1, 0)],
+}
+# Under the interpreter: small tiles (13- and 19-residue tests hit every tail) and the persistent
+# form (CTAS = 1 with _num_sms() = 4), so the tile loop and its prefetch are tested on CPU.
+_INTERP_CONFIGS = {k: [(16, 16, 4, 1, 1 if k in ("proj", "out") else 0)] for k in _GPU_CONFIGS}
+# kind -> config forced by tests and by bench/kernels/triangle_tune.py (skips the tuner).
+_FORCED: dict[str, dict] = {}
+_TUNED: dict[tuple, dict] = {}
+_SMS: dict[int, int] = {}
 
 
-def _min_block_m(kind: str) -> int:
-    return min(c.kwargs["BLOCK_M"] for c in _configs(kind))
+def _configs(kind: str) -> list[dict]:
+    """Candidate configs of one kernel kind, chosen at import time (one under the interpreter).
+
+    Hopper reasoning (C = H = 128, bf16): see the module docstring, "Tiles"."""
+    table = _INTERP_CONFIGS if interpreting() else _GPU_CONFIGS
+    return [dict(zip(_KEYS, c)) for c in table[kind]]
+
+
+def _num_sms(device: torch.device) -> int:
+    if interpreting() or device.type != "cuda":
+        return 4
+    i = device.index if device.index is not None else torch.cuda.current_device()
+    if i not in _SMS:
+        _SMS[i] = torch.cuda.get_device_properties(i).multi_processor_count
+    return _SMS[i]
+
+
+def _tiles_per_program(total: int, cfg: dict, device: torch.device) -> int:
+    """Tiles each program of a persistent launch loops over: a power of two (bounded
+    recompilation) making the grid about CTAS programs per multiprocessor."""
+    if not cfg["CTAS"]:
+        return 1
+    want = triton.cdiv(total, _num_sms(device) * cfg["CTAS"])
+    return min(64, triton.next_power_of_2(max(1, want)))
+
+
+def _pick(kind: str, key: tuple, launch) -> dict:
+    """The config to launch ``kind`` with: forced, cached, or (GPU, several candidates, tuning on)
+    the fastest of the candidates timed once per key with ``launch(cfg)`` (every kernel here is
+    idempotent: a rerun rewrites the same outputs). The key buckets M to a power of two so a new
+    N of similar size reuses the choice."""
+    if kind in _FORCED:
+        return _FORCED[kind]
+    cfgs = _configs(kind)
+    if len(cfgs) == 1 or interpreting() or os.environ.get("FOLDCOMPILE_TRIMUL_TUNE", "1") == "0":
+        return cfgs[0]
+    full = (kind, *key)
+    cfg = _TUNED.get(full)
+    if cfg is None:
+        best = (float("inf"), cfgs[0])
+        for c in cfgs:
+            try:
+                t = triton.testing.do_bench(lambda c=c: launch(c), warmup=5, rep=20)
+            except Exception:  # noqa: BLE001 - out of shared memory / registers: not a candidate here
+                continue
+            best = min(best, (t, c), key=lambda x: x[0])
+        cfg = _TUNED[full] = best[1]
+    return cfg
+
+
+def _meta(cfg: dict) -> dict:
+    return dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
 # --------------------------------------------------------------------------- kernels
@@ -175,129 +222,187 @@ def _ln_rows(x, ok, w, b, n, eps):
     return xhat, xhat * w[None, :] + b[None, :], mean, rstd
 
 
-@triton.autotune(configs=_configs("proj"), key=["NN", "C", "H", "HAS_MASK"])
 @triton.jit
-def _trimul_proj_kernel(Z, MASK, LNW, LNB, WP, BP, WG, BG, AB, MEAN, RSTD,
-                        NN, BHNN, eps,
-                        C: tl.constexpr, H: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
-                        BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
-    # One program: BLOCK_M pair rows of batch element pid_b. Reads BLOCK_M·C of z (once) and
-    # BLOCK_M mask values; writes BLOCK_M·2H of a/b channel-major and 2 fp32 statistics a row.
-    pid = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
-    rs = pid * BLOCK_M + tl.arange(0, BLOCK_M)          # pair index r·N + s within the batch element
-    r_ok = rs < NN
-    rows = pid_b * NN + rs                                # row of the flattened [M, C] z
+def _tile_rows(t, TILES_B, TOTAL, NN, BLOCK_M: tl.constexpr):
+    """Tile t (of TOTAL = B · TILES_B): (batch element, pair indices, row mask, flat rows)."""
+    b = (t // TILES_B).to(tl.int64)
+    rs = (t % TILES_B) * BLOCK_M + tl.arange(0, BLOCK_M)
+    r_ok = (rs < NN) & (t < TOTAL)
+    return b, rs, r_ok, b * NN + rs
+
+
+@triton.jit
+def _proj_load(Z, MASK, t, TILES_B, TOTAL, NN, C: tl.constexpr, HAS_MASK: tl.constexpr,
+               BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Raw (z's dtype) z rows and the mask of tile t: what the projection kernel prefetches."""
+    b, rs, r_ok, rows = _tile_rows(t, TILES_B, TOTAL, NN, BLOCK_M)
+    cols = tl.arange(0, BLOCK_C)
+    zc_ok = r_ok[:, None] & (cols < C)[None, :]
+    x = tl.load(Z + rows[:, None] * C + cols[None, :], mask=zc_ok, other=0.0)
+    if HAS_MASK:
+        mk = tl.load(MASK + rows, mask=r_ok, other=0.0).to(tl.float32)
+    else:
+        mk = tl.full([BLOCK_M], 1.0, tl.float32)
+    return x, mk
+
+
+@triton.jit
+def _proj_half(x1t, mk, b, rs, r_ok, W_P, W_G, B_P, B_G, AB, NN,
+               C: tl.constexpr, H: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+               BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr):
+    """One of a / b for one tile: [BLOCK_H, BLOCK_M] = W · x^T tiles, gated, masked and stored
+    channel-major into AB ([B, H, N, N] of this half), the pair index contiguous."""
     cols = tl.arange(0, BLOCK_C)
     c_ok = cols < C
-    zc_ok = r_ok[:, None] & c_ok[None, :]
-    x = tl.load(Z + rows[:, None] * C + cols[None, :], mask=zc_ok, other=0.0).to(tl.float32)
-    w = tl.load(LNW + cols, mask=c_ok, other=0.0).to(tl.float32)
-    b = tl.load(LNB + cols, mask=c_ok, other=0.0).to(tl.float32)
-    _, x1, mean, rstd = _ln_rows(x, zc_ok, w, b, C, eps)
-    tl.store(MEAN + rows, mean, mask=r_ok)
-    tl.store(RSTD + rows, rstd, mask=r_ok)
-    x1t = tl.trans(x1.to(Z.dtype.element_ty))           # [BLOCK_C, BLOCK_M]: the GEMM's right operand
-    if HAS_MASK:
-        mk = tl.load(MASK + rows, mask=r_ok, other=0.0)
-    base = AB + pid_b * (H * NN)
-    for h0 in range(0, 2 * H, BLOCK_H):
-        hh = h0 + tl.arange(0, BLOCK_H)                   # concatenated output channel: [a | b]
-        h_ok = hh < 2 * H
+    base = AB + b * (H * NN)
+    for h0 in range(0, H, BLOCK_H):
+        hh = h0 + tl.arange(0, BLOCK_H)
+        h_ok = hh < H
         w_ok = h_ok[:, None] & c_ok[None, :]
-        # [BLOCK_H, BLOCK_C] tiles of the [2H, C] weights (row-major, as nn.Linear stores them).
-        wp = tl.load(WP + hh[:, None] * C + cols[None, :], mask=w_ok, other=0.0).to(x1t.dtype)
-        wg = tl.load(WG + hh[:, None] * C + cols[None, :], mask=w_ok, other=0.0).to(x1t.dtype)
-        bp = tl.load(BP + hh, mask=h_ok, other=0.0).to(tl.float32)
-        bg = tl.load(BG + hh, mask=h_ok, other=0.0).to(tl.float32)
+        # [BLOCK_H, BLOCK_C] tiles of the [H, C] weights (row-major, as nn.Linear stores them).
+        wp = tl.load(W_P + hh[:, None] * C + cols[None, :], mask=w_ok, other=0.0).to(x1t.dtype)
+        wg = tl.load(W_G + hh[:, None] * C + cols[None, :], mask=w_ok, other=0.0).to(x1t.dtype)
+        bp = tl.load(B_P + hh, mask=h_ok, other=0.0).to(tl.float32)
+        bg = tl.load(B_G + hh, mask=h_ok, other=0.0).to(tl.float32)
         up = tl.dot(wp, x1t, input_precision=PRECISION) + bp[:, None]   # [BLOCK_H, BLOCK_M]
         ug = tl.dot(wg, x1t, input_precision=PRECISION) + bg[:, None]
         v = tl.sigmoid(ug) * up
         if HAS_MASK:
             v = v * mk[None, :]
-        t = hh // H                                        # 0: a, 1: b
-        ch = (hh - t * H).to(tl.int64)
-        off = t.to(tl.int64) * BHNN + ch * NN
-        tl.store(base + off[:, None] + rs[None, :], v.to(AB.dtype.element_ty), mask=h_ok[:, None] & r_ok[None, :])
+        tl.store(base + hh[:, None].to(tl.int64) * NN + rs[None, :], v.to(AB.dtype.element_ty),
+                 mask=h_ok[:, None] & r_ok[None, :])
 
 
 @triton.jit
-def _out_common(P, Z, MEAN, RSTD, LN1W, LN1B, LN2W, LN2B, WO, BO, WGO, BGO, pid, pid_b, NN, eps2,
-                C: tl.constexpr, H: tl.constexpr, PRECISION: tl.constexpr,
-                BLOCK_C: tl.constexpr, BLOCK_HF: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Shared by the output kernel and its backward: LN(p) from a channel-major tile, the
-    output projection o = LN(p) W_o^T + b_o, and the gate g = sigmoid(LN(z) W_g^T + b_g)."""
-    rs = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    r_ok = rs < NN
-    rows = pid_b * NN + rs
+def _trimul_proj_kernel(Z, MASK, LNW, LNB, WAP, WBP, WAG, WBG, BAP, BBP, BAG, BBG, AB, MEAN, RSTD,
+                        NN, TILES_B, TOTAL, BHNN, eps,
+                        C: tl.constexpr, H: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+                        BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, TILES: tl.constexpr):
+    # Program pid handles tiles pid, pid + P, ..., pid + (TILES-1)·P (P programs; concurrent
+    # programs work on neighbouring tiles). Each tile: reads BLOCK_M·C of z (once) and BLOCK_M
+    # mask values; writes BLOCK_M·2H of a/b channel-major and 2 fp32 statistics a row. With
+    # TILES > 1 the next tile's z and mask loads are issued before this tile's LN and GEMMs, so
+    # the HBM latency of one tile overlaps the math of the previous one.
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK_C)
+    c_ok = cols < C
+    w = tl.load(LNW + cols, mask=c_ok, other=0.0).to(tl.float32)
+    b1 = tl.load(LNB + cols, mask=c_ok, other=0.0).to(tl.float32)
+    x_n, mk_n = _proj_load(Z, MASK, pid, TILES_B, TOTAL, NN, C, HAS_MASK, BLOCK_C, BLOCK_M)
+    for i in range(TILES):
+        t = pid + i * nprog
+        x_c, mk_c = x_n, mk_n
+        if TILES > 1:
+            x_n, mk_n = _proj_load(Z, MASK, t + nprog, TILES_B, TOTAL, NN, C, HAS_MASK, BLOCK_C, BLOCK_M)
+        b, rs, r_ok, rows = _tile_rows(t, TILES_B, TOTAL, NN, BLOCK_M)
+        zc_ok = r_ok[:, None] & c_ok[None, :]
+        _, x1, mean, rstd = _ln_rows(x_c.to(tl.float32), zc_ok, w, b1, C, eps)
+        tl.store(MEAN + rows, mean, mask=r_ok)
+        tl.store(RSTD + rows, rstd, mask=r_ok)
+        x1t = tl.trans(x1.to(Z.dtype.element_ty))       # [BLOCK_C, BLOCK_M]: the GEMMs' right operand
+        _proj_half(x1t, mk_c, b, rs, r_ok, WAP, WAG, BAP, BAG, AB, NN, C, H, HAS_MASK, PRECISION,
+                   BLOCK_C, BLOCK_H)
+        _proj_half(x1t, mk_c, b, rs, r_ok, WBP, WBG, BBP, BBG, AB + BHNN, NN, C, H, HAS_MASK, PRECISION,
+                   BLOCK_C, BLOCK_H)
+
+
+@triton.jit
+def _out_load(P, Z, MEAN, RSTD, t, TILES_B, TOTAL, NN, C: tl.constexpr, H: tl.constexpr,
+              BLOCK_C: tl.constexpr, BLOCK_HF: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Raw loads of tile t for the output kernels: the p^T tile [H, BLOCK_M] (channel-major, so
+    contiguous along the pairs: a coalesced read), the z rows and their LN statistics. Both big
+    loads are issued together, before any math."""
+    b, rs, r_ok, rows = _tile_rows(t, TILES_B, TOTAL, NN, BLOCK_M)
+    hh = tl.arange(0, BLOCK_HF)
+    cols = tl.arange(0, BLOCK_C)
+    pt = tl.load(P + b * (H * NN) + hh[:, None].to(tl.int64) * NN + rs[None, :],
+                 mask=(hh < H)[:, None] & r_ok[None, :], other=0.0)
+    x = tl.load(Z + rows[:, None] * C + cols[None, :], mask=r_ok[:, None] & (cols < C)[None, :], other=0.0)
+    mean1 = tl.load(MEAN + rows, mask=r_ok, other=0.0)
+    rstd1 = tl.load(RSTD + rows, mask=r_ok, other=0.0)
+    return pt, x, mean1, rstd1
+
+
+@triton.jit
+def _out_math(pt, x, mean1, rstd1, r_ok, LN1W, LN1B, LN2W, LN2B, WO, BO, WGO, BGO, eps2,
+              C: tl.constexpr, H: tl.constexpr, PRECISION: tl.constexpr,
+              BLOCK_C: tl.constexpr, BLOCK_HF: tl.constexpr):
+    """LN(p) from a channel-major tile, the output projection o = LN(p) W_o^T + b_o, and the
+    gate g = sigmoid(LN(z) W_g^T + b_g) (shared by the output kernel and its backward)."""
     hh = tl.arange(0, BLOCK_HF)
     h_ok = hh < H
     cols = tl.arange(0, BLOCK_C)
     c_ok = cols < C
-    # p^T tile [H, BLOCK_M]: contiguous along the pairs, so the channel-major read is coalesced.
     pt_ok = h_ok[:, None] & r_ok[None, :]
-    pt = tl.load(P + pid_b * (H * NN) + hh[:, None].to(tl.int64) * NN + rs[None, :], mask=pt_ok,
-                 other=0.0).to(tl.float32)
-    mean2 = tl.sum(pt, axis=0) / H
-    pc = tl.where(pt_ok, pt - mean2[None, :], 0.0)
+    ptf = pt.to(tl.float32)
+    mean2 = tl.sum(ptf, axis=0) / H
+    pc = tl.where(pt_ok, ptf - mean2[None, :], 0.0)
     var2 = tl.sum(pc * pc, axis=0) / H
     rstd2 = 1.0 / tl.sqrt(var2 + eps2)
     yhat_t = pc * rstd2[None, :]                         # [H, BLOCK_M]
     w2 = tl.load(LN2W + hh, mask=h_ok, other=0.0).to(tl.float32)
     b2 = tl.load(LN2B + hh, mask=h_ok, other=0.0).to(tl.float32)
-    y_t = (yhat_t * w2[:, None] + b2[:, None]).to(P.dtype.element_ty)
+    y_t = (yhat_t * w2[:, None] + b2[:, None]).to(pt.dtype)
     # W_o is [C, H] row-major; its transpose as a [H, C] tile.
     wo_t = tl.load(WO + cols[None, :] * H + hh[:, None], mask=h_ok[:, None] & c_ok[None, :],
                    other=0.0).to(y_t.dtype)
     bo = tl.load(BO + cols, mask=c_ok, other=0.0).to(tl.float32)
     o = tl.dot(tl.trans(y_t), wo_t, input_precision=PRECISION) + bo[None, :]        # [BLOCK_M, C]
     zc_ok = r_ok[:, None] & c_ok[None, :]
-    x = tl.load(Z + rows[:, None] * C + cols[None, :], mask=zc_ok, other=0.0).to(tl.float32)
-    mean1 = tl.load(MEAN + rows, mask=r_ok, other=0.0)
-    rstd1 = tl.load(RSTD + rows, mask=r_ok, other=0.0)
     w1 = tl.load(LN1W + cols, mask=c_ok, other=0.0).to(tl.float32)
     b1 = tl.load(LN1B + cols, mask=c_ok, other=0.0).to(tl.float32)
-    x1 = (tl.where(zc_ok, (x - mean1[:, None]) * rstd1[:, None], 0.0) * w1[None, :] + b1[None, :])
+    x1 = (tl.where(zc_ok, (x.to(tl.float32) - mean1[:, None]) * rstd1[:, None], 0.0) * w1[None, :] + b1[None, :])
     # W_g is [C, C] row-major; its transpose as a tile: wg_t[k, c] = W_g[c, k].
     wg_t = tl.load(WGO + cols[None, :] * C + cols[:, None], mask=c_ok[:, None] & c_ok[None, :],
                    other=0.0).to(y_t.dtype)
     bg = tl.load(BGO + cols, mask=c_ok, other=0.0).to(tl.float32)
     g = tl.sigmoid(tl.dot(x1.to(y_t.dtype), wg_t, input_precision=PRECISION) + bg[None, :])
-    return rs, r_ok, rows, hh, h_ok, cols, c_ok, zc_ok, yhat_t, y_t, rstd2, w2, o, g
+    return hh, h_ok, cols, c_ok, zc_ok, yhat_t, y_t, rstd2, w2, o, g
 
 
-@triton.autotune(configs=_configs("out"), key=["NN", "C", "H"])
 @triton.jit
 def _trimul_out_kernel(P, Z, MEAN, RSTD, LN1W, LN1B, LN2W, LN2B, WO, BO, WGO, BGO, OUT,
-                       NN, eps2,
+                       NN, TILES_B, TOTAL, eps2,
                        C: tl.constexpr, H: tl.constexpr, PRECISION: tl.constexpr,
-                       BLOCK_C: tl.constexpr, BLOCK_HF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
-    # One program: BLOCK_M pairs of one batch element. Reads BLOCK_M·H of p and BLOCK_M·C of z,
-    # writes BLOCK_M·C of the output. LN(p), the projection and the gate never leave registers.
+                       BLOCK_C: tl.constexpr, BLOCK_HF: tl.constexpr, BLOCK_M: tl.constexpr,
+                       TILES: tl.constexpr):
+    # Each tile: reads BLOCK_M·H of p and BLOCK_M·C of z, writes BLOCK_M·C of the output. LN(p),
+    # the projection and the gate never leave registers. Tiles as in _trimul_proj_kernel (the
+    # next tile's p, z and statistics are in flight while this tile computes).
     pid = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
-    rs, r_ok, rows, hh, h_ok, cols, c_ok, zc_ok, yhat_t, y_t, rstd2, w2, o, g = _out_common(
-        P, Z, MEAN, RSTD, LN1W, LN1B, LN2W, LN2B, WO, BO, WGO, BGO, pid, pid_b, NN, eps2,
-        C, H, PRECISION, BLOCK_C, BLOCK_HF, BLOCK_M)
-    tl.store(OUT + rows[:, None] * C + cols[None, :], (g * o).to(OUT.dtype.element_ty), mask=zc_ok)
+    nprog = tl.num_programs(0)
+    pt_n, x_n, m_n, r_n = _out_load(P, Z, MEAN, RSTD, pid, TILES_B, TOTAL, NN, C, H, BLOCK_C, BLOCK_HF, BLOCK_M)
+    for i in range(TILES):
+        t = pid + i * nprog
+        pt_c, x_c, m_c, r_c = pt_n, x_n, m_n, r_n
+        if TILES > 1:
+            pt_n, x_n, m_n, r_n = _out_load(P, Z, MEAN, RSTD, t + nprog, TILES_B, TOTAL, NN, C, H, BLOCK_C,
+                                            BLOCK_HF, BLOCK_M)
+        b, rs, r_ok, rows = _tile_rows(t, TILES_B, TOTAL, NN, BLOCK_M)
+        hh, h_ok, cols, c_ok, zc_ok, yhat_t, y_t, rstd2, w2, o, g = _out_math(
+            pt_c, x_c, m_c, r_c, r_ok, LN1W, LN1B, LN2W, LN2B, WO, BO, WGO, BGO, eps2,
+            C, H, PRECISION, BLOCK_C, BLOCK_HF)
+        tl.store(OUT + rows[:, None] * C + cols[None, :], (g * o).to(OUT.dtype.element_ty), mask=zc_ok)
 
 
-@triton.autotune(configs=_configs("out_bwd"), key=["NN", "C", "H"])
 @triton.jit
 def _trimul_out_bwd_kernel(P, Z, MEAN, RSTD, LN1W, LN1B, LN2W, LN2B, WO, BO, WGO, BGO, DOUT,
-                           DP, DO, Y, DU, PW2, PB2,
-                           NN, eps2, LD_DU, GATE_OFF,
+                           DP, DO, Y, DU, PART,
+                           NN, TILES_B, TOTAL, eps2, LD_DU, GATE_OFF, LD_PART,
                            C: tl.constexpr, H: tl.constexpr, PRECISION: tl.constexpr,
-                           BLOCK_C: tl.constexpr, BLOCK_HF: tl.constexpr, BLOCK_M: tl.constexpr,
-                           BLOCK_H: tl.constexpr):
-    # One program: BLOCK_M pairs. Reads p (H), z (C) and dout (C) a row; writes dp (H,
-    # channel-major), do (C), LN(p) (H) and dgate (C) a row, and one fp32 partial row of
-    # LN_out's dweight and dbias.
-    pid = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
-    rs, r_ok, rows, hh, h_ok, cols, c_ok, zc_ok, yhat_t, y_t, rstd2, w2, o, g = _out_common(
-        P, Z, MEAN, RSTD, LN1W, LN1B, LN2W, LN2B, WO, BO, WGO, BGO, pid, pid_b, NN, eps2,
-        C, H, PRECISION, BLOCK_C, BLOCK_HF, BLOCK_M)
+                           BLOCK_C: tl.constexpr, BLOCK_HF: tl.constexpr, BLOCK_M: tl.constexpr):
+    # One program: tile t = program_id(0). Reads p (H), z (C) and dout (C) a row; writes dp (H,
+    # channel-major), do (C), LN(p) (H) and dgate (C) a row, and one fp32 partial row
+    # PART[t] = [LN_out dweight (H) | LN_out dbias (H) | d out_bias (C) | d gate_bias (C)]:
+    # the bias gradients are column sums over all rows, folded in here instead of a separate
+    # reduction over do and dgate.
+    t = tl.program_id(0)
+    b, rs, r_ok, rows = _tile_rows(t, TILES_B, TOTAL, NN, BLOCK_M)
+    pt, x, mean1, rstd1 = _out_load(P, Z, MEAN, RSTD, t, TILES_B, TOTAL, NN, C, H, BLOCK_C, BLOCK_HF, BLOCK_M)
+    hh, h_ok, cols, c_ok, zc_ok, yhat_t, y_t, rstd2, w2, o, g = _out_math(
+        pt, x, mean1, rstd1, r_ok, LN1W, LN1B, LN2W, LN2B, WO, BO, WGO, BGO, eps2,
+        C, H, PRECISION, BLOCK_C, BLOCK_HF)
     dout = tl.load(DOUT + rows[:, None] * C + cols[None, :], mask=zc_ok, other=0.0).to(tl.float32)
     do = dout * g
     dgate = dout * o * g * (1.0 - g)
@@ -310,32 +415,69 @@ def _trimul_out_bwd_kernel(P, Z, MEAN, RSTD, LN1W, LN1B, LN2W, LN2B, WO, BO, WGO
     wo_t = tl.load(WO + cols[None, :] * H + hh[:, None], mask=h_ok[:, None] & c_ok[None, :],
                    other=0.0).to(y_t.dtype)
     dy_t = tl.dot(wo_t, tl.trans(do_c), input_precision=PRECISION)
-    g_id = pid_b * tl.num_programs(0) + pid           # partial-sum row: [B, programs] row-major
-    tl.store(PW2 + g_id * H + hh, tl.sum(dy_t * yhat_t, axis=1), mask=h_ok)
-    tl.store(PB2 + g_id * H + hh, tl.sum(dy_t, axis=1), mask=h_ok)
+    prow = PART + t.to(tl.int64) * LD_PART
+    tl.store(prow + hh, tl.sum(dy_t * yhat_t, axis=1), mask=h_ok)
+    tl.store(prow + H + hh, tl.sum(dy_t, axis=1), mask=h_ok)
+    tl.store(prow + 2 * H + cols, tl.sum(do, axis=0), mask=c_ok)
+    tl.store(prow + 2 * H + C + cols, tl.sum(dgate, axis=0), mask=c_ok)
     # LayerNorm backward over the channels (axis 0): dp = rstd·(dŷ − mean(dŷ) − ŷ·mean(ŷ·dŷ)).
     dyh = dy_t * w2[:, None]
     c1 = tl.sum(yhat_t * dyh, axis=0) / H
     c2 = tl.sum(dyh, axis=0) / H
     dp_t = (dyh - (yhat_t * c1[None, :] + c2[None, :])) * rstd2[None, :]
-    tl.store(DP + pid_b * (H * NN) + hh[:, None].to(tl.int64) * NN + rs[None, :], dp_t.to(DP.dtype.element_ty),
+    tl.store(DP + b * (H * NN) + hh[:, None].to(tl.int64) * NN + rs[None, :], dp_t.to(DP.dtype.element_ty),
              mask=pt_ok)
 
 
-@triton.autotune(configs=_configs("proj_bwd"), key=["NN", "C", "H", "HAS_MASK"])
 @triton.jit
-def _trimul_proj_bwd_kernel(Z, MASK, MEAN, RSTD, LNW, LNB, WP, BP, WG, BG, WGO, DAB, DU, X1, DZ, PW1, PB1,
-                            NN, BHNN, LD_DU,
+def _proj_bwd_half(x1, x1t, mk, rows, rs, r_ok, b, dx1, W_P, W_G, B_P, B_G, DAB, DU, prow, NN, LD_DU,
+                   HALF: tl.constexpr, C: tl.constexpr, H: tl.constexpr, HAS_MASK: tl.constexpr,
+                   PRECISION: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Backward of one of a / b for one tile: recompute the projections, form the gradients of
+    the two pre-activations, store them into du, accumulate dLN(z) and the bias partial sums."""
+    cols = tl.arange(0, BLOCK_C)
+    c_ok = cols < C
+    base = DAB + b * (H * NN)
+    for h0 in range(0, H, BLOCK_H):
+        hh = h0 + tl.arange(0, BLOCK_H)
+        h_ok = hh < H
+        w_ok = h_ok[:, None] & c_ok[None, :]
+        wp = tl.load(W_P + hh[:, None] * C + cols[None, :], mask=w_ok, other=0.0).to(x1.dtype)
+        wg = tl.load(W_G + hh[:, None] * C + cols[None, :], mask=w_ok, other=0.0).to(x1.dtype)
+        bp = tl.load(B_P + hh, mask=h_ok, other=0.0).to(tl.float32)
+        bg = tl.load(B_G + hh, mask=h_ok, other=0.0).to(tl.float32)
+        up = tl.dot(wp, x1t, input_precision=PRECISION) + bp[:, None]      # [BLOCK_H, BLOCK_M]
+        sg = tl.sigmoid(tl.dot(wg, x1t, input_precision=PRECISION) + bg[:, None])
+        ht_ok = h_ok[:, None] & r_ok[None, :]
+        dab = tl.load(base + hh[:, None].to(tl.int64) * NN + rs[None, :], mask=ht_ok, other=0.0).to(tl.float32)
+        if HAS_MASK:
+            dab = dab * mk[None, :]
+        dup_f = dab * sg                                   # d(proj pre-activation)
+        dug_f = dab * up * sg * (1.0 - sg)                 # d(gate pre-activation)
+        ch = HALF * H + hh                                 # column in du's [a | b] blocks
+        tl.store(prow + 2 * C + ch, tl.sum(dup_f, axis=1), mask=h_ok)
+        tl.store(prow + 2 * C + 2 * H + ch, tl.sum(dug_f, axis=1), mask=h_ok)
+        dup = dup_f.to(x1.dtype)
+        dug = dug_f.to(x1.dtype)
+        tl.store(DU + rows[None, :] * LD_DU + ch[:, None], dup, mask=ht_ok)
+        tl.store(DU + rows[None, :] * LD_DU + 2 * H + ch[:, None], dug, mask=ht_ok)
+        dx1 += tl.dot(tl.trans(dup), wp, input_precision=PRECISION)
+        dx1 += tl.dot(tl.trans(dug), wg, input_precision=PRECISION)
+    return dx1
+
+
+@triton.jit
+def _trimul_proj_bwd_kernel(Z, MASK, MEAN, RSTD, LNW, LNB, WAP, WBP, WAG, WBG, BAP, BBP, BAG, BBG, WGO,
+                            DAB, DU, X1, DZ, PART,
+                            NN, TILES_B, TOTAL, BHNN, LD_DU, LD_PART,
                             C: tl.constexpr, H: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
                             BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
-    # One program: BLOCK_M pair rows. Reads z (C), dA/dB (2H, channel-major), dgate (C) and the
-    # mask a row; writes du's 4H pre-activation gradients, LN(z) (C) and dz (C) a row, and one
-    # fp32 partial row of LN_in's dweight and dbias. dLN(z) = du · W_cat stays in registers.
-    pid = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
-    rs = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    r_ok = rs < NN
-    rows = pid_b * NN + rs
+    # One program: tile t = program_id(0). Reads z (C), dA/dB (2H, channel-major), dgate (C) and
+    # the mask a row; writes du's 4H pre-activation gradients, LN(z) (C) and dz (C) a row, and one
+    # fp32 partial row PART[t] = [LN_in dweight (C) | LN_in dbias (C) | d(a, b proj bias) (2H) |
+    # d(a, b gate bias) (2H)]. dLN(z) = du · W_cat stays in registers.
+    t = tl.program_id(0)
+    b, rs, r_ok, rows = _tile_rows(t, TILES_B, TOTAL, NN, BLOCK_M)
     cols = tl.arange(0, BLOCK_C)
     c_ok = cols < C
     zc_ok = r_ok[:, None] & c_ok[None, :]
@@ -349,39 +491,21 @@ def _trimul_proj_bwd_kernel(Z, MASK, MEAN, RSTD, LNW, LNB, WP, BP, WG, BG, WGO, 
     tl.store(X1 + rows[:, None] * C + cols[None, :], x1, mask=zc_ok)
     x1t = tl.trans(x1)
     if HAS_MASK:
-        mk = tl.load(MASK + rows, mask=r_ok, other=0.0)
+        mk = tl.load(MASK + rows, mask=r_ok, other=0.0).to(tl.float32)
+    else:
+        mk = tl.full([BLOCK_M], 1.0, tl.float32)
+    prow = PART + t.to(tl.int64) * LD_PART
     dx1 = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
-    base = DAB + pid_b * (H * NN)
-    for h0 in range(0, 2 * H, BLOCK_H):
-        hh = h0 + tl.arange(0, BLOCK_H)
-        h_ok = hh < 2 * H
-        w_ok = h_ok[:, None] & c_ok[None, :]
-        wp = tl.load(WP + hh[:, None] * C + cols[None, :], mask=w_ok, other=0.0).to(x1.dtype)
-        wg = tl.load(WG + hh[:, None] * C + cols[None, :], mask=w_ok, other=0.0).to(x1.dtype)
-        bp = tl.load(BP + hh, mask=h_ok, other=0.0).to(tl.float32)
-        bg = tl.load(BG + hh, mask=h_ok, other=0.0).to(tl.float32)
-        up = tl.dot(wp, x1t, input_precision=PRECISION) + bp[:, None]      # [BLOCK_H, BLOCK_M]
-        sg = tl.sigmoid(tl.dot(wg, x1t, input_precision=PRECISION) + bg[:, None])
-        t = hh // H
-        ch = (hh - t * H).to(tl.int64)
-        ht_ok = h_ok[:, None] & r_ok[None, :]
-        dab = tl.load(base + (t.to(tl.int64) * BHNN + ch * NN)[:, None] + rs[None, :], mask=ht_ok,
-                      other=0.0).to(tl.float32)
-        if HAS_MASK:
-            dab = dab * mk[None, :]
-        dup = (dab * sg).to(x1.dtype)                      # d(proj pre-activation)
-        dug = (dab * up * sg * (1.0 - sg)).to(x1.dtype)    # d(gate pre-activation)
-        tl.store(DU + rows[None, :] * LD_DU + hh[:, None], dup, mask=ht_ok)
-        tl.store(DU + rows[None, :] * LD_DU + 2 * H + hh[:, None], dug, mask=ht_ok)
-        dx1 += tl.dot(tl.trans(dup), wp, input_precision=PRECISION)
-        dx1 += tl.dot(tl.trans(dug), wg, input_precision=PRECISION)
+    dx1 = _proj_bwd_half(x1, x1t, mk, rows, rs, r_ok, b, dx1, WAP, WAG, BAP, BAG, DAB, DU, prow, NN, LD_DU,
+                         0, C, H, HAS_MASK, PRECISION, BLOCK_C, BLOCK_H)
+    dx1 = _proj_bwd_half(x1, x1t, mk, rows, rs, r_ok, b, dx1, WBP, WBG, BBP, BBG, DAB + BHNN, DU, prow, NN, LD_DU,
+                         1, C, H, HAS_MASK, PRECISION, BLOCK_C, BLOCK_H)
     dgate = tl.load(DU + rows[:, None] * LD_DU + 4 * H + cols[None, :], mask=zc_ok, other=0.0).to(x1.dtype)
     wgo = tl.load(WGO + cols[:, None] * C + cols[None, :], mask=c_ok[:, None] & c_ok[None, :],
                   other=0.0).to(x1.dtype)
     dx1 += tl.dot(dgate, wgo, input_precision=PRECISION)
-    g_id = pid_b * tl.num_programs(0) + pid           # partial-sum row: [B, programs] row-major
-    tl.store(PW1 + g_id * C + cols, tl.sum(dx1 * xhat, axis=0), mask=c_ok)
-    tl.store(PB1 + g_id * C + cols, tl.sum(dx1, axis=0), mask=c_ok)
+    tl.store(prow + cols, tl.sum(dx1 * xhat, axis=0), mask=c_ok)
+    tl.store(prow + C + cols, tl.sum(dx1, axis=0), mask=c_ok)
     dxh = dx1 * w1[None, :]
     c1 = tl.sum(xhat * dxh, axis=1) / C
     c2 = tl.sum(dxh, axis=1) / C
@@ -449,13 +573,8 @@ def _blocks(C: int, H: int) -> dict:
     return dict(C=C, H=H, BLOCK_C=max(16, triton.next_power_of_2(C)))
 
 
-def _grid(NN: int, B: int):
-    return lambda meta: (triton.cdiv(NN, meta["BLOCK_M"]), B)
-
-
-def _partial_rows(kernel, NN: int, B: int) -> int:
-    """Partial-sum rows the last launch of an autotuned kernel wrote (B x its program count)."""
-    return B * triton.cdiv(NN, kernel.best_config.kwargs["BLOCK_M"])
+def _tune_key(B: int, NN: int, C: int, H: int, dt: torch.dtype, extra) -> tuple:
+    return (triton.next_power_of_2(B * NN), C, H, dt, extra)
 
 
 _PRODUCTS = ("cublas", "triton")
@@ -472,21 +591,115 @@ def _bmm(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor, product: str) -> t
     return out
 
 
-def _forward(z4, mask3, w1, b1, wp, bp, wg, bg, wgo, bgo, w2, b2, wo, bo, eps1, eps2, outgoing, product, keep):
-    """Run the three forward stages on canonical inputs; returns out and (if keep) the saved tensors."""
+# Parameter order of the canonical argument list (forward's inputs after z and the mask).
+_PARAM_ORDER = ("ln_in_weight", "ln_in_bias", "a_proj_weight", "b_proj_weight", "a_gate_weight", "b_gate_weight",
+                "a_proj_bias", "b_proj_bias", "a_gate_bias", "b_gate_bias", "gate_weight", "gate_bias",
+                "ln_out_weight", "ln_out_bias", "out_weight", "out_bias")
+_CONST_VALUE = {"ln_in_weight": 1.0, "ln_out_weight": 1.0}   # absent LN weights are ones, other absents zeros
+_CONSTS: dict[tuple, torch.Tensor] = {}
+
+
+def _const(n: int, value: float, device: torch.device) -> torch.Tensor:
+    """A cached read-only fp32 vector standing in for an absent bias / LayerNorm affine: created
+    once per (size, value, device), never written (the kernels only read it; it takes no grad)."""
+    key = (n, value, device)
+    t = _CONSTS.get(key)
+    if t is None:
+        t = _CONSTS[key] = torch.full((n,), value, dtype=torch.float32, device=device)
+    return t
+
+
+def _filled(ps, C: int, H: int, device) -> list:
+    """The 16 parameters with cached constants in place of the absent ones (contiguous)."""
+    sizes = dict(ln_in_weight=C, ln_in_bias=C, a_proj_bias=H, b_proj_bias=H, a_gate_bias=H, b_gate_bias=H,
+                 gate_bias=C, ln_out_weight=H, ln_out_bias=H, out_bias=C)
+    return [t.contiguous() if t is not None else _const(sizes[n], _CONST_VALUE.get(n, 0.0), device)
+            for n, t in zip(_PARAM_ORDER, ps)]
+
+
+def _launch_proj(cfg, z4, mask3, ps, ab, mean, rstd, eps1):
     B, N, _, C = z4.shape
-    H = wp.shape[0] // 2
+    H = ps[2].shape[0]
+    NN = N * N
+    w1, b1, wap, wbp, wag, wbg, bap, bbp, bag, bbg = ps[:10]
+    tiles_b = triton.cdiv(NN, cfg["BLOCK_M"])
+    total = B * tiles_b
+    tiles = _tiles_per_program(total, cfg, z4.device)
+    _trimul_proj_kernel[(triton.cdiv(total, tiles),)](
+        z4, mask3 if mask3 is not None else z4, w1, b1, wap, wbp, wag, wbg, bap, bbp, bag, bbg, ab, mean, rstd,
+        NN, tiles_b, total, B * H * NN, float(eps1), HAS_MASK=mask3 is not None, PRECISION=_precision(z4.dtype),
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_H=cfg["BLOCK_H"], TILES=tiles, **_blocks(C, H), **_meta(cfg))
+
+
+def _launch_out(cfg, p, z4, mean, rstd, ps, out, eps2):
+    B, N, _, C = z4.shape
+    H = ps[2].shape[0]
+    NN = N * N
+    w1, b1 = ps[0], ps[1]
+    wgo, bgo, w2, b2, wo, bo = ps[10:]
+    tiles_b = triton.cdiv(NN, cfg["BLOCK_M"])
+    total = B * tiles_b
+    tiles = _tiles_per_program(total, cfg, z4.device)
+    _trimul_out_kernel[(triton.cdiv(total, tiles),)](
+        p, z4, mean, rstd, w1, b1, w2, b2, wo, bo, wgo, bgo, out, NN, tiles_b, total, float(eps2),
+        PRECISION=_precision(z4.dtype), BLOCK_HF=max(16, triton.next_power_of_2(H)), BLOCK_M=cfg["BLOCK_M"],
+        TILES=tiles, **_blocks(C, H), **_meta(cfg))
+
+
+def _part_width(kind: str, C: int, H: int) -> int:
+    return 2 * H + 2 * C if kind == "out_bwd" else 2 * C + 4 * H
+
+
+def _launch_out_bwd(cfg, p, z4, mean, rstd, ps, dout, dp, do, y, du, part, eps2):
+    """part: fp32 [B · cdiv(NN, BLOCK_M), 2H + 2C] partial sums (one row a program)."""
+    B, N, _, C = z4.shape
+    H = ps[2].shape[0]
+    NN = N * N
+    w1, b1 = ps[0], ps[1]
+    wgo, bgo, w2, b2, wo, bo = ps[10:]
+    tiles_b = triton.cdiv(NN, cfg["BLOCK_M"])
+    total = B * tiles_b
+    _trimul_out_bwd_kernel[(total,)](
+        p, z4, mean, rstd, w1, b1, w2, b2, wo, bo, wgo, bgo, dout, dp, do, y, du, part,
+        NN, tiles_b, total, float(eps2), du.shape[1], 4 * H, part.shape[1],
+        PRECISION=_precision(z4.dtype), BLOCK_HF=max(16, triton.next_power_of_2(H)), BLOCK_M=cfg["BLOCK_M"],
+        **_blocks(C, H), **_meta(cfg))
+
+
+def _launch_proj_bwd(cfg, z4, mask3, mean, rstd, ps, dab, du, x1, dz, part):
+    """part: fp32 [B · cdiv(NN, BLOCK_M), 2C + 4H] partial sums (one row a program)."""
+    B, N, _, C = z4.shape
+    H = ps[2].shape[0]
+    NN = N * N
+    w1, b1, wap, wbp, wag, wbg, bap, bbp, bag, bbg, wgo = ps[:11]
+    tiles_b = triton.cdiv(NN, cfg["BLOCK_M"])
+    total = B * tiles_b
+    _trimul_proj_bwd_kernel[(total,)](
+        z4, mask3 if mask3 is not None else z4, mean, rstd, w1, b1, wap, wbp, wag, wbg, bap, bbp, bag, bbg, wgo,
+        dab, du, x1, dz, part, NN, tiles_b, total, B * H * NN, du.shape[1], part.shape[1],
+        HAS_MASK=mask3 is not None, PRECISION=_precision(z4.dtype), BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_H=cfg["BLOCK_H"], **_blocks(C, H), **_meta(cfg))
+
+
+def _part_buffer(kind: str, cfg: dict, B: int, NN: int, C: int, H: int, device) -> torch.Tensor:
+    return torch.empty((B * triton.cdiv(NN, cfg["BLOCK_M"]), _part_width(kind, C, H)), dtype=torch.float32,
+                       device=device)
+
+
+def _forward(z4, mask3, ps, eps1, eps2, outgoing, product, keep):
+    """Run the three forward stages on canonical inputs (``ps``: the 16 parameters, constants
+    filled in); returns out and (if keep) the saved tensors."""
+    B, N, _, C = z4.shape
+    H = ps[2].shape[0]
     NN = N * N
     dev, dt = z4.device, z4.dtype
-    prec = _precision(dt)
-    blk = _blocks(C, H)
     mean = torch.empty(B * NN, dtype=torch.float32, device=dev)
     rstd = torch.empty(B * NN, dtype=torch.float32, device=dev)
     ab = torch.empty((2, B * H, N, N), dtype=dt, device=dev)
+    key = _tune_key(B, NN, C, H, dt, mask3 is not None)
     note_launch("trimul_proj")
-    _trimul_proj_kernel[_grid(NN, B)](
-        z4, mask3 if mask3 is not None else z4, w1, b1, wp, bp, wg, bg, ab, mean, rstd,
-        NN, B * H * NN, float(eps1), HAS_MASK=mask3 is not None, PRECISION=prec, **blk)
+    launch = lambda cfg: _launch_proj(cfg, z4, mask3, ps, ab, mean, rstd, eps1)  # noqa: E731
+    launch(_pick("proj", key, launch))
     p = torch.empty((B * H, N, N), dtype=dt, device=dev)
     a, b = ab[0], ab[1]
     if outgoing:                                              # P_c = A_c B_c^T
@@ -499,32 +712,35 @@ def _forward(z4, mask3, w1, b1, wp, bp, wg, bg, wgo, bgo, w2, b2, wo, bo, eps1, 
         ab = None
     out = torch.empty((B, N, N, C), dtype=dt, device=dev)
     note_launch("trimul_out")
-    _trimul_out_kernel[_grid(NN, B)](
-        p, z4, mean, rstd, w1, b1, w2, b2, wo, bo, wgo, bgo, out, NN, float(eps2),
-        PRECISION=prec, BLOCK_HF=max(16, triton.next_power_of_2(H)), **blk)
+    launch = lambda cfg: _launch_out(cfg, p, z4, mean, rstd, ps, out, eps2)  # noqa: E731
+    launch(_pick("out", key, launch))
     return out, (ab, p, mean, rstd)
 
 
 def _wgrad(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a^T b in fp32 precision: cuBLAS accumulates 16-bit GEMMs in fp32 on the GPU; on the CPU
-    (interpreter tests) upcast so the reduction over all rows is not rounded on the way."""
+    """a^T b: on the GPU one cuBLAS GEMM in the operands' dtype (fp32 accumulation, one rounding
+    to the output: what the module's own bf16 weight gradient gets); on the CPU (interpreter
+    tests) upcast so the reduction over all rows is not rounded on the way."""
     if a.device.type == "cpu":
         return a.float().t() @ b.float()
-    return (a.t() @ b).float()
+    return a.t() @ b
 
 
 class TriangleMultiplicationFunction(torch.autograd.Function):
     """Autograd wrapper of the fused kernels on canonical, validated inputs:
-    z [B, N, N, C] contiguous; mask [B, N, N] fp32 or None; wp = [W_ap; W_bp] and
-    wg = [W_ag; W_bg] ([2H, C]); every bias and LayerNorm affine present (zeros / ones
-    stand in for absent ones)."""
+    z [B, N, N, C] contiguous; mask [B, N, N] contiguous (float, or bool viewed as uint8) or
+    None; then the 16 parameters in ``_PARAM_ORDER`` (None where absent: a cached constant
+    stands in, and its gradient is None), eps_in, eps_out, outgoing, product. The parameters are
+    the caller's own tensors (no concatenated copies), so an in-place update is always seen."""
 
     @staticmethod
-    def forward(ctx, z4, mask3, w1, b1, wp, bp, wg, bg, wgo, bgo, w2, b2, wo, bo, eps1: float, eps2: float,
-                outgoing: bool, product: str):
-        out, (ab, p, mean, rstd) = _forward(z4, mask3, w1, b1, wp, bp, wg, bg, wgo, bgo, w2, b2, wo, bo,
-                                            eps1, eps2, outgoing, product, keep=True)
-        ctx.save_for_backward(z4, mask3, w1, b1, wp, bp, wg, bg, wgo, bgo, w2, b2, wo, bo, ab, p, mean, rstd)
+    def forward(ctx, z4, mask3, *rest):
+        params, (eps1, eps2, outgoing, product) = rest[:16], rest[16:]
+        C, H = z4.shape[-1], params[2].shape[0]
+        ps = _filled(params, C, H, z4.device)
+        out, (ab, p, mean, rstd) = _forward(z4, mask3, ps, eps1, eps2, outgoing, product, keep=True)
+        ctx.save_for_backward(z4, mask3, *ps, ab, p, mean, rstd)
+        ctx.present = tuple(t is not None for t in params)
         ctx.eps = (eps1, eps2)
         ctx.outgoing = outgoing
         ctx.product = product
@@ -533,31 +749,25 @@ class TriangleMultiplicationFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dout):
-        z4, mask3, w1, b1, wp, bp, wg, bg, wgo, bgo, w2, b2, wo, bo, ab, p, mean, rstd = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        z4, mask3, ps, (ab, p, mean, rstd) = saved[0], saved[1], list(saved[2:18]), saved[18:]
         eps1, eps2 = ctx.eps
         B, N, _, C = z4.shape
-        H = wp.shape[0] // 2
+        H = ps[2].shape[0]
         NN, M = N * N, B * N * N
         dev, dt = z4.device, z4.dtype
-        prec = _precision(dt)
-        blk = _blocks(C, H)
         dout = dout.contiguous()
+        key = _tune_key(B, NN, C, H, dt, mask3 is not None)
         ld = 4 * H + C                                        # du = [d(a_p, b_p) | d(a_g, b_g) | dgate]
         du = torch.empty((M, ld), dtype=dt, device=dev)
         dp = torch.empty((B * H, N, N), dtype=dt, device=dev)
         do = torch.empty((M, C), dtype=dt, device=dev)
         y = torch.empty((M, H), dtype=dt, device=dev)
-        # One partial-sum row per program, for the largest program count any config launches;
-        # only the rows of the config that ran are summed (the autotuner's benchmark runs of
-        # smaller tiles leave others behind).
-        pw2 = torch.empty((B * triton.cdiv(NN, _min_block_m("out_bwd")), H), dtype=torch.float32, device=dev)
-        pb2 = torch.empty(pw2.shape, dtype=torch.float32, device=dev)
         note_launch("trimul_out_bwd")
-        _trimul_out_bwd_kernel[_grid(NN, B)](
-            p, z4, mean, rstd, w1, b1, w2, b2, wo, bo, wgo, bgo, dout, dp, do, y, du, pw2, pb2,
-            NN, float(eps2), ld, 4 * H,
-            PRECISION=prec, BLOCK_HF=max(16, triton.next_power_of_2(H)), **blk)
-        rows2 = _partial_rows(_trimul_out_bwd_kernel, NN, B)
+        cfg2 = _pick("out_bwd", key, lambda c: _launch_out_bwd(
+            c, p, z4, mean, rstd, ps, dout, dp, do, y, du, _part_buffer("out_bwd", c, B, NN, C, H, dev), eps2))
+        part2 = _part_buffer("out_bwd", cfg2, B, NN, C, H, dev)
+        _launch_out_bwd(cfg2, p, z4, mean, rstd, ps, dout, dp, do, y, du, part2, eps2)
         dab = torch.empty((2, B * H, N, N), dtype=dt, device=dev)
         a, b = ab[0], ab[1]
         if ctx.outgoing:                                      # P = A B^T
@@ -569,33 +779,37 @@ class TriangleMultiplicationFunction(torch.autograd.Function):
         del dp
         x1 = torch.empty((M, C), dtype=dt, device=dev)
         dz = torch.empty((M, C), dtype=dt, device=dev)
-        pw1 = torch.empty((B * triton.cdiv(NN, _min_block_m("proj_bwd")), C), dtype=torch.float32, device=dev)
-        pb1 = torch.empty(pw1.shape, dtype=torch.float32, device=dev)
         note_launch("trimul_proj_bwd")
-        _trimul_proj_bwd_kernel[_grid(NN, B)](
-            z4, mask3 if mask3 is not None else z4, mean, rstd, w1, b1, wp, bp, wg, bg, wgo, dab, du, x1, dz,
-            pw1, pb1, NN, B * H * NN, ld,
-            HAS_MASK=mask3 is not None, PRECISION=prec, **blk)
-        rows1 = _partial_rows(_trimul_proj_bwd_kernel, NN, B)
+        cfg1 = _pick("proj_bwd", key, lambda c: _launch_proj_bwd(
+            c, z4, mask3, mean, rstd, ps, dab, du, x1, dz, _part_buffer("proj_bwd", c, B, NN, C, H, dev)))
+        part1 = _part_buffer("proj_bwd", cfg1, B, NN, C, H, dev)
+        _launch_proj_bwd(cfg1, z4, mask3, mean, rstd, ps, dab, du, x1, dz, part1)
         need = ctx.needs_input_grad
-        grads: list[Optional[torch.Tensor]] = [None] * 18
+        grads: list[Optional[torch.Tensor]] = [None] * (2 + 16 + 4)
         grads[0] = dz.view(z4.shape) if need[0] else None
-        if any(need[4:10]):
+        g = {}
+        if any(need[4:8]) or need[12]:                        # [W_ap; W_bp; W_ag; W_bg; W_g] in one GEMM
             dw_cat = _wgrad(du, x1)                           # [4H + C, C]
-            db_cat = du.sum(0, dtype=torch.float32)
-            for i, (lo, hi) in zip((4, 6, 8), ((0, 2 * H), (2 * H, 4 * H), (4 * H, 4 * H + C))):
-                grads[i] = dw_cat[lo:hi]
-                grads[i + 1] = db_cat[lo:hi]
-        if need[12] or need[13]:
-            grads[12] = _wgrad(do, y)                         # [C, H]
-            grads[13] = do.sum(0, dtype=torch.float32)
-        grads[2], grads[3] = pw1[:rows1].sum(0), pb1[:rows1].sum(0)
-        grads[10], grads[11] = pw2[:rows2].sum(0), pb2[:rows2].sum(0)
-        saved = (z4, mask3, w1, b1, wp, bp, wg, bg, wgo, bgo, w2, b2, wo, bo)
-        for i in range(2, 14):
-            grads[i] = grads[i].to(saved[i].dtype) if need[i] and grads[i] is not None else None
+            for name, lo in (("a_proj_weight", 0), ("b_proj_weight", H), ("a_gate_weight", 2 * H),
+                             ("b_gate_weight", 3 * H)):
+                g[name] = dw_cat[lo:lo + H]
+            g["gate_weight"] = dw_cat[4 * H:]
+        if need[16]:
+            g["out_weight"] = _wgrad(do, y)                   # [C, H]
+        # Column sums of the per-program partial rows: LN affines and every bias (two small
+        # reductions over B · N² / BLOCK_M rows, instead of reductions over du and do).
+        s1, s2 = part1.sum(0), part2.sum(0)
+        dts = {t.dtype for t, on in zip(ps, ctx.present) if on}
+        if len(dts) == 1:                                     # one conversion each, not one a parameter
+            s1, s2 = s1.to(*dts), s2.to(*dts)
+        g.update(ln_in_weight=s1[:C], ln_in_bias=s1[C:2 * C], a_proj_bias=s1[2 * C:2 * C + H],
+                 b_proj_bias=s1[2 * C + H:2 * C + 2 * H], a_gate_bias=s1[2 * C + 2 * H:2 * C + 3 * H],
+                 b_gate_bias=s1[2 * C + 3 * H:], ln_out_weight=s2[:H], ln_out_bias=s2[H:2 * H],
+                 out_bias=s2[2 * H:2 * H + C], gate_bias=s2[2 * H + C:])
+        for i, name in enumerate(_PARAM_ORDER):
+            if need[2 + i] and ctx.present[i] and name in g:
+                grads[2 + i] = g[name].to(ps[i].dtype)
         return tuple(grads)
-
 
 # --------------------------------------------------------------------------- public API
 @dataclasses.dataclass
@@ -757,10 +971,6 @@ def triangle_multiplication_reference(z: torch.Tensor, mask: Optional[torch.Tens
     return (g * F.linear(y, up(P.out_weight), up(P.out_bias))).to(z.dtype)
 
 
-def _or_const(t: Optional[torch.Tensor], n: int, value: float, device) -> torch.Tensor:
-    return t.contiguous() if t is not None else torch.full((n,), value, dtype=torch.float32, device=device)
-
-
 def triangle_multiplication(z: torch.Tensor, mask: Optional[torch.Tensor], params: TriangleMultiplicationParams,
                             outgoing: bool = True, *, product: str = "cublas") -> torch.Tensor:
     """Fused triangle multiplicative update (see the module docstring for the formula).
@@ -784,33 +994,30 @@ def triangle_multiplication(z: torch.Tensor, mask: Optional[torch.Tensor], param
         raise ValueError(f"triangle_multiplication: product must be one of {_PRODUCTS}, got {product!r}")
     C, H = _check(z, mask, params)
     P = params
-    tensors = [z, mask] + [getattr(P, f.name) for f in dataclasses.fields(P) if f.name not in ("eps_in", "eps_out")]
-    if (z.dtype not in _SUPPORTED or C > MAX_TRITON_DIM or H > MAX_TRITON_DIM or not use_triton(*tensors)):
+    ps = [getattr(P, n) for n in _PARAM_ORDER]
+    if (z.dtype not in _SUPPORTED or C > MAX_TRITON_DIM or H > MAX_TRITON_DIM or not use_triton(z, mask, *ps)):
         return triangle_multiplication_reference(z, mask, params, outgoing)
-    lead = z.shape[:-3]
     N = z.shape[-2]
-    B = math.prod(lead)
-    z4 = z.reshape(B, N, N, C).contiguous()
+    B = z.numel() // (N * N * C)
+    z4 = z.reshape(B, N, N, C)
+    if not z4.is_contiguous():
+        z4 = z4.contiguous()
     mask3 = None
     if mask is not None:
-        mask3 = mask.to(torch.float32).expand(z.shape[:-1]).reshape(B, N, N).contiguous()
-    dev = z.device
-    # Concatenated in-projection weights ([a; b] for the projections and for the gates): the
-    # cats are differentiable, so autograd splits the kernels' [2H, C] gradients back.
-    wp = torch.cat([P.a_proj_weight, P.b_proj_weight]).contiguous()
-    wg = torch.cat([P.a_gate_weight, P.b_gate_weight]).contiguous()
-    bp = torch.cat([_or_const(P.a_proj_bias, H, 0.0, dev), _or_const(P.b_proj_bias, H, 0.0, dev)])
-    bg = torch.cat([_or_const(P.a_gate_bias, H, 0.0, dev), _or_const(P.b_gate_bias, H, 0.0, dev)])
-    args = (z4, mask3, _or_const(P.ln_in_weight, C, 1.0, dev), _or_const(P.ln_in_bias, C, 0.0, dev), wp, bp, wg, bg,
-            P.gate_weight.contiguous(), _or_const(P.gate_bias, C, 0.0, dev),
-            _or_const(P.ln_out_weight, H, 1.0, dev), _or_const(P.ln_out_bias, H, 0.0, dev),
-            P.out_weight.contiguous(), _or_const(P.out_bias, C, 0.0, dev),
-            float(P.eps_in), float(P.eps_out), outgoing, product)
-    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in args):
+        # The kernels read the mask in its own dtype (bool as bytes) and upcast in registers: no
+        # conversion launch; a copy only when the mask broadcasts or is strided.
+        m = mask if mask.shape == z.shape[:-1] else mask.expand(z.shape[:-1])
+        m = m.reshape(B, N, N)
+        if not m.is_contiguous():
+            m = m.contiguous()
+        mask3 = m.view(torch.uint8) if m.dtype == torch.bool else m
+    args = (z4, mask3, *ps, float(P.eps_in), float(P.eps_out), outgoing, product)
+    if torch.is_grad_enabled() and (z.requires_grad or any(t is not None and t.requires_grad for t in ps)):
         out = TriangleMultiplicationFunction.apply(*args)
     else:
         # Inference: nothing is saved, so a and b are freed as soon as the triangle product ran.
-        out, _ = _forward(*args, keep=False)
+        out, _ = _forward(z4, mask3, _filled(ps, C, H, z.device), float(P.eps_in), float(P.eps_out), outgoing,
+                          product, keep=False)
     return out.view(z.shape)
 
 
@@ -822,3 +1029,4 @@ def triangle_multiplication_module(module: torch.nn.Module, z: torch.Tensor,
     """
     params, outgoing = params_from_module(module)
     return triangle_multiplication(z, mask, params, outgoing, product=product)
+
