@@ -109,6 +109,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import weakref
 from typing import Optional
 
 import torch
@@ -908,6 +909,7 @@ def _check(z: torch.Tensor, mask: Optional[torch.Tensor], params: TriangleMultip
               "gate_weight": (C, C), "out_weight": (C, H), "a_proj_bias": (H,), "a_gate_bias": (H,),
               "b_proj_bias": (H,), "b_gate_bias": (H,), "gate_bias": (C,), "out_bias": (C,),
               "ln_in_weight": (C,), "ln_in_bias": (C,), "ln_out_weight": (H,), "ln_out_bias": (H,)}
+    zdev = z.device
     for name, shape in shapes.items():
         t = getattr(params, name)
         if t is None:
@@ -916,12 +918,12 @@ def _check(z: torch.Tensor, mask: Optional[torch.Tensor], params: TriangleMultip
             continue
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{op}: params.{name} must be a tensor or None, got {type(t).__name__}")
-        if tuple(t.shape) != shape:
+        if t.shape != shape:
             raise ValueError(f"{op}: params.{name} has shape {tuple(t.shape)}, expected {shape} "
                              f"(c_z={C} from z {tuple(z.shape)}, c_hidden={H} from a_proj_weight)")
         if not t.is_floating_point():
             raise TypeError(f"{op}: params.{name} has dtype {t.dtype}; expected a floating dtype")
-        if t.device != z.device:
+        if t.device != zdev:
             raise ValueError(f"{op}: params.{name} is on {t.device} but z is on {z.device}")
     for name in ("eps_in", "eps_out"):
         if not getattr(params, name) >= 0:
@@ -931,10 +933,12 @@ def _check(z: torch.Tensor, mask: Optional[torch.Tensor], params: TriangleMultip
             raise TypeError(f"{op}: mask must be a tensor or None, got {type(mask).__name__}")
         if not (mask.is_floating_point() or mask.dtype == torch.bool):
             raise TypeError(f"{op}: mask has dtype {mask.dtype}; expected bool or floating (1 = keep)")
-        try:
-            ok = torch.broadcast_shapes(mask.shape, z.shape[:-1]) == z.shape[:-1]
-        except RuntimeError:
-            ok = False
+        ok = mask.shape == z.shape[:-1]                  # the common case, without broadcast_shapes' cost
+        if not ok:
+            try:
+                ok = torch.broadcast_shapes(mask.shape, z.shape[:-1]) == z.shape[:-1]
+            except RuntimeError:
+                ok = False
         if not ok:
             raise ValueError(f"{op}: mask has shape {tuple(mask.shape)}, expected one broadcastable to "
                              f"z.shape[:-1] = {tuple(z.shape[:-1])}")
@@ -1027,6 +1031,37 @@ def triangle_multiplication_module(module: torch.nn.Module, z: torch.Tensor,
 
     Gradients reach the module's own parameters.
     """
-    params, outgoing = params_from_module(module)
+    params, outgoing = _module_params(module)
     return triangle_multiplication(z, mask, params, outgoing, product=product)
+
+
+# module -> (signature, (params, outgoing)). The params hold the module's own parameter tensors
+# (never copies), so in-place updates (optimizer steps, load_state_dict, .to() on the module)
+# are seen without any invalidation; the signature catches what would make them stale: a
+# re-assigned submodule or parameter, a changed `outgoing` or LayerNorm eps.
+_MODULE_PARAMS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _signature(module: torch.nn.Module) -> tuple:
+    sig = [module.__dict__.get("outgoing")]
+    for sub in module._modules.values():
+        if sub is None:
+            continue
+        sig.append(id(sub))
+        sig.extend(id(t) for t in sub._parameters.values())
+        if isinstance(sub, torch.nn.LayerNorm):
+            sig.append(sub.eps)
+    return tuple(sig)
+
+
+def _module_params(module: torch.nn.Module) -> tuple[TriangleMultiplicationParams, bool]:
+    """:func:`params_from_module`, cached per module (a dict lookup and a signature check
+    instead of ~30 ``nn.Module.__getattr__`` calls and the dataclass construction)."""
+    sig = _signature(module)
+    hit = _MODULE_PARAMS.get(module)
+    if hit is not None and hit[0] == sig:
+        return hit[1]
+    res = params_from_module(module)
+    _MODULE_PARAMS[module] = (sig, res)
+    return res
 

@@ -207,6 +207,31 @@ def test_in_place_parameter_update_is_seen_by_the_next_call():
     assert rel(second, first.detach()) > 1e-3
 
 
+def test_module_parameter_cache_sees_reassignment_and_eps():
+    """triangle_multiplication_module caches params_from_module per module; re-assigning a
+    parameter or a submodule, flipping `outgoing` or changing a LayerNorm eps must not be served
+    from the stale entry."""
+    tm = importlib.import_module("foldcompile.kernels.triangle_multiplication")
+    module = make_module("pf", True, seed=20).float()
+    z, mask = make_inputs(13, 20, seed=20)
+
+    def check():
+        with torch.no_grad():
+            out = triangle_multiplication_module(module, z.float(), mask.float())
+            ref = copy.deepcopy(module).double()(z, mask)
+        assert rel(out, ref) < 1e-5
+    check()
+    assert tm._module_params(module) is tm._module_params(module)
+    module.linear_a.weight = torch.nn.Parameter(torch.randn_like(module.linear_a.weight))
+    check()
+    module.linear_g = torch.nn.Linear(20, 20, bias=True).to(DEVICE)
+    check()
+    module.layer_norm_in.eps = 0.5
+    check()
+    module.outgoing = False
+    check()
+
+
 def test_second_call_creates_no_constants_and_concatenates_nothing(monkeypatch):
     """Host path: absent biases (the Pairformer module has none) are cached constants made on the
     first call only, and no call concatenates weights; forward and backward."""
