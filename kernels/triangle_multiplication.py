@@ -19,17 +19,25 @@ none); LayerNorm weights/biases may be None (no affine).
 
 Kernels (M = B·N² pair rows, C = c_z, H = c_hidden; bytes for a 2-byte dtype):
 
-- ``trimul_proj`` (LN prologue → one concatenated gated-projection GEMM → gating
-  epilogue): one program owns BLOCK_M pair rows of one batch element, reads their z
-  rows once (2·C bytes a row), normalises them in registers (fp32 statistics, kept:
-  8 bytes a row), and loops over blocks of the 2H concatenated outputs
-  ``[W_ap; W_bp]`` / ``[W_ag; W_bg]`` (weights stay in L2), computing each tile
-  transposed, ``[channels, rows] = W · x^T``, so that the epilogue
-  ``mask · sigmoid(gate) · proj`` stores a and b *channel-major*, ``ab[2, B, H, N, N]``,
-  with the pair index contiguous: coalesced stores of exactly what the triangle
-  product reads. Writes 2·2H bytes a row. The output gate ``g`` is *not* computed here:
-  storing it would cost an N²·C write and read and N²·C of peak memory; the output
-  kernel recomputes it from z (a C×C GEMM, ~1/5 of this kernel's FLOPs).
+- ``trimul_proj`` (LN prologue → the four gated-projection GEMMs → gating epilogue): a
+  tile is BLOCK_M pair rows of one batch element; its z rows are read once (2·C bytes a
+  row), normalised in registers (fp32 statistics, kept: 8 bytes a row), and for each of
+  a and b the program loops over BLOCK_H-channel blocks of that projection's own weights
+  ``W_*p`` / ``W_*g`` (read from the caller's parameter tensors: no concatenated copy;
+  weights stay in L2), computing ``[channels, rows] = W · x^T`` (ROWS = 0, x^T the
+  GEMM's shared-memory operand, the result already pair-contiguous) or
+  ``[rows, channels] = x · W^T`` (ROWS = 1: x the register operand, which wgmma takes
+  from registers with no shared-memory copy of x; the store transposes), so that the
+  epilogue ``mask · sigmoid(gate) · proj`` stores a and b *channel-major*,
+  ``ab[2, B, H, N, N]``, with the pair index contiguous: coalesced stores of exactly what
+  the triangle product reads. Writes 2·2H bytes a row. The output gate ``g`` is *not*
+  computed here: storing it would cost an N²·C write and read and N²·C of peak memory;
+  the output kernel recomputes it from z (a C×C GEMM, ~1/5 of this kernel's FLOPs).
+  Persistent form (config CTAS > 0): a grid of ~CTAS programs a multiprocessor, each
+  looping over TILES tiles (pid, pid + P, ...: concurrent programs on neighbouring
+  tiles), issuing the *next* tile's z and mask loads before the current tile's LN and
+  GEMMs (a register prefetch: 2·C·BLOCK_M bytes, 32 registers a thread at 128 rows and
+  8 warps), so one tile's HBM latency overlaps the previous tile's math.
 - triangle product: a batched GEMM over the B·H channel matrices, outgoing
   ``P_c = A_c B_c^T``, incoming ``P_c = A_c^T B_c``. "Transposed for incoming" is a
   transposed *view* that both GEMMs read natively (cuBLAS's transpose flags, the Triton
@@ -40,14 +48,14 @@ Kernels (M = B·N² pair rows, C = c_z, H = c_hidden; bytes for a 2-byte dtype):
   channels of a pair, while a batched-GEMM program owns one channel), so the Triton kernel
   can at best tie cuBLAS, whose Hopper kernels (wgmma, TMA, tuned per shape) run this
   square bf16 problem (2·H·N³ FLOPs over 3·H·N² elements: ~340 FLOP/byte at N=1024) at
-  the tensor-core rate; ``bench/kernels/triangle.py`` times both (``foldcompile`` vs
-  ``foldcompile_triton_bmm`` rows) so the choice rests on a measurement once it has run.
-- ``trimul_out`` (LN prologue → output projection, gate GEMM, gating epilogue): one
-  program reads BLOCK_M pairs of p as a ``[H, BLOCK_M]`` tile from the channel-major
-  layout (coalesced along the pairs), normalises over the channels, multiplies by
-  ``W_o^T``; re-reads the same z rows, normalises them with the saved statistics,
-  recomputes ``g``; writes ``g · (LN(p) W_o^T + b_o)``. Reads 2·(H + C) bytes a row,
-  writes 2·C.
+  the tensor-core rate (measured 2026-12-01, H200: 0.364 ms at N=1024, ~750 TFLOP/s).
+- ``trimul_out`` (LN prologue → output projection, gate GEMM, gating epilogue): a tile
+  is BLOCK_M pairs; the p tile ``[H, BLOCK_M]`` (channel-major layout, coalesced along
+  the pairs), the same z rows and their saved statistics are all loaded first (two
+  independent big loads in flight; the first version issued the z load only after the
+  W_o GEMM); then LN over the channels of p, ``· W_o^T``, LN(z) from the statistics,
+  ``g``; writes ``g · (LN(p) W_o^T + b_o)``. Reads 2·(H + C) bytes a row, writes 2·C.
+  Same persistent form and next-tile prefetch (p, z and statistics) as ``trimul_proj``.
 
 Forward traffic a pair row (bf16, C = H = 128): ours reads z twice and p once, writes
 a, b, p and out once, and the GEMM reads a and b at least once: 2·(3C + 6H) elements,
@@ -57,7 +65,21 @@ writes and reads LN(z), the four projections, two sigmoids, two products, two ma
 products, the einsum's permuted operands and result, LN(p), the output projection, the
 gate and its sigmoid: ~14 C-wide and ~28 H-wide passes, ≈ 10.5 KiB a row. Peak extra
 memory here (forward, no grad): a, b and p, 3·N²·H·2 bytes (768 MiB at N=1024), plus
-8 bytes a row of statistics and the mask in fp32 (4 bytes a pair).
+8 bytes a row of statistics (the mask is read in its own dtype, not copied).
+
+Where the forward kernels' time went (N=1024, measured 2026-12-01: proj 0.531 ms, out
+0.537 ms, each ~3× its floor of ~0.18 ms by bytes; proj's 137 GFLOP is ~0.17 ms at
+800 TFLOP/s, out's 68 GFLOP ~0.09 ms) — reasoned, not measured: with one tile a program
+at 128 rows, 8192 tiles run as ~62 waves of 132 programs, ~8.5 µs a tile; a tile's
+bytes take ~3.0 µs of one SM's share of HBM (96 KiB at 4.3 TB/s / 132) and its GEMMs
+~2.8 µs of its tensor cores; with ~1 resident program an SM (registers) the load → LN →
+GEMM → store chain runs serially, ~6 µs plus the LN and the sigmoid epilogue (M·2H
+sigmoids, each an ex2 and a reciprocal on the SFU: ~0.13 ms of SFU issue at N=1024 in
+proj alone). The persistent loop with next-tile prefetch overlaps the load of tile i+1
+with the math of tile i (stores are fire-and-forget), i.e. aims at max(memory, math)
+≈ 3 µs a tile, ~0.2-0.3 ms a kernel; the output kernel additionally stops serialising
+its two loads. Expected N=1024 forward ≈ 0.3 + 0.3 + 0.36 (cuBLAS) ≈ 1.0 ms against the
+1.1 ms target: a prediction for ``bench/kernels/triangle_tune.py`` to check.
 
 Backward (z and every parameter). Saved: z (the caller holds it anyway), a, b
 (channel-major, needed by the triangle product's backward), p, and z's LN statistics;
@@ -65,23 +87,77 @@ LN(z), the four projections, g, LN(p) and the output projection are recomputed.
 
 - ``trimul_out_bwd``: recomputes LN(p), ``o``, ``g`` from p and z; ``do = dout · g``,
   ``dgate = dout · o · g(1-g)``; ``dLN(p) = do W_o``; LayerNorm backward in registers
-  → dp, stored channel-major (the layout the triangle backward reads); partial sums
-  for LN_out's weight and bias per program. Writes do, LN(p) and dgate row-major for
-  the weight gradients.
+  → dp, stored channel-major (the layout the triangle backward reads). Writes do, LN(p)
+  and dgate row-major for the weight gradients, and one fp32 partial row a program:
+  ``[dLN_out.weight | dLN_out.bias | d out_bias | d gate_bias]`` (column sums of its tile).
 - triangle backward: two batched GEMMs (outgoing ``dA = dP B``, ``dB = dP^T A``;
   incoming ``dA = B dP^T``, ``dB = A dP``), by the same ``product`` choice.
 - ``trimul_proj_bwd``: recomputes LN(z) and the gated projections tile by tile,
   forms the gradients of the four pre-activations from dA, dB and the mask, stores
   them row-major next to dgate in one ``du [M, 4H + C]`` buffer, accumulates
   ``dLN(z) = du · [W_ap; W_bp; W_ag; W_bg; W_g]`` in registers (the GEMM never leaves
-  the program), and finishes with LN_in's backward → dz, plus LN_in's weight/bias
-  partial sums. Writes LN(z) for the weight gradient.
+  the program), and finishes with LN_in's backward → dz. Writes LN(z) for the weight
+  gradient and one fp32 partial row a program: ``[dLN_in.weight | dLN_in.bias |
+  d(a, b proj biases) | d(a, b gate biases)]``.
 - weight gradients: ``du^T · LN(z)`` ([4H + C, M]·[M, C]) and ``do^T · LN(p)``
-  ([C, M]·[M, H]) as two cuBLAS GEMMs; bias gradients are column sums. These are
+  ([C, M]·[M, H]) as two cuBLAS GEMMs in z's dtype (fp32 accumulation, one rounding:
+  no fp32 result and cast); each parameter's gradient is a row slice (a view). These are
   reductions over all M rows: inside the fused kernels they would need an fp32
   [4H+C, C] accumulator per program (320 KiB of registers at C = H = 128) or M-wide
   atomics; cuBLAS does them at the tensor-core rate for the cost of writing and
   reading du, do and the two LN outputs once (2·(4H + 2C + H + C) bytes a row).
+- bias and LN-affine gradients: the column sums of the two partial buffers
+  (B·N²/BLOCK_M rows: 1024 × 640 fp32 at N=256, ~2.5 MiB), two small reductions and one
+  cast each. The first version summed du ([M, 4H + C] bf16, 80 MiB at N=256) and do with
+  ``Tensor.sum(0)``: ``at::native::reduce_kernel`` 0.123 + 0.032 ms of a 2.56 ms step
+  (measured), now folded into the kernels' epilogues (registers already hold the values;
+  +4·(2C + 4H) bytes a program of stores).
+
+Host path (N=256 is launch-bound: 2026-12-01 measured host 0.87 ms a forward, 2.4 ms a
+forward+backward). Every call used to: concatenate the a/b weights and biases (4 cats),
+create ones/zeros for absent biases and affines (``torch.full``, 6 for the Pairformer's
+bias-free linears), convert the mask to fp32, run ``torch.broadcast_shapes`` (~0.1 ms of
+Python on the CI host), rebuild the parameter dataclass from ~30 ``nn.Module.__getattr__``
+calls, go through Triton's autotuner wrapper (keyed on the exact N), and in backward add
+CatBackward nodes, 2 big and 4 small reductions and ~12 fp32 → parameter-dtype casts. Now:
+the kernels take each parameter tensor itself (separate pointers for a and b), so there is
+no derived copy to cache or to invalidate — an optimizer step or any in-place write is
+seen by the next call by construction (tested); absent parameters are cached read-only
+constants (one per size, value and device, made on the first call); ``params_from_module``
+is cached per module behind a signature of its submodules' and parameters' identities,
+``outgoing`` and the LN eps (re-assignment is seen; tested); the mask is read in its own
+dtype (bool as bytes); the mask shape check skips ``broadcast_shapes`` when shapes match;
+configs come from this module's own tuner (below), keyed by a power-of-two bucket of M so
+nearby N reuse the choice, and launched directly. Launches a forward: 2 Triton + 1 cuBLAS
+(was ~14); a backward: 2 Triton + 4 cuBLAS + 2 small sums + ≤ 2 casts (was ~30). The
+incoming direction runs the same host code as outgoing (only the bmm operand views
+differ); the 0.43 ms more host time the 2026-12-01 table shows for incoming was shared by
+the eager module (+0.46 ms) and its incoming rows were all timed after the outgoing rows'
+``torch.profiler`` sessions, so the suspect is profiler (CUPTI) state left behind, not
+this code: ``bench/kernels/triangle.py`` now profiles only after every timing
+(hypothesis, to be confirmed by the next run). Expected host time (reasoned from the op
+counts, not measured): ~0.1 ms a forward, ~0.3 ms a forward+backward.
+
+Tiles and tuning. A config is BLOCK_M, BLOCK_H, num_warps, num_stages, CTAS (0 = one tile
+a program; k = persistent, ~k programs an SM) and ROWS (projection orientation). On the
+GPU the first call for a (kernel, M bucket, C, H, dtype, mask) times each candidate of
+``_GPU_CONFIGS`` once with ``triton.testing.do_bench`` (every kernel is idempotent, so a
+rerun is harmless; candidates that fail to compile are skipped) and keeps the fastest;
+``FOLDCOMPILE_TRIMUL_TUNE=0`` takes the first. The candidate lists are reasoned (Hopper,
+C = H = 128, bf16): a [128, 128] LN'd tile is 32 KiB in bf16, a [64, 128] weight tile
+16 KiB, so a 128-row program with both of a half's weight tiles double-buffered fits
+shared memory; 8 warps are two warpgroups for wgmma; the projection's [BLOCK_H, 128] fp32
+accumulators cost 32 registers a thread each at BLOCK_H = 64 and 8 warps (64 at 128),
+plus 32 for the prefetched z tile, so 128 × 64 × 8 warps leaves room for one resident
+program an SM with prefetch (CTAS = 1) and 64-row / 4-warp programs for two (CTAS = 2).
+The output kernels hold ~5 fp32 [64, 128] tiles (p^T, LN(p)^T, o, g, LN(z)) plus the
+prefetched bf16 p and z tiles: 8 warps at 64 rows keep that near 200 registers. Their
+pipelining depth (num_stages) matters little: the projection's inner loop is 2-4 steps
+and the output kernels have no inner loop (their prefetch is the manual one), hence
+1-2 stages. ``bench/kernels/triangle_tune.py`` times these and a wider list per kernel at
+N = 256 and 1024 and prints the best; until it has run on an H200 these lists are leads.
+Under the interpreter one config a kind (16-row tiles, the persistent form with 4
+pretend SMs); the tests force every GPU candidate and both variants through it.
 
 Numerics: LayerNorm statistics, GEMM accumulators and epilogues are fp32; GEMM
 operands, a, b, p and the output are in z's dtype (what a bf16 module computes).
@@ -136,12 +212,12 @@ MAX_TRITON_DIM = 256
 # k > 0 = persistent: about k programs per multiprocessor, each looping over TILES tiles
 # (a power of two, so few compiled variants) with the next tile's loads issued before the
 # current tile's math (register prefetch).
-_KEYS = ("BLOCK_M", "BLOCK_H", "num_warps", "num_stages", "CTAS")
+_KEYS = ("BLOCK_M", "BLOCK_H", "num_warps", "num_stages", "CTAS", "ROWS")
 _GPU_CONFIGS = {
     # Reasoned, not yet measured (bench/kernels/triangle_tune.py measures them): the first entry
     # of each list is the one used when tuning is off (FOLDCOMPILE_TRIMUL_TUNE=0).
-    "proj": [(128, 64, 8, 2, 1), (128, 128, 8, 2, 1), (64, 64, 4, 2, 2), (256, 64, 8, 2, 1),
-             (128, 64, 8, 2, 0), (64, 32, 4, 1, 0)],
+    "proj": [(128, 64, 8, 2, 1), (128, 128, 8, 2, 1), (128, 64, 8, 2, 1, 1), (64, 64, 4, 2, 2),
+             (64, 64, 4, 2, 2, 1), (256, 64, 8, 2, 1), (128, 64, 8, 2, 0), (64, 32, 4, 1, 0)],
     "out": [(64, 64, 8, 1, 2), (64, 64, 4, 1, 2), (128, 64, 8, 1, 1), (64, 64, 4, 2, 0), (128, 64, 8, 2, 0),
             (32, 64, 4, 1, 0)],
     "out_bwd": [(64, 64, 8, 2, 0), (64, 64, 4, 2, 0), (32, 64, 4, 1, 0)],
@@ -161,7 +237,12 @@ def _configs(kind: str) -> list[dict]:
 
     Hopper reasoning (C = H = 128, bf16): see the module docstring, "Tiles"."""
     table = _INTERP_CONFIGS if interpreting() else _GPU_CONFIGS
-    return [dict(zip(_KEYS, c)) for c in table[kind]]
+    return [_cfg(c) for c in table[kind]]
+
+
+def _cfg(c: tuple) -> dict:
+    """A config tuple (ROWS may be left out: 0) as the dict the launchers take."""
+    return dict(zip(_KEYS, tuple(c) + (0,) * (len(_KEYS) - len(c))))
 
 
 def _num_sms(device: torch.device) -> int:
@@ -173,13 +254,17 @@ def _num_sms(device: torch.device) -> int:
     return _SMS[i]
 
 
-def _tiles_per_program(total: int, cfg: dict, device: torch.device) -> int:
-    """Tiles each program of a persistent launch loops over: a power of two (bounded
-    recompilation) making the grid about CTAS programs per multiprocessor."""
+def _persistent_grid(total: int, cfg: dict, device: torch.device) -> tuple[int, int]:
+    """(programs, TILES) of a launch over ``total`` tiles. One tile a program for CTAS = 0;
+    otherwise min(total, CTAS · SMs) programs, program pid taking tiles pid, pid + P, ... while
+    they exist: balanced to one tile, whatever the tile count. TILES, the loop's compile-time
+    trip count (the interpreter cannot loop to a run-time bound; iterations past the last tile
+    skip their body), is rounded up to a power of two, so a new N recompiles only when it
+    crosses a power of two."""
     if not cfg["CTAS"]:
-        return 1
-    want = triton.cdiv(total, _num_sms(device) * cfg["CTAS"])
-    return min(64, triton.next_power_of_2(max(1, want)))
+        return total, 1
+    progs = max(1, min(total, _num_sms(device) * cfg["CTAS"]))
+    return progs, triton.next_power_of_2(triton.cdiv(total, progs))
 
 
 def _pick(kind: str, key: tuple, launch) -> dict:
@@ -248,11 +333,52 @@ def _proj_load(Z, MASK, t, TILES_B, TOTAL, NN, C: tl.constexpr, HAS_MASK: tl.con
 
 
 @triton.jit
-def _proj_half(x1t, mk, b, rs, r_ok, W_P, W_G, B_P, B_G, AB, NN,
+def _proj_half(x1, mk, b, rs, r_ok, W_P, W_G, B_P, B_G, AB, NN,
                C: tl.constexpr, H: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
-               BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr):
-    """One of a / b for one tile: [BLOCK_H, BLOCK_M] = W · x^T tiles, gated, masked and stored
-    channel-major into AB ([B, H, N, N] of this half), the pair index contiguous."""
+               BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, ROWS: tl.constexpr):
+    """One of a / b for one tile, gated, masked and stored channel-major into AB ([B, H, N, N]
+    of this half), the pair index contiguous. ``x1`` is the LN'd tile in z's dtype: with
+    ROWS = 0 (x1 given as x^T, [BLOCK_C, BLOCK_M]) each step is [BLOCK_H, BLOCK_M] = W · x^T,
+    x^T the GEMM's shared-memory operand and the result already pair-contiguous; with ROWS = 1
+    (x1 given as [BLOCK_M, BLOCK_C]) it is [BLOCK_M, BLOCK_H] = x · W^T, x the register operand
+    (wgmma takes A from registers: no shared-memory copy of x) and the store transposes."""
+    if ROWS:
+        _proj_half_rows(x1, mk, b, rs, r_ok, W_P, W_G, B_P, B_G, AB, NN, C, H, HAS_MASK, PRECISION,
+                        BLOCK_C, BLOCK_H)
+    else:
+        _proj_half_cols(x1, mk, b, rs, r_ok, W_P, W_G, B_P, B_G, AB, NN, C, H, HAS_MASK, PRECISION,
+                        BLOCK_C, BLOCK_H)
+
+
+@triton.jit
+def _proj_half_rows(x1, mk, b, rs, r_ok, W_P, W_G, B_P, B_G, AB, NN,
+                    C: tl.constexpr, H: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+                    BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr):
+    cols = tl.arange(0, BLOCK_C)
+    c_ok = cols < C
+    base = AB + b * (H * NN)
+    for h0 in range(0, H, BLOCK_H):
+        hh = h0 + tl.arange(0, BLOCK_H)
+        h_ok = hh < H
+        w_ok = c_ok[:, None] & h_ok[None, :]
+        # W^T tiles [BLOCK_C, BLOCK_H]: w_t[k, h] = W[h, k].
+        wpt = tl.load(W_P + hh[None, :] * C + cols[:, None], mask=w_ok, other=0.0).to(x1.dtype)
+        wgt = tl.load(W_G + hh[None, :] * C + cols[:, None], mask=w_ok, other=0.0).to(x1.dtype)
+        bp = tl.load(B_P + hh, mask=h_ok, other=0.0).to(tl.float32)
+        bg = tl.load(B_G + hh, mask=h_ok, other=0.0).to(tl.float32)
+        up = tl.dot(x1, wpt, input_precision=PRECISION) + bp[None, :]   # [BLOCK_M, BLOCK_H]
+        ug = tl.dot(x1, wgt, input_precision=PRECISION) + bg[None, :]
+        v = tl.sigmoid(ug) * up
+        if HAS_MASK:
+            v = v * mk[:, None]
+        tl.store(base + hh[None, :].to(tl.int64) * NN + rs[:, None], v.to(AB.dtype.element_ty),
+                 mask=r_ok[:, None] & h_ok[None, :])
+
+
+@triton.jit
+def _proj_half_cols(x1t, mk, b, rs, r_ok, W_P, W_G, B_P, B_G, AB, NN,
+                    C: tl.constexpr, H: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+                    BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr):
     cols = tl.arange(0, BLOCK_C)
     c_ok = cols < C
     base = AB + b * (H * NN)
@@ -278,8 +404,9 @@ def _proj_half(x1t, mk, b, rs, r_ok, W_P, W_G, B_P, B_G, AB, NN,
 def _trimul_proj_kernel(Z, MASK, LNW, LNB, WAP, WBP, WAG, WBG, BAP, BBP, BAG, BBG, AB, MEAN, RSTD,
                         NN, TILES_B, TOTAL, BHNN, eps,
                         C: tl.constexpr, H: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
-                        BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, TILES: tl.constexpr):
-    # Program pid handles tiles pid, pid + P, ..., pid + (TILES-1)·P (P programs; concurrent
+                        BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, TILES: tl.constexpr,
+                        ROWS: tl.constexpr):
+    # Program pid handles tiles pid, pid + P, pid + 2P, ... below TOTAL (P programs; concurrent
     # programs work on neighbouring tiles). Each tile: reads BLOCK_M·C of z (once) and BLOCK_M
     # mask values; writes BLOCK_M·2H of a/b channel-major and 2 fp32 statistics a row. With
     # TILES > 1 the next tile's z and mask loads are issued before this tile's LN and GEMMs, so
@@ -293,19 +420,23 @@ def _trimul_proj_kernel(Z, MASK, LNW, LNB, WAP, WBP, WAG, WBG, BAP, BBP, BAG, BB
     x_n, mk_n = _proj_load(Z, MASK, pid, TILES_B, TOTAL, NN, C, HAS_MASK, BLOCK_C, BLOCK_M)
     for i in range(TILES):
         t = pid + i * nprog
-        x_c, mk_c = x_n, mk_n
-        if TILES > 1:
-            x_n, mk_n = _proj_load(Z, MASK, t + nprog, TILES_B, TOTAL, NN, C, HAS_MASK, BLOCK_C, BLOCK_M)
-        b, rs, r_ok, rows = _tile_rows(t, TILES_B, TOTAL, NN, BLOCK_M)
-        zc_ok = r_ok[:, None] & c_ok[None, :]
-        _, x1, mean, rstd = _ln_rows(x_c.to(tl.float32), zc_ok, w, b1, C, eps)
-        tl.store(MEAN + rows, mean, mask=r_ok)
-        tl.store(RSTD + rows, rstd, mask=r_ok)
-        x1t = tl.trans(x1.to(Z.dtype.element_ty))       # [BLOCK_C, BLOCK_M]: the GEMMs' right operand
-        _proj_half(x1t, mk_c, b, rs, r_ok, WAP, WAG, BAP, BAG, AB, NN, C, H, HAS_MASK, PRECISION,
-                   BLOCK_C, BLOCK_H)
-        _proj_half(x1t, mk_c, b, rs, r_ok, WBP, WBG, BBP, BBG, AB + BHNN, NN, C, H, HAS_MASK, PRECISION,
-                   BLOCK_C, BLOCK_H)
+        if t < TOTAL:                                     # TILES is rounded up: skip the excess
+            x_c, mk_c = x_n, mk_n
+            if TILES > 1:
+                x_n, mk_n = _proj_load(Z, MASK, t + nprog, TILES_B, TOTAL, NN, C, HAS_MASK, BLOCK_C, BLOCK_M)
+            b, rs, r_ok, rows = _tile_rows(t, TILES_B, TOTAL, NN, BLOCK_M)
+            zc_ok = r_ok[:, None] & c_ok[None, :]
+            _, x1, mean, rstd = _ln_rows(x_c.to(tl.float32), zc_ok, w, b1, C, eps)
+            tl.store(MEAN + rows, mean, mask=r_ok)
+            tl.store(RSTD + rows, rstd, mask=r_ok)
+            if ROWS:
+                xo = x1.to(Z.dtype.element_ty)                # [BLOCK_M, BLOCK_C]: the GEMMs' left operand
+            else:
+                xo = tl.trans(x1.to(Z.dtype.element_ty))      # [BLOCK_C, BLOCK_M]: the GEMMs' right operand
+            _proj_half(xo, mk_c, b, rs, r_ok, WAP, WAG, BAP, BAG, AB, NN, C, H, HAS_MASK, PRECISION,
+                       BLOCK_C, BLOCK_H, ROWS)
+            _proj_half(xo, mk_c, b, rs, r_ok, WBP, WBG, BBP, BBG, AB + BHNN, NN, C, H, HAS_MASK, PRECISION,
+                       BLOCK_C, BLOCK_H, ROWS)
 
 
 @triton.jit
@@ -376,15 +507,16 @@ def _trimul_out_kernel(P, Z, MEAN, RSTD, LN1W, LN1B, LN2W, LN2B, WO, BO, WGO, BG
     pt_n, x_n, m_n, r_n = _out_load(P, Z, MEAN, RSTD, pid, TILES_B, TOTAL, NN, C, H, BLOCK_C, BLOCK_HF, BLOCK_M)
     for i in range(TILES):
         t = pid + i * nprog
-        pt_c, x_c, m_c, r_c = pt_n, x_n, m_n, r_n
-        if TILES > 1:
-            pt_n, x_n, m_n, r_n = _out_load(P, Z, MEAN, RSTD, t + nprog, TILES_B, TOTAL, NN, C, H, BLOCK_C,
-                                            BLOCK_HF, BLOCK_M)
-        b, rs, r_ok, rows = _tile_rows(t, TILES_B, TOTAL, NN, BLOCK_M)
-        hh, h_ok, cols, c_ok, zc_ok, yhat_t, y_t, rstd2, w2, o, g = _out_math(
-            pt_c, x_c, m_c, r_c, r_ok, LN1W, LN1B, LN2W, LN2B, WO, BO, WGO, BGO, eps2,
-            C, H, PRECISION, BLOCK_C, BLOCK_HF)
-        tl.store(OUT + rows[:, None] * C + cols[None, :], (g * o).to(OUT.dtype.element_ty), mask=zc_ok)
+        if t < TOTAL:                                     # TILES is rounded up: skip the excess
+            pt_c, x_c, m_c, r_c = pt_n, x_n, m_n, r_n
+            if TILES > 1:
+                pt_n, x_n, m_n, r_n = _out_load(P, Z, MEAN, RSTD, t + nprog, TILES_B, TOTAL, NN, C, H, BLOCK_C,
+                                                BLOCK_HF, BLOCK_M)
+            b, rs, r_ok, rows = _tile_rows(t, TILES_B, TOTAL, NN, BLOCK_M)
+            hh, h_ok, cols, c_ok, zc_ok, yhat_t, y_t, rstd2, w2, o, g = _out_math(
+                pt_c, x_c, m_c, r_c, r_ok, LN1W, LN1B, LN2W, LN2B, WO, BO, WGO, BGO, eps2,
+                C, H, PRECISION, BLOCK_C, BLOCK_HF)
+            tl.store(OUT + rows[:, None] * C + cols[None, :], (g * o).to(OUT.dtype.element_ty), mask=zc_ok)
 
 
 @triton.jit
@@ -625,11 +757,12 @@ def _launch_proj(cfg, z4, mask3, ps, ab, mean, rstd, eps1):
     w1, b1, wap, wbp, wag, wbg, bap, bbp, bag, bbg = ps[:10]
     tiles_b = triton.cdiv(NN, cfg["BLOCK_M"])
     total = B * tiles_b
-    tiles = _tiles_per_program(total, cfg, z4.device)
-    _trimul_proj_kernel[(triton.cdiv(total, tiles),)](
+    progs, tiles = _persistent_grid(total, cfg, z4.device)
+    _trimul_proj_kernel[(progs,)](
         z4, mask3 if mask3 is not None else z4, w1, b1, wap, wbp, wag, wbg, bap, bbp, bag, bbg, ab, mean, rstd,
         NN, tiles_b, total, B * H * NN, float(eps1), HAS_MASK=mask3 is not None, PRECISION=_precision(z4.dtype),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_H=cfg["BLOCK_H"], TILES=tiles, **_blocks(C, H), **_meta(cfg))
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_H=cfg["BLOCK_H"], TILES=tiles, ROWS=cfg.get("ROWS", 0), **_blocks(C, H),
+        **_meta(cfg))
 
 
 def _launch_out(cfg, p, z4, mean, rstd, ps, out, eps2):
@@ -640,8 +773,8 @@ def _launch_out(cfg, p, z4, mean, rstd, ps, out, eps2):
     wgo, bgo, w2, b2, wo, bo = ps[10:]
     tiles_b = triton.cdiv(NN, cfg["BLOCK_M"])
     total = B * tiles_b
-    tiles = _tiles_per_program(total, cfg, z4.device)
-    _trimul_out_kernel[(triton.cdiv(total, tiles),)](
+    progs, tiles = _persistent_grid(total, cfg, z4.device)
+    _trimul_out_kernel[(progs,)](
         p, z4, mean, rstd, w1, b1, w2, b2, wo, bo, wgo, bgo, out, NN, tiles_b, total, float(eps2),
         PRECISION=_precision(z4.dtype), BLOCK_HF=max(16, triton.next_power_of_2(H)), BLOCK_M=cfg["BLOCK_M"],
         TILES=tiles, **_blocks(C, H), **_meta(cfg))

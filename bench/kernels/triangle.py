@@ -206,6 +206,11 @@ def run(quick: bool = False) -> Results:
     # The profiler runs only after every timing: a torch.profiler session (CUPTI) left per-launch
     # host overhead behind in the 2026-12-01 run, whose incoming rows (all timed after the outgoing
     # rows' profiles) lost ~0.4 ms of host time for ours and for eager alike.
+    import importlib
+    tm = importlib.import_module("foldcompile.kernels.triangle_multiplication")
+    res.notes.append("foldcompile tuner's choices (kernel, M bucket, C, H, dtype, mask -> BLOCK_M, BLOCK_H, warps, "
+                     "stages, CTAS, ROWS): " + "; ".join(f"{k[0]} M<={k[1]} -> {tuple(v.values())}"
+                                                        for k, v in tm._TUNED.items()))
     for label, ours_call in breakdowns:
         try:
             res.notes.append(f"{label}: {_kernel_breakdown(ours_call)}")

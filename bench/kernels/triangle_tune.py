@@ -3,7 +3,8 @@
 Times each kernel alone (``triton.testing.do_bench``, median) over a list of candidate configs
 (BLOCK_M, BLOCK_H, num_warps, num_stages, and the structural flag CTAS: 0 = one tile a
 program, k > 0 = persistent, ~k programs a multiprocessor looping over tiles with next-tile
-prefetch) at N = 256 and N = 1024 (bf16, c_z = c_hidden = 128, batch 1, a pair mask), and
+prefetch; ROWS: the projection GEMM as x · W^T with x the register operand instead of W · x^T)
+at N = 256 and N = 1024 (bf16, c_z = c_hidden = 128, batch 1, a pair mask), and
 reports each config's time, its bandwidth and arithmetic rate against the kernel's minimal
 bytes and FLOPs, and the best config per kernel and N. Then the end-to-end forward (N = 1024)
 and forward+backward (N = 256) with the in-process tuner, and their host time per call.
@@ -37,11 +38,12 @@ C = H = 128
 COLUMNS = ["kernel", "N", "BLOCK_M", "BLOCK_H", "num_warps", "num_stages", "CTAS", "TILES", "ms", "GB_s",
            "pct_4.3TBs", "TFLOP_s", "best", "note"]
 
-# Candidates (BLOCK_M, BLOCK_H, num_warps, num_stages, CTAS). The in-module defaults
+# Candidates (BLOCK_M, BLOCK_H, num_warps, num_stages, CTAS[, ROWS]). The in-module defaults
 # (tm._GPU_CONFIGS) come first, then structural / shape variants around them.
 SWEEP = {
-    "proj": [(128, 64, 8, 3, 1), (128, 128, 8, 3, 1), (128, 64, 4, 2, 1), (128, 64, 8, 2, 2), (64, 64, 4, 3, 2),
-             (64, 128, 4, 2, 2), (64, 64, 4, 2, 4), (256, 128, 8, 2, 1), (128, 128, 8, 2, 0), (64, 64, 4, 2, 0)],
+    "proj": [(128, 64, 8, 3, 1), (128, 128, 8, 3, 1), (128, 128, 8, 2, 1, 1), (128, 64, 4, 2, 1), (128, 64, 8, 2, 2),
+             (64, 64, 4, 3, 2), (64, 128, 4, 2, 2), (64, 128, 4, 2, 2, 1), (64, 64, 4, 2, 4), (256, 128, 8, 2, 1),
+             (128, 128, 8, 2, 0), (64, 64, 4, 2, 0), (128, 64, 8, 2, 0, 1)],
     "out": [(64, 64, 4, 2, 1), (64, 64, 8, 2, 1), (128, 64, 8, 2, 2), (32, 64, 4, 1, 2), (32, 64, 4, 1, 4),
             (64, 64, 4, 1, 4), (128, 64, 4, 1, 1), (64, 64, 8, 1, 0)],
     "out_bwd": [(128, 64, 8, 2, 0), (32, 64, 4, 2, 0), (64, 64, 8, 1, 0)],
@@ -54,7 +56,7 @@ def candidates(kind: str, quick: bool) -> list[dict]:
     for c in list(tm._GPU_CONFIGS[kind]) + ([] if quick else SWEEP[kind]):
         if c not in seen:
             seen.add(c)
-            out.append(dict(zip(tm._KEYS, c)))
+            out.append(tm._cfg(c))
     return out
 
 
@@ -92,7 +94,7 @@ def setup(n: int, dev: str = "cuda"):
              du=torch.randn((M, 4 * H + C), generator=g, **bf), dab=torch.randn((2, H, n, n), generator=g, **bf),
              x1=torch.empty((M, C), **bf), dz=torch.empty((M, C), **bf))
     # Real LN statistics for the output / backward kernels.
-    tm._launch_proj(dict(zip(tm._KEYS, tm._GPU_CONFIGS["proj"][-1])), z4, mask3, ps, t["ab"], t["mean"], t["rstd"],
+    tm._launch_proj(tm._cfg(tm._GPU_CONFIGS["proj"][-1]), z4, mask3, ps, t["ab"], t["mean"], t["rstd"],
                     1e-5)
     return t
 
@@ -128,7 +130,7 @@ def sweep(res: Results, sizes, quick: bool, budget: float, start: float) -> dict
             for cfg in candidates(kind, quick):
                 row = dict(kernel=kind, N=n, **cfg, note="")
                 total = triton.cdiv(n * n, cfg["BLOCK_M"])
-                row["TILES"] = tm._tiles_per_program(total, cfg, t["z4"].device) if kind in ("proj", "out") else 1
+                row["TILES"] = tm._persistent_grid(total, cfg, t["z4"].device)[1] if kind in ("proj", "out") else 1
                 if time.time() - start > budget:
                     row["note"] = "skipped: over the time budget"
                     rows.append(row)

@@ -145,7 +145,7 @@ def test_every_output_element_written(monkeypatch):
 @pytest.mark.full
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter check of the GPU tile lists (on a GPU the "
                     "tuner runs them)")
-@pytest.mark.parametrize("index", range(6))
+@pytest.mark.parametrize("index", range(8))
 def test_gpu_tile_configs_through_the_interpreter(index, monkeypatch):
     """Each kernel with the index-th entry of its Hopper config list (cycling): tiles far larger
     than N = 13, c_z = 20, c_hidden = 12 (every load and store masked), 256-row projection
@@ -169,19 +169,21 @@ def test_gpu_tile_configs_through_the_interpreter(index, monkeypatch):
     check_against_float64(module, z, mask, torch.float32, lambda n: 1e-5, product="triton")
 
 
-@pytest.mark.parametrize("ctas", [0, 1, 3])
-def test_persistent_and_one_tile_forward_variants(ctas, monkeypatch):
+@pytest.mark.parametrize("ctas,rows", [(0, 0), (1, 0), (3, 0), (1, 1), (0, 1)])
+def test_persistent_and_one_tile_forward_variants(ctas, rows, monkeypatch):
     """The forward kernels' structural variants: one tile a program (CTAS = 0) and persistent
-    loops whose last programs run past the last tile (CTAS = 1: 16 tiles a program over 2 x 23
-    tiles, 3 programs; CTAS = 3: 4 tiles a program, 12 programs), with the next tile's loads prefetched; every output element
-    is checked (NaN-poisoned buffers)."""
+    loops over 2 x 23 tiles with the next tile's loads prefetched and a loop longer than the
+    work (CTAS = 1: 4 programs of 11-12 tiles in a 16-step loop; CTAS = 3: 12 programs of
+    3-4 tiles in a 4-step loop); and the projection GEMM in either orientation (ROWS = 0:
+    W · x^T, 1: x · W^T).
+    Every output element is checked (NaN-poisoned buffers)."""
     tm = importlib.import_module("foldcompile.kernels.triangle_multiplication")
-    cfg = dict(BLOCK_M=16, BLOCK_H=16, num_warps=4, num_stages=1, CTAS=ctas)
+    cfg = dict(BLOCK_M=16, BLOCK_H=16, num_warps=4, num_stages=1, CTAS=ctas, ROWS=rows)
     monkeypatch.setattr(tm, "_FORCED", {"proj": cfg, "out": cfg})
     real_empty = torch.empty
     monkeypatch.setattr(torch, "empty", lambda *a, **k: (lambda t: t.fill_(float("nan")) if t.is_floating_point()
                                                          else t)(real_empty(*a, **k)))
-    module = make_module("pf", ctas != 1, seed=17)
+    module = make_module("af2" if rows else "pf", ctas != 1, seed=17)
     z, mask = make_inputs(19, 20, lead=(2,), seed=17)
     with torch.no_grad():
         out = triangle_multiplication_module(copy.deepcopy(module).float(), z.float(), mask.float())
