@@ -214,14 +214,31 @@ MAX_TRITON_DIM = 256
 # current tile's math (register prefetch).
 _KEYS = ("BLOCK_M", "BLOCK_H", "num_warps", "num_stages", "CTAS", "ROWS")
 _GPU_CONFIGS = {
-    # Reasoned, not yet measured (bench/kernels/triangle_tune.py measures them): the first entry
-    # of each list is the one used when tuning is off (FOLDCOMPILE_TRIMUL_TUNE=0).
-    "proj": [(128, 64, 8, 2, 1), (128, 128, 8, 2, 1), (128, 64, 8, 2, 1, 1), (64, 64, 4, 2, 2),
-             (64, 64, 4, 2, 2, 1), (256, 64, 8, 2, 1), (128, 64, 8, 2, 0), (64, 32, 4, 1, 0)],
-    "out": [(64, 64, 8, 1, 2), (64, 64, 4, 1, 2), (128, 64, 8, 1, 1), (64, 64, 4, 2, 0), (128, 64, 8, 2, 0),
-            (32, 64, 4, 1, 0)],
-    "out_bwd": [(64, 64, 8, 2, 0), (64, 64, 4, 2, 0), (32, 64, 4, 1, 0)],
-    "proj_bwd": [(64, 64, 8, 2, 0), (64, 64, 4, 2, 0), (128, 64, 8, 2, 0), (64, 32, 4, 1, 0)],
+    # Reasoned, not yet timed (bench/kernels/triangle_tune.py times them), but each compiled for
+    # sm_90 here (Triton 3.6 + ptxas -v, C = H = 128, bf16: `python -m bench.kernels.triangle_tune
+    # --ptxas`, no GPU needed) without register spills unless marked; registers a thread and
+    # shared memory in the comments. The first
+    # entry of each list is the one used when tuning is off (FOLDCOMPILE_TRIMUL_TUNE=0).
+    "proj": [(128, 64, 8, 2, 1),        # 242 regs, 112 KiB: persistent, 1 program an SM, prefetch
+             (128, 64, 8, 2, 1, 1),     # 228, 100 KiB: same, x as the register operand
+             (64, 64, 4, 2, 2),         # 255, 88 KiB: persistent, 2 programs an SM
+             (64, 64, 4, 2, 2, 1),      # 238, 82 KiB
+             (128, 64, 8, 2, 0),        # 126, 112 KiB: the first version's shape (2 programs an SM)
+             (128, 128, 8, 2, 0),       # 250, 96 KiB
+             (64, 64, 4, 2, 0),         # 128, 88 KiB
+             (64, 32, 4, 1, 0)],        # 126, 32 KiB: small fallback (fp32, 256 channels)
+    "out": [(64, 64, 8, 1, 1),          # 255 regs, 48 KiB: persistent, prefetch of p, z, statistics
+            (64, 64, 8, 2, 1),
+            (64, 64, 4, 2, 0),          # 255: the first version's likely pick, 2 programs an SM
+            (64, 64, 8, 1, 0),          # 140
+            (32, 64, 4, 1, 0)],         # 177: small fallback
+    "out_bwd": [(32, 64, 8, 1, 0),      # 250 regs, 40 KiB, no spill
+                (64, 64, 8, 2, 0),      # 255, spills 420 bytes (the first version's first entry)
+                (32, 64, 4, 1, 0)],     # 255, spills 28
+    "proj_bwd": [(64, 32, 8, 2, 0),     # 208 regs, 48 KiB, no spill
+                 (64, 64, 8, 2, 0),     # 255, spills 28 bytes (the first version's first entry)
+                 (32, 64, 8, 2, 0),     # 244, no spill
+                 (32, 64, 4, 2, 0)],    # 255, spills 60
 }
 # Under the interpreter: small tiles (13- and 19-residue tests hit every tail) and the persistent
 # form (CTAS = 1 with _num_sms() = 4), so the tile loop and its prefetch are tested on CPU.

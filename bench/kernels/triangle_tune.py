@@ -13,6 +13,8 @@ One run is meant to fit in ~5 minutes on an H200 (compiles dominate); the sweep 
 configs after ``--budget`` seconds and says so. Run from the repository root::
 
     python -m bench.kernels.triangle_tune [--budget 240] [--quick]
+    python -m bench.kernels.triangle_tune --ptxas      # any machine with Triton, no GPU: registers,
+                                                        # spills, shared memory of every candidate
 
 Writes bench/results/kernels_triangle_tune_<card>_<date>.md/.json (and a copy under $OUT when
 that is set).
@@ -40,14 +42,12 @@ COLUMNS = ["kernel", "N", "BLOCK_M", "BLOCK_H", "num_warps", "num_stages", "CTAS
 
 # Candidates (BLOCK_M, BLOCK_H, num_warps, num_stages, CTAS[, ROWS]). The in-module defaults
 # (tm._GPU_CONFIGS) come first, then structural / shape variants around them.
-SWEEP = {
-    "proj": [(128, 64, 8, 3, 1), (128, 128, 8, 3, 1), (128, 128, 8, 2, 1, 1), (128, 64, 4, 2, 1), (128, 64, 8, 2, 2),
-             (64, 64, 4, 3, 2), (64, 128, 4, 2, 2), (64, 128, 4, 2, 2, 1), (64, 64, 4, 2, 4), (256, 128, 8, 2, 1),
-             (128, 128, 8, 2, 0), (64, 64, 4, 2, 0), (128, 64, 8, 2, 0, 1)],
-    "out": [(64, 64, 4, 2, 1), (64, 64, 8, 2, 1), (128, 64, 8, 2, 2), (32, 64, 4, 1, 2), (32, 64, 4, 1, 4),
-            (64, 64, 4, 1, 4), (128, 64, 4, 1, 1), (64, 64, 8, 1, 0)],
-    "out_bwd": [(128, 64, 8, 2, 0), (32, 64, 4, 2, 0), (64, 64, 8, 1, 0)],
-    "proj_bwd": [(64, 128, 8, 2, 0), (32, 64, 4, 2, 0), (64, 64, 4, 3, 0), (128, 128, 8, 2, 0), (64, 32, 8, 2, 0)],
+SWEEP = {   # heavy register spillers (ptxas -v for sm_90) left out: they only spend the time budget
+    "proj": [(128, 64, 8, 3, 1), (128, 64, 8, 2, 2), (64, 64, 4, 3, 2), (64, 64, 4, 2, 4), (64, 64, 8, 2, 1),
+             (128, 64, 8, 2, 0, 1), (64, 64, 4, 2, 0, 1), (128, 64, 8, 3, 0), (64, 64, 4, 3, 0)],
+    "out": [(64, 64, 4, 1, 0), (64, 64, 8, 2, 0), (32, 64, 8, 1, 1), (32, 64, 4, 2, 0), (32, 64, 4, 1, 2)],
+    "out_bwd": [(32, 64, 4, 2, 0), (64, 64, 8, 1, 0), (32, 64, 8, 2, 0)],
+    "proj_bwd": [(64, 32, 4, 2, 0), (32, 32, 4, 1, 0), (64, 64, 8, 1, 0), (32, 64, 8, 2, 0), (64, 32, 8, 3, 0)],
 }
 
 
@@ -189,14 +189,91 @@ def end_to_end(res: Results) -> None:
             del module, z, mask, leaves, dout
 
 
+# --------------------------------------------------------------------------- --ptxas (no GPU needed)
+def _ptxas_report(kind: str, cfg: dict, n: int = 1024) -> tuple:
+    """Compile one kernel for sm_90 with Triton (no GPU: ASTSource + an explicit target) and run
+    the ptxas Triton ships with ``-v``: (registers a thread, spill bytes stored / loaded, shared
+    memory bytes, wgmma instructions in the PTX). C = H = 128, bf16, the tile loop of N = n."""
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    p16, p32 = "*bf16", "*fp32"
+    base = dict(C=C, H=H, PRECISION="tf32", BLOCK_C=128, BLOCK_M=cfg["BLOCK_M"])
+    if kind == "proj":
+        fn = tm._trimul_proj_kernel
+        sig = dict(Z=p16, MASK=p16, LNW=p16, LNB=p16, WAP=p16, WBP=p16, WAG=p16, WBG=p16, BAP=p32, BBP=p32,
+                   BAG=p32, BBG=p32, AB=p16, MEAN=p32, RSTD=p32, NN="i32", TILES_B="i32", TOTAL="i32", BHNN="i32",
+                   eps="fp32")
+        total = triton.cdiv(n * n, cfg["BLOCK_M"])
+        consts = dict(base, HAS_MASK=True, BLOCK_H=cfg["BLOCK_H"], ROWS=cfg["ROWS"],
+                      TILES=tm._persistent_grid(total, cfg, torch.device("cuda", 0))[1])
+    elif kind == "out":
+        fn = tm._trimul_out_kernel
+        sig = dict(P=p16, Z=p16, MEAN=p32, RSTD=p32, LN1W=p16, LN1B=p16, LN2W=p16, LN2B=p16, WO=p16, BO=p32,
+                   WGO=p16, BGO=p32, OUT=p16, NN="i32", TILES_B="i32", TOTAL="i32", eps2="fp32")
+        total = triton.cdiv(n * n, cfg["BLOCK_M"])
+        consts = dict(base, BLOCK_HF=128, TILES=tm._persistent_grid(total, cfg, torch.device("cuda", 0))[1])
+    elif kind == "out_bwd":
+        fn = tm._trimul_out_bwd_kernel
+        sig = dict(P=p16, Z=p16, MEAN=p32, RSTD=p32, LN1W=p16, LN1B=p16, LN2W=p16, LN2B=p16, WO=p16, BO=p32,
+                   WGO=p16, BGO=p32, DOUT=p16, DP=p16, DO=p16, Y=p16, DU=p16, PART=p32, NN="i32", TILES_B="i32",
+                   TOTAL="i32", eps2="fp32", LD_DU="i32", GATE_OFF="i32", LD_PART="i32")
+        consts = dict(base, BLOCK_HF=128)
+    else:
+        fn = tm._trimul_proj_bwd_kernel
+        sig = dict(Z=p16, MASK=p16, MEAN=p32, RSTD=p32, LNW=p16, LNB=p16, WAP=p16, WBP=p16, WAG=p16, WBG=p16,
+                   BAP=p32, BBP=p32, BAG=p32, BBG=p32, WGO=p16, DAB=p16, DU=p16, X1=p16, DZ=p16, PART=p32,
+                   NN="i32", TILES_B="i32", TOTAL="i32", BHNN="i32", LD_DU="i32", LD_PART="i32")
+        consts = dict(base, HAS_MASK=True, BLOCK_H=cfg["BLOCK_H"])
+    div = [k for k, v in sig.items() if v.startswith("*") or v == "i32"]   # all 16-divisible at C = H = 128
+    attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k in div}
+    full = {k: ("constexpr" if k in consts else sig[k]) for k in fn.arg_names}
+    k = triton.compile(ASTSource(fn, full, constexprs=consts, attrs=attrs), target=GPUTarget("cuda", 90, 32),
+                       options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+    ptx = k.asm["ptx"]
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(ptx)
+        f.flush()
+        info = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True,
+                              text=True).stderr
+    regs = re.search(r"Used (\d+) registers", info)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
+    return (int(regs.group(1)) if regs else -1, tuple(map(int, spill.groups())) if spill else None,
+            k.metadata.shared, ptx.count("wgmma.mma_async"))
+
+
+def ptxas_table(quick: bool) -> None:
+    if tm.interpreting():
+        raise SystemExit("--ptxas compiles for sm_90: unset TRITON_INTERPRET")
+    tm._SMS[0] = 132                      # an H200's multiprocessors, for the persistent loop bound
+    for kind in ("proj", "out", "out_bwd", "proj_bwd"):
+        for cfg in candidates(kind, quick):
+            try:
+                regs, spill, smem, wgmma = _ptxas_report(kind, cfg)
+                print(f"{kind:9s} {tuple(cfg.values())}: {regs} regs, spill st/ld {spill}, "
+                      f"{smem / 1024:.0f} KiB shared, {wgmma} wgmma", flush=True)
+            except Exception as exc:  # noqa: BLE001
+                print(f"{kind:9s} {tuple(cfg.values())}: FAILED {type(exc).__name__}: {str(exc)[:160]}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", type=float, default=240.0, help="seconds after which no more configs are timed")
     parser.add_argument("--quick", action="store_true", help="only the in-module candidate lists")
     parser.add_argument("--sizes", default="1024,256", help="largest first: the budget cuts the last")
     parser.add_argument("--no-e2e", action="store_true")
+    parser.add_argument("--ptxas", action="store_true", help="no GPU: compile every candidate for sm_90 and print "
+                        "registers, spills, shared memory (ptxas -v)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "results"))
     args = parser.parse_args()
+    if args.ptxas:
+        ptxas_table(args.quick)
+        return
     if not torch.cuda.is_available():
         raise SystemExit("bench.kernels.triangle_tune needs a CUDA GPU")
     start = time.time()
