@@ -131,11 +131,15 @@ configs come from this module's own tuner (below), keyed by a power-of-two bucke
 nearby N reuse the choice, and launched directly. Launches a forward: 2 Triton + 1 cuBLAS
 (was ~14); a backward: 2 Triton + 4 cuBLAS + 2 small sums + ≤ 2 casts (was ~30). The
 incoming direction runs the same host code as outgoing (only the bmm operand views
-differ); the 0.43 ms more host time the 2026-12-01 table shows for incoming was shared by
-the eager module (+0.46 ms) and its incoming rows were all timed after the outgoing rows'
-``torch.profiler`` sessions, so the suspect is profiler (CUPTI) state left behind, not
-this code: ``bench/kernels/triangle.py`` now profiles only after every timing
-(hypothesis, to be confirmed by the next run). Expected host time (reasoned from the op
+differ, for cuBLAS and the Triton bmm alike); the 0.43 ms more host time the 2026-12-01
+table shows for incoming forward is not explained by this code. The eager module, also
+launch-bound in forward, lost as much (+0.46 ms), and every incoming row was timed after
+the outgoing rows' ``torch.profiler`` sessions, so one suspect is profiler (CUPTI) state
+adding per-launch cost (consistent with ours losing more in the launch-heavier backward
+while eager's GPU-bound forward+backward did not move; not consistent with torch.compile
+and cuEquivariance getting faster): ``bench/kernels/triangle.py`` now profiles only after
+every timing, which removes that confound, and ours now has ~5× fewer launches to be
+taxed. Expected host time (reasoned from the op
 counts, not measured): ~0.1 ms a forward, ~0.3 ms a forward+backward.
 
 Tiles and tuning. A config is BLOCK_M, BLOCK_H, num_warps, num_stages, CTAS (0 = one tile
@@ -143,21 +147,31 @@ a program; k = persistent, ~k programs an SM) and ROWS (projection orientation).
 GPU the first call for a (kernel, M bucket, C, H, dtype, mask) times each candidate of
 ``_GPU_CONFIGS`` once with ``triton.testing.do_bench`` (every kernel is idempotent, so a
 rerun is harmless; candidates that fail to compile are skipped) and keeps the fastest;
-``FOLDCOMPILE_TRIMUL_TUNE=0`` takes the first. The candidate lists are reasoned (Hopper,
-C = H = 128, bf16): a [128, 128] LN'd tile is 32 KiB in bf16, a [64, 128] weight tile
-16 KiB, so a 128-row program with both of a half's weight tiles double-buffered fits
-shared memory; 8 warps are two warpgroups for wgmma; the projection's [BLOCK_H, 128] fp32
-accumulators cost 32 registers a thread each at BLOCK_H = 64 and 8 warps (64 at 128),
-plus 32 for the prefetched z tile, so 128 × 64 × 8 warps leaves room for one resident
-program an SM with prefetch (CTAS = 1) and 64-row / 4-warp programs for two (CTAS = 2).
-The output kernels hold ~5 fp32 [64, 128] tiles (p^T, LN(p)^T, o, g, LN(z)) plus the
-prefetched bf16 p and z tiles: 8 warps at 64 rows keep that near 200 registers. Their
-pipelining depth (num_stages) matters little: the projection's inner loop is 2-4 steps
-and the output kernels have no inner loop (their prefetch is the manual one), hence
-1-2 stages. ``bench/kernels/triangle_tune.py`` times these and a wider list per kernel at
-N = 256 and 1024 and prints the best; until it has run on an H200 these lists are leads.
-Under the interpreter one config a kind (16-row tiles, the persistent form with 4
-pretend SMs); the tests force every GPU candidate and both variants through it.
+later calls cost one dict lookup. ``FOLDCOMPILE_TRIMUL_TUNE=0`` takes the first entry.
+The lists are reasoned from what compiles well, not from timings: every entry was
+compiled here for sm_90 (Triton 3.6, ``ptxas -v``; ``python -m bench.kernels.triangle_tune
+--ptxas`` repeats it on any machine, no GPU) and shapes that spill registers were dropped
+(measured at compile time: e.g. the projection at 128 × 128 spills 496 bytes, 256 rows
+80; the output kernel at 4 warps with prefetch spills 1.2 KB). What the compiler says
+shapes the choice: the one-tile-a-program projection (the first version's shape) uses
+126 registers and 112 KiB of shared memory (the LN'd x^T tile, two stages of both weight
+tiles, the epilogue's layout conversion) at 128 rows / 8 warps, so at most 2 programs
+(16 warps) fit an SM and each runs load → LN → GEMMs → store with nothing of its own in
+flight; with the persistent loop and prefetch it uses 242 registers: 1 program an SM, but
+the next tile's loads are always outstanding. The output kernel is register-bound (~5 fp32
+[64, 128] tiles: p^T, LN(p)^T, o, g, LN(z)): 255 registers at 64 rows with 4 warps or with
+8 warps plus prefetch, 140 at 8 warps without. The backward kernels hold more (recomputed
+forward tiles plus gradients): most shapes spill a little; the spill-free ones (out_bwd
+32 rows / 8 warps: 250 registers; proj_bwd 64 rows, BLOCK_H 32, 8 warps: 208) come first.
+All 64- and 128-row shapes issue wgmma (Hopper's warpgroup MMA, counted in the PTX); the
+32-row and BLOCK_H = 32 fallbacks fall back to mma.sync. num_stages matters little here:
+the projection's inner loop is 2-4 steps and the output kernels have none (their prefetch
+is the manual one), hence 1-2 stages. ``bench/kernels/triangle_tune.py`` times these and
+a wider list per kernel at N = 256 and 1024 and prints the best: until it has run on an
+H200 which shape wins is a lead, and the in-process tuner makes the choice on the card
+it runs on either way. Under the interpreter there is one config a kind (16-row tiles,
+the persistent form with 4 pretend SMs); the tests force every GPU candidate and both
+variants through it.
 
 Numerics: LayerNorm statistics, GEMM accumulators and epilogues are fp32; GEMM
 operands, a, b, p and the output are in z's dtype (what a bf16 module computes).
@@ -289,14 +303,16 @@ def _pick(kind: str, key: tuple, launch) -> dict:
     the fastest of the candidates timed once per key with ``launch(cfg)`` (every kernel here is
     idempotent: a rerun rewrites the same outputs). The key buckets M to a power of two so a new
     N of similar size reuses the choice."""
-    if kind in _FORCED:
+    if _FORCED and kind in _FORCED:
         return _FORCED[kind]
+    full = (kind, *key)
+    cfg = _TUNED.get(full)                     # the per-call path: one dict lookup
+    if cfg is not None:
+        return cfg
     cfgs = _configs(kind)
     if len(cfgs) == 1 or interpreting() or os.environ.get("FOLDCOMPILE_TRIMUL_TUNE", "1") == "0":
-        return cfgs[0]
-    full = (kind, *key)
-    cfg = _TUNED.get(full)
-    if cfg is None:
+        cfg = cfgs[0]
+    else:
         best = (float("inf"), cfgs[0])
         for c in cfgs:
             try:
@@ -304,7 +320,8 @@ def _pick(kind: str, key: tuple, launch) -> dict:
             except Exception:  # noqa: BLE001 - out of shared memory / registers: not a candidate here
                 continue
             best = min(best, (t, c), key=lambda x: x[0])
-        cfg = _TUNED[full] = best[1]
+        cfg = best[1]
+    _TUNED[full] = cfg
     return cfg
 
 
