@@ -310,8 +310,21 @@ def _pick(kind: str, key: tuple, launch) -> dict:
     if cfg is not None:
         return cfg
     cfgs = _configs(kind)
-    if len(cfgs) == 1 or interpreting() or os.environ.get("FOLDCOMPILE_TRIMUL_TUNE", "1") == "0":
+    if interpreting():
         cfg = cfgs[0]
+    elif len(cfgs) == 1 or os.environ.get("FOLDCOMPILE_TRIMUL_TUNE", "1") == "0":
+        # No timing: the first candidate that compiles and launches here (fp32 operands or 256
+        # channels can run a config out of shared memory or registers).
+        cfg = None
+        for c in cfgs:
+            try:
+                launch(c)
+            except Exception:  # noqa: BLE001
+                if c is cfgs[-1]:
+                    raise
+                continue
+            cfg = c
+            break
     else:
         best = (float("inf"), cfgs[0])
         for c in cfgs:

@@ -462,3 +462,23 @@ def test_bf16_on_cuda(kind, outgoing, product):
     module_err = {n: rel(a, r) for n, a, r in zip(names, (own, *gown), (ref, *gref))}
     check_against_float64(module, z, mask, torch.bfloat16, lambda n: max(1e-2, 3 * module_err[n]), dout,
                           product=product)
+
+
+def test_untuned_gpu_path_takes_the_first_config_that_launches(monkeypatch):
+    """FOLDCOMPILE_TRIMUL_TUNE=0 on a GPU: no timing; a candidate that fails to compile or launch
+    (e.g. out of shared memory for fp32 operands) is passed over for the next (fake launches)."""
+    tm = importlib.import_module("foldcompile.kernels.triangle_multiplication")
+    monkeypatch.setattr(tm, "interpreting", lambda: False)
+    monkeypatch.setattr(tm, "_TUNED", {})
+    monkeypatch.setenv("FOLDCOMPILE_TRIMUL_TUNE", "0")
+    monkeypatch.setattr(tm.triton.testing, "do_bench", lambda *a, **k: pytest.fail("timed with tuning off"))
+    cands = tm._configs("out")
+    tried = []
+
+    def launch(cfg):
+        tried.append(cfg)
+        if len(tried) == 1:
+            raise RuntimeError("out of resources: shared memory")
+    key = tm._tune_key(1, 64 * 64, 128, 128, torch.float32, False)
+    assert tm._pick("out", key, launch) == cands[1]
+    assert tm._pick("out", key, launch) == cands[1] and len(tried) == 2
