@@ -19,17 +19,25 @@ none); LayerNorm weights/biases may be None (no affine).
 
 Kernels (M = B·N² pair rows, C = c_z, H = c_hidden; bytes for a 2-byte dtype):
 
-- ``trimul_proj`` (LN prologue → one concatenated gated-projection GEMM → gating
-  epilogue): one program owns BLOCK_M pair rows of one batch element, reads their z
-  rows once (2·C bytes a row), normalises them in registers (fp32 statistics, kept:
-  8 bytes a row), and loops over blocks of the 2H concatenated outputs
-  ``[W_ap; W_bp]`` / ``[W_ag; W_bg]`` (weights stay in L2), computing each tile
-  transposed, ``[channels, rows] = W · x^T``, so that the epilogue
-  ``mask · sigmoid(gate) · proj`` stores a and b *channel-major*, ``ab[2, B, H, N, N]``,
-  with the pair index contiguous: coalesced stores of exactly what the triangle
-  product reads. Writes 2·2H bytes a row. The output gate ``g`` is *not* computed here:
-  storing it would cost an N²·C write and read and N²·C of peak memory; the output
-  kernel recomputes it from z (a C×C GEMM, ~1/5 of this kernel's FLOPs).
+- ``trimul_proj`` (LN prologue → the four gated-projection GEMMs → gating epilogue): a
+  tile is BLOCK_M pair rows of one batch element; its z rows are read once (2·C bytes a
+  row), normalised in registers (fp32 statistics, kept: 8 bytes a row), and for each of
+  a and b the program loops over BLOCK_H-channel blocks of that projection's own weights
+  ``W_*p`` / ``W_*g`` (read from the caller's parameter tensors: no concatenated copy;
+  weights stay in L2), computing ``[channels, rows] = W · x^T`` (ROWS = 0, x^T the
+  GEMM's shared-memory operand, the result already pair-contiguous) or
+  ``[rows, channels] = x · W^T`` (ROWS = 1: x the register operand, which wgmma takes
+  from registers with no shared-memory copy of x; the store transposes), so that the
+  epilogue ``mask · sigmoid(gate) · proj`` stores a and b *channel-major*,
+  ``ab[2, B, H, N, N]``, with the pair index contiguous: coalesced stores of exactly what
+  the triangle product reads. Writes 2·2H bytes a row. The output gate ``g`` is *not*
+  computed here: storing it would cost an N²·C write and read and N²·C of peak memory;
+  the output kernel recomputes it from z (a C×C GEMM, ~1/5 of this kernel's FLOPs).
+  Persistent form (config CTAS > 0): a grid of ~CTAS programs a multiprocessor, each
+  looping over TILES tiles (pid, pid + P, ...: concurrent programs on neighbouring
+  tiles), issuing the *next* tile's z and mask loads before the current tile's LN and
+  GEMMs (a register prefetch: 2·C·BLOCK_M bytes, 32 registers a thread at 128 rows and
+  8 warps), so one tile's HBM latency overlaps the previous tile's math.
 - triangle product: a batched GEMM over the B·H channel matrices, outgoing
   ``P_c = A_c B_c^T``, incoming ``P_c = A_c^T B_c``. "Transposed for incoming" is a
   transposed *view* that both GEMMs read natively (cuBLAS's transpose flags, the Triton
@@ -40,14 +48,14 @@ Kernels (M = B·N² pair rows, C = c_z, H = c_hidden; bytes for a 2-byte dtype):
   channels of a pair, while a batched-GEMM program owns one channel), so the Triton kernel
   can at best tie cuBLAS, whose Hopper kernels (wgmma, TMA, tuned per shape) run this
   square bf16 problem (2·H·N³ FLOPs over 3·H·N² elements: ~340 FLOP/byte at N=1024) at
-  the tensor-core rate; ``bench/kernels/triangle.py`` times both (``foldcompile`` vs
-  ``foldcompile_triton_bmm`` rows) so the choice rests on a measurement once it has run.
-- ``trimul_out`` (LN prologue → output projection, gate GEMM, gating epilogue): one
-  program reads BLOCK_M pairs of p as a ``[H, BLOCK_M]`` tile from the channel-major
-  layout (coalesced along the pairs), normalises over the channels, multiplies by
-  ``W_o^T``; re-reads the same z rows, normalises them with the saved statistics,
-  recomputes ``g``; writes ``g · (LN(p) W_o^T + b_o)``. Reads 2·(H + C) bytes a row,
-  writes 2·C.
+  the tensor-core rate (measured 2026-12-01, H200: 0.364 ms at N=1024, ~750 TFLOP/s).
+- ``trimul_out`` (LN prologue → output projection, gate GEMM, gating epilogue): a tile
+  is BLOCK_M pairs; the p tile ``[H, BLOCK_M]`` (channel-major layout, coalesced along
+  the pairs), the same z rows and their saved statistics are all loaded first (two
+  independent big loads in flight; the first version issued the z load only after the
+  W_o GEMM); then LN over the channels of p, ``· W_o^T``, LN(z) from the statistics,
+  ``g``; writes ``g · (LN(p) W_o^T + b_o)``. Reads 2·(H + C) bytes a row, writes 2·C.
+  Same persistent form and next-tile prefetch (p, z and statistics) as ``trimul_proj``.
 
 Forward traffic a pair row (bf16, C = H = 128): ours reads z twice and p once, writes
 a, b, p and out once, and the GEMM reads a and b at least once: 2·(3C + 6H) elements,
@@ -57,7 +65,21 @@ writes and reads LN(z), the four projections, two sigmoids, two products, two ma
 products, the einsum's permuted operands and result, LN(p), the output projection, the
 gate and its sigmoid: ~14 C-wide and ~28 H-wide passes, ≈ 10.5 KiB a row. Peak extra
 memory here (forward, no grad): a, b and p, 3·N²·H·2 bytes (768 MiB at N=1024), plus
-8 bytes a row of statistics and the mask in fp32 (4 bytes a pair).
+8 bytes a row of statistics (the mask is read in its own dtype, not copied).
+
+Where the forward kernels' time went (N=1024, measured 2026-12-01: proj 0.531 ms, out
+0.537 ms, each ~3× its floor of ~0.18 ms by bytes; proj's 137 GFLOP is ~0.17 ms at
+800 TFLOP/s, out's 68 GFLOP ~0.09 ms) — reasoned, not measured: with one tile a program
+at 128 rows, 8192 tiles run as ~62 waves of 132 programs, ~8.5 µs a tile; a tile's
+bytes take ~3.0 µs of one SM's share of HBM (96 KiB at 4.3 TB/s / 132) and its GEMMs
+~2.8 µs of its tensor cores; with ~1 resident program an SM (registers) the load → LN →
+GEMM → store chain runs serially, ~6 µs plus the LN and the sigmoid epilogue (M·2H
+sigmoids, each an ex2 and a reciprocal on the SFU: ~0.13 ms of SFU issue at N=1024 in
+proj alone). The persistent loop with next-tile prefetch overlaps the load of tile i+1
+with the math of tile i (stores are fire-and-forget), i.e. aims at max(memory, math)
+≈ 3 µs a tile, ~0.2-0.3 ms a kernel; the output kernel additionally stops serialising
+its two loads. Expected N=1024 forward ≈ 0.3 + 0.3 + 0.36 (cuBLAS) ≈ 1.0 ms against the
+1.1 ms target: a prediction for ``bench/kernels/triangle_tune.py`` to check.
 
 Backward (z and every parameter). Saved: z (the caller holds it anyway), a, b
 (channel-major, needed by the triangle product's backward), p, and z's LN statistics;
@@ -65,23 +87,91 @@ LN(z), the four projections, g, LN(p) and the output projection are recomputed.
 
 - ``trimul_out_bwd``: recomputes LN(p), ``o``, ``g`` from p and z; ``do = dout · g``,
   ``dgate = dout · o · g(1-g)``; ``dLN(p) = do W_o``; LayerNorm backward in registers
-  → dp, stored channel-major (the layout the triangle backward reads); partial sums
-  for LN_out's weight and bias per program. Writes do, LN(p) and dgate row-major for
-  the weight gradients.
+  → dp, stored channel-major (the layout the triangle backward reads). Writes do, LN(p)
+  and dgate row-major for the weight gradients, and one fp32 partial row a program:
+  ``[dLN_out.weight | dLN_out.bias | d out_bias | d gate_bias]`` (column sums of its tile).
 - triangle backward: two batched GEMMs (outgoing ``dA = dP B``, ``dB = dP^T A``;
   incoming ``dA = B dP^T``, ``dB = A dP``), by the same ``product`` choice.
 - ``trimul_proj_bwd``: recomputes LN(z) and the gated projections tile by tile,
   forms the gradients of the four pre-activations from dA, dB and the mask, stores
   them row-major next to dgate in one ``du [M, 4H + C]`` buffer, accumulates
   ``dLN(z) = du · [W_ap; W_bp; W_ag; W_bg; W_g]`` in registers (the GEMM never leaves
-  the program), and finishes with LN_in's backward → dz, plus LN_in's weight/bias
-  partial sums. Writes LN(z) for the weight gradient.
+  the program), and finishes with LN_in's backward → dz. Writes LN(z) for the weight
+  gradient and one fp32 partial row a program: ``[dLN_in.weight | dLN_in.bias |
+  d(a, b proj biases) | d(a, b gate biases)]``.
 - weight gradients: ``du^T · LN(z)`` ([4H + C, M]·[M, C]) and ``do^T · LN(p)``
-  ([C, M]·[M, H]) as two cuBLAS GEMMs; bias gradients are column sums. These are
+  ([C, M]·[M, H]) as two cuBLAS GEMMs in z's dtype (fp32 accumulation, one rounding:
+  no fp32 result and cast); each parameter's gradient is a row slice (a view). These are
   reductions over all M rows: inside the fused kernels they would need an fp32
   [4H+C, C] accumulator per program (320 KiB of registers at C = H = 128) or M-wide
   atomics; cuBLAS does them at the tensor-core rate for the cost of writing and
   reading du, do and the two LN outputs once (2·(4H + 2C + H + C) bytes a row).
+- bias and LN-affine gradients: the column sums of the two partial buffers
+  (B·N²/BLOCK_M rows: 1024 × 640 fp32 at N=256, ~2.5 MiB), two small reductions and one
+  cast each. The first version summed du ([M, 4H + C] bf16, 80 MiB at N=256) and do with
+  ``Tensor.sum(0)``: ``at::native::reduce_kernel`` 0.123 + 0.032 ms of a 2.56 ms step
+  (measured), now folded into the kernels' epilogues (registers already hold the values;
+  +4·(2C + 4H) bytes a program of stores).
+
+Host path (N=256 is launch-bound: 2026-12-01 measured host 0.87 ms a forward, 2.4 ms a
+forward+backward). Every call used to: concatenate the a/b weights and biases (4 cats),
+create ones/zeros for absent biases and affines (``torch.full``, 6 for the Pairformer's
+bias-free linears), convert the mask to fp32, run ``torch.broadcast_shapes`` (~0.1 ms of
+Python on the CI host), rebuild the parameter dataclass from ~30 ``nn.Module.__getattr__``
+calls, go through Triton's autotuner wrapper (keyed on the exact N), and in backward add
+CatBackward nodes, 2 big and 4 small reductions and ~12 fp32 → parameter-dtype casts. Now:
+the kernels take each parameter tensor itself (separate pointers for a and b), so there is
+no derived copy to cache or to invalidate — an optimizer step or any in-place write is
+seen by the next call by construction (tested); absent parameters are cached read-only
+constants (one per size, value and device, made on the first call); ``params_from_module``
+is cached per module behind a signature of its submodules' and parameters' identities,
+``outgoing`` and the LN eps (re-assignment is seen; tested); the mask is read in its own
+dtype (bool as bytes); the mask shape check skips ``broadcast_shapes`` when shapes match;
+configs come from this module's own tuner (below), keyed by a power-of-two bucket of M so
+nearby N reuse the choice, and launched directly. Launches a forward: 2 Triton + 1 cuBLAS
+(was ~14); a backward: 2 Triton + 4 cuBLAS + 2 small sums + ≤ 2 casts (was ~30). The
+incoming direction runs the same host code as outgoing (only the bmm operand views
+differ, for cuBLAS and the Triton bmm alike); the 0.43 ms more host time the 2026-12-01
+table shows for incoming forward is not explained by this code. The eager module, also
+launch-bound in forward, lost as much (+0.46 ms), and every incoming row was timed after
+the outgoing rows' ``torch.profiler`` sessions, so one suspect is profiler (CUPTI) state
+adding per-launch cost (consistent with ours losing more in the launch-heavier backward
+while eager's GPU-bound forward+backward did not move; not consistent with torch.compile
+and cuEquivariance getting faster): ``bench/kernels/triangle.py`` now profiles only after
+every timing, which removes that confound, and ours now has ~5× fewer launches to be
+taxed. Expected host time (reasoned from the op
+counts, not measured): ~0.1 ms a forward, ~0.3 ms a forward+backward.
+
+Tiles and tuning. A config is BLOCK_M, BLOCK_H, num_warps, num_stages, CTAS (0 = one tile
+a program; k = persistent, ~k programs an SM) and ROWS (projection orientation). On the
+GPU the first call for a (kernel, M bucket, C, H, dtype, mask) times each candidate of
+``_GPU_CONFIGS`` once with ``triton.testing.do_bench`` (every kernel is idempotent, so a
+rerun is harmless; candidates that fail to compile are skipped) and keeps the fastest;
+later calls cost one dict lookup. ``FOLDCOMPILE_TRIMUL_TUNE=0`` takes the first entry.
+The lists are reasoned from what compiles well, not from timings: every entry was
+compiled here for sm_90 (Triton 3.6, ``ptxas -v``; ``python -m bench.kernels.triangle_tune
+--ptxas`` repeats it on any machine, no GPU) and shapes that spill registers were dropped
+(measured at compile time: e.g. the projection at 128 × 128 spills 496 bytes, 256 rows
+80; the output kernel at 4 warps with prefetch spills 1.2 KB). What the compiler says
+shapes the choice: the one-tile-a-program projection (the first version's shape) uses
+126 registers and 112 KiB of shared memory (the LN'd x^T tile, two stages of both weight
+tiles, the epilogue's layout conversion) at 128 rows / 8 warps, so at most 2 programs
+(16 warps) fit an SM and each runs load → LN → GEMMs → store with nothing of its own in
+flight; with the persistent loop and prefetch it uses 242 registers: 1 program an SM, but
+the next tile's loads are always outstanding. The output kernel is register-bound (~5 fp32
+[64, 128] tiles: p^T, LN(p)^T, o, g, LN(z)): 255 registers at 64 rows with 4 warps or with
+8 warps plus prefetch, 140 at 8 warps without. The backward kernels hold more (recomputed
+forward tiles plus gradients): most shapes spill a little; the spill-free ones (out_bwd
+32 rows / 8 warps: 250 registers; proj_bwd 64 rows, BLOCK_H 32, 8 warps: 208) come first.
+All 64- and 128-row shapes issue wgmma (Hopper's warpgroup MMA, counted in the PTX); the
+32-row and BLOCK_H = 32 fallbacks fall back to mma.sync. num_stages matters little here:
+the projection's inner loop is 2-4 steps and the output kernels have none (their prefetch
+is the manual one), hence 1-2 stages. ``bench/kernels/triangle_tune.py`` times these and
+a wider list per kernel at N = 256 and 1024 and prints the best: until it has run on an
+H200 which shape wins is a lead, and the in-process tuner makes the choice on the card
+it runs on either way. Under the interpreter there is one config a kind (16-row tiles,
+the persistent form with 4 pretend SMs); the tests force every GPU candidate and both
+variants through it.
 
 Numerics: LayerNorm statistics, GEMM accumulators and epilogues are fp32; GEMM
 operands, a, b, p and the output are in z's dtype (what a bf16 module computes).
@@ -108,13 +198,15 @@ Example (AF3's Pairformer module, 13 residues)::
 from __future__ import annotations
 
 import dataclasses
-import math
+import os
+import weakref
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+import triton.testing
 
 from foldcompile.kernels._dispatch import interpreting, note_launch, once_differentiable, use_triton
 
@@ -129,37 +221,125 @@ MAX_TRITON_DIM = 256
 
 
 # --------------------------------------------------------------------------- configs
-def _configs(kind: str) -> list[triton.Config]:
-    """Tile configurations, chosen at import time: exactly one under the interpreter (small
-    tiles, so 13- and 19-residue tests hit every tail); a short Hopper list on the GPU.
+# A config is a dict: BLOCK_M (pair rows a tile), BLOCK_H (output channels an inner step; the
+# projection kernels), num_warps, num_stages, and CTAS: 0 = one tile a program (grid = tiles),
+# k > 0 = persistent: about k programs per multiprocessor, each looping over TILES tiles
+# (a power of two, so few compiled variants) with the next tile's loads issued before the
+# current tile's math (register prefetch).
+_KEYS = ("BLOCK_M", "BLOCK_H", "num_warps", "num_stages", "CTAS", "ROWS")
+_GPU_CONFIGS = {
+    # Reasoned, not yet timed (bench/kernels/triangle_tune.py times them), but each compiled for
+    # sm_90 here (Triton 3.6 + ptxas -v, C = H = 128, bf16: `python -m bench.kernels.triangle_tune
+    # --ptxas`, no GPU needed) without register spills unless marked; registers a thread and
+    # shared memory in the comments. The first
+    # entry of each list is the one used when tuning is off (FOLDCOMPILE_TRIMUL_TUNE=0).
+    "proj": [(128, 64, 8, 2, 1),        # 242 regs, 112 KiB: persistent, 1 program an SM, prefetch
+             (128, 64, 8, 2, 1, 1),     # 228, 100 KiB: same, x as the register operand
+             (64, 64, 4, 2, 2),         # 255, 88 KiB: persistent, 2 programs an SM
+             (64, 64, 4, 2, 2, 1),      # 238, 82 KiB
+             (128, 64, 8, 2, 0),        # 126, 112 KiB: the first version's shape (2 programs an SM)
+             (128, 128, 8, 2, 0),       # 250, 96 KiB
+             (64, 64, 4, 2, 0),         # 128, 88 KiB
+             (64, 32, 4, 1, 0)],        # 126, 32 KiB: small fallback (fp32, 256 channels)
+    "out": [(64, 64, 8, 1, 1),          # 255 regs, 48 KiB: persistent, prefetch of p, z, statistics
+            (64, 64, 8, 2, 1),
+            (64, 64, 4, 2, 0),          # 255: the first version's likely pick, 2 programs an SM
+            (64, 64, 8, 1, 0),          # 140
+            (32, 64, 4, 1, 0)],         # 177: small fallback
+    "out_bwd": [(32, 64, 8, 1, 0),      # 250 regs, 40 KiB, no spill
+                (64, 64, 8, 2, 0),      # 255, spills 420 bytes (the first version's first entry)
+                (32, 64, 4, 1, 0)],     # 255, spills 28
+    "proj_bwd": [(64, 32, 8, 2, 0),     # 208 regs, 48 KiB, no spill
+                 (64, 64, 8, 2, 0),     # 255, spills 28 bytes (the first version's first entry)
+                 (32, 64, 8, 2, 0),     # 244, no spill
+                 (32, 64, 4, 2, 0)],    # 255, spills 60
+}
+# Under the interpreter: small tiles (13- and 19-residue tests hit every tail) and the persistent
+# form (CTAS = 1 with _num_sms() = 4), so the tile loop and its prefetch are tested on CPU.
+_INTERP_CONFIGS = {k: [(16, 16, 4, 1, 1 if k in ("proj", "out") else 0)] for k in _GPU_CONFIGS}
+# kind -> config forced by tests and by bench/kernels/triangle_tune.py (skips the tuner).
+_FORCED: dict[str, dict] = {}
+_TUNED: dict[tuple, dict] = {}
+_SMS: dict[int, int] = {}
 
-    Hopper reasoning (C = H = 128, bf16): a [128, 128] tile of normalised z is 32 KiB, each
-    [64, 128] weight tile 16 KiB, so a 128-row program with two 64-wide output tiles in flight
-    fits shared memory with room for double buffering; 8 warps are two warpgroups for wgmma.
-    The output kernels keep two [BLOCK_M, C] fp32 accumulators (o and the gate): 64 rows with
-    one warpgroup keeps them at 64 registers a thread. The backward kernels hold about four
-    such fp32 tiles at once (LN(p), o, g, dout; or dLN(z), x̂ and the loop's tiles), hence
-    their 8-warp entries: 32 registers a tile at 64 rows instead of spilling. Every program reads the weights it
-    needs from L2 (2·(2H + 2H)·C bytes in the projection kernel, 2·(H + C)·C in the output
-    kernel), so BLOCK_M also sets the ratio of L2 weight reads to HBM traffic: at 128 rows the
-    projection kernel reads 128 KiB of weights against 96 KiB of z and a/b; 256-row tiles
-    halve that, at the price of 128 accumulator registers a thread.
-    """
+
+def _configs(kind: str) -> list[dict]:
+    """Candidate configs of one kernel kind, chosen at import time (one under the interpreter).
+
+    Hopper reasoning (C = H = 128, bf16): see the module docstring, "Tiles"."""
+    table = _INTERP_CONFIGS if interpreting() else _GPU_CONFIGS
+    return [_cfg(c) for c in table[kind]]
+
+
+def _cfg(c: tuple) -> dict:
+    """A config tuple (ROWS may be left out: 0) as the dict the launchers take."""
+    return dict(zip(_KEYS, tuple(c) + (0,) * (len(_KEYS) - len(c))))
+
+
+def _num_sms(device: torch.device) -> int:
+    if interpreting() or device.type != "cuda":
+        return 4
+    i = device.index if device.index is not None else torch.cuda.current_device()
+    if i not in _SMS:
+        _SMS[i] = torch.cuda.get_device_properties(i).multi_processor_count
+    return _SMS[i]
+
+
+def _persistent_grid(total: int, cfg: dict, device: torch.device) -> tuple[int, int]:
+    """(programs, TILES) of a launch over ``total`` tiles. One tile a program for CTAS = 0;
+    otherwise min(total, CTAS · SMs) programs, program pid taking tiles pid, pid + P, ... while
+    they exist: balanced to one tile, whatever the tile count. TILES, the loop's compile-time
+    trip count (the interpreter cannot loop to a run-time bound; iterations past the last tile
+    skip their body), is rounded up to a power of two, so a new N recompiles only when it
+    crosses a power of two."""
+    if not cfg["CTAS"]:
+        return total, 1
+    progs = max(1, min(total, _num_sms(device) * cfg["CTAS"]))
+    return progs, triton.next_power_of_2(triton.cdiv(total, progs))
+
+
+def _pick(kind: str, key: tuple, launch) -> dict:
+    """The config to launch ``kind`` with: forced, cached, or (GPU, several candidates, tuning on)
+    the fastest of the candidates timed once per key with ``launch(cfg)`` (every kernel here is
+    idempotent: a rerun rewrites the same outputs). The key buckets M to a power of two so a new
+    N of similar size reuses the choice."""
+    if _FORCED and kind in _FORCED:
+        return _FORCED[kind]
+    full = (kind, *key)
+    cfg = _TUNED.get(full)                     # the per-call path: one dict lookup
+    if cfg is not None:
+        return cfg
+    cfgs = _configs(kind)
     if interpreting():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_H": 16}, num_warps=4, num_stages=1)]
-    # The last entry of each list is small enough to compile for fp32 operands and 256 channels
-    # (the autotuner drops configs that run out of shared memory or registers).
-    shapes = {
-        "proj": [(128, 64, 8, 2), (256, 64, 8, 2), (64, 128, 4, 2), (64, 32, 4, 1)],
-        "out": [(64, 64, 4, 2), (64, 64, 8, 2), (128, 64, 8, 2), (32, 64, 4, 1)],
-        "out_bwd": [(64, 64, 8, 2), (64, 64, 4, 2), (32, 64, 4, 1)],
-        "proj_bwd": [(64, 64, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 1)],
-    }[kind]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_H": h}, num_warps=w, num_stages=s) for m, h, w, s in shapes]
+        cfg = cfgs[0]
+    elif len(cfgs) == 1 or os.environ.get("FOLDCOMPILE_TRIMUL_TUNE", "1") == "0":
+        # No timing: the first candidate that compiles and launches here (fp32 operands or 256
+        # channels can run a config out of shared memory or registers).
+        cfg = None
+        for c in cfgs:
+            try:
+                launch(c)
+            except Exception:  # noqa: BLE001
+                if c is cfgs[-1]:
+                    raise
+                continue
+            cfg = c
+            break
+    else:
+        best = (float("inf"), cfgs[0])
+        for c in cfgs:
+            try:
+                t = triton.testing.do_bench(lambda c=c: launch(c), warmup=5, rep=20)
+            except Exception:  # noqa: BLE001 - out of shared memory / registers: not a candidate here
+                continue
+            best = min(best, (t, c), key=lambda x: x[0])
+        cfg = best[1]
+    _TUNED[full] = cfg
+    return cfg
 
 
-def _min_block_m(kind: str) -> int:
-    return min(c.kwargs["BLOCK_M"] for c in _configs(kind))
+def _meta(cfg: dict) -> dict:
+    return dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
 # --------------------------------------------------------------------------- kernels
@@ -175,129 +355,234 @@ def _ln_rows(x, ok, w, b, n, eps):
     return xhat, xhat * w[None, :] + b[None, :], mean, rstd
 
 
-@triton.autotune(configs=_configs("proj"), key=["NN", "C", "H", "HAS_MASK"])
 @triton.jit
-def _trimul_proj_kernel(Z, MASK, LNW, LNB, WP, BP, WG, BG, AB, MEAN, RSTD,
-                        NN, BHNN, eps,
-                        C: tl.constexpr, H: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
-                        BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
-    # One program: BLOCK_M pair rows of batch element pid_b. Reads BLOCK_M·C of z (once) and
-    # BLOCK_M mask values; writes BLOCK_M·2H of a/b channel-major and 2 fp32 statistics a row.
-    pid = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
-    rs = pid * BLOCK_M + tl.arange(0, BLOCK_M)          # pair index r·N + s within the batch element
-    r_ok = rs < NN
-    rows = pid_b * NN + rs                                # row of the flattened [M, C] z
+def _tile_rows(t, TILES_B, TOTAL, NN, BLOCK_M: tl.constexpr):
+    """Tile t (of TOTAL = B · TILES_B): (batch element, pair indices, row mask, flat rows)."""
+    b = (t // TILES_B).to(tl.int64)
+    rs = (t % TILES_B) * BLOCK_M + tl.arange(0, BLOCK_M)
+    r_ok = (rs < NN) & (t < TOTAL)
+    return b, rs, r_ok, b * NN + rs
+
+
+@triton.jit
+def _proj_load(Z, MASK, t, TILES_B, TOTAL, NN, C: tl.constexpr, HAS_MASK: tl.constexpr,
+               BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Raw (z's dtype) z rows and the mask of tile t: what the projection kernel prefetches."""
+    b, rs, r_ok, rows = _tile_rows(t, TILES_B, TOTAL, NN, BLOCK_M)
+    cols = tl.arange(0, BLOCK_C)
+    zc_ok = r_ok[:, None] & (cols < C)[None, :]
+    x = tl.load(Z + rows[:, None] * C + cols[None, :], mask=zc_ok, other=0.0)
+    if HAS_MASK:
+        mk = tl.load(MASK + rows, mask=r_ok, other=0.0).to(tl.float32)
+    else:
+        mk = tl.full([BLOCK_M], 1.0, tl.float32)
+    return x, mk
+
+
+@triton.jit
+def _proj_half(x1, mk, b, rs, r_ok, W_P, W_G, B_P, B_G, AB, NN,
+               C: tl.constexpr, H: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+               BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, ROWS: tl.constexpr):
+    """One of a / b for one tile, gated, masked and stored channel-major into AB ([B, H, N, N]
+    of this half), the pair index contiguous. ``x1`` is the LN'd tile in z's dtype: with
+    ROWS = 0 (x1 given as x^T, [BLOCK_C, BLOCK_M]) each step is [BLOCK_H, BLOCK_M] = W · x^T,
+    x^T the GEMM's shared-memory operand and the result already pair-contiguous; with ROWS = 1
+    (x1 given as [BLOCK_M, BLOCK_C]) it is [BLOCK_M, BLOCK_H] = x · W^T, x the register operand
+    (wgmma takes A from registers: no shared-memory copy of x) and the store transposes."""
+    if ROWS:
+        _proj_half_rows(x1, mk, b, rs, r_ok, W_P, W_G, B_P, B_G, AB, NN, C, H, HAS_MASK, PRECISION,
+                        BLOCK_C, BLOCK_H)
+    else:
+        _proj_half_cols(x1, mk, b, rs, r_ok, W_P, W_G, B_P, B_G, AB, NN, C, H, HAS_MASK, PRECISION,
+                        BLOCK_C, BLOCK_H)
+
+
+@triton.jit
+def _proj_half_rows(x1, mk, b, rs, r_ok, W_P, W_G, B_P, B_G, AB, NN,
+                    C: tl.constexpr, H: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+                    BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr):
     cols = tl.arange(0, BLOCK_C)
     c_ok = cols < C
-    zc_ok = r_ok[:, None] & c_ok[None, :]
-    x = tl.load(Z + rows[:, None] * C + cols[None, :], mask=zc_ok, other=0.0).to(tl.float32)
-    w = tl.load(LNW + cols, mask=c_ok, other=0.0).to(tl.float32)
-    b = tl.load(LNB + cols, mask=c_ok, other=0.0).to(tl.float32)
-    _, x1, mean, rstd = _ln_rows(x, zc_ok, w, b, C, eps)
-    tl.store(MEAN + rows, mean, mask=r_ok)
-    tl.store(RSTD + rows, rstd, mask=r_ok)
-    x1t = tl.trans(x1.to(Z.dtype.element_ty))           # [BLOCK_C, BLOCK_M]: the GEMM's right operand
-    if HAS_MASK:
-        mk = tl.load(MASK + rows, mask=r_ok, other=0.0)
-    base = AB + pid_b * (H * NN)
-    for h0 in range(0, 2 * H, BLOCK_H):
-        hh = h0 + tl.arange(0, BLOCK_H)                   # concatenated output channel: [a | b]
-        h_ok = hh < 2 * H
+    base = AB + b * (H * NN)
+    for h0 in range(0, H, BLOCK_H):
+        hh = h0 + tl.arange(0, BLOCK_H)
+        h_ok = hh < H
+        w_ok = c_ok[:, None] & h_ok[None, :]
+        # W^T tiles [BLOCK_C, BLOCK_H]: w_t[k, h] = W[h, k].
+        wpt = tl.load(W_P + hh[None, :] * C + cols[:, None], mask=w_ok, other=0.0).to(x1.dtype)
+        wgt = tl.load(W_G + hh[None, :] * C + cols[:, None], mask=w_ok, other=0.0).to(x1.dtype)
+        bp = tl.load(B_P + hh, mask=h_ok, other=0.0).to(tl.float32)
+        bg = tl.load(B_G + hh, mask=h_ok, other=0.0).to(tl.float32)
+        up = tl.dot(x1, wpt, input_precision=PRECISION) + bp[None, :]   # [BLOCK_M, BLOCK_H]
+        ug = tl.dot(x1, wgt, input_precision=PRECISION) + bg[None, :]
+        v = tl.sigmoid(ug) * up
+        if HAS_MASK:
+            v = v * mk[:, None]
+        tl.store(base + hh[None, :].to(tl.int64) * NN + rs[:, None], v.to(AB.dtype.element_ty),
+                 mask=r_ok[:, None] & h_ok[None, :])
+
+
+@triton.jit
+def _proj_half_cols(x1t, mk, b, rs, r_ok, W_P, W_G, B_P, B_G, AB, NN,
+                    C: tl.constexpr, H: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+                    BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr):
+    cols = tl.arange(0, BLOCK_C)
+    c_ok = cols < C
+    base = AB + b * (H * NN)
+    for h0 in range(0, H, BLOCK_H):
+        hh = h0 + tl.arange(0, BLOCK_H)
+        h_ok = hh < H
         w_ok = h_ok[:, None] & c_ok[None, :]
-        # [BLOCK_H, BLOCK_C] tiles of the [2H, C] weights (row-major, as nn.Linear stores them).
-        wp = tl.load(WP + hh[:, None] * C + cols[None, :], mask=w_ok, other=0.0).to(x1t.dtype)
-        wg = tl.load(WG + hh[:, None] * C + cols[None, :], mask=w_ok, other=0.0).to(x1t.dtype)
-        bp = tl.load(BP + hh, mask=h_ok, other=0.0).to(tl.float32)
-        bg = tl.load(BG + hh, mask=h_ok, other=0.0).to(tl.float32)
+        # [BLOCK_H, BLOCK_C] tiles of the [H, C] weights (row-major, as nn.Linear stores them).
+        wp = tl.load(W_P + hh[:, None] * C + cols[None, :], mask=w_ok, other=0.0).to(x1t.dtype)
+        wg = tl.load(W_G + hh[:, None] * C + cols[None, :], mask=w_ok, other=0.0).to(x1t.dtype)
+        bp = tl.load(B_P + hh, mask=h_ok, other=0.0).to(tl.float32)
+        bg = tl.load(B_G + hh, mask=h_ok, other=0.0).to(tl.float32)
         up = tl.dot(wp, x1t, input_precision=PRECISION) + bp[:, None]   # [BLOCK_H, BLOCK_M]
         ug = tl.dot(wg, x1t, input_precision=PRECISION) + bg[:, None]
         v = tl.sigmoid(ug) * up
         if HAS_MASK:
             v = v * mk[None, :]
-        t = hh // H                                        # 0: a, 1: b
-        ch = (hh - t * H).to(tl.int64)
-        off = t.to(tl.int64) * BHNN + ch * NN
-        tl.store(base + off[:, None] + rs[None, :], v.to(AB.dtype.element_ty), mask=h_ok[:, None] & r_ok[None, :])
+        tl.store(base + hh[:, None].to(tl.int64) * NN + rs[None, :], v.to(AB.dtype.element_ty),
+                 mask=h_ok[:, None] & r_ok[None, :])
 
 
 @triton.jit
-def _out_common(P, Z, MEAN, RSTD, LN1W, LN1B, LN2W, LN2B, WO, BO, WGO, BGO, pid, pid_b, NN, eps2,
-                C: tl.constexpr, H: tl.constexpr, PRECISION: tl.constexpr,
-                BLOCK_C: tl.constexpr, BLOCK_HF: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Shared by the output kernel and its backward: LN(p) from a channel-major tile, the
-    output projection o = LN(p) W_o^T + b_o, and the gate g = sigmoid(LN(z) W_g^T + b_g)."""
-    rs = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    r_ok = rs < NN
-    rows = pid_b * NN + rs
+def _trimul_proj_kernel(Z, MASK, LNW, LNB, WAP, WBP, WAG, WBG, BAP, BBP, BAG, BBG, AB, MEAN, RSTD,
+                        NN, TILES_B, TOTAL, BHNN, eps,
+                        C: tl.constexpr, H: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+                        BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr, TILES: tl.constexpr,
+                        ROWS: tl.constexpr):
+    # Program pid handles tiles pid, pid + P, pid + 2P, ... below TOTAL (P programs; concurrent
+    # programs work on neighbouring tiles). Each tile: reads BLOCK_M·C of z (once) and BLOCK_M
+    # mask values; writes BLOCK_M·2H of a/b channel-major and 2 fp32 statistics a row. With
+    # TILES > 1 the next tile's z and mask loads are issued before this tile's LN and GEMMs, so
+    # the HBM latency of one tile overlaps the math of the previous one.
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK_C)
+    c_ok = cols < C
+    w = tl.load(LNW + cols, mask=c_ok, other=0.0).to(tl.float32)
+    b1 = tl.load(LNB + cols, mask=c_ok, other=0.0).to(tl.float32)
+    x_n, mk_n = _proj_load(Z, MASK, pid, TILES_B, TOTAL, NN, C, HAS_MASK, BLOCK_C, BLOCK_M)
+    for i in range(TILES):
+        t = pid + i * nprog
+        if t < TOTAL:                                     # TILES is rounded up: skip the excess
+            x_c, mk_c = x_n, mk_n
+            if TILES > 1:
+                x_n, mk_n = _proj_load(Z, MASK, t + nprog, TILES_B, TOTAL, NN, C, HAS_MASK, BLOCK_C, BLOCK_M)
+            b, rs, r_ok, rows = _tile_rows(t, TILES_B, TOTAL, NN, BLOCK_M)
+            zc_ok = r_ok[:, None] & c_ok[None, :]
+            _, x1, mean, rstd = _ln_rows(x_c.to(tl.float32), zc_ok, w, b1, C, eps)
+            tl.store(MEAN + rows, mean, mask=r_ok)
+            tl.store(RSTD + rows, rstd, mask=r_ok)
+            if ROWS:
+                xo = x1.to(Z.dtype.element_ty)                # [BLOCK_M, BLOCK_C]: the GEMMs' left operand
+            else:
+                xo = tl.trans(x1.to(Z.dtype.element_ty))      # [BLOCK_C, BLOCK_M]: the GEMMs' right operand
+            _proj_half(xo, mk_c, b, rs, r_ok, WAP, WAG, BAP, BAG, AB, NN, C, H, HAS_MASK, PRECISION,
+                       BLOCK_C, BLOCK_H, ROWS)
+            _proj_half(xo, mk_c, b, rs, r_ok, WBP, WBG, BBP, BBG, AB + BHNN, NN, C, H, HAS_MASK, PRECISION,
+                       BLOCK_C, BLOCK_H, ROWS)
+
+
+@triton.jit
+def _out_load(P, Z, MEAN, RSTD, t, TILES_B, TOTAL, NN, C: tl.constexpr, H: tl.constexpr,
+              BLOCK_C: tl.constexpr, BLOCK_HF: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Raw loads of tile t for the output kernels: the p^T tile [H, BLOCK_M] (channel-major, so
+    contiguous along the pairs: a coalesced read), the z rows and their LN statistics. Both big
+    loads are issued together, before any math."""
+    b, rs, r_ok, rows = _tile_rows(t, TILES_B, TOTAL, NN, BLOCK_M)
+    hh = tl.arange(0, BLOCK_HF)
+    cols = tl.arange(0, BLOCK_C)
+    pt = tl.load(P + b * (H * NN) + hh[:, None].to(tl.int64) * NN + rs[None, :],
+                 mask=(hh < H)[:, None] & r_ok[None, :], other=0.0)
+    x = tl.load(Z + rows[:, None] * C + cols[None, :], mask=r_ok[:, None] & (cols < C)[None, :], other=0.0)
+    mean1 = tl.load(MEAN + rows, mask=r_ok, other=0.0)
+    rstd1 = tl.load(RSTD + rows, mask=r_ok, other=0.0)
+    return pt, x, mean1, rstd1
+
+
+@triton.jit
+def _out_math(pt, x, mean1, rstd1, r_ok, LN1W, LN1B, LN2W, LN2B, WO, BO, WGO, BGO, eps2,
+              C: tl.constexpr, H: tl.constexpr, PRECISION: tl.constexpr,
+              BLOCK_C: tl.constexpr, BLOCK_HF: tl.constexpr):
+    """LN(p) from a channel-major tile, the output projection o = LN(p) W_o^T + b_o, and the
+    gate g = sigmoid(LN(z) W_g^T + b_g) (shared by the output kernel and its backward)."""
     hh = tl.arange(0, BLOCK_HF)
     h_ok = hh < H
     cols = tl.arange(0, BLOCK_C)
     c_ok = cols < C
-    # p^T tile [H, BLOCK_M]: contiguous along the pairs, so the channel-major read is coalesced.
     pt_ok = h_ok[:, None] & r_ok[None, :]
-    pt = tl.load(P + pid_b * (H * NN) + hh[:, None].to(tl.int64) * NN + rs[None, :], mask=pt_ok,
-                 other=0.0).to(tl.float32)
-    mean2 = tl.sum(pt, axis=0) / H
-    pc = tl.where(pt_ok, pt - mean2[None, :], 0.0)
+    ptf = pt.to(tl.float32)
+    mean2 = tl.sum(ptf, axis=0) / H
+    pc = tl.where(pt_ok, ptf - mean2[None, :], 0.0)
     var2 = tl.sum(pc * pc, axis=0) / H
     rstd2 = 1.0 / tl.sqrt(var2 + eps2)
     yhat_t = pc * rstd2[None, :]                         # [H, BLOCK_M]
     w2 = tl.load(LN2W + hh, mask=h_ok, other=0.0).to(tl.float32)
     b2 = tl.load(LN2B + hh, mask=h_ok, other=0.0).to(tl.float32)
-    y_t = (yhat_t * w2[:, None] + b2[:, None]).to(P.dtype.element_ty)
+    y_t = (yhat_t * w2[:, None] + b2[:, None]).to(pt.dtype)
     # W_o is [C, H] row-major; its transpose as a [H, C] tile.
     wo_t = tl.load(WO + cols[None, :] * H + hh[:, None], mask=h_ok[:, None] & c_ok[None, :],
                    other=0.0).to(y_t.dtype)
     bo = tl.load(BO + cols, mask=c_ok, other=0.0).to(tl.float32)
     o = tl.dot(tl.trans(y_t), wo_t, input_precision=PRECISION) + bo[None, :]        # [BLOCK_M, C]
     zc_ok = r_ok[:, None] & c_ok[None, :]
-    x = tl.load(Z + rows[:, None] * C + cols[None, :], mask=zc_ok, other=0.0).to(tl.float32)
-    mean1 = tl.load(MEAN + rows, mask=r_ok, other=0.0)
-    rstd1 = tl.load(RSTD + rows, mask=r_ok, other=0.0)
     w1 = tl.load(LN1W + cols, mask=c_ok, other=0.0).to(tl.float32)
     b1 = tl.load(LN1B + cols, mask=c_ok, other=0.0).to(tl.float32)
-    x1 = (tl.where(zc_ok, (x - mean1[:, None]) * rstd1[:, None], 0.0) * w1[None, :] + b1[None, :])
+    x1 = (tl.where(zc_ok, (x.to(tl.float32) - mean1[:, None]) * rstd1[:, None], 0.0) * w1[None, :] + b1[None, :])
     # W_g is [C, C] row-major; its transpose as a tile: wg_t[k, c] = W_g[c, k].
     wg_t = tl.load(WGO + cols[None, :] * C + cols[:, None], mask=c_ok[:, None] & c_ok[None, :],
                    other=0.0).to(y_t.dtype)
     bg = tl.load(BGO + cols, mask=c_ok, other=0.0).to(tl.float32)
     g = tl.sigmoid(tl.dot(x1.to(y_t.dtype), wg_t, input_precision=PRECISION) + bg[None, :])
-    return rs, r_ok, rows, hh, h_ok, cols, c_ok, zc_ok, yhat_t, y_t, rstd2, w2, o, g
+    return hh, h_ok, cols, c_ok, zc_ok, yhat_t, y_t, rstd2, w2, o, g
 
 
-@triton.autotune(configs=_configs("out"), key=["NN", "C", "H"])
 @triton.jit
 def _trimul_out_kernel(P, Z, MEAN, RSTD, LN1W, LN1B, LN2W, LN2B, WO, BO, WGO, BGO, OUT,
-                       NN, eps2,
+                       NN, TILES_B, TOTAL, eps2,
                        C: tl.constexpr, H: tl.constexpr, PRECISION: tl.constexpr,
-                       BLOCK_C: tl.constexpr, BLOCK_HF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
-    # One program: BLOCK_M pairs of one batch element. Reads BLOCK_M·H of p and BLOCK_M·C of z,
-    # writes BLOCK_M·C of the output. LN(p), the projection and the gate never leave registers.
+                       BLOCK_C: tl.constexpr, BLOCK_HF: tl.constexpr, BLOCK_M: tl.constexpr,
+                       TILES: tl.constexpr):
+    # Each tile: reads BLOCK_M·H of p and BLOCK_M·C of z, writes BLOCK_M·C of the output. LN(p),
+    # the projection and the gate never leave registers. Tiles as in _trimul_proj_kernel (the
+    # next tile's p, z and statistics are in flight while this tile computes).
     pid = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
-    rs, r_ok, rows, hh, h_ok, cols, c_ok, zc_ok, yhat_t, y_t, rstd2, w2, o, g = _out_common(
-        P, Z, MEAN, RSTD, LN1W, LN1B, LN2W, LN2B, WO, BO, WGO, BGO, pid, pid_b, NN, eps2,
-        C, H, PRECISION, BLOCK_C, BLOCK_HF, BLOCK_M)
-    tl.store(OUT + rows[:, None] * C + cols[None, :], (g * o).to(OUT.dtype.element_ty), mask=zc_ok)
+    nprog = tl.num_programs(0)
+    pt_n, x_n, m_n, r_n = _out_load(P, Z, MEAN, RSTD, pid, TILES_B, TOTAL, NN, C, H, BLOCK_C, BLOCK_HF, BLOCK_M)
+    for i in range(TILES):
+        t = pid + i * nprog
+        if t < TOTAL:                                     # TILES is rounded up: skip the excess
+            pt_c, x_c, m_c, r_c = pt_n, x_n, m_n, r_n
+            if TILES > 1:
+                pt_n, x_n, m_n, r_n = _out_load(P, Z, MEAN, RSTD, t + nprog, TILES_B, TOTAL, NN, C, H, BLOCK_C,
+                                                BLOCK_HF, BLOCK_M)
+            b, rs, r_ok, rows = _tile_rows(t, TILES_B, TOTAL, NN, BLOCK_M)
+            hh, h_ok, cols, c_ok, zc_ok, yhat_t, y_t, rstd2, w2, o, g = _out_math(
+                pt_c, x_c, m_c, r_c, r_ok, LN1W, LN1B, LN2W, LN2B, WO, BO, WGO, BGO, eps2,
+                C, H, PRECISION, BLOCK_C, BLOCK_HF)
+            tl.store(OUT + rows[:, None] * C + cols[None, :], (g * o).to(OUT.dtype.element_ty), mask=zc_ok)
 
 
-@triton.autotune(configs=_configs("out_bwd"), key=["NN", "C", "H"])
 @triton.jit
 def _trimul_out_bwd_kernel(P, Z, MEAN, RSTD, LN1W, LN1B, LN2W, LN2B, WO, BO, WGO, BGO, DOUT,
-                           DP, DO, Y, DU, PW2, PB2,
-                           NN, eps2, LD_DU, GATE_OFF,
+                           DP, DO, Y, DU, PART,
+                           NN, TILES_B, TOTAL, eps2, LD_DU, GATE_OFF, LD_PART,
                            C: tl.constexpr, H: tl.constexpr, PRECISION: tl.constexpr,
-                           BLOCK_C: tl.constexpr, BLOCK_HF: tl.constexpr, BLOCK_M: tl.constexpr,
-                           BLOCK_H: tl.constexpr):
-    # One program: BLOCK_M pairs. Reads p (H), z (C) and dout (C) a row; writes dp (H,
-    # channel-major), do (C), LN(p) (H) and dgate (C) a row, and one fp32 partial row of
-    # LN_out's dweight and dbias.
-    pid = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
-    rs, r_ok, rows, hh, h_ok, cols, c_ok, zc_ok, yhat_t, y_t, rstd2, w2, o, g = _out_common(
-        P, Z, MEAN, RSTD, LN1W, LN1B, LN2W, LN2B, WO, BO, WGO, BGO, pid, pid_b, NN, eps2,
-        C, H, PRECISION, BLOCK_C, BLOCK_HF, BLOCK_M)
+                           BLOCK_C: tl.constexpr, BLOCK_HF: tl.constexpr, BLOCK_M: tl.constexpr):
+    # One program: tile t = program_id(0). Reads p (H), z (C) and dout (C) a row; writes dp (H,
+    # channel-major), do (C), LN(p) (H) and dgate (C) a row, and one fp32 partial row
+    # PART[t] = [LN_out dweight (H) | LN_out dbias (H) | d out_bias (C) | d gate_bias (C)]:
+    # the bias gradients are column sums over all rows, folded in here instead of a separate
+    # reduction over do and dgate.
+    t = tl.program_id(0)
+    b, rs, r_ok, rows = _tile_rows(t, TILES_B, TOTAL, NN, BLOCK_M)
+    pt, x, mean1, rstd1 = _out_load(P, Z, MEAN, RSTD, t, TILES_B, TOTAL, NN, C, H, BLOCK_C, BLOCK_HF, BLOCK_M)
+    hh, h_ok, cols, c_ok, zc_ok, yhat_t, y_t, rstd2, w2, o, g = _out_math(
+        pt, x, mean1, rstd1, r_ok, LN1W, LN1B, LN2W, LN2B, WO, BO, WGO, BGO, eps2,
+        C, H, PRECISION, BLOCK_C, BLOCK_HF)
     dout = tl.load(DOUT + rows[:, None] * C + cols[None, :], mask=zc_ok, other=0.0).to(tl.float32)
     do = dout * g
     dgate = dout * o * g * (1.0 - g)
@@ -310,32 +595,69 @@ def _trimul_out_bwd_kernel(P, Z, MEAN, RSTD, LN1W, LN1B, LN2W, LN2B, WO, BO, WGO
     wo_t = tl.load(WO + cols[None, :] * H + hh[:, None], mask=h_ok[:, None] & c_ok[None, :],
                    other=0.0).to(y_t.dtype)
     dy_t = tl.dot(wo_t, tl.trans(do_c), input_precision=PRECISION)
-    g_id = pid_b * tl.num_programs(0) + pid           # partial-sum row: [B, programs] row-major
-    tl.store(PW2 + g_id * H + hh, tl.sum(dy_t * yhat_t, axis=1), mask=h_ok)
-    tl.store(PB2 + g_id * H + hh, tl.sum(dy_t, axis=1), mask=h_ok)
+    prow = PART + t.to(tl.int64) * LD_PART
+    tl.store(prow + hh, tl.sum(dy_t * yhat_t, axis=1), mask=h_ok)
+    tl.store(prow + H + hh, tl.sum(dy_t, axis=1), mask=h_ok)
+    tl.store(prow + 2 * H + cols, tl.sum(do, axis=0), mask=c_ok)
+    tl.store(prow + 2 * H + C + cols, tl.sum(dgate, axis=0), mask=c_ok)
     # LayerNorm backward over the channels (axis 0): dp = rstd·(dŷ − mean(dŷ) − ŷ·mean(ŷ·dŷ)).
     dyh = dy_t * w2[:, None]
     c1 = tl.sum(yhat_t * dyh, axis=0) / H
     c2 = tl.sum(dyh, axis=0) / H
     dp_t = (dyh - (yhat_t * c1[None, :] + c2[None, :])) * rstd2[None, :]
-    tl.store(DP + pid_b * (H * NN) + hh[:, None].to(tl.int64) * NN + rs[None, :], dp_t.to(DP.dtype.element_ty),
+    tl.store(DP + b * (H * NN) + hh[:, None].to(tl.int64) * NN + rs[None, :], dp_t.to(DP.dtype.element_ty),
              mask=pt_ok)
 
 
-@triton.autotune(configs=_configs("proj_bwd"), key=["NN", "C", "H", "HAS_MASK"])
 @triton.jit
-def _trimul_proj_bwd_kernel(Z, MASK, MEAN, RSTD, LNW, LNB, WP, BP, WG, BG, WGO, DAB, DU, X1, DZ, PW1, PB1,
-                            NN, BHNN, LD_DU,
+def _proj_bwd_half(x1, x1t, mk, rows, rs, r_ok, b, dx1, W_P, W_G, B_P, B_G, DAB, DU, prow, NN, LD_DU,
+                   HALF: tl.constexpr, C: tl.constexpr, H: tl.constexpr, HAS_MASK: tl.constexpr,
+                   PRECISION: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Backward of one of a / b for one tile: recompute the projections, form the gradients of
+    the two pre-activations, store them into du, accumulate dLN(z) and the bias partial sums."""
+    cols = tl.arange(0, BLOCK_C)
+    c_ok = cols < C
+    base = DAB + b * (H * NN)
+    for h0 in range(0, H, BLOCK_H):
+        hh = h0 + tl.arange(0, BLOCK_H)
+        h_ok = hh < H
+        w_ok = h_ok[:, None] & c_ok[None, :]
+        wp = tl.load(W_P + hh[:, None] * C + cols[None, :], mask=w_ok, other=0.0).to(x1.dtype)
+        wg = tl.load(W_G + hh[:, None] * C + cols[None, :], mask=w_ok, other=0.0).to(x1.dtype)
+        bp = tl.load(B_P + hh, mask=h_ok, other=0.0).to(tl.float32)
+        bg = tl.load(B_G + hh, mask=h_ok, other=0.0).to(tl.float32)
+        up = tl.dot(wp, x1t, input_precision=PRECISION) + bp[:, None]      # [BLOCK_H, BLOCK_M]
+        sg = tl.sigmoid(tl.dot(wg, x1t, input_precision=PRECISION) + bg[:, None])
+        ht_ok = h_ok[:, None] & r_ok[None, :]
+        dab = tl.load(base + hh[:, None].to(tl.int64) * NN + rs[None, :], mask=ht_ok, other=0.0).to(tl.float32)
+        if HAS_MASK:
+            dab = dab * mk[None, :]
+        dup_f = dab * sg                                   # d(proj pre-activation)
+        dug_f = dab * up * sg * (1.0 - sg)                 # d(gate pre-activation)
+        ch = HALF * H + hh                                 # column in du's [a | b] blocks
+        tl.store(prow + 2 * C + ch, tl.sum(dup_f, axis=1), mask=h_ok)
+        tl.store(prow + 2 * C + 2 * H + ch, tl.sum(dug_f, axis=1), mask=h_ok)
+        dup = dup_f.to(x1.dtype)
+        dug = dug_f.to(x1.dtype)
+        tl.store(DU + rows[None, :] * LD_DU + ch[:, None], dup, mask=ht_ok)
+        tl.store(DU + rows[None, :] * LD_DU + 2 * H + ch[:, None], dug, mask=ht_ok)
+        dx1 += tl.dot(tl.trans(dup), wp, input_precision=PRECISION)
+        dx1 += tl.dot(tl.trans(dug), wg, input_precision=PRECISION)
+    return dx1
+
+
+@triton.jit
+def _trimul_proj_bwd_kernel(Z, MASK, MEAN, RSTD, LNW, LNB, WAP, WBP, WAG, WBG, BAP, BBP, BAG, BBG, WGO,
+                            DAB, DU, X1, DZ, PART,
+                            NN, TILES_B, TOTAL, BHNN, LD_DU, LD_PART,
                             C: tl.constexpr, H: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
                             BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
-    # One program: BLOCK_M pair rows. Reads z (C), dA/dB (2H, channel-major), dgate (C) and the
-    # mask a row; writes du's 4H pre-activation gradients, LN(z) (C) and dz (C) a row, and one
-    # fp32 partial row of LN_in's dweight and dbias. dLN(z) = du · W_cat stays in registers.
-    pid = tl.program_id(0)
-    pid_b = tl.program_id(1).to(tl.int64)
-    rs = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    r_ok = rs < NN
-    rows = pid_b * NN + rs
+    # One program: tile t = program_id(0). Reads z (C), dA/dB (2H, channel-major), dgate (C) and
+    # the mask a row; writes du's 4H pre-activation gradients, LN(z) (C) and dz (C) a row, and one
+    # fp32 partial row PART[t] = [LN_in dweight (C) | LN_in dbias (C) | d(a, b proj bias) (2H) |
+    # d(a, b gate bias) (2H)]. dLN(z) = du · W_cat stays in registers.
+    t = tl.program_id(0)
+    b, rs, r_ok, rows = _tile_rows(t, TILES_B, TOTAL, NN, BLOCK_M)
     cols = tl.arange(0, BLOCK_C)
     c_ok = cols < C
     zc_ok = r_ok[:, None] & c_ok[None, :]
@@ -349,39 +671,21 @@ def _trimul_proj_bwd_kernel(Z, MASK, MEAN, RSTD, LNW, LNB, WP, BP, WG, BG, WGO, 
     tl.store(X1 + rows[:, None] * C + cols[None, :], x1, mask=zc_ok)
     x1t = tl.trans(x1)
     if HAS_MASK:
-        mk = tl.load(MASK + rows, mask=r_ok, other=0.0)
+        mk = tl.load(MASK + rows, mask=r_ok, other=0.0).to(tl.float32)
+    else:
+        mk = tl.full([BLOCK_M], 1.0, tl.float32)
+    prow = PART + t.to(tl.int64) * LD_PART
     dx1 = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
-    base = DAB + pid_b * (H * NN)
-    for h0 in range(0, 2 * H, BLOCK_H):
-        hh = h0 + tl.arange(0, BLOCK_H)
-        h_ok = hh < 2 * H
-        w_ok = h_ok[:, None] & c_ok[None, :]
-        wp = tl.load(WP + hh[:, None] * C + cols[None, :], mask=w_ok, other=0.0).to(x1.dtype)
-        wg = tl.load(WG + hh[:, None] * C + cols[None, :], mask=w_ok, other=0.0).to(x1.dtype)
-        bp = tl.load(BP + hh, mask=h_ok, other=0.0).to(tl.float32)
-        bg = tl.load(BG + hh, mask=h_ok, other=0.0).to(tl.float32)
-        up = tl.dot(wp, x1t, input_precision=PRECISION) + bp[:, None]      # [BLOCK_H, BLOCK_M]
-        sg = tl.sigmoid(tl.dot(wg, x1t, input_precision=PRECISION) + bg[:, None])
-        t = hh // H
-        ch = (hh - t * H).to(tl.int64)
-        ht_ok = h_ok[:, None] & r_ok[None, :]
-        dab = tl.load(base + (t.to(tl.int64) * BHNN + ch * NN)[:, None] + rs[None, :], mask=ht_ok,
-                      other=0.0).to(tl.float32)
-        if HAS_MASK:
-            dab = dab * mk[None, :]
-        dup = (dab * sg).to(x1.dtype)                      # d(proj pre-activation)
-        dug = (dab * up * sg * (1.0 - sg)).to(x1.dtype)    # d(gate pre-activation)
-        tl.store(DU + rows[None, :] * LD_DU + hh[:, None], dup, mask=ht_ok)
-        tl.store(DU + rows[None, :] * LD_DU + 2 * H + hh[:, None], dug, mask=ht_ok)
-        dx1 += tl.dot(tl.trans(dup), wp, input_precision=PRECISION)
-        dx1 += tl.dot(tl.trans(dug), wg, input_precision=PRECISION)
+    dx1 = _proj_bwd_half(x1, x1t, mk, rows, rs, r_ok, b, dx1, WAP, WAG, BAP, BAG, DAB, DU, prow, NN, LD_DU,
+                         0, C, H, HAS_MASK, PRECISION, BLOCK_C, BLOCK_H)
+    dx1 = _proj_bwd_half(x1, x1t, mk, rows, rs, r_ok, b, dx1, WBP, WBG, BBP, BBG, DAB + BHNN, DU, prow, NN, LD_DU,
+                         1, C, H, HAS_MASK, PRECISION, BLOCK_C, BLOCK_H)
     dgate = tl.load(DU + rows[:, None] * LD_DU + 4 * H + cols[None, :], mask=zc_ok, other=0.0).to(x1.dtype)
     wgo = tl.load(WGO + cols[:, None] * C + cols[None, :], mask=c_ok[:, None] & c_ok[None, :],
                   other=0.0).to(x1.dtype)
     dx1 += tl.dot(dgate, wgo, input_precision=PRECISION)
-    g_id = pid_b * tl.num_programs(0) + pid           # partial-sum row: [B, programs] row-major
-    tl.store(PW1 + g_id * C + cols, tl.sum(dx1 * xhat, axis=0), mask=c_ok)
-    tl.store(PB1 + g_id * C + cols, tl.sum(dx1, axis=0), mask=c_ok)
+    tl.store(prow + cols, tl.sum(dx1 * xhat, axis=0), mask=c_ok)
+    tl.store(prow + C + cols, tl.sum(dx1, axis=0), mask=c_ok)
     dxh = dx1 * w1[None, :]
     c1 = tl.sum(xhat * dxh, axis=1) / C
     c2 = tl.sum(dxh, axis=1) / C
@@ -449,13 +753,8 @@ def _blocks(C: int, H: int) -> dict:
     return dict(C=C, H=H, BLOCK_C=max(16, triton.next_power_of_2(C)))
 
 
-def _grid(NN: int, B: int):
-    return lambda meta: (triton.cdiv(NN, meta["BLOCK_M"]), B)
-
-
-def _partial_rows(kernel, NN: int, B: int) -> int:
-    """Partial-sum rows the last launch of an autotuned kernel wrote (B x its program count)."""
-    return B * triton.cdiv(NN, kernel.best_config.kwargs["BLOCK_M"])
+def _tune_key(B: int, NN: int, C: int, H: int, dt: torch.dtype, extra) -> tuple:
+    return (triton.next_power_of_2(B * NN), C, H, dt, extra)
 
 
 _PRODUCTS = ("cublas", "triton")
@@ -472,21 +771,116 @@ def _bmm(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor, product: str) -> t
     return out
 
 
-def _forward(z4, mask3, w1, b1, wp, bp, wg, bg, wgo, bgo, w2, b2, wo, bo, eps1, eps2, outgoing, product, keep):
-    """Run the three forward stages on canonical inputs; returns out and (if keep) the saved tensors."""
+# Parameter order of the canonical argument list (forward's inputs after z and the mask).
+_PARAM_ORDER = ("ln_in_weight", "ln_in_bias", "a_proj_weight", "b_proj_weight", "a_gate_weight", "b_gate_weight",
+                "a_proj_bias", "b_proj_bias", "a_gate_bias", "b_gate_bias", "gate_weight", "gate_bias",
+                "ln_out_weight", "ln_out_bias", "out_weight", "out_bias")
+_CONST_VALUE = {"ln_in_weight": 1.0, "ln_out_weight": 1.0}   # absent LN weights are ones, other absents zeros
+_CONSTS: dict[tuple, torch.Tensor] = {}
+
+
+def _const(n: int, value: float, device: torch.device) -> torch.Tensor:
+    """A cached read-only fp32 vector standing in for an absent bias / LayerNorm affine: created
+    once per (size, value, device), never written (the kernels only read it; it takes no grad)."""
+    key = (n, value, device)
+    t = _CONSTS.get(key)
+    if t is None:
+        t = _CONSTS[key] = torch.full((n,), value, dtype=torch.float32, device=device)
+    return t
+
+
+def _filled(ps, C: int, H: int, device) -> list:
+    """The 16 parameters with cached constants in place of the absent ones (contiguous)."""
+    sizes = dict(ln_in_weight=C, ln_in_bias=C, a_proj_bias=H, b_proj_bias=H, a_gate_bias=H, b_gate_bias=H,
+                 gate_bias=C, ln_out_weight=H, ln_out_bias=H, out_bias=C)
+    return [t.contiguous() if t is not None else _const(sizes[n], _CONST_VALUE.get(n, 0.0), device)
+            for n, t in zip(_PARAM_ORDER, ps)]
+
+
+def _launch_proj(cfg, z4, mask3, ps, ab, mean, rstd, eps1):
     B, N, _, C = z4.shape
-    H = wp.shape[0] // 2
+    H = ps[2].shape[0]
+    NN = N * N
+    w1, b1, wap, wbp, wag, wbg, bap, bbp, bag, bbg = ps[:10]
+    tiles_b = triton.cdiv(NN, cfg["BLOCK_M"])
+    total = B * tiles_b
+    progs, tiles = _persistent_grid(total, cfg, z4.device)
+    _trimul_proj_kernel[(progs,)](
+        z4, mask3 if mask3 is not None else z4, w1, b1, wap, wbp, wag, wbg, bap, bbp, bag, bbg, ab, mean, rstd,
+        NN, tiles_b, total, B * H * NN, float(eps1), HAS_MASK=mask3 is not None, PRECISION=_precision(z4.dtype),
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_H=cfg["BLOCK_H"], TILES=tiles, ROWS=cfg.get("ROWS", 0), **_blocks(C, H),
+        **_meta(cfg))
+
+
+def _launch_out(cfg, p, z4, mean, rstd, ps, out, eps2):
+    B, N, _, C = z4.shape
+    H = ps[2].shape[0]
+    NN = N * N
+    w1, b1 = ps[0], ps[1]
+    wgo, bgo, w2, b2, wo, bo = ps[10:]
+    tiles_b = triton.cdiv(NN, cfg["BLOCK_M"])
+    total = B * tiles_b
+    progs, tiles = _persistent_grid(total, cfg, z4.device)
+    _trimul_out_kernel[(progs,)](
+        p, z4, mean, rstd, w1, b1, w2, b2, wo, bo, wgo, bgo, out, NN, tiles_b, total, float(eps2),
+        PRECISION=_precision(z4.dtype), BLOCK_HF=max(16, triton.next_power_of_2(H)), BLOCK_M=cfg["BLOCK_M"],
+        TILES=tiles, **_blocks(C, H), **_meta(cfg))
+
+
+def _part_width(kind: str, C: int, H: int) -> int:
+    return 2 * H + 2 * C if kind == "out_bwd" else 2 * C + 4 * H
+
+
+def _launch_out_bwd(cfg, p, z4, mean, rstd, ps, dout, dp, do, y, du, part, eps2):
+    """part: fp32 [B · cdiv(NN, BLOCK_M), 2H + 2C] partial sums (one row a program)."""
+    B, N, _, C = z4.shape
+    H = ps[2].shape[0]
+    NN = N * N
+    w1, b1 = ps[0], ps[1]
+    wgo, bgo, w2, b2, wo, bo = ps[10:]
+    tiles_b = triton.cdiv(NN, cfg["BLOCK_M"])
+    total = B * tiles_b
+    _trimul_out_bwd_kernel[(total,)](
+        p, z4, mean, rstd, w1, b1, w2, b2, wo, bo, wgo, bgo, dout, dp, do, y, du, part,
+        NN, tiles_b, total, float(eps2), du.shape[1], 4 * H, part.shape[1],
+        PRECISION=_precision(z4.dtype), BLOCK_HF=max(16, triton.next_power_of_2(H)), BLOCK_M=cfg["BLOCK_M"],
+        **_blocks(C, H), **_meta(cfg))
+
+
+def _launch_proj_bwd(cfg, z4, mask3, mean, rstd, ps, dab, du, x1, dz, part):
+    """part: fp32 [B · cdiv(NN, BLOCK_M), 2C + 4H] partial sums (one row a program)."""
+    B, N, _, C = z4.shape
+    H = ps[2].shape[0]
+    NN = N * N
+    w1, b1, wap, wbp, wag, wbg, bap, bbp, bag, bbg, wgo = ps[:11]
+    tiles_b = triton.cdiv(NN, cfg["BLOCK_M"])
+    total = B * tiles_b
+    _trimul_proj_bwd_kernel[(total,)](
+        z4, mask3 if mask3 is not None else z4, mean, rstd, w1, b1, wap, wbp, wag, wbg, bap, bbp, bag, bbg, wgo,
+        dab, du, x1, dz, part, NN, tiles_b, total, B * H * NN, du.shape[1], part.shape[1],
+        HAS_MASK=mask3 is not None, PRECISION=_precision(z4.dtype), BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_H=cfg["BLOCK_H"], **_blocks(C, H), **_meta(cfg))
+
+
+def _part_buffer(kind: str, cfg: dict, B: int, NN: int, C: int, H: int, device) -> torch.Tensor:
+    return torch.empty((B * triton.cdiv(NN, cfg["BLOCK_M"]), _part_width(kind, C, H)), dtype=torch.float32,
+                       device=device)
+
+
+def _forward(z4, mask3, ps, eps1, eps2, outgoing, product, keep):
+    """Run the three forward stages on canonical inputs (``ps``: the 16 parameters, constants
+    filled in); returns out and (if keep) the saved tensors."""
+    B, N, _, C = z4.shape
+    H = ps[2].shape[0]
     NN = N * N
     dev, dt = z4.device, z4.dtype
-    prec = _precision(dt)
-    blk = _blocks(C, H)
     mean = torch.empty(B * NN, dtype=torch.float32, device=dev)
     rstd = torch.empty(B * NN, dtype=torch.float32, device=dev)
     ab = torch.empty((2, B * H, N, N), dtype=dt, device=dev)
+    key = _tune_key(B, NN, C, H, dt, mask3 is not None)
     note_launch("trimul_proj")
-    _trimul_proj_kernel[_grid(NN, B)](
-        z4, mask3 if mask3 is not None else z4, w1, b1, wp, bp, wg, bg, ab, mean, rstd,
-        NN, B * H * NN, float(eps1), HAS_MASK=mask3 is not None, PRECISION=prec, **blk)
+    launch = lambda cfg: _launch_proj(cfg, z4, mask3, ps, ab, mean, rstd, eps1)  # noqa: E731
+    launch(_pick("proj", key, launch))
     p = torch.empty((B * H, N, N), dtype=dt, device=dev)
     a, b = ab[0], ab[1]
     if outgoing:                                              # P_c = A_c B_c^T
@@ -499,32 +893,35 @@ def _forward(z4, mask3, w1, b1, wp, bp, wg, bg, wgo, bgo, w2, b2, wo, bo, eps1, 
         ab = None
     out = torch.empty((B, N, N, C), dtype=dt, device=dev)
     note_launch("trimul_out")
-    _trimul_out_kernel[_grid(NN, B)](
-        p, z4, mean, rstd, w1, b1, w2, b2, wo, bo, wgo, bgo, out, NN, float(eps2),
-        PRECISION=prec, BLOCK_HF=max(16, triton.next_power_of_2(H)), **blk)
+    launch = lambda cfg: _launch_out(cfg, p, z4, mean, rstd, ps, out, eps2)  # noqa: E731
+    launch(_pick("out", key, launch))
     return out, (ab, p, mean, rstd)
 
 
 def _wgrad(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a^T b in fp32 precision: cuBLAS accumulates 16-bit GEMMs in fp32 on the GPU; on the CPU
-    (interpreter tests) upcast so the reduction over all rows is not rounded on the way."""
+    """a^T b: on the GPU one cuBLAS GEMM in the operands' dtype (fp32 accumulation, one rounding
+    to the output: what the module's own bf16 weight gradient gets); on the CPU (interpreter
+    tests) upcast so the reduction over all rows is not rounded on the way."""
     if a.device.type == "cpu":
         return a.float().t() @ b.float()
-    return (a.t() @ b).float()
+    return a.t() @ b
 
 
 class TriangleMultiplicationFunction(torch.autograd.Function):
     """Autograd wrapper of the fused kernels on canonical, validated inputs:
-    z [B, N, N, C] contiguous; mask [B, N, N] fp32 or None; wp = [W_ap; W_bp] and
-    wg = [W_ag; W_bg] ([2H, C]); every bias and LayerNorm affine present (zeros / ones
-    stand in for absent ones)."""
+    z [B, N, N, C] contiguous; mask [B, N, N] contiguous (float, or bool viewed as uint8) or
+    None; then the 16 parameters in ``_PARAM_ORDER`` (None where absent: a cached constant
+    stands in, and its gradient is None), eps_in, eps_out, outgoing, product. The parameters are
+    the caller's own tensors (no concatenated copies), so an in-place update is always seen."""
 
     @staticmethod
-    def forward(ctx, z4, mask3, w1, b1, wp, bp, wg, bg, wgo, bgo, w2, b2, wo, bo, eps1: float, eps2: float,
-                outgoing: bool, product: str):
-        out, (ab, p, mean, rstd) = _forward(z4, mask3, w1, b1, wp, bp, wg, bg, wgo, bgo, w2, b2, wo, bo,
-                                            eps1, eps2, outgoing, product, keep=True)
-        ctx.save_for_backward(z4, mask3, w1, b1, wp, bp, wg, bg, wgo, bgo, w2, b2, wo, bo, ab, p, mean, rstd)
+    def forward(ctx, z4, mask3, *rest):
+        params, (eps1, eps2, outgoing, product) = rest[:16], rest[16:]
+        C, H = z4.shape[-1], params[2].shape[0]
+        ps = _filled(params, C, H, z4.device)
+        out, (ab, p, mean, rstd) = _forward(z4, mask3, ps, eps1, eps2, outgoing, product, keep=True)
+        ctx.save_for_backward(z4, mask3, *ps, ab, p, mean, rstd)
+        ctx.present = tuple(t is not None for t in params)
         ctx.eps = (eps1, eps2)
         ctx.outgoing = outgoing
         ctx.product = product
@@ -533,31 +930,25 @@ class TriangleMultiplicationFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dout):
-        z4, mask3, w1, b1, wp, bp, wg, bg, wgo, bgo, w2, b2, wo, bo, ab, p, mean, rstd = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        z4, mask3, ps, (ab, p, mean, rstd) = saved[0], saved[1], list(saved[2:18]), saved[18:]
         eps1, eps2 = ctx.eps
         B, N, _, C = z4.shape
-        H = wp.shape[0] // 2
+        H = ps[2].shape[0]
         NN, M = N * N, B * N * N
         dev, dt = z4.device, z4.dtype
-        prec = _precision(dt)
-        blk = _blocks(C, H)
         dout = dout.contiguous()
+        key = _tune_key(B, NN, C, H, dt, mask3 is not None)
         ld = 4 * H + C                                        # du = [d(a_p, b_p) | d(a_g, b_g) | dgate]
         du = torch.empty((M, ld), dtype=dt, device=dev)
         dp = torch.empty((B * H, N, N), dtype=dt, device=dev)
         do = torch.empty((M, C), dtype=dt, device=dev)
         y = torch.empty((M, H), dtype=dt, device=dev)
-        # One partial-sum row per program, for the largest program count any config launches;
-        # only the rows of the config that ran are summed (the autotuner's benchmark runs of
-        # smaller tiles leave others behind).
-        pw2 = torch.empty((B * triton.cdiv(NN, _min_block_m("out_bwd")), H), dtype=torch.float32, device=dev)
-        pb2 = torch.empty(pw2.shape, dtype=torch.float32, device=dev)
         note_launch("trimul_out_bwd")
-        _trimul_out_bwd_kernel[_grid(NN, B)](
-            p, z4, mean, rstd, w1, b1, w2, b2, wo, bo, wgo, bgo, dout, dp, do, y, du, pw2, pb2,
-            NN, float(eps2), ld, 4 * H,
-            PRECISION=prec, BLOCK_HF=max(16, triton.next_power_of_2(H)), **blk)
-        rows2 = _partial_rows(_trimul_out_bwd_kernel, NN, B)
+        cfg2 = _pick("out_bwd", key, lambda c: _launch_out_bwd(
+            c, p, z4, mean, rstd, ps, dout, dp, do, y, du, _part_buffer("out_bwd", c, B, NN, C, H, dev), eps2))
+        part2 = _part_buffer("out_bwd", cfg2, B, NN, C, H, dev)
+        _launch_out_bwd(cfg2, p, z4, mean, rstd, ps, dout, dp, do, y, du, part2, eps2)
         dab = torch.empty((2, B * H, N, N), dtype=dt, device=dev)
         a, b = ab[0], ab[1]
         if ctx.outgoing:                                      # P = A B^T
@@ -569,33 +960,37 @@ class TriangleMultiplicationFunction(torch.autograd.Function):
         del dp
         x1 = torch.empty((M, C), dtype=dt, device=dev)
         dz = torch.empty((M, C), dtype=dt, device=dev)
-        pw1 = torch.empty((B * triton.cdiv(NN, _min_block_m("proj_bwd")), C), dtype=torch.float32, device=dev)
-        pb1 = torch.empty(pw1.shape, dtype=torch.float32, device=dev)
         note_launch("trimul_proj_bwd")
-        _trimul_proj_bwd_kernel[_grid(NN, B)](
-            z4, mask3 if mask3 is not None else z4, mean, rstd, w1, b1, wp, bp, wg, bg, wgo, dab, du, x1, dz,
-            pw1, pb1, NN, B * H * NN, ld,
-            HAS_MASK=mask3 is not None, PRECISION=prec, **blk)
-        rows1 = _partial_rows(_trimul_proj_bwd_kernel, NN, B)
+        cfg1 = _pick("proj_bwd", key, lambda c: _launch_proj_bwd(
+            c, z4, mask3, mean, rstd, ps, dab, du, x1, dz, _part_buffer("proj_bwd", c, B, NN, C, H, dev)))
+        part1 = _part_buffer("proj_bwd", cfg1, B, NN, C, H, dev)
+        _launch_proj_bwd(cfg1, z4, mask3, mean, rstd, ps, dab, du, x1, dz, part1)
         need = ctx.needs_input_grad
-        grads: list[Optional[torch.Tensor]] = [None] * 18
+        grads: list[Optional[torch.Tensor]] = [None] * (2 + 16 + 4)
         grads[0] = dz.view(z4.shape) if need[0] else None
-        if any(need[4:10]):
+        g = {}
+        if any(need[4:8]) or need[12]:                        # [W_ap; W_bp; W_ag; W_bg; W_g] in one GEMM
             dw_cat = _wgrad(du, x1)                           # [4H + C, C]
-            db_cat = du.sum(0, dtype=torch.float32)
-            for i, (lo, hi) in zip((4, 6, 8), ((0, 2 * H), (2 * H, 4 * H), (4 * H, 4 * H + C))):
-                grads[i] = dw_cat[lo:hi]
-                grads[i + 1] = db_cat[lo:hi]
-        if need[12] or need[13]:
-            grads[12] = _wgrad(do, y)                         # [C, H]
-            grads[13] = do.sum(0, dtype=torch.float32)
-        grads[2], grads[3] = pw1[:rows1].sum(0), pb1[:rows1].sum(0)
-        grads[10], grads[11] = pw2[:rows2].sum(0), pb2[:rows2].sum(0)
-        saved = (z4, mask3, w1, b1, wp, bp, wg, bg, wgo, bgo, w2, b2, wo, bo)
-        for i in range(2, 14):
-            grads[i] = grads[i].to(saved[i].dtype) if need[i] and grads[i] is not None else None
+            for name, lo in (("a_proj_weight", 0), ("b_proj_weight", H), ("a_gate_weight", 2 * H),
+                             ("b_gate_weight", 3 * H)):
+                g[name] = dw_cat[lo:lo + H]
+            g["gate_weight"] = dw_cat[4 * H:]
+        if need[16]:
+            g["out_weight"] = _wgrad(do, y)                   # [C, H]
+        # Column sums of the per-program partial rows: LN affines and every bias (two small
+        # reductions over B · N² / BLOCK_M rows, instead of reductions over du and do).
+        s1, s2 = part1.sum(0), part2.sum(0)
+        dts = {t.dtype for t, on in zip(ps, ctx.present) if on}
+        if len(dts) == 1:                                     # one conversion each, not one a parameter
+            s1, s2 = s1.to(*dts), s2.to(*dts)
+        g.update(ln_in_weight=s1[:C], ln_in_bias=s1[C:2 * C], a_proj_bias=s1[2 * C:2 * C + H],
+                 b_proj_bias=s1[2 * C + H:2 * C + 2 * H], a_gate_bias=s1[2 * C + 2 * H:2 * C + 3 * H],
+                 b_gate_bias=s1[2 * C + 3 * H:], ln_out_weight=s2[:H], ln_out_bias=s2[H:2 * H],
+                 out_bias=s2[2 * H:2 * H + C], gate_bias=s2[2 * H + C:])
+        for i, name in enumerate(_PARAM_ORDER):
+            if need[2 + i] and ctx.present[i] and name in g:
+                grads[2 + i] = g[name].to(ps[i].dtype)
         return tuple(grads)
-
 
 # --------------------------------------------------------------------------- public API
 @dataclasses.dataclass
@@ -694,6 +1089,7 @@ def _check(z: torch.Tensor, mask: Optional[torch.Tensor], params: TriangleMultip
               "gate_weight": (C, C), "out_weight": (C, H), "a_proj_bias": (H,), "a_gate_bias": (H,),
               "b_proj_bias": (H,), "b_gate_bias": (H,), "gate_bias": (C,), "out_bias": (C,),
               "ln_in_weight": (C,), "ln_in_bias": (C,), "ln_out_weight": (H,), "ln_out_bias": (H,)}
+    zdev = z.device
     for name, shape in shapes.items():
         t = getattr(params, name)
         if t is None:
@@ -702,12 +1098,12 @@ def _check(z: torch.Tensor, mask: Optional[torch.Tensor], params: TriangleMultip
             continue
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{op}: params.{name} must be a tensor or None, got {type(t).__name__}")
-        if tuple(t.shape) != shape:
+        if t.shape != shape:
             raise ValueError(f"{op}: params.{name} has shape {tuple(t.shape)}, expected {shape} "
                              f"(c_z={C} from z {tuple(z.shape)}, c_hidden={H} from a_proj_weight)")
         if not t.is_floating_point():
             raise TypeError(f"{op}: params.{name} has dtype {t.dtype}; expected a floating dtype")
-        if t.device != z.device:
+        if t.device != zdev:
             raise ValueError(f"{op}: params.{name} is on {t.device} but z is on {z.device}")
     for name in ("eps_in", "eps_out"):
         if not getattr(params, name) >= 0:
@@ -717,10 +1113,12 @@ def _check(z: torch.Tensor, mask: Optional[torch.Tensor], params: TriangleMultip
             raise TypeError(f"{op}: mask must be a tensor or None, got {type(mask).__name__}")
         if not (mask.is_floating_point() or mask.dtype == torch.bool):
             raise TypeError(f"{op}: mask has dtype {mask.dtype}; expected bool or floating (1 = keep)")
-        try:
-            ok = torch.broadcast_shapes(mask.shape, z.shape[:-1]) == z.shape[:-1]
-        except RuntimeError:
-            ok = False
+        ok = mask.shape == z.shape[:-1]                  # the common case, without broadcast_shapes' cost
+        if not ok:
+            try:
+                ok = torch.broadcast_shapes(mask.shape, z.shape[:-1]) == z.shape[:-1]
+            except RuntimeError:
+                ok = False
         if not ok:
             raise ValueError(f"{op}: mask has shape {tuple(mask.shape)}, expected one broadcastable to "
                              f"z.shape[:-1] = {tuple(z.shape[:-1])}")
@@ -757,10 +1155,6 @@ def triangle_multiplication_reference(z: torch.Tensor, mask: Optional[torch.Tens
     return (g * F.linear(y, up(P.out_weight), up(P.out_bias))).to(z.dtype)
 
 
-def _or_const(t: Optional[torch.Tensor], n: int, value: float, device) -> torch.Tensor:
-    return t.contiguous() if t is not None else torch.full((n,), value, dtype=torch.float32, device=device)
-
-
 def triangle_multiplication(z: torch.Tensor, mask: Optional[torch.Tensor], params: TriangleMultiplicationParams,
                             outgoing: bool = True, *, product: str = "cublas") -> torch.Tensor:
     """Fused triangle multiplicative update (see the module docstring for the formula).
@@ -784,33 +1178,30 @@ def triangle_multiplication(z: torch.Tensor, mask: Optional[torch.Tensor], param
         raise ValueError(f"triangle_multiplication: product must be one of {_PRODUCTS}, got {product!r}")
     C, H = _check(z, mask, params)
     P = params
-    tensors = [z, mask] + [getattr(P, f.name) for f in dataclasses.fields(P) if f.name not in ("eps_in", "eps_out")]
-    if (z.dtype not in _SUPPORTED or C > MAX_TRITON_DIM or H > MAX_TRITON_DIM or not use_triton(*tensors)):
+    ps = [getattr(P, n) for n in _PARAM_ORDER]
+    if (z.dtype not in _SUPPORTED or C > MAX_TRITON_DIM or H > MAX_TRITON_DIM or not use_triton(z, mask, *ps)):
         return triangle_multiplication_reference(z, mask, params, outgoing)
-    lead = z.shape[:-3]
     N = z.shape[-2]
-    B = math.prod(lead)
-    z4 = z.reshape(B, N, N, C).contiguous()
+    B = z.numel() // (N * N * C)
+    z4 = z.reshape(B, N, N, C)
+    if not z4.is_contiguous():
+        z4 = z4.contiguous()
     mask3 = None
     if mask is not None:
-        mask3 = mask.to(torch.float32).expand(z.shape[:-1]).reshape(B, N, N).contiguous()
-    dev = z.device
-    # Concatenated in-projection weights ([a; b] for the projections and for the gates): the
-    # cats are differentiable, so autograd splits the kernels' [2H, C] gradients back.
-    wp = torch.cat([P.a_proj_weight, P.b_proj_weight]).contiguous()
-    wg = torch.cat([P.a_gate_weight, P.b_gate_weight]).contiguous()
-    bp = torch.cat([_or_const(P.a_proj_bias, H, 0.0, dev), _or_const(P.b_proj_bias, H, 0.0, dev)])
-    bg = torch.cat([_or_const(P.a_gate_bias, H, 0.0, dev), _or_const(P.b_gate_bias, H, 0.0, dev)])
-    args = (z4, mask3, _or_const(P.ln_in_weight, C, 1.0, dev), _or_const(P.ln_in_bias, C, 0.0, dev), wp, bp, wg, bg,
-            P.gate_weight.contiguous(), _or_const(P.gate_bias, C, 0.0, dev),
-            _or_const(P.ln_out_weight, H, 1.0, dev), _or_const(P.ln_out_bias, H, 0.0, dev),
-            P.out_weight.contiguous(), _or_const(P.out_bias, C, 0.0, dev),
-            float(P.eps_in), float(P.eps_out), outgoing, product)
-    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in args):
+        # The kernels read the mask in its own dtype (bool as bytes) and upcast in registers: no
+        # conversion launch; a copy only when the mask broadcasts or is strided.
+        m = mask if mask.shape == z.shape[:-1] else mask.expand(z.shape[:-1])
+        m = m.reshape(B, N, N)
+        if not m.is_contiguous():
+            m = m.contiguous()
+        mask3 = m.view(torch.uint8) if m.dtype == torch.bool else m
+    args = (z4, mask3, *ps, float(P.eps_in), float(P.eps_out), outgoing, product)
+    if torch.is_grad_enabled() and (z.requires_grad or any(t is not None and t.requires_grad for t in ps)):
         out = TriangleMultiplicationFunction.apply(*args)
     else:
         # Inference: nothing is saved, so a and b are freed as soon as the triangle product ran.
-        out, _ = _forward(*args, keep=False)
+        out, _ = _forward(z4, mask3, _filled(ps, C, H, z.device), float(P.eps_in), float(P.eps_out), outgoing,
+                          product, keep=False)
     return out.view(z.shape)
 
 
@@ -820,5 +1211,37 @@ def triangle_multiplication_module(module: torch.nn.Module, z: torch.Tensor,
 
     Gradients reach the module's own parameters.
     """
-    params, outgoing = params_from_module(module)
+    params, outgoing = _module_params(module)
     return triangle_multiplication(z, mask, params, outgoing, product=product)
+
+
+# module -> (signature, (params, outgoing)). The params hold the module's own parameter tensors
+# (never copies), so in-place updates (optimizer steps, load_state_dict, .to() on the module)
+# are seen without any invalidation; the signature catches what would make them stale: a
+# re-assigned submodule or parameter, a changed `outgoing` or LayerNorm eps.
+_MODULE_PARAMS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _signature(module: torch.nn.Module) -> tuple:
+    sig = [module.__dict__.get("outgoing")]
+    for sub in module._modules.values():
+        if sub is None:
+            continue
+        sig.append(id(sub))
+        sig.extend(id(t) for t in sub._parameters.values())
+        if isinstance(sub, torch.nn.LayerNorm):
+            sig.append(sub.eps)
+    return tuple(sig)
+
+
+def _module_params(module: torch.nn.Module) -> tuple[TriangleMultiplicationParams, bool]:
+    """:func:`params_from_module`, cached per module (a dict lookup and a signature check
+    instead of ~30 ``nn.Module.__getattr__`` calls and the dataclass construction)."""
+    sig = _signature(module)
+    hit = _MODULE_PARAMS.get(module)
+    if hit is not None and hit[0] == sig:
+        return hit[1]
+    res = params_from_module(module)
+    _MODULE_PARAMS[module] = (sig, res)
+    return res
+

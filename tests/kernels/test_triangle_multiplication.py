@@ -144,29 +144,143 @@ def test_every_output_element_written(monkeypatch):
 
 @pytest.mark.full
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter check of the GPU tile lists (on a GPU the "
-                    "autotuner runs them)")
-@pytest.mark.parametrize("index", range(4))
+                    "tuner runs them)")
+@pytest.mark.parametrize("index", range(8))
 def test_gpu_tile_configs_through_the_interpreter(index, monkeypatch):
-    """Each kernel with the index-th entry of its Hopper tile list (cycling): tiles far larger
+    """Each kernel with the index-th entry of its Hopper config list (cycling): tiles far larger
     than N = 13, c_z = 20, c_hidden = 12 (every load and store masked), 256-row projection
-    tiles, partial-sum buffers sized for the smallest tile of which only the used rows may be
-    summed (buffers NaN-poisoned), and the Triton batched GEMM's grouped ordering."""
+    tiles, one-tile-a-program (CTAS = 0) and persistent (CTAS > 0) forms, partial-sum buffers
+    sized for the config that ran (buffers NaN-poisoned), and the Triton batched GEMM's grouped
+    ordering."""
     tm = importlib.import_module("foldcompile.kernels.triangle_multiplication")
     monkeypatch.setattr(tm, "interpreting", lambda: False)
-    lists = {"proj": tm._configs("proj"), "out": tm._configs("out"), "out_bwd": tm._configs("out_bwd"),
-             "proj_bwd": tm._configs("proj_bwd"), "bmm": tm._bmm_configs()}
+    lists = {k: tm._configs(k) for k in ("proj", "out", "out_bwd", "proj_bwd")}
+    bmm = tm._bmm_configs()
     monkeypatch.undo()
-    kernels = {"proj": tm._trimul_proj_kernel, "out": tm._trimul_out_kernel, "out_bwd": tm._trimul_out_bwd_kernel,
-               "proj_bwd": tm._trimul_proj_bwd_kernel, "bmm": tm._trimul_bmm_kernel}
-    for name, kernel in kernels.items():
-        c = lists[name][index % len(lists[name])]
-        monkeypatch.setattr(kernel, "configs", [triton.Config(c.kwargs, num_warps=c.num_warps)])
+    forced = {k: v[index % len(v)] for k, v in lists.items()}
+    monkeypatch.setattr(tm, "_FORCED", forced)
+    c = bmm[index % len(bmm)]
+    monkeypatch.setattr(tm._trimul_bmm_kernel, "configs", [triton.Config(c.kwargs, num_warps=c.num_warps)])
     real_empty = torch.empty
     monkeypatch.setattr(torch, "empty", lambda *a, **k: (lambda t: t.fill_(float("nan")) if t.is_floating_point()
                                                          else t)(real_empty(*a, **k)))
     module = make_module("af2", index % 2 == 0, seed=15)
     z, mask = make_inputs(13, 20, seed=15)
     check_against_float64(module, z, mask, torch.float32, lambda n: 1e-5, product="triton")
+
+
+@pytest.mark.parametrize("ctas,rows", [(0, 0), (1, 0), (3, 0), (1, 1), (0, 1)])
+def test_persistent_and_one_tile_forward_variants(ctas, rows, monkeypatch):
+    """The forward kernels' structural variants: one tile a program (CTAS = 0) and persistent
+    loops over 2 x 23 tiles with the next tile's loads prefetched and a loop longer than the
+    work (CTAS = 1: 4 programs of 11-12 tiles in a 16-step loop; CTAS = 3: 12 programs of
+    3-4 tiles in a 4-step loop); and the projection GEMM in either orientation (ROWS = 0:
+    W · x^T, 1: x · W^T).
+    Every output element is checked (NaN-poisoned buffers)."""
+    tm = importlib.import_module("foldcompile.kernels.triangle_multiplication")
+    cfg = dict(BLOCK_M=16, BLOCK_H=16, num_warps=4, num_stages=1, CTAS=ctas, ROWS=rows)
+    monkeypatch.setattr(tm, "_FORCED", {"proj": cfg, "out": cfg})
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: (lambda t: t.fill_(float("nan")) if t.is_floating_point()
+                                                         else t)(real_empty(*a, **k)))
+    module = make_module("af2" if rows else "pf", ctas != 1, seed=17)
+    z, mask = make_inputs(19, 20, lead=(2,), seed=17)
+    with torch.no_grad():
+        out = triangle_multiplication_module(copy.deepcopy(module).float(), z.float(), mask.float())
+        ref = copy.deepcopy(module).double()(z, mask)
+    assert rel(out, ref) < 1e-5
+
+
+def test_in_place_parameter_update_is_seen_by_the_next_call():
+    """An optimizer step updates the weights in place: the next call must use the new values
+    (the kernels read the caller's own parameter tensors; nothing derived from them is cached)."""
+    module = make_module("af2", True, seed=18).float()
+    z, mask = make_inputs(13, 20, seed=18)
+    opt = torch.optim.SGD(module.parameters(), lr=0.05)
+    zf, mf = z.float(), mask.float()
+    first = triangle_multiplication_module(module, zf, mf)
+    first.square().sum().backward()
+    opt.step()                                        # in-place update of every parameter
+    with torch.no_grad():
+        module.linear_a_p.weight.mul_(-1.0)           # and one more plain in-place write
+        second = triangle_multiplication_module(module, zf, mf)
+        ref = copy.deepcopy(module).double()(z, mask)
+    assert rel(second, ref) < 1e-5
+    assert rel(second, first.detach()) > 1e-3
+
+
+def test_module_parameter_cache_sees_reassignment_and_eps():
+    """triangle_multiplication_module caches params_from_module per module; re-assigning a
+    parameter or a submodule, flipping `outgoing` or changing a LayerNorm eps must not be served
+    from the stale entry."""
+    tm = importlib.import_module("foldcompile.kernels.triangle_multiplication")
+    module = make_module("pf", True, seed=20).float()
+    z, mask = make_inputs(13, 20, seed=20)
+
+    def check():
+        with torch.no_grad():
+            out = triangle_multiplication_module(module, z.float(), mask.float())
+            ref = copy.deepcopy(module).double()(z, mask)
+        assert rel(out, ref) < 1e-5
+    check()
+    assert tm._module_params(module) is tm._module_params(module)
+    module.linear_a.weight = torch.nn.Parameter(torch.randn_like(module.linear_a.weight))
+    check()
+    module.linear_g = torch.nn.Linear(20, 20, bias=True).to(DEVICE)
+    check()
+    module.layer_norm_in.eps = 0.5
+    check()
+    module.outgoing = False
+    check()
+
+
+def test_second_call_creates_no_constants_and_concatenates_nothing(monkeypatch):
+    """Host path: absent biases (the Pairformer module has none) are cached constants made on the
+    first call only, and no call concatenates weights; forward and backward."""
+    tm = importlib.import_module("foldcompile.kernels.triangle_multiplication")
+    module = make_module("pf", True, seed=19).float()
+    z, mask = make_inputs(13, 20, seed=19)
+    zf = z.float().requires_grad_()
+    triangle_multiplication_module(module, zf, mask.float()).sum().backward()
+    consts = dict(tm._CONSTS)
+
+    def refuse(name):
+        def f(*a, **k):
+            raise AssertionError(f"torch.{name} called on the kernel path")
+        return f
+    for name in ("cat", "full", "zeros", "ones", "stack"):
+        monkeypatch.setattr(torch, name, refuse(name))
+    out = triangle_multiplication_module(module, zf, mask.bool())
+    out.sum().backward()
+    monkeypatch.undo()
+    assert tm._CONSTS.keys() == consts.keys() and all(tm._CONSTS[k] is v for k, v in consts.items())
+
+
+def test_tuner_picks_the_fastest_config_once_per_size_class(monkeypatch):
+    """The GPU tuner (exercised on CPU with a fake timer): the fastest candidate that compiles wins,
+    a failing candidate is skipped, and a second N in the same power-of-two bucket reuses it."""
+    tm = importlib.import_module("foldcompile.kernels.triangle_multiplication")
+    monkeypatch.setattr(tm, "interpreting", lambda: False)
+    monkeypatch.setattr(tm, "_TUNED", {})
+    cands = tm._configs("proj")
+    times = {i: 5.0 - i for i in range(len(cands))}          # the last candidate is fastest ...
+    calls = []
+
+    def fake_bench(fn, warmup, rep):
+        fn()
+        return times[calls[-1]]
+
+    def launch(cfg):
+        i = cands.index(cfg)
+        calls.append(i)
+        if i == len(cands) - 1:                              # ... but fails to compile
+            raise RuntimeError("out of resources")
+    monkeypatch.setattr(tm.triton.testing, "do_bench", fake_bench)
+    key = tm._tune_key(1, 200 * 200, 128, 128, torch.bfloat16, True)
+    assert tm._pick("proj", key, launch) == cands[-2]
+    n = len(calls)
+    assert tm._pick("proj", tm._tune_key(1, 210 * 210, 128, 128, torch.bfloat16, True), launch) == cands[-2]
+    assert len(calls) == n and key == tm._tune_key(1, 210 * 210, 128, 128, torch.bfloat16, True)
 
 
 def test_no_mask_and_broadcast_mask():
@@ -348,3 +462,23 @@ def test_bf16_on_cuda(kind, outgoing, product):
     module_err = {n: rel(a, r) for n, a, r in zip(names, (own, *gown), (ref, *gref))}
     check_against_float64(module, z, mask, torch.bfloat16, lambda n: max(1e-2, 3 * module_err[n]), dout,
                           product=product)
+
+
+def test_untuned_gpu_path_takes_the_first_config_that_launches(monkeypatch):
+    """FOLDCOMPILE_TRIMUL_TUNE=0 on a GPU: no timing; a candidate that fails to compile or launch
+    (e.g. out of shared memory for fp32 operands) is passed over for the next (fake launches)."""
+    tm = importlib.import_module("foldcompile.kernels.triangle_multiplication")
+    monkeypatch.setattr(tm, "interpreting", lambda: False)
+    monkeypatch.setattr(tm, "_TUNED", {})
+    monkeypatch.setenv("FOLDCOMPILE_TRIMUL_TUNE", "0")
+    monkeypatch.setattr(tm.triton.testing, "do_bench", lambda *a, **k: pytest.fail("timed with tuning off"))
+    cands = tm._configs("out")
+    tried = []
+
+    def launch(cfg):
+        tried.append(cfg)
+        if len(tried) == 1:
+            raise RuntimeError("out of resources: shared memory")
+    key = tm._tune_key(1, 64 * 64, 128, 128, torch.float32, False)
+    assert tm._pick("out", key, launch) == cands[1]
+    assert tm._pick("out", key, launch) == cands[1] and len(tried) == 2
