@@ -30,6 +30,9 @@ MODULES = [
     "foldcompile.kernels.attention",
     "foldcompile.kernels.elementwise",
     "foldcompile.models.zoo",
+    "foldcompile.optimize",
+    "foldcompile.variants",
+    "foldcompile.passes.fuse",
 ]
 
 
