@@ -50,6 +50,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
+import sympy
 import torch
 import torch.fx
 
@@ -143,8 +144,33 @@ def _annotate(gm: torch.fx.GraphModule, values: list[Any], dims: Mapping[str, in
         shape_prop_pass(gm, values, dims=dict(dims) if dims else None)
     except PassError as e:
         gm.meta["named_dims_unavailable"] = str(e)
-        shape_prop_pass(gm, values, dims={})
+        _ConcreteShapes(gm).run(*values)
+        gm.meta["dims"] = {}
     classify_pass(gm)
+
+
+class _ConcreteShapes(torch.fx.Interpreter):
+    """The meta shape_prop writes, with every size a constant (no named dims)."""
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        with torch.no_grad():
+            out = super().run_node(n)
+        n.meta.pop("multi_output", None)
+        if isinstance(out, torch.Tensor):
+            n.meta["shape"], n.meta["dtype"] = tuple(out.shape), out.dtype
+            n.meta["sym_shape"] = tuple(sympy.Integer(c) for c in out.shape)
+            if n.op == "call_function":
+                ptrs = {a.untyped_storage().data_ptr() for a in self.fetch_args_kwargs_from_env(n)[0]
+                        if isinstance(a, torch.Tensor)}
+                n.meta["aliases_input"] = out.untyped_storage().data_ptr() in ptrs
+        elif isinstance(out, (list, tuple)) and out and all(isinstance(t, torch.Tensor) for t in out):
+            n.meta["shape"] = tuple(tuple(t.shape) for t in out)
+            n.meta["dtype"] = tuple(t.dtype for t in out)
+            n.meta["sym_shape"] = tuple(tuple(sympy.Integer(c) for c in t.shape) for t in out)
+            n.meta["multi_output"] = True
+        else:
+            n.meta["shape"] = n.meta["dtype"] = n.meta["sym_shape"] = None
+        return out
 
 
 def build_variant(model: torch.nn.Module, args: tuple, kwargs: Mapping[str, Any], *,
