@@ -246,6 +246,24 @@ def readable_code(gm: torch.fx.GraphModule) -> str:
     return re.sub(r"\n{3,}", "\n\n", code).strip() + "\n"
 
 
+def _tensors(args: Any, kwargs: Mapping[str, Any]) -> list[torch.Tensor]:
+    out: list[torch.Tensor] = []
+
+    def walk(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            out.append(x)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                walk(v)
+        elif isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+
+    walk(args)
+    walk(dict(kwargs))
+    return out
+
+
 class OptimizedModule(torch.nn.Module):
     """The user's model with a cache of fused graphs; see the module docstring of ``foldcompile.optimize``."""
 
@@ -279,7 +297,11 @@ class OptimizedModule(torch.nn.Module):
         return dict(bound.arguments)
 
     def _build(self, args: tuple, kwargs: dict) -> Variant:
-        return build_variant(self.model, args, kwargs, at=self.at, dims=self.dims)
+        # capture and shape propagation run the model's random ops (dropout): building a variant
+        # must not move the user's generators, or the call that built it would draw other masks
+        devices = sorted({t.device.index or 0 for t in _tensors(args, kwargs) if t.device.type == "cuda"})
+        with torch.random.fork_rng(devices=devices):
+            return build_variant(self.model, args, kwargs, at=self.at, dims=self.dims)
 
     def variant_for(self, *args: Any, **kwargs: Any) -> Variant | object:
         """The variant a call with these inputs runs (building it if needed), or ``variants.EAGER``."""
