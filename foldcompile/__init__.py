@@ -23,6 +23,7 @@ from foldcompile.explain import Report, explain  # noqa: E402
 from foldcompile.guards import GuardError  # noqa: E402
 from foldcompile.profile import ProfileReport, profile  # noqa: E402
 from foldcompile.optimize import OptimizedModule, OptimizeReport, optimize  # noqa: E402
+from foldcompile.verify import VerifyReport, verify  # noqa: E402
 from foldcompile.explain import explain as _explain_model  # noqa: E402
 
 
@@ -35,4 +36,4 @@ def explain(model, *example_inputs, **kwargs):
 
 __version__ = "0.1.0"
 __all__ = ["trace", "explain", "profile", "Report", "ProfileReport", "CaptureError", "GuardError",
-           "optimize", "OptimizedModule", "OptimizeReport"]
+           "optimize", "OptimizedModule", "OptimizeReport", "verify", "VerifyReport"]

@@ -269,11 +269,12 @@ class OptimizedModule(torch.nn.Module):
 
     def __init__(self, model: torch.nn.Module, *, at: Mapping[str, int] | None = None,
                  max_variants: int = 8, max_builds: int = 32, strict: bool = False,
-                 dims: Mapping[str, int] | None = None):
+                 dims: Mapping[str, int] | None = None, rules: list | None = None):
         super().__init__()
         self.model = model
         self.at = {**DEFAULT_AT, **dict(at or {})}
         self.dims = dict(dims) if dims else None
+        self.rules = rules
         self._signature = inspect.signature(model.forward)
         self._cache = VariantCache(max_variants=max_variants, max_builds=max_builds, strict=strict)
         self._last: Variant | None = None
@@ -301,7 +302,7 @@ class OptimizedModule(torch.nn.Module):
         # must not move the user's generators, or the call that built it would draw other masks
         devices = sorted({t.device.index or 0 for t in _tensors(args, kwargs) if t.device.type == "cuda"})
         with torch.random.fork_rng(devices=devices):
-            return build_variant(self.model, args, kwargs, at=self.at, dims=self.dims)
+            return build_variant(self.model, args, kwargs, at=self.at, dims=self.dims, rules=self.rules)
 
     def variant_for(self, *args: Any, **kwargs: Any) -> Variant | object:
         """The variant a call with these inputs runs (building it if needed), or ``variants.EAGER``."""
@@ -351,7 +352,7 @@ class OptimizedModule(torch.nn.Module):
 
 def optimize(model: torch.nn.Module, *example_inputs: Any, world_size: int = 1,
              at: Mapping[str, int] | None = None, strict: bool = False, max_variants: int = 8,
-             max_builds: int = 32, dims: Mapping[str, int] | None = None,
+             max_builds: int = 32, dims: Mapping[str, int] | None = None, rules: list | None = None,
              **example_kwargs: Any) -> OptimizedModule:
     """Compile ``model`` for calls like ``model(*example_inputs, **example_kwargs)``.
 
@@ -364,6 +365,7 @@ def optimize(model: torch.nn.Module, *example_inputs: Any, world_size: int = 1,
             profitability is judged.
         strict: raise instead of falling back to eager past ``max_builds`` variants.
         dims: named dims for shape propagation when the argument names do not tell them.
+        rules: the fusion rules (default: every family's, ``passes.rules.all_rules()``).
     """
     if world_size != 1:
         raise NotImplementedError(
@@ -371,7 +373,8 @@ def optimize(model: torch.nn.Module, *example_inputs: Any, world_size: int = 1,
             "only world_size=1 is supported")
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"optimize expects a torch.nn.Module, got {type(model).__name__}")
-    opt = OptimizedModule(model, at=at, max_variants=max_variants, max_builds=max_builds, strict=strict, dims=dims)
+    opt = OptimizedModule(model, at=at, max_variants=max_variants, max_builds=max_builds, strict=strict, dims=dims,
+                          rules=rules)
     variant = opt.variant_for(*example_inputs, **example_kwargs)
     if variant is not EAGER:
         opt._last = variant

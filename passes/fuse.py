@@ -134,7 +134,7 @@ def fuse_pass(gm: torch.fx.GraphModule, *, at: Mapping[str, int] | None = None, 
         erased: set[torch.fx.Node] = set()
         for rule in rules:
             for node in list(graph.nodes):
-                if node in erased or node.meta.get("fused_by"):
+                if node in erased or node.meta.get("fused_by") or node.meta.get("fuse_disabled"):
                     continue
                 found = rule.recognise(node, ctx)
                 if found is None:
@@ -156,10 +156,14 @@ def fuse_pass(gm: torch.fx.GraphModule, *, at: Mapping[str, int] | None = None, 
                 mid = f"{rule.name}#{n_match[rule.name]}"
                 n_match[rule.name] += 1
                 if mid in disabled:
+                    # claimed, so no lower-priority rule takes part of it: the other matches keep their ids
+                    for r in found.region:
+                        r.meta["fuse_disabled"] = mid
                     record["disabled"].append({"id": mid, "rule": rule.name, "site": found.site})
                     continue
                 new = rule.replace(found, ctx)
                 new.meta["match_id"] = mid
+                new.meta["replaces"] = found.output.name  # the traced node whose value it computes
                 found.output.replace_all_uses_with(new)
                 _erase_dead(graph, reversed(found.region), erased)
                 # the bytes of the element-wise and reduction work the kernel took over

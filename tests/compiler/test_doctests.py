@@ -33,6 +33,7 @@ MODULES = [
     "foldcompile.optimize",
     "foldcompile.variants",
     "foldcompile.passes.fuse",
+    "foldcompile.verify",
 ]
 
 
