@@ -225,12 +225,7 @@ def _name_inputs_after_the_model(gm: torch.fx.GraphModule, model: torch.nn.Modul
 def readable_code(gm: torch.fx.GraphModule) -> str:
     """``gm.code`` with the inserted kernels named for what they do (``fused_attention(...)``,
     not the module-qualified global fx writes)."""
-    code = gm.code
-    for n in gm.graph.nodes:
-        if n.op == "call_function" and n.meta.get("fused_by"):
-            t = n.target
-            mangled = f"{getattr(t, '__module__', '')}.{t.__name__}".replace(".", "_")
-            code = code.replace(mangled + "(", t.__name__ + "(")
+    code = re.sub(r"\bfoldcompile_passes_rules_[a-z_]+?_(fused_\w+?)(_\d+)?\(", r"\1(", gm.code)
     code = re.sub(r"\btorch_Tensor_(\w+)\(", r"torch.Tensor.\1(", code).replace("torch._C._nn.linear(", "F.linear(")
     # the pytree prologue (``arg0, arg1 = fx_pytree.tree_flatten_spec(([m, z], {}), ...)`` then
     # ``m = arg0``) only re-binds the arguments: show the arguments' own names instead

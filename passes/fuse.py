@@ -133,7 +133,7 @@ def fuse_pass(gm: torch.fx.GraphModule, *, at: Mapping[str, int] | None = None, 
                 total_bytes += M.cost_bytes_at(n, subs)
         erased: set[torch.fx.Node] = set()
         for rule in rules:
-            for node in list(graph.nodes):
+            for node in (list(graph.nodes)[::-1] if rule.reverse else list(graph.nodes)):
                 if node in erased or node.meta.get("fused_by") or node.meta.get("fuse_disabled"):
                     continue
                 found = rule.recognise(node, ctx)
@@ -195,8 +195,9 @@ def _unfused_reason(n: torch.fx.Node, rejected: Mapping[torch.fx.Node, str], bar
         return UNFUSED_REASONS["random"]
     if n in rejected:
         why = rejected[n]
-        for key in ("not_profitable", "multiple_users", "dtype"):
-            if UNFUSED_REASONS[key].split(" ")[0] in why or key.replace("_", " ") in why:
+        for key, words in (("multiple_users", "multiple users"), ("not_profitable", "not profitable"),
+                           ("dtype", "unsupported dtype")):
+            if words in why:
                 return f"{UNFUSED_REASONS[key]} ({why})"
         return f"{UNFUSED_REASONS['rejected']} ({why})"
     if name in _KERNEL_OPS:

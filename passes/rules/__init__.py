@@ -15,6 +15,7 @@ the reason, so a test can assert "matched 4 attentions, rejected 1". Families:
     attention   softmax(scale·q kᵀ + biases, masked) v [· sigmoid(gate)]  -> kernels.attention
     softmax     softmax(scale·x + bias, masked) left over                  -> kernels.softmax
     layer_norm  layer_norm over the last dim                               -> kernels.layer_norm
+    elementwise convex chains of element-wise ops of one shape             -> kernels.fuse_elementwise
 """
 from __future__ import annotations
 
@@ -71,10 +72,11 @@ class Rule:
     profitable: Callable[[Candidate, Context], "str | None"]
     replace: Callable[[Candidate, Context], torch.fx.Node]
     description: str = ""
+    reverse: bool = False  # visit anchors last to first (groups grown from their sinks)
 
 
 def all_rules() -> list[Rule]:
     """Every rule of every family, highest priority first."""
-    from foldcompile.passes.rules import attention, layer_norm, softmax
-    rules = [*attention.RULES, *softmax.RULES, *layer_norm.RULES]
+    from foldcompile.passes.rules import attention, elementwise, layer_norm, softmax
+    rules = [*attention.RULES, *softmax.RULES, *layer_norm.RULES, *elementwise.RULES]
     return sorted(rules, key=lambda r: -r.priority)
