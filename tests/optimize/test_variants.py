@@ -94,3 +94,15 @@ def test_a_changed_module_attribute_rebuilds_the_variant():
     model.norm.eps = 1e-1  # the captured graph baked eps in: its guard fails, the variant is rebuilt
     _check(fast, model, x)
     assert any("guard failed" in m for m in fast.variants.misses)
+
+
+class DataDependent(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:  # Python control flow on a tensor value: not one graph
+            return x * 2
+        return x
+
+
+def test_a_model_the_front_end_refuses_gets_its_error_naming_the_line():
+    with pytest.raises(foldcompile.CaptureError, match="test_variants.py"):
+        foldcompile.optimize(DataDependent(), torch.randn(3))
