@@ -17,7 +17,7 @@ matched and rewritten, or rejected with its reason, and both are counted in the 
     >>> result.record["counts"]["attention"]
     {'matched': 1, 'rejected': 0}
     >>> [n.target.__name__ for n in gm.graph.nodes if n.op == "call_function"]
-    ['sub', 'mul', 'fused_attention']
+    ['fused_elementwise_sub_mul', 'fused_attention']
     >>> torch.allclose(gm(*ex), attend(*ex), atol=1e-6)
     True
 
