@@ -1,5 +1,5 @@
 """``foldcompile verify TARGET``: the fusion report and the verification, exit status 0 when it verifies."""
-from foldcompile.cli import main
+from foldcompile.cli import _demo_optimize, main
 
 
 def test_verify_command_on_a_zoo_model(capsys):
@@ -11,6 +11,6 @@ def test_verify_command_on_a_zoo_model(capsys):
 
 
 def test_demo_prints_match_counts(capsys):
-    assert main(["demo", "--models", "pairformer_block", "--device", "cpu"]) == 0
+    assert _demo_optimize(["pairformer_block"], "tiny", "cpu")  # the demo's optimize section
     out = capsys.readouterr().out.split("== optimize + verify")[1]
     assert "pairformer_block" in out and "layer_norm 10" in out and "rejected: head dim 4 < 8" in out
