@@ -31,6 +31,18 @@ from foldcompile.capture import CaptureError, trace  # noqa: E402
 from foldcompile.explain import Report, explain  # noqa: E402
 from foldcompile.guards import GuardError  # noqa: E402
 from foldcompile.profile import ProfileReport, profile  # noqa: E402
+from foldcompile.optimize import OptimizedModule, OptimizeReport, optimize  # noqa: E402
+from foldcompile.verify import VerifyReport, verify  # noqa: E402
+from foldcompile.explain import explain as _explain_model  # noqa: E402
+
+
+def explain(model, *example_inputs, **kwargs):
+    """``explain(model, *example_inputs)``: the op classes and costs (:func:`foldcompile.explain.explain`);
+    ``explain(optimized)``: an :class:`OptimizedModule`'s fusion report (matches, rejections, unfused)."""
+    if isinstance(model, OptimizedModule) and not example_inputs and not kwargs:
+        return model.report
+    return _explain_model(model, *example_inputs, **kwargs)
 
 __version__ = "0.1.0"
-__all__ = ["trace", "explain", "profile", "Report", "ProfileReport", "CaptureError", "GuardError"]
+__all__ = ["trace", "explain", "profile", "Report", "ProfileReport", "CaptureError", "GuardError",
+           "optimize", "OptimizedModule", "OptimizeReport", "verify", "VerifyReport"]

@@ -182,9 +182,11 @@ class ProfileReport:
                 for lo, hi in [self.spread(what)]))
             noisy = [what for what in self.runs_ms if self.spread(what)[0] > 0
                      and self.spread(what)[1] / self.spread(what)[0] > 1.5]
-            if noisy or self.reps < 3:
-                lines.append(f"note: {'runs differ by more than 1.5x (' + ', '.join(noisy) + ')' if noisy else 'fewer than 3 runs'}"
-                             ": compare medians of more runs (--reps) before reading a ratio")
+            reasons = (["fewer than 3 runs"] if self.reps < 3 else []) + \
+                ([f"runs differ by more than 1.5x ({', '.join(noisy)})"] if noisy else [])
+            if reasons:
+                lines.append(f"note: {' and '.join(reasons)}: compare medians of more runs (--reps) "
+                             "before reading a ratio")
         lines += [f"note: {n}" for n in self.notes]
         if self.timing == "cuda_events" and self.overhead < 1:
             lines.append("note: profiled < graph as is: the plain run leaves the GPU idle between launches "

@@ -4,6 +4,7 @@
     shape_prop  shapes, dtypes, and sizes as sympy expressions over named dims (N_seq, N_res, ...),
                 on real or fake tensors
     classify    op class (GEMM / REDUCTION / ELEMENTWISE / LAYOUT / COMM / OTHER) and symbolic cost
+    fuse        the fusion rules of ``passes/rules`` (attention, softmax, layer norm) into the kernels
 
 The op IR under them:
 
@@ -18,6 +19,7 @@ from foldcompile.passes.classify import check_flops_against_flop_counter, classi
 from foldcompile.passes.cost_model import CostTotals, cost_totals
 from foldcompile.passes.normalize import normalize_pass
 from foldcompile.passes.shape_prop import shape_prop_pass
+from foldcompile.passes.fuse import fuse_pass  # noqa: E402  (after the passes its rules read)
 
 __all__ = ["PassError", "PassResult", "declare", "normalize_pass", "shape_prop_pass", "classify_pass",
-           "check_flops_against_flop_counter", "cost_totals", "CostTotals"]
+           "check_flops_against_flop_counter", "cost_totals", "CostTotals", "fuse_pass"]

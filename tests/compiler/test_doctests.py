@@ -38,6 +38,10 @@ MODULES = [
     "foldcompile.kernels.attention",
     "foldcompile.kernels.elementwise",
     "foldcompile.models.zoo",
+    "foldcompile.optimize",
+    "foldcompile.variants",
+    "foldcompile.passes.fuse",
+    "foldcompile.verify",
 ]
 
 

@@ -1,0 +1,376 @@
+"""``foldcompile.optimize``: the user's model, with its attentions, softmaxes and layer norms in fused kernels.
+
+``optimize(model, *example_inputs, **example_kwargs)`` captures the model on the examples
+(:func:`foldcompile.trace`), runs normalize -> shape_prop -> classify -> fuse
+(:func:`foldcompile.passes.fuse.fuse_pass`) and returns an :class:`OptimizedModule`::
+
+    >>> import torch, foldcompile
+    >>> class Attend(torch.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.qkv = torch.nn.Linear(16, 48, bias=False)
+    ...     def forward(self, x, key_mask):
+    ...         q, k, v = self.qkv(x).view(*x.shape[:-1], 3, 2, 8).permute(2, 0, 3, 1, 4)   # [S, H, L, 8]
+    ...         w = torch.softmax(q @ k.transpose(-1, -2) * 8 ** -0.5 + (key_mask[:, None, None, :] - 1) * 1e9, -1)
+    ...         return (w @ v).transpose(1, 2).reshape(x.shape[0], x.shape[1], 16)
+    >>> model, x, mask = Attend(), torch.randn(3, 7, 16), torch.ones(3, 7)
+    >>> fast = foldcompile.optimize(model, x, mask)
+    >>> fast.report.counts()["attention"]
+    {'matched': 1, 'rejected': 0}
+    >>> "fused_attention(" in fast.code
+    True
+    >>> torch.allclose(fast(x, mask), model(x, mask), atol=1e-5)
+    True
+    >>> list(fast.parameters())[0] is model.qkv.weight        # the model's own parameters
+    True
+
+What it promises: the returned module computes what ``model`` computes. A pattern the
+rules do not match exactly is left as it was; a model the front end cannot capture gets its
+:class:`~foldcompile.CaptureError` (naming the construct and the source line), never a
+silently different function.
+
+The :class:`OptimizedModule` holds ``model`` itself: ``parameters()``, ``state_dict()``,
+``train()``/``eval()`` are the model's, so an optimizer built on ``model.parameters()``
+trains it and each step is seen by the next call. Every call is keyed by what a capture is
+specialised on (shapes, dtypes, devices, grad mode, autocast, training mode;
+:mod:`foldcompile.variants`): a call with another key builds (or reuses) another variant,
+logging which guard differed; past ``max_builds`` builds calls run the model eagerly with a
+warning (``strict=True``: :class:`~foldcompile.variants.VariantLimitError`). A call whose
+captured guards fail although the key matched (the model's attributes changed) rebuilds
+that variant once.
+
+``at`` (default the training crop, ``N_seq=128, N_res=256``) is the size every rule's
+profitability is judged at; the example inputs can be tiny.
+"""
+from __future__ import annotations
+
+import inspect
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+import sympy
+import torch
+import torch.fx
+
+from foldcompile.capture import trace
+from foldcompile.explain import flat_inputs
+from foldcompile.guards import GuardError
+from foldcompile.pass_manager import copy_graph_module
+from foldcompile.passes.base import PassError
+from foldcompile.passes.classify import classify_pass
+from foldcompile.passes.fuse import DEFAULT_AT, fuse_pass
+from foldcompile.passes.normalize import normalize_pass
+from foldcompile.passes.shape_prop import shape_prop_pass
+from foldcompile.variants import EAGER, VariantCache, call_key
+
+__all__ = ["optimize", "OptimizedModule", "OptimizeReport", "Variant", "build_variant", "readable_code"]
+
+
+@dataclass
+class Variant:
+    """One compiled specialisation: the traced (classified, unfused) graph and the fused one."""
+
+    traced: torch.fx.GraphModule
+    graph: torch.fx.GraphModule
+    record: dict[str, Any]
+    build_seconds: float
+    disabled: tuple[str, ...] = ()
+
+
+@dataclass
+class OptimizeReport:
+    """What the fusion pass did on one variant: every match per rule, every rejected candidate with
+    its reason, and every REDUCTION/ELEMENTWISE node left unfused with its reason."""
+
+    record: dict[str, Any]
+    model_name: str = ""
+    dims: dict[str, int] = field(default_factory=dict)
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Per rule: ``{"matched": n, "rejected": m}``."""
+        return {k: dict(v) for k, v in self.record["counts"].items()}
+
+    @property
+    def matches(self) -> list[dict[str, Any]]:
+        return list(self.record["matches"])
+
+    @property
+    def rejections(self) -> list[dict[str, Any]]:
+        return list(self.record["rejections"])
+
+    @property
+    def unfused(self) -> list[dict[str, Any]]:
+        return list(self.record["unfused"])
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.record)
+
+    def __str__(self) -> str:
+        r = self.record
+        at = ", ".join(f"{k}={v}" for k, v in r["at"].items()) or "the example size (the graph has no named dims)"
+        cov = r["coverage"]
+        lines = [f"{self.model_name}: fused at {at} (example dims {self.dims})",
+                 f"reduction + element-wise bytes in kernels at that size: {cov['fraction']:.1%}", "",
+                 "rule            matched  rejected"]
+        for rule, c in r["counts"].items():
+            lines.append(f"{rule:<15} {c['matched']:>7}  {c['rejected']:>8}")
+        lines += ["", "matches:"]
+        lines += [f"  {m['id']:<18} at {m['site']}" + (f"  ({'; '.join(m['notes'])})" if m["notes"] else "")
+                  for m in r["matches"]] or ["  (none)"]
+        lines += ["", "rejected candidates:"]
+        lines += [f"  {x['rule']} at {x['site']} ({x['node']}): {x['reason']}" for x in r["rejections"]] or ["  (none)"]
+        if r.get("disabled"):
+            lines += ["", "disabled matches: " + ", ".join(d["id"] for d in r["disabled"])]
+        lines += ["", "left unfused (reduction / element-wise):"]
+        by_reason: dict[str, list[str]] = {}
+        for u in r["unfused"]:
+            by_reason.setdefault(u["reason"], []).append(f"{u['op']}@{u['site']}")
+        for reason, items in by_reason.items():
+            shown = ", ".join(items[:8]) + (f", ... ({len(items)} in all)" if len(items) > 8 else "")
+            lines.append(f"  {reason}: {shown}")
+        if not by_reason:
+            lines.append("  (none)")
+        return "\n".join(lines)
+
+
+def _annotate(gm: torch.fx.GraphModule, values: list[Any], dims: Mapping[str, int] | None) -> None:
+    """shape_prop then classify. shape_prop's named dims come from argument names; on code whose
+    names it cannot read (third-party models) its ambiguity error is kept in the meta and the
+    graph is annotated with no named dims (every size a constant): rules then judge
+    profitability at the example size, which the report says."""
+    try:
+        shape_prop_pass(gm, values, dims=dict(dims) if dims else None)
+    except PassError as e:
+        gm.meta["named_dims_unavailable"] = str(e)
+        _ConcreteShapes(gm).run(*values)
+        gm.meta["dims"] = {}
+    classify_pass(gm)
+
+
+class _ConcreteShapes(torch.fx.Interpreter):
+    """The meta shape_prop writes, with every size a constant (no named dims)."""
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        with torch.no_grad():
+            out = super().run_node(n)
+        n.meta.pop("multi_output", None)
+        if isinstance(out, torch.Tensor):
+            n.meta["shape"], n.meta["dtype"] = tuple(out.shape), out.dtype
+            n.meta["sym_shape"] = tuple(sympy.Integer(c) for c in out.shape)
+            if n.op == "call_function":
+                ptrs = {a.untyped_storage().data_ptr() for a in self.fetch_args_kwargs_from_env(n)[0]
+                        if isinstance(a, torch.Tensor)}
+                n.meta["aliases_input"] = out.untyped_storage().data_ptr() in ptrs
+        elif isinstance(out, (list, tuple)) and out and all(isinstance(t, torch.Tensor) for t in out):
+            n.meta["shape"] = tuple(tuple(t.shape) for t in out)
+            n.meta["dtype"] = tuple(t.dtype for t in out)
+            n.meta["sym_shape"] = tuple(tuple(sympy.Integer(c) for c in t.shape) for t in out)
+            n.meta["multi_output"] = True
+        else:
+            n.meta["shape"] = n.meta["dtype"] = n.meta["sym_shape"] = None
+        return out
+
+
+def build_variant(model: torch.nn.Module, args: tuple, kwargs: Mapping[str, Any], *,
+                  at: Mapping[str, int] | None = None, disabled: Iterable[str] = (),
+                  dims: Mapping[str, int] | None = None, rules: list | None = None) -> Variant:
+    """Capture ``model`` on ``(args, kwargs)`` under the current modes and fuse it."""
+    t0 = time.perf_counter()
+    gm = trace(model, *args, **kwargs)
+    gm = normalize_pass(gm).graph_module
+    _annotate(gm, flat_inputs(gm, args, kwargs), dims)
+    traced = copy_graph_module(gm)
+    fused = copy_graph_module(gm)
+    result = fuse_pass(fused, at=at, disabled=disabled, rules=rules)
+    _name_inputs_after_the_model(fused, model)
+    _name_inputs_after_the_model(traced, model)
+    fused.recompile()
+    return Variant(traced, fused, result.record, time.perf_counter() - t0, tuple(disabled))
+
+
+def _name_inputs_after_the_model(gm: torch.fx.GraphModule, model: torch.nn.Module) -> None:
+    """Placeholders named like ``forward``'s parameters (``m``, not Dynamo's ``l_m_`` or ``arg4``)."""
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    params = [p for p in inspect.signature(model.forward).parameters.values()
+              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if len(phs) != len(params):
+        return  # a container argument flattens to several placeholders: keep the tracer's names
+    names = {n.name for n in gm.graph.nodes}
+
+    def fresh(base: str) -> str:
+        i = 1
+        while f"{base}_{i}" in names:
+            i += 1
+        return f"{base}_{i}"
+
+    by_name = {n.name: n for n in gm.graph.nodes}
+    for ph, p in zip(phs, params):
+        if ph.name == p.name or not p.name.isidentifier():
+            continue
+        other = by_name.get(p.name)
+        if other is not None:  # a value the user re-bound to the argument's name (``m = norm(m)``)
+            other.name = fresh(p.name)
+            names.add(other.name)
+            by_name[other.name] = other
+        names.discard(ph.name)
+        # set directly: fx's renaming keeps retired names reserved; codegen keeps names unique anyway
+        ph.name = p.name
+        names.add(p.name)
+        by_name[p.name] = ph
+    gm.recompile()
+
+
+def readable_code(gm: torch.fx.GraphModule) -> str:
+    """``gm.code`` with the inserted kernels named for what they do (``fused_attention(...)``,
+    not the module-qualified global fx writes)."""
+    code = re.sub(r"\bfoldcompile_passes_rules_[a-z_]+?_(fused_\w+?)(_\d+)?\(", r"\1(", gm.code)
+    code = re.sub(r"\btorch_Tensor_(\w+)\(", r"torch.Tensor.\1(", code).replace("torch._C._nn.linear(", "F.linear(")
+    # the pytree prologue (``arg0, arg1 = fx_pytree.tree_flatten_spec(([m, z], {}), ...)`` then
+    # ``m = arg0``) only re-binds the arguments: show the arguments' own names instead
+    m = re.search(r"\n(\s+)((?:arg\d+, )+)= fx_pytree\.tree_flatten_spec\(\(\[([^\]]*)\], \{\}\), self\._in_spec\)\n",
+                  code)
+    if m:
+        flat = [a.strip() for a in m.group(2).split(",") if a.strip()]
+        names = [a.strip() for a in m.group(3).split(",")]
+        if len(flat) == len(names):
+            code = code.replace(m.group(0), "\n")
+            for arg, name in zip(flat, names):
+                code = re.sub(rf"\n\s+{name} = {arg}\n", "\n", code)
+    return re.sub(r"\n{3,}", "\n\n", code).strip() + "\n"
+
+
+def _tensors(args: Any, kwargs: Mapping[str, Any]) -> list[torch.Tensor]:
+    out: list[torch.Tensor] = []
+
+    def walk(x: Any) -> None:
+        if isinstance(x, torch.Tensor):
+            out.append(x)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                walk(v)
+        elif isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+
+    walk(args)
+    walk(dict(kwargs))
+    return out
+
+
+class OptimizedModule(torch.nn.Module):
+    """The user's model with a cache of fused graphs; see the module docstring of ``foldcompile.optimize``."""
+
+    def __init__(self, model: torch.nn.Module, *, at: Mapping[str, int] | None = None,
+                 max_variants: int = 8, max_builds: int = 32, strict: bool = False,
+                 dims: Mapping[str, int] | None = None, rules: list | None = None):
+        super().__init__()
+        self.model = model
+        self.at = {**DEFAULT_AT, **dict(at or {})}
+        self.dims = dict(dims) if dims else None
+        self.rules = rules
+        self._signature = inspect.signature(model.forward)
+        self._cache = VariantCache(max_variants=max_variants, max_builds=max_builds, strict=strict)
+        self._last: Variant | None = None
+        self.train(model.training)
+
+    # the model's own state, not a wrapper's ------------------------------------------------
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:  # type: ignore[override]
+        return self.model.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        return self.model.load_state_dict(*args, **kwargs)
+
+    @property
+    def variants(self) -> VariantCache:
+        """The variant cache (``len``, ``misses``: which guard differed on each build)."""
+        return self._cache
+
+    def _bind(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        bound = self._signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return dict(bound.arguments)
+
+    def _build(self, args: tuple, kwargs: dict) -> Variant:
+        # capture and shape propagation run the model's random ops (dropout): building a variant
+        # must not move the user's generators, or the call that built it would draw other masks
+        devices = sorted({t.device.index or 0 for t in _tensors(args, kwargs) if t.device.type == "cuda"})
+        with torch.random.fork_rng(devices=devices):
+            return build_variant(self.model, args, kwargs, at=self.at, dims=self.dims, rules=self.rules)
+
+    def variant_for(self, *args: Any, **kwargs: Any) -> Variant | object:
+        """The variant a call with these inputs runs (building it if needed), or ``variants.EAGER``."""
+        key = call_key(self._bind(args, kwargs), self.model.training)
+        return self._cache.get(key, lambda: self._build(args, kwargs))
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        key = call_key(self._bind(args, kwargs), self.model.training)
+        variant = self._cache.get(key, lambda: self._build(args, kwargs))
+        if variant is EAGER:
+            return self.model(*args, **kwargs)
+        try:
+            out = variant.graph(*args, **kwargs)
+        except GuardError as e:
+            # the key matched but a captured guard did not (module attributes, hooks, globals):
+            # that variant no longer computes the model; build it again, once
+            self._cache.misses.append(f"guard failed on a cached variant: {str(e).splitlines()[0]}")
+            self._cache.drop(key)
+            variant = self._cache.get(key, lambda: self._build(args, kwargs))
+            if variant is EAGER:
+                return self.model(*args, **kwargs)
+            out = variant.graph(*args, **kwargs)
+        self._last = variant
+        return out
+
+    def _current(self) -> Variant:
+        if self._last is None:
+            raise RuntimeError("no variant built yet: call the module first")
+        return self._last
+
+    @property
+    def graph_module(self) -> torch.fx.GraphModule:
+        """The fused graph of the most recent call."""
+        return self._current().graph
+
+    @property
+    def code(self) -> str:
+        """The fused graph of the most recent call as readable Python."""
+        return readable_code(self._current().graph)
+
+    @property
+    def report(self) -> OptimizeReport:
+        """What the fusion did on the most recent call's variant."""
+        v = self._current()
+        return OptimizeReport(v.record, type(self.model).__name__, dict(v.traced.meta.get("dims", {})))
+
+
+def optimize(model: torch.nn.Module, *example_inputs: Any, world_size: int = 1,
+             at: Mapping[str, int] | None = None, strict: bool = False, max_variants: int = 8,
+             max_builds: int = 32, dims: Mapping[str, int] | None = None, rules: list | None = None,
+             **example_kwargs: Any) -> OptimizedModule:
+    """Compile ``model`` for calls like ``model(*example_inputs, **example_kwargs)``.
+
+    Args:
+        model: any ``torch.nn.Module`` (not modified; the result holds it).
+        example_inputs, example_kwargs: one call's inputs; the first variant is built from
+            them now, under the current grad / autocast mode and ``model.training``.
+        world_size: 1. DAP sharding (``> 1``) is not built yet and raises NotImplementedError.
+        at: sizes (``{"N_seq": 128, "N_res": 256}``, the default) at which each rule's
+            profitability is judged.
+        strict: raise instead of falling back to eager past ``max_builds`` variants.
+        dims: named dims for shape propagation when the argument names do not tell them.
+        rules: the fusion rules (default: every family's, ``passes.rules.all_rules()``).
+    """
+    if world_size != 1:
+        raise NotImplementedError(
+            f"optimize(world_size={world_size}): Dynamic Axial Parallelism (DAP) sharding is not built yet; "
+            "only world_size=1 is supported")
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"optimize expects a torch.nn.Module, got {type(model).__name__}")
+    opt = OptimizedModule(model, at=at, max_variants=max_variants, max_builds=max_builds, strict=strict, dims=dims,
+                          rules=rules)
+    variant = opt.variant_for(*example_inputs, **example_kwargs)
+    if variant is not EAGER:
+        opt._last = variant
+    return opt

@@ -1,0 +1,276 @@
+"""``foldcompile.verify``: does the optimized graph compute what the model computes, and if not, where not?
+
+``verify(model, *inputs, optimized=None, bisect=False)`` runs three graphs on the same inputs:
+
+- the **truth**: the traced graph (normalized, before fusion) in float64 — parameters,
+  inputs and every float dtype the graph names (``x.to(torch.float32)``) widened;
+- the **traced** graph in the run dtype: eager's own rounding;
+- the **optimized** graph (the variant ``optimized`` runs for these inputs).
+
+Random ops (dropout, ``bernoulli``, ``rand*``) draw their values once and every run replays
+them, so training-mode graphs are compared with identical masks. For each output, each
+parameter gradient (of a fixed random projection of the outputs) and each traced node, the
+report holds the relative error against the truth of the optimized run next to eager's own
+(the traced run's), and names the **first node in traced order** where
+
+    optimized error > factor × eager error + floor          (defaults: factor 4, floor 1e-6)
+
+with its op, module path and source line. Nodes a rule replaced are compared through the
+node that took over their value (``meta["replaces"]``). ``bisect=True`` then rebuilds the
+variant with halves of the matches disabled (``fuse_pass(disabled=...)``) until one match
+is left whose rewrite alone breaks the bound: the culprit rule and site::
+
+    >>> import torch, foldcompile
+    >>> class Attend(torch.nn.Module):
+    ...     def forward(self, q, k, v):
+    ...         return torch.softmax(q @ k.transpose(-1, -2) * 8 ** -0.5, dim=-1) @ v
+    >>> q, k, v = (torch.randn(2, 3, 9, 8) for _ in range(3))
+    >>> report = foldcompile.verify(Attend(), q, k, v)
+    >>> report.ok, report.first_bad is None
+    (True, True)
+    >>> report.outputs[0]["optimized"] < 1e-6
+    True
+
+Caveat: float64 is not always the function fp32 computes. AlphaFold's additive masks
+(``1e9 * (mask - 1)``) make a fully masked row's logits exactly equal in fp32 (uniform
+weights) but not in float64; eager's own error there is then large, and so is the bound.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.fx
+
+from foldcompile.explain import flat_inputs
+from foldcompile.optimize import OptimizedModule, Variant, build_variant, optimize
+from foldcompile.passes.rules import _meta as M
+from foldcompile.variants import EAGER
+
+__all__ = ["verify", "VerifyReport"]
+
+_RANDOM = {"dropout", "bernoulli", "rand", "rand_like", "randn", "randn_like", "randint", "randint_like",
+           "feature_alpha_dropout", "alpha_dropout", "normal", "multinomial"}
+_WIDEN = {torch.float16: torch.float64, torch.bfloat16: torch.float64, torch.float32: torch.float64}
+
+
+def _widen(x: Any) -> Any:
+    if isinstance(x, torch.dtype):
+        return _WIDEN.get(x, x)
+    if isinstance(x, (list, tuple)):
+        return type(x)(_widen(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _widen(v) for k, v in x.items()}
+    return x
+
+
+class _Run(torch.fx.Interpreter):
+    """Runs a graph, keeping every node's value; replays recorded random values; optionally in float64."""
+
+    def __init__(self, gm: torch.fx.GraphModule, random: dict[str, torch.Tensor], wide: bool = False,
+                 params: dict[str, torch.Tensor] | None = None):
+        super().__init__(gm)
+        self.random, self.wide, self.params = random, wide, params or {}
+        self.values: dict[str, Any] = {}
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        if n.op == "get_attr" and n.target in self.params:
+            out = self.params[n.target]
+        elif n.op == "call_function" and M.op_name(n) in _RANDOM:
+            out = self._random(n)
+        elif n.op == "call_function" and self.wide:
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            out = n.target(*_widen(args), **_widen(kwargs))
+        else:
+            out = super().run_node(n)
+        self.values[n.name] = out
+        return out
+
+    def _random(self, n: torch.fx.Node) -> torch.Tensor:
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        name = M.op_name(n)
+        if name == "dropout":
+            x = args[0]
+            p = args[1] if len(args) > 1 else kwargs.get("p", 0.5)
+            training = args[2] if len(args) > 2 else kwargs.get("training", True)
+            if not training or p == 0:
+                return x
+            if n.name not in self.random:
+                self.random[n.name] = torch.rand(x.shape, device=x.device) >= p
+            keep = self.random[n.name]
+            return torch.where(keep, x / (1 - p), torch.zeros((), dtype=x.dtype, device=x.device))
+        if n.name not in self.random:
+            self.random[n.name] = n.target(*args, **kwargs)
+        rec = self.random[n.name]
+        like = next((a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()), None)
+        dt = like.dtype if like is not None else (torch.float64 if self.wide and rec.is_floating_point() else rec.dtype)
+        return rec.to(dt) if rec.is_floating_point() else rec
+
+
+def _flat(x: Any) -> list[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, (list, tuple)):
+        return [t for v in x for t in _flat(v)]
+    if isinstance(x, dict):
+        return [t for k in sorted(x, key=str) for t in _flat(x[k])]
+    return []
+
+
+def _rel(a: torch.Tensor, truth: torch.Tensor) -> float:
+    a, b = a.detach().double(), truth.detach().double()
+    nan_a, nan_b = torch.isnan(a), torch.isnan(b)
+    if not torch.equal(nan_a, nan_b):
+        return float("inf")
+    a, b = a[~nan_b], b[~nan_b]
+    num = torch.linalg.vector_norm(a - b).item()
+    den = torch.linalg.vector_norm(b).item()
+    return num / den if den else (0.0 if num == 0 else float("inf"))
+
+
+@dataclass
+class VerifyReport:
+    """Errors against the float64 truth: per output, per parameter gradient, and the first bad node."""
+
+    outputs: list[dict[str, Any]]
+    gradients: list[dict[str, Any]]
+    first_bad: dict[str, Any] | None
+    factor: float
+    floor: float
+    culprit: dict[str, Any] | None = None
+    bisect_steps: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.first_bad is None and all(r["ok"] for r in self.outputs + self.gradients)
+
+    def __str__(self) -> str:
+        lines = [f"verify: optimized error vs the float64 truth must be <= {self.factor:g} x eager's own + "
+                 f"{self.floor:g}: {'OK' if self.ok else 'FAILED'}", "",
+                 "what                                       optimized     eager   ok"]
+        for r in self.outputs + self.gradients:
+            lines.append(f"{r['name'][:42]:<42} {r['optimized']:>9.2e} {r['eager']:>9.2e}   {'y' if r['ok'] else 'N'}")
+        if self.first_bad:
+            b = self.first_bad
+            lines += ["", f"first node past the bound: {b['node']} ({b['op']}) at {b['module_path'] or '(root)'}"
+                          f"{' — ' + b['source'] if b['source'] else ''}: optimized {b['optimized']:.2e} vs eager "
+                          f"{b['eager']:.2e}"]
+        if self.culprit:
+            lines += ["", f"bisect: culprit {self.culprit['id']} at {self.culprit['site']}"]
+        return "\n".join(lines)
+
+
+def _check(variant: Variant, model: torch.nn.Module, flat: list[Any], factor: float, floor: float,
+           nodes: bool = True) -> tuple[list, list, dict | None]:
+    traced, fused = variant.traced, variant.graph
+    random: dict[str, torch.Tensor] = {}
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    own = dict(model.named_parameters())
+    params = [own[n] for n in names]
+    wide_params = {n: p.detach().double().requires_grad_(p.requires_grad)
+                   for n, p in list(model.named_parameters()) + list(model.named_buffers())}
+    leaves64 = [wide_params[n] for n in names]
+    x64 = [x.detach().double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in flat]
+
+    with torch.enable_grad():
+        r32 = _Run(traced, random)
+        o32 = _flat(r32.run(*flat))
+        rf = _Run(fused, random)
+        of = _flat(rf.run(*flat))
+        r64 = _Run(traced, random, wide=True, params=wide_params)
+        o64 = _flat(r64.run(*x64))
+        gen = torch.Generator().manual_seed(0)
+        proj = [torch.randn(o.shape, generator=gen, dtype=torch.float64) if o.is_floating_point() else None for o in o64]
+
+        def grads(outs, leaves):
+            loss = sum((o.nan_to_num() * w.to(o.dtype)).sum() for o, w in zip(outs, proj)
+                       if w is not None and o.requires_grad)
+            if not torch.is_tensor(loss) or not leaves:
+                return [None] * len(leaves)
+            return torch.autograd.grad(loss, leaves, allow_unused=True)
+
+        g32, gf, g64 = grads(o32, params), grads(of, params), grads(o64, leaves64)
+    runs = r32, rf, r64
+
+    def row(name, got, eager, truth):
+        if truth is None:
+            e_opt = 0.0 if got is None else float("inf")
+            e_eager = 0.0 if eager is None else float("inf")
+        else:
+            e_opt = _rel(got if got is not None else torch.zeros_like(truth), truth)
+            e_eager = _rel(eager if eager is not None else torch.zeros_like(truth), truth)
+        return {"name": name, "optimized": e_opt, "eager": e_eager, "ok": e_opt <= factor * e_eager + floor}
+
+    outputs = [row(f"output {i} {tuple(t.shape)}", a, b, t) for i, (a, b, t) in enumerate(zip(of, o32, o64))
+               if t.is_floating_point()]
+    gradients = [row(f"grad {n}", a, b, t) for n, a, b, t in zip(names, gf, g32, g64)]
+    first_bad = None
+    if nodes:
+        r32, rf, r64 = runs
+        by_name = {n.name: n for n in fused.graph.nodes if not n.meta.get("fused_by")}
+        for n in fused.graph.nodes:
+            if n.meta.get("replaces"):
+                by_name[n.meta["replaces"]] = n
+        for n in traced.graph.nodes:
+            if n.op != "call_function" or n.name not in by_name:
+                continue
+            t, e, g = r64.values.get(n.name), r32.values.get(n.name), rf.values.get(by_name[n.name].name)
+            if not all(isinstance(v, torch.Tensor) for v in (t, e, g)) or not t.is_floating_point() or g.shape != t.shape:
+                continue
+            e_opt, e_eager = _rel(g, t), _rel(e, t)
+            if e_opt > factor * e_eager + floor:
+                first_bad = {"node": n.name, "op": M.op_name(n), "module_path": M.module_path(n),
+                             "source": M.source_line(n), "optimized": e_opt, "eager": e_eager,
+                             "optimized_node": by_name[n.name].name,
+                             "match": by_name[n.name].meta.get("match_id")}
+                break
+    return outputs, gradients, first_bad
+
+
+def verify(model: torch.nn.Module, *inputs: Any, optimized: OptimizedModule | None = None, bisect: bool = False,
+           factor: float = 4.0, floor: float = 1e-6, **kwargs: Any) -> VerifyReport:
+    """Compare the optimized graph with eager against the float64 truth (see the module docstring).
+
+    ``optimized`` defaults to ``foldcompile.optimize(model, *inputs, **kwargs)``; the variant it runs
+    for these inputs is checked. ``bisect=True`` on a failure finds the match that breaks the bound.
+    """
+    if optimized is None:
+        optimized = optimize(model, *inputs, **kwargs)
+    if optimized.model is not model:
+        raise ValueError("verify: `optimized` does not hold this model")
+    variant = optimized.variant_for(*inputs, **kwargs)
+    if variant is EAGER:
+        raise RuntimeError("verify: these inputs run eagerly (the variant cache is past its build limit)")
+    flat = flat_inputs(variant.traced, inputs, kwargs)
+    outputs, gradients, first_bad = _check(variant, model, flat, factor, floor)
+    report = VerifyReport(outputs, gradients, first_bad, factor, floor)
+    if bisect and not report.ok:
+        report.culprit, report.bisect_steps = _bisect(
+            variant, lambda disabled: build_variant(model, inputs, kwargs, at=optimized.at, dims=optimized.dims,
+                                                    rules=optimized.rules, disabled=disabled),
+            model, flat, factor, floor)
+    return report
+
+
+def _bisect(variant: Variant, rebuild: Callable[[Iterable[str]], Variant], model: torch.nn.Module,
+            flat: list[Any], factor: float, floor: float) -> tuple[dict | None, list[dict]]:
+    """Halve the set of enabled matches while the failure persists; the last one standing is the culprit."""
+    matches = {m["id"]: m for m in variant.record["matches"]}
+    suspects = list(matches)
+    steps: list[dict] = []
+
+    def fails(enabled: list[str]) -> bool:
+        v = rebuild([m for m in matches if m not in enabled])
+        outs, grads, bad = _check(v, model, flat, factor, floor, nodes=True)
+        failed = bad is not None or not all(r["ok"] for r in outs + grads)
+        steps.append({"enabled": list(enabled), "fails": failed})
+        return failed
+
+    while len(suspects) > 1:
+        half = suspects[: len(suspects) // 2]
+        suspects = half if fails(half) else suspects[len(half):]
+    if suspects and fails(suspects):
+        return dict(matches[suspects[0]]), steps
+    return None, steps  # no single match breaks it alone (an interaction): reported as such
+

@@ -1,0 +1,486 @@
+"""The attention family: ``softmax(scale·(q kᵀ) + biases, masked) @ v [· sigmoid(gate)]`` -> one fused kernel.
+
+Recognised on the math, not on names. The anchor is a softmax whose input is reached from
+one two-operand product (any GEMM spelling: ``einsum``, ``matmul``/``@``, ``bmm``, ``linear``;
+normalize gives each an explicit einsum equation in ``meta["einsum"]``) through a chain of
+
+- scalings by Python numbers (``* c``, ``/ c``, on the logits; a scale already on q or k is
+  just part of that operand),
+- additive terms (``+ b``, ``- b``): every bias, including float masks such as
+  ``(mask - 1) * 1e9`` — they stay additive so their −1e9 semantics are exact,
+- boolean masks: ``masked_fill(x, c, fill)`` or ``torch.where(c, x, fill)`` /
+  ``torch.where(c, fill, x)`` with ``c`` provably boolean (its dtype is ``torch.bool``) and
+  ``fill`` ``-inf`` (anywhere in the chain) or a finite number such as ``finfo.min`` (last),
+
+and whose only user is a second product contracting the softmax axis with v. The einsum
+letters decide the roles: the softmax axis is the key axis, the letter contracted in the
+logits is the head dim, the output letter of the non-key operand is the query axis, the
+rest are batch axes (the last one is the kernel's head axis; K/V may lack it, as in global
+column attention). Layouts (``view``/``transpose``/``permute``/``reshape`` before the
+products) need no special case: the operands are taken as they are and re-viewed for the
+kernel. A gate ``sigmoid(g) * layout(o)`` right after the attention (through single-user
+``transpose``/``permute``/``reshape``/``view``) is folded into the kernel's gate.
+
+Exactness: where eager's fully masked rows give NaN (an ``-inf`` fill), the replacement
+puts NaN back in those rows (the kernel returns 0 there); where eager's fill is finite (all
+the row's logits equal, so the weights are uniform), it puts the mean of v back, and then
+no gate is folded. Several bias terms are summed into one tensor (the kernel takes one
+bias), materialising their broadcast shape; one bias term is passed as a strided view.
+
+``scaled_dot_product_attention`` calls (no dropout, not causal) map to the kernel directly.
+
+Kernel limits (``kernels/attention.py``): head dim 8..128, q/k/v of one dtype
+(fp16/bf16/fp32; fp64 runs its reference), K/V head 1 or H. Outside them the candidate is
+rejected with the reason, and the graph is left as it was.
+"""
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any
+
+import torch
+import torch.fx
+
+from foldcompile.kernels import attention as _attention_kernel
+from foldcompile.passes.einsum import GEMM_TARGETS, gemm_operands
+from foldcompile.passes.rules import Candidate, Context, Reject, Rule
+from foldcompile.passes.rules import _meta as M
+
+__all__ = ["RULES", "fused_attention", "fill_fully_masked_rows"]
+
+_MIN_D, _MAX_D = 8, 128  # the kernel's head-dim range (kernels/attention.py _check)
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_LAYOUT = {"transpose", "permute", "reshape", "view"}
+_HEAD, _VAL = "#", "@"  # axis names for the head dim and v's value axis (never einsum letters)
+
+
+# ------------------------------------------------------------------ what the rewritten graph calls
+def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, bias: torch.Tensor | None = None,
+                    mask: torch.Tensor | None = None, gate: torch.Tensor | None = None,
+                    scale: float = 1.0) -> torch.Tensor:
+    """``sigmoid(gate) · softmax(scale·q kᵀ + bias, mask) v`` through :func:`foldcompile.kernels.attention`."""
+    return _attention_kernel(q, k, v, bias=bias, mask=mask, gate=gate, scale=scale)
+
+
+def fill_fully_masked_rows(out: torch.Tensor, mask: torch.Tensor, fill: Any) -> torch.Tensor:
+    """Rows whose boolean mask keeps no key get ``fill`` (eager's value there), the rest ``out``."""
+    return torch.where(mask.any(-1, keepdim=True), out, fill)
+
+
+# ------------------------------------------------------------------ einsum helpers
+def _gemm(n: Any) -> tuple[str, list[str], str, list[Any]] | None:
+    """``(equation, input letter strings, output letters, operands)`` of a pure two-operand product."""
+    if not isinstance(n, torch.fx.Node) or n.op != "call_function" or n.target not in GEMM_TARGETS:
+        return None
+    if n.target in (torch.addmm, torch.baddbmm):
+        return None
+    if n.target is torch.nn.functional.linear:
+        b = n.args[2] if len(n.args) > 2 else n.kwargs.get("bias")
+        if b is not None:
+            return None
+    eq = M.einsum(n)
+    if not eq or "..." in eq or "->" not in eq:
+        return None
+    ops = gemm_operands(n)
+    lhs, rhs = eq.split("->")
+    ins = lhs.split(",")
+    if len(ops) != 2 or len(ins) != 2 or not all(isinstance(o, torch.fx.Node) for o in ops):
+        return None
+    return eq, ins, rhs, ops
+
+
+def _softmax_dim(n: torch.fx.Node) -> int | None:
+    if n.op != "call_function" or M.op_name(n) != "softmax":
+        return None
+    dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+    dt = n.args[2] if len(n.args) > 2 and n.target is torch.softmax else n.kwargs.get("dtype")
+    x = n.args[0] if n.args else n.kwargs.get("input")
+    if not isinstance(dim, int) or not isinstance(x, torch.fx.Node) or M.shape(x) is None:
+        return None
+    if dt is not None and dt != M.dtype(x):
+        return None
+    return dim % len(M.shape(x))
+
+
+def _num(x: Any) -> float | None:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return None
+    return float(x)
+
+
+def _peel_layout(x: torch.fx.Node, letters: str) -> tuple[torch.fx.Node, str, list[torch.fx.Node]]:
+    """See through single-user ``transpose``/``permute`` of an operand: the letters move instead."""
+    peeled = []
+    while (isinstance(x, torch.fx.Node) and x.op == "call_function" and len(x.users) == 1
+           and M.op_name(x) in ("transpose", "permute") and M.shape(x.args[0]) is not None):
+        r, src = len(letters), list(letters)
+        if M.op_name(x) == "transpose":
+            if len(x.args) != 3 or not all(isinstance(a, int) for a in x.args[1:]):
+                break
+            i, j = x.args[1] % r, x.args[2] % r
+            src[i], src[j] = letters[j], letters[i]
+        else:
+            perm = x.args[1]
+            if not isinstance(perm, (tuple, list)) or len(perm) != r:
+                break
+            for i, pi in enumerate(perm):
+                src[pi % r] = letters[i]
+        peeled.append(x)
+        x, letters = x.args[0], "".join(src)
+    return x, letters, peeled
+
+
+# ------------------------------------------------------------------ recognise
+def _logits_chain(x: Any, region_ok) -> list[tuple[torch.fx.Node, list[tuple]]]:
+    """Ways to reach a product from ``x`` through logit arithmetic: ``(gemm, ops in forward order)``.
+    Each op is ``(node, kind, value)``: ``("add", term, sign)``, ``("scale", c)``, ``("fill", cond, keep_if, v)``."""
+    if not isinstance(x, torch.fx.Node):
+        return []
+    if _gemm(x) is not None:
+        return [(x, [])]
+    if x.op != "call_function" or not region_ok(x):
+        return []
+    name, a = M.op_name(x), x.args
+    found: list[tuple[torch.fx.Node, list[tuple]]] = []
+    if name in ("add", "sub") and len(a) == 2 and not x.kwargs:
+        for i in (0, 1):
+            if name == "sub" and i == 1:
+                break  # b - logits is not logits + bias
+            for g, ops in _logits_chain(a[i], region_ok):
+                found.append((g, ops + [(x, "add", a[1 - i], -1.0 if name == "sub" else 1.0)]))
+    elif name in ("mul", "div") and len(a) == 2 and not x.kwargs:
+        for i in (0, 1) if name == "mul" else (0,):
+            c = _num(a[1 - i])
+            if c is not None:
+                for g, ops in _logits_chain(a[i], region_ok):
+                    found.append((g, ops + [(x, "scale", c if name == "mul" else 1.0 / c)]))
+    elif name == "masked_fill" and len(a) == 3:
+        v = _num(a[2])
+        if v is not None and isinstance(a[1], torch.fx.Node) and M.dtype(a[1]) == torch.bool:
+            for g, ops in _logits_chain(a[0], region_ok):
+                found.append((g, ops + [(x, "fill", a[1], False, v)]))
+    elif name == "where" and len(a) == 3 and isinstance(a[0], torch.fx.Node) and M.dtype(a[0]) == torch.bool:
+        for i, keep_if in ((1, True), (2, False)):
+            v = _num(a[3 - i])
+            if v is not None:
+                for g, ops in _logits_chain(a[i], region_ok):
+                    found.append((g, ops + [(x, "fill", a[0], keep_if, v)]))
+    return found
+
+
+def _recognise(sm: torch.fx.Node, ctx: Context) -> Candidate | Reject | None:
+    d = _softmax_dim(sm)
+    if d is None:
+        return None
+    x = sm.args[0]
+    chains = _logits_chain(x, lambda n: not M.is_barrier(n))
+    if not chains:
+        return None  # no product feeds this softmax: the softmax family's
+    if len(chains) > 1:
+        return Reject("two products feed the logits")
+    L, ops = chains[0]
+    # every interior value (the logits and each step after them) feeds only the next step
+    interior = [L] + [op[0] for op in ops]
+    for n in interior:
+        if len(n.users) != 1:
+            return Reject(f"multiple users of an interior value ({n.name} is used {len(n.users)} times)")
+        if M.shape(n) != M.shape(L):
+            return Reject(f"a term broadcasts the logits from {M.shape(L)} to {M.shape(n)}")
+    _, (la, lb), lo, (oa, ob) = _gemm(L)
+    r = len(lo)
+    if len(M.shape(x)) != r:
+        return Reject("logits change rank before the softmax")
+    kL = lo[d]
+    contracted = (set(la) & set(lb)) - set(lo)
+    if len(contracted) != 1 or (set(la) ^ set(lb)) - set(lo):
+        return Reject(f"logits product {L.name} ({M.einsum(L)}) is not one contraction over a head dim")
+    dL = contracted.pop()
+    if (kL in la) == (kL in lb):
+        return Reject(f"the softmax axis is not a key axis of {L.name} ({M.einsum(L)})")
+    (ql, qop), (kl, kop) = ((la, oa), (lb, ob)) if kL in lb else ((lb, ob), (la, oa))
+    q_only = [c for c in lo if c in ql and c not in kl]
+    if len(q_only) != 1:
+        return Reject(f"no single query axis in {L.name} ({M.einsum(L)})")
+    qL = q_only[0]
+    batch = [c for c in lo if c not in (qL, kL)]
+    lshape = dict(zip(lo, M.shape(L)))
+    qshape = dict(zip(ql, M.shape(qop)))
+    if any(c not in ql or qshape[c] != lshape[c] for c in batch):
+        return Reject("q is broadcast over a batch axis")
+    if set(kl) - set(batch) - {kL, dL}:
+        return Reject("k has an axis the logits do not")
+    # the weights' only user contracts the key axis with v
+    if len(sm.users) != 1:
+        return Reject(f"the attention weights have {len(sm.users)} users")
+    pv = next(iter(sm.users))
+    g2 = _gemm(pv)
+    if g2 is None:
+        return Reject(f"the attention weights feed {M.op_name(pv)}, not a product with v")
+    _, (pa, pb), po, (p0, p1) = g2
+    if (p0 is sm) == (p1 is sm):
+        return Reject("the attention weights are not exactly one operand of the product")
+    (pl, vl, vop) = (pa, pb, p1) if p0 is sm else (pb, pa, p0)
+    role = dict(zip(pl, lo))  # PV letter -> logits letter
+    back = {v_: k_ for k_, v_ in role.items()}
+    pk = back[kL]
+    if pk not in vl or pk in po:
+        return Reject("the product after the softmax does not contract the key axis with v")
+    dv = [c for c in vl if c not in pl]
+    if len(dv) != 1 or dv[0] not in po:
+        return Reject("v has no single value axis")
+    if set(vl) - set(pl) - {dv[0]} or any(role.get(c) in (qL,) for c in vl):
+        return Reject("v has an axis the weights do not")
+    if set(po) != {back[c] for c in batch} | {back[qL], dv[0]} or len(po) != len(batch) + 2:
+        return Reject("the attention output is not [batch, query, value]")
+    vroles = "".join(role.get(c, _VAL) for c in vl)  # v's axes in logits letters (and the value axis)
+    oroles = "".join(role.get(c, _VAL) for c in po)
+
+    qop, ql, peel_q = _peel_layout(qop, ql)
+    kop, kl, peel_k = _peel_layout(kop, kl)
+    vop, vroles, peel_v = _peel_layout(vop, vroles)
+    parts: dict[str, Any] = dict(q=qop, q_letters=ql, k=kop, k_letters=kl, v=vop, v_letters=vroles,
+                                 batch=batch, qL=qL, kL=kL, dL=dL, lo=lo, out_letters=oroles,
+                                 D=qshape[dL], Dv=dict(zip(vl, M.shape(vop)))[dv[0]])
+    terms, scale, masks, finite_fill, notes = [], 1.0, [], None, []
+    for i, op in enumerate(ops):
+        kind = op[1]
+        if finite_fill is not None:
+            return Reject("logit arithmetic after a masked_fill with a finite value")
+        if kind == "add":
+            term, sign = op[2], op[3]
+            if not isinstance(term, torch.fx.Node):
+                return Reject("a number added to the logits")
+            if M.dtype(term) is None or not M.dtype(term).is_floating_point:
+                return Reject(f"bias term {term.name} is not a floating tensor")
+            terms.append([term, sign])
+        elif kind == "scale":
+            c = op[2]
+            if not c > 0 and masks:
+                return Reject("a non-positive scale after a -inf mask")
+            scale *= c
+            for t in terms:
+                t[1] *= c
+        else:
+            cond, keep_if, v = op[2], op[3], op[4]
+            masks.append((cond, keep_if))
+            if v != float("-inf"):
+                finite_fill = v
+    parts.update(terms=terms, scale=scale, masks=masks, finite_fill=finite_fill)
+    region = peel_q + peel_k + peel_v + interior + [sm, pv]
+    output = pv
+    # gate: sigmoid(g) * layout(o) with the same shape
+    chain, cur = [], pv
+    while len(cur.users) == 1:
+        u = next(iter(cur.users))
+        name = M.op_name(u)
+        if name in _LAYOUT and u.args and u.args[0] is cur:
+            chain.append(u)
+            cur = u
+            continue
+        if name == "mul" and len(u.args) == 2 and not u.kwargs:
+            other = u.args[1] if u.args[0] is cur else u.args[0]
+            if (isinstance(other, torch.fx.Node) and M.op_name(other) == "sigmoid" and other is not cur
+                    and M.shape(other) == M.shape(cur) and M.dtype(other) == M.dtype(cur)):
+                parts["gate_chain"] = chain
+                parts["gate"] = other.args[0]
+                parts["gate_mul"] = u
+        break
+    if "gate" in parts and finite_fill is not None:
+        notes.append("gate not folded: a finite masked_fill needs its fully-masked-row fix-up before the gate")
+        parts.pop("gate")
+    if "gate" in parts:
+        region += parts["gate_chain"] + [parts["gate_mul"]]
+        output = parts["gate_mul"]
+    return Candidate("attention", sm, region, output, parts, notes)
+
+
+def _check(c: Candidate, ctx: Context) -> str | None:
+    p = c.parts
+    if not _MIN_D <= p["D"] <= _MAX_D:
+        return f"head dim {p['D']} {'<' if p['D'] < _MIN_D else '>'} {_MIN_D if p['D'] < _MIN_D else _MAX_D}"
+    if p["Dv"] != p["D"]:
+        return f"value dim {p['Dv']} != head dim {p['D']} (the kernel needs k and v of one shape)"
+    dts = {M.dtype(p[n]) for n in ("q", "k", "v")}
+    if len(dts) != 1 or next(iter(dts)) not in _KERNEL_DTYPES:
+        return f"unsupported dtype {sorted(map(str, dts))} (q, k, v of one of fp16/bf16/fp32/fp64)"
+    return None
+
+
+def _profitable(c: Candidate, ctx: Context) -> str | None:
+    before = sum(M.cost_bytes_at(n, ctx.subs) for n in c.region)
+    p = c.parts
+    after = sum(M.bytes_at(p[n], ctx.subs) for n in ("q", "k", "v")) + M.bytes_at(c.output, ctx.subs)
+    if len(p["terms"]) == 1:
+        after += M.bytes_at(p["terms"][0][0], ctx.subs)
+    elif p["terms"]:
+        # the summed bias is written once and read once, at the logits' size at most
+        after += 2 * sum(M.bytes_at(t[0], ctx.subs) for t in p["terms"]) + 3 * M.bytes_at(c.region[0], ctx.subs)
+    if "gate" in p:
+        after += M.bytes_at(p["gate"], ctx.subs)
+    if before and after > before:
+        return f"not profitable at the stated size: {after} bytes fused vs {before} unfused"
+    return None
+
+
+# ------------------------------------------------------------------ replace
+class _Builder:
+    """Inserts nodes before ``where``, each carrying the pattern's origin and source meta."""
+
+    def __init__(self, graph: torch.fx.Graph, where: torch.fx.Node, c: Candidate):
+        self.graph, self.where, self.c = graph, where, c
+        self.meta = {"origin": [n.name for n in c.region], "module_path": M.module_path(c.anchor),
+                     "fused_by": c.rule}
+        if "stack_trace" in c.anchor.meta:
+            self.meta["stack_trace"] = c.anchor.meta["stack_trace"]
+
+    def __call__(self, target, *args, **kwargs) -> torch.fx.Node:
+        with self.graph.inserting_before(self.where):
+            n = self.graph.call_function(target, args, kwargs)
+        n.meta.update(self.meta)
+        return n
+
+
+def _to_letters(b: _Builder, x: torch.fx.Node, have: str, want: list[str]) -> torch.fx.Node:
+    """``x`` (axes named by ``have``) as a view with axes ``want``: permuted, with unit axes
+    inserted for letters it lacks (it broadcasts over them)."""
+    present = [w for w in want if w in have]
+    perm = [have.index(w) for w in present]
+    if perm != list(range(len(have))):
+        x = b(torch.permute, x, tuple(perm))
+    for i, w in enumerate(want):
+        if w not in have:
+            x = b(torch.unsqueeze, x, i)
+    return x
+
+
+def _align_rank(b: _Builder, x: torch.fx.Node, rank: int) -> torch.fx.Node:
+    """Right-align a broadcastable term to the logits' rank (leading unit axes, a view)."""
+    for _ in range(rank - len(M.shape(x))):
+        x = b(torch.unsqueeze, x, 0)
+    return x
+
+
+def _replace(c: Candidate, ctx: Context) -> torch.fx.Node:
+    p, graph = c.parts, ctx.gm.graph
+    b = _Builder(graph, c.output, c)
+    batch, qL, kL, dL, lo = p["batch"], p["qL"], p["kL"], p["dL"], p["lo"]
+    q_sizes = dict(zip(p["q_letters"], M.shape(p["q"])))
+    q = _to_letters(b, p["q"], p["q_letters"], batch + [qL, dL])
+    kv = []
+    for name, have in (("k", p["k_letters"].replace(dL, _HEAD)), ("v", p["v_letters"].replace(_VAL, _HEAD))):
+        x = _to_letters(b, p[name], have, batch + [kL, _HEAD])
+        shape = dict(zip(have, M.shape(p[name])))
+        # the kernel takes a shared (size-1) K/V head, but the other leading axes must be full
+        lead = batch[:-1]
+        if any(shape.get(w, 1) != q_sizes[w] for w in lead):
+            x = b(torch.Tensor.expand, x, tuple(q_sizes[w] for w in lead) + (-1, -1, -1))
+        kv.append(x)
+    k, v = kv
+    want = batch + [qL, kL]
+    bias = None
+    for term, factor in p["terms"]:
+        t = _to_letters(b, _align_rank(b, term, len(lo)), lo, want)
+        if factor != 1.0:
+            t = b(operator.mul, t, factor)
+        bias = t if bias is None else b(operator.add, bias, t)
+    mask = None
+    for cond, keep_if in p["masks"]:
+        m = _to_letters(b, _align_rank(b, cond, len(lo)), lo, want)
+        if not keep_if:
+            m = b(torch.logical_not, m)
+        mask = m if mask is None else b(torch.logical_and, mask, m)
+    gate = None
+    if "gate" in p:
+        gate = p["gate"]
+        for u in reversed(p["gate_chain"]):  # undo the layout between the attention and the gate
+            gate = _undo_layout(b, u, gate)
+        gate = _to_letters(b, gate, p["out_letters"], batch + [qL, _VAL])
+    unit = not batch  # the kernel needs a leading axis
+    if unit:
+        q, k, v = (b(torch.unsqueeze, t, 0) for t in (q, k, v))
+        bias = b(torch.unsqueeze, bias, 0) if bias is not None else None
+        mask = b(torch.unsqueeze, mask, 0) if mask is not None else None
+        gate = b(torch.unsqueeze, gate, 0) if gate is not None else None
+    out = b(fused_attention, q, k, v, bias=bias, mask=mask, gate=gate, scale=p["scale"])
+    if mask is not None:
+        fill = float("nan") if p["finite_fill"] is None else b(torch.mean, v, -2, True)
+        out = b(fill_fully_masked_rows, out, mask, fill)
+    if unit:
+        out = b(torch.squeeze, out, 0)
+    out = _to_letters(b, out, "".join(batch) + qL + _VAL, list(p["out_letters"]))
+    if "gate" in p:
+        for u in p["gate_chain"]:  # the user's layout after the attention, replayed on the result
+            with graph.inserting_before(c.output):
+                out = graph.node_copy(u, lambda a, u=u, out=out: out if a is u.args[0] else a)
+            out.meta.update(b.meta)
+    out.meta["shape"], out.meta["dtype"] = M.shape(c.output), M.dtype(c.output)
+    return out
+
+
+def _undo_layout(b: _Builder, u: torch.fx.Node, x: torch.fx.Node) -> torch.fx.Node:
+    name, src = M.op_name(u), u.args[0]
+    if name == "transpose":
+        return b(torch.transpose, x, u.args[1], u.args[2])
+    if name == "permute":
+        perm = u.args[1]
+        inv = [0] * len(perm)
+        for i, pi in enumerate(perm):
+            inv[pi % len(perm)] = i
+        return b(torch.permute, x, tuple(inv))
+    return b(torch.reshape, x, tuple(M.shape(src)))
+
+
+# ------------------------------------------------------------------ SDPA
+_SDPA = torch.nn.functional.scaled_dot_product_attention
+
+
+def _sdpa_arg(n: torch.fx.Node, i: int, name: str, default: Any) -> Any:
+    return n.args[i] if len(n.args) > i else n.kwargs.get(name, default)
+
+
+def _recognise_sdpa(n: torch.fx.Node, ctx: Context) -> Candidate | Reject | None:
+    if n.op != "call_function" or n.target is not _SDPA:
+        return None
+    q, k, v = (_sdpa_arg(n, i, nm, None) for i, nm in enumerate(("query", "key", "value")))
+    mask = _sdpa_arg(n, 3, "attn_mask", None)
+    if _sdpa_arg(n, 4, "dropout_p", 0.0) not in (0, 0.0):
+        return Reject("scaled_dot_product_attention with dropout (the kernel has none)")
+    if _sdpa_arg(n, 5, "is_causal", False):
+        return Reject("causal scaled_dot_product_attention (the kernel has no causal mask)")
+    if n.kwargs.get("enable_gqa"):
+        return Reject("grouped-query scaled_dot_product_attention")
+    qs, ks = M.shape(q), M.shape(k)
+    if qs is None or ks is None or len(qs) < 3 or len(ks) != len(qs) or ks[:-3] != qs[:-3] or ks[-3] not in (1, qs[-3]):
+        return Reject("q/k layouts the kernel does not take (k must be [..., H or 1, K, D] like q)")
+    scale = _sdpa_arg(n, 6, "scale", None)
+    parts = dict(q=q, k=k, v=v, D=qs[-1], Dv=M.shape(v)[-1], attn_mask=mask,
+                 scale=float(scale) if scale is not None else qs[-1] ** -0.5)
+    if isinstance(mask, torch.fx.Node) and M.dtype(mask) not in (torch.bool,) and not M.dtype(mask).is_floating_point:
+        return Reject(f"attn_mask of dtype {M.dtype(mask)}")
+    return Candidate("sdpa_attention", n, [n], n, parts)
+
+
+def _replace_sdpa(c: Candidate, ctx: Context) -> torch.fx.Node:
+    p = c.parts
+    b = _Builder(ctx.gm.graph, c.output, c)
+    mask = p["attn_mask"]
+    kw: dict[str, Any] = {}
+    if isinstance(mask, torch.fx.Node):
+        kw["mask" if M.dtype(mask) == torch.bool else "bias"] = mask
+    out = b(fused_attention, p["q"], p["k"], p["v"], scale=p["scale"], **kw)
+    if "mask" in kw:  # SDPA gives NaN where a row keeps no key; the kernel gives 0
+        out = b(fill_fully_masked_rows, out, mask, float("nan"))
+    return out
+
+
+def _profitable_sdpa(c: Candidate, ctx: Context) -> str | None:
+    return None  # the same work either way; the fused kernel never materialises the logits
+
+
+RULES = [
+    Rule("attention", "attention", 100, _recognise, _check, _profitable, _replace,
+         "softmax(scale·q kᵀ + biases, masked) v [· sigmoid(gate)] -> fused_attention"),
+    Rule("sdpa_attention", "attention", 100, _recognise_sdpa, _check, _profitable_sdpa, _replace_sdpa,
+         "scaled_dot_product_attention -> fused_attention"),
+]

@@ -1,0 +1,153 @@
+"""The element-wise family: chains of element-wise ops -> one generated kernel (:func:`kernels.fuse_elementwise`).
+
+Runs last (after attention, softmax, layer norm took theirs). A group grows from a sink
+node (walking the graph backwards) over element-wise producers that
+
+- the kernel generator can take (:func:`foldcompile.kernels.unsupported_reason` is None),
+- produce the sink's shape (one iteration space per generated kernel; a smaller operand,
+  a bias or a mask, stays an input and is read through broadcast strides),
+- have no user outside the group (an interior value used elsewhere would have to be
+  written anyway: "multiple users of an interior value"),
+- keep the group convex: no path leaves the group and comes back into it through an unfused
+  node (checked on the graph as a networkx DAG), or the merged node would need its own output.
+
+Random ops (dropout, ``bernoulli``) are not fused: they stay on torch's generator so the
+masks are the model's. A group of one op saves no memory traffic (the kernel reads and
+writes what eager does) and is left alone as "not profitable at the stated size".
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import networkx as nx
+import torch
+import torch.fx
+
+from foldcompile.kernels import fuse_elementwise, unsupported_reason
+from foldcompile.passes.rules import Candidate, Context, Reject, Rule
+from foldcompile.passes.rules import _meta as M
+from foldcompile.passes.rules.attention import _Builder
+
+__all__ = ["RULES", "kernel_function"]
+
+_RANDOM = {"dropout", "bernoulli", "rand", "rand_like", "randn", "randn_like", "feature_alpha_dropout",
+           "alpha_dropout"}
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _fusable(n: Any, ctx: Context) -> str | None:
+    """Why ``n`` cannot join an element-wise group, or None."""
+    if not isinstance(n, torch.fx.Node) or n.op != "call_function":
+        return "not an op"
+    if M.op_class(n) != "ELEMENTWISE":
+        return "not element-wise"
+    if M.op_name(n) in _RANDOM:
+        return "random op"
+    if M.is_barrier(n):
+        return "barrier"
+    if M.shape(n) is None or M.dtype(n) not in _DTYPES:
+        return f"unsupported dtype {M.dtype(n)}"
+    why = unsupported_reason(n, ctx.gm)
+    return f"no kernel for this op ({why.split(' is not')[0]})" if why else None
+
+
+def _dag(graph: torch.fx.Graph) -> nx.DiGraph:
+    g = nx.DiGraph()
+    for n in graph.nodes:
+        g.add_node(n)
+        for u in n.users:
+            g.add_edge(n, u)
+    return g
+
+
+def _convex(dag: nx.DiGraph, group: set[torch.fx.Node]) -> bool:
+    """No path leaves ``group`` and comes back into it (through a node outside it)."""
+    for n in group:
+        for s in dag.successors(n):
+            if s not in group and (nx.descendants(dag, s) & group):
+                return False
+    return True
+
+
+def _cache(ctx: Context) -> dict:
+    if not hasattr(ctx, "cache"):
+        ctx.cache = {"dag": None, "refused": {}}
+    return ctx.cache
+
+
+def _recognise(n: torch.fx.Node, ctx: Context) -> Candidate | Reject | None:
+    """Anchors are visited last to first (``Rule.reverse``): each node not yet in a group starts one."""
+    if _fusable(n, ctx) is not None:
+        return None
+    cache = _cache(ctx)
+    dag = cache["dag"]
+    if dag is None or n not in dag:
+        dag = cache["dag"] = _dag(ctx.gm.graph)
+    group, frontier, refused = {n}, [n], cache["refused"]
+    while frontier:
+        cur = frontier.pop()
+        for a in cur.all_input_nodes:
+            if a in group or _fusable(a, ctx) is not None or M.shape(a) != M.shape(n):
+                continue
+            if any(u not in group for u in a.users):
+                refused.setdefault(a, "multiple users of an interior value")
+                continue
+            if not _convex(dag, group | {a}):
+                refused.setdefault(a, "merging it would make a cycle through unfused nodes")
+                continue
+            group.add(a)
+            frontier.append(a)
+    order = [x for x in ctx.gm.graph.nodes if x in group]
+    if len(order) == 1:
+        if n in refused:
+            return Reject(f"{refused[n]} (its users' group could not take it) and nothing to fuse with")
+        return Reject("not profitable at the stated size: a single element-wise op (nothing to fuse with)")
+    return Candidate("elementwise", n, order, n)
+
+
+def _check(c: Candidate, ctx: Context) -> str | None:
+    return None  # every node passed _fusable (op, dtype) while the group grew
+
+
+def _profitable(c: Candidate, ctx: Context) -> str | None:
+    # each interior value is neither written nor read back: the saving is positive for >= 2 ops
+    return None
+
+
+def kernel_function(fused: Any, name: str):
+    """The callable a rewritten graph calls: a named function around one generated kernel."""
+    def run(*inputs: torch.Tensor) -> torch.Tensor:
+        return fused(*inputs)
+    run.__name__ = run.__qualname__ = name
+    run.__module__ = __name__
+    run.kernel = fused  # the FusedElementwise (its .source is the generated Triton)
+    return run
+
+
+def _replace(c: Candidate, ctx: Context) -> torch.fx.Node:
+    group = set(c.region)
+    frag = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    inputs: list[torch.fx.Node] = []
+    for n in c.region:
+        for a in n.all_input_nodes:
+            if a not in group and a not in env:
+                env[a] = frag.placeholder(f"in{len(inputs)}")
+                inputs.append(a)
+        env[n] = frag.node_copy(n, lambda a: env[a])
+    frag.output(env[c.output])
+    ops = []
+    for n in c.region:
+        op = M.op_name(n)
+        if op not in ops and op != "to":
+            ops.append(op)
+    name = "fused_elementwise_" + "_".join(ops[:4] or ["cast"])
+    fused = fuse_elementwise(torch.fx.GraphModule(ctx.gm, frag), name=name)
+    out = _Builder(ctx.gm.graph, c.output, c)(kernel_function(fused, name), *inputs)
+    out.meta["shape"], out.meta["dtype"] = M.shape(c.output), M.dtype(c.output)
+    _cache(ctx)["dag"] = None  # the graph changed
+    return out
+
+
+RULES = [Rule("elementwise", "elementwise", 10, _recognise, _check, _profitable, _replace,
+              "convex chains of element-wise ops of one shape -> fused_elementwise_<ops>", reverse=True)]

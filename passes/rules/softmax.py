@@ -1,0 +1,114 @@
+"""The softmax family: ``softmax(scale·x + bias, masked)`` not part of an attention -> :func:`kernels.softmax`.
+
+Runs after the attention family, so it sees the softmaxes no attention took (a softmax
+whose weights are used twice, an attention whose head dim the attention kernel refuses).
+It folds, walking back from the softmax through single-user steps: additive bias terms
+(one tensor; a second is left in the graph), scalings by Python numbers applied before
+the bias, and ``masked_fill(x, c, -inf)`` / ``where(c, x, -inf)`` with a boolean ``c``
+(eager gives NaN in a row that keeps nothing, the kernel 0: NaN is put back there). A
+finite fill is not folded (eager's weights are then uniform over the row).
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+from foldcompile.kernels import softmax as _softmax_kernel
+from foldcompile.passes.rules import Candidate, Context, Reject, Rule
+from foldcompile.passes.rules import _meta as M
+from foldcompile.passes.rules.attention import _Builder, _num, _softmax_dim
+
+__all__ = ["RULES", "fused_softmax", "nan_where_fully_masked"]
+
+_MAX_ROW = 16384  # kernels/softmax.py MAX_TRITON_DIM
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def fused_softmax(x: torch.Tensor, dim: int, *, scale: float | None = None, bias: torch.Tensor | None = None,
+                  mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``softmax(scale·x + bias)`` over ``dim`` with ``mask`` False left out, through :func:`kernels.softmax`."""
+    return _softmax_kernel(x, dim, scale=scale, bias=bias, mask=mask)
+
+
+def nan_where_fully_masked(y: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
+    """Eager's NaN in the rows where ``mask`` keeps nothing (the kernel gives 0 there)."""
+    return torch.where(mask.any(dim, keepdim=True), y, float("nan"))
+
+
+def _recognise(sm: torch.fx.Node, ctx: Context) -> Candidate | Reject | None:
+    d = _softmax_dim(sm)
+    if d is None:
+        return None
+    x = sm.args[0]
+    xs = M.shape(x)
+    parts = dict(dim=d, scale=None, bias=None, mask=None, x=x)
+    region = [sm]
+    # walk back: [masked_fill(-inf)] <- [+ bias] <- [* scale] <- x
+    if isinstance(x, torch.fx.Node) and len(x.users) == 1 and x.op == "call_function":
+        name, a = M.op_name(x), x.args
+        cond = None
+        if name == "masked_fill" and len(a) == 3 and _num(a[2]) == float("-inf") and M.dtype(a[1]) == torch.bool:
+            cond, keep_if, inner = a[1], False, a[0]
+        elif (name == "where" and len(a) == 3 and isinstance(a[0], torch.fx.Node) and M.dtype(a[0]) == torch.bool
+              and _num(a[2]) == float("-inf")):
+            cond, keep_if, inner = a[0], True, a[1]
+        if cond is not None and M.shape(inner) == xs:
+            parts.update(mask=(cond, keep_if), x=inner)
+            region.append(x)
+            x = inner
+    if isinstance(x, torch.fx.Node) and len(x.users) == 1 and M.op_name(x) == "add" and len(x.args) == 2:
+        for i in (0, 1):
+            base, term = x.args[i], x.args[1 - i]
+            if (isinstance(base, torch.fx.Node) and isinstance(term, torch.fx.Node) and M.shape(base) == xs
+                    and M.dtype(term) is not None and M.dtype(term).is_floating_point
+                    and len(M.shape(term)) <= len(xs)):
+                parts.update(bias=term, x=base)
+                region.append(x)
+                x = base
+                break
+    if isinstance(x, torch.fx.Node) and len(x.users) == 1 and M.op_name(x) in ("mul", "div") and len(x.args) == 2:
+        for i in ((0, 1) if M.op_name(x) == "mul" else (0,)):
+            c = _num(x.args[1 - i])
+            base = x.args[i]
+            if c is not None and isinstance(base, torch.fx.Node) and M.shape(base) == xs:
+                parts.update(scale=c if M.op_name(x) == "mul" else 1.0 / c, x=base)
+                region.append(x)
+                break
+    return Candidate("softmax", sm, region[::-1], sm, parts)
+
+
+def _check(c: Candidate, ctx: Context) -> str | None:
+    dt = M.dtype(c.parts["x"])
+    if dt not in _DTYPES or (c.parts["bias"] is not None and M.dtype(c.parts["bias"]) not in _DTYPES):
+        return f"unsupported dtype {dt}"
+    if M.dtype(c.anchor) != dt:
+        return "softmax changes the dtype"
+    return None
+
+
+def _profitable(c: Candidate, ctx: Context) -> str | None:
+    if M.shape(c.parts["x"])[c.parts["dim"]] > _MAX_ROW:
+        return f"not profitable at the stated size: rows > {_MAX_ROW} run the kernel's reference"
+    return None
+
+
+def _replace(c: Candidate, ctx: Context) -> torch.fx.Node:
+    p = c.parts
+    b = _Builder(ctx.gm.graph, c.output, c)
+    mask = None
+    if p["mask"] is not None:
+        cond, keep_if = p["mask"]
+        mask = cond if keep_if else b(torch.logical_not, cond)
+    out = b(fused_softmax, p["x"], p["dim"], scale=p["scale"], bias=p["bias"], mask=mask)
+    if mask is not None:
+        rank = len(M.shape(p["x"]))
+        m = mask
+        for _ in range(rank - len(M.shape(cond))):
+            m = b(torch.unsqueeze, m, 0)
+        out = b(nan_where_fully_masked, out, m, p["dim"])
+    out.meta["shape"], out.meta["dtype"] = M.shape(c.output), M.dtype(c.output)
+    return out
+
+
+RULES = [Rule("softmax", "softmax", 60, _recognise, _check, _profitable, _replace,
+              "softmax(scale·x + bias, masked) -> fused_softmax")]

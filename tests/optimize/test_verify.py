@@ -1,0 +1,90 @@
+"""``foldcompile.verify``: a correct optimization passes; a deliberately wrong rule is named by
+verify (first node past the bound, with its module path) and found by bisect."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+import foldcompile
+from foldcompile.passes.rules import all_rules
+from foldcompile.passes.rules import attention as attention_rules
+
+S, L, H, D = 2, 9, 2, 8
+C = H * D
+
+
+class Layer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(C)
+        self.qkv = nn.Linear(C, 3 * C, bias=False)
+        self.out = nn.Linear(C, C)
+
+    def forward(self, x, keep):
+        q, k, v = self.qkv(self.norm(x)).view(S, L, 3, H, D).permute(2, 0, 3, 1, 4)
+        logits = (q @ k.transpose(-1, -2)) * D ** -0.5
+        logits = logits.masked_fill(~keep[:, None, None, :], float("-inf"))
+        o = (logits.softmax(-1) @ v).transpose(1, 2).reshape(S, L, C)
+        return x + self.out(o)
+
+
+class Two(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([Layer(), Layer()])
+
+    def forward(self, x, keep):
+        for layer in self.layers:
+            x = layer(x, keep)
+        return x
+
+
+def _inputs():
+    torch.manual_seed(3)
+    keep = torch.rand(S, L) > 0.3
+    keep[:, 0] = True
+    return torch.randn(S, L, C), keep
+
+
+def _faulty(kind: str) -> list:
+    """The attention rule, wrong at ``layers.1`` only: the scale applied twice, or the mask dropped."""
+    good = next(r for r in all_rules() if r.name == "attention")
+
+    def replace(c, ctx):
+        if c.site.startswith("layers.1"):
+            if kind == "scale":
+                c.parts["scale"] = c.parts["scale"] * c.parts["scale"] * 2.0
+            else:
+                c.parts["masks"] = []
+        return attention_rules._replace(c, ctx)
+
+    bad = dataclasses.replace(good, replace=replace)
+    return [bad if r.name == "attention" else r for r in all_rules()]
+
+
+def test_a_correct_optimization_verifies():
+    model = Two()
+    x, keep = _inputs()
+    report = foldcompile.verify(model, x, keep)
+    assert report.ok, str(report)
+    assert report.outputs and len(report.gradients) == len(list(model.parameters()))
+    assert all(r["optimized"] < 1e-5 for r in report.outputs + report.gradients)
+
+
+@pytest.mark.parametrize("kind", ["scale", "mask"])
+def test_a_wrong_rule_is_named_by_verify_and_found_by_bisect(kind):
+    model = Two()
+    x, keep = _inputs()
+    fast = foldcompile.optimize(model, x, keep, rules=_faulty(kind))
+    assert fast.report.counts()["attention"]["matched"] == 2
+    report = foldcompile.verify(model, x, keep, optimized=fast, bisect=True)
+    assert not report.ok
+    bad = report.first_bad
+    assert bad is not None and bad["module_path"].startswith("layers.1"), bad
+    assert bad["match"] == "attention#1" and bad["optimized"] > 1e-3
+    assert report.culprit is not None and report.culprit["id"] == "attention#1", report.bisect_steps
+    assert report.culprit["site"].startswith("layers.1")
+    assert "attention#1" in str(report)
