@@ -303,7 +303,7 @@ def _attn_bwd_dkdv_kernel(
     sbb, sbh, sbm, sbn,
     smb, smh, smm, smn,
     H, HKV, HQ_PER_KV: constexpr, QLEN: constexpr, KLEN: constexpr, D, scale,
-    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, MASK_KEYS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, MASK_KEYS: tl.constexpr, DS_FP32: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # One program: BLOCK_K keys of one (b, K/V head). Loops over every query block of
@@ -347,7 +347,10 @@ def _attn_bwd_dkdv_kernel(
             dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
             dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
             dst = pt * (dpt - delta[None, :])
-            dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=PRECISION)
+            if DS_FP32:  # see _ds_fp32
+                dk += tl.dot(dst, tl.trans(qt).to(tl.float32), input_precision="tf32")
+            else:
+                dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=PRECISION)
     out_off = pid_bh.to(tl.int64) * KLEN * D + offs_k[:, None] * D + offs_d[None, :]
     tl.store(DK + out_off, (dk * scale).to(DK.dtype.element_ty), mask=kd_ok)
     tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kd_ok)
@@ -365,7 +368,7 @@ def _attn_bwd_dq_kernel(
     smb, smh, smm, smn,
     H, QLEN: constexpr, KLEN: constexpr, D, scale,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, MASK_KEYS: tl.constexpr, STORE_DS: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+    DS_FP32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # One program: BLOCK_Q query rows of one (b, h); loops over key blocks summing dq.
     # With STORE_DS (bias not broadcast anywhere) dS is the bias gradient: written once.
@@ -407,7 +410,10 @@ def _attn_bwd_dq_kernel(
         if STORE_DS:
             tl.store(DBIAS + pid_bh.to(tl.int64) * QLEN * KLEN + offs_q[:, None] * KLEN + offs_k[None, :], ds,
                      mask=tile_ok)
-        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PRECISION)
+        if DS_FP32:  # see _ds_fp32
+            dq += tl.dot(ds, tl.trans(kt).to(tl.float32), input_precision="tf32")
+        else:
+            dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PRECISION)
     tl.store(DQ + pid_bh.to(tl.int64) * QLEN * D + offs_q[:, None] * D + offs_d[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=qd_ok)
 
@@ -504,6 +510,20 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # ignored for fp16 / bf16 operands
 
 
+# fp16 backward: dS = P * (dP - delta) is kept in fp32 for the dq and dk products instead of
+# being rounded to fp16 first. |dS| grows with |dout| * |v| (loss scaling multiplies dout by up
+# to 2**16), and past 65504 the fp16 rounding gives inf and then NaN gradients where the fp32
+# reference is finite. The product runs as a TF32 dot (k / q upcast exactly): the same 10-bit
+# mantissa as fp16, fp32's exponent range. bf16 already has fp32's range and keeps its bf16
+# dot. Module level so the benchmark can time the old fp16 path against it
+# (bench/kernels/attention.py, impl "foldcompile_ds_fp16").
+_FP16_DS_IN_FP32 = True
+
+
+def _ds_fp32(dtype: torch.dtype) -> bool:
+    return dtype == torch.float16 and _FP16_DS_IN_FP32
+
+
 def _keys_only(mask: torch.Tensor | None) -> bool:
     """Whether a (4-d) mask is a key mask, constant along the query axis."""
     return mask is not None and (mask.shape[2] == 1 or mask.stride(2) == 0)
@@ -527,7 +547,20 @@ def _bcast_4d(t: torch.Tensor, lead: torch.Size, name: str) -> torch.Tensor:
     return t.reshape((math.prod(lead),) + tail)
 
 
+def _check_scale(scale) -> float | None:
+    """``scale`` as a float (None stays None), or a TypeError naming it: a bool is refused
+    (``scale=True`` would silently mean 1.0), and so is a tensor (its value would be read on the host)."""
+    if scale is None:
+        return None
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"attention: scale must be a Python number or None, got {type(scale).__name__} {scale!r}")
+    return float(scale)
+
+
 def _check(q, k, v, bias, mask, gate) -> None:
+    for name, t in (("bias", bias), ("mask", mask), ("gate", gate)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"attention: {name} must be a tensor or None, got {type(t).__name__}")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"attention: {name} must be a tensor, got {type(t).__name__}")
@@ -699,7 +732,7 @@ class _AttentionFn(torch.autograd.Function):
             note_launch("attention_bwd_dkdv")
             _attn_bwd_dkdv_kernel[lambda meta, nb=nb: (triton.cdiv(K, meta["BLOCK_K"]), nb * HKV)](
                 *per_rows(b0, b1), dk[b0:b1], dv[b0:b1], *common,
-                H, HKV, H // HKV, Q, K, D, scale, **flags,
+                H, HKV, H // HKV, Q, K, D, scale, DS_FP32=_ds_fp32(q.dtype), **flags,
             )
 
         # 3. dq (and dS itself when the bias is per (b, h, q, k)).
@@ -711,7 +744,7 @@ class _AttentionFn(torch.autograd.Function):
             note_launch("attention_bwd_dq")
             _attn_bwd_dq_kernel[lambda meta, nb=nb: (triton.cdiv(Q, meta["BLOCK_Q"]), nb * H)](
                 *per_rows(b0, b1), dq[b0:b1], dbias[b0:b1] if full_bias else dummy, *common,
-                H, Q, K, D, scale, STORE_DS=full_bias, **flags,
+                H, Q, K, D, scale, STORE_DS=full_bias, DS_FP32=_ds_fp32(q.dtype), **flags,
             )
 
         # 4. Broadcast bias: its own reduction kernel (see the module docstring).
@@ -746,7 +779,8 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, bi
     q's dtype. Fully masked rows give 0 (not NaN), with 0 gradient.
     """
     _check(q, k, v, bias, mask, gate)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = _check_scale(scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     ct = torch.float64 if q.dtype == torch.float64 else torch.float32
     s = torch.matmul(q.to(ct), k.to(ct).transpose(-1, -2)) * scale
     if bias is not None:
@@ -787,7 +821,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, bias: torch.
     bf16 / fp32 run the Triton kernels; anything else runs :func:`attention_reference`.
     """
     _check(q, k, v, bias, mask, gate)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = _check_scale(scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     if q.dtype not in _SUPPORTED or not use_triton(q, k, v, bias, mask, gate):
         return attention_reference(q, k, v, bias=bias, mask=mask, gate=gate, scale=scale)
     for name, t in (("q", q), ("k", k), ("v", v), ("bias", bias), ("mask", mask), ("gate", gate)):

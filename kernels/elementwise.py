@@ -172,6 +172,7 @@ class FusedElementwise:
 
     def __call__(self, *inputs: Any, seed: int | None = None, offset: int = 0) -> Any:
         seed, offset = self._seed(seed, offset)
+        inputs = self._one_device(inputs)
         tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
         if not _dispatch.use_triton(*tensors) or any(t.dtype == torch.float64 for t in tensors):
             return self.reference(*inputs, seed=seed, offset=offset)
@@ -184,6 +185,26 @@ class FusedElementwise:
         return fused_elementwise_reference(self, *inputs, seed=seed, offset=offset)
 
     # -- internals --------------------------------------------------------------
+
+    def _one_device(self, inputs: Sequence[Any]) -> tuple[Any, ...]:
+        """The inputs with every tensor on one device, or a ValueError naming each input's device.
+
+        Checked before dispatch: with tensors on two devices neither path can run, and the
+        reference would fail inside PyTorch without naming the input. As in eager PyTorch, a
+        0-dim CPU tensor may join tensors on another device; it is moved there (a scalar copy)."""
+        names = self._frag.input_names
+        placed = [(names[i] if i < len(names) else f"#{i}", x) for i, x in enumerate(inputs)
+                  if isinstance(x, torch.Tensor)]
+        movable = [x.dim() == 0 and x.device.type == "cpu" for _, x in placed]
+        devices = {x.device for (_, x), m in zip(placed, movable) if not m}
+        if len(devices) > 1:
+            desc = ", ".join(f"'{n}' on {x.device}" for n, x in placed)
+            raise ValueError(f"{self.name}: fused fragment inputs must share one device, got {desc}")
+        if not devices:
+            return tuple(inputs)
+        (device,) = devices
+        return tuple(x.to(device) if isinstance(x, torch.Tensor) and x.dim() == 0 and x.device != device else x
+                     for x in inputs)
 
     def _seed(self, seed: int | None, offset: int) -> tuple[int, int]:
         if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
@@ -439,7 +460,9 @@ def fused_elementwise_reference(fused: FusedElementwise, *inputs: Any, seed: int
             full = lay.mask_shapes[i]
             keep = dropout_mask_reference(seed, offset + lay.mask_base[i], full, p, device=x.device)
             keep = keep.reshape(full[len(full) - x.dim():])  # drop the leading 1s of the output's rank
-            env[i] = torch.where(keep, x * scale, torch.zeros((), dtype=x.dtype, device=x.device))
+            # x * keep * scale, as the eager dropout (and torch's) computes it: a dropped NaN or
+            # ±inf is NaN, not 0, exactly as in the kernels.
+            env[i] = x * keep * scale
         elif v.op == "cast":
             env[i] = args[0].to(v.dtype)
         else:

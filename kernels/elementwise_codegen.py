@@ -61,29 +61,38 @@ _SQRT1_2 = "0.7071067811865476"
 _INV_SQRT_2PI = "0.3989422804014327"
 _SQRT_2_OVER_PI = "0.7978845608028654"
 _TANH_INNER = f"{_SQRT_2_OVER_PI} * ({{0}} + 0.044715 * {{0}} * {{0}} * {{0}})"
-_TANH_OF_INNER = f"(2.0 * tl.sigmoid(2.0 * ({_TANH_INNER})) - 1.0)"
+# gelu_tanh(x) = 0.5 x (1 + tanh(z)) = x sigmoid(2z): the sigmoid form has no 1 + tanh(z)
+# cancellation for negative x (fp32 tanh(z) rounds to -1 there long before x sigmoid(2z) is 0).
+_SIG_2INNER = f"tl.sigmoid(2.0 * ({_TANH_INNER}))"
 
 _RULES: dict[str, _Rule] = {
     "add": _Rule("ff", "f", "{0} + {1}", ("{g}", "{g}"), operator.add),
     "sub": _Rule("ff", "f", "{0} - {1}", ("{g}", "-{g}"), operator.sub),
     "mul": _Rule("ff", "f", "{0} * {1}", ("{g} * {1}", "{g} * {0}"), operator.mul),
-    "div": _Rule("ff", "f", "{0} / {1}", ("{g} / {1}", "-{g} * {y} / {1}"), operator.truediv),
+    "div": _Rule("ff", "f", "{0} / {1}", ("{g} / {1}", "-{g} * ({y} / {1})"), operator.truediv),
     "neg": _Rule("f", "f", "-{0}", ("-{g}",), operator.neg),
     "sigmoid": _Rule("f", "f", "tl.sigmoid({0})", ("{g} * {y} * (1.0 - {y})",), torch.sigmoid),
-    "relu": _Rule("f", "f", "tl.where({0} > 0.0, {0}, 0.0)", ("tl.where({0} > 0.0, {g}, 0.0)",), torch.relu),
-    # silu(x) = x s(x); d/dx = s + x s (1 - s) = s + y (1 - s)
-    "silu": _Rule("f", "f", "{0} * tl.sigmoid({0})", ("{g} * (tl.sigmoid({0}) + {y} * (1.0 - tl.sigmoid({0})))",),
+    # Special values follow eager PyTorch (checked in tests/kernels/test_elementwise_special.py):
+    # relu(NaN) = NaN and its gradient there is g (eager's threshold_backward zeroes only
+    # where the result is <= 0); -0.0 stays -0.0.
+    "relu": _Rule("f", "f", "tl.where({0} < 0.0, 0.0, {0})", ("tl.where({0} <= 0.0, 0.0, {g})",), torch.relu),
+    # silu(x) = x s(x); d/dx = s (1 + x (1 - s)), eager's formula (the same NaN at x = ±inf).
+    "silu": _Rule("f", "f", "{0} * tl.sigmoid({0})", ("{g} * (tl.sigmoid({0}) * (1.0 + {0} * (1.0 - tl.sigmoid({0}))))",),
                   F.silu),
     "gelu": _Rule("f", "f", f"0.5 * {{0}} * (1.0 + tl.math.erf({{0}} * {_SQRT1_2}))",
                   (f"{{g}} * (0.5 * (1.0 + tl.math.erf({{0}} * {_SQRT1_2}))"
                    f" + {{0}} * {_INV_SQRT_2PI} * tl.exp(-0.5 * {{0}} * {{0}}))",), F.gelu),
-    # tanh(z) = 2 sigmoid(2z) - 1: tl has no tanh that runs in the interpreter and on every GPU.
-    "gelu_tanh": _Rule("f", "f", f"0.5 * {{0}} * (1.0 + {_TANH_OF_INNER})",
-                       (f"{{g}} * (0.5 * (1.0 + {_TANH_OF_INNER}) + 0.5 * {{0}} * (1.0 - {_TANH_OF_INNER}"
-                        f" * {_TANH_OF_INNER}) * {_SQRT_2_OVER_PI} * (1.0 + 0.134145 * {{0}} * {{0}}))",),
+    # d/dx x s(2z) = s + x s (1 - s) 2 z', z' = sqrt(2/pi) (1 + 3 * 0.044715 x^2).
+    "gelu_tanh": _Rule("f", "f", f"{{0}} * {_SIG_2INNER}",
+                       (f"{{g}} * ({_SIG_2INNER} + {{0}} * {_SIG_2INNER} * (1.0 - {_SIG_2INNER}) * 2.0"
+                        f" * {_SQRT_2_OVER_PI} * (1.0 + 0.134145 * {{0}} * {{0}}))",),
                        lambda a: F.gelu(a, approximate="tanh")),
-    "tanh": _Rule("f", "f", "2.0 * tl.sigmoid(2.0 * {0}) - 1.0", ("{g} * (1.0 - {y} * {y})",), torch.tanh),
-    "abs": _Rule("f", "f", "tl.abs({0})", ("tl.where({0} > 0.0, {g}, tl.where({0} < 0.0, -{g}, 0.0))",), torch.abs),
+    # _fc_tanh is defined in every generated module (_HEADER): tl has no tanh that runs in the
+    # interpreter and on every GPU, and 2 sigmoid(2x) - 1 loses all relative accuracy near 0.
+    "tanh": _Rule("f", "f", "_fc_tanh({0})", ("{g} * (1.0 - {y} * {y})",), torch.tanh),
+    # Eager's abs gradient is g * sign(x), sign(NaN) = 0: a product, so a NaN g still gives NaN.
+    "abs": _Rule("f", "f", "tl.abs({0})", ("{g} * tl.where({0} > 0.0, 1.0, tl.where({0} < 0.0, -1.0, 0.0))",),
+                 torch.abs),
     "exp": _Rule("f", "f", "tl.exp({0})", ("{g} * {y}",), torch.exp),
     "log": _Rule("f", "f", "tl.log({0})", ("{g} / {0}",), torch.log),
     "sqrt": _Rule("f", "f", "tl.sqrt({0})", ("{g} * 0.5 / {y}",), torch.sqrt),
@@ -94,7 +103,9 @@ _RULES: dict[str, _Rule] = {
                          ("tl.where({1}, 0.0, {g})", None, "tl.where({1}, {g}, 0.0)"),
                          lambda x, m, v: x.masked_fill(m, v)),
     # operands: x, p, scale; {keep} is tl.rand(seed, counter) >= p, drawn by the generator.
-    "dropout": _Rule("fff", "f", "tl.where({keep}, {0} * {2}, 0.0)", ("tl.where({keep}, {g} * {2}, 0.0)", None, None),
+    # A multiply by 0 at dropped elements, not a select: torch's dropout is x * mask * scale, so a
+    # dropped NaN or ±inf gives NaN (0 * NaN), and so does a NaN upstream gradient there.
+    "dropout": _Rule("fff", "f", "{0} * tl.where({keep}, {2}, 0.0)", ("{g} * tl.where({keep}, {2}, 0.0)", None, None),
                      None),
     "cast": _Rule("f", "f", "{0}", ("{g}",), None),
     "gt": _Rule("ff", "b", "{0} > {1}", (None, None), operator.gt),
@@ -277,15 +288,71 @@ def _own_dropout(lw: _Lowering, node: torch.fx.Node, args: tuple, kwargs: dict) 
                          bound.get("shared_dims", ()))
 
 
+def _to_dtype(node: torch.fx.Node, args: tuple, kwargs: dict) -> torch.dtype:
+    """The target dtype of ``Tensor.to(x, ...)``, refusing every form that does more than a dtype cast.
+
+    Accepted: ``to(dtype, non_blocking=, copy=, memory_format=torch.preserve_format)`` and
+    ``to(dtype=...)``. ``non_blocking`` only matters for a device copy and ``copy`` only for
+    aliasing (a fused fragment's output is always a new tensor), so neither changes the values.
+    Refused, with the reason: a device (``to("cuda")``, ``device=``), another tensor's dtype and
+    device (``to(other)``), a memory format other than preserve_format (the output layout is
+    the kernel's, contiguous), and a call without a dtype.
+    """
+    where = f"node '{node.name}' ({_describe(node)})"
+    rest = list(args[1:])
+    kw = dict(kwargs)
+    if "device" in kw:
+        if kw.pop("device") is not None:
+            raise UnsupportedElementwiseOp(f"{where}: to(device=...) moves data between devices; only dtype casts "
+                                           "are fused")
+    if rest and not isinstance(rest[0], torch.dtype):
+        first = rest[0]
+        if isinstance(first, (torch.fx.Node, torch.Tensor)):
+            raise UnsupportedElementwiseOp(f"{where}: to(other) takes another tensor's dtype and device; only "
+                                           "to(dtype) casts are fused")
+        if isinstance(first, (str, int, torch.device)) and not isinstance(first, bool):
+            raise UnsupportedElementwiseOp(f"{where}: to({first!r}, ...) moves data to a device; only dtype casts "
+                                           "are fused")
+        raise UnsupportedElementwiseOp(f"{where}: to({first!r}) is not a dtype cast")
+    names = ("dtype", "non_blocking", "copy")
+    if len(rest) > len(names):
+        raise UnsupportedElementwiseOp(f"{where}: too many positional arguments for Tensor.to(dtype, non_blocking, "
+                                       "copy)")
+    for name, value in zip(names, rest):
+        if name in kw:
+            raise UnsupportedElementwiseOp(f"{where}: {name} given twice")
+        kw[name] = value
+    target = kw.pop("dtype", None)
+    if not isinstance(target, torch.dtype):
+        raise UnsupportedElementwiseOp(f"{where}: Tensor.to without a dtype (got {target!r}); only dtype casts "
+                                       "are fused")
+    for name in ("non_blocking", "copy"):
+        if name in kw and not isinstance(kw.pop(name), bool):
+            raise UnsupportedElementwiseOp(f"{where}: {name} must be a bool")
+    if "memory_format" in kw:
+        fmt = kw.pop("memory_format")
+        if fmt is not torch.preserve_format:
+            raise UnsupportedElementwiseOp(f"{where}: memory_format={fmt} sets the output layout; a fused "
+                                           "fragment writes its own (contiguous), so only torch.preserve_format "
+                                           "is fused")
+    _only_kwargs(node, kw, {})
+    return target
+
+
 def _cast(dtype: torch.dtype | None) -> Callable:
     def convert(lw: _Lowering, node: torch.fx.Node, args: tuple, kwargs: dict) -> int:
-        target = dtype
-        rest = dict(kwargs)
-        if target is None:  # Tensor.to(dtype)
-            target = rest.pop("dtype", args[1] if len(args) > 1 else None)
-            if len(args) > 2 or not isinstance(target, torch.dtype):
-                raise UnsupportedElementwiseOp(f"node '{node.name}' ({_describe(node)}): only .to(dtype) is fused")
-        _only_kwargs(node, rest, {})
+        if dtype is None:  # Tensor.to(x, ...), as a method or as normalize's torch.Tensor.to call
+            target = _to_dtype(node, args, kwargs)
+        else:  # .float() / .half() / .bfloat16(): only memory_format, which must not change the layout
+            rest = dict(kwargs)
+            fmt = rest.pop("memory_format", torch.preserve_format)
+            if fmt is not torch.preserve_format:
+                raise UnsupportedElementwiseOp(f"node '{node.name}' ({_describe(node)}): memory_format={fmt} is "
+                                               "not fused (only torch.preserve_format)")
+            _only_kwargs(node, rest, {})
+            if len(args) != 1:
+                raise UnsupportedElementwiseOp(f"node '{node.name}' ({_describe(node)}): expected one operand")
+            target = dtype
         if not (target.is_floating_point or target == torch.bool):
             raise UnsupportedElementwiseOp(f"node '{node.name}': cast to {target} is not a float or bool dtype")
         if target == torch.bool:
@@ -326,6 +393,11 @@ _METHODS: dict[str, Callable] = {
     "float": _cast(torch.float32), "half": _cast(torch.float16), "bfloat16": _cast(torch.bfloat16),
     "to": _cast(None),
 }
+
+
+# normalize (passes/normalize.py) spells a method it has no torch.<name> function for as
+# ``torch.Tensor.<name>(x, ...)``: the same converters serve that spelling.
+_FUNCTIONS.update({getattr(torch.Tensor, name): conv for name, conv in _METHODS.items()})
 
 
 def _module_rule(mod: torch.nn.Module) -> Callable | None:
@@ -842,6 +914,20 @@ Fragment:
 """
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def _fc_tanh(x):
+    # |x| < 0.55: x + x^3 P(x^2) (a least-squares fit to tanh's relative error, about 1 ulp
+    # in fp32 down to the smallest x); elsewhere 1 - 2 / (exp(2|x|) + 1), whose cancellation
+    # is bounded there because tanh >= 0.5. NaN falls through to the exp branch and stays NaN.
+    a = tl.abs(x)
+    t = x * x
+    p = (((-0.006264359237691209 * t + 0.021064131235418473) * t - 0.053850295059224396) * t
+         + 0.13332564438021324) * t - 0.3333331679863419
+    big = 1.0 - 2.0 / (tl.exp(2.0 * a) + 1.0)
+    return tl.where(a < 0.55, x + x * t * p, tl.where(x < 0.0, -big, big))
+
 
 '''
 

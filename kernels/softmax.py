@@ -2,8 +2,10 @@
 
 ``softmax(x, dim=-1, scale=s, bias=b, mask=m)`` computes ``softmax(s·x + b)`` over
 ``dim`` with the entries where ``m`` is False left out, all in fp32 whatever x's dtype,
-and returns x's dtype. A row with no True in its mask returns 0 (and passes 0
-gradient), never NaN. AlphaFold masks with additive biases of −1e9 instead: a row
+and returns x's dtype. A row with no True in its mask (or whose kept entries are all
+−inf) returns 0 and passes 0 gradient, where torch.softmax would give NaN. A row with a
+NaN or +inf among its kept entries (in x, bias or the scaled logits) returns NaN in
+every entry, as torch.softmax does; NaN at a masked-out entry is left out. AlphaFold masks with additive biases of −1e9 instead: a row
 masked only that way gets the same values as the fp32 reference (uniform weights when
 every entry carries the bias), because the kernel adds the bias in fp32 just like it.
 
@@ -103,7 +105,10 @@ def _softmax_fwd_kernel(X, BIAS, MASK, Y, M, N, S1, S2, S3,
     e = tl.exp(z - zmax[:, None])
     denom = tl.sum(e, axis=1)
     # denom is 0 only where every exp is 0 (nothing kept): dividing by 1 there leaves 0.
-    y = e / tl.where(denom > 0.0, denom, 1.0)[:, None]
+    # Test == 0, not > 0: a NaN (or +inf) logit makes denom NaN, and dividing by it gives the
+    # all-NaN row torch.softmax gives. (tl.max skips NaN on the GPU, so zmax stays finite and
+    # only denom carries the NaN; a `denom > 0` guard would divide by 1 and hide it.)
+    y = e / tl.where(denom == 0.0, 1.0, denom)[:, None]
     tl.store(Y + rows[:, None] * N + cols[None, :], y.to(Y.dtype.element_ty), mask=inb)
 
 
@@ -347,7 +352,9 @@ def _check(x, dim, scale, bias, mask) -> int:
         raise TypeError(f"softmax: x has dtype {x.dtype}; supported: float16, bfloat16, float32, float64")
     if x.dim() < 1:
         raise ValueError(f"softmax: x must have at least one dim, got shape {tuple(x.shape)}")
-    if not isinstance(dim, int) or not -x.dim() <= dim < x.dim():
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"softmax: dim must be a Python int, got {type(dim).__name__} {dim!r}")
+    if not -x.dim() <= dim < x.dim():
         raise ValueError(f"softmax: dim={dim} is out of range for x of shape {tuple(x.shape)}")
     if x.shape[dim] == 0:
         raise ValueError(f"softmax: dim={dim} of x has size 0 (x shape {tuple(x.shape)}): nothing to normalise")
@@ -394,7 +401,8 @@ def softmax_reference(x: torch.Tensor, dim: int = -1, *, scale: float | None = N
     zmax = torch.where(zmax == float("-inf"), torch.zeros_like(zmax), zmax)
     e = torch.exp(z - zmax)
     denom = e.sum(dim=dim, keepdim=True)
-    y = e / torch.where(denom > 0, denom, torch.ones_like(denom))
+    # == 0 (not > 0) so a NaN denominator (a NaN or +inf entry kept) makes the row NaN, as in torch.
+    y = e / torch.where(denom == 0, torch.ones_like(denom), denom)
     return y.to(x.dtype)
 
 
@@ -416,6 +424,10 @@ def softmax(x: torch.Tensor, dim: int = -1, *, scale: float | None = None,
     if not (_dispatch.use_triton(x, bias, mask) and x.dtype != torch.float64
             and x.shape[dim] <= MAX_TRITON_DIM):
         return softmax_reference(x, dim, scale=scale, bias=bias, mask=mask)
+    # A 0-d bias or mask (one value for every entry) is viewed as 1-d: the kernels and the bias
+    # gradient's reduction index a last dim (autograd routes the gradient back through the view).
+    bias = bias.reshape(1) if bias is not None and bias.dim() == 0 else bias
+    mask = mask.reshape(1) if mask is not None and mask.dim() == 0 else mask
     last = x.dim() - 1
     if dim != last:
         # Bring bias and mask to x's rank first so that moving dim moves the same axis in each.
