@@ -346,7 +346,8 @@ def _attn_bwd_dkdv_kernel(
             pt = _probs(tl.dot(k, qt, input_precision=PRECISION), bias, keep, rmax[None, :], lsum[None, :], scale)
             dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
             dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-            dst = pt * (dpt - delta[None, :])
+            # 0 at masked-out entries, as masked_fill's gradient is: in a NaN row P is NaN there too.
+            dst = tl.where(keep, pt * (dpt - delta[None, :]), 0.0)
             if DS_FP32:  # see _ds_fp32
                 dk += tl.dot(dst, tl.trans(qt).to(tl.float32), input_precision="tf32")
             else:
@@ -406,7 +407,7 @@ def _attn_bwd_dq_kernel(
             keep = _load_mask(MASK + b * smb + h * smh, offs_q, offs_k, smm, smn, q_ok, k_ok, False, MASK_KEYS)
         p = _probs(tl.dot(q, kt, input_precision=PRECISION), bias, keep, rmax[:, None], lsum[:, None], scale)
         dp = tl.dot(do, vt, input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
+        ds = tl.where(keep, p * (dp - delta[:, None]), 0.0)  # 0 where masked out, as in the dk/dv kernel
         if STORE_DS:
             tl.store(DBIAS + pid_bh.to(tl.int64) * QLEN * KLEN + offs_q[:, None] * KLEN + offs_k[None, :], ds,
                      mask=tile_ok)
@@ -481,7 +482,7 @@ def _attn_bwd_dbias_kernel(
                     p = _probs(tl.dot(q, kt, input_precision=PRECISION), bias, keep, rmax[:, None], lsum[:, None],
                                scale)
                     dp = tl.dot(do, vt, input_precision=PRECISION)
-                    acc += p * (dp - delta[:, None])
+                    acc += tl.where(keep, p * (dp - delta[:, None]), 0.0)  # 0 where masked out
     # DBIAS is contiguous fp32 [Bb, Hb, Qb, Kb].
     if Q_BCAST:
         if K_BCAST:

@@ -20,8 +20,8 @@ Kernels (M rows of N entries):
 
 - ``softmax_fwd``: several rows per program for short rows; reads x (M·N), bias and
   mask at their own (broadcast) addresses, writes y (M·N).
-- ``softmax_bwd``: dz = y·(dy − Σ y·dy); writes dx = scale·dz (reads 2·M·N, writes
-  M·N). The bias gradient is reduced over the bias's broadcast dims inside the same
+- ``softmax_bwd``: dz = y·(dy − Σ y·dy), 0 where the mask is False; writes dx = scale·dz
+  (reads 2·M·N and the mask at its broadcast addresses, writes M·N). The bias gradient is reduced over the bias's broadcast dims inside the same
   kernel: program (i, g) owns a block of bias rows and loops over the x rows that map
   to them (its share g of them), summing dz in fp32 registers; with more than one share
   the [G, bias rows, N] fp32 partials are summed afterwards. No atomics.
@@ -113,11 +113,12 @@ def _softmax_fwd_kernel(X, BIAS, MASK, Y, M, N, S1, S2, S3,
 
 
 @triton.jit
-def _softmax_bwd_kernel(Y, DY, DX, PDB, MB, R, N,
+def _softmax_bwd_kernel(Y, DY, DX, PDB, MASK, MB, R, N,
                         B1, B2, cb0, cb1, cb2,
                         R1, R2, cr0, cr1, cr2,
+                        S1, S2, S3, sm0, sm1, sm2, sm3, smn,
                         scale,
-                        WRITE_DX: tl.constexpr, HAS_DBIAS: tl.constexpr,
+                        WRITE_DX: tl.constexpr, HAS_DBIAS: tl.constexpr, HAS_MASK: tl.constexpr,
                         ITERS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # Program (i, g): bias rows [i·BLOCK_M, (i+1)·BLOCK_M), broadcast copies
     # [g·ITERS, (g+1)·ITERS). Each copy: reads y, dy (2·BLOCK_M·N), writes dx (BLOCK_M·N);
@@ -147,6 +148,20 @@ def _softmax_bwd_kernel(Y, DY, DX, PDB, MB, R, N,
         y = tl.load(Y + offs, mask=msk, other=0.0).to(tl.float32)
         dy = tl.load(DY + offs, mask=msk, other=0.0).to(tl.float32)
         dz = y * (dy - tl.sum(y * dy, axis=1)[:, None])
+        if HAS_MASK:
+            # Masked-out entries are left out, as masked_fill(~mask, -inf) leaves them: gradient
+            # exactly 0 there. Without this a NaN row (y NaN at every entry, as torch's) would
+            # pass NaN to them too. The mask is read at the forward plan's strides (x row ->
+            # 4 merged leading indices), a broadcast mask from cache.
+            i3 = rows % S3
+            t3 = rows // S3
+            i2 = t3 % S2
+            t3 = t3 // S2
+            i1 = t3 % S1
+            i0 = t3 // S1
+            m_row = i0 * sm0 + i1 * sm1 + i2 * sm2 + i3 * sm3
+            keep = tl.load(MASK + m_row[:, None] + cols[None, :] * smn, mask=msk, other=0) != 0
+            dz = tl.where(keep, dz, 0.0)
         if WRITE_DX:
             tl.store(DX + offs, (dz * scale).to(DX.dtype.element_ty), mask=msk)
         if HAS_DBIAS:
@@ -283,7 +298,9 @@ class SoftmaxFunction(torch.autograd.Function):
                 m, n, sizes[1], sizes[2], sizes[3], *sx, *sb, *sm, float(scale),
                 HAS_BIAS=bias is not None, HAS_MASK=mask is not None,
                 BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
-        ctx.save_for_backward(y)
+        ctx.save_for_backward(y, mask_u8)
+        # The mask's addressing in backward: the forward plan's merged sizes and mask strides.
+        ctx.mask_plan = (sizes[1], sizes[2], sizes[3], *sm) if mask is not None else None
         ctx.scale = float(scale)
         ctx.bias_shape = tuple(bias.shape) if bias is not None else None
         ctx.bias_dtype = bias.dtype if bias is not None else None
@@ -292,7 +309,7 @@ class SoftmaxFunction(torch.autograd.Function):
     @staticmethod
     @_dispatch.once_differentiable  # not itself differentiable: a double backward raises
     def backward(ctx, dy: torch.Tensor):
-        (y,) = ctx.saved_tensors
+        y, mask_u8 = ctx.saved_tensors
         need_dx, need_db = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_dx or need_db):
             return None, None, None, None, None
@@ -322,10 +339,11 @@ class SoftmaxFunction(torch.autograd.Function):
             iters, g, pdb = 1, r, None
         if btiles > 0 and r > 0:
             _dispatch.note_launch("softmax_bwd")
+            mask_plan = ctx.mask_plan if ctx.mask_plan is not None else (1, 1, 1, 0, 0, 0, 0, 0)
             _softmax_bwd_kernel[(btiles, g)](
-                y, dy, dx if need_dx else y, pdb if need_db else y, mb, r, n,
-                b_sizes[1], b_sizes[2], *b_strides, r_sizes[1], r_sizes[2], *r_strides,
-                ctx.scale, WRITE_DX=need_dx, HAS_DBIAS=need_db,
+                y, dy, dx if need_dx else y, pdb if need_db else y, mask_u8 if mask_u8 is not None else y,
+                mb, r, n, b_sizes[1], b_sizes[2], *b_strides, r_sizes[1], r_sizes[2], *r_strides,
+                *mask_plan, ctx.scale, WRITE_DX=need_dx, HAS_DBIAS=need_db, HAS_MASK=mask_u8 is not None,
                 ITERS=iters, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
         dbias = None
         if need_db:

@@ -346,3 +346,49 @@ def test_tensor_to_other_tensor_is_refused():
     gm = torch.fx.symbolic_trace(lambda x, y: x.to(y) * 2.0)
     node = next(n for n in gm.graph.nodes if n.target == "to")
     assert "to(other)" in unsupported_reason(node, gm)
+
+
+def test_softmax_nan_row_gradient_is_zero_at_masked_entries():
+    """masked_fill(~mask, -inf) leaves masked entries out of the gradient even in a NaN row:
+    torch gives NaN at every entry of the row in forward but exactly 0 gradient where masked."""
+    torch.manual_seed(4)
+    x = torch.randn(2, 3, 37, device=DEV)
+    bias = torch.randn(3, 37, device=DEV)
+    bias[1, 9] = NAN  # row 1 of every batch is NaN
+    mask = torch.rand(2, 1, 37, device=DEV) > 0.3
+    mask[:, :, 9] = True
+    xg, bg = x.clone().requires_grad_(), bias.clone().requires_grad_()
+    g = torch.randn(2, 3, 37, device=DEV)
+    y = softmax(xg, bias=bg, mask=mask)
+    y.backward(g)
+    xe, be = x.double().requires_grad_(), bias.double().requires_grad_()
+    ye = torch.softmax((xe + be).masked_fill(~mask, -INF), -1)
+    ye.backward(g.double())
+    assert _same_nan(y, ye) and torch.isnan(y[:, 1]).all()
+    assert _same_nan(xg.grad, xe.grad) and _same_nan(bg.grad, be.grad)
+    masked = (~mask).expand(2, 3, 37)
+    assert torch.equal(xg.grad[masked], torch.zeros_like(xg.grad[masked])) and masked[:, 1].any()
+
+
+def test_attention_nan_row_leaves_masked_keys_out_of_dk_and_dbias():
+    """A NaN bias entry makes its query row NaN; a key masked out of that row gets no gradient
+    from it (masked_fill's backward is 0 there), so its dk stays finite, as in eager."""
+    torch.manual_seed(5)
+    B, H, L, D = 1, 1, 19, 8
+    q, k, v = (torch.randn(B, H, L, D, device=DEV) for _ in range(3))
+    bias = torch.randn(1, H, L, L, device=DEV)
+    bias[0, 0, 3, 4] = NAN  # query row 3 is NaN
+    mask = torch.ones(B, 1, L, L, dtype=torch.bool, device=DEV)
+    mask[0, 0, 3, 11] = False  # key 11 is masked out of that row only
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, bias)]
+    out = attention(*leaves[:3], bias=leaves[3], mask=mask)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, g)
+    e = [t.double().requires_grad_() for t in (q, k, v, bias)]
+    s = (e[0] @ e[1].transpose(-1, -2)) * D ** -0.5 + e[3]
+    oe = torch.softmax(s.masked_fill(~mask, -INF), -1) @ e[2]
+    egrads = torch.autograd.grad(oe, e, g.double())
+    assert _same_nan(out, oe) and torch.isnan(out[0, 0, 3]).all()
+    for name, got, want in zip(("q", "k", "v", "bias"), grads, egrads):
+        assert _same_nan(got, want), name
+    assert torch.isfinite(grads[1][0, 0, 11]).all() and grads[3][0, 0, 3, 11] == 0
