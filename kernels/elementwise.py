@@ -449,7 +449,8 @@ def fused_elementwise_reference(fused: FusedElementwise, *inputs: Any, seed: int
             x = env[a]
             if isinstance(x, torch.Tensor):
                 if need == "f" and x.dtype == torch.bool:
-                    x = x.to(torch.get_default_dtype())
+                    # as eager promotes it: to the op's result dtype (bool [4] * fp16 0-dim is fp16)
+                    x = x.to(lay.dtypes[i] if lay.dtypes[i] is not None else torch.get_default_dtype())
                 elif need == "b" and x.dtype != torch.bool:
                     x = x != 0
             args.append(x)

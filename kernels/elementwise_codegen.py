@@ -390,7 +390,7 @@ _METHODS: dict[str, Callable] = {
     "neg": _unary("neg"), "sigmoid": _unary("sigmoid"), "relu": _unary("relu"), "tanh": _unary("tanh"),
     "abs": _unary("abs"), "exp": _unary("exp"), "log": _unary("log"), "sqrt": _unary("sqrt"), "rsqrt": _unary("rsqrt"),
     "masked_fill": _masked_fill, "logical_not": _unary("logical_not"),
-    "float": _cast(torch.float32), "half": _cast(torch.float16), "bfloat16": _cast(torch.bfloat16),
+    "float": _cast(torch.float32), "half": _cast(torch.float16), "bfloat16": _cast(torch.bfloat16), "bool": _cast(torch.bool),
     "to": _cast(None),
 }
 
@@ -526,8 +526,9 @@ def _promote(dtypes: list[torch.dtype]) -> torch.dtype:
 def _eager_result_dtype(frag: _Fragment, v: _Val, rule: _Rule, inputs: Sequence[Any],
                         dtypes: list[torch.dtype | None], shapes: list[tuple[int, ...] | None]) -> torch.dtype:
     """dtype eager PyTorch gives op ``v``: its torch function run on meta tensors of the
-    operands' real ranks and dtypes (Python-number operands passed as numbers of their type),
-    with the same bool <-> float operand conversions as the reference."""
+    operands' real ranks and dtypes (Python-number operands passed as numbers of their type);
+    bool operands of arithmetic stay bool, as eager sees them (a float condition of ``where``
+    is read as ``!= 0``, as the kernels read it)."""
     args: list[Any] = []
     for a, need in zip(v.args, rule.arg_kinds):
         if shapes[a] is None:
@@ -540,12 +541,13 @@ def _eager_result_dtype(frag: _Fragment, v: _Val, rule: _Rule, inputs: Sequence[
                 args.append(torch.empty((), dtype=torch.float64, device="meta"))
             continue
         dt = dtypes[a]
-        if need == "f" and dt == torch.bool:
-            dt = torch.get_default_dtype()
-        elif need == "b" and dt != torch.bool:
+        if need == "b" and dt != torch.bool:  # a float condition is read as != 0
             dt = torch.bool
         args.append(torch.empty(shapes[a], dtype=dt, device="meta"))
-    return rule.torch(*args).dtype
+    try:
+        return rule.torch(*args).dtype
+    except RuntimeError as exc:  # e.g. negating a bool tensor
+        raise ValueError(f"node '{v.name}' ({v.op}): eager PyTorch refuses these operands: {exc}") from None
 
 
 def _layout(frag: _Fragment, inputs: Sequence[Any]) -> _Layout:
@@ -591,14 +593,20 @@ def _layout(frag: _Fragment, inputs: Sequence[Any]) -> _Layout:
                 dtypes[i] = dtypes[v.args[0]] if dtypes[v.args[0]] not in (None, torch.bool) else torch.float32
             else:
                 ranks = [len(shapes[a]) for a in v.args if shapes[a] is not None]
-                if 0 in ranks and any(r > 0 for r in ranks):
-                    # A 0-dim tensor next to dimensioned ones: eager's result_type rule (a 0-dim
-                    # fp32 tensor does not promote an fp16 [4, 8] tensor) decides, so ask it.
+                bool_operand = any(k == "f" and dtypes[a] == torch.bool for a, k in zip(v.args, rule.arg_kinds))
+                if (0 in ranks and any(r > 0 for r in ranks)) or bool_operand:
+                    # A 0-dim tensor next to dimensioned ones, or a bool tensor in arithmetic:
+                    # eager's result_type rule decides (a 0-dim fp32 tensor does not promote an
+                    # fp16 [4, 8] tensor; bool [4] * fp16 0-dim is fp16, not fp32), so ask it.
                     d = _eager_result_dtype(frag, v, rule, inputs, dtypes, shapes)
                 else:
                     float_args = [d for k, d in zip(rule.arg_kinds, [dtypes[a] for a in v.args]) if k == "f" and d]
                     d = _promote(float_args) if float_args else _promote(tensor_dtypes)
-                dtypes[i] = d if d.is_floating_point else torch.get_default_dtype()
+                if not d.is_floating_point:  # e.g. bool * bool is bool in eager
+                    names = ", ".join(f"{frag.vals[a].name} {dtypes[a]}" for a in v.args if dtypes[a] is not None)
+                    raise ValueError(f"node '{v.name}' ({v.op}): eager PyTorch computes it in {d} on {names}; "
+                                     "the fused kernels compute floats, so it is not fused")
+                dtypes[i] = d
     # Live values: those the outputs depend on.
     needed = set(frag.outputs)
     for i in range(n - 1, -1, -1):
@@ -832,6 +840,10 @@ def _gen_kernel(frag: _Fragment, lay: _Layout, sizes: list[int], loaded: list[in
             if tmpl is None or a not in diff:
                 continue
             contrib = tmpl.format(*operands, **fmt)
+            if v.op == "cast" and v.dtype in _ROUNDING_CASTS:
+                # Eager holds the gradient of a 16-bit value in that dtype (the cast's backward
+                # rounds it): round the adjoint the same way before passing it on.
+                contrib = f"({contrib}).to({_ROUNDING_CASTS[v.dtype]}).to(tl.float32)"
             if a in adj:
                 w(f"{adj[a]} = {adj[a]} + {contrib}  # d{v.name}/d{vals[a].name}")
             else:

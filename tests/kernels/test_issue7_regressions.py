@@ -392,3 +392,30 @@ def test_attention_nan_row_leaves_masked_keys_out_of_dk_and_dbias():
     for name, got, want in zip(("q", "k", "v", "bias"), grads, egrads):
         assert _same_nan(got, want), name
     assert torch.isfinite(grads[1][0, 0, 11]).all() and grads[3][0, 0, 3, 11] == 0
+
+
+# --------------------------------------------------------------------------- found by the property tests
+
+
+def test_fused_bool_times_zero_dim_half_promotes_like_eager():
+    # eager: bool [3] * fp16 0-dim is fp16; the generator made the bool fp32 first and gave fp32
+    fused = fuse_elementwise(lambda a, b: a.to(torch.bool) * b)
+    a = torch.tensor([0.0, 2.0, -1.0], device=DEV, dtype=torch.float16)
+    b = torch.tensor(-0.5869, device=DEV, dtype=torch.float16)
+    out = fused(a, b)
+    want = a.to(torch.bool) * b
+    assert out.dtype == want.dtype == torch.float16 and torch.equal(out, want)
+    with pytest.raises(ValueError, match="eager PyTorch computes it in torch.bool"):  # bool * bool is bool
+        fuse_elementwise(lambda m, n: m * n)(a > 0, a < 1)
+
+
+def test_fused_half_cast_rounds_its_gradient_like_eager():
+    # eager holds the gradient of a.half() in fp16 (the cast's backward rounds it)
+    fused = fuse_elementwise(lambda a, b: a.half().float() * b)
+    a = torch.randn(37, device=DEV, requires_grad=True)
+    b = torch.randn(37, device=DEV) * 1.001
+    fused(a, b).backward(torch.ones(37, device=DEV))
+    ae = a.detach().clone().requires_grad_()
+    (ae.half().float() * b).backward(torch.ones(37, device=DEV))
+    assert not torch.equal(ae.grad, b)  # the rounding is visible
+    torch.testing.assert_close(a.grad, ae.grad, rtol=0, atol=0)
