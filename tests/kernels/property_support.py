@@ -75,7 +75,7 @@ def _where(t: torch.Tensor) -> str:
 
 
 def assert_close_special(name: str, got: torch.Tensor, truth: torch.Tensor, tol: float, floor: float = 1e-2,
-                         summed_over: int = 1) -> None:
+                         summed_over: int = 1, plain: torch.Tensor | None = None) -> None:
     """Compare a kernel result with its float64 truth: NaN and ±inf positions exactly, the rest
     by relative error (see the module docstring).
 
@@ -83,19 +83,27 @@ def assert_close_special(name: str, got: torch.Tensor, truth: torch.Tensor, tol:
     sqrt(``summed_over``): a result that is 0 mathematically (the gradient of a bias constant
     along the softmax dim, of a scalar bias) is the rounding noise of the terms that cancel,
     whose size is that of the terms (O(1) for the values drawn here, growing with the number
-    of terms a broadcast gradient sums), and its error relative to 0 says nothing."""
+    of terms a broadcast gradient sums), and its error relative to 0 says nothing.
+
+    ``plain``: the same formulation run by eager PyTorch in the kernel's dtype. Where the truth
+    is out of the output dtype's range (±inf once rounded) and plain is NaN there (+inf - inf
+    in a sum of overflowed terms, say), the kernel may be NaN too: it overflows as eager does."""
     assert got.shape == truth.shape, f"{name}: shape {tuple(got.shape)} vs truth {tuple(truth.shape)}"
     g = got.detach().double()
     t = truth.detach().double()
+    t_out = truth.detach().to(got.dtype).double()  # the truth as the output dtype holds it
     nan_g, nan_t = torch.isnan(g), torch.isnan(t)
+    if plain is not None:
+        overflowed = torch.isinf(t_out) & torch.isnan(plain.detach().double()) & nan_g
+        nan_t = nan_t | overflowed
+        t_out = torch.where(overflowed, g, t_out)
     assert torch.equal(nan_g, nan_t), (f"{name}: NaN positions differ: kernel only {_where(nan_g & ~nan_t)}, "
                                        f"truth only {_where(nan_t & ~nan_g)}")
-    t_out = truth.detach().to(got.dtype).double()  # the truth as the output dtype holds it
     inf_g, inf_t = torch.isinf(g), torch.isinf(t_out)
     assert torch.equal(inf_g, inf_t), (f"{name}: inf positions differ: kernel only {_where(inf_g & ~inf_t)}, "
                                        f"truth only {_where(inf_t & ~inf_g)}")
     assert torch.equal(g[inf_g], t_out[inf_g]), f"{name}: inf signs differ"
-    fin = ~(nan_g | inf_g)
+    fin = ~(nan_g | inf_g | nan_t)
     if not fin.any():
         return
     ref = t[fin]

@@ -28,7 +28,7 @@ pytestmark = [pytest.mark.skipif(not (torch.cuda.is_available() or _dispatch.int
               pytest.mark.filterwarnings("ignore::RuntimeWarning")]
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-TOL = {torch.float32: 1e-5, torch.float16: 3e-3}
+TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 KINDS = ("nan", "inf", "-inf", "-1e9", "zero", "negzero", "tiny")
 EXTRA = {"negzero": -0.0, "tiny": 1e-20}
 # Per op spelling: half the profile's example count (12 in CI, 200 with FOLDCOMPILE_HYPOTHESIS=large).
@@ -83,12 +83,12 @@ OPS = {
 
 
 @st.composite
-def op_inputs(draw, kinds: str):
+def op_inputs(draw, kinds: str, dtype_st=dtypes):
     out_shape = tuple(draw(st.lists(st.integers(1, 9), min_size=1, max_size=3)))
     shapes = [draw(broadcast_shape(out_shape, min_rank=0)) for _ in kinds]
     shapes[0] = out_shape  # one operand at the full shape, so the output has it
     clean = draw(st.booleans())
-    return dict(shapes=shapes, dtype=draw(dtypes), seed=draw(seeds),
+    return dict(shapes=shapes, dtype=draw(dtype_st), seed=draw(seeds),
                 specials=[[] if clean else draw(specials(2, kinds=KINDS)) for _ in kinds],
                 grad_specials=[] if clean else draw(specials(2, kinds=("nan", "inf", "zero"))))
 
@@ -130,7 +130,7 @@ def check_op(name, case):
     plain_in = [x.clone().requires_grad_(x.dtype.is_floating_point) for x in inputs]
     plain = fn(*plain_in)
     plain_grads = torch.autograd.grad(plain, [x for x in plain_in if x.requires_grad], g, allow_unused=True)
-    assert_close_special(f"{name} out", out.cpu(), truth, plain_bar(TOL[out.dtype], plain, truth))
+    assert_close_special(f"{name} out", out.cpu(), truth, plain_bar(TOL[out.dtype], plain, truth), plain=plain)
     for i, (gk, gr, gp) in enumerate(zip(grads, ref_grads, plain_grads)):
         if gr is None:  # eager: no path to this input; the kernel gives zeros (documented)
             assert gk is None or torch.equal(gk, torch.zeros_like(gk)), (name, i)
@@ -140,7 +140,7 @@ def check_op(name, case):
         # gradient is no more precise than the output's dtype, whatever the input's.
         tol = max(TOL[gk.dtype], TOL[out.dtype])
         assert_close_special(f"{name} d{i}", gk.cpu(), gr, plain_bar(tol, gp, gr), floor=0.1,
-                             summed_over=max(1, out.numel() // gk.numel()))
+                             summed_over=max(1, out.numel() // gk.numel()), plain=gp)
 
 
 @pytest.mark.parametrize("name", list(OPS))
@@ -167,7 +167,7 @@ BINARY = {"add": operator.add, "sub": operator.sub, "mul": operator.mul,
 
 
 @st.composite
-def chain_case(draw):
+def chain_case(draw, dtype_st=dtypes):
     out_shape = tuple(draw(st.lists(st.integers(1, 9), min_size=2, max_size=3)))
     n_in = draw(st.integers(1, 3))
     shapes = [out_shape] + [draw(broadcast_shape(out_shape)) for _ in range(n_in - 1)]
@@ -183,7 +183,7 @@ def chain_case(draw):
     drop = draw(st.none() | st.tuples(st.sampled_from([0.1, 0.5, 1.0]),
                                       st.lists(st.integers(-rank, -1), max_size=1, unique=True)))
     clean = draw(st.booleans())
-    return dict(shapes=shapes, steps=steps, drop=drop, dtype=draw(dtypes), seed=draw(seeds),
+    return dict(shapes=shapes, steps=steps, drop=drop, dtype=draw(dtype_st), seed=draw(seeds),
                 offset=draw(st.integers(0, 1000)),
                 specials=[[] if clean else draw(specials(2, kinds=KINDS)) for _ in shapes])
 
@@ -225,12 +225,12 @@ def check_chain(case):
     plain_in = [x.clone().requires_grad_() for x in inputs]
     plain = eager(*plain_in)
     plain_grads = torch.autograd.grad(plain, plain_in, g, allow_unused=True)
-    assert_close_special("chain out", out.cpu(), truth, plain_bar(TOL[dtype], plain, truth))
+    assert_close_special("chain out", out.cpu(), truth, plain_bar(TOL[dtype], plain, truth), plain=plain)
     for i, (gk, gr, gp) in enumerate(zip(grads, ref_grads, plain_grads)):
         gr = torch.zeros_like(ref[i]) if gr is None else gr
         gk = torch.zeros_like(leaves[i]) if gk is None else gk
         assert_close_special(f"chain d{i}", gk.cpu(), gr, plain_bar(TOL[dtype], gp, gr), floor=0.1,
-                             summed_over=max(1, out.numel() // gk.numel()))
+                             summed_over=max(1, out.numel() // gk.numel()), plain=gp)
 
 
 @given(chain_case())
@@ -242,4 +242,20 @@ def test_random_chains_against_eager(case):
 @settings(max_examples=300)
 @given(chain_case())
 def test_random_chains_against_eager_large(case):
+    check_chain(case)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 is wrong in the Triton interpreter; CUDA only")
+@pytest.mark.parametrize("name", list(OPS))
+@settings(max_examples=PER_OP)
+@given(data=st.data())
+def test_every_op_against_eager_bf16_cuda(name, data):
+    check_op(name, data.draw(op_inputs(OPS[name][1], dtype_st=st.just(torch.bfloat16))))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 is wrong in the Triton interpreter; CUDA only")
+@given(chain_case(dtype_st=st.just(torch.bfloat16)))
+def test_random_chains_against_eager_bf16_cuda(case):
     check_chain(case)
