@@ -419,3 +419,16 @@ def test_fused_half_cast_rounds_its_gradient_like_eager():
     (ae.half().float() * b).backward(torch.ones(37, device=DEV))
     assert not torch.equal(ae.grad, b)  # the rounding is visible
     torch.testing.assert_close(a.grad, ae.grad, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the GPU's tl.max skips NaN; CUDA only")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_softmax_nan_in_a_long_row_cuda(dtype):
+    # The H200 report: a NaN in a row of 4096 gave finite values summing to 157.
+    x = torch.randn(8, 4096, device="cuda", dtype=dtype)
+    x[3, 100] = NAN
+    y = softmax(x)
+    assert torch.isnan(y[3]).all()
+    others = torch.cat([y[:3], y[4:]]).float()
+    assert torch.isfinite(others).all() and torch.allclose(others.sum(-1), torch.ones(7, device="cuda"), atol=1e-2)
