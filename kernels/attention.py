@@ -25,7 +25,11 @@ and passes 0 gradient. A row masked only by additive -1e9 biases averages v
 uniformly, exactly as the fp32 reference (and AlphaFold's own code) does: the
 backward recomputes probabilities from the row max and the log of the row sum kept
 *separately*, because folding them into one logsumexp would round ``log(sum)`` away
-against a max of -1e9 (fp32's spacing there is 64).
+against a max of -1e9 (fp32's spacing there is 64). A NaN or +inf logit makes its row
+NaN, as torch.softmax does; entries masked out by the boolean mask get exactly 0
+gradient even then (as ``masked_fill``'s backward gives). In fp16 the backward keeps
+dS = P * (dP - delta) in fp32 for the dq and dk products (a TF32 dot: fp16's mantissa,
+fp32's range), so a large |dout| * |v| (loss scaling) cannot overflow it to inf.
 
 Forward kernel: one program per (query block, b, h) streams key blocks. Where the
 bias is shared by every row of the leading dim (triangle and MSA row attention) a

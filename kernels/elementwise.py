@@ -33,7 +33,13 @@ the mask has size 1 along the shared dims). The mask is drawn in the kernel as
 exactly the same mask with a PyTorch Philox (``foldcompile.kernels.philox``), so
 training-mode results can be compared exactly. Several dropouts in one fragment use
 consecutive counter ranges; ``FusedElementwise.random_numel`` says how many
-counters a call consumes, so a caller can advance ``offset`` between calls.
+counters a call consumes, so a caller can advance ``offset`` between calls. Like
+torch's, the dropout is ``x * mask * scale``: a dropped NaN or ±inf is NaN, not 0.
+
+Special values follow eager PyTorch, values and gradients (relu(NaN) = NaN with gradient
+g, abs's gradient g * sign(x), a 16-bit cast rounds its gradient): the property tests
+(tests/kernels/test_properties_elementwise.py) check every op spelling against eager on
+NaN, ±inf, ±0, -1e9 and 1e-20, in the inputs and in the upstream gradient.
 
 Gradients of broadcast inputs: when every broadcast input that needs a gradient is
 broadcast over the same leading (collapsed) dims, as a bias is, the backward kernel
