@@ -172,12 +172,15 @@ def _fwd_step(q, k_base, v_base, mask_base, bias, offs_q, offs_k, offs_d, q_ok, 
 def _fwd_finish(acc, m_i, l_i, b, h, H, GATE, OUT, OATT, ROWMAX, LOGSUM, sgb, sgh, sgm, sgd,
                 offs_q, offs_d, q_ok, d_ok, QLEN, D, HAS_GATE: tl.constexpr):
     """Normalise, gate and store one query block; store its row statistics."""
-    empty = l_i == 0.0  # fully masked row: output 0, statistics that give P = 0 in backward
+    # Fully masked row (nothing kept, or only -inf logits): output 0, and a log-sum of +inf,
+    # which gives P = 0 in backward and marks the row, whose dS is 0 (no gradient, even from
+    # a NaN in v or dout).
+    empty = l_i == 0.0
     o = acc / tl.where(empty, 1.0, l_i)[:, None]
     bh = b * H + h
     row = bh * QLEN + offs_q
     tl.store(ROWMAX + row, tl.where(empty, 0.0, m_i), mask=q_ok)
-    tl.store(LOGSUM + row, tl.log2(tl.where(empty, 1.0, l_i)), mask=q_ok)
+    tl.store(LOGSUM + row, tl.where(empty, float("inf"), tl.log2(tl.where(empty, 1.0, l_i))), mask=q_ok)
     # Outputs are contiguous [B, H, Q, D].
     o_off = bh * QLEN * D + offs_q[:, None] * D + offs_d[None, :]
     io_ok = q_ok[:, None] & d_ok[None, :]
@@ -351,7 +354,7 @@ def _attn_bwd_dkdv_kernel(
             dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
             dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
             # 0 at masked-out entries, as masked_fill's gradient is: in a NaN row P is NaN there too.
-            dst = tl.where(keep, pt * (dpt - delta[None, :]), 0.0)
+            dst = tl.where(keep & (lsum != float("inf"))[None, :], pt * (dpt - delta[None, :]), 0.0)
             if DS_FP32:  # see _ds_fp32
                 dk += tl.dot(dst, tl.trans(qt).to(tl.float32), input_precision="tf32")
             else:
@@ -411,7 +414,8 @@ def _attn_bwd_dq_kernel(
             keep = _load_mask(MASK + b * smb + h * smh, offs_q, offs_k, smm, smn, q_ok, k_ok, False, MASK_KEYS)
         p = _probs(tl.dot(q, kt, input_precision=PRECISION), bias, keep, rmax[:, None], lsum[:, None], scale)
         dp = tl.dot(do, vt, input_precision=PRECISION)
-        ds = tl.where(keep, p * (dp - delta[:, None]), 0.0)  # 0 where masked out, as in the dk/dv kernel
+        # 0 where masked out and in fully masked rows, as in the dk/dv kernel
+        ds = tl.where(keep & (lsum != float("inf"))[:, None], p * (dp - delta[:, None]), 0.0)
         if STORE_DS:
             tl.store(DBIAS + pid_bh.to(tl.int64) * QLEN * KLEN + offs_q[:, None] * KLEN + offs_k[None, :], ds,
                      mask=tile_ok)
@@ -486,7 +490,7 @@ def _attn_bwd_dbias_kernel(
                     p = _probs(tl.dot(q, kt, input_precision=PRECISION), bias, keep, rmax[:, None], lsum[:, None],
                                scale)
                     dp = tl.dot(do, vt, input_precision=PRECISION)
-                    acc += tl.where(keep, p * (dp - delta[:, None]), 0.0)  # 0 where masked out
+                    acc += tl.where(keep & (lsum != float("inf"))[:, None], p * (dp - delta[:, None]), 0.0)
     # DBIAS is contiguous fp32 [Bb, Hb, Qb, Kb].
     if Q_BCAST:
         if K_BCAST:

@@ -432,3 +432,20 @@ def test_softmax_nan_in_a_long_row_cuda(dtype):
     assert torch.isnan(y[3]).all()
     others = torch.cat([y[:3], y[4:]]).float()
     assert torch.isfinite(others).all() and torch.allclose(others.sum(-1), torch.ones(7, device="cuda"), atol=1e-2)
+
+
+def test_attention_row_dead_by_minus_inf_bias_passes_no_gradient_from_nan_v():
+    """A row whose logits are all -inf (by the bias, no boolean mask) is fully masked: output
+    0 @ v and no gradient, even when v holds NaN (found by the slow property sweep)."""
+    torch.manual_seed(6)
+    q, k, v = (torch.randn(1, 1, 3, 8, device=DEV) for _ in range(3))
+    v[0, 0, 1, 2] = NAN
+    bias = torch.zeros(1, 1, 3, 3, device=DEV)
+    bias[0, 0, 0] = -INF  # query row 0 sees nothing
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, bias)]
+    out = attention(*leaves[:3], bias=leaves[3])
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, g)
+    assert torch.isnan(out[..., 2]).all()  # 0 * NaN through p @ v, as eager's matmul gives
+    assert torch.equal(grads[0][0, 0, 0], torch.zeros(8, device=DEV))  # dq of the dead row
+    assert torch.equal(grads[3][0, 0, 0], torch.zeros(3, device=DEV))  # its dbias

@@ -195,10 +195,10 @@ def _chain(steps, drop, dropper, n_in):
         vals = list(inputs)
         for kind, op, a, b in steps:
             vals.append(UNARY[op](vals[a]) if kind == "u" else BINARY[op](vals[a], vals[b]))
-        out = vals[-1] if steps else vals[0]
+        out = vals[-1] + vals[0]  # the full shape (a step may have used only broadcast inputs)
         if drop is not None:
             out = dropper(out, drop[0], tuple(drop[1]))
-        return out + vals[0]  # a residual: the output always has the full shape
+        return out + vals[0]  # a residual
     return {1: lambda a: body((a,)), 2: lambda a, b: body((a, b)), 3: lambda a, b, c: body((a, b, c))}[n_in]
 
 

@@ -134,7 +134,8 @@ def layer_norm_case(draw, dtype_st=dtypes):
                 # No ±inf in the weight: then dx is non-finite in every entry of the row either
                 # way, and which entries read NaN rather than ±inf depends on how the sums are
                 # arranged (torch's CPU kernel forms dx = a·w·dy + b·x + c); NaN propagates.
-                w_specials=draw(specials(1, kinds=("nan", "-1e9", "zero"))), seed=draw(seeds),
+                # nor -1e9 (-inf once in an fp16 weight; in fp32 every dx term is 1e9 and cancels).
+                w_specials=draw(specials(1, kinds=("nan", "zero"))), seed=draw(seeds),
                 clean=draw(st.booleans()))
 
 
