@@ -111,7 +111,11 @@ def check_attention(case):
     for name, g, rg, pg in zip(leaves, grads, ref_grads, plain_grads):
         # a gradient summed over broadcast copies (a bias, a shared K/V head) sums their noise too
         copies = (out.numel() // out.shape[-1] * lk) // g.numel() if name == "bias" else h // case["kv_heads"]
-        assert_close_special("d" + name, g.cpu(), rg, plain_bar(TOL[g.dtype], pg, rg), floor=0.1,
+        # floor: the size of the terms a 0 gradient's noise comes from. dS = P (dP - delta) with
+        # delta = rowsum(dO * O) read from the stored output: in fp16 O's rounding leaves dS
+        # ~ 5e-4 |dP| where it is 0 (one key), |dP| ~ sqrt(D) for the values drawn.
+        floor = 0.1 if g.dtype == torch.float32 else 0.3
+        assert_close_special("d" + name, g.cpu(), rg, plain_bar(TOL[g.dtype], pg, rg), floor=floor,
                              summed_over=max(1, copies) if name in ("bias", "k", "v") else 1, plain=pg)
 
 
