@@ -25,7 +25,11 @@ and passes 0 gradient. A row masked only by additive -1e9 biases averages v
 uniformly, exactly as the fp32 reference (and AlphaFold's own code) does: the
 backward recomputes probabilities from the row max and the log of the row sum kept
 *separately*, because folding them into one logsumexp would round ``log(sum)`` away
-against a max of -1e9 (fp32's spacing there is 64).
+against a max of -1e9 (fp32's spacing there is 64). A NaN or +inf logit makes its row
+NaN, as torch.softmax does; entries masked out by the boolean mask get exactly 0
+gradient even then (as ``masked_fill``'s backward gives). In fp16 the backward keeps
+dS = P * (dP - delta) in fp32 for the dq and dk products (a TF32 dot: fp16's mantissa,
+fp32's range), so a large |dout| * |v| (loss scaling) cannot overflow it to inf.
 
 Forward kernel: one program per (query block, b, h) streams key blocks. Where the
 bias is shared by every row of the leading dim (triangle and MSA row attention) a
@@ -168,12 +172,15 @@ def _fwd_step(q, k_base, v_base, mask_base, bias, offs_q, offs_k, offs_d, q_ok, 
 def _fwd_finish(acc, m_i, l_i, b, h, H, GATE, OUT, OATT, ROWMAX, LOGSUM, sgb, sgh, sgm, sgd,
                 offs_q, offs_d, q_ok, d_ok, QLEN, D, HAS_GATE: tl.constexpr):
     """Normalise, gate and store one query block; store its row statistics."""
-    empty = l_i == 0.0  # fully masked row: output 0, statistics that give P = 0 in backward
+    # Fully masked row (nothing kept, or only -inf logits): output 0, and a log-sum of +inf,
+    # which gives P = 0 in backward and marks the row, whose dS is 0 (no gradient, even from
+    # a NaN in v or dout).
+    empty = l_i == 0.0
     o = acc / tl.where(empty, 1.0, l_i)[:, None]
     bh = b * H + h
     row = bh * QLEN + offs_q
     tl.store(ROWMAX + row, tl.where(empty, 0.0, m_i), mask=q_ok)
-    tl.store(LOGSUM + row, tl.log2(tl.where(empty, 1.0, l_i)), mask=q_ok)
+    tl.store(LOGSUM + row, tl.where(empty, float("inf"), tl.log2(tl.where(empty, 1.0, l_i))), mask=q_ok)
     # Outputs are contiguous [B, H, Q, D].
     o_off = bh * QLEN * D + offs_q[:, None] * D + offs_d[None, :]
     io_ok = q_ok[:, None] & d_ok[None, :]
@@ -303,7 +310,7 @@ def _attn_bwd_dkdv_kernel(
     sbb, sbh, sbm, sbn,
     smb, smh, smm, smn,
     H, HKV, HQ_PER_KV: constexpr, QLEN: constexpr, KLEN: constexpr, D, scale,
-    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, MASK_KEYS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, MASK_KEYS: tl.constexpr, DS_FP32: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # One program: BLOCK_K keys of one (b, K/V head). Loops over every query block of
@@ -346,8 +353,12 @@ def _attn_bwd_dkdv_kernel(
             pt = _probs(tl.dot(k, qt, input_precision=PRECISION), bias, keep, rmax[None, :], lsum[None, :], scale)
             dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
             dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-            dst = pt * (dpt - delta[None, :])
-            dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=PRECISION)
+            # 0 at masked-out entries, as masked_fill's gradient is: in a NaN row P is NaN there too.
+            dst = tl.where(keep & (lsum != float("inf"))[None, :], pt * (dpt - delta[None, :]), 0.0)
+            if DS_FP32:  # see _ds_fp32
+                dk += tl.dot(dst, tl.trans(qt).to(tl.float32), input_precision="tf32")
+            else:
+                dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=PRECISION)
     out_off = pid_bh.to(tl.int64) * KLEN * D + offs_k[:, None] * D + offs_d[None, :]
     tl.store(DK + out_off, (dk * scale).to(DK.dtype.element_ty), mask=kd_ok)
     tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kd_ok)
@@ -365,7 +376,7 @@ def _attn_bwd_dq_kernel(
     smb, smh, smm, smn,
     H, QLEN: constexpr, KLEN: constexpr, D, scale,
     HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, MASK_KEYS: tl.constexpr, STORE_DS: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+    DS_FP32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # One program: BLOCK_Q query rows of one (b, h); loops over key blocks summing dq.
     # With STORE_DS (bias not broadcast anywhere) dS is the bias gradient: written once.
@@ -403,11 +414,15 @@ def _attn_bwd_dq_kernel(
             keep = _load_mask(MASK + b * smb + h * smh, offs_q, offs_k, smm, smn, q_ok, k_ok, False, MASK_KEYS)
         p = _probs(tl.dot(q, kt, input_precision=PRECISION), bias, keep, rmax[:, None], lsum[:, None], scale)
         dp = tl.dot(do, vt, input_precision=PRECISION)
-        ds = p * (dp - delta[:, None])
+        # 0 where masked out and in fully masked rows, as in the dk/dv kernel
+        ds = tl.where(keep & (lsum != float("inf"))[:, None], p * (dp - delta[:, None]), 0.0)
         if STORE_DS:
             tl.store(DBIAS + pid_bh.to(tl.int64) * QLEN * KLEN + offs_q[:, None] * KLEN + offs_k[None, :], ds,
                      mask=tile_ok)
-        dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PRECISION)
+        if DS_FP32:  # see _ds_fp32
+            dq += tl.dot(ds, tl.trans(kt).to(tl.float32), input_precision="tf32")
+        else:
+            dq += tl.dot(ds.to(kt.dtype), tl.trans(kt), input_precision=PRECISION)
     tl.store(DQ + pid_bh.to(tl.int64) * QLEN * D + offs_q[:, None] * D + offs_d[None, :],
              (dq * scale).to(DQ.dtype.element_ty), mask=qd_ok)
 
@@ -475,7 +490,7 @@ def _attn_bwd_dbias_kernel(
                     p = _probs(tl.dot(q, kt, input_precision=PRECISION), bias, keep, rmax[:, None], lsum[:, None],
                                scale)
                     dp = tl.dot(do, vt, input_precision=PRECISION)
-                    acc += p * (dp - delta[:, None])
+                    acc += tl.where(keep & (lsum != float("inf"))[:, None], p * (dp - delta[:, None]), 0.0)
     # DBIAS is contiguous fp32 [Bb, Hb, Qb, Kb].
     if Q_BCAST:
         if K_BCAST:
@@ -504,6 +519,20 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # ignored for fp16 / bf16 operands
 
 
+# fp16 backward: dS = P * (dP - delta) is kept in fp32 for the dq and dk products instead of
+# being rounded to fp16 first. |dS| grows with |dout| * |v| (loss scaling multiplies dout by up
+# to 2**16), and past 65504 the fp16 rounding gives inf and then NaN gradients where the fp32
+# reference is finite. The product runs as a TF32 dot (k / q upcast exactly): the same 10-bit
+# mantissa as fp16, fp32's exponent range. bf16 already has fp32's range and keeps its bf16
+# dot. Module level so the benchmark can time the old fp16 path against it
+# (bench/kernels/attention.py, impl "foldcompile_ds_fp16").
+_FP16_DS_IN_FP32 = True
+
+
+def _ds_fp32(dtype: torch.dtype) -> bool:
+    return dtype == torch.float16 and _FP16_DS_IN_FP32
+
+
 def _keys_only(mask: torch.Tensor | None) -> bool:
     """Whether a (4-d) mask is a key mask, constant along the query axis."""
     return mask is not None and (mask.shape[2] == 1 or mask.stride(2) == 0)
@@ -527,7 +556,20 @@ def _bcast_4d(t: torch.Tensor, lead: torch.Size, name: str) -> torch.Tensor:
     return t.reshape((math.prod(lead),) + tail)
 
 
+def _check_scale(scale) -> float | None:
+    """``scale`` as a float (None stays None), or a TypeError naming it: a bool is refused
+    (``scale=True`` would silently mean 1.0), and so is a tensor (its value would be read on the host)."""
+    if scale is None:
+        return None
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"attention: scale must be a Python number or None, got {type(scale).__name__} {scale!r}")
+    return float(scale)
+
+
 def _check(q, k, v, bias, mask, gate) -> None:
+    for name, t in (("bias", bias), ("mask", mask), ("gate", gate)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"attention: {name} must be a tensor or None, got {type(t).__name__}")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"attention: {name} must be a tensor, got {type(t).__name__}")
@@ -699,7 +741,7 @@ class _AttentionFn(torch.autograd.Function):
             note_launch("attention_bwd_dkdv")
             _attn_bwd_dkdv_kernel[lambda meta, nb=nb: (triton.cdiv(K, meta["BLOCK_K"]), nb * HKV)](
                 *per_rows(b0, b1), dk[b0:b1], dv[b0:b1], *common,
-                H, HKV, H // HKV, Q, K, D, scale, **flags,
+                H, HKV, H // HKV, Q, K, D, scale, DS_FP32=_ds_fp32(q.dtype), **flags,
             )
 
         # 3. dq (and dS itself when the bias is per (b, h, q, k)).
@@ -711,7 +753,7 @@ class _AttentionFn(torch.autograd.Function):
             note_launch("attention_bwd_dq")
             _attn_bwd_dq_kernel[lambda meta, nb=nb: (triton.cdiv(Q, meta["BLOCK_Q"]), nb * H)](
                 *per_rows(b0, b1), dq[b0:b1], dbias[b0:b1] if full_bias else dummy, *common,
-                H, Q, K, D, scale, STORE_DS=full_bias, **flags,
+                H, Q, K, D, scale, STORE_DS=full_bias, DS_FP32=_ds_fp32(q.dtype), **flags,
             )
 
         # 4. Broadcast bias: its own reduction kernel (see the module docstring).
@@ -746,7 +788,8 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, bi
     q's dtype. Fully masked rows give 0 (not NaN), with 0 gradient.
     """
     _check(q, k, v, bias, mask, gate)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = _check_scale(scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     ct = torch.float64 if q.dtype == torch.float64 else torch.float32
     s = torch.matmul(q.to(ct), k.to(ct).transpose(-1, -2)) * scale
     if bias is not None:
@@ -787,7 +830,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, bias: torch.
     bf16 / fp32 run the Triton kernels; anything else runs :func:`attention_reference`.
     """
     _check(q, k, v, bias, mask, gate)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = _check_scale(scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     if q.dtype not in _SUPPORTED or not use_triton(q, k, v, bias, mask, gate):
         return attention_reference(q, k, v, bias=bias, mask=mask, gate=gate, scale=scale)
     for name, t in (("q", q), ("k", k), ("v", v), ("bias", bias), ("mask", mask), ("gate", gate)):

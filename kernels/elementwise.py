@@ -33,7 +33,13 @@ the mask has size 1 along the shared dims). The mask is drawn in the kernel as
 exactly the same mask with a PyTorch Philox (``foldcompile.kernels.philox``), so
 training-mode results can be compared exactly. Several dropouts in one fragment use
 consecutive counter ranges; ``FusedElementwise.random_numel`` says how many
-counters a call consumes, so a caller can advance ``offset`` between calls.
+counters a call consumes, so a caller can advance ``offset`` between calls. Like
+torch's, the dropout is ``x * mask * scale``: a dropped NaN or ±inf is NaN, not 0.
+
+Special values follow eager PyTorch, values and gradients (relu(NaN) = NaN with gradient
+g, abs's gradient g * sign(x), a 16-bit cast rounds its gradient): the property tests
+(tests/kernels/test_properties_elementwise.py) check every op spelling against eager on
+NaN, ±inf, ±0, -1e9 and 1e-20, in the inputs and in the upstream gradient.
 
 Gradients of broadcast inputs: when every broadcast input that needs a gradient is
 broadcast over the same leading (collapsed) dims, as a bias is, the backward kernel
@@ -172,6 +178,7 @@ class FusedElementwise:
 
     def __call__(self, *inputs: Any, seed: int | None = None, offset: int = 0) -> Any:
         seed, offset = self._seed(seed, offset)
+        inputs = self._one_device(inputs)
         tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
         if not _dispatch.use_triton(*tensors) or any(t.dtype == torch.float64 for t in tensors):
             return self.reference(*inputs, seed=seed, offset=offset)
@@ -184,6 +191,26 @@ class FusedElementwise:
         return fused_elementwise_reference(self, *inputs, seed=seed, offset=offset)
 
     # -- internals --------------------------------------------------------------
+
+    def _one_device(self, inputs: Sequence[Any]) -> tuple[Any, ...]:
+        """The inputs with every tensor on one device, or a ValueError naming each input's device.
+
+        Checked before dispatch: with tensors on two devices neither path can run, and the
+        reference would fail inside PyTorch without naming the input. As in eager PyTorch, a
+        0-dim CPU tensor may join tensors on another device; it is moved there (a scalar copy)."""
+        names = self._frag.input_names
+        placed = [(names[i] if i < len(names) else f"#{i}", x) for i, x in enumerate(inputs)
+                  if isinstance(x, torch.Tensor)]
+        movable = [x.dim() == 0 and x.device.type == "cpu" for _, x in placed]
+        devices = {x.device for (_, x), m in zip(placed, movable) if not m}
+        if len(devices) > 1:
+            desc = ", ".join(f"'{n}' on {x.device}" for n, x in placed)
+            raise ValueError(f"{self.name}: fused fragment inputs must share one device, got {desc}")
+        if not devices:
+            return tuple(inputs)
+        (device,) = devices
+        return tuple(x.to(device) if isinstance(x, torch.Tensor) and x.dim() == 0 and x.device != device else x
+                     for x in inputs)
 
     def _seed(self, seed: int | None, offset: int) -> tuple[int, int]:
         if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
@@ -428,7 +455,8 @@ def fused_elementwise_reference(fused: FusedElementwise, *inputs: Any, seed: int
             x = env[a]
             if isinstance(x, torch.Tensor):
                 if need == "f" and x.dtype == torch.bool:
-                    x = x.to(torch.get_default_dtype())
+                    # as eager promotes it: to the op's result dtype (bool [4] * fp16 0-dim is fp16)
+                    x = x.to(lay.dtypes[i] if lay.dtypes[i] is not None else torch.get_default_dtype())
                 elif need == "b" and x.dtype != torch.bool:
                     x = x != 0
             args.append(x)
@@ -439,7 +467,9 @@ def fused_elementwise_reference(fused: FusedElementwise, *inputs: Any, seed: int
             full = lay.mask_shapes[i]
             keep = dropout_mask_reference(seed, offset + lay.mask_base[i], full, p, device=x.device)
             keep = keep.reshape(full[len(full) - x.dim():])  # drop the leading 1s of the output's rank
-            env[i] = torch.where(keep, x * scale, torch.zeros((), dtype=x.dtype, device=x.device))
+            # x * keep * scale, as the eager dropout (and torch's) computes it: a dropped NaN or
+            # ±inf is NaN, not 0, exactly as in the kernels.
+            env[i] = x * keep * scale
         elif v.op == "cast":
             env[i] = args[0].to(v.dtype)
         else:

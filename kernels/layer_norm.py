@@ -270,7 +270,9 @@ def _check(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | No
             raise TypeError(f"layer_norm: {name} has dtype {p.dtype}; supported: float16, bfloat16, float32, float64")
         if p.device != x.device:
             raise ValueError(f"layer_norm: {name} is on {p.device} but x is on {x.device}")
-    if not eps >= 0:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"layer_norm: eps must be a Python number, got {type(eps).__name__} {eps!r}")
+    if not eps >= 0:  # also refuses NaN
         raise ValueError(f"layer_norm: eps must be >= 0, got {eps}")
 
 

@@ -2,8 +2,10 @@
 
 ``softmax(x, dim=-1, scale=s, bias=b, mask=m)`` computes ``softmax(s·x + b)`` over
 ``dim`` with the entries where ``m`` is False left out, all in fp32 whatever x's dtype,
-and returns x's dtype. A row with no True in its mask returns 0 (and passes 0
-gradient), never NaN. AlphaFold masks with additive biases of −1e9 instead: a row
+and returns x's dtype. A row with no True in its mask (or whose kept entries are all
+−inf) returns 0 and passes 0 gradient, where torch.softmax would give NaN. A row with a
+NaN or +inf among its kept entries (in x, bias or the scaled logits) returns NaN in
+every entry, as torch.softmax does; NaN at a masked-out entry is left out. AlphaFold masks with additive biases of −1e9 instead: a row
 masked only that way gets the same values as the fp32 reference (uniform weights when
 every entry carries the bias), because the kernel adds the bias in fp32 just like it.
 
@@ -18,8 +20,8 @@ Kernels (M rows of N entries):
 
 - ``softmax_fwd``: several rows per program for short rows; reads x (M·N), bias and
   mask at their own (broadcast) addresses, writes y (M·N).
-- ``softmax_bwd``: dz = y·(dy − Σ y·dy); writes dx = scale·dz (reads 2·M·N, writes
-  M·N). The bias gradient is reduced over the bias's broadcast dims inside the same
+- ``softmax_bwd``: dz = y·(dy − Σ y·dy), 0 where the mask is False; writes dx = scale·dz
+  (reads 2·M·N and the mask at its broadcast addresses, writes M·N). The bias gradient is reduced over the bias's broadcast dims inside the same
   kernel: program (i, g) owns a block of bias rows and loops over the x rows that map
   to them (its share g of them), summing dz in fp32 registers; with more than one share
   the [G, bias rows, N] fp32 partials are summed afterwards. No atomics.
@@ -103,16 +105,20 @@ def _softmax_fwd_kernel(X, BIAS, MASK, Y, M, N, S1, S2, S3,
     e = tl.exp(z - zmax[:, None])
     denom = tl.sum(e, axis=1)
     # denom is 0 only where every exp is 0 (nothing kept): dividing by 1 there leaves 0.
-    y = e / tl.where(denom > 0.0, denom, 1.0)[:, None]
+    # Test == 0, not > 0: a NaN (or +inf) logit makes denom NaN, and dividing by it gives the
+    # all-NaN row torch.softmax gives. (tl.max skips NaN on the GPU, so zmax stays finite and
+    # only denom carries the NaN; a `denom > 0` guard would divide by 1 and hide it.)
+    y = e / tl.where(denom == 0.0, 1.0, denom)[:, None]
     tl.store(Y + rows[:, None] * N + cols[None, :], y.to(Y.dtype.element_ty), mask=inb)
 
 
 @triton.jit
-def _softmax_bwd_kernel(Y, DY, DX, PDB, MB, R, N,
+def _softmax_bwd_kernel(Y, DY, DX, PDB, MASK, MB, R, N,
                         B1, B2, cb0, cb1, cb2,
                         R1, R2, cr0, cr1, cr2,
+                        S1, S2, S3, sm0, sm1, sm2, sm3, smn,
                         scale,
-                        WRITE_DX: tl.constexpr, HAS_DBIAS: tl.constexpr,
+                        WRITE_DX: tl.constexpr, HAS_DBIAS: tl.constexpr, HAS_MASK: tl.constexpr,
                         ITERS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # Program (i, g): bias rows [i·BLOCK_M, (i+1)·BLOCK_M), broadcast copies
     # [g·ITERS, (g+1)·ITERS). Each copy: reads y, dy (2·BLOCK_M·N), writes dx (BLOCK_M·N);
@@ -142,6 +148,20 @@ def _softmax_bwd_kernel(Y, DY, DX, PDB, MB, R, N,
         y = tl.load(Y + offs, mask=msk, other=0.0).to(tl.float32)
         dy = tl.load(DY + offs, mask=msk, other=0.0).to(tl.float32)
         dz = y * (dy - tl.sum(y * dy, axis=1)[:, None])
+        if HAS_MASK:
+            # Masked-out entries are left out, as masked_fill(~mask, -inf) leaves them: gradient
+            # exactly 0 there. Without this a NaN row (y NaN at every entry, as torch's) would
+            # pass NaN to them too. The mask is read at the forward plan's strides (x row ->
+            # 4 merged leading indices), a broadcast mask from cache.
+            i3 = rows % S3
+            t3 = rows // S3
+            i2 = t3 % S2
+            t3 = t3 // S2
+            i1 = t3 % S1
+            i0 = t3 // S1
+            m_row = i0 * sm0 + i1 * sm1 + i2 * sm2 + i3 * sm3
+            keep = tl.load(MASK + m_row[:, None] + cols[None, :] * smn, mask=msk, other=0) != 0
+            dz = tl.where(keep, dz, 0.0)
         if WRITE_DX:
             tl.store(DX + offs, (dz * scale).to(DX.dtype.element_ty), mask=msk)
         if HAS_DBIAS:
@@ -278,7 +298,9 @@ class SoftmaxFunction(torch.autograd.Function):
                 m, n, sizes[1], sizes[2], sizes[3], *sx, *sb, *sm, float(scale),
                 HAS_BIAS=bias is not None, HAS_MASK=mask is not None,
                 BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
-        ctx.save_for_backward(y)
+        ctx.save_for_backward(y, mask_u8)
+        # The mask's addressing in backward: the forward plan's merged sizes and mask strides.
+        ctx.mask_plan = (sizes[1], sizes[2], sizes[3], *sm) if mask is not None else None
         ctx.scale = float(scale)
         ctx.bias_shape = tuple(bias.shape) if bias is not None else None
         ctx.bias_dtype = bias.dtype if bias is not None else None
@@ -287,7 +309,7 @@ class SoftmaxFunction(torch.autograd.Function):
     @staticmethod
     @_dispatch.once_differentiable  # not itself differentiable: a double backward raises
     def backward(ctx, dy: torch.Tensor):
-        (y,) = ctx.saved_tensors
+        y, mask_u8 = ctx.saved_tensors
         need_dx, need_db = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_dx or need_db):
             return None, None, None, None, None
@@ -317,10 +339,11 @@ class SoftmaxFunction(torch.autograd.Function):
             iters, g, pdb = 1, r, None
         if btiles > 0 and r > 0:
             _dispatch.note_launch("softmax_bwd")
+            mask_plan = ctx.mask_plan if ctx.mask_plan is not None else (1, 1, 1, 0, 0, 0, 0, 0)
             _softmax_bwd_kernel[(btiles, g)](
-                y, dy, dx if need_dx else y, pdb if need_db else y, mb, r, n,
-                b_sizes[1], b_sizes[2], *b_strides, r_sizes[1], r_sizes[2], *r_strides,
-                ctx.scale, WRITE_DX=need_dx, HAS_DBIAS=need_db,
+                y, dy, dx if need_dx else y, pdb if need_db else y, mask_u8 if mask_u8 is not None else y,
+                mb, r, n, b_sizes[1], b_sizes[2], *b_strides, r_sizes[1], r_sizes[2], *r_strides,
+                *mask_plan, ctx.scale, WRITE_DX=need_dx, HAS_DBIAS=need_db, HAS_MASK=mask_u8 is not None,
                 ITERS=iters, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
         dbias = None
         if need_db:
@@ -347,7 +370,9 @@ def _check(x, dim, scale, bias, mask) -> int:
         raise TypeError(f"softmax: x has dtype {x.dtype}; supported: float16, bfloat16, float32, float64")
     if x.dim() < 1:
         raise ValueError(f"softmax: x must have at least one dim, got shape {tuple(x.shape)}")
-    if not isinstance(dim, int) or not -x.dim() <= dim < x.dim():
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"softmax: dim must be a Python int, got {type(dim).__name__} {dim!r}")
+    if not -x.dim() <= dim < x.dim():
         raise ValueError(f"softmax: dim={dim} is out of range for x of shape {tuple(x.shape)}")
     if x.shape[dim] == 0:
         raise ValueError(f"softmax: dim={dim} of x has size 0 (x shape {tuple(x.shape)}): nothing to normalise")
@@ -394,7 +419,8 @@ def softmax_reference(x: torch.Tensor, dim: int = -1, *, scale: float | None = N
     zmax = torch.where(zmax == float("-inf"), torch.zeros_like(zmax), zmax)
     e = torch.exp(z - zmax)
     denom = e.sum(dim=dim, keepdim=True)
-    y = e / torch.where(denom > 0, denom, torch.ones_like(denom))
+    # == 0 (not > 0) so a NaN denominator (a NaN or +inf entry kept) makes the row NaN, as in torch.
+    y = e / torch.where(denom == 0, torch.ones_like(denom), denom)
     return y.to(x.dtype)
 
 
@@ -416,6 +442,10 @@ def softmax(x: torch.Tensor, dim: int = -1, *, scale: float | None = None,
     if not (_dispatch.use_triton(x, bias, mask) and x.dtype != torch.float64
             and x.shape[dim] <= MAX_TRITON_DIM):
         return softmax_reference(x, dim, scale=scale, bias=bias, mask=mask)
+    # A 0-d bias or mask (one value for every entry) is viewed as 1-d: the kernels and the bias
+    # gradient's reduction index a last dim (autograd routes the gradient back through the view).
+    bias = bias.reshape(1) if bias is not None and bias.dim() == 0 else bias
+    mask = mask.reshape(1) if mask is not None and mask.dim() == 0 else mask
     last = x.dim() - 1
     if dim != last:
         # Bring bias and mask to x's rank first so that moving dim moves the same axis in each.

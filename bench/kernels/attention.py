@@ -22,7 +22,13 @@ eager. SDPA gets the pair bias as a float ``attn_mask`` but not the key mask
 (adding it would materialise a [B, H, Q, K] mask): a lower bound on its cost, as
 the issue's peer numbers were taken.
 
-Run from the repository root: ``python -m bench.kernels.attention [--quick]``.
+fp16 rows (triangle attention at the training crop and at N_res=1024) also time
+``foldcompile_ds_fp16``: the same kernels with the backward's dS rounded to fp16 before the
+dq / dk products, as before the fix that keeps it in fp32 (``kernels/attention.py``,
+``_FP16_DS_IN_FP32``), so the two rows give the cost of that fix.
+
+Run from the repository root: ``python -m bench.kernels.attention [--quick | --fp16-ds]``
+(``--fp16-ds``: only the fp16 rows).
 """
 from __future__ import annotations
 
@@ -35,8 +41,24 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+import contextlib
+import importlib
+
 from bench.common import Results, peak_memory_bytes, time_ms
 from foldcompile.kernels.attention import attention
+
+_attn_mod = importlib.import_module("foldcompile.kernels.attention")  # the module, not the function
+
+
+@contextlib.contextmanager
+def _fp16_ds(in_fp32: bool):
+    """Run the fp16 backward with dS in fp32 (the default) or rounded to fp16 (the old path)."""
+    before = _attn_mod._FP16_DS_IN_FP32
+    _attn_mod._FP16_DS_IN_FP32 = in_fp32
+    try:
+        yield
+    finally:
+        _attn_mod._FP16_DS_IN_FP32 = before
 
 COLUMNS = ["case", "dtype", "impl", "fwd_ms", "fwd_host_ms", "fwd_bwd_ms", "fwd_tflops", "fwd_bwd_tflops",
            "peak_extra_MiB",
@@ -190,7 +212,7 @@ def _eager_fits(dims, dtype) -> bool:
     return 4 * logits < 0.6 * torch.cuda.get_device_properties(0).total_memory
 
 
-def run(quick: bool = False) -> Results:
+def run(quick: bool = False, fp16_ds_only: bool = False) -> Results:
     """Benchmark every implementation on every case; returns the results table."""
     if not torch.cuda.is_available():
         raise RuntimeError("bench.kernels.attention needs a CUDA GPU")
@@ -220,6 +242,12 @@ def run(quick: bool = False) -> Results:
         # fp32 at the training crop only: at N_res >= 1024 fp32 is a correctness mode (IEEE
         # dots unless TF32 is allowed), 40 ms forward / 260 ms forward+backward at 1024.
         plan += [(c, torch.float32) for c in ("triangle_256", "msa_row_128x256", "msa_col_128x256")]
+    if not quick:
+        # fp16: the cost of keeping dS in fp32 (row foldcompile vs foldcompile_ds_fp16).
+        plan += [("triangle_256", torch.float16), ("triangle_1024", torch.float16)]
+    if fp16_ds_only:
+        plan = [("triangle_256", torch.float16), ("triangle_1024", torch.float16)]
+        compile_cases = set()
         # torch.compile only where its compile time is worth it: at the training crop (at
         # N_res >= 1024 the eager graph it compiles needs tens of GB of logits anyway).
         compile_cases = {"triangle_256", "msa_row_128x256", "msa_col_128x256"}
@@ -230,6 +258,8 @@ def run(quick: bool = False) -> Results:
         B, H, Q, K, D = dims
         flops = 4 * B * H * Q * K * D
         impls: list[tuple[str, Callable, dict]] = [("foldcompile", _ours, inputs)]
+        if dtype == torch.float16:
+            impls.append(("foldcompile_ds_fp16", _ours, inputs))
         fits = _eager_fits(dims, dtype)
         if fits:
             impls.append(("eager", _eager, inputs))
@@ -245,7 +275,8 @@ def run(quick: bool = False) -> Results:
             notes = []
             for key, backward in (("fwd", False), ("fwd_bwd", True)):
                 try:
-                    ms, extra, host_ms = _measure(fn, args, backward, reps)
+                    with _fp16_ds(impl != "foldcompile_ds_fp16"):
+                        ms, extra, host_ms = _measure(fn, args, backward, reps)
                 except Exception as exc:  # noqa: BLE001 - record the failure, keep benchmarking
                     notes.append(f"{key} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
                     if os.environ.get("BENCH_DEBUG"):
@@ -275,7 +306,7 @@ def run(quick: bool = False) -> Results:
         # foldcompile was timed before eager: fill in its speed-up now.
         for row in res.rows:
             mine = row["case"] == case and row["dtype"] == str(dtype).replace("torch.", "")
-            if mine and row["impl"] == "foldcompile":
+            if mine and row["impl"] in ("foldcompile", "foldcompile_ds_fp16"):
                 for key in ("fwd", "fwd_bwd"):
                     if key in eager_ms and f"{key}_ms" in row:
                         row[f"{key}_speedup_vs_eager"] = eager_ms[key] / row[f"{key}_ms"]
@@ -288,9 +319,10 @@ def run(quick: bool = False) -> Results:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--fp16-ds", action="store_true", help="only the fp16 rows: the cost of dS in fp32")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "results"))
     args = parser.parse_args()
-    res = run(quick=args.quick)
+    res = run(quick=args.quick, fp16_ds_only=args.fp16_ds)
     print(res.markdown())
     print("saved", res.save(os.path.abspath(args.out), "attention"))
 

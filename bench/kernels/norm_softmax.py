@@ -81,7 +81,9 @@ def _softmax_case(shape, bias_shape, mask_shape, dtype):
     scale = 1.0 / math.sqrt(32)
     el = x.element_size()
     fwd_bytes = 2 * x.numel() * el + bias.numel() * el + mask.numel()
-    bwd_bytes = 3 * x.numel() * el + bias.numel() * el
+    # backward: y, dy read, dx written, the bias gradient, and the mask read again (it zeroes
+    # dx where masked, so a NaN row passes no gradient to masked-out entries)
+    bwd_bytes = 3 * x.numel() * el + bias.numel() * el + mask.numel()
     inputs = (x, bias, mask, scale)
     return inputs, fwd_bytes, bwd_bytes, _ours_softmax, _eager_softmax, (x, bias)
 

@@ -273,6 +273,7 @@ def test_gradcheck_reference_float64():
     assert torch.autograd.gradcheck(fn, (q, k, v, bias, gate))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 is wrong in the Triton interpreter; needs CUDA")
 @pytest.mark.parametrize("D", [24, 64])
 def test_bf16_on_cuda(D):

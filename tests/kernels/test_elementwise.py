@@ -133,6 +133,7 @@ def test_fragment_forward_backward(name, dtype):
     _run_case(name, dtype)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 is wrong in the Triton interpreter; GPU only")
 @pytest.mark.parametrize("name", ["bias_dropout_residual", "sigmoid_gating", "swiglu", "chain"])
 def test_fragment_bf16_cuda(name):

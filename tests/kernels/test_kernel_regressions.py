@@ -177,6 +177,7 @@ def test_fused_elementwise_half_cast_rounds():
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 is wrong in the Triton interpreter")
 def test_fused_elementwise_cast_rounds_bf16_cuda():
     f = fuse_elementwise(lambda a: a.bfloat16().float() - a)

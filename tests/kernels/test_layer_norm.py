@@ -191,6 +191,7 @@ def test_max_dim_constant():
     assert MAX_TRITON_DIM >= 4096
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 is wrong in the Triton interpreter; CUDA only")
 def test_bf16_cuda():
     torch.manual_seed(9)

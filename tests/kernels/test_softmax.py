@@ -282,6 +282,7 @@ def test_empty_softmax_dim_is_an_error():
         softmax(torch.randn(3, 0, device=DEVICE))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 is wrong in the Triton interpreter; CUDA only")
 def test_bf16_cuda():
     torch.manual_seed(13)
