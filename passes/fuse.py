@@ -37,7 +37,8 @@ The record (for ``explain`` and the tests):
 
 Every node a rule inserts carries ``meta["origin"]`` (the names of the traced nodes it
 replaced), ``meta["fused_by"]`` and the anchor's ``module_path`` and ``stack_trace``.
-Collectives and autocast regions are barriers: no match may contain one.
+Collectives and autocast regions that cast are barriers: no match may contain one or straddle
+the edge of a region (a match wholly inside an ``autocast(enabled=False)`` region is fine).
 """
 from __future__ import annotations
 
@@ -78,17 +79,39 @@ def _subgraph_modules(gm: torch.fx.GraphModule) -> list[torch.fx.GraphModule]:
     return [gm] + [m for _, m in gm.named_modules() if isinstance(m, torch.fx.GraphModule) and m is not gm]
 
 
-def _autocast_nodes(graph: torch.fx.Graph) -> set[torch.fx.Node]:
-    inside, depth = set(), 0
+def _autocast_regions(graph: torch.fx.Graph) -> dict[torch.fx.Node, tuple[int, bool]]:
+    """Each node inside an autocast region -> (the innermost region's id, whether it casts).
+
+    A region entered with ``enabled=False`` (Boltz switches autocast off around its attention
+    so the logits stay fp32) casts nothing: its ops run in their inputs' dtypes, as our kernels
+    do, so a match that lies wholly inside one such region computes the same. A region that
+    casts (``enabled`` True or not constant) changes the precision of every op in it: a barrier."""
+    inside: dict[torch.fx.Node, tuple[int, bool]] = {}
+    stack: list[tuple[int, bool]] = []
+    next_id = 0
     for n in graph.nodes:
         name = M.op_name(n)
         if name == "_enter_autocast":
-            depth += 1
+            enabled = n.args[2] if len(n.args) > 2 else n.kwargs.get("enabled", True)
+            stack.append((next_id, enabled is not False))
+            next_id += 1
         elif name == "_exit_autocast":
-            depth = max(0, depth - 1)
-        elif depth:
-            inside.add(n)
+            if stack:
+                stack.pop()
+        elif stack:
+            # a cast region anywhere on the stack casts the ops in an inner no-cast one too
+            inside[n] = (stack[-1][0], any(casts for _, casts in stack))
     return inside
+
+
+def _crosses_autocast(region: Iterable[torch.fx.Node], regions: Mapping[torch.fx.Node, tuple[int, bool]]) -> bool:
+    """True when a match's nodes are not all in the same place: all outside every autocast region,
+    or all inside one region that casts nothing."""
+    places = {regions.get(r) for r in region}
+    if len(places) != 1:
+        return True
+    place = places.pop()
+    return place is not None and place[1]
 
 
 def _erase_dead(graph: torch.fx.Graph, nodes: Iterable[torch.fx.Node], erased: set[torch.fx.Node]) -> None:
@@ -127,7 +150,8 @@ def fuse_pass(gm: torch.fx.GraphModule, *, at: Mapping[str, int] | None = None, 
     for owner in _subgraph_modules(gm):
         graph = owner.graph
         ctx = Context(owner, subs, values)
-        barrier = _autocast_nodes(graph)
+        autocast_regions = _autocast_regions(graph)
+        barrier = {n for n, (_, casts) in autocast_regions.items() if casts}
         for n in graph.nodes:
             if M.op_class(n) in ("REDUCTION", "ELEMENTWISE"):
                 total_bytes += M.cost_bytes_at(n, subs)
@@ -143,7 +167,8 @@ def fuse_pass(gm: torch.fx.GraphModule, *, at: Mapping[str, int] | None = None, 
                 if isinstance(found, Reject):
                     reason = found.reason
                 else:
-                    if any(M.is_barrier(r) or r in barrier for r in found.region):
+                    if any(M.is_barrier(r) for r in found.region) or _crosses_autocast(found.region,
+                                                                                       autocast_regions):
                         reason = "crosses a collective or autocast boundary"
                     else:
                         reason = rule.check(found, ctx) or rule.profitable(found, ctx)

@@ -75,6 +75,8 @@ def normalize_pass(gm: torch.fx.GraphModule) -> PassResult:
         "operators_to_functions": Counter(),
         "gemms": Counter(),
         "parameters_renamed": Counter(),
+        "inplace_to_functional": Counter(),
+        "inplace_kept": Counter(),
     }
     changed = False
     for owner in [gm] + [m for _, m in gm.named_modules() if isinstance(m, torch.fx.GraphModule) and m is not gm]:
@@ -109,6 +111,7 @@ def _normalize_graph(owner: torch.fx.GraphModule, record: dict) -> bool:
             node.meta[NORMALIZED_FROM] = "operator.matmul"
             record["operators_to_functions"]["matmul"] += 1
             changed = True
+    changed |= _inplace_to_functional(graph, record)
     for node in graph.nodes:
         if node.op == "call_function" and node.target in GEMM_TARGETS:
             eq = equation_of(node)
@@ -117,6 +120,111 @@ def _normalize_graph(owner: torch.fx.GraphModule, record: dict) -> bool:
                 changed = True
             record["gemms"][op_name(node)] += 1
     return changed
+
+
+# In-place spellings whose out-of-place op takes the same arguments (``a += b`` is ``a + b``
+# written into a's memory). Real code writes them (``q /= sqrt(d)``, ``logits += bias``,
+# ``x.sigmoid_()``); the fusion rules match the functional form only.
+_INPLACE_OPERATORS = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+                      operator.itruediv: operator.truediv}
+_INPLACE_METHODS = frozenset("""
+add_ sub_ mul_ div_ neg_ abs_ exp_ sqrt_ rsqrt_ pow_ sigmoid_ tanh_ relu_ clamp_ clamp_min_ clamp_max_
+masked_fill_
+""".split())
+
+
+def _functional_form(node: torch.fx.Node) -> tuple[Any, str] | None:
+    """The out-of-place target of an in-place node and the in-place name, or None."""
+    if node.op != "call_function":
+        return None
+    if node.target in _INPLACE_OPERATORS:
+        return _INPLACE_OPERATORS[node.target], node.target.__name__
+    name = getattr(node.target, "__name__", "")
+    if name in _INPLACE_METHODS and getattr(torch.Tensor, name, None) is node.target:
+        base = name[:-1]
+        method = getattr(torch.Tensor, base)
+        entry = lookup(method)
+        return (entry.canonical if entry is not None and entry.canonical is not None else method), name
+    return None
+
+
+def _storage(value: Any) -> Any:
+    try:
+        return value.untyped_storage()._cdata  # identity of the memory: views share it, fake tensors too
+    except Exception:
+        return None
+
+
+def _inplace_to_functional(graph: torch.fx.Graph, record: dict) -> bool:
+    """Rewrite ``x += y`` (and ``x.mul_(y)``, ...) as ``x + y`` where no one can tell the difference:
+    ``x`` is a value the graph made itself (not an input or parameter), nothing that shares ``x``'s
+    memory is read after the write except through the written result, and the result's dtype and
+    shape are ``x``'s (``fp16 += fp32`` stays in fp16 in place but promotes out of place). Otherwise
+    the node is left as it is, counted in ``record["inplace_kept"]`` with the reason."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    memory: dict[torch.fx.Node, Any] = {}  # node -> identity of the memory its value lives in
+    for n in graph.nodes:
+        key = _storage(n.meta.get("example_value"))
+        if key is not None:
+            memory[n] = key
+    changed = False
+    for node in list(graph.nodes):
+        form = _functional_form(node)
+        if form is None:
+            continue
+        target, name = form
+        reason, downstream = _why_kept_in_place(node, order, memory)
+        if reason is not None:
+            record["inplace_kept"][reason] += 1
+            continue
+        node.target = target
+        node.meta[NORMALIZED_FROM] = name
+        record["inplace_to_functional"][name] += 1
+        changed = True
+        # the result now has memory of its own, shared by the views taken of it downstream
+        fresh, old = object(), memory.get(node)
+        for n in [node, *downstream]:
+            if memory.get(n) == old:
+                memory[n] = fresh
+    return changed
+
+
+def _why_kept_in_place(node: torch.fx.Node, order: dict,
+                       memory: dict) -> tuple[str | None, set[torch.fx.Node]]:
+    reason = _check_in_place(node, order, memory)
+    return reason if isinstance(reason, str) else None, reason if isinstance(reason, set) else set()
+
+
+def _check_in_place(node: torch.fx.Node, order: dict, memory: dict) -> str | set[torch.fx.Node]:
+    x = node.args[0] if node.args else None
+    if not isinstance(x, torch.fx.Node) or x.op != "call_function":
+        return "writes into an input, a parameter or a constant"
+    if node.kwargs.get("out") is not None:
+        return "has an out= argument"
+    xv, nv = x.meta.get("example_value"), node.meta.get("example_value")
+    if not isinstance(xv, torch.Tensor) or not isinstance(nv, torch.Tensor):
+        return "no example value to check dtype, shape and aliasing"
+    if nv.dtype != xv.dtype or tuple(nv.shape) != tuple(xv.shape):
+        return "the out-of-place result would have another dtype or shape"
+    others = [a for a in node.args[1:] if isinstance(a, torch.fx.Node)]
+    for a in others:
+        av = a.meta.get("example_value")
+        if isinstance(av, torch.Tensor) and av.dtype != xv.dtype and av.dim() > 0:
+            return "an operand of another dtype (type promotion differs out of place)"
+    if any(order[u] > order[node] for u in x.users if u is not node):
+        return "the value is read again after the in-place write"
+    # everything sharing x's memory must be x itself or computed from the written result
+    downstream, todo = set(), [node]
+    while todo:
+        for u in todo.pop().users:
+            if u not in downstream:
+                downstream.add(u)
+                todo.append(u)
+    key = memory.get(x)
+    for alias, k in memory.items():
+        if k == key and alias is not x and alias is not node and alias not in downstream:
+            return "another view of the same memory exists"
+    return downstream
 
 
 def _name_parameters_after_the_model(graph: torch.fx.Graph, record: dict) -> bool:

@@ -220,8 +220,9 @@ def _rule_pointwise(ctx: RuleContext):
     return _broadcast(pairs)
 
 
-@register_op("float", "half", "bfloat16", "to", op_class=ELEMENTWISE, fusible="pointwise", samples=S.same_as_first)
-@register_op(*"double int long bool type type_as cpu requires_grad_ rand_like randn_like".split(),
+@register_op("float", "half", "bfloat16", "bool", "to", op_class=ELEMENTWISE, fusible="pointwise",
+             samples=S.same_as_first)
+@register_op(*"double int long type type_as cpu requires_grad_ rand_like randn_like".split(),
              op_class=ELEMENTWISE, samples=S.same_as_first)
 @register_op("zeros_like", "ones_like", "empty_like", "full_like", op_class=ELEMENTWISE, creation=True,
              samples=S.same_as_first)
