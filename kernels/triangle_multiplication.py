@@ -276,6 +276,16 @@ def _cfg(c: tuple) -> dict:
     return dict(zip(_KEYS, tuple(c) + (0,) * (len(_KEYS) - len(c))))
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _np2(n: int) -> int:
+    """next power of two >= n (n >= 1); ``triton.next_power_of_2`` is a ConstexprFunction whose host
+    call costs a few microseconds (argument unwrapping), this is one int operation."""
+    return 1 << (n - 1).bit_length()
+
+
 def _num_sms(device: torch.device) -> int:
     if interpreting() or device.type != "cuda":
         return 4
@@ -295,7 +305,7 @@ def _persistent_grid(total: int, cfg: dict, device: torch.device) -> tuple[int, 
     if not cfg["CTAS"]:
         return total, 1
     progs = max(1, min(total, _num_sms(device) * cfg["CTAS"]))
-    return progs, triton.next_power_of_2(triton.cdiv(total, progs))
+    return progs, _np2(_cdiv(total, progs))
 
 
 def _pick(kind: str, key: tuple, launch) -> dict:
@@ -336,10 +346,6 @@ def _pick(kind: str, key: tuple, launch) -> dict:
         cfg = best[1]
     _TUNED[full] = cfg
     return cfg
-
-
-def _meta(cfg: dict) -> dict:
-    return dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
 # --------------------------------------------------------------------------- kernels
@@ -749,12 +755,30 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # ignored for fp16 / bf16 operands
 
 
-def _blocks(C: int, H: int) -> dict:
-    return dict(C=C, H=H, BLOCK_C=max(16, triton.next_power_of_2(C)))
-
-
 def _tune_key(B: int, NN: int, C: int, H: int, dt: torch.dtype, extra) -> tuple:
-    return (triton.next_power_of_2(B * NN), C, H, dt, extra)
+    return (_np2(B * NN), C, H, dt, extra)
+
+
+# (kind, config values, C, H, dtype, has_mask, precision) -> the launch's keyword arguments (constexprs
+# and launch options): built once, so a launch spends no host time assembling them.
+_KW: dict[tuple, dict] = {}
+
+
+def _launch_kw(kind: str, cfg: dict, C: int, H: int, dt: torch.dtype, has_mask: bool) -> dict:
+    prec = _precision(dt)
+    key = (kind, tuple(cfg.values()), C, H, dt, has_mask, prec)
+    kw = _KW.get(key)
+    if kw is None:
+        kw = dict(C=C, H=H, BLOCK_C=max(16, _np2(C)), BLOCK_M=cfg["BLOCK_M"], PRECISION=prec,
+                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        if kind in ("proj", "proj_bwd"):
+            kw.update(HAS_MASK=has_mask, BLOCK_H=cfg["BLOCK_H"])
+        else:
+            kw.update(BLOCK_HF=max(16, _np2(H)))
+        if kind == "proj":
+            kw.update(ROWS=cfg.get("ROWS", 0))
+        _KW[key] = kw
+    return kw
 
 
 _PRODUCTS = ("cublas", "triton")
@@ -766,7 +790,7 @@ def _bmm(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor, product: str) -> t
         return torch.bmm(x, y, out=out)
     n = x.shape[-1]
     note_launch("trimul_bmm")
-    _trimul_bmm_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), x.shape[0])](
+    _trimul_bmm_kernel[lambda meta: (_cdiv(n, meta["BLOCK_M"]) * _cdiv(n, meta["BLOCK_N"]), x.shape[0])](
         x, y, out, *x.stride(), *y.stride(), N=n, PRECISION=_precision(x.dtype))
     return out
 
@@ -789,42 +813,44 @@ def _const(n: int, value: float, device: torch.device) -> torch.Tensor:
     return t
 
 
+# Size of each parameter vector in _PARAM_ORDER as (uses C, uses H): for the absent-parameter constants.
+_VEC_DIM = ("C", "C", None, None, None, None, "H", "H", "H", "H", None, "C", "H", "H", None, "C")
+
+
 def _filled(ps, C: int, H: int, device) -> list:
     """The 16 parameters with cached constants in place of the absent ones (contiguous)."""
-    sizes = dict(ln_in_weight=C, ln_in_bias=C, a_proj_bias=H, b_proj_bias=H, a_gate_bias=H, b_gate_bias=H,
-                 gate_bias=C, ln_out_weight=H, ln_out_bias=H, out_bias=C)
-    return [t.contiguous() if t is not None else _const(sizes[n], _CONST_VALUE.get(n, 0.0), device)
-            for n, t in zip(_PARAM_ORDER, ps)]
+    out = []
+    for n, d, t in zip(_PARAM_ORDER, _VEC_DIM, ps):
+        if t is None:
+            t = _const(C if d == "C" else H, _CONST_VALUE.get(n, 0.0), device)
+        elif not t.is_contiguous():
+            t = t.contiguous()
+        out.append(t)
+    return out
 
 
 def _launch_proj(cfg, z4, mask3, ps, ab, mean, rstd, eps1):
     B, N, _, C = z4.shape
     H = ps[2].shape[0]
     NN = N * N
-    w1, b1, wap, wbp, wag, wbg, bap, bbp, bag, bbg = ps[:10]
-    tiles_b = triton.cdiv(NN, cfg["BLOCK_M"])
+    tiles_b = _cdiv(NN, cfg["BLOCK_M"])
     total = B * tiles_b
     progs, tiles = _persistent_grid(total, cfg, z4.device)
     _trimul_proj_kernel[(progs,)](
-        z4, mask3 if mask3 is not None else z4, w1, b1, wap, wbp, wag, wbg, bap, bbp, bag, bbg, ab, mean, rstd,
-        NN, tiles_b, total, B * H * NN, float(eps1), HAS_MASK=mask3 is not None, PRECISION=_precision(z4.dtype),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_H=cfg["BLOCK_H"], TILES=tiles, ROWS=cfg.get("ROWS", 0), **_blocks(C, H),
-        **_meta(cfg))
+        z4, mask3 if mask3 is not None else z4, *ps[:10], ab, mean, rstd,
+        NN, tiles_b, total, B * H * NN, eps1, TILES=tiles, **_launch_kw("proj", cfg, C, H, z4.dtype, mask3 is not None))
 
 
 def _launch_out(cfg, p, z4, mean, rstd, ps, out, eps2):
     B, N, _, C = z4.shape
     H = ps[2].shape[0]
     NN = N * N
-    w1, b1 = ps[0], ps[1]
-    wgo, bgo, w2, b2, wo, bo = ps[10:]
-    tiles_b = triton.cdiv(NN, cfg["BLOCK_M"])
+    tiles_b = _cdiv(NN, cfg["BLOCK_M"])
     total = B * tiles_b
     progs, tiles = _persistent_grid(total, cfg, z4.device)
     _trimul_out_kernel[(progs,)](
-        p, z4, mean, rstd, w1, b1, w2, b2, wo, bo, wgo, bgo, out, NN, tiles_b, total, float(eps2),
-        PRECISION=_precision(z4.dtype), BLOCK_HF=max(16, triton.next_power_of_2(H)), BLOCK_M=cfg["BLOCK_M"],
-        TILES=tiles, **_blocks(C, H), **_meta(cfg))
+        p, z4, mean, rstd, ps[0], ps[1], ps[12], ps[13], ps[14], ps[15], ps[10], ps[11], out, NN, tiles_b, total,
+        eps2, TILES=tiles, **_launch_kw("out", cfg, C, H, z4.dtype, False))
 
 
 def _part_width(kind: str, C: int, H: int) -> int:
@@ -836,15 +862,12 @@ def _launch_out_bwd(cfg, p, z4, mean, rstd, ps, dout, dp, do, y, du, part, eps2)
     B, N, _, C = z4.shape
     H = ps[2].shape[0]
     NN = N * N
-    w1, b1 = ps[0], ps[1]
-    wgo, bgo, w2, b2, wo, bo = ps[10:]
-    tiles_b = triton.cdiv(NN, cfg["BLOCK_M"])
+    tiles_b = _cdiv(NN, cfg["BLOCK_M"])
     total = B * tiles_b
     _trimul_out_bwd_kernel[(total,)](
-        p, z4, mean, rstd, w1, b1, w2, b2, wo, bo, wgo, bgo, dout, dp, do, y, du, part,
-        NN, tiles_b, total, float(eps2), du.shape[1], 4 * H, part.shape[1],
-        PRECISION=_precision(z4.dtype), BLOCK_HF=max(16, triton.next_power_of_2(H)), BLOCK_M=cfg["BLOCK_M"],
-        **_blocks(C, H), **_meta(cfg))
+        p, z4, mean, rstd, ps[0], ps[1], ps[12], ps[13], ps[14], ps[15], ps[10], ps[11], dout, dp, do, y, du, part,
+        NN, tiles_b, total, eps2, du.shape[1], 4 * H, part.shape[1],
+        **_launch_kw("out_bwd", cfg, C, H, z4.dtype, False))
 
 
 def _launch_proj_bwd(cfg, z4, mask3, mean, rstd, ps, dab, du, x1, dz, part):
@@ -852,18 +875,16 @@ def _launch_proj_bwd(cfg, z4, mask3, mean, rstd, ps, dab, du, x1, dz, part):
     B, N, _, C = z4.shape
     H = ps[2].shape[0]
     NN = N * N
-    w1, b1, wap, wbp, wag, wbg, bap, bbp, bag, bbg, wgo = ps[:11]
-    tiles_b = triton.cdiv(NN, cfg["BLOCK_M"])
+    tiles_b = _cdiv(NN, cfg["BLOCK_M"])
     total = B * tiles_b
     _trimul_proj_bwd_kernel[(total,)](
-        z4, mask3 if mask3 is not None else z4, mean, rstd, w1, b1, wap, wbp, wag, wbg, bap, bbp, bag, bbg, wgo,
+        z4, mask3 if mask3 is not None else z4, mean, rstd, *ps[:11],
         dab, du, x1, dz, part, NN, tiles_b, total, B * H * NN, du.shape[1], part.shape[1],
-        HAS_MASK=mask3 is not None, PRECISION=_precision(z4.dtype), BLOCK_M=cfg["BLOCK_M"],
-        BLOCK_H=cfg["BLOCK_H"], **_blocks(C, H), **_meta(cfg))
+        **_launch_kw("proj_bwd", cfg, C, H, z4.dtype, mask3 is not None))
 
 
 def _part_buffer(kind: str, cfg: dict, B: int, NN: int, C: int, H: int, device) -> torch.Tensor:
-    return torch.empty((B * triton.cdiv(NN, cfg["BLOCK_M"]), _part_width(kind, C, H)), dtype=torch.float32,
+    return torch.empty((B * _cdiv(NN, cfg["BLOCK_M"]), _part_width(kind, C, H)), dtype=torch.float32,
                        device=device)
 
 
@@ -874,15 +895,17 @@ def _forward(z4, mask3, ps, eps1, eps2, outgoing, product, keep):
     H = ps[2].shape[0]
     NN = N * N
     dev, dt = z4.device, z4.dtype
-    mean = torch.empty(B * NN, dtype=torch.float32, device=dev)
-    rstd = torch.empty(B * NN, dtype=torch.float32, device=dev)
+    stats = torch.empty((2, B * NN), dtype=torch.float32, device=dev)   # one allocation: mean, rstd
+    mean, rstd = stats.unbind(0)
     ab = torch.empty((2, B * H, N, N), dtype=dt, device=dev)
     key = _tune_key(B, NN, C, H, dt, mask3 is not None)
     note_launch("trimul_proj")
-    launch = lambda cfg: _launch_proj(cfg, z4, mask3, ps, ab, mean, rstd, eps1)  # noqa: E731
-    launch(_pick("proj", key, launch))
+    cfg = _TUNED.get(("proj", *key)) if not _FORCED else None
+    if cfg is None:
+        cfg = _pick("proj", key, lambda c: _launch_proj(c, z4, mask3, ps, ab, mean, rstd, eps1))
+    _launch_proj(cfg, z4, mask3, ps, ab, mean, rstd, eps1)
     p = torch.empty((B * H, N, N), dtype=dt, device=dev)
-    a, b = ab[0], ab[1]
+    a, b = ab.unbind(0)
     if outgoing:                                              # P_c = A_c B_c^T
         _bmm(a, b.transpose(1, 2), p, product)
     else:                                                     # P_c = A_c^T B_c
@@ -893,8 +916,10 @@ def _forward(z4, mask3, ps, eps1, eps2, outgoing, product, keep):
         ab = None
     out = torch.empty((B, N, N, C), dtype=dt, device=dev)
     note_launch("trimul_out")
-    launch = lambda cfg: _launch_out(cfg, p, z4, mean, rstd, ps, out, eps2)  # noqa: E731
-    launch(_pick("out", key, launch))
+    cfg = _TUNED.get(("out", *key)) if not _FORCED else None
+    if cfg is None:
+        cfg = _pick("out", key, lambda c: _launch_out(c, p, z4, mean, rstd, ps, out, eps2))
+    _launch_out(cfg, p, z4, mean, rstd, ps, out, eps2)
     return out, (ab, p, mean, rstd)
 
 
@@ -905,6 +930,14 @@ def _wgrad(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.device.type == "cpu":
         return a.float().t() @ b.float()
     return a.t() @ b
+
+
+# Where each parameter's gradient comes from, in _PARAM_ORDER: (source, piece). Sources: 0 = the
+# partial sums of trimul_proj_bwd, split [C, C, H, H, H, H] = [dLN_in.w | dLN_in.b | d(a_p, b_p, a_g,
+# b_g) biases]; 1 = those of trimul_out_bwd, split [H, H, C, C] = [dLN_out.w | dLN_out.b | d out bias |
+# d gate bias]; 2 = du^T LN(z), split [H, H, H, H, C] = [W_ap; W_bp; W_ag; W_bg; W_g]; 3 = do^T LN(p).
+_GRAD_SRC = ((0, 0), (0, 1), (2, 0), (2, 1), (2, 2), (2, 3), (0, 2), (0, 3), (0, 4), (0, 5),
+             (2, 4), (1, 3), (1, 0), (1, 1), (3, 0), (1, 2))
 
 
 class TriangleMultiplicationFunction(torch.autograd.Function):
@@ -921,75 +954,80 @@ class TriangleMultiplicationFunction(torch.autograd.Function):
         ps = _filled(params, C, H, z4.device)
         out, (ab, p, mean, rstd) = _forward(z4, mask3, ps, eps1, eps2, outgoing, product, keep=True)
         ctx.save_for_backward(z4, mask3, *ps, ab, p, mean, rstd)
-        ctx.present = tuple(t is not None for t in params)
-        ctx.eps = (eps1, eps2)
-        ctx.outgoing = outgoing
-        ctx.product = product
+        # One attribute: which parameters are present, their dtypes, and the scalars.
+        ctx.meta = (tuple(None if t is None else t.dtype for t in params), eps1, eps2, outgoing, product)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout):
         saved = ctx.saved_tensors
-        z4, mask3, ps, (ab, p, mean, rstd) = saved[0], saved[1], list(saved[2:18]), saved[18:]
-        eps1, eps2 = ctx.eps
+        z4, mask3, ps, (ab, p, mean, rstd) = saved[0], saved[1], saved[2:18], saved[18:]
+        dtypes, eps1, eps2, outgoing, product = ctx.meta
         B, N, _, C = z4.shape
         H = ps[2].shape[0]
         NN, M = N * N, B * N * N
         dev, dt = z4.device, z4.dtype
-        dout = dout.contiguous()
+        if not dout.is_contiguous():
+            dout = dout.contiguous()
         key = _tune_key(B, NN, C, H, dt, mask3 is not None)
-        ld = 4 * H + C                                        # du = [d(a_p, b_p) | d(a_g, b_g) | dgate]
-        du = torch.empty((M, ld), dtype=dt, device=dev)
+        du = torch.empty((M, 4 * H + C), dtype=dt, device=dev)   # [d(a_p, b_p) | d(a_g, b_g) | dgate]
         dp = torch.empty((B * H, N, N), dtype=dt, device=dev)
         do = torch.empty((M, C), dtype=dt, device=dev)
         y = torch.empty((M, H), dtype=dt, device=dev)
         note_launch("trimul_out_bwd")
-        cfg2 = _pick("out_bwd", key, lambda c: _launch_out_bwd(
-            c, p, z4, mean, rstd, ps, dout, dp, do, y, du, _part_buffer("out_bwd", c, B, NN, C, H, dev), eps2))
+        cfg2 = _TUNED.get(("out_bwd", *key)) if not _FORCED else None
+        if cfg2 is None:
+            cfg2 = _pick("out_bwd", key, lambda c: _launch_out_bwd(
+                c, p, z4, mean, rstd, ps, dout, dp, do, y, du, _part_buffer("out_bwd", c, B, NN, C, H, dev), eps2))
         part2 = _part_buffer("out_bwd", cfg2, B, NN, C, H, dev)
         _launch_out_bwd(cfg2, p, z4, mean, rstd, ps, dout, dp, do, y, du, part2, eps2)
         dab = torch.empty((2, B * H, N, N), dtype=dt, device=dev)
-        a, b = ab[0], ab[1]
-        if ctx.outgoing:                                      # P = A B^T
-            _bmm(dp, b, dab[0], ctx.product)
-            _bmm(dp.transpose(1, 2), a, dab[1], ctx.product)
+        da, db = dab.unbind(0)
+        a, b = ab.unbind(0)
+        if outgoing:                                          # P = A B^T
+            _bmm(dp, b, da, product)
+            _bmm(dp.transpose(1, 2), a, db, product)
         else:                                                 # P = A^T B
-            _bmm(b, dp.transpose(1, 2), dab[0], ctx.product)
-            _bmm(a, dp, dab[1], ctx.product)
-        del dp
+            _bmm(b, dp.transpose(1, 2), da, product)
+            _bmm(a, dp, db, product)
+        del dp, da, db
         x1 = torch.empty((M, C), dtype=dt, device=dev)
-        dz = torch.empty((M, C), dtype=dt, device=dev)
+        dz = torch.empty(z4.shape, dtype=dt, device=dev)
         note_launch("trimul_proj_bwd")
-        cfg1 = _pick("proj_bwd", key, lambda c: _launch_proj_bwd(
-            c, z4, mask3, mean, rstd, ps, dab, du, x1, dz, _part_buffer("proj_bwd", c, B, NN, C, H, dev)))
+        cfg1 = _TUNED.get(("proj_bwd", *key)) if not _FORCED else None
+        if cfg1 is None:
+            cfg1 = _pick("proj_bwd", key, lambda c: _launch_proj_bwd(
+                c, z4, mask3, mean, rstd, ps, dab, du, x1, dz, _part_buffer("proj_bwd", c, B, NN, C, H, dev)))
         part1 = _part_buffer("proj_bwd", cfg1, B, NN, C, H, dev)
         _launch_proj_bwd(cfg1, z4, mask3, mean, rstd, ps, dab, du, x1, dz, part1)
         need = ctx.needs_input_grad
-        grads: list[Optional[torch.Tensor]] = [None] * (2 + 16 + 4)
-        grads[0] = dz.view(z4.shape) if need[0] else None
-        g = {}
-        if any(need[4:8]) or need[12]:                        # [W_ap; W_bp; W_ag; W_bg; W_g] in one GEMM
-            dw_cat = _wgrad(du, x1)                           # [4H + C, C]
-            for name, lo in (("a_proj_weight", 0), ("b_proj_weight", H), ("a_gate_weight", 2 * H),
-                             ("b_gate_weight", 3 * H)):
-                g[name] = dw_cat[lo:lo + H]
-            g["gate_weight"] = dw_cat[4 * H:]
-        if need[16]:
-            g["out_weight"] = _wgrad(do, y)                   # [C, H]
-        # Column sums of the per-program partial rows: LN affines and every bias (two small
-        # reductions over B · N² / BLOCK_M rows, instead of reductions over du and do).
-        s1, s2 = part1.sum(0), part2.sum(0)
-        dts = {t.dtype for t, on in zip(ps, ctx.present) if on}
-        if len(dts) == 1:                                     # one conversion each, not one a parameter
-            s1, s2 = s1.to(*dts), s2.to(*dts)
-        g.update(ln_in_weight=s1[:C], ln_in_bias=s1[C:2 * C], a_proj_bias=s1[2 * C:2 * C + H],
-                 b_proj_bias=s1[2 * C + H:2 * C + 2 * H], a_gate_bias=s1[2 * C + 2 * H:2 * C + 3 * H],
-                 b_gate_bias=s1[2 * C + 3 * H:], ln_out_weight=s2[:H], ln_out_bias=s2[H:2 * H],
-                 out_bias=s2[2 * H:2 * H + C], gate_bias=s2[2 * H + C:])
-        for i, name in enumerate(_PARAM_ORDER):
-            if need[2 + i] and ctx.present[i] and name in g:
-                grads[2 + i] = g[name].to(ps[i].dtype)
+        # Only what some requested gradient needs: the GEMMs, the partial-row sums, one cast each
+        # (when all present parameters share a dtype other than fp32), split into views in one call.
+        want = [need[2 + i] and dtypes[i] is not None for i in range(16)]
+        srcs: list = [None, None, None, None]
+        used = {_GRAD_SRC[i][0] for i in range(16) if want[i]}
+        pdt = {d for d in dtypes if d is not None}
+        one = pdt.pop() if len(pdt) == 1 else None
+        if 0 in used:
+            s1 = part1.sum(0)
+            srcs[0] = (s1 if one is None or one == s1.dtype else s1.to(one)).split([C, C, H, H, H, H])
+        if 1 in used:
+            s2 = part2.sum(0)
+            srcs[1] = (s2 if one is None or one == s2.dtype else s2.to(one)).split([H, H, C, C])
+        if 2 in used:
+            srcs[2] = _wgrad(du, x1).split([H, H, H, H, C])   # [4H + C, C] in one GEMM
+        if 3 in used:
+            srcs[3] = (_wgrad(do, y),)                        # [C, H]
+        grads: list[Optional[torch.Tensor]] = [dz if need[0] else None, None]
+        for i in range(16):
+            if want[i]:
+                src, k = _GRAD_SRC[i]
+                g = srcs[src][k]
+                grads.append(g if g.dtype == dtypes[i] else g.to(dtypes[i]))
+            else:
+                grads.append(None)
+        grads += [None] * 4
         return tuple(grads)
 
 # --------------------------------------------------------------------------- public API
@@ -1179,19 +1217,26 @@ def triangle_multiplication(z: torch.Tensor, mask: Optional[torch.Tensor], param
     C, H = _check(z, mask, params)
     P = params
     ps = [getattr(P, n) for n in _PARAM_ORDER]
-    if (z.dtype not in _SUPPORTED or C > MAX_TRITON_DIM or H > MAX_TRITON_DIM or not use_triton(z, mask, *ps)):
+    # _check put every parameter and the mask on z's device: z alone decides the path.
+    if (z.dtype not in _SUPPORTED or C > MAX_TRITON_DIM or H > MAX_TRITON_DIM or not use_triton(z)):
         return triangle_multiplication_reference(z, mask, params, outgoing)
-    N = z.shape[-2]
-    B = z.numel() // (N * N * C)
-    z4 = z.reshape(B, N, N, C)
+    shape = z.shape
+    N = shape[-2]
+    four = len(shape) == 4
+    if four:                                   # [B, N, N, C]: no reshape, no view node in the graph
+        B, z4 = shape[0], z
+    else:
+        B = z.numel() // (N * N * C)
+        z4 = z.reshape(B, N, N, C)
     if not z4.is_contiguous():
         z4 = z4.contiguous()
     mask3 = None
     if mask is not None:
         # The kernels read the mask in its own dtype (bool as bytes) and upcast in registers: no
         # conversion launch; a copy only when the mask broadcasts or is strided.
-        m = mask if mask.shape == z.shape[:-1] else mask.expand(z.shape[:-1])
-        m = m.reshape(B, N, N)
+        m = mask if mask.shape == shape[:-1] else mask.expand(shape[:-1])
+        if m.dim() != 3:
+            m = m.reshape(B, N, N)
         if not m.is_contiguous():
             m = m.contiguous()
         mask3 = m.view(torch.uint8) if m.dtype == torch.bool else m
@@ -1202,7 +1247,7 @@ def triangle_multiplication(z: torch.Tensor, mask: Optional[torch.Tensor], param
         # Inference: nothing is saved, so a and b are freed as soon as the triangle product ran.
         out, _ = _forward(z4, mask3, _filled(ps, C, H, z.device), float(P.eps_in), float(P.eps_out), outgoing,
                           product, keep=False)
-    return out.view(z.shape)
+    return out if four else out.view(shape)
 
 
 def triangle_multiplication_module(module: torch.nn.Module, z: torch.Tensor,

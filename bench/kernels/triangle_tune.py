@@ -15,6 +15,9 @@ configs after ``--budget`` seconds and says so. Run from the repository root::
     python -m bench.kernels.triangle_tune [--budget 240] [--quick]
     python -m bench.kernels.triangle_tune --ptxas      # any machine with Triton, no GPU: registers,
                                                         # spills, shared memory of every candidate
+    TRITON_INTERPRET=0 python -m bench.kernels.triangle_tune --host-cpu [--host-n 32]
+                                                        # no GPU: host microseconds of the wrapper
+                                                        # (see host_cpu)
 
 Writes bench/results/kernels_triangle_tune_<card>_<date>.md/.json (and a copy under $OUT when
 that is set).
@@ -189,6 +192,93 @@ def end_to_end(res: Results) -> None:
             del module, z, mask, leaves, dout
 
 
+# --------------------------------------------------------------------------- --host-cpu (no GPU needed)
+def host_cpu(n: int, reps: int = 300) -> None:
+    """Host microseconds a call of the public API spends outside the kernels, on a CPU-only machine.
+
+    The wrapper runs unchanged on CPU tensors of shape [1, n, n, 128] (bf16, a mask) with
+    ``use_triton`` forced on and: each Triton kernel's launch replaced by what Triton's
+    ``JITFunction.run`` does on the host before the C launcher (its argument binder and
+    specialisation for an sm_90 target, the cache-key computation, the grid), the triangle
+    products and weight-gradient GEMMs replaced by no-ops returning their outputs. So it counts
+    our Python, the PyTorch dispatcher for every allocation / view / reduction / cast, the
+    autograd.Function and engine, and Triton's Python launch path; not the CUDA driver's launch
+    cost, cuBLAS's host code or the CUDA caching allocator (CPU allocations and the two small
+    partial-row sums run for real: use a small n). Prints median-of-5 µs per call."""
+    if tm.interpreting():
+        raise SystemExit("--host-cpu times the compiled launch path: unset TRITON_INTERPRET")
+    import statistics
+
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.runtime.jit import compute_cache_key, create_function_from_signature
+
+    backend = CUDABackend(GPUTarget("cuda", 90, 32))
+
+    class HostOnly:
+        def __init__(self, fn):
+            self.binder = create_function_from_signature(fn.signature, fn.params, backend)
+            self.cache: dict = {}
+
+        def __getitem__(self, grid):
+            def run(*args, **kw):
+                kw["debug"] = False
+                kw["instrumentation_mode"] = ""
+                bound, spec, opts = self.binder(*args, **kw)
+                compute_cache_key(self.cache, spec, opts)
+                if callable(grid):
+                    grid(bound)
+                return tuple(bound.values())
+            return run
+
+    saved = {k: getattr(tm, k) for k in ("_trimul_proj_kernel", "_trimul_out_kernel", "_trimul_out_bwd_kernel",
+                                         "_trimul_proj_bwd_kernel", "use_triton", "_bmm", "_wgrad")}
+    try:
+        for k in list(saved)[:4]:
+            setattr(tm, k, HostOnly(saved[k]))
+        tm.use_triton = lambda *t: True
+        tm._bmm = lambda x, y, out, product: out
+        tm._wgrad = lambda a, b: torch.empty((a.shape[1], b.shape[1]), dtype=a.dtype)
+        torch.manual_seed(0)
+        module = randomize_parameters(TriangleMultiplication(C, H, outgoing=True), 0).to(torch.bfloat16)
+        z = torch.randn(1, n, n, C, dtype=torch.bfloat16, requires_grad=True)
+        mask = (torch.rand(1, n, n) > 0.05).to(torch.bfloat16)
+        leaves = [z, *module.parameters()]
+        dout = torch.randn(1, n, n, C, dtype=torch.bfloat16)
+
+        def fwd():
+            with torch.no_grad():
+                tm.triangle_multiplication_module(module, z, mask)
+
+        def fwd_grad():
+            return tm.triangle_multiplication_module(module, z, mask)
+
+        def fwd_bwd():
+            torch.autograd.grad(tm.triangle_multiplication_module(module, z, mask), leaves, dout)
+
+        out = fwd_grad()
+
+        def bwd():
+            torch.autograd.grad(out, leaves, dout, retain_graph=True)
+
+        def us(f):
+            for _ in range(20):
+                f()
+            runs = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    f()
+                runs.append((time.perf_counter() - t0) / reps * 1e6)
+            return statistics.median(runs)
+
+        print(f"host µs a call (CPU, N={n}, kernels / GEMMs stubbed): fwd no_grad {us(fwd):.0f}, "
+              f"fwd with grad {us(fwd_grad):.0f}, bwd alone {us(bwd):.0f}, fwd+bwd {us(fwd_bwd):.0f}", flush=True)
+    finally:
+        for k, v in saved.items():
+            setattr(tm, k, v)
+
+
 # --------------------------------------------------------------------------- --ptxas (no GPU needed)
 def _ptxas_report(kind: str, cfg: dict, n: int = 1024) -> tuple:
     """Compile one kernel for sm_90 with Triton (no GPU: ASTSource + an explicit target) and run
@@ -269,10 +359,17 @@ def main() -> None:
     parser.add_argument("--no-e2e", action="store_true")
     parser.add_argument("--ptxas", action="store_true", help="no GPU: compile every candidate for sm_90 and print "
                         "registers, spills, shared memory (ptxas -v)")
+    parser.add_argument("--host-cpu", action="store_true", help="no GPU: host µs of the wrapper with the kernels "
+                        "stubbed (see host_cpu)")
+    parser.add_argument("--host-n", type=int, default=32)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "results"))
     args = parser.parse_args()
     if args.ptxas:
         ptxas_table(args.quick)
+        return
+    if args.host_cpu:
+        torch.set_num_threads(1)
+        host_cpu(args.host_n)
         return
     if not torch.cuda.is_available():
         raise SystemExit("bench.kernels.triangle_tune needs a CUDA GPU")
