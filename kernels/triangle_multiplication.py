@@ -228,31 +228,31 @@ MAX_TRITON_DIM = 256
 # current tile's math (register prefetch).
 _KEYS = ("BLOCK_M", "BLOCK_H", "num_warps", "num_stages", "CTAS", "ROWS")
 _GPU_CONFIGS = {
-    # Reasoned, not yet timed (bench/kernels/triangle_tune.py times them), but each compiled for
-    # sm_90 here (Triton 3.6 + ptxas -v, C = H = 128, bf16: `python -m bench.kernels.triangle_tune
-    # --ptxas`, no GPU needed) without register spills unless marked; registers a thread and
-    # shared memory in the comments. The first
-    # entry of each list is the one used when tuning is off (FOLDCOMPILE_TRIMUL_TUNE=0).
-    "proj": [(128, 64, 8, 2, 1),        # 242 regs, 112 KiB: persistent, 1 program an SM, prefetch
-             (128, 64, 8, 2, 1, 1),     # 228, 100 KiB: same, x as the register operand
-             (64, 64, 4, 2, 2),         # 255, 88 KiB: persistent, 2 programs an SM
-             (64, 64, 4, 2, 2, 1),      # 238, 82 KiB
-             (128, 64, 8, 2, 0),        # 126, 112 KiB: the first version's shape (2 programs an SM)
-             (128, 128, 8, 2, 0),       # 250, 96 KiB
-             (64, 64, 4, 2, 0),         # 128, 88 KiB
-             (64, 32, 4, 1, 0)],        # 126, 32 KiB: small fallback (fp32, 256 channels)
-    "out": [(64, 64, 8, 1, 1),          # 255 regs, 48 KiB: persistent, prefetch of p, z, statistics
-            (64, 64, 8, 2, 1),
-            (64, 64, 4, 2, 0),          # 255: the first version's likely pick, 2 programs an SM
-            (64, 64, 8, 1, 0),          # 140
-            (32, 64, 4, 1, 0)],         # 177: small fallback
-    "out_bwd": [(32, 64, 8, 1, 0),      # 250 regs, 40 KiB, no spill
-                (64, 64, 8, 2, 0),      # 255, spills 420 bytes (the first version's first entry)
-                (32, 64, 4, 1, 0)],     # 255, spills 28
-    "proj_bwd": [(64, 32, 8, 2, 0),     # 208 regs, 48 KiB, no spill
-                 (64, 64, 8, 2, 0),     # 255, spills 28 bytes (the first version's first entry)
-                 (32, 64, 8, 2, 0),     # 244, no spill
-                 (32, 64, 4, 2, 0)],    # 255, spills 60
+    # Ordered by the 2026-12-01 H200 sweep (bench/results/kernels_triangle_tune_NVIDIA_H200_2026-12-01.md,
+    # bf16, C = H = 128): the measured best first (the one used when tuning is off,
+    # FOLDCOMPILE_TRIMUL_TUNE=0), then the new structural variants (not yet timed: compiled for
+    # sm_90 here with `python -m bench.kernels.triangle_tune --ptxas`, registers / shared memory in
+    # the comments), then small fallbacks for fp32 / 256 channels. Measured losers (persistent
+    # forms, 128 x 128 projection tiles) were dropped from the in-process lists; the sweep keeps them.
+    # ROWS (proj): 0 = W · x^T, 1 = x · W^T, 2 = x · [W_p; W_g]^T, one GEMM a channel block (paired).
+    # BLOCK_H (out): output-channel block; >= C is the fused single-block epilogue that was measured.
+    "proj": [(128, 64, 8, 2, 0),        # 0.540 ms at N=1024 (1.51 TB/s); 126 regs, 112 KiB
+             (128, 64, 8, 2, 0, 2),     # paired GEMM, [128, 128] accumulators (N = 128 wgmma): 128 regs, 128 KiB
+             (128, 32, 8, 2, 0, 2),     # paired GEMM, [128, 64] accumulators: 128 regs, 80 KiB
+             (64, 64, 4, 2, 0),         # 0.673 ms
+             (64, 32, 4, 1, 0)],        # small fallback (fp32, 256 channels)
+    "out": [(64, 128, 4, 1, 0),         # 0.543 ms at N=1024 (1.50 TB/s): fused epilogue, 255 regs
+            (64, 64, 4, 2, 0),          # column-blocked epilogue: 156 regs, 104 KiB
+            (64, 32, 4, 1, 0),          # column-blocked: 157 regs, 48 KiB (3 programs an SM)
+            (128, 64, 8, 2, 0),         # column-blocked, 128-row tiles: 176 regs, 144 KiB
+            (32, 128, 4, 1, 0)],        # small fallback
+    "out_bwd": [(32, 64, 4, 1, 0),      # 1.74 ms at N=1024 (best of the sweep; spills 28 bytes)
+                (32, 64, 8, 1, 0),      # 250 regs, 40 KiB, no spill
+                (64, 64, 8, 2, 0)],     # 255, spills 420 bytes
+    "proj_bwd": [(64, 32, 4, 2, 0),     # 2.25 ms at N=1024 (best of the sweep)
+                 (32, 64, 4, 2, 0),     # 2.36 ms
+                 (64, 32, 8, 2, 0),     # 208 regs, 48 KiB, no spill
+                 (32, 64, 8, 2, 0)],    # 244, no spill
 }
 # Under the interpreter: small tiles (13- and 19-residue tests hit every tail) and the persistent
 # form (CTAS = 1 with _num_sms() = 4), so the tile loop and its prefetch are tested on CPU.
@@ -395,7 +395,10 @@ def _proj_half(x1, mk, b, rs, r_ok, W_P, W_G, B_P, B_G, AB, NN,
     x^T the GEMM's shared-memory operand and the result already pair-contiguous; with ROWS = 1
     (x1 given as [BLOCK_M, BLOCK_C]) it is [BLOCK_M, BLOCK_H] = x · W^T, x the register operand
     (wgmma takes A from registers: no shared-memory copy of x) and the store transposes."""
-    if ROWS:
+    if ROWS == 2:
+        _proj_half_pair(x1, mk, b, rs, r_ok, W_P, W_G, B_P, B_G, AB, NN, C, H, HAS_MASK, PRECISION,
+                        BLOCK_C, BLOCK_H)
+    elif ROWS == 1:
         _proj_half_rows(x1, mk, b, rs, r_ok, W_P, W_G, B_P, B_G, AB, NN, C, H, HAS_MASK, PRECISION,
                         BLOCK_C, BLOCK_H)
     else:
@@ -426,6 +429,43 @@ def _proj_half_rows(x1, mk, b, rs, r_ok, W_P, W_G, B_P, B_G, AB, NN,
             v = v * mk[:, None]
         tl.store(base + hh[None, :].to(tl.int64) * NN + rs[:, None], v.to(AB.dtype.element_ty),
                  mask=r_ok[:, None] & h_ok[None, :])
+
+
+@triton.jit
+def _proj_half_pair(x1, mk, b, rs, r_ok, W_P, W_G, B_P, B_G, AB, NN,
+                    C: tl.constexpr, H: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+                    BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr):
+    """ROWS = 2: as ROWS = 1 (x the left operand, [BLOCK_M, BLOCK_C]) but each channel block's
+    projection and gate are ONE GEMM, [BLOCK_M, 2·BLOCK_H] = x · [W_p; W_g]^T with the weight
+    rows interleaved (column 2j is proj channel h0 + j, column 2j + 1 its gate), so each wgmma is
+    twice as wide (N = 2·BLOCK_H) and there are half as many; the accumulator is then split
+    into its even and odd columns (reshape [BLOCK_M, BLOCK_H, 2] + split: adjacent columns sit
+    in the same thread of an MMA accumulator, so no data moves)."""
+    cols = tl.arange(0, BLOCK_C)
+    c_ok = cols < C
+    base = AB + b * (H * NN)
+    jj = tl.arange(0, 2 * BLOCK_H)
+    is_g = (jj % 2) == 1
+    is_p = (jj % 2) == 0
+    for h0 in range(0, H, BLOCK_H):
+        hp = h0 + jj // 2                                  # the channel of interleaved column jj
+        hp_ok = hp < H
+        # [BLOCK_C, 2·BLOCK_H] transposed weight tile, columns alternating W_p / W_g rows (two
+        # disjointly masked loads, both from L2, merged by a select).
+        w_ok = c_ok[:, None] & hp_ok[None, :]
+        wpt = tl.load(W_P + hp[None, :] * C + cols[:, None], mask=w_ok & is_p[None, :], other=0.0)
+        wgt = tl.load(W_G + hp[None, :] * C + cols[:, None], mask=w_ok & is_g[None, :], other=0.0)
+        wt = tl.where(is_g[None, :], wgt.to(x1.dtype), wpt.to(x1.dtype))
+        bp = tl.load(B_P + hp, mask=hp_ok & is_p, other=0.0).to(tl.float32)
+        bg = tl.load(B_G + hp, mask=hp_ok & is_g, other=0.0).to(tl.float32)
+        u = tl.dot(x1, wt, input_precision=PRECISION) + (bp + bg)[None, :]   # [BLOCK_M, 2·BLOCK_H]
+        up, ug = tl.split(tl.reshape(u, (x1.shape[0], BLOCK_H, 2)))
+        v = tl.sigmoid(ug) * up
+        if HAS_MASK:
+            v = v * mk[:, None]
+        hh = h0 + tl.arange(0, BLOCK_H)
+        tl.store(base + hh[None, :].to(tl.int64) * NN + rs[:, None], v.to(AB.dtype.element_ty),
+                 mask=r_ok[:, None] & (hh < H)[None, :])
 
 
 @triton.jit
@@ -482,7 +522,7 @@ def _trimul_proj_kernel(Z, MASK, LNW, LNB, WAP, WBP, WAG, WBG, BAP, BBP, BAG, BB
             _, x1, mean, rstd = _ln_rows(x_c.to(tl.float32), zc_ok, w, b1, C, eps)
             tl.store(MEAN + rows, mean, mask=r_ok)
             tl.store(RSTD + rows, rstd, mask=r_ok)
-            if ROWS:
+            if ROWS != 0:
                 xo = x1.to(Z.dtype.element_ty)                # [BLOCK_M, BLOCK_C]: the GEMMs' left operand
             else:
                 xo = tl.trans(x1.to(Z.dtype.element_ty))      # [BLOCK_C, BLOCK_M]: the GEMMs' right operand
@@ -547,11 +587,51 @@ def _out_math(pt, x, mean1, rstd1, r_ok, LN1W, LN1B, LN2W, LN2B, WO, BO, WGO, BG
 
 
 @triton.jit
+def _out_cols(pt, x, mean1, rstd1, rows, r_ok, LN1W, LN1B, LN2W, LN2B, WO, BO, WGO, BGO, OUT, eps2,
+              C: tl.constexpr, H: tl.constexpr, PRECISION: tl.constexpr,
+              BLOCK_C: tl.constexpr, BLOCK_HF: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The output kernel's math with the C output channels in BLOCK_N-wide blocks: LN(p) and
+    LN(z) are formed once, rounded to the GEMM dtype (half the registers of fp32 tiles), then each
+    block is two [BLOCK_M, BLOCK_N] GEMMs (W_o and W_g column blocks), the gating, and its store.
+    Live state is two operand tiles and two BLOCK_N-wide fp32 accumulators instead of the fused
+    form's full-width fp32 o, g, LN(z) and LN(p): fewer registers a thread (larger tiles or more
+    programs an SM), and one block's store is in flight while the next block's GEMMs run."""
+    hh = tl.arange(0, BLOCK_HF)
+    h_ok = hh < H
+    cols = tl.arange(0, BLOCK_C)
+    c_ok = cols < C
+    ptf = pt.to(tl.float32)
+    mean2 = tl.sum(ptf, axis=0) / H
+    pc = tl.where(h_ok[:, None] & r_ok[None, :], ptf - mean2[None, :], 0.0)
+    rstd2 = 1.0 / tl.sqrt(tl.sum(pc * pc, axis=0) / H + eps2)
+    w2 = tl.load(LN2W + hh, mask=h_ok, other=0.0).to(tl.float32)
+    b2 = tl.load(LN2B + hh, mask=h_ok, other=0.0).to(tl.float32)
+    y = tl.trans((pc * rstd2[None, :] * w2[:, None] + b2[:, None]).to(pt.dtype))     # [BLOCK_M, H]
+    w1 = tl.load(LN1W + cols, mask=c_ok, other=0.0).to(tl.float32)
+    b1 = tl.load(LN1B + cols, mask=c_ok, other=0.0).to(tl.float32)
+    x1 = (tl.where(r_ok[:, None] & c_ok[None, :], (x.to(tl.float32) - mean1[:, None]) * rstd1[:, None], 0.0)
+          * w1[None, :] + b1[None, :]).to(pt.dtype)                                   # [BLOCK_M, C]
+    for n0 in range(0, C, BLOCK_N):
+        nn = n0 + tl.arange(0, BLOCK_N)
+        n_ok = nn < C
+        wo_t = tl.load(WO + nn[None, :] * H + hh[:, None], mask=h_ok[:, None] & n_ok[None, :],
+                       other=0.0).to(pt.dtype)                                         # [H, BLOCK_N]
+        wg_t = tl.load(WGO + nn[None, :] * C + cols[:, None], mask=c_ok[:, None] & n_ok[None, :],
+                       other=0.0).to(pt.dtype)                                         # [C, BLOCK_N]
+        bo = tl.load(BO + nn, mask=n_ok, other=0.0).to(tl.float32)
+        bg = tl.load(BGO + nn, mask=n_ok, other=0.0).to(tl.float32)
+        o = tl.dot(y, wo_t, input_precision=PRECISION) + bo[None, :]
+        g = tl.sigmoid(tl.dot(x1, wg_t, input_precision=PRECISION) + bg[None, :])
+        tl.store(OUT + rows[:, None] * C + nn[None, :], (g * o).to(OUT.dtype.element_ty),
+                 mask=r_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
 def _trimul_out_kernel(P, Z, MEAN, RSTD, LN1W, LN1B, LN2W, LN2B, WO, BO, WGO, BGO, OUT,
                        NN, TILES_B, TOTAL, eps2,
                        C: tl.constexpr, H: tl.constexpr, PRECISION: tl.constexpr,
                        BLOCK_C: tl.constexpr, BLOCK_HF: tl.constexpr, BLOCK_M: tl.constexpr,
-                       TILES: tl.constexpr):
+                       TILES: tl.constexpr, BLOCK_N: tl.constexpr):
     # Each tile: reads BLOCK_M·H of p and BLOCK_M·C of z, writes BLOCK_M·C of the output. LN(p),
     # the projection and the gate never leave registers. Tiles as in _trimul_proj_kernel (the
     # next tile's p, z and statistics are in flight while this tile computes).
@@ -566,10 +646,14 @@ def _trimul_out_kernel(P, Z, MEAN, RSTD, LN1W, LN1B, LN2W, LN2B, WO, BO, WGO, BG
                 pt_n, x_n, m_n, r_n = _out_load(P, Z, MEAN, RSTD, t + nprog, TILES_B, TOTAL, NN, C, H, BLOCK_C,
                                                 BLOCK_HF, BLOCK_M)
             b, rs, r_ok, rows = _tile_rows(t, TILES_B, TOTAL, NN, BLOCK_M)
-            hh, h_ok, cols, c_ok, zc_ok, yhat_t, y_t, rstd2, w2, o, g = _out_math(
-                pt_c, x_c, m_c, r_c, r_ok, LN1W, LN1B, LN2W, LN2B, WO, BO, WGO, BGO, eps2,
-                C, H, PRECISION, BLOCK_C, BLOCK_HF)
-            tl.store(OUT + rows[:, None] * C + cols[None, :], (g * o).to(OUT.dtype.element_ty), mask=zc_ok)
+            if BLOCK_N < BLOCK_C:                         # column-blocked epilogue (config BLOCK_H < C)
+                _out_cols(pt_c, x_c, m_c, r_c, rows, r_ok, LN1W, LN1B, LN2W, LN2B, WO, BO, WGO, BGO, OUT, eps2,
+                          C, H, PRECISION, BLOCK_C, BLOCK_HF, BLOCK_N)
+            else:
+                hh, h_ok, cols, c_ok, zc_ok, yhat_t, y_t, rstd2, w2, o, g = _out_math(
+                    pt_c, x_c, m_c, r_c, r_ok, LN1W, LN1B, LN2W, LN2B, WO, BO, WGO, BGO, eps2,
+                    C, H, PRECISION, BLOCK_C, BLOCK_HF)
+                tl.store(OUT + rows[:, None] * C + cols[None, :], (g * o).to(OUT.dtype.element_ty), mask=zc_ok)
 
 
 @triton.jit
@@ -775,6 +859,8 @@ def _launch_kw(kind: str, cfg: dict, C: int, H: int, dt: torch.dtype, has_mask: 
             kw.update(HAS_MASK=has_mask, BLOCK_H=cfg["BLOCK_H"])
         else:
             kw.update(BLOCK_HF=max(16, _np2(H)))
+        if kind == "out":      # output-channel block of the forward output kernel: >= BLOCK_C = one block
+            kw.update(BLOCK_N=min(cfg["BLOCK_H"], kw["BLOCK_C"]))
         if kind == "proj":
             kw.update(ROWS=cfg.get("ROWS", 0))
         _KW[key] = kw

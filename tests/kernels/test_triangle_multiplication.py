@@ -169,17 +169,21 @@ def test_gpu_tile_configs_through_the_interpreter(index, monkeypatch):
     check_against_float64(module, z, mask, torch.float32, lambda n: 1e-5, product="triton")
 
 
-@pytest.mark.parametrize("ctas,rows", [(0, 0), (1, 0), (3, 0), (1, 1), (0, 1)])
-def test_persistent_and_one_tile_forward_variants(ctas, rows, monkeypatch):
+@pytest.mark.parametrize("ctas,rows,out_block", [(0, 0, 16), (1, 0, 32), (3, 0, 16), (1, 1, 32), (0, 1, 16),
+                                               (0, 2, 16), (1, 2, 32), (3, 2, 8)])
+def test_persistent_and_one_tile_forward_variants(ctas, rows, out_block, monkeypatch):
     """The forward kernels' structural variants: one tile a program (CTAS = 0) and persistent
     loops over 2 x 23 tiles with the next tile's loads prefetched and a loop longer than the
     work (CTAS = 1: 4 programs of 11-12 tiles in a 16-step loop; CTAS = 3: 12 programs of
-    3-4 tiles in a 4-step loop); and the projection GEMM in either orientation (ROWS = 0:
-    W · x^T, 1: x · W^T).
+    3-4 tiles in a 4-step loop); the projection GEMM in each orientation (ROWS = 0: W · x^T,
+    1: x · W^T, 2: x · [W_p; W_g]^T as one GEMM over interleaved weight rows, with c_hidden = 12
+    over BLOCK_H = 16: a masked tail in the interleaving); and the output kernel's epilogue fused
+    (BLOCK_H = 32 >= the 32-wide channel block of c_z = 20) or column-blocked (BLOCK_H = 16: a full
+    and a masked block; 8: three blocks, the last masked).
     Every output element is checked (NaN-poisoned buffers)."""
     tm = importlib.import_module("foldcompile.kernels.triangle_multiplication")
     cfg = dict(BLOCK_M=16, BLOCK_H=16, num_warps=4, num_stages=1, CTAS=ctas, ROWS=rows)
-    monkeypatch.setattr(tm, "_FORCED", {"proj": cfg, "out": cfg})
+    monkeypatch.setattr(tm, "_FORCED", {"proj": cfg, "out": dict(cfg, BLOCK_H=out_block)})
     real_empty = torch.empty
     monkeypatch.setattr(torch, "empty", lambda *a, **k: (lambda t: t.fill_(float("nan")) if t.is_floating_point()
                                                          else t)(real_empty(*a, **k)))
@@ -189,6 +193,24 @@ def test_persistent_and_one_tile_forward_variants(ctas, rows, monkeypatch):
         out = triangle_multiplication_module(copy.deepcopy(module).float(), z.float(), mask.float())
         ref = copy.deepcopy(module).double()(z, mask)
     assert rel(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("rows", [0, 2])
+def test_forward_variants_fp16_forward_and_backward(rows, monkeypatch):
+    """The paired projection GEMM (ROWS = 2) and the column-blocked output epilogue in fp16,
+    forward and backward (the backward kernels recompute with their own configs)."""
+    tm = importlib.import_module("foldcompile.kernels.triangle_multiplication")
+    cfg = dict(BLOCK_M=16, BLOCK_H=8, num_warps=4, num_stages=1, CTAS=0, ROWS=rows)
+    monkeypatch.setattr(tm, "_FORCED", {"proj": cfg, "out": cfg})
+    torch.manual_seed(21)
+    module = make_module("pf", rows == 0, seed=21)
+    z, mask = make_inputs(13, 20, seed=21)
+    dout = torch.randn_like(z)
+    ref, gref = fwd_bwd(run_module, copy.deepcopy(module).double(), z, mask, dout)
+    own, gown = fwd_bwd(run_module, copy.deepcopy(module).half(), z.half(), mask.half(), dout.half())
+    names = ["out", "z"] + [n for n, _ in module.named_parameters()]
+    module_err = {n: rel(a, r) for n, a, r in zip(names, (own, *gown), (ref, *gref))}
+    check_against_float64(module, z, mask, torch.float16, lambda n: max(2e-3, 2 * module_err[n]), dout)
 
 
 def test_in_place_parameter_update_is_seen_by_the_next_call():
