@@ -504,3 +504,30 @@ def test_untuned_gpu_path_takes_the_first_config_that_launches(monkeypatch):
     key = tm._tune_key(1, 64 * 64, 128, 128, torch.float32, False)
     assert tm._pick("out", key, launch) == cands[1]
     assert tm._pick("out", key, launch) == cands[1] and len(tried) == 2
+
+
+@pytest.mark.full
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter check of the sweep's candidates (on a GPU the "
+                    "sweep itself runs them)")
+def test_sweep_forward_candidates_through_the_interpreter(monkeypatch):
+    """Every forward candidate of bench/kernels/triangle_tune.py's sweep that the in-module lists
+    do not already cover (paired-GEMM projection at 64-256 rows, column-blocked output epilogue,
+    persistent forms) runs through the interpreter on a tiny problem with NaN-poisoned buffers:
+    tiles far larger than N = 11, c_z = 20, c_hidden = 12, so every load and store is masked."""
+    tm = importlib.import_module("foldcompile.kernels.triangle_multiplication")
+    tune = importlib.import_module("bench.kernels.triangle_tune")
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: (lambda t: t.fill_(float("nan")) if t.is_floating_point()
+                                                         else t)(real_empty(*a, **k)))
+    module = make_module("af2", False, seed=23)
+    z, mask = make_inputs(11, 20, seed=23)
+    ref = copy.deepcopy(module).double()(z, mask)
+    m32 = copy.deepcopy(module).float()
+    for kind in ("proj", "out"):
+        for c in tune.SWEEP[kind]:
+            if c in tm._GPU_CONFIGS[kind]:
+                continue
+            monkeypatch.setattr(tm, "_FORCED", {kind: tm._cfg(c)})
+            with torch.no_grad():
+                out = triangle_multiplication_module(m32, z.float(), mask.float())
+            assert rel(out, ref) < 1e-5, (kind, c)
