@@ -27,8 +27,13 @@ Kernels (M = B·N² pair rows, C = c_z, H = c_hidden; bytes for a 2-byte dtype):
   weights stay in L2), computing ``[channels, rows] = W · x^T`` (ROWS = 0, x^T the
   GEMM's shared-memory operand, the result already pair-contiguous) or
   ``[rows, channels] = x · W^T`` (ROWS = 1: x the register operand, which wgmma takes
-  from registers with no shared-memory copy of x; the store transposes), so that the
-  epilogue ``mask · sigmoid(gate) · proj`` stores a and b *channel-major*,
+  from registers with no shared-memory copy of x; the store transposes) or, ROWS = 2
+  (added after the 2026-12-01 sweep), ``[rows, 2·BLOCK_H] = x · [W_p; W_g]^T``: the
+  projection and gate of a channel block as *one* GEMM over interleaved weight rows
+  (column 2j = proj channel j, 2j + 1 its gate), split afterwards into even / odd columns
+  (reshape + split, which an MMA accumulator layout can do in registers: adjacent columns
+  are in one thread): each wgmma twice as wide (N = 2·BLOCK_H), half as many issue/wait
+  groups; so that the epilogue ``mask · sigmoid(gate) · proj`` stores a and b *channel-major*,
   ``ab[2, B, H, N, N]``, with the pair index contiguous: coalesced stores of exactly what
   the triangle product reads. Writes 2·2H bytes a row. The output gate ``g`` is *not*
   computed here: storing it would cost an N²·C write and read and N²·C of peak memory;
@@ -56,6 +61,12 @@ Kernels (M = B·N² pair rows, C = c_z, H = c_hidden; bytes for a 2-byte dtype):
   W_o GEMM); then LN over the channels of p, ``· W_o^T``, LN(z) from the statistics,
   ``g``; writes ``g · (LN(p) W_o^T + b_o)``. Reads 2·(H + C) bytes a row, writes 2·C.
   Same persistent form and next-tile prefetch (p, z and statistics) as ``trimul_proj``.
+  Epilogue forms (the config's BLOCK_H is the output-channel block here): BLOCK_H ≥ C is the
+  fused form the 2026-12-01 sweep measured (full-width fp32 o, g, LN(z), LN(p) tiles live at
+  once: 255 registers at 64 rows / 4 warps, 2 programs an SM); BLOCK_H < C (added after it)
+  rounds LN(p) and LN(z) to the GEMM dtype once and loops over BLOCK_H-wide column blocks of
+  W_o / W_g (two GEMMs, gating, store a block): 156-185 registers at 64-128 rows (ptxas, sm_90,
+  no spills), i.e. 3 programs an SM at 64 rows / 4 warps with BLOCK_H = 32 (48 KiB shared).
 
 Forward traffic a pair row (bf16, C = H = 128): ours reads z twice and p once, writes
 a, b, p and out once, and the GEMM reads a and b at least once: 2·(3C + 6H) elements,
@@ -67,19 +78,29 @@ gate and its sigmoid: ~14 C-wide and ~28 H-wide passes, ≈ 10.5 KiB a row. Peak
 memory here (forward, no grad): a, b and p, 3·N²·H·2 bytes (768 MiB at N=1024), plus
 8 bytes a row of statistics (the mask is read in its own dtype, not copied).
 
-Where the forward kernels' time went (N=1024, measured 2026-12-01: proj 0.531 ms, out
-0.537 ms, each ~3× its floor of ~0.18 ms by bytes; proj's 137 GFLOP is ~0.17 ms at
-800 TFLOP/s, out's 68 GFLOP ~0.09 ms) — reasoned, not measured: with one tile a program
-at 128 rows, 8192 tiles run as ~62 waves of 132 programs, ~8.5 µs a tile; a tile's
-bytes take ~3.0 µs of one SM's share of HBM (96 KiB at 4.3 TB/s / 132) and its GEMMs
-~2.8 µs of its tensor cores; with ~1 resident program an SM (registers) the load → LN →
-GEMM → store chain runs serially, ~6 µs plus the LN and the sigmoid epilogue (M·2H
-sigmoids, each an ex2 and a reciprocal on the SFU: ~0.13 ms of SFU issue at N=1024 in
-proj alone). The persistent loop with next-tile prefetch overlaps the load of tile i+1
-with the math of tile i (stores are fire-and-forget), i.e. aims at max(memory, math)
-≈ 3 µs a tile, ~0.2-0.3 ms a kernel; the output kernel additionally stops serialising
-its two loads. Expected N=1024 forward ≈ 0.3 + 0.3 + 0.36 (cuBLAS) ≈ 1.0 ms against the
-1.1 ms target: a prediction for ``bench/kernels/triangle_tune.py`` to check.
+Where the forward kernels' time went (N = 1024, bf16, C = H = 128). Measured 2026-12-01 on an
+H200 (``bench/results/kernels_triangle_tune_NVIDIA_H200_2026-12-01.md``): proj 0.540 ms (1.51 TB/s
+of its minimal bytes, 254 TFLOP/s), out 0.543 ms (1.50 TB/s, 127 TFLOP/s), each ~3× its byte
+floor (~0.18 ms at 4.3 TB/s); the persistent forms with next-tile prefetch were *slower* (proj
+0.64-1.0 ms, out 0.69-1.0 ms), and so were 128 × 128 projection tiles (0.83 ms) and 3 stages.
+What follows is reasoned from those numbers and the ptxas reports, not measured: neither kernel
+is bandwidth- or FLOP-bound; both run a serial per-tile chain (load → LayerNorm reductions →
+GEMMs → epilogue → layout-converting store) with too few tiles in flight to hide it. The
+projection's best shape holds 112 KiB of shared memory (2 programs an SM) and issues, per
+128-row tile, eight [64, 128] × [128, 128] GEMMs (proj and gate, two channel blocks, a and b),
+each waited on before its epilogue; it also re-reads all four weight matrices from L2 per tile
+(128 KiB, more than the tile's 96 KiB of HBM traffic). The output kernel is register-bound
+(255 registers: 2 programs, 8 warps an SM), so an SM has at most ~2 tiles' loads (~64 KiB) in
+flight, and only between computations; sustaining 4.3 TB/s at ~1 µs of latency needs ~33 KiB
+an SM in flight *continuously*. The persistent prefetch aimed at overlapping the chain but
+cost registers (242-255: 1 program an SM): worse. Hence the two variants added for the next
+sweep, aimed at concurrency and issue count rather than at the inner loop: ``out``
+column-blocked (~40% fewer registers: 3 programs an SM at 64 rows; smaller live fp32 tiles),
+``proj`` ROWS = 2 (one N = 2·BLOCK_H GEMM instead of two N = BLOCK_H ones a channel block:
+half the GEMM issue/wait groups; 128 registers, 80-128 KiB). Expectation, to be checked by the
+sweep: out ~0.35-0.4 ms if occupancy is its limit, proj ~0.4-0.45 ms. The ≤ 1.1 ms forward
+target needs both near 0.3 ms, which these alone may not reach; the next lever would be weights
+resident across tiles (no per-tile L2 re-read), which Triton does not let us pin explicitly.
 
 Backward (z and every parameter). Saved: z (the caller holds it anyway), a, b
 (channel-major, needed by the triangle product's backward), p, and z's LN statistics;
@@ -113,37 +134,38 @@ LN(z), the four projections, g, LN(p) and the output projection are recomputed.
   (measured), now folded into the kernels' epilogues (registers already hold the values;
   +4·(2C + 4H) bytes a program of stores).
 
-Host path (N=256 is launch-bound: 2026-12-01 measured host 0.87 ms a forward, 2.4 ms a
-forward+backward). Every call used to: concatenate the a/b weights and biases (4 cats),
-create ones/zeros for absent biases and affines (``torch.full``, 6 for the Pairformer's
-bias-free linears), convert the mask to fp32, run ``torch.broadcast_shapes`` (~0.1 ms of
-Python on the CI host), rebuild the parameter dataclass from ~30 ``nn.Module.__getattr__``
-calls, go through Triton's autotuner wrapper (keyed on the exact N), and in backward add
-CatBackward nodes, 2 big and 4 small reductions and ~12 fp32 → parameter-dtype casts. Now:
-the kernels take each parameter tensor itself (separate pointers for a and b), so there is
-no derived copy to cache or to invalidate — an optimizer step or any in-place write is
-seen by the next call by construction (tested); absent parameters are cached read-only
-constants (one per size, value and device, made on the first call); ``params_from_module``
-is cached per module behind a signature of its submodules' and parameters' identities,
-``outgoing`` and the LN eps (re-assignment is seen; tested); the mask is read in its own
-dtype (bool as bytes); the mask shape check skips ``broadcast_shapes`` when shapes match;
-configs come from this module's own tuner (below), keyed by a power-of-two bucket of M so
-nearby N reuse the choice, and launched directly. Launches a forward: 2 Triton + 1 cuBLAS
-(was ~14); a backward: 2 Triton + 4 cuBLAS + 2 small sums + ≤ 2 casts (was ~30). The
-incoming direction runs the same host code as outgoing (only the bmm operand views
-differ, for cuBLAS and the Triton bmm alike); the 0.43 ms more host time the 2026-12-01
-table shows for incoming forward is not explained by this code. The eager module, also
-launch-bound in forward, lost as much (+0.46 ms), and every incoming row was timed after
-the outgoing rows' ``torch.profiler`` sessions, so one suspect is profiler (CUPTI) state
-adding per-launch cost (consistent with ours losing more in the launch-heavier backward
-while eager's GPU-bound forward+backward did not move; not consistent with torch.compile
-and cuEquivariance getting faster): ``bench/kernels/triangle.py`` now profiles only after
-every timing, which removes that confound, and ours now has ~5× fewer launches to be
-taxed. Expected host time (reasoned from the op
-counts, not measured): ~0.1 ms a forward, ~0.3 ms a forward+backward.
+Host path (N=256 is launch-bound: 2026-12-01, H200 machine, host 0.41-0.43 ms a forward and
+2.0-2.3 ms a forward+backward, i.e. ~1.6 ms a backward, against ~0.5 ms of GPU work for the
+whole step by the sweep's per-kernel times). Earlier rounds removed the per-call weight
+concatenations, constant creation, mask conversion, ``broadcast_shapes``, rebuilding the
+parameters (now cached per module behind a signature of its submodules' and parameters'
+identities, ``outgoing`` and the LN eps), Triton's autotuner wrapper and the big bias
+reductions. This round, measured on the CPU-only CI host (``TRITON_INTERPRET=0 python -m
+bench.kernels.triangle_tune --host-cpu``: the wrapper unchanged on CPU tensors, each Triton
+launch replaced by Triton's own host-side binder / specialisation / cache-key code for an sm_90
+target, the cuBLAS GEMMs by no-ops; median µs a call, N = 32, bf16): forward (no grad) 71 → 48,
+forward with grad 84 → 60, backward alone 145 → 110, forward+backward 255 → 195. What went:
+host calls of ``triton.cdiv`` / ``triton.next_power_of_2`` (ConstexprFunctions that unwrap
+their arguments; ~18 a step), the per-launch assembly of ~10 keyword arguments (now one cached
+dict per kind, config, C, H, dtype and mask), ``_pick`` called per launch (a direct ``_TUNED``
+lookup), one of the two statistics allocations, the ``reshape`` / ``view`` autograd nodes (none
+for 4-d z), and in backward the per-parameter slices, dict and no-op ``.to`` calls (one
+``split`` a source, casts only where the dtype differs), sums and GEMMs for gradients nobody
+asked for, and a per-call set over parameter dtypes (recorded in forward). What the CPU
+harness does not see: the CUDA driver's launch cost, cuBLAS's host code and the CUDA caching
+allocator. The GPU machine's host spent ~6× this host's time on the same forward, so ~110 µs
+here does not account for ~1.6 ms there: *the cause of the rest is not known*. The e2e rows of
+``bench/kernels/triangle_tune.py`` now split the GPU host time (forward with grad, backward
+alone, the backward body vs the autograd engine, each launch helper, the GEMMs) so the next
+GPU run names it. Launches a forward: 2 Triton + 1 cuBLAS; a backward: 2 Triton + 4 cuBLAS +
+2 small sums + ≤ 2 casts.
 
 Tiles and tuning. A config is BLOCK_M, BLOCK_H, num_warps, num_stages, CTAS (0 = one tile
-a program; k = persistent, ~k programs an SM) and ROWS (projection orientation). On the
+a program; k = persistent, ~k programs an SM) and ROWS (projection orientation: 0, 1, or 2 =
+paired GEMM); for the forward output kernel BLOCK_H is its output-channel block (≥ C: fused).
+Since the 2026-12-01 sweep each in-module list starts with the shape it measured fastest (the
+untuned default) and leaves out its measured losers; the new variants follow, compiled for
+sm_90 but not yet timed; the notes below on the original lists are from before that sweep. On the
 GPU the first call for a (kernel, M bucket, C, H, dtype, mask) times each candidate of
 ``_GPU_CONFIGS`` once with ``triton.testing.do_bench`` (every kernel is idempotent, so a
 rerun is harmless; candidates that fail to compile are skipped) and keeps the fastest;
@@ -170,8 +192,9 @@ is the manual one), hence 1-2 stages. ``bench/kernels/triangle_tune.py`` times t
 a wider list per kernel at N = 256 and 1024 and prints the best: until it has run on an
 H200 which shape wins is a lead, and the in-process tuner makes the choice on the card
 it runs on either way. Under the interpreter there is one config a kind (16-row tiles,
-the persistent form with 4 pretend SMs); the tests force every GPU candidate and both
-variants through it.
+the persistent form with 4 pretend SMs, the column-blocked output epilogue); the tests force
+every in-module GPU candidate, every forward candidate of the sweep and each structural variant
+(CTAS, ROWS 0/1/2, fused and column-blocked epilogue) through it.
 
 Numerics: LayerNorm statistics, GEMM accumulators and epilogues are fp32; GEMM
 operands, a, b, p and the output are in z's dtype (what a bf16 module computes).
@@ -237,8 +260,9 @@ _GPU_CONFIGS = {
     # ROWS (proj): 0 = W · x^T, 1 = x · W^T, 2 = x · [W_p; W_g]^T, one GEMM a channel block (paired).
     # BLOCK_H (out): output-channel block; >= C is the fused single-block epilogue that was measured.
     "proj": [(128, 64, 8, 2, 0),        # 0.540 ms at N=1024 (1.51 TB/s); 126 regs, 112 KiB
-             (128, 64, 8, 2, 0, 2),     # paired GEMM, [128, 128] accumulators (N = 128 wgmma): 128 regs, 128 KiB
-             (128, 32, 8, 2, 0, 2),     # paired GEMM, [128, 64] accumulators: 128 regs, 80 KiB
+             (128, 32, 8, 1, 0, 2),     # paired GEMM, [128, 64] accumulators: 124 regs, 48 KiB (2 an SM)
+             (64, 32, 4, 1, 0, 2),      # paired GEMM: 146 regs, 32 KiB (3 programs an SM)
+             (128, 64, 8, 2, 0, 2),     # paired GEMM, [128, 128] accumulators (N = 128): 128 regs, 128 KiB
              (64, 64, 4, 2, 0),         # 0.673 ms
              (64, 32, 4, 1, 0)],        # small fallback (fp32, 256 channels)
     "out": [(64, 128, 4, 1, 0),         # 0.543 ms at N=1024 (1.50 TB/s): fused epilogue, 255 regs
