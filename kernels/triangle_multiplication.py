@@ -143,8 +143,10 @@ identities, ``outgoing`` and the LN eps), Triton's autotuner wrapper and the big
 reductions. This round, measured on the CPU-only CI host (``TRITON_INTERPRET=0 python -m
 bench.kernels.triangle_tune --host-cpu``: the wrapper unchanged on CPU tensors, each Triton
 launch replaced by Triton's own host-side binder / specialisation / cache-key code for an sm_90
-target, the cuBLAS GEMMs by no-ops; median µs a call, N = 32, bf16): forward (no grad) 71 → 48,
-forward with grad 84 → 60, backward alone 145 → 110, forward+backward 255 → 195. What went:
+target, the cuBLAS GEMMs by no-ops; median µs a call, N = 32, bf16, before → after on the same
+idle-ish host): forward (no grad) 71 → 48, forward with grad 84 → 60, backward alone 145 → 110,
+forward+backward 255 → 195 (three interleaved before/after pairs at load average 5 on 2 cores:
+96-113 → 47-77, 109-138 → 56-77, 190-234 → 116-166, 261-411 → 189-281). What went:
 host calls of ``triton.cdiv`` / ``triton.next_power_of_2`` (ConstexprFunctions that unwrap
 their arguments; ~18 a step), the per-launch assembly of ~10 keyword arguments (now one cached
 dict per kind, config, C, H, dtype and mask), ``_pick`` called per launch (a direct ``_TUNED``
