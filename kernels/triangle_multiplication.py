@@ -27,8 +27,13 @@ Kernels (M = B·N² pair rows, C = c_z, H = c_hidden; bytes for a 2-byte dtype):
   weights stay in L2), computing ``[channels, rows] = W · x^T`` (ROWS = 0, x^T the
   GEMM's shared-memory operand, the result already pair-contiguous) or
   ``[rows, channels] = x · W^T`` (ROWS = 1: x the register operand, which wgmma takes
-  from registers with no shared-memory copy of x; the store transposes), so that the
-  epilogue ``mask · sigmoid(gate) · proj`` stores a and b *channel-major*,
+  from registers with no shared-memory copy of x; the store transposes) or, ROWS = 2
+  (added after the 2026-12-01 sweep), ``[rows, 2·BLOCK_H] = x · [W_p; W_g]^T``: the
+  projection and gate of a channel block as *one* GEMM over interleaved weight rows
+  (column 2j = proj channel j, 2j + 1 its gate), split afterwards into even / odd columns
+  (reshape + split, which an MMA accumulator layout can do in registers: adjacent columns
+  are in one thread): each wgmma twice as wide (N = 2·BLOCK_H), half as many issue/wait
+  groups; so that the epilogue ``mask · sigmoid(gate) · proj`` stores a and b *channel-major*,
   ``ab[2, B, H, N, N]``, with the pair index contiguous: coalesced stores of exactly what
   the triangle product reads. Writes 2·2H bytes a row. The output gate ``g`` is *not*
   computed here: storing it would cost an N²·C write and read and N²·C of peak memory;
@@ -56,6 +61,12 @@ Kernels (M = B·N² pair rows, C = c_z, H = c_hidden; bytes for a 2-byte dtype):
   W_o GEMM); then LN over the channels of p, ``· W_o^T``, LN(z) from the statistics,
   ``g``; writes ``g · (LN(p) W_o^T + b_o)``. Reads 2·(H + C) bytes a row, writes 2·C.
   Same persistent form and next-tile prefetch (p, z and statistics) as ``trimul_proj``.
+  Epilogue forms (the config's BLOCK_H is the output-channel block here): BLOCK_H ≥ C is the
+  fused form the 2026-12-01 sweep measured (full-width fp32 o, g, LN(z), LN(p) tiles live at
+  once: 255 registers at 64 rows / 4 warps, 2 programs an SM); BLOCK_H < C (added after it)
+  rounds LN(p) and LN(z) to the GEMM dtype once and loops over BLOCK_H-wide column blocks of
+  W_o / W_g (two GEMMs, gating, store a block): 156-185 registers at 64-128 rows (ptxas, sm_90,
+  no spills), i.e. 3 programs an SM at 64 rows / 4 warps with BLOCK_H = 32 (48 KiB shared).
 
 Forward traffic a pair row (bf16, C = H = 128): ours reads z twice and p once, writes
 a, b, p and out once, and the GEMM reads a and b at least once: 2·(3C + 6H) elements,
@@ -67,19 +78,29 @@ gate and its sigmoid: ~14 C-wide and ~28 H-wide passes, ≈ 10.5 KiB a row. Peak
 memory here (forward, no grad): a, b and p, 3·N²·H·2 bytes (768 MiB at N=1024), plus
 8 bytes a row of statistics (the mask is read in its own dtype, not copied).
 
-Where the forward kernels' time went (N=1024, measured 2026-12-01: proj 0.531 ms, out
-0.537 ms, each ~3× its floor of ~0.18 ms by bytes; proj's 137 GFLOP is ~0.17 ms at
-800 TFLOP/s, out's 68 GFLOP ~0.09 ms) — reasoned, not measured: with one tile a program
-at 128 rows, 8192 tiles run as ~62 waves of 132 programs, ~8.5 µs a tile; a tile's
-bytes take ~3.0 µs of one SM's share of HBM (96 KiB at 4.3 TB/s / 132) and its GEMMs
-~2.8 µs of its tensor cores; with ~1 resident program an SM (registers) the load → LN →
-GEMM → store chain runs serially, ~6 µs plus the LN and the sigmoid epilogue (M·2H
-sigmoids, each an ex2 and a reciprocal on the SFU: ~0.13 ms of SFU issue at N=1024 in
-proj alone). The persistent loop with next-tile prefetch overlaps the load of tile i+1
-with the math of tile i (stores are fire-and-forget), i.e. aims at max(memory, math)
-≈ 3 µs a tile, ~0.2-0.3 ms a kernel; the output kernel additionally stops serialising
-its two loads. Expected N=1024 forward ≈ 0.3 + 0.3 + 0.36 (cuBLAS) ≈ 1.0 ms against the
-1.1 ms target: a prediction for ``bench/kernels/triangle_tune.py`` to check.
+Where the forward kernels' time went (N = 1024, bf16, C = H = 128). Measured 2026-12-01 on an
+H200 (``bench/results/kernels_triangle_tune_NVIDIA_H200_2026-12-01.md``): proj 0.540 ms (1.51 TB/s
+of its minimal bytes, 254 TFLOP/s), out 0.543 ms (1.50 TB/s, 127 TFLOP/s), each ~3× its byte
+floor (~0.18 ms at 4.3 TB/s); the persistent forms with next-tile prefetch were *slower* (proj
+0.64-1.0 ms, out 0.69-1.0 ms), and so were 128 × 128 projection tiles (0.83 ms) and 3 stages.
+What follows is reasoned from those numbers and the ptxas reports, not measured: neither kernel
+is bandwidth- or FLOP-bound; both run a serial per-tile chain (load → LayerNorm reductions →
+GEMMs → epilogue → layout-converting store) with too few tiles in flight to hide it. The
+projection's best shape holds 112 KiB of shared memory (2 programs an SM) and issues, per
+128-row tile, eight [64, 128] × [128, 128] GEMMs (proj and gate, two channel blocks, a and b),
+each waited on before its epilogue; it also re-reads all four weight matrices from L2 per tile
+(128 KiB, more than the tile's 96 KiB of HBM traffic). The output kernel is register-bound
+(255 registers: 2 programs, 8 warps an SM), so an SM has at most ~2 tiles' loads (~64 KiB) in
+flight, and only between computations; sustaining 4.3 TB/s at ~1 µs of latency needs ~33 KiB
+an SM in flight *continuously*. The persistent prefetch aimed at overlapping the chain but
+cost registers (242-255: 1 program an SM): worse. Hence the two variants added for the next
+sweep, aimed at concurrency and issue count rather than at the inner loop: ``out``
+column-blocked (~40% fewer registers: 3 programs an SM at 64 rows; smaller live fp32 tiles),
+``proj`` ROWS = 2 (one N = 2·BLOCK_H GEMM instead of two N = BLOCK_H ones a channel block:
+half the GEMM issue/wait groups; 128 registers, 80-128 KiB). Expectation, to be checked by the
+sweep: out ~0.35-0.4 ms if occupancy is its limit, proj ~0.4-0.45 ms. The ≤ 1.1 ms forward
+target needs both near 0.3 ms, which these alone may not reach; the next lever would be weights
+resident across tiles (no per-tile L2 re-read), which Triton does not let us pin explicitly.
 
 Backward (z and every parameter). Saved: z (the caller holds it anyway), a, b
 (channel-major, needed by the triangle product's backward), p, and z's LN statistics;
@@ -113,37 +134,40 @@ LN(z), the four projections, g, LN(p) and the output projection are recomputed.
   (measured), now folded into the kernels' epilogues (registers already hold the values;
   +4·(2C + 4H) bytes a program of stores).
 
-Host path (N=256 is launch-bound: 2026-12-01 measured host 0.87 ms a forward, 2.4 ms a
-forward+backward). Every call used to: concatenate the a/b weights and biases (4 cats),
-create ones/zeros for absent biases and affines (``torch.full``, 6 for the Pairformer's
-bias-free linears), convert the mask to fp32, run ``torch.broadcast_shapes`` (~0.1 ms of
-Python on the CI host), rebuild the parameter dataclass from ~30 ``nn.Module.__getattr__``
-calls, go through Triton's autotuner wrapper (keyed on the exact N), and in backward add
-CatBackward nodes, 2 big and 4 small reductions and ~12 fp32 → parameter-dtype casts. Now:
-the kernels take each parameter tensor itself (separate pointers for a and b), so there is
-no derived copy to cache or to invalidate — an optimizer step or any in-place write is
-seen by the next call by construction (tested); absent parameters are cached read-only
-constants (one per size, value and device, made on the first call); ``params_from_module``
-is cached per module behind a signature of its submodules' and parameters' identities,
-``outgoing`` and the LN eps (re-assignment is seen; tested); the mask is read in its own
-dtype (bool as bytes); the mask shape check skips ``broadcast_shapes`` when shapes match;
-configs come from this module's own tuner (below), keyed by a power-of-two bucket of M so
-nearby N reuse the choice, and launched directly. Launches a forward: 2 Triton + 1 cuBLAS
-(was ~14); a backward: 2 Triton + 4 cuBLAS + 2 small sums + ≤ 2 casts (was ~30). The
-incoming direction runs the same host code as outgoing (only the bmm operand views
-differ, for cuBLAS and the Triton bmm alike); the 0.43 ms more host time the 2026-12-01
-table shows for incoming forward is not explained by this code. The eager module, also
-launch-bound in forward, lost as much (+0.46 ms), and every incoming row was timed after
-the outgoing rows' ``torch.profiler`` sessions, so one suspect is profiler (CUPTI) state
-adding per-launch cost (consistent with ours losing more in the launch-heavier backward
-while eager's GPU-bound forward+backward did not move; not consistent with torch.compile
-and cuEquivariance getting faster): ``bench/kernels/triangle.py`` now profiles only after
-every timing, which removes that confound, and ours now has ~5× fewer launches to be
-taxed. Expected host time (reasoned from the op
-counts, not measured): ~0.1 ms a forward, ~0.3 ms a forward+backward.
+Host path (N=256 is launch-bound: 2026-12-01, H200 machine, host 0.41-0.43 ms a forward and
+2.0-2.3 ms a forward+backward, i.e. ~1.6 ms a backward, against ~0.5 ms of GPU work for the
+whole step by the sweep's per-kernel times). Earlier rounds removed the per-call weight
+concatenations, constant creation, mask conversion, ``broadcast_shapes``, rebuilding the
+parameters (now cached per module behind a signature of its submodules' and parameters'
+identities, ``outgoing`` and the LN eps), Triton's autotuner wrapper and the big bias
+reductions. This round, measured on the CPU-only CI host (``TRITON_INTERPRET=0 python -m
+bench.kernels.triangle_tune --host-cpu``: the wrapper unchanged on CPU tensors, each Triton
+launch replaced by Triton's own host-side binder / specialisation / cache-key code for an sm_90
+target, the cuBLAS GEMMs by no-ops; median µs a call, N = 32, bf16, before → after on the same
+idle-ish host): forward (no grad) 71 → 48, forward with grad 84 → 60, backward alone 145 → 110,
+forward+backward 255 → 195 (three interleaved before/after pairs at load average 5 on 2 cores:
+96-113 → 47-77, 109-138 → 56-77, 190-234 → 116-166, 261-411 → 189-281). What went:
+host calls of ``triton.cdiv`` / ``triton.next_power_of_2`` (ConstexprFunctions that unwrap
+their arguments; ~18 a step), the per-launch assembly of ~10 keyword arguments (now one cached
+dict per kind, config, C, H, dtype and mask), ``_pick`` called per launch (a direct ``_TUNED``
+lookup), one of the two statistics allocations, the ``reshape`` / ``view`` autograd nodes (none
+for 4-d z), and in backward the per-parameter slices, dict and no-op ``.to`` calls (one
+``split`` a source, casts only where the dtype differs), sums and GEMMs for gradients nobody
+asked for, and a per-call set over parameter dtypes (recorded in forward). What the CPU
+harness does not see: the CUDA driver's launch cost, cuBLAS's host code and the CUDA caching
+allocator. The GPU machine's host spent ~6× this host's time on the same forward, so ~110 µs
+here does not account for ~1.6 ms there: *the cause of the rest is not known*. The e2e rows of
+``bench/kernels/triangle_tune.py`` now split the GPU host time (forward with grad, backward
+alone, the backward body vs the autograd engine, each launch helper, the GEMMs) so the next
+GPU run names it. Launches a forward: 2 Triton + 1 cuBLAS; a backward: 2 Triton + 4 cuBLAS +
+2 small sums + ≤ 2 casts.
 
 Tiles and tuning. A config is BLOCK_M, BLOCK_H, num_warps, num_stages, CTAS (0 = one tile
-a program; k = persistent, ~k programs an SM) and ROWS (projection orientation). On the
+a program; k = persistent, ~k programs an SM) and ROWS (projection orientation: 0, 1, or 2 =
+paired GEMM); for the forward output kernel BLOCK_H is its output-channel block (≥ C: fused).
+Since the 2026-12-01 sweep each in-module list starts with the shape it measured fastest (the
+untuned default) and leaves out its measured losers; the new variants follow, compiled for
+sm_90 but not yet timed; the notes below on the original lists are from before that sweep. On the
 GPU the first call for a (kernel, M bucket, C, H, dtype, mask) times each candidate of
 ``_GPU_CONFIGS`` once with ``triton.testing.do_bench`` (every kernel is idempotent, so a
 rerun is harmless; candidates that fail to compile are skipped) and keeps the fastest;
@@ -170,8 +194,9 @@ is the manual one), hence 1-2 stages. ``bench/kernels/triangle_tune.py`` times t
 a wider list per kernel at N = 256 and 1024 and prints the best: until it has run on an
 H200 which shape wins is a lead, and the in-process tuner makes the choice on the card
 it runs on either way. Under the interpreter there is one config a kind (16-row tiles,
-the persistent form with 4 pretend SMs); the tests force every GPU candidate and both
-variants through it.
+the persistent form with 4 pretend SMs, the column-blocked output epilogue); the tests force
+every in-module GPU candidate, every forward candidate of the sweep and each structural variant
+(CTAS, ROWS 0/1/2, fused and column-blocked epilogue) through it.
 
 Numerics: LayerNorm statistics, GEMM accumulators and epilogues are fp32; GEMM
 operands, a, b, p and the output are in z's dtype (what a bf16 module computes).
@@ -228,31 +253,32 @@ MAX_TRITON_DIM = 256
 # current tile's math (register prefetch).
 _KEYS = ("BLOCK_M", "BLOCK_H", "num_warps", "num_stages", "CTAS", "ROWS")
 _GPU_CONFIGS = {
-    # Reasoned, not yet timed (bench/kernels/triangle_tune.py times them), but each compiled for
-    # sm_90 here (Triton 3.6 + ptxas -v, C = H = 128, bf16: `python -m bench.kernels.triangle_tune
-    # --ptxas`, no GPU needed) without register spills unless marked; registers a thread and
-    # shared memory in the comments. The first
-    # entry of each list is the one used when tuning is off (FOLDCOMPILE_TRIMUL_TUNE=0).
-    "proj": [(128, 64, 8, 2, 1),        # 242 regs, 112 KiB: persistent, 1 program an SM, prefetch
-             (128, 64, 8, 2, 1, 1),     # 228, 100 KiB: same, x as the register operand
-             (64, 64, 4, 2, 2),         # 255, 88 KiB: persistent, 2 programs an SM
-             (64, 64, 4, 2, 2, 1),      # 238, 82 KiB
-             (128, 64, 8, 2, 0),        # 126, 112 KiB: the first version's shape (2 programs an SM)
-             (128, 128, 8, 2, 0),       # 250, 96 KiB
-             (64, 64, 4, 2, 0),         # 128, 88 KiB
-             (64, 32, 4, 1, 0)],        # 126, 32 KiB: small fallback (fp32, 256 channels)
-    "out": [(64, 64, 8, 1, 1),          # 255 regs, 48 KiB: persistent, prefetch of p, z, statistics
-            (64, 64, 8, 2, 1),
-            (64, 64, 4, 2, 0),          # 255: the first version's likely pick, 2 programs an SM
-            (64, 64, 8, 1, 0),          # 140
-            (32, 64, 4, 1, 0)],         # 177: small fallback
-    "out_bwd": [(32, 64, 8, 1, 0),      # 250 regs, 40 KiB, no spill
-                (64, 64, 8, 2, 0),      # 255, spills 420 bytes (the first version's first entry)
-                (32, 64, 4, 1, 0)],     # 255, spills 28
-    "proj_bwd": [(64, 32, 8, 2, 0),     # 208 regs, 48 KiB, no spill
-                 (64, 64, 8, 2, 0),     # 255, spills 28 bytes (the first version's first entry)
-                 (32, 64, 8, 2, 0),     # 244, no spill
-                 (32, 64, 4, 2, 0)],    # 255, spills 60
+    # Ordered by the 2026-12-01 H200 sweep (bench/results/kernels_triangle_tune_NVIDIA_H200_2026-12-01.md,
+    # bf16, C = H = 128): the measured best first (the one used when tuning is off,
+    # FOLDCOMPILE_TRIMUL_TUNE=0), then the new structural variants (not yet timed: compiled for
+    # sm_90 here with `python -m bench.kernels.triangle_tune --ptxas`, registers / shared memory in
+    # the comments), then small fallbacks for fp32 / 256 channels. Measured losers (persistent
+    # forms, 128 x 128 projection tiles) were dropped from the in-process lists; the sweep keeps them.
+    # ROWS (proj): 0 = W · x^T, 1 = x · W^T, 2 = x · [W_p; W_g]^T, one GEMM a channel block (paired).
+    # BLOCK_H (out): output-channel block; >= C is the fused single-block epilogue that was measured.
+    "proj": [(128, 64, 8, 2, 0),        # 0.540 ms at N=1024 (1.51 TB/s); 126 regs, 112 KiB
+             (128, 32, 8, 1, 0, 2),     # paired GEMM, [128, 64] accumulators: 124 regs, 48 KiB (2 an SM)
+             (64, 32, 4, 1, 0, 2),      # paired GEMM: 146 regs, 32 KiB (3 programs an SM)
+             (128, 64, 8, 2, 0, 2),     # paired GEMM, [128, 128] accumulators (N = 128): 128 regs, 128 KiB
+             (64, 64, 4, 2, 0),         # 0.673 ms
+             (64, 32, 4, 1, 0)],        # small fallback (fp32, 256 channels)
+    "out": [(64, 128, 4, 1, 0),         # 0.543 ms at N=1024 (1.50 TB/s): fused epilogue, 255 regs
+            (64, 64, 4, 2, 0),          # column-blocked epilogue: 156 regs, 104 KiB
+            (64, 32, 4, 1, 0),          # column-blocked: 157 regs, 48 KiB (3 programs an SM)
+            (128, 64, 8, 2, 0),         # column-blocked, 128-row tiles: 176 regs, 144 KiB
+            (32, 128, 4, 1, 0)],        # small fallback
+    "out_bwd": [(32, 64, 4, 1, 0),      # 1.74 ms at N=1024 (best of the sweep; spills 28 bytes)
+                (32, 64, 8, 1, 0),      # 250 regs, 40 KiB, no spill
+                (64, 64, 8, 2, 0)],     # 255, spills 420 bytes
+    "proj_bwd": [(64, 32, 4, 2, 0),     # 2.25 ms at N=1024 (best of the sweep)
+                 (32, 64, 4, 2, 0),     # 2.36 ms
+                 (64, 32, 8, 2, 0),     # 208 regs, 48 KiB, no spill
+                 (32, 64, 8, 2, 0)],    # 244, no spill
 }
 # Under the interpreter: small tiles (13- and 19-residue tests hit every tail) and the persistent
 # form (CTAS = 1 with _num_sms() = 4), so the tile loop and its prefetch are tested on CPU.
@@ -276,6 +302,16 @@ def _cfg(c: tuple) -> dict:
     return dict(zip(_KEYS, tuple(c) + (0,) * (len(_KEYS) - len(c))))
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _np2(n: int) -> int:
+    """next power of two >= n (n >= 1); ``triton.next_power_of_2`` is a ConstexprFunction whose host
+    call costs a few microseconds (argument unwrapping), this is one int operation."""
+    return 1 << (n - 1).bit_length()
+
+
 def _num_sms(device: torch.device) -> int:
     if interpreting() or device.type != "cuda":
         return 4
@@ -295,7 +331,7 @@ def _persistent_grid(total: int, cfg: dict, device: torch.device) -> tuple[int, 
     if not cfg["CTAS"]:
         return total, 1
     progs = max(1, min(total, _num_sms(device) * cfg["CTAS"]))
-    return progs, triton.next_power_of_2(triton.cdiv(total, progs))
+    return progs, _np2(_cdiv(total, progs))
 
 
 def _pick(kind: str, key: tuple, launch) -> dict:
@@ -336,10 +372,6 @@ def _pick(kind: str, key: tuple, launch) -> dict:
         cfg = best[1]
     _TUNED[full] = cfg
     return cfg
-
-
-def _meta(cfg: dict) -> dict:
-    return dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
 # --------------------------------------------------------------------------- kernels
@@ -389,7 +421,10 @@ def _proj_half(x1, mk, b, rs, r_ok, W_P, W_G, B_P, B_G, AB, NN,
     x^T the GEMM's shared-memory operand and the result already pair-contiguous; with ROWS = 1
     (x1 given as [BLOCK_M, BLOCK_C]) it is [BLOCK_M, BLOCK_H] = x · W^T, x the register operand
     (wgmma takes A from registers: no shared-memory copy of x) and the store transposes."""
-    if ROWS:
+    if ROWS == 2:
+        _proj_half_pair(x1, mk, b, rs, r_ok, W_P, W_G, B_P, B_G, AB, NN, C, H, HAS_MASK, PRECISION,
+                        BLOCK_C, BLOCK_H)
+    elif ROWS == 1:
         _proj_half_rows(x1, mk, b, rs, r_ok, W_P, W_G, B_P, B_G, AB, NN, C, H, HAS_MASK, PRECISION,
                         BLOCK_C, BLOCK_H)
     else:
@@ -420,6 +455,43 @@ def _proj_half_rows(x1, mk, b, rs, r_ok, W_P, W_G, B_P, B_G, AB, NN,
             v = v * mk[:, None]
         tl.store(base + hh[None, :].to(tl.int64) * NN + rs[:, None], v.to(AB.dtype.element_ty),
                  mask=r_ok[:, None] & h_ok[None, :])
+
+
+@triton.jit
+def _proj_half_pair(x1, mk, b, rs, r_ok, W_P, W_G, B_P, B_G, AB, NN,
+                    C: tl.constexpr, H: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+                    BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr):
+    """ROWS = 2: as ROWS = 1 (x the left operand, [BLOCK_M, BLOCK_C]) but each channel block's
+    projection and gate are ONE GEMM, [BLOCK_M, 2·BLOCK_H] = x · [W_p; W_g]^T with the weight
+    rows interleaved (column 2j is proj channel h0 + j, column 2j + 1 its gate), so each wgmma is
+    twice as wide (N = 2·BLOCK_H) and there are half as many; the accumulator is then split
+    into its even and odd columns (reshape [BLOCK_M, BLOCK_H, 2] + split: adjacent columns sit
+    in the same thread of an MMA accumulator, so no data moves)."""
+    cols = tl.arange(0, BLOCK_C)
+    c_ok = cols < C
+    base = AB + b * (H * NN)
+    jj = tl.arange(0, 2 * BLOCK_H)
+    is_g = (jj % 2) == 1
+    is_p = (jj % 2) == 0
+    for h0 in range(0, H, BLOCK_H):
+        hp = h0 + jj // 2                                  # the channel of interleaved column jj
+        hp_ok = hp < H
+        # [BLOCK_C, 2·BLOCK_H] transposed weight tile, columns alternating W_p / W_g rows (two
+        # disjointly masked loads, both from L2, merged by a select).
+        w_ok = c_ok[:, None] & hp_ok[None, :]
+        wpt = tl.load(W_P + hp[None, :] * C + cols[:, None], mask=w_ok & is_p[None, :], other=0.0)
+        wgt = tl.load(W_G + hp[None, :] * C + cols[:, None], mask=w_ok & is_g[None, :], other=0.0)
+        wt = tl.where(is_g[None, :], wgt.to(x1.dtype), wpt.to(x1.dtype))
+        bp = tl.load(B_P + hp, mask=hp_ok & is_p, other=0.0).to(tl.float32)
+        bg = tl.load(B_G + hp, mask=hp_ok & is_g, other=0.0).to(tl.float32)
+        u = tl.dot(x1, wt, input_precision=PRECISION) + (bp + bg)[None, :]   # [BLOCK_M, 2·BLOCK_H]
+        up, ug = tl.split(tl.reshape(u, (x1.shape[0], BLOCK_H, 2)))
+        v = tl.sigmoid(ug) * up
+        if HAS_MASK:
+            v = v * mk[:, None]
+        hh = h0 + tl.arange(0, BLOCK_H)
+        tl.store(base + hh[None, :].to(tl.int64) * NN + rs[:, None], v.to(AB.dtype.element_ty),
+                 mask=r_ok[:, None] & (hh < H)[None, :])
 
 
 @triton.jit
@@ -476,7 +548,7 @@ def _trimul_proj_kernel(Z, MASK, LNW, LNB, WAP, WBP, WAG, WBG, BAP, BBP, BAG, BB
             _, x1, mean, rstd = _ln_rows(x_c.to(tl.float32), zc_ok, w, b1, C, eps)
             tl.store(MEAN + rows, mean, mask=r_ok)
             tl.store(RSTD + rows, rstd, mask=r_ok)
-            if ROWS:
+            if ROWS != 0:
                 xo = x1.to(Z.dtype.element_ty)                # [BLOCK_M, BLOCK_C]: the GEMMs' left operand
             else:
                 xo = tl.trans(x1.to(Z.dtype.element_ty))      # [BLOCK_C, BLOCK_M]: the GEMMs' right operand
@@ -541,11 +613,51 @@ def _out_math(pt, x, mean1, rstd1, r_ok, LN1W, LN1B, LN2W, LN2B, WO, BO, WGO, BG
 
 
 @triton.jit
+def _out_cols(pt, x, mean1, rstd1, rows, r_ok, LN1W, LN1B, LN2W, LN2B, WO, BO, WGO, BGO, OUT, eps2,
+              C: tl.constexpr, H: tl.constexpr, PRECISION: tl.constexpr,
+              BLOCK_C: tl.constexpr, BLOCK_HF: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The output kernel's math with the C output channels in BLOCK_N-wide blocks: LN(p) and
+    LN(z) are formed once, rounded to the GEMM dtype (half the registers of fp32 tiles), then each
+    block is two [BLOCK_M, BLOCK_N] GEMMs (W_o and W_g column blocks), the gating, and its store.
+    Live state is two operand tiles and two BLOCK_N-wide fp32 accumulators instead of the fused
+    form's full-width fp32 o, g, LN(z) and LN(p): fewer registers a thread (larger tiles or more
+    programs an SM), and one block's store is in flight while the next block's GEMMs run."""
+    hh = tl.arange(0, BLOCK_HF)
+    h_ok = hh < H
+    cols = tl.arange(0, BLOCK_C)
+    c_ok = cols < C
+    ptf = pt.to(tl.float32)
+    mean2 = tl.sum(ptf, axis=0) / H
+    pc = tl.where(h_ok[:, None] & r_ok[None, :], ptf - mean2[None, :], 0.0)
+    rstd2 = 1.0 / tl.sqrt(tl.sum(pc * pc, axis=0) / H + eps2)
+    w2 = tl.load(LN2W + hh, mask=h_ok, other=0.0).to(tl.float32)
+    b2 = tl.load(LN2B + hh, mask=h_ok, other=0.0).to(tl.float32)
+    y = tl.trans((pc * rstd2[None, :] * w2[:, None] + b2[:, None]).to(pt.dtype))     # [BLOCK_M, H]
+    w1 = tl.load(LN1W + cols, mask=c_ok, other=0.0).to(tl.float32)
+    b1 = tl.load(LN1B + cols, mask=c_ok, other=0.0).to(tl.float32)
+    x1 = (tl.where(r_ok[:, None] & c_ok[None, :], (x.to(tl.float32) - mean1[:, None]) * rstd1[:, None], 0.0)
+          * w1[None, :] + b1[None, :]).to(pt.dtype)                                   # [BLOCK_M, C]
+    for n0 in range(0, C, BLOCK_N):
+        nn = n0 + tl.arange(0, BLOCK_N)
+        n_ok = nn < C
+        wo_t = tl.load(WO + nn[None, :] * H + hh[:, None], mask=h_ok[:, None] & n_ok[None, :],
+                       other=0.0).to(pt.dtype)                                         # [H, BLOCK_N]
+        wg_t = tl.load(WGO + nn[None, :] * C + cols[:, None], mask=c_ok[:, None] & n_ok[None, :],
+                       other=0.0).to(pt.dtype)                                         # [C, BLOCK_N]
+        bo = tl.load(BO + nn, mask=n_ok, other=0.0).to(tl.float32)
+        bg = tl.load(BGO + nn, mask=n_ok, other=0.0).to(tl.float32)
+        o = tl.dot(y, wo_t, input_precision=PRECISION) + bo[None, :]
+        g = tl.sigmoid(tl.dot(x1, wg_t, input_precision=PRECISION) + bg[None, :])
+        tl.store(OUT + rows[:, None] * C + nn[None, :], (g * o).to(OUT.dtype.element_ty),
+                 mask=r_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
 def _trimul_out_kernel(P, Z, MEAN, RSTD, LN1W, LN1B, LN2W, LN2B, WO, BO, WGO, BGO, OUT,
                        NN, TILES_B, TOTAL, eps2,
                        C: tl.constexpr, H: tl.constexpr, PRECISION: tl.constexpr,
                        BLOCK_C: tl.constexpr, BLOCK_HF: tl.constexpr, BLOCK_M: tl.constexpr,
-                       TILES: tl.constexpr):
+                       TILES: tl.constexpr, BLOCK_N: tl.constexpr):
     # Each tile: reads BLOCK_M·H of p and BLOCK_M·C of z, writes BLOCK_M·C of the output. LN(p),
     # the projection and the gate never leave registers. Tiles as in _trimul_proj_kernel (the
     # next tile's p, z and statistics are in flight while this tile computes).
@@ -560,10 +672,14 @@ def _trimul_out_kernel(P, Z, MEAN, RSTD, LN1W, LN1B, LN2W, LN2B, WO, BO, WGO, BG
                 pt_n, x_n, m_n, r_n = _out_load(P, Z, MEAN, RSTD, t + nprog, TILES_B, TOTAL, NN, C, H, BLOCK_C,
                                                 BLOCK_HF, BLOCK_M)
             b, rs, r_ok, rows = _tile_rows(t, TILES_B, TOTAL, NN, BLOCK_M)
-            hh, h_ok, cols, c_ok, zc_ok, yhat_t, y_t, rstd2, w2, o, g = _out_math(
-                pt_c, x_c, m_c, r_c, r_ok, LN1W, LN1B, LN2W, LN2B, WO, BO, WGO, BGO, eps2,
-                C, H, PRECISION, BLOCK_C, BLOCK_HF)
-            tl.store(OUT + rows[:, None] * C + cols[None, :], (g * o).to(OUT.dtype.element_ty), mask=zc_ok)
+            if BLOCK_N < BLOCK_C:                         # column-blocked epilogue (config BLOCK_H < C)
+                _out_cols(pt_c, x_c, m_c, r_c, rows, r_ok, LN1W, LN1B, LN2W, LN2B, WO, BO, WGO, BGO, OUT, eps2,
+                          C, H, PRECISION, BLOCK_C, BLOCK_HF, BLOCK_N)
+            else:
+                hh, h_ok, cols, c_ok, zc_ok, yhat_t, y_t, rstd2, w2, o, g = _out_math(
+                    pt_c, x_c, m_c, r_c, r_ok, LN1W, LN1B, LN2W, LN2B, WO, BO, WGO, BGO, eps2,
+                    C, H, PRECISION, BLOCK_C, BLOCK_HF)
+                tl.store(OUT + rows[:, None] * C + cols[None, :], (g * o).to(OUT.dtype.element_ty), mask=zc_ok)
 
 
 @triton.jit
@@ -749,12 +865,32 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # ignored for fp16 / bf16 operands
 
 
-def _blocks(C: int, H: int) -> dict:
-    return dict(C=C, H=H, BLOCK_C=max(16, triton.next_power_of_2(C)))
-
-
 def _tune_key(B: int, NN: int, C: int, H: int, dt: torch.dtype, extra) -> tuple:
-    return (triton.next_power_of_2(B * NN), C, H, dt, extra)
+    return (_np2(B * NN), C, H, dt, extra)
+
+
+# (kind, config values, C, H, dtype, has_mask, precision) -> the launch's keyword arguments (constexprs
+# and launch options): built once, so a launch spends no host time assembling them.
+_KW: dict[tuple, dict] = {}
+
+
+def _launch_kw(kind: str, cfg: dict, C: int, H: int, dt: torch.dtype, has_mask: bool) -> dict:
+    prec = _precision(dt)
+    key = (kind, tuple(cfg.values()), C, H, dt, has_mask, prec)
+    kw = _KW.get(key)
+    if kw is None:
+        kw = dict(C=C, H=H, BLOCK_C=max(16, _np2(C)), BLOCK_M=cfg["BLOCK_M"], PRECISION=prec,
+                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        if kind in ("proj", "proj_bwd"):
+            kw.update(HAS_MASK=has_mask, BLOCK_H=cfg["BLOCK_H"])
+        else:
+            kw.update(BLOCK_HF=max(16, _np2(H)))
+        if kind == "out":      # output-channel block of the forward output kernel: >= BLOCK_C = one block
+            kw.update(BLOCK_N=min(cfg["BLOCK_H"], kw["BLOCK_C"]))
+        if kind == "proj":
+            kw.update(ROWS=cfg.get("ROWS", 0))
+        _KW[key] = kw
+    return kw
 
 
 _PRODUCTS = ("cublas", "triton")
@@ -766,7 +902,7 @@ def _bmm(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor, product: str) -> t
         return torch.bmm(x, y, out=out)
     n = x.shape[-1]
     note_launch("trimul_bmm")
-    _trimul_bmm_kernel[lambda meta: (triton.cdiv(n, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), x.shape[0])](
+    _trimul_bmm_kernel[lambda meta: (_cdiv(n, meta["BLOCK_M"]) * _cdiv(n, meta["BLOCK_N"]), x.shape[0])](
         x, y, out, *x.stride(), *y.stride(), N=n, PRECISION=_precision(x.dtype))
     return out
 
@@ -789,42 +925,44 @@ def _const(n: int, value: float, device: torch.device) -> torch.Tensor:
     return t
 
 
+# Size of each parameter vector in _PARAM_ORDER as (uses C, uses H): for the absent-parameter constants.
+_VEC_DIM = ("C", "C", None, None, None, None, "H", "H", "H", "H", None, "C", "H", "H", None, "C")
+
+
 def _filled(ps, C: int, H: int, device) -> list:
     """The 16 parameters with cached constants in place of the absent ones (contiguous)."""
-    sizes = dict(ln_in_weight=C, ln_in_bias=C, a_proj_bias=H, b_proj_bias=H, a_gate_bias=H, b_gate_bias=H,
-                 gate_bias=C, ln_out_weight=H, ln_out_bias=H, out_bias=C)
-    return [t.contiguous() if t is not None else _const(sizes[n], _CONST_VALUE.get(n, 0.0), device)
-            for n, t in zip(_PARAM_ORDER, ps)]
+    out = []
+    for n, d, t in zip(_PARAM_ORDER, _VEC_DIM, ps):
+        if t is None:
+            t = _const(C if d == "C" else H, _CONST_VALUE.get(n, 0.0), device)
+        elif not t.is_contiguous():
+            t = t.contiguous()
+        out.append(t)
+    return out
 
 
 def _launch_proj(cfg, z4, mask3, ps, ab, mean, rstd, eps1):
     B, N, _, C = z4.shape
     H = ps[2].shape[0]
     NN = N * N
-    w1, b1, wap, wbp, wag, wbg, bap, bbp, bag, bbg = ps[:10]
-    tiles_b = triton.cdiv(NN, cfg["BLOCK_M"])
+    tiles_b = _cdiv(NN, cfg["BLOCK_M"])
     total = B * tiles_b
     progs, tiles = _persistent_grid(total, cfg, z4.device)
     _trimul_proj_kernel[(progs,)](
-        z4, mask3 if mask3 is not None else z4, w1, b1, wap, wbp, wag, wbg, bap, bbp, bag, bbg, ab, mean, rstd,
-        NN, tiles_b, total, B * H * NN, float(eps1), HAS_MASK=mask3 is not None, PRECISION=_precision(z4.dtype),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_H=cfg["BLOCK_H"], TILES=tiles, ROWS=cfg.get("ROWS", 0), **_blocks(C, H),
-        **_meta(cfg))
+        z4, mask3 if mask3 is not None else z4, *ps[:10], ab, mean, rstd,
+        NN, tiles_b, total, B * H * NN, eps1, TILES=tiles, **_launch_kw("proj", cfg, C, H, z4.dtype, mask3 is not None))
 
 
 def _launch_out(cfg, p, z4, mean, rstd, ps, out, eps2):
     B, N, _, C = z4.shape
     H = ps[2].shape[0]
     NN = N * N
-    w1, b1 = ps[0], ps[1]
-    wgo, bgo, w2, b2, wo, bo = ps[10:]
-    tiles_b = triton.cdiv(NN, cfg["BLOCK_M"])
+    tiles_b = _cdiv(NN, cfg["BLOCK_M"])
     total = B * tiles_b
     progs, tiles = _persistent_grid(total, cfg, z4.device)
     _trimul_out_kernel[(progs,)](
-        p, z4, mean, rstd, w1, b1, w2, b2, wo, bo, wgo, bgo, out, NN, tiles_b, total, float(eps2),
-        PRECISION=_precision(z4.dtype), BLOCK_HF=max(16, triton.next_power_of_2(H)), BLOCK_M=cfg["BLOCK_M"],
-        TILES=tiles, **_blocks(C, H), **_meta(cfg))
+        p, z4, mean, rstd, ps[0], ps[1], ps[12], ps[13], ps[14], ps[15], ps[10], ps[11], out, NN, tiles_b, total,
+        eps2, TILES=tiles, **_launch_kw("out", cfg, C, H, z4.dtype, False))
 
 
 def _part_width(kind: str, C: int, H: int) -> int:
@@ -836,15 +974,12 @@ def _launch_out_bwd(cfg, p, z4, mean, rstd, ps, dout, dp, do, y, du, part, eps2)
     B, N, _, C = z4.shape
     H = ps[2].shape[0]
     NN = N * N
-    w1, b1 = ps[0], ps[1]
-    wgo, bgo, w2, b2, wo, bo = ps[10:]
-    tiles_b = triton.cdiv(NN, cfg["BLOCK_M"])
+    tiles_b = _cdiv(NN, cfg["BLOCK_M"])
     total = B * tiles_b
     _trimul_out_bwd_kernel[(total,)](
-        p, z4, mean, rstd, w1, b1, w2, b2, wo, bo, wgo, bgo, dout, dp, do, y, du, part,
-        NN, tiles_b, total, float(eps2), du.shape[1], 4 * H, part.shape[1],
-        PRECISION=_precision(z4.dtype), BLOCK_HF=max(16, triton.next_power_of_2(H)), BLOCK_M=cfg["BLOCK_M"],
-        **_blocks(C, H), **_meta(cfg))
+        p, z4, mean, rstd, ps[0], ps[1], ps[12], ps[13], ps[14], ps[15], ps[10], ps[11], dout, dp, do, y, du, part,
+        NN, tiles_b, total, eps2, du.shape[1], 4 * H, part.shape[1],
+        **_launch_kw("out_bwd", cfg, C, H, z4.dtype, False))
 
 
 def _launch_proj_bwd(cfg, z4, mask3, mean, rstd, ps, dab, du, x1, dz, part):
@@ -852,18 +987,16 @@ def _launch_proj_bwd(cfg, z4, mask3, mean, rstd, ps, dab, du, x1, dz, part):
     B, N, _, C = z4.shape
     H = ps[2].shape[0]
     NN = N * N
-    w1, b1, wap, wbp, wag, wbg, bap, bbp, bag, bbg, wgo = ps[:11]
-    tiles_b = triton.cdiv(NN, cfg["BLOCK_M"])
+    tiles_b = _cdiv(NN, cfg["BLOCK_M"])
     total = B * tiles_b
     _trimul_proj_bwd_kernel[(total,)](
-        z4, mask3 if mask3 is not None else z4, mean, rstd, w1, b1, wap, wbp, wag, wbg, bap, bbp, bag, bbg, wgo,
+        z4, mask3 if mask3 is not None else z4, mean, rstd, *ps[:11],
         dab, du, x1, dz, part, NN, tiles_b, total, B * H * NN, du.shape[1], part.shape[1],
-        HAS_MASK=mask3 is not None, PRECISION=_precision(z4.dtype), BLOCK_M=cfg["BLOCK_M"],
-        BLOCK_H=cfg["BLOCK_H"], **_blocks(C, H), **_meta(cfg))
+        **_launch_kw("proj_bwd", cfg, C, H, z4.dtype, mask3 is not None))
 
 
 def _part_buffer(kind: str, cfg: dict, B: int, NN: int, C: int, H: int, device) -> torch.Tensor:
-    return torch.empty((B * triton.cdiv(NN, cfg["BLOCK_M"]), _part_width(kind, C, H)), dtype=torch.float32,
+    return torch.empty((B * _cdiv(NN, cfg["BLOCK_M"]), _part_width(kind, C, H)), dtype=torch.float32,
                        device=device)
 
 
@@ -874,15 +1007,17 @@ def _forward(z4, mask3, ps, eps1, eps2, outgoing, product, keep):
     H = ps[2].shape[0]
     NN = N * N
     dev, dt = z4.device, z4.dtype
-    mean = torch.empty(B * NN, dtype=torch.float32, device=dev)
-    rstd = torch.empty(B * NN, dtype=torch.float32, device=dev)
+    stats = torch.empty((2, B * NN), dtype=torch.float32, device=dev)   # one allocation: mean, rstd
+    mean, rstd = stats.unbind(0)
     ab = torch.empty((2, B * H, N, N), dtype=dt, device=dev)
     key = _tune_key(B, NN, C, H, dt, mask3 is not None)
     note_launch("trimul_proj")
-    launch = lambda cfg: _launch_proj(cfg, z4, mask3, ps, ab, mean, rstd, eps1)  # noqa: E731
-    launch(_pick("proj", key, launch))
+    cfg = _TUNED.get(("proj", *key)) if not _FORCED else None
+    if cfg is None:
+        cfg = _pick("proj", key, lambda c: _launch_proj(c, z4, mask3, ps, ab, mean, rstd, eps1))
+    _launch_proj(cfg, z4, mask3, ps, ab, mean, rstd, eps1)
     p = torch.empty((B * H, N, N), dtype=dt, device=dev)
-    a, b = ab[0], ab[1]
+    a, b = ab.unbind(0)
     if outgoing:                                              # P_c = A_c B_c^T
         _bmm(a, b.transpose(1, 2), p, product)
     else:                                                     # P_c = A_c^T B_c
@@ -893,8 +1028,10 @@ def _forward(z4, mask3, ps, eps1, eps2, outgoing, product, keep):
         ab = None
     out = torch.empty((B, N, N, C), dtype=dt, device=dev)
     note_launch("trimul_out")
-    launch = lambda cfg: _launch_out(cfg, p, z4, mean, rstd, ps, out, eps2)  # noqa: E731
-    launch(_pick("out", key, launch))
+    cfg = _TUNED.get(("out", *key)) if not _FORCED else None
+    if cfg is None:
+        cfg = _pick("out", key, lambda c: _launch_out(c, p, z4, mean, rstd, ps, out, eps2))
+    _launch_out(cfg, p, z4, mean, rstd, ps, out, eps2)
     return out, (ab, p, mean, rstd)
 
 
@@ -905,6 +1042,14 @@ def _wgrad(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.device.type == "cpu":
         return a.float().t() @ b.float()
     return a.t() @ b
+
+
+# Where each parameter's gradient comes from, in _PARAM_ORDER: (source, piece). Sources: 0 = the
+# partial sums of trimul_proj_bwd, split [C, C, H, H, H, H] = [dLN_in.w | dLN_in.b | d(a_p, b_p, a_g,
+# b_g) biases]; 1 = those of trimul_out_bwd, split [H, H, C, C] = [dLN_out.w | dLN_out.b | d out bias |
+# d gate bias]; 2 = du^T LN(z), split [H, H, H, H, C] = [W_ap; W_bp; W_ag; W_bg; W_g]; 3 = do^T LN(p).
+_GRAD_SRC = ((0, 0), (0, 1), (2, 0), (2, 1), (2, 2), (2, 3), (0, 2), (0, 3), (0, 4), (0, 5),
+             (2, 4), (1, 3), (1, 0), (1, 1), (3, 0), (1, 2))
 
 
 class TriangleMultiplicationFunction(torch.autograd.Function):
@@ -921,75 +1066,80 @@ class TriangleMultiplicationFunction(torch.autograd.Function):
         ps = _filled(params, C, H, z4.device)
         out, (ab, p, mean, rstd) = _forward(z4, mask3, ps, eps1, eps2, outgoing, product, keep=True)
         ctx.save_for_backward(z4, mask3, *ps, ab, p, mean, rstd)
-        ctx.present = tuple(t is not None for t in params)
-        ctx.eps = (eps1, eps2)
-        ctx.outgoing = outgoing
-        ctx.product = product
+        # One attribute: which parameters are present, their dtypes, and the scalars.
+        ctx.meta = (tuple(None if t is None else t.dtype for t in params), eps1, eps2, outgoing, product)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dout):
         saved = ctx.saved_tensors
-        z4, mask3, ps, (ab, p, mean, rstd) = saved[0], saved[1], list(saved[2:18]), saved[18:]
-        eps1, eps2 = ctx.eps
+        z4, mask3, ps, (ab, p, mean, rstd) = saved[0], saved[1], saved[2:18], saved[18:]
+        dtypes, eps1, eps2, outgoing, product = ctx.meta
         B, N, _, C = z4.shape
         H = ps[2].shape[0]
         NN, M = N * N, B * N * N
         dev, dt = z4.device, z4.dtype
-        dout = dout.contiguous()
+        if not dout.is_contiguous():
+            dout = dout.contiguous()
         key = _tune_key(B, NN, C, H, dt, mask3 is not None)
-        ld = 4 * H + C                                        # du = [d(a_p, b_p) | d(a_g, b_g) | dgate]
-        du = torch.empty((M, ld), dtype=dt, device=dev)
+        du = torch.empty((M, 4 * H + C), dtype=dt, device=dev)   # [d(a_p, b_p) | d(a_g, b_g) | dgate]
         dp = torch.empty((B * H, N, N), dtype=dt, device=dev)
         do = torch.empty((M, C), dtype=dt, device=dev)
         y = torch.empty((M, H), dtype=dt, device=dev)
         note_launch("trimul_out_bwd")
-        cfg2 = _pick("out_bwd", key, lambda c: _launch_out_bwd(
-            c, p, z4, mean, rstd, ps, dout, dp, do, y, du, _part_buffer("out_bwd", c, B, NN, C, H, dev), eps2))
+        cfg2 = _TUNED.get(("out_bwd", *key)) if not _FORCED else None
+        if cfg2 is None:
+            cfg2 = _pick("out_bwd", key, lambda c: _launch_out_bwd(
+                c, p, z4, mean, rstd, ps, dout, dp, do, y, du, _part_buffer("out_bwd", c, B, NN, C, H, dev), eps2))
         part2 = _part_buffer("out_bwd", cfg2, B, NN, C, H, dev)
         _launch_out_bwd(cfg2, p, z4, mean, rstd, ps, dout, dp, do, y, du, part2, eps2)
         dab = torch.empty((2, B * H, N, N), dtype=dt, device=dev)
-        a, b = ab[0], ab[1]
-        if ctx.outgoing:                                      # P = A B^T
-            _bmm(dp, b, dab[0], ctx.product)
-            _bmm(dp.transpose(1, 2), a, dab[1], ctx.product)
+        da, db = dab.unbind(0)
+        a, b = ab.unbind(0)
+        if outgoing:                                          # P = A B^T
+            _bmm(dp, b, da, product)
+            _bmm(dp.transpose(1, 2), a, db, product)
         else:                                                 # P = A^T B
-            _bmm(b, dp.transpose(1, 2), dab[0], ctx.product)
-            _bmm(a, dp, dab[1], ctx.product)
-        del dp
+            _bmm(b, dp.transpose(1, 2), da, product)
+            _bmm(a, dp, db, product)
+        del dp, da, db
         x1 = torch.empty((M, C), dtype=dt, device=dev)
-        dz = torch.empty((M, C), dtype=dt, device=dev)
+        dz = torch.empty(z4.shape, dtype=dt, device=dev)
         note_launch("trimul_proj_bwd")
-        cfg1 = _pick("proj_bwd", key, lambda c: _launch_proj_bwd(
-            c, z4, mask3, mean, rstd, ps, dab, du, x1, dz, _part_buffer("proj_bwd", c, B, NN, C, H, dev)))
+        cfg1 = _TUNED.get(("proj_bwd", *key)) if not _FORCED else None
+        if cfg1 is None:
+            cfg1 = _pick("proj_bwd", key, lambda c: _launch_proj_bwd(
+                c, z4, mask3, mean, rstd, ps, dab, du, x1, dz, _part_buffer("proj_bwd", c, B, NN, C, H, dev)))
         part1 = _part_buffer("proj_bwd", cfg1, B, NN, C, H, dev)
         _launch_proj_bwd(cfg1, z4, mask3, mean, rstd, ps, dab, du, x1, dz, part1)
         need = ctx.needs_input_grad
-        grads: list[Optional[torch.Tensor]] = [None] * (2 + 16 + 4)
-        grads[0] = dz.view(z4.shape) if need[0] else None
-        g = {}
-        if any(need[4:8]) or need[12]:                        # [W_ap; W_bp; W_ag; W_bg; W_g] in one GEMM
-            dw_cat = _wgrad(du, x1)                           # [4H + C, C]
-            for name, lo in (("a_proj_weight", 0), ("b_proj_weight", H), ("a_gate_weight", 2 * H),
-                             ("b_gate_weight", 3 * H)):
-                g[name] = dw_cat[lo:lo + H]
-            g["gate_weight"] = dw_cat[4 * H:]
-        if need[16]:
-            g["out_weight"] = _wgrad(do, y)                   # [C, H]
-        # Column sums of the per-program partial rows: LN affines and every bias (two small
-        # reductions over B · N² / BLOCK_M rows, instead of reductions over du and do).
-        s1, s2 = part1.sum(0), part2.sum(0)
-        dts = {t.dtype for t, on in zip(ps, ctx.present) if on}
-        if len(dts) == 1:                                     # one conversion each, not one a parameter
-            s1, s2 = s1.to(*dts), s2.to(*dts)
-        g.update(ln_in_weight=s1[:C], ln_in_bias=s1[C:2 * C], a_proj_bias=s1[2 * C:2 * C + H],
-                 b_proj_bias=s1[2 * C + H:2 * C + 2 * H], a_gate_bias=s1[2 * C + 2 * H:2 * C + 3 * H],
-                 b_gate_bias=s1[2 * C + 3 * H:], ln_out_weight=s2[:H], ln_out_bias=s2[H:2 * H],
-                 out_bias=s2[2 * H:2 * H + C], gate_bias=s2[2 * H + C:])
-        for i, name in enumerate(_PARAM_ORDER):
-            if need[2 + i] and ctx.present[i] and name in g:
-                grads[2 + i] = g[name].to(ps[i].dtype)
+        # Only what some requested gradient needs: the GEMMs, the partial-row sums, one cast each
+        # (when all present parameters share a dtype other than fp32), split into views in one call.
+        want = [need[2 + i] and dtypes[i] is not None for i in range(16)]
+        srcs: list = [None, None, None, None]
+        used = {_GRAD_SRC[i][0] for i in range(16) if want[i]}
+        pdt = {d for d in dtypes if d is not None}
+        one = pdt.pop() if len(pdt) == 1 else None
+        if 0 in used:
+            s1 = part1.sum(0)
+            srcs[0] = (s1 if one is None or one == s1.dtype else s1.to(one)).split([C, C, H, H, H, H])
+        if 1 in used:
+            s2 = part2.sum(0)
+            srcs[1] = (s2 if one is None or one == s2.dtype else s2.to(one)).split([H, H, C, C])
+        if 2 in used:
+            srcs[2] = _wgrad(du, x1).split([H, H, H, H, C])   # [4H + C, C] in one GEMM
+        if 3 in used:
+            srcs[3] = (_wgrad(do, y),)                        # [C, H]
+        grads: list[Optional[torch.Tensor]] = [dz if need[0] else None, None]
+        for i in range(16):
+            if want[i]:
+                src, k = _GRAD_SRC[i]
+                g = srcs[src][k]
+                grads.append(g if g.dtype == dtypes[i] else g.to(dtypes[i]))
+            else:
+                grads.append(None)
+        grads += [None] * 4
         return tuple(grads)
 
 # --------------------------------------------------------------------------- public API
@@ -1179,19 +1329,26 @@ def triangle_multiplication(z: torch.Tensor, mask: Optional[torch.Tensor], param
     C, H = _check(z, mask, params)
     P = params
     ps = [getattr(P, n) for n in _PARAM_ORDER]
-    if (z.dtype not in _SUPPORTED or C > MAX_TRITON_DIM or H > MAX_TRITON_DIM or not use_triton(z, mask, *ps)):
+    # _check put every parameter and the mask on z's device: z alone decides the path.
+    if (z.dtype not in _SUPPORTED or C > MAX_TRITON_DIM or H > MAX_TRITON_DIM or not use_triton(z)):
         return triangle_multiplication_reference(z, mask, params, outgoing)
-    N = z.shape[-2]
-    B = z.numel() // (N * N * C)
-    z4 = z.reshape(B, N, N, C)
+    shape = z.shape
+    N = shape[-2]
+    four = len(shape) == 4
+    if four:                                   # [B, N, N, C]: no reshape, no view node in the graph
+        B, z4 = shape[0], z
+    else:
+        B = z.numel() // (N * N * C)
+        z4 = z.reshape(B, N, N, C)
     if not z4.is_contiguous():
         z4 = z4.contiguous()
     mask3 = None
     if mask is not None:
         # The kernels read the mask in its own dtype (bool as bytes) and upcast in registers: no
         # conversion launch; a copy only when the mask broadcasts or is strided.
-        m = mask if mask.shape == z.shape[:-1] else mask.expand(z.shape[:-1])
-        m = m.reshape(B, N, N)
+        m = mask if mask.shape == shape[:-1] else mask.expand(shape[:-1])
+        if m.dim() != 3:
+            m = m.reshape(B, N, N)
         if not m.is_contiguous():
             m = m.contiguous()
         mask3 = m.view(torch.uint8) if m.dtype == torch.bool else m
@@ -1202,7 +1359,7 @@ def triangle_multiplication(z: torch.Tensor, mask: Optional[torch.Tensor], param
         # Inference: nothing is saved, so a and b are freed as soon as the triangle product ran.
         out, _ = _forward(z4, mask3, _filled(ps, C, H, z.device), float(P.eps_in), float(P.eps_out), outgoing,
                           product, keep=False)
-    return out.view(z.shape)
+    return out if four else out.view(shape)
 
 
 def triangle_multiplication_module(module: torch.nn.Module, z: torch.Tensor,

@@ -20,7 +20,7 @@ inputs (so a peer computing a different orientation shows). Targets (issue 11, H
 N=1024 forward <= 1.1 ms; N=256 forward+backward <= 1.6 ms; peak extra memory no more than
 cuEquivariance's (1.03 GiB at N=1024 forward).
 
-Run from the repository root: ``python -m bench.kernels.triangle [--quick]``.
+Run from the repository root: ``python -m bench.kernels.triangle [--quick] [--impls foldcompile,cuequivariance]``.
 """
 from __future__ import annotations
 
@@ -128,7 +128,7 @@ def _kernel_breakdown(call: Callable) -> str:
     return ", ".join(f"{name[:48]} {ms:.3f} ms" for ms, name in times[:10])
 
 
-def run(quick: bool = False) -> Results:
+def run(quick: bool = False, only: tuple = ()) -> Results:
     """Benchmark every implementation on every case; returns the results table."""
     if not torch.cuda.is_available():
         raise RuntimeError("bench.kernels.triangle needs a CUDA GPU")
@@ -164,6 +164,8 @@ def run(quick: bool = False) -> Results:
             ("eager", module), ("torch.compile", compiled)]
         if cueq is not None:
             impls.append(("cuequivariance", _cueq_call(cueq, module)))
+        if only:                                      # --impls: e.g. skip torch.compile's compile time
+            impls = [(name, fn) for name, fn in impls if name in only]
         times: dict[str, float] = {}
         rows = []
         for impl, fn in impls:
@@ -222,9 +224,11 @@ def run(quick: bool = False) -> Results:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--impls", default="", help="comma-separated subset of foldcompile, foldcompile_triton_bmm, "
+                        "eager, torch.compile, cuequivariance (default: all)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "results"))
     args = parser.parse_args()
-    res = run(quick=args.quick)
+    res = run(quick=args.quick, only=tuple(x for x in args.impls.split(",") if x))
     print(res.markdown())
     print("saved", res.save(os.path.abspath(args.out), "kernels_triangle"))
 

@@ -15,6 +15,9 @@ configs after ``--budget`` seconds and says so. Run from the repository root::
     python -m bench.kernels.triangle_tune [--budget 240] [--quick]
     python -m bench.kernels.triangle_tune --ptxas      # any machine with Triton, no GPU: registers,
                                                         # spills, shared memory of every candidate
+    TRITON_INTERPRET=0 python -m bench.kernels.triangle_tune --host-cpu [--host-n 32]
+                                                        # no GPU: host microseconds of the wrapper
+                                                        # (see host_cpu)
 
 Writes bench/results/kernels_triangle_tune_<card>_<date>.md/.json (and a copy under $OUT when
 that is set).
@@ -37,15 +40,24 @@ from foldcompile.models.zoo import randomize_parameters
 tm = importlib.import_module("foldcompile.kernels.triangle_multiplication")
 
 C = H = 128
-COLUMNS = ["kernel", "N", "BLOCK_M", "BLOCK_H", "num_warps", "num_stages", "CTAS", "TILES", "ms", "GB_s",
+COLUMNS = ["kernel", "N", "BLOCK_M", "BLOCK_H", "num_warps", "num_stages", "CTAS", "ROWS", "TILES", "ms", "GB_s",
            "pct_4.3TBs", "TFLOP_s", "best", "note"]
 
 # Candidates (BLOCK_M, BLOCK_H, num_warps, num_stages, CTAS[, ROWS]). The in-module defaults
 # (tm._GPU_CONFIGS) come first, then structural / shape variants around them.
 SWEEP = {   # heavy register spillers (ptxas -v for sm_90) left out: they only spend the time budget
-    "proj": [(128, 64, 8, 3, 1), (128, 64, 8, 2, 2), (64, 64, 4, 3, 2), (64, 64, 4, 2, 4), (64, 64, 8, 2, 1),
-             (128, 64, 8, 2, 0, 1), (64, 64, 4, 2, 0, 1), (128, 64, 8, 3, 0), (64, 64, 4, 3, 0)],
-    "out": [(64, 64, 4, 1, 0), (64, 64, 8, 2, 0), (32, 64, 8, 1, 1), (32, 64, 4, 2, 0), (32, 64, 4, 1, 2)],
+    # proj: the 2026-12-01 list (persistent forms, ROWS = 1, 3 stages), then the paired-GEMM variant
+    # (ROWS = 2) at 64-256 rows, one tile a program and persistent.
+    "proj": [(128, 64, 8, 2, 1), (128, 64, 8, 2, 1, 1), (64, 64, 4, 2, 2), (128, 128, 8, 2, 0),
+             (128, 64, 8, 3, 1), (128, 64, 8, 2, 2), (64, 64, 4, 2, 4), (128, 64, 8, 2, 0, 1), (128, 64, 8, 3, 0),
+             (256, 32, 8, 2, 0, 2), (256, 64, 8, 2, 0, 2), (128, 64, 8, 3, 0, 2), (64, 64, 4, 2, 0, 2),
+             (128, 64, 8, 2, 1, 2), (128, 128, 8, 2, 0, 2), (128, 64, 8, 1, 0, 2), (128, 32, 8, 2, 0, 2),
+             (256, 32, 8, 1, 0, 2), (256, 32, 8, 2, 0)],
+    # out: the 2026-12-01 list (BLOCK_H = 128: the fused epilogue it measured), then the
+    # column-blocked epilogue (BLOCK_H < C) at 64 and 128 rows, 4 and 8 warps, and persistent.
+    "out": [(64, 128, 8, 1, 1), (64, 128, 4, 2, 0), (64, 128, 8, 1, 0), (32, 128, 8, 1, 1), (32, 128, 4, 1, 2),
+            (128, 64, 8, 1, 0), (128, 64, 4, 2, 0), (64, 32, 4, 1, 0), (64, 64, 8, 2, 0), (128, 64, 8, 2, 1),
+            (64, 64, 8, 2, 1), (256, 32, 8, 2, 0), (128, 32, 8, 1, 0), (64, 32, 8, 1, 0)],
     "out_bwd": [(32, 64, 4, 2, 0), (64, 64, 8, 1, 0), (32, 64, 8, 2, 0)],
     "proj_bwd": [(64, 32, 4, 2, 0), (32, 32, 4, 1, 0), (64, 64, 8, 1, 0), (32, 64, 8, 2, 0), (64, 32, 8, 3, 0)],
 }
@@ -129,7 +141,7 @@ def sweep(res: Results, sizes, quick: bool, budget: float, start: float) -> dict
             rows = []
             for cfg in candidates(kind, quick):
                 row = dict(kernel=kind, N=n, **cfg, note="")
-                total = triton.cdiv(n * n, cfg["BLOCK_M"])
+                total = tm._cdiv(n * n, cfg["BLOCK_M"])
                 row["TILES"] = tm._persistent_grid(total, cfg, t["z4"].device)[1] if kind in ("proj", "out") else 1
                 if time.time() - start > budget:
                     row["note"] = "skipped: over the time budget"
@@ -183,10 +195,148 @@ def end_to_end(res: Results) -> None:
                 call()
             host = (time.perf_counter() - s) / reps * 1e3
             torch.cuda.synchronize()
+            extra = host_split(call, module, z, mask, leaves, dout) if backward else ""
             res.add(kernel=f"e2e {'fwd_bwd' if backward else 'fwd'} {'outgoing' if outgoing else 'incoming'}",
-                    N=n, ms=ms, note=f"host {host:.3f} ms/call; tuned: "
+                    N=n, ms=ms, note=f"host {host:.3f} ms/call{extra}; tuned: "
                     + ", ".join(f"{k[0]}={tuple(v.values())}" for k, v in tm._TUNED.items() if k[1] == n * n))
             del module, z, mask, leaves, dout
+
+
+def host_split(call, module, z, mask, leaves, dout, reps: int = 20) -> str:
+    """Where a forward+backward's host time goes on the GPU machine: the forward with grad alone,
+    the backward alone (``autograd.grad`` on a retained graph), and inside the backward the body
+    of ``TriangleMultiplicationFunction.backward`` (the rest is the autograd engine), each
+    launch helper, the GEMM / sum calls. Wall time without synchronisation, as ``host``."""
+    fn = tm.TriangleMultiplicationFunction
+    spent: dict = {}
+
+    def timed(name, f):
+        def g(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return f(*a, **k)
+            finally:
+                spent[name] = spent.get(name, 0.0) + time.perf_counter() - t0
+        return g
+    names = ("_launch_proj", "_launch_out", "_launch_out_bwd", "_launch_proj_bwd", "_bmm", "_wgrad", "_part_buffer")
+    saved = {k: getattr(tm, k) for k in names}
+    saved_bwd = fn.__dict__["backward"]
+
+    sync = torch.cuda.synchronize if z.is_cuda else (lambda: None)
+
+    def per_call(f):
+        sync()
+        s = time.perf_counter()
+        for _ in range(reps):
+            f()
+        r = (time.perf_counter() - s) / reps * 1e3
+        sync()
+        return r
+
+    def fwd():
+        return tm.triangle_multiplication_module(module, z, mask)
+    try:
+        t_fwd = per_call(fwd)
+        out = fwd()
+        t_bwd = per_call(lambda: torch.autograd.grad(out, leaves, dout, retain_graph=True))
+        for k in names:
+            setattr(tm, k, timed(k, saved[k]))
+        fn.backward = staticmethod(timed("backward body", saved_bwd.__func__))
+        spent.clear()
+        per_call(lambda: torch.autograd.grad(out, leaves, dout, retain_graph=True))
+    finally:
+        for k, v in saved.items():
+            setattr(tm, k, v)
+        fn.backward = saved_bwd
+    parts = ", ".join(f"{k.lstrip('_')} {v / reps * 1e3:.3f}" for k, v in spent.items())
+    return f" (fwd with grad {t_fwd:.3f}, bwd alone {t_bwd:.3f}; in bwd, ms/call: {parts})"
+
+
+# --------------------------------------------------------------------------- --host-cpu (no GPU needed)
+def host_cpu(n: int, reps: int = 300) -> None:
+    """Host microseconds a call of the public API spends outside the kernels, on a CPU-only machine.
+
+    The wrapper runs unchanged on CPU tensors of shape [1, n, n, 128] (bf16, a mask) with
+    ``use_triton`` forced on and: each Triton kernel's launch replaced by what Triton's
+    ``JITFunction.run`` does on the host before the C launcher (its argument binder and
+    specialisation for an sm_90 target, the cache-key computation, the grid), the triangle
+    products and weight-gradient GEMMs replaced by no-ops returning their outputs. So it counts
+    our Python, the PyTorch dispatcher for every allocation / view / reduction / cast, the
+    autograd.Function and engine, and Triton's Python launch path; not the CUDA driver's launch
+    cost, cuBLAS's host code or the CUDA caching allocator (CPU allocations and the two small
+    partial-row sums run for real: use a small n). Prints median-of-5 µs per call."""
+    if tm.interpreting():
+        raise SystemExit("--host-cpu times the compiled launch path: unset TRITON_INTERPRET")
+    import statistics
+
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import CUDABackend
+    from triton.runtime.jit import compute_cache_key, create_function_from_signature
+
+    backend = CUDABackend(GPUTarget("cuda", 90, 32))
+
+    class HostOnly:
+        def __init__(self, fn):
+            self.binder = create_function_from_signature(fn.signature, fn.params, backend)
+            self.cache: dict = {}
+
+        def __getitem__(self, grid):
+            def run(*args, **kw):
+                kw["debug"] = False
+                kw["instrumentation_mode"] = ""
+                bound, spec, opts = self.binder(*args, **kw)
+                compute_cache_key(self.cache, spec, opts)
+                if callable(grid):
+                    grid(bound)
+                return tuple(bound.values())
+            return run
+
+    saved = {k: getattr(tm, k) for k in ("_trimul_proj_kernel", "_trimul_out_kernel", "_trimul_out_bwd_kernel",
+                                         "_trimul_proj_bwd_kernel", "use_triton", "_bmm", "_wgrad")}
+    try:
+        for k in list(saved)[:4]:
+            setattr(tm, k, HostOnly(saved[k]))
+        tm.use_triton = lambda *t: True
+        tm._bmm = lambda x, y, out, product: out
+        tm._wgrad = lambda a, b: torch.empty((a.shape[1], b.shape[1]), dtype=a.dtype)
+        torch.manual_seed(0)
+        module = randomize_parameters(TriangleMultiplication(C, H, outgoing=True), 0).to(torch.bfloat16)
+        z = torch.randn(1, n, n, C, dtype=torch.bfloat16, requires_grad=True)
+        mask = (torch.rand(1, n, n) > 0.05).to(torch.bfloat16)
+        leaves = [z, *module.parameters()]
+        dout = torch.randn(1, n, n, C, dtype=torch.bfloat16)
+
+        def fwd():
+            with torch.no_grad():
+                tm.triangle_multiplication_module(module, z, mask)
+
+        def fwd_grad():
+            return tm.triangle_multiplication_module(module, z, mask)
+
+        def fwd_bwd():
+            torch.autograd.grad(tm.triangle_multiplication_module(module, z, mask), leaves, dout)
+
+        out = fwd_grad()
+
+        def bwd():
+            torch.autograd.grad(out, leaves, dout, retain_graph=True)
+
+        def us(f):
+            for _ in range(20):
+                f()
+            runs = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    f()
+                runs.append((time.perf_counter() - t0) / reps * 1e6)
+            return statistics.median(runs)
+
+        print(f"host µs a call (CPU, N={n}, kernels / GEMMs stubbed): fwd no_grad {us(fwd):.0f}, "
+              f"fwd with grad {us(fwd_grad):.0f}, bwd alone {us(bwd):.0f}, fwd+bwd {us(fwd_bwd):.0f}", flush=True)
+    finally:
+        for k, v in saved.items():
+            setattr(tm, k, v)
 
 
 # --------------------------------------------------------------------------- --ptxas (no GPU needed)
@@ -208,15 +358,16 @@ def _ptxas_report(kind: str, cfg: dict, n: int = 1024) -> tuple:
         sig = dict(Z=p16, MASK=p16, LNW=p16, LNB=p16, WAP=p16, WBP=p16, WAG=p16, WBG=p16, BAP=p32, BBP=p32,
                    BAG=p32, BBG=p32, AB=p16, MEAN=p32, RSTD=p32, NN="i32", TILES_B="i32", TOTAL="i32", BHNN="i32",
                    eps="fp32")
-        total = triton.cdiv(n * n, cfg["BLOCK_M"])
+        total = tm._cdiv(n * n, cfg["BLOCK_M"])
         consts = dict(base, HAS_MASK=True, BLOCK_H=cfg["BLOCK_H"], ROWS=cfg["ROWS"],
                       TILES=tm._persistent_grid(total, cfg, torch.device("cuda", 0))[1])
     elif kind == "out":
         fn = tm._trimul_out_kernel
         sig = dict(P=p16, Z=p16, MEAN=p32, RSTD=p32, LN1W=p16, LN1B=p16, LN2W=p16, LN2B=p16, WO=p16, BO=p32,
                    WGO=p16, BGO=p32, OUT=p16, NN="i32", TILES_B="i32", TOTAL="i32", eps2="fp32")
-        total = triton.cdiv(n * n, cfg["BLOCK_M"])
-        consts = dict(base, BLOCK_HF=128, TILES=tm._persistent_grid(total, cfg, torch.device("cuda", 0))[1])
+        total = tm._cdiv(n * n, cfg["BLOCK_M"])
+        consts = dict(base, BLOCK_HF=128, BLOCK_N=min(cfg["BLOCK_H"], 128),
+                      TILES=tm._persistent_grid(total, cfg, torch.device("cuda", 0))[1])
     elif kind == "out_bwd":
         fn = tm._trimul_out_bwd_kernel
         sig = dict(P=p16, Z=p16, MEAN=p32, RSTD=p32, LN1W=p16, LN1B=p16, LN2W=p16, LN2B=p16, WO=p16, BO=p32,
@@ -269,10 +420,17 @@ def main() -> None:
     parser.add_argument("--no-e2e", action="store_true")
     parser.add_argument("--ptxas", action="store_true", help="no GPU: compile every candidate for sm_90 and print "
                         "registers, spills, shared memory (ptxas -v)")
+    parser.add_argument("--host-cpu", action="store_true", help="no GPU: host µs of the wrapper with the kernels "
+                        "stubbed (see host_cpu)")
+    parser.add_argument("--host-n", type=int, default=32)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "results"))
     args = parser.parse_args()
     if args.ptxas:
         ptxas_table(args.quick)
+        return
+    if args.host_cpu:
+        torch.set_num_threads(1)
+        host_cpu(args.host_n)
         return
     if not torch.cuda.is_available():
         raise SystemExit("bench.kernels.triangle_tune needs a CUDA GPU")

@@ -169,17 +169,21 @@ def test_gpu_tile_configs_through_the_interpreter(index, monkeypatch):
     check_against_float64(module, z, mask, torch.float32, lambda n: 1e-5, product="triton")
 
 
-@pytest.mark.parametrize("ctas,rows", [(0, 0), (1, 0), (3, 0), (1, 1), (0, 1)])
-def test_persistent_and_one_tile_forward_variants(ctas, rows, monkeypatch):
+@pytest.mark.parametrize("ctas,rows,out_block", [(0, 0, 16), (1, 0, 32), (3, 0, 16), (1, 1, 32), (0, 1, 16),
+                                               (0, 2, 16), (1, 2, 32), (3, 2, 8)])
+def test_persistent_and_one_tile_forward_variants(ctas, rows, out_block, monkeypatch):
     """The forward kernels' structural variants: one tile a program (CTAS = 0) and persistent
     loops over 2 x 23 tiles with the next tile's loads prefetched and a loop longer than the
     work (CTAS = 1: 4 programs of 11-12 tiles in a 16-step loop; CTAS = 3: 12 programs of
-    3-4 tiles in a 4-step loop); and the projection GEMM in either orientation (ROWS = 0:
-    W · x^T, 1: x · W^T).
+    3-4 tiles in a 4-step loop); the projection GEMM in each orientation (ROWS = 0: W · x^T,
+    1: x · W^T, 2: x · [W_p; W_g]^T as one GEMM over interleaved weight rows, with c_hidden = 12
+    over BLOCK_H = 16: a masked tail in the interleaving); and the output kernel's epilogue fused
+    (BLOCK_H = 32 >= the 32-wide channel block of c_z = 20) or column-blocked (BLOCK_H = 16: a full
+    and a masked block; 8: three blocks, the last masked).
     Every output element is checked (NaN-poisoned buffers)."""
     tm = importlib.import_module("foldcompile.kernels.triangle_multiplication")
     cfg = dict(BLOCK_M=16, BLOCK_H=16, num_warps=4, num_stages=1, CTAS=ctas, ROWS=rows)
-    monkeypatch.setattr(tm, "_FORCED", {"proj": cfg, "out": cfg})
+    monkeypatch.setattr(tm, "_FORCED", {"proj": cfg, "out": dict(cfg, BLOCK_H=out_block)})
     real_empty = torch.empty
     monkeypatch.setattr(torch, "empty", lambda *a, **k: (lambda t: t.fill_(float("nan")) if t.is_floating_point()
                                                          else t)(real_empty(*a, **k)))
@@ -189,6 +193,24 @@ def test_persistent_and_one_tile_forward_variants(ctas, rows, monkeypatch):
         out = triangle_multiplication_module(copy.deepcopy(module).float(), z.float(), mask.float())
         ref = copy.deepcopy(module).double()(z, mask)
     assert rel(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("rows", [0, 2])
+def test_forward_variants_fp16_forward_and_backward(rows, monkeypatch):
+    """The paired projection GEMM (ROWS = 2) and the column-blocked output epilogue in fp16,
+    forward and backward (the backward kernels recompute with their own configs)."""
+    tm = importlib.import_module("foldcompile.kernels.triangle_multiplication")
+    cfg = dict(BLOCK_M=16, BLOCK_H=8, num_warps=4, num_stages=1, CTAS=0, ROWS=rows)
+    monkeypatch.setattr(tm, "_FORCED", {"proj": cfg, "out": cfg})
+    torch.manual_seed(21)
+    module = make_module("pf", rows == 0, seed=21)
+    z, mask = make_inputs(13, 20, seed=21)
+    dout = torch.randn_like(z)
+    ref, gref = fwd_bwd(run_module, copy.deepcopy(module).double(), z, mask, dout)
+    own, gown = fwd_bwd(run_module, copy.deepcopy(module).half(), z.half(), mask.half(), dout.half())
+    names = ["out", "z"] + [n for n, _ in module.named_parameters()]
+    module_err = {n: rel(a, r) for n, a, r in zip(names, (own, *gown), (ref, *gref))}
+    check_against_float64(module, z, mask, torch.float16, lambda n: max(2e-3, 2 * module_err[n]), dout)
 
 
 def test_in_place_parameter_update_is_seen_by_the_next_call():
@@ -482,3 +504,30 @@ def test_untuned_gpu_path_takes_the_first_config_that_launches(monkeypatch):
     key = tm._tune_key(1, 64 * 64, 128, 128, torch.float32, False)
     assert tm._pick("out", key, launch) == cands[1]
     assert tm._pick("out", key, launch) == cands[1] and len(tried) == 2
+
+
+@pytest.mark.full
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter check of the sweep's candidates (on a GPU the "
+                    "sweep itself runs them)")
+def test_sweep_forward_candidates_through_the_interpreter(monkeypatch):
+    """Every forward candidate of bench/kernels/triangle_tune.py's sweep that the in-module lists
+    do not already cover (paired-GEMM projection at 64-256 rows, column-blocked output epilogue,
+    persistent forms) runs through the interpreter on a tiny problem with NaN-poisoned buffers:
+    tiles far larger than N = 11, c_z = 20, c_hidden = 12, so every load and store is masked."""
+    tm = importlib.import_module("foldcompile.kernels.triangle_multiplication")
+    tune = importlib.import_module("bench.kernels.triangle_tune")
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: (lambda t: t.fill_(float("nan")) if t.is_floating_point()
+                                                         else t)(real_empty(*a, **k)))
+    module = make_module("af2", False, seed=23)
+    z, mask = make_inputs(11, 20, seed=23)
+    ref = copy.deepcopy(module).double()(z, mask)
+    m32 = copy.deepcopy(module).float()
+    for kind in ("proj", "out"):
+        for c in tune.SWEEP[kind]:
+            if c in tm._GPU_CONFIGS[kind]:
+                continue
+            monkeypatch.setattr(tm, "_FORCED", {kind: tm._cfg(c)})
+            with torch.no_grad():
+                out = triangle_multiplication_module(m32, z.float(), mask.float())
+            assert rel(out, ref) < 1e-5, (kind, c)
