@@ -332,8 +332,12 @@ def _split_terms(terms: list, lo: str, qL: str, want: list[str]) -> tuple[list, 
     key_terms = [t for t in terms if keyish(t[0])]
     bias_terms = [t for t in terms if not keyish(t[0])]
     if len(bias_terms) > 1:
-        full = torch.broadcast_shapes(*(_aligned(t[0], r, M.shape) for t in bias_terms))
-        desc = "summed [" + ", ".join(str(full[lo.index(w)]) for w in want) + "]"
+        shapes = [_aligned(t[0], r, M.shape) for t in bias_terms]
+        if any(s is None for s in shapes):
+            desc = "summed"
+        else:
+            full = torch.broadcast_shapes(*shapes)
+            desc = "summed [" + ", ".join(str(full[lo.index(w)]) for w in want) + "]"
     else:
         desc = "bias" if bias_terms else ""
     if key_terms:
