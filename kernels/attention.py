@@ -89,6 +89,10 @@ Example (MSA row attention: 3 rows, 2 heads, 13 residues, head dim 8)::
     >>> ref = attention_reference(q, k, v, bias=pair_bias, mask=key_mask, gate=gate)
     >>> torch.allclose(o, ref, atol=1e-5)
     True
+    >>> mask_bias = 1e9 * (key_mask.float() - 1)            # [3, 1, 1, 13]: AlphaFold's key-mask bias
+    >>> o2 = attention(q, k, v, bias=pair_bias, key_bias=mask_bias, gate=gate)   # never sums to [3, 2, 13, 13]
+    >>> torch.allclose(o2, attention_reference(q, k, v, bias=pair_bias + mask_bias, gate=gate), atol=1e-5)
+    True
 """
 import math
 
