@@ -187,3 +187,16 @@ def test_library_op_takes_key_bias():
     assert _rel(out, ref) < 2e-5
     for a, b in zip(grads, ref_grads):
         assert _rel(a, b) < 2e-5
+
+
+def test_key_bias_with_launches_split_along_rows(monkeypatch):
+    # Launches split into row slices (the CUDA grid limit, lowered here): the per-row key bias and
+    # its gradient must follow each slice, and the shared pair bias's reduction spans all rows.
+    monkeypatch.setattr(attn_mod, "_MAX_GRID_YZ", 4)
+    torch.manual_seed(9)
+    B, H, L, D = 6, 2, 19, 8
+    q, k, v = (_leaf((B, H, L, D), torch.float32) for _ in range(3))
+    bias = _leaf((1, H, L, L), torch.float32)
+    key_bias = _leaf((B, 1, 1, L), torch.float32)
+    _, _, launched = _run(q, k, v, bias=bias, key_bias=key_bias, mask=(torch.rand(B, 1, 1, L) > 0.2).to(DEV))
+    assert launched.count("attention_fwd") > 1 and launched.count("attention_bwd_dkdv") > 1, launched
