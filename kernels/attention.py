@@ -1,10 +1,10 @@
 """Flash-style attention with pair bias, boolean mask and sigmoid gating.
 
-``attention(q, k, v, bias=, mask=, gate=, scale=)`` computes::
+``attention(q, k, v, bias=, mask=, gate=, scale=, key_bias=)`` computes::
 
-    sigmoid(gate) * softmax(scale * q @ k^T + bias, masked) @ v
+    sigmoid(gate) * softmax(scale * q @ k^T + (bias + key_bias), masked) @ v
 
-(``bias + key_bias`` when a key bias is given), the attention of every AlphaFold trunk module (MSA row attention with pair bias,
+the attention of every AlphaFold trunk module (MSA row attention with pair bias,
 MSA column and global column attention, triangle attention, AF3's pair-biased
 single attention), without materialising the ``[..., Q, K]`` logits: the forward
 kernel keeps a running max and sum per query row (online softmax), so triangle
@@ -419,7 +419,8 @@ def _attn_bwd_dq_kernel(
     szb, szh, szn,
     smb, smh, smm, smn,
     H, QLEN: constexpr, KLEN: constexpr, D, scale,
-    HAS_BIAS: tl.constexpr, HAS_KB: tl.constexpr, HAS_MASK: tl.constexpr, MASK_KEYS: tl.constexpr, STORE_DS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_KB: tl.constexpr, HAS_MASK: tl.constexpr, MASK_KEYS: tl.constexpr,
+    STORE_DS: tl.constexpr,
     DS_FP32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # One program: BLOCK_Q query rows of one (b, h); loops over key blocks summing dq.
@@ -750,7 +751,8 @@ class _AttentionFn(torch.autograd.Function):
                 *(_strides(mask_u8) if mask is not None else (0, 0, 0, 0)),
                 *(gate.stride() if gate is not None else (0, 0, 0, 0)),
                 H, Q, K, D, scale,
-                HAS_BIAS=bias is not None, HAS_KB=key_bias is not None, HAS_MASK=mask is not None, MASK_KEYS=_keys_only(mask),
+                HAS_BIAS=bias is not None, HAS_KB=key_bias is not None, HAS_MASK=mask is not None,
+                MASK_KEYS=_keys_only(mask),
                 HAS_GATE=gate is not None, ROW_PAIRS=pairs,
                 PRECISION=precision, BLOCK_D=block_d,
             )
@@ -784,7 +786,8 @@ class _AttentionFn(torch.autograd.Function):
         kv_h = lambda t: (t.stride(0), 0 if t.shape[1] == 1 else t.stride(1), t.stride(2), t.stride(3))  # noqa: E731
         kb_t = key_bias if key_bias is not None else dummy
         kb_st = _kb_strides(key_bias)
-        flags = dict(HAS_BIAS=bias is not None, HAS_KB=key_bias is not None, HAS_MASK=mask is not None, MASK_KEYS=_keys_only(mask),
+        flags = dict(HAS_BIAS=bias is not None, HAS_KB=key_bias is not None, HAS_MASK=mask is not None,
+                     MASK_KEYS=_keys_only(mask),
                      PRECISION=precision, BLOCK_D=block_d)
 
         # 1. delta (and the gate's share): reads dout, O; writes delta [, dO_attn, dgate].
@@ -806,7 +809,8 @@ class _AttentionFn(torch.autograd.Function):
             """The row-indexed operands of the dk/dv, dq and dbias kernels for rows [b0, b1)."""
             rs = slice(b0 * H, b1 * H)
             return (q[b0:b1], k[b0:b1], v[b0:b1], _rows_of(bias_t, b0, b1) if bias is not None else dummy,
-                    _rows_of(kb_t, b0, b1) if key_bias is not None else dummy, _rows_of(mask_u8, b0, b1) if mask is not None else dummy, do_att[b0:b1],
+                    _rows_of(kb_t, b0, b1) if key_bias is not None else dummy,
+                    _rows_of(mask_u8, b0, b1) if mask is not None else dummy, do_att[b0:b1],
                     rowmax[rs], logsum[rs], delta[rs])
 
         # 2. dk, dv: [B, HKV, K, D], summed over the query heads sharing a K/V head; with a key
@@ -848,7 +852,8 @@ class _AttentionFn(torch.autograd.Function):
                 _attn_bwd_dbias_kernel[grid](
                     *per_rows(*((b0, b1) if Bb != 1 else (0, B))), dbias[b0:b1], *common,
                     H, Hb, B if Bb == 1 else 1, H if Hb == 1 else 1, Q, K, D, scale,
-                    HAS_KB=key_bias is not None, HAS_MASK=mask is not None, MASK_KEYS=_keys_only(mask), Q_BCAST=q_bcast, K_BCAST=k_bcast,
+                    HAS_KB=key_bias is not None, HAS_MASK=mask is not None, MASK_KEYS=_keys_only(mask),
+                    Q_BCAST=q_bcast, K_BCAST=k_bcast,
                     PRECISION=precision, BLOCK_D=block_d,
                 )
         if dbias is not None:
