@@ -1,8 +1,8 @@
 """Flash-style attention with pair bias, boolean mask and sigmoid gating.
 
-``attention(q, k, v, bias=, mask=, gate=, scale=)`` computes::
+``attention(q, k, v, bias=, mask=, gate=, scale=, key_bias=)`` computes::
 
-    sigmoid(gate) * softmax(scale * q @ k^T + bias, masked) @ v
+    sigmoid(gate) * softmax(scale * q @ k^T + (bias + key_bias), masked) @ v
 
 the attention of every AlphaFold trunk module (MSA row attention with pair bias,
 MSA column and global column attention, triangle attention, AF3's pair-biased
@@ -15,7 +15,12 @@ shared by all query heads, as AF2's global column attention does); bias any floa
 tensor broadcastable to ``[..., H, Q, K]`` (AlphaFold's pair bias is
 ``[1, H, Q, K]``, shared by every row of the leading dim); mask a bool tensor
 broadcastable to ``[..., H, Q, K]`` (True = attend); gate pre-sigmoid logits shaped
-like the output. Head dims 8..128, any, including non-powers of two (padded to a
+like the output; key_bias an optional second additive term broadcastable to
+``[..., H, 1, K]`` (constant along queries: the key-mask bias ``1e9 * (mask - 1)`` of
+triangle and MSA row attention, ``[B, 1, 1, K]``), loaded as one K-vector per (row, head)
+and added to the bias tile in fp32 in the forward and in every backward kernel that
+recomputes P, so a ``[1, H, Q, K]`` pair bias and a ``[B, 1, 1, K]`` key bias are never
+summed into a ``[B, H, Q, K]`` tensor. Head dims 8..128, any, including non-powers of two (padded to a
 power of two inside the kernel with masked loads).
 
 Numerics: logits, bias, mask and softmax statistics are fp32 whatever the input
@@ -42,6 +47,11 @@ Backward kernels (all without atomics):
 - ``attention_bwd_dkdv``: one program per (key block, K/V head) loops over query
   blocks (and over all query heads when the K/V head is shared), so dk and dv are
   summed in registers.
+  With a key bias that requires grad, the same program also sums dS over the query
+  blocks of each query head (one row-sum of a tile it already holds) and stores the
+  key-bias gradient of (b, h, key block) once: ``[B, H, K]`` fp32 (O(N^2) for triangle
+  attention), then summed by torch over the dims the key bias broadcasts over. A key
+  bias without grad costs one K-vector load per tile and nothing else.
 - ``attention_bwd_dq``: one program per (query block, head) loops over key blocks.
   When the bias is not broadcast at all its gradient is dS itself and this kernel
   writes it (each element once).
@@ -78,6 +88,10 @@ Example (MSA row attention: 3 rows, 2 heads, 13 residues, head dim 8)::
     torch.Size([3, 2, 13, 8])
     >>> ref = attention_reference(q, k, v, bias=pair_bias, mask=key_mask, gate=gate)
     >>> torch.allclose(o, ref, atol=1e-5)
+    True
+    >>> mask_bias = 1e9 * (key_mask.float() - 1)            # [3, 1, 1, 13]: AlphaFold's key-mask bias
+    >>> o2 = attention(q, k, v, bias=pair_bias, key_bias=mask_bias, gate=gate)   # never sums to [3, 2, 13, 13]
+    >>> torch.allclose(o2, attention_reference(q, k, v, bias=pair_bias + mask_bias, gate=gate), atol=1e-5)
     True
 """
 import math
@@ -143,6 +157,12 @@ def _load_mask(base, offs_r, offs_c, s_r, s_c, ok_r, ok_c, ROWS_ONLY: tl.constex
 
 
 @triton.jit
+def _load_kb(base, offs_k, s_n, k_ok):
+    """The key bias of one (row, head) over a block of keys, in fp32 (0 past the last key)."""
+    return tl.load(base + offs_k * s_n, mask=k_ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _fwd_step(q, k_base, v_base, mask_base, bias, offs_q, offs_k, offs_d, q_ok, k_ok, d_ok,
               skn, skd, svn, svd, smm, smn, scale, m_i, l_i, acc,
               HAS_MASK: tl.constexpr, MASK_KEYS: tl.constexpr, PRECISION: tl.constexpr):
@@ -193,19 +213,21 @@ def _fwd_finish(acc, m_i, l_i, b, h, H, GATE, OUT, OATT, ROWMAX, LOGSUM, sgb, sg
 
 
 @triton.autotune(configs=_configs("fwd"),
-                 key=["QLEN", "KLEN", "BLOCK_D", "HAS_BIAS", "HAS_MASK", "MASK_KEYS", "HAS_GATE", "ROW_PAIRS"])
+                 key=["QLEN", "KLEN", "BLOCK_D", "HAS_BIAS", "HAS_KB", "HAS_MASK", "MASK_KEYS", "HAS_GATE",
+                      "ROW_PAIRS"])
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, BIAS, MASK, GATE, OUT, OATT, ROWMAX, LOGSUM,
+    Q, K, V, BIAS, KB, MASK, GATE, OUT, OATT, ROWMAX, LOGSUM,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
     sbb, sbh, sbm, sbn,
+    szb, szh, szn,
     smb, smh, smm, smn,
     sgb, sgh, sgm, sgd,
     H, QLEN: constexpr, KLEN: constexpr, D, scale,
-    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, MASK_KEYS: tl.constexpr, HAS_GATE: tl.constexpr,
-    ROW_PAIRS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_KB: tl.constexpr, HAS_MASK: tl.constexpr, MASK_KEYS: tl.constexpr,
+    HAS_GATE: tl.constexpr, ROW_PAIRS: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # One program: BLOCK_Q query rows of one (b, h) -- or, with ROW_PAIRS, of two
@@ -246,12 +268,18 @@ def _attn_fwd_kernel(
         if HAS_BIAS:
             bias = tl.load(bias_base + offs_q[:, None] * sbm + offs_k[None, :] * sbn,
                            mask=q_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-        m_i, l_i, acc = _fwd_step(q, K + b * skb + h * skh, V + b * svb + h * svh, MASK + b * smb + h * smh, bias,
+        bias0 = bias
+        bias1 = bias
+        if HAS_KB:  # the key bias: one vector per (row, head), added to the bias tile in fp32
+            bias0 = bias + _load_kb(KB + b * szb + h * szh, offs_k, szn, k_ok)[None, :]
+            if ROW_PAIRS:
+                bias1 = bias + _load_kb(KB + b1 * szb + h * szh, offs_k, szn, k_ok)[None, :]
+        m_i, l_i, acc = _fwd_step(q, K + b * skb + h * skh, V + b * svb + h * svh, MASK + b * smb + h * smh, bias0,
                                   offs_q, offs_k, offs_d, q_ok, k_ok, d_ok, skn, skd, svn, svd, smm, smn, scale,
                                   m_i, l_i, acc, HAS_MASK, MASK_KEYS, PRECISION)
         if ROW_PAIRS:
             m_1, l_1, acc1 = _fwd_step(q1, K + b1 * skb + h * skh, V + b1 * svb + h * svh,
-                                       MASK + b1 * smb + h * smh, bias, offs_q, offs_k, offs_d, q_ok, k_ok, d_ok,
+                                       MASK + b1 * smb + h * smh, bias1, offs_q, offs_k, offs_d, q_ok, k_ok, d_ok,
                                        skn, skd, svn, svd, smm, smn, scale, m_1, l_1, acc1,
                                        HAS_MASK, MASK_KEYS, PRECISION)
     _fwd_finish(acc, m_i, l_i, b, h, H, GATE, OUT, OATT, ROWMAX, LOGSUM, sgb, sgh, sgm, sgd,
@@ -300,22 +328,27 @@ def _probs(s_dot, bias, keep, rowmax, logsum, scale):
 
 
 @triton.autotune(configs=_configs("dkdv"),
-                 key=["QLEN", "KLEN", "BLOCK_D", "HAS_BIAS", "HAS_MASK", "MASK_KEYS", "HQ_PER_KV"])
+                 key=["QLEN", "KLEN", "BLOCK_D", "HAS_BIAS", "HAS_KB", "HAS_MASK", "MASK_KEYS", "HQ_PER_KV",
+                      "STORE_DKB"])
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, BIAS, MASK, DO, ROWMAX, LOGSUM, DELTA, DK, DV,
+    Q, K, V, BIAS, KB, MASK, DO, ROWMAX, LOGSUM, DELTA, DK, DV, DKB,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
     sbb, sbh, sbm, sbn,
+    szb, szh, szn,
     smb, smh, smm, smn,
     H, HKV, HQ_PER_KV: constexpr, QLEN: constexpr, KLEN: constexpr, D, scale,
-    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, MASK_KEYS: tl.constexpr, DS_FP32: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_KB: tl.constexpr, HAS_MASK: tl.constexpr, MASK_KEYS: tl.constexpr,
+    STORE_DKB: tl.constexpr, DS_FP32: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # One program: BLOCK_K keys of one (b, K/V head). Loops over every query block of
     # every query head reading this K/V head, so dk and dv are complete sums in registers.
     # Works transposed ([keys, queries] tiles) so no result needs a transpose.
+    # With STORE_DKB it also sums dS over the queries of each query head: the key-bias
+    # gradient of (b, h) over this key block, [B, H, K] fp32, stored once per head.
     pid_k = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // HKV).to(tl.int64)
@@ -334,6 +367,10 @@ def _attn_bwd_dkdv_kernel(
         q_base = Q + b * sqb + h * sqh
         do_base = DO + (b * H + h) * QLEN * D  # dO is contiguous [B, H, Q, D]
         row_base = (b * H + h) * QLEN
+        kb = 0.0
+        if HAS_KB:
+            kb = _load_kb(KB + b * szb + h * szh, offs_k, szn, k_ok)[:, None]
+        dkb = tl.zeros([BLOCK_K], tl.float32)
         for start in range(0, QLEN, BLOCK_Q):
             offs_q = start + tl.arange(0, BLOCK_Q)
             q_ok = offs_q < QLEN
@@ -348,6 +385,8 @@ def _attn_bwd_dkdv_kernel(
             if HAS_BIAS:
                 bias = tl.load(BIAS + b * sbb + h * sbh + offs_k[:, None] * sbn + offs_q[None, :] * sbm,
                                mask=keep, other=0.0).to(tl.float32)
+            if HAS_KB:
+                bias = bias + kb
             if HAS_MASK:
                 keep = _load_mask(MASK + b * smb + h * smh, offs_k, offs_q, smn, smm, k_ok, q_ok, MASK_KEYS, False)
             pt = _probs(tl.dot(k, qt, input_precision=PRECISION), bias, keep, rmax[None, :], lsum[None, :], scale)
@@ -355,27 +394,33 @@ def _attn_bwd_dkdv_kernel(
             dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
             # 0 at masked-out entries, as masked_fill's gradient is: in a NaN row P is NaN there too.
             dst = tl.where(keep & (lsum != float("inf"))[None, :], pt * (dpt - delta[None, :]), 0.0)
+            if STORE_DKB:
+                dkb += tl.sum(dst, 1)
             if DS_FP32:  # see _ds_fp32
                 dk += tl.dot(dst, tl.trans(qt).to(tl.float32), input_precision="tf32")
             else:
                 dk += tl.dot(dst.to(qt.dtype), tl.trans(qt), input_precision=PRECISION)
+        if STORE_DKB:  # DKB is contiguous fp32 [B, H, K]
+            tl.store(DKB + (b * H + h) * KLEN + offs_k, dkb, mask=k_ok)
     out_off = pid_bh.to(tl.int64) * KLEN * D + offs_k[:, None] * D + offs_d[None, :]
     tl.store(DK + out_off, (dk * scale).to(DK.dtype.element_ty), mask=kd_ok)
     tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kd_ok)
 
 
 @triton.autotune(configs=_configs("dq"),
-                 key=["QLEN", "KLEN", "BLOCK_D", "HAS_BIAS", "HAS_MASK", "MASK_KEYS", "STORE_DS"])
+                 key=["QLEN", "KLEN", "BLOCK_D", "HAS_BIAS", "HAS_KB", "HAS_MASK", "MASK_KEYS", "STORE_DS"])
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, BIAS, MASK, DO, ROWMAX, LOGSUM, DELTA, DQ, DBIAS,
+    Q, K, V, BIAS, KB, MASK, DO, ROWMAX, LOGSUM, DELTA, DQ, DBIAS,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
     sbb, sbh, sbm, sbn,
+    szb, szh, szn,
     smb, smh, smm, smn,
     H, QLEN: constexpr, KLEN: constexpr, D, scale,
-    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, MASK_KEYS: tl.constexpr, STORE_DS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_KB: tl.constexpr, HAS_MASK: tl.constexpr, MASK_KEYS: tl.constexpr,
+    STORE_DS: tl.constexpr,
     DS_FP32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # One program: BLOCK_Q query rows of one (b, h); loops over key blocks summing dq.
@@ -409,6 +454,8 @@ def _attn_bwd_dq_kernel(
         if HAS_BIAS:
             bias = tl.load(BIAS + b * sbb + h * sbh + offs_q[:, None] * sbm + offs_k[None, :] * sbn,
                            mask=keep, other=0.0).to(tl.float32)
+        if HAS_KB:
+            bias = bias + _load_kb(KB + b * szb + h * szh, offs_k, szn, k_ok)[None, :]
         tile_ok = keep
         if HAS_MASK:
             keep = _load_mask(MASK + b * smb + h * smh, offs_q, offs_k, smm, smn, q_ok, k_ok, False, MASK_KEYS)
@@ -428,17 +475,19 @@ def _attn_bwd_dq_kernel(
 
 
 @triton.autotune(configs=_configs("dbias"),
-                 key=["QLEN", "KLEN", "BLOCK_D", "HAS_MASK", "MASK_KEYS", "ROWS", "HEADS", "Q_BCAST", "K_BCAST"])
+                 key=["QLEN", "KLEN", "BLOCK_D", "HAS_KB", "HAS_MASK", "MASK_KEYS", "ROWS", "HEADS", "Q_BCAST",
+                      "K_BCAST"])
 @triton.jit
 def _attn_bwd_dbias_kernel(
-    Q, K, V, BIAS, MASK, DO, ROWMAX, LOGSUM, DELTA, DBIAS,
+    Q, K, V, BIAS, KB, MASK, DO, ROWMAX, LOGSUM, DELTA, DBIAS,
     sqb, sqh, sqm, sqd,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
     sbb, sbh, sbm, sbn,
+    szb, szh, szn,
     smb, smh, smm, smn,
     H, HB, ROWS: constexpr, HEADS: constexpr, QLEN: constexpr, KLEN: constexpr, D, scale,
-    HAS_MASK: tl.constexpr, MASK_KEYS: tl.constexpr, Q_BCAST: tl.constexpr, K_BCAST: tl.constexpr,
+    HAS_KB: tl.constexpr, HAS_MASK: tl.constexpr, MASK_KEYS: tl.constexpr, Q_BCAST: tl.constexpr, K_BCAST: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # One program owns one tile of the (broadcast) bias gradient and sums dS over
@@ -487,8 +536,11 @@ def _attn_bwd_dbias_kernel(
                     if HAS_MASK:
                         keep = _load_mask(MASK + b * smb + h * smh, offs_q, offs_k, smm, smn, q_ok, k_ok, False,
                                           MASK_KEYS)
-                    p = _probs(tl.dot(q, kt, input_precision=PRECISION), bias, keep, rmax[:, None], lsum[:, None],
-                               scale)
+                    tile_bias = bias
+                    if HAS_KB:
+                        tile_bias = bias + _load_kb(KB + b * szb + h * szh, offs_k, szn, k_ok)[None, :]
+                    p = _probs(tl.dot(q, kt, input_precision=PRECISION), tile_bias, keep, rmax[:, None],
+                               lsum[:, None], scale)
                     dp = tl.dot(do, vt, input_precision=PRECISION)
                     acc += tl.where(keep & (lsum != float("inf"))[:, None], p * (dp - delta[:, None]), 0.0)
     # DBIAS is contiguous fp32 [Bb, Hb, Qb, Kb].
@@ -543,6 +595,14 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int, int]:
     return tuple(0 if n == 1 else s for n, s in zip(t.shape, t.stride()))
 
 
+def _kb_strides(kb: torch.Tensor | None) -> tuple[int, int, int]:
+    """(row, head, key) strides of a 4-d key bias [1|B, 1|H, 1, 1|K], 0 on broadcast dims."""
+    if kb is None:
+        return (0, 0, 0)
+    sb, sh, _, sn = _strides(kb)
+    return (sb, sh, sn)
+
+
 def _bcast_4d(t: torch.Tensor, lead: torch.Size, name: str) -> torch.Tensor:
     """View ``t`` (already checked to broadcast to ``lead + (H, Q, K)``) as
     ``[1 or B, Hb, Qb, Kb]``: leading dims all 1 or all full keep a view; a mix is
@@ -566,8 +626,8 @@ def _check_scale(scale) -> float | None:
     return float(scale)
 
 
-def _check(q, k, v, bias, mask, gate) -> None:
-    for name, t in (("bias", bias), ("mask", mask), ("gate", gate)):
+def _check(q, k, v, bias, mask, gate, key_bias=None) -> None:
+    for name, t in (("bias", bias), ("key_bias", key_bias), ("mask", mask), ("gate", gate)):
         if t is not None and not isinstance(t, torch.Tensor):
             raise TypeError(f"attention: {name} must be a tensor or None, got {type(t).__name__}")
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -604,11 +664,23 @@ def _check(q, k, v, bias, mask, gate) -> None:
         if not ok:
             raise ValueError(f"attention: {name} shape {tuple(t.shape)} does not broadcast to the logits "
                              f"[..., H, Q, K] = {logits}")
+    if key_bias is not None:
+        if not key_bias.is_floating_point():
+            raise TypeError(f"attention: key_bias must be floating point, got {key_bias.dtype}")
+        keys = tuple(q.shape[:-2]) + (1, k.shape[-2])
+        try:
+            ok = torch.broadcast_shapes(key_bias.shape, keys) == torch.Size(keys)
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"attention: key_bias shape {tuple(key_bias.shape)} does not broadcast to "
+                             f"[..., H, 1, K] = {keys}: a key bias varies only along keys (and heads and "
+                             "leading dims), never along queries; pass a per-query term as bias")
     if gate is not None and gate.shape != q.shape:
         raise ValueError(f"attention: gate shape {tuple(gate.shape)} must equal the output shape {tuple(q.shape)}")
     if gate is not None and not gate.is_floating_point():
         raise TypeError(f"attention: gate must be floating point, got {gate.dtype}")
-    devices = {t.device for t in (q, k, v, bias, mask, gate) if t is not None}
+    devices = {t.device for t in (q, k, v, bias, key_bias, mask, gate) if t is not None}
     if len(devices) > 1:
         raise ValueError(f"attention: all inputs must be on one device, got {sorted(map(str, devices))}")
 
@@ -644,7 +716,7 @@ class _AttentionFn(torch.autograd.Function):
     """Triton forward/backward on canonical 4-d tensors ([B, H, L, D]; bias/mask [1|B, *, *, *])."""
 
     @staticmethod
-    def forward(ctx, q, k, v, bias, mask, gate, scale: float):
+    def forward(ctx, q, k, v, bias, key_bias, mask, gate, scale: float):
         B, H, Q, D = q.shape
         K = k.shape[2]
         block_d = max(16, triton.next_power_of_2(D))
@@ -655,7 +727,7 @@ class _AttentionFn(torch.autograd.Function):
         logsum = _empty((B * H, Q), torch.float32, dev)
         ctx.scale = scale
         if B * H * Q * K == 0:  # nothing to compute (the backward returns empty gradients)
-            ctx.save_for_backward(q, k, v, bias, mask, gate, oatt, rowmax, logsum)
+            ctx.save_for_backward(q, k, v, bias, key_bias, mask, gate, oatt, rowmax, logsum)
             return out
         dummy = q  # stands in for absent bias / mask / gate pointers (never read)
         mask_u8 = mask.view(torch.uint8) if mask is not None else None
@@ -671,32 +743,36 @@ class _AttentionFn(torch.autograd.Function):
             note_launch("attention_fwd")
             _attn_fwd_kernel[grid](
                 q[b0:b1], k[b0:b1], v[b0:b1], _rows_of(bias, b0, b1) if bias is not None else dummy,
+                _rows_of(key_bias, b0, b1) if key_bias is not None else dummy,
                 _rows_of(mask_u8, b0, b1) if mask is not None else dummy,
                 gate[b0:b1] if gate is not None else dummy, out[b0:b1], oatt[b0:b1], rowmax[rs], logsum[rs],
                 *q.stride(), *kv_h(k), *kv_h(v),
-                *(_strides(bias) if bias is not None else (0, 0, 0, 0)),
+                *(_strides(bias) if bias is not None else (0, 0, 0, 0)), *_kb_strides(key_bias),
                 *(_strides(mask_u8) if mask is not None else (0, 0, 0, 0)),
                 *(gate.stride() if gate is not None else (0, 0, 0, 0)),
                 H, Q, K, D, scale,
-                HAS_BIAS=bias is not None, HAS_MASK=mask is not None, MASK_KEYS=_keys_only(mask),
+                HAS_BIAS=bias is not None, HAS_KB=key_bias is not None, HAS_MASK=mask is not None,
+                MASK_KEYS=_keys_only(mask),
                 HAS_GATE=gate is not None, ROW_PAIRS=pairs,
                 PRECISION=precision, BLOCK_D=block_d,
             )
-        ctx.save_for_backward(q, k, v, bias, mask, gate, oatt, rowmax, logsum)
+        ctx.save_for_backward(q, k, v, bias, key_bias, mask, gate, oatt, rowmax, logsum)
         return out
 
     @staticmethod
     @once_differentiable  # not itself differentiable: a double backward raises
     def backward(ctx, dout):
-        q, k, v, bias, mask, gate, oatt, rowmax, logsum = ctx.saved_tensors
+        q, k, v, bias, key_bias, mask, gate, oatt, rowmax, logsum = ctx.saved_tensors
         scale = ctx.scale
         B, H, Q, D = q.shape
         HKV, K = k.shape[1], k.shape[2]
         need_dbias = bias is not None and ctx.needs_input_grad[3]
+        need_dkb = key_bias is not None and ctx.needs_input_grad[4]
         if B * H * Q * K == 0:
             # Empty problem: every gradient is empty or 0 (and H // HKV below would divide by 0).
             return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v),
-                    torch.zeros_like(bias) if need_dbias else None, None,
+                    torch.zeros_like(bias) if need_dbias else None,
+                    torch.zeros_like(key_bias) if need_dkb else None, None,
                     torch.zeros_like(gate) if gate is not None else None, None)
         block_d = max(16, triton.next_power_of_2(D))
         precision = _precision(q.dtype)
@@ -708,7 +784,10 @@ class _AttentionFn(torch.autograd.Function):
         bias_t = bias if bias is not None else dummy
         bias_st = _strides(bias) if bias is not None else (0, 0, 0, 0)
         kv_h = lambda t: (t.stride(0), 0 if t.shape[1] == 1 else t.stride(1), t.stride(2), t.stride(3))  # noqa: E731
-        flags = dict(HAS_BIAS=bias is not None, HAS_MASK=mask is not None, MASK_KEYS=_keys_only(mask),
+        kb_t = key_bias if key_bias is not None else dummy
+        kb_st = _kb_strides(key_bias)
+        flags = dict(HAS_BIAS=bias is not None, HAS_KB=key_bias is not None, HAS_MASK=mask is not None,
+                     MASK_KEYS=_keys_only(mask),
                      PRECISION=precision, BLOCK_D=block_d)
 
         # 1. delta (and the gate's share): reads dout, O; writes delta [, dO_attn, dgate].
@@ -724,24 +803,27 @@ class _AttentionFn(torch.autograd.Function):
                 *(gate.stride() if gate is not None else (0, 0, 0, 0)), H, Q, D,
                 HAS_GATE=gate is not None, BLOCK_D=block_d,
             )
-        common = (*q.stride(), *kv_h(k), *kv_h(v), *bias_st, *mask_st)
+        common = (*q.stride(), *kv_h(k), *kv_h(v), *bias_st, *kb_st, *mask_st)
 
         def per_rows(b0: int, b1: int) -> tuple:
             """The row-indexed operands of the dk/dv, dq and dbias kernels for rows [b0, b1)."""
             rs = slice(b0 * H, b1 * H)
             return (q[b0:b1], k[b0:b1], v[b0:b1], _rows_of(bias_t, b0, b1) if bias is not None else dummy,
+                    _rows_of(kb_t, b0, b1) if key_bias is not None else dummy,
                     _rows_of(mask_u8, b0, b1) if mask is not None else dummy, do_att[b0:b1],
                     rowmax[rs], logsum[rs], delta[rs])
 
-        # 2. dk, dv: [B, HKV, K, D], summed over the query heads sharing a K/V head.
+        # 2. dk, dv: [B, HKV, K, D], summed over the query heads sharing a K/V head; with a key
+        #    bias that needs a gradient, also dS summed over queries per (b, h): [B, H, K] fp32.
         dk = _empty((B, HKV, K, D), k.dtype, dev)
         dv = _empty((B, HKV, K, D), v.dtype, dev)
+        dkb = _empty((B, H, K), torch.float32, dev) if need_dkb else None
         for b0, b1 in _b_slices(B, HKV):
             nb = b1 - b0
             note_launch("attention_bwd_dkdv")
             _attn_bwd_dkdv_kernel[lambda meta, nb=nb: (triton.cdiv(K, meta["BLOCK_K"]), nb * HKV)](
-                *per_rows(b0, b1), dk[b0:b1], dv[b0:b1], *common,
-                H, HKV, H // HKV, Q, K, D, scale, DS_FP32=_ds_fp32(q.dtype), **flags,
+                *per_rows(b0, b1), dk[b0:b1], dv[b0:b1], dkb[b0:b1] if need_dkb else dummy, *common,
+                H, HKV, H // HKV, Q, K, D, scale, STORE_DKB=need_dkb, DS_FP32=_ds_fp32(q.dtype), **flags,
             )
 
         # 3. dq (and dS itself when the bias is per (b, h, q, k)).
@@ -770,30 +852,43 @@ class _AttentionFn(torch.autograd.Function):
                 _attn_bwd_dbias_kernel[grid](
                     *per_rows(*((b0, b1) if Bb != 1 else (0, B))), dbias[b0:b1], *common,
                     H, Hb, B if Bb == 1 else 1, H if Hb == 1 else 1, Q, K, D, scale,
-                    HAS_MASK=mask is not None, MASK_KEYS=_keys_only(mask), Q_BCAST=q_bcast, K_BCAST=k_bcast,
+                    HAS_KB=key_bias is not None, HAS_MASK=mask is not None, MASK_KEYS=_keys_only(mask),
+                    Q_BCAST=q_bcast, K_BCAST=k_bcast,
                     PRECISION=precision, BLOCK_D=block_d,
                 )
         if dbias is not None:
             dbias = dbias.to(bias.dtype)
-        return dq, dk, dv, dbias, None, dgate, None
+        if dkb is not None:
+            # Sum [B, H, 1, K] over the dims the key bias broadcasts over (a small O(B·H·K) reduction).
+            dkb = dkb.view(B, H, 1, K)
+            dims = tuple(i for i in (0, 1, 3) if key_bias.shape[i] == 1 and dkb.shape[i] != 1)
+            if dims:
+                dkb = dkb.sum(dims, keepdim=True)
+            dkb = dkb.to(key_bias.dtype)
+        return dq, dk, dv, dbias, dkb, None, dgate, None
 
 
 # --------------------------------------------------------------------------- public API
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, bias: torch.Tensor | None = None,
                         mask: torch.Tensor | None = None, gate: torch.Tensor | None = None,
-                        scale: float | None = None) -> torch.Tensor:
+                        scale: float | None = None, key_bias: torch.Tensor | None = None) -> torch.Tensor:
     """Plain-PyTorch attention with the same semantics as :func:`attention`.
 
     Materialises the logits. Computes in fp32 (fp64 for fp64 inputs) and returns
-    q's dtype. Fully masked rows give 0 (not NaN), with 0 gradient.
+    q's dtype. Fully masked rows give 0 (not NaN), with 0 gradient. The two additive
+    terms are summed first, ``s + (bias + key_bias)``, as the kernel adds them.
     """
-    _check(q, k, v, bias, mask, gate)
+    _check(q, k, v, bias, mask, gate, key_bias)
     scale = _check_scale(scale)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     ct = torch.float64 if q.dtype == torch.float64 else torch.float32
     s = torch.matmul(q.to(ct), k.to(ct).transpose(-1, -2)) * scale
-    if bias is not None:
+    if bias is not None and key_bias is not None:
+        s = s + (bias.to(ct) + key_bias.to(ct))
+    elif bias is not None:
         s = s + bias.to(ct)
+    elif key_bias is not None:
+        s = s + key_bias.to(ct)
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
     # Softmax is shift invariant, so a detached max is exact; a fully masked row
@@ -811,13 +906,17 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, bi
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, bias: torch.Tensor | None = None,
               mask: torch.Tensor | None = None, gate: torch.Tensor | None = None,
-              scale: float | None = None) -> torch.Tensor:
-    """``sigmoid(gate) * softmax(scale * q @ k^T + bias, masked) @ v``, flash-style.
+              scale: float | None = None, key_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``sigmoid(gate) * softmax(scale * q @ k^T + (bias + key_bias), masked) @ v``, flash-style.
 
     Args:
         q: ``[..., H, Q, D]`` queries, fp16 / bf16 / fp32 (fp64 runs the reference), D in 8..128.
         k, v: ``[..., H or 1, K, D]``, same leading dims and dtype as q.
         bias: float, broadcastable to ``[..., H, Q, K]``; added in fp32. Gets a gradient.
+        key_bias: float, broadcastable to ``[..., H, 1, K]`` (constant along queries: AlphaFold's
+            mask bias ``1e9 * (mask - 1)`` shaped ``[B, 1, 1, K]``); added to ``bias`` in fp32
+            inside the kernel, so ``bias=[1, H, Q, K]`` plus ``key_bias=[B, 1, 1, K]`` never
+            materialises their ``[B, H, Q, K]`` sum. Gets a gradient (only when it requires one).
         mask: bool, broadcastable to ``[..., H, Q, K]``, True = attend. A row with no
             True gives output 0 and gradient 0.
         gate: pre-sigmoid gate logits shaped like the output (``q.shape``).
@@ -829,12 +928,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, bias: torch.
     Dispatch: CUDA tensors (or CPU tensors with ``TRITON_INTERPRET=1``) in fp16 /
     bf16 / fp32 run the Triton kernels; anything else runs :func:`attention_reference`.
     """
-    _check(q, k, v, bias, mask, gate)
+    _check(q, k, v, bias, mask, gate, key_bias)
     scale = _check_scale(scale)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if q.dtype not in _SUPPORTED or not use_triton(q, k, v, bias, mask, gate):
-        return attention_reference(q, k, v, bias=bias, mask=mask, gate=gate, scale=scale)
-    for name, t in (("q", q), ("k", k), ("v", v), ("bias", bias), ("mask", mask), ("gate", gate)):
+    if q.dtype not in _SUPPORTED or not use_triton(q, k, v, bias, key_bias, mask, gate):
+        return attention_reference(q, k, v, bias=bias, mask=mask, gate=gate, scale=scale, key_bias=key_bias)
+    for name, t in (("q", q), ("k", k), ("v", v), ("bias", bias), ("key_bias", key_bias), ("mask", mask),
+                    ("gate", gate)):
         if t is not None:
             check_offsets32("attention", name, t, tuple(range(max(0, t.dim() - 2), t.dim())))
     lead = q.shape[:-3]
@@ -844,7 +944,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, bias: torch.
     k4 = k.reshape(B, k.shape[-3], k.shape[-2], D)
     v4 = v.reshape(B, v.shape[-3], v.shape[-2], D)
     bias4 = _bcast_4d(bias, lead, "bias") if bias is not None else None
+    kb4 = _bcast_4d(key_bias, lead, "key_bias") if key_bias is not None else None
     mask4 = _bcast_4d(mask, lead, "mask") if mask is not None else None
     gate4 = gate.reshape(B, H, Q, D) if gate is not None else None
-    out = _AttentionFn.apply(q4, k4, v4, bias4, mask4, gate4, scale)
+    out = _AttentionFn.apply(q4, k4, v4, bias4, kb4, mask4, gate4, scale)
     return out.reshape(q.shape)

@@ -36,14 +36,17 @@ __all__ = ["attention", "layer_norm", "softmax"]
 
 @torch.library.custom_op("foldcompile::attention", mutates_args=())
 def attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None, mask: Optional[Tensor] = None,
-              gate: Optional[Tensor] = None, scale: Optional[float] = None) -> Tensor:
-    """``sigmoid(gate) * softmax(scale·q kᵀ + bias, masked) v`` (:func:`foldcompile.kernels.attention`)."""
-    return _attention(q, k, v, bias=bias, mask=mask, gate=gate, scale=scale)
+              gate: Optional[Tensor] = None, scale: Optional[float] = None,
+              key_bias: Optional[Tensor] = None) -> Tensor:
+    """``sigmoid(gate) * softmax(scale·q kᵀ + bias + key_bias, masked) v`` (:func:`foldcompile.kernels.attention`;
+    ``key_bias`` broadcasts to ``[..., H, 1, K]``)."""
+    return _attention(q, k, v, bias=bias, mask=mask, gate=gate, scale=scale, key_bias=key_bias)
 
 
 @attention.register_fake
 def _attention_fake(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None, mask: Optional[Tensor] = None,
-                    gate: Optional[Tensor] = None, scale: Optional[float] = None) -> Tensor:
+                    gate: Optional[Tensor] = None, scale: Optional[float] = None,
+                    key_bias: Optional[Tensor] = None) -> Tensor:
     return q.new_empty(q.shape)
 
 
@@ -102,8 +105,8 @@ def _register_recomputing_backward(op: Any, fn: Callable[..., Tensor]) -> None:
 
 
 _register_recomputing_backward(
-    attention, lambda q, k, v, bias, mask, gate, scale: _attention(q, k, v, bias=bias, mask=mask, gate=gate,
-                                                                   scale=scale))
+    attention, lambda q, k, v, bias, mask, gate, scale, key_bias: _attention(q, k, v, bias=bias, mask=mask, gate=gate,
+                                                                             scale=scale, key_bias=key_bias))
 _register_recomputing_backward(layer_norm, lambda x, weight, bias, eps: _layer_norm(x, weight, bias, eps))
 _register_recomputing_backward(softmax, lambda x, dim, scale, bias, mask: _softmax(x, dim, scale=scale, bias=bias,
                                                                                    mask=mask))

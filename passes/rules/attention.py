@@ -24,8 +24,17 @@ kernel. A gate ``sigmoid(g) * layout(o)`` right after the attention (through sin
 Exactness: where eager's fully masked rows give NaN (an ``-inf`` fill), the replacement
 puts NaN back in those rows (the kernel returns 0 there); where eager's fill is finite (all
 the row's logits equal, so the weights are uniform), it puts the mean of v back, and then
-no gate is folded. Several bias terms are summed into one tensor (the kernel takes one
-bias), materialising their broadcast shape; one bias term is passed as a strided view.
+no gate is folded. The kernel takes two additive terms: ``bias`` (any shape broadcastable to
+the logits) and ``key_bias`` (broadcastable to ``[..., H, 1, K]``: constant along the query
+axis), added in fp32 as ``scale·q kᵀ + (bias + key_bias)``, the order the summed bias had. One
+bias term is passed as ``bias``, a strided view. With several terms, those whose shape has
+size 1 along the query axis (AlphaFold's key-mask bias ``1e9·(mask−1)``, ``[B, 1, 1, K]``) go
+to ``key_bias`` (summed among themselves if several: their sum is at most ``[..., H, 1, K]``),
+and a single remaining term to ``bias`` as a strided view, so triangle attention's pair bias
+``[1, H, Q, K]`` and mask bias ``[B, 1, 1, K]`` are never summed into ``[B, H, Q, K]``. Only
+terms that vary along queries beyond the first are summed into one tensor at their broadcast
+shape. The match's notes say which happened (``biases: bias+key_bias``, ``biases: key_bias``,
+``biases: summed [..]+key_bias``, ``biases: summed [..]``), and so does ``parts["biases"]``.
 
 ``scaled_dot_product_attention`` calls (no dropout, not causal) map to the kernel directly.
 
@@ -58,9 +67,10 @@ _HEAD, _VAL = "#", "@"  # axis names for the head dim and v's value axis (never 
 # ------------------------------------------------------------------ what the rewritten graph calls
 def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, bias: torch.Tensor | None = None,
                     mask: torch.Tensor | None = None, gate: torch.Tensor | None = None,
-                    scale: float = 1.0) -> torch.Tensor:
-    """``sigmoid(gate) · softmax(scale·q kᵀ + bias, mask) v`` through :func:`foldcompile.kernels.attention`."""
-    return _attention_kernel(q, k, v, bias=bias, mask=mask, gate=gate, scale=scale)
+                    scale: float = 1.0, key_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``sigmoid(gate) · softmax(scale·q kᵀ + (bias + key_bias), mask) v`` through
+    :func:`foldcompile.kernels.attention` (``key_bias`` broadcasts to ``[..., H, 1, K]``)."""
+    return _attention_kernel(q, k, v, bias=bias, mask=mask, gate=gate, scale=scale, key_bias=key_bias)
 
 
 def fill_fully_masked_rows(out: torch.Tensor, mask: torch.Tensor, fill: Any) -> torch.Tensor:
@@ -266,7 +276,11 @@ def _recognise(sm: torch.fx.Node, ctx: Context) -> Candidate | Reject | None:
             masks.append((cond, keep_if))
             if v != float("-inf"):
                 finite_fill = v
-    parts.update(terms=terms, scale=scale, masks=masks, finite_fill=finite_fill)
+    bias_terms, key_terms, biases = _split_terms(terms, lo, qL, batch + [qL, kL])
+    if len(terms) > 1:
+        notes.append(f"biases: {biases}")
+    parts.update(terms=terms, bias_terms=bias_terms, key_terms=key_terms, biases=biases, scale=scale, masks=masks,
+                 finite_fill=finite_fill)
     region = peel_q + peel_k + peel_v + interior + [sm, pv]
     output = pv
     # gate: sigmoid(g) * layout(o) with the same shape
@@ -295,6 +309,42 @@ def _recognise(sm: torch.fx.Node, ctx: Context) -> Candidate | Reject | None:
     return Candidate("attention", sm, region, output, parts, notes)
 
 
+def _aligned(term: torch.fx.Node, rank: int, shape_of) -> tuple | None:
+    s = shape_of(term)
+    return None if s is None else (1,) * (rank - len(s)) + tuple(s)
+
+
+def _split_terms(terms: list, lo: str, qL: str, want: list[str]) -> tuple[list, list, str]:
+    """Route the additive terms: ``(bias terms, key-bias terms, description)``.
+
+    A term whose (right-aligned) size along the query axis is 1 -- in the traced shape and,
+    where the graph has one, in the symbolic shape -- is a key-bias term: the kernel adds it
+    per (row, head, key). With one term in all it stays the bias (as before: a strided view).
+    The rest go to ``bias``: one as a view, several summed at their broadcast shape."""
+    if len(terms) <= 1:
+        return list(terms), [], "bias" if terms else "none"
+    r, iq = len(lo), lo.index(qL)
+
+    def keyish(t: torch.fx.Node) -> bool:
+        s, ss = _aligned(t, r, M.shape), _aligned(t, r, M.sym_shape)
+        return s is not None and s[iq] == 1 and (ss is None or ss[iq] == 1)
+
+    key_terms = [t for t in terms if keyish(t[0])]
+    bias_terms = [t for t in terms if not keyish(t[0])]
+    if len(bias_terms) > 1:
+        shapes = [_aligned(t[0], r, M.shape) for t in bias_terms]
+        if any(s is None for s in shapes):
+            desc = "summed"
+        else:
+            full = torch.broadcast_shapes(*shapes)
+            desc = "summed [" + ", ".join(str(full[lo.index(w)]) for w in want) + "]"
+    else:
+        desc = "bias" if bias_terms else ""
+    if key_terms:
+        desc = desc + "+key_bias" if desc else "key_bias"
+    return bias_terms, key_terms, desc
+
+
 def _check(c: Candidate, ctx: Context) -> str | None:
     p = c.parts
     if not _MIN_D <= p["D"] <= _MAX_D:
@@ -311,11 +361,14 @@ def _profitable(c: Candidate, ctx: Context) -> str | None:
     before = sum(M.cost_bytes_at(n, ctx.subs) for n in c.region)
     p = c.parts
     after = sum(M.bytes_at(p[n], ctx.subs) for n in ("q", "k", "v")) + M.bytes_at(c.output, ctx.subs)
-    if len(p["terms"]) == 1:
-        after += M.bytes_at(p["terms"][0][0], ctx.subs)
-    elif p["terms"]:
+    # key-bias terms are read (and, if several, summed) at their own [..., H, 1, K] size
+    after += sum(M.bytes_at(t[0], ctx.subs) for t in p["key_terms"]) * (1 if len(p["key_terms"]) == 1 else 3)
+    if len(p["bias_terms"]) == 1:
+        after += M.bytes_at(p["bias_terms"][0][0], ctx.subs)
+    elif p["bias_terms"]:
         # the summed bias is written once and read once, at the logits' size at most
-        after += 2 * sum(M.bytes_at(t[0], ctx.subs) for t in p["terms"]) + 3 * M.bytes_at(c.region[0], ctx.subs)
+        after += (2 * sum(M.bytes_at(t[0], ctx.subs) for t in p["bias_terms"])
+                  + 3 * M.bytes_at(c.region[0], ctx.subs))
     if "gate" in p:
         after += M.bytes_at(p["gate"], ctx.subs)
     if before and after > before:
@@ -378,12 +431,17 @@ def _replace(c: Candidate, ctx: Context) -> torch.fx.Node:
         kv.append(x)
     k, v = kv
     want = batch + [qL, kL]
-    bias = None
-    for term, factor in p["terms"]:
-        t = _to_letters(b, _align_rank(b, term, len(lo)), lo, want)
-        if factor != 1.0:
-            t = b(operator.mul, t, factor)
-        bias = t if bias is None else b(operator.add, bias, t)
+
+    def summed(terms: list) -> torch.fx.Node | None:
+        acc = None
+        for term, factor in terms:
+            t = _to_letters(b, _align_rank(b, term, len(lo)), lo, want)
+            if factor != 1.0:
+                t = b(operator.mul, t, factor)
+            acc = t if acc is None else b(operator.add, acc, t)
+        return acc
+
+    bias, key_bias = summed(p["bias_terms"]), summed(p["key_terms"])
     mask = None
     for cond, keep_if in p["masks"]:
         m = _to_letters(b, _align_rank(b, cond, len(lo)), lo, want)
@@ -400,9 +458,11 @@ def _replace(c: Candidate, ctx: Context) -> torch.fx.Node:
     if unit:
         q, k, v = (b(torch.unsqueeze, t, 0) for t in (q, k, v))
         bias = b(torch.unsqueeze, bias, 0) if bias is not None else None
+        key_bias = b(torch.unsqueeze, key_bias, 0) if key_bias is not None else None
         mask = b(torch.unsqueeze, mask, 0) if mask is not None else None
         gate = b(torch.unsqueeze, gate, 0) if gate is not None else None
-    out = b(fused_attention, q, k, v, bias=bias, mask=mask, gate=gate, scale=p["scale"])
+    kw = {"key_bias": key_bias} if key_bias is not None else {}
+    out = b(fused_attention, q, k, v, bias=bias, mask=mask, gate=gate, scale=p["scale"], **kw)
     if mask is not None:
         fill = float("nan") if p["finite_fill"] is None else b(torch.mean, v, -2, True)
         out = b(fill_fully_masked_rows, out, mask, fill)
