@@ -111,7 +111,10 @@ class OptimizeReport:
         r = self.record
         at = ", ".join(f"{k}={v}" for k, v in r["at"].items()) or "the example size (the graph has no named dims)"
         cov = r["coverage"]
-        lines = [f"{self.model_name}: fused at {at} (example dims {self.dims})",
+        lines = [f"{self.model_name}: fused at {at} (example dims {self.dims})"]
+        if r.get("not_fused_because"):
+            lines.append(f"note: {r['not_fused_because']}")
+        lines += [
                  f"reduction + element-wise bytes in kernels at that size: {cov['fraction']:.1%}", "",
                  "rule            matched  rejected"]
         for rule, c in r["counts"].items():
@@ -180,14 +183,44 @@ def build_variant(model: torch.nn.Module, args: tuple, kwargs: Mapping[str, Any]
     t0 = time.perf_counter()
     gm = trace(model, *args, **kwargs)
     gm = normalize_pass(gm).graph_module
-    _annotate(gm, flat_inputs(gm, args, kwargs), dims)
+    # shape propagation runs the graph on real data: on copies of the inputs, with the model's
+    # buffers put back afterwards, so a forward that writes in place (x += 1 on a view of an input,
+    # a buffer counter) is not applied by the build itself
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    values = [v.detach().clone().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v
+              for v in flat_inputs(gm, args, kwargs)]
+    try:
+        _annotate(gm, values, dims)
+    finally:
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+    autocast_on = _ambient_autocast()
     traced = copy_graph_module(gm)
     fused = copy_graph_module(gm)
-    result = fuse_pass(fused, at=at, disabled=disabled, rules=rules)
+    # our kernels have no autocast rules (they compute in their inputs' dtypes): under an active
+    # autocast a fused op would compute in another precision than the op it replaces
+    result = fuse_pass(fused, at=at, disabled=disabled, rules=[] if autocast_on else rules)
+    if autocast_on:
+        result.record["not_fused_because"] = (f"autocast is active ({autocast_on}): the kernels have no autocast "
+                                              "rules, so nothing is fused in this variant")
     _name_inputs_after_the_model(fused, model)
     _name_inputs_after_the_model(traced, model)
     fused.recompile()
     return Variant(traced, fused, result.record, time.perf_counter() - t0, tuple(disabled))
+
+
+def _ambient_autocast() -> str:
+    """The devices on which autocast is active for this call (``""`` for none)."""
+    on = []
+    for device in ("cuda", "cpu"):
+        try:
+            if torch.is_autocast_enabled(device):
+                on.append(device)
+        except TypeError:  # an older signature without the device argument
+            if device == "cuda" and torch.is_autocast_enabled():
+                on.append(device)
+    return ", ".join(on)
 
 
 def _name_inputs_after_the_model(gm: torch.fx.GraphModule, model: torch.nn.Module) -> None:

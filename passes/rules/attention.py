@@ -10,7 +10,8 @@ normalize gives each an explicit einsum equation in ``meta["einsum"]``) through 
   ``(mask - 1) * 1e9`` — they stay additive so their −1e9 semantics are exact,
 - boolean masks: ``masked_fill(x, c, fill)`` or ``torch.where(c, x, fill)`` /
   ``torch.where(c, fill, x)`` with ``c`` provably boolean (its dtype is ``torch.bool``) and
-  ``fill`` ``-inf`` (anywhere in the chain) or a finite number such as ``finfo.min`` (last),
+  ``fill`` ``-inf`` (anywhere in the chain) or the dtype's lowest value ``finfo.min`` (last, alone;
+  any other value gives masked keys weight in eager and is refused),
 
 and whose only user is a second product contracting the softmax axis with v. The einsum
 letters decide the roles: the softmax axis is the key axis, the letter contracted in the
@@ -273,9 +274,19 @@ def _recognise(sm: torch.fx.Node, ctx: Context) -> Candidate | Reject | None:
                 t[1] *= c
         else:
             cond, keep_if, v = op[2], op[3], op[4]
-            masks.append((cond, keep_if))
             if v != float("-inf"):
+                # only -inf or the dtype's lowest value give a masked key exactly no weight; any other
+                # value (0, -10, +inf) is part of the function and must stay as written
+                dt = M.dtype(op[0])
+                lowest = torch.finfo(dt).min if dt is not None and dt.is_floating_point else None
+                if lowest is None or v > lowest:
+                    return Reject(f"masked_fill value {v:g} is neither -inf nor the dtype's lowest value: "
+                                  "masked keys keep weight in eager")
+                if masks:
+                    return Reject("a finite masked_fill after another mask: eager's fully masked rows "
+                                  "cannot be reproduced")
                 finite_fill = v
+            masks.append((cond, keep_if))
     bias_terms, key_terms, biases = _split_terms(terms, lo, qL, batch + [qL, kL])
     if len(terms) > 1:
         notes.append(f"biases: {biases}")

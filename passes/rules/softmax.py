@@ -26,8 +26,13 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def fused_softmax(x: torch.Tensor, dim: int, *, scale: float | None = None, bias: torch.Tensor | None = None,
                   mask: torch.Tensor | None = None) -> torch.Tensor:
-    """``softmax(scale·x + bias)`` over ``dim`` with ``mask`` False left out, through :func:`kernels.softmax`."""
-    return _softmax_kernel(x, dim, scale=scale, bias=bias, mask=mask)
+    """``softmax(scale·x + bias)`` over ``dim`` with ``mask`` False left out, through :func:`kernels.softmax`,
+    with torch's NaN on a row where nothing is left (every logit −inf: the kernel gives 0 there).
+
+    A softmax row sums to 1, so an all-zero row is exactly such a row. Restoring it here costs one
+    extra read of the output (moving the choice into the kernel is the faster follow-up)."""
+    y = _softmax_kernel(x, dim, scale=scale, bias=bias, mask=mask)
+    return y.masked_fill((y == 0).all(dim, keepdim=True), float("nan"))
 
 
 def nan_where_fully_masked(y: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
