@@ -43,7 +43,6 @@ the edge of a region (a match wholly inside an ``autocast(enabled=False)`` regio
 from __future__ import annotations
 
 from collections import Counter
-import operator
 from typing import Any, Iterable, Mapping
 
 import torch
@@ -52,6 +51,8 @@ import torch.fx
 from foldcompile.passes.base import PassError, PassResult
 from foldcompile.passes.rules import Context, Reject, Rule, all_rules
 from foldcompile.passes.rules import _meta as M
+from foldcompile.passes.registry import writes_in_place
+from foldcompile.passes.meta import memory_of
 from foldcompile.passes.shape_prop import dim_symbol
 
 __all__ = ["fuse_pass", "DEFAULT_AT", "UNFUSED_REASONS"]
@@ -105,21 +106,6 @@ def _autocast_regions(graph: torch.fx.Graph) -> dict[torch.fx.Node, tuple[int, b
     return inside
 
 
-_INPLACE_OPERATORS = frozenset({operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
-                                operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor,
-                                operator.setitem})
-
-
-def _writes_in_place(n: torch.fx.Node) -> bool:
-    """A node that writes into one of its inputs (``x += y``, ``x.mul_(y)``, ``x[i] = y``, ``copy_``)."""
-    if n.op != "call_function":
-        return False
-    if n.target in _INPLACE_OPERATORS:
-        return True
-    name = getattr(n.target, "__name__", "")
-    return name.endswith("_") and not name.endswith("__") and getattr(torch.Tensor, name, None) is n.target
-
-
 def _write_inside(region: Iterable[torch.fx.Node], output: torch.fx.Node, order: Mapping[torch.fx.Node, int],
                   writes: list[torch.fx.Node]) -> torch.fx.Node | None:
     """The first in-place write that lies between a match's first node and its output (where the
@@ -130,7 +116,7 @@ def _write_inside(region: Iterable[torch.fx.Node], output: torch.fx.Node, order:
         # a node an earlier match of this pass created: number the graph again
         order.clear()
         order.update({n: i for i, n in enumerate(output.graph.nodes)})
-        writes[:] = [n for n in output.graph.nodes if _writes_in_place(n)]
+        writes[:] = [n for n in output.graph.nodes if writes_in_place(n)]
     lo = min(order[r] for r in members)
     hi = order[output]
     for w in writes:
@@ -138,20 +124,12 @@ def _write_inside(region: Iterable[torch.fx.Node], output: torch.fx.Node, order:
             continue
         # harmful only if a member that ran before the write reads memory the write changes
         # (views share it); a read after the write is not moved across it. Unknown memory: harmful.
-        written = _memory(w.args[0]) if w.args else None
+        written = memory_of(w.args[0]) if w.args else None
         for r in members:
-            if order[r] < order[w] and any(written is None or _memory(a) in (None, written)
+            if order[r] < order[w] and any(written is None or memory_of(a) in (None, written)
                                            for a in r.all_input_nodes):
                 return w
     return None
-
-
-def _memory(n: Any) -> Any:
-    v = n.meta.get("example_value") if isinstance(n, torch.fx.Node) else None
-    try:
-        return v.untyped_storage()._cdata if isinstance(v, torch.Tensor) else None
-    except Exception:
-        return None
 
 
 def _crosses_autocast(region: Iterable[torch.fx.Node], regions: Mapping[torch.fx.Node, tuple[int, bool]]) -> bool:
@@ -209,7 +187,7 @@ def fuse_pass(gm: torch.fx.GraphModule, *, at: Mapping[str, int] | None = None, 
         for rule in rules:
             # positions of this pass over the graph (earlier rules' replacements moved nodes)
             order = {n: i for i, n in enumerate(graph.nodes)}
-            writes = [n for n in graph.nodes if _writes_in_place(n)]
+            writes = [n for n in graph.nodes if writes_in_place(n)]
             for node in (list(graph.nodes)[::-1] if rule.reverse else list(graph.nodes)):
                 if node in erased or node.meta.get("fused_by") or node.meta.get("fuse_disabled"):
                     continue

@@ -47,7 +47,7 @@ import torch.fx
 
 __all__ = ["SHAPE", "DTYPE", "SYM_SHAPE", "SYM_VALUE", "SYM_ARGS", "MULTI_OUTPUT", "ALIASES_INPUT", "OP_CLASS",
            "COST", "EINSUM", "NORMALIZED_FROM", "MODULE_PATH", "STACK_TRACE", "ORIGIN", "SHARD", "EXAMPLE_VALUE",
-           "NODE_KEYS", "rank_of", "dtype_of", "shape_of"]
+           "NODE_KEYS", "rank_of", "dtype_of", "shape_of", "memory_of"]
 
 SHAPE = "shape"
 DTYPE = "dtype"
@@ -113,3 +113,13 @@ def dtype_of(node: Any) -> torch.dtype | None:
         return v.dtype
     tm = node.meta.get("tensor_meta")
     return getattr(tm, "dtype", None)
+
+
+def memory_of(node: Any) -> Any:
+    """Identity of the memory a node's example value lives in (views share it; fake tensors too),
+    or None where unknown. Compare with ``==``: the identity is an int."""
+    v = node.meta.get(EXAMPLE_VALUE) if isinstance(node, torch.fx.Node) else None
+    try:
+        return v.untyped_storage()._cdata if isinstance(v, torch.Tensor) else None
+    except Exception:
+        return None

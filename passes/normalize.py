@@ -54,8 +54,8 @@ import torch.fx
 
 from foldcompile.passes.base import PassError, PassResult, declare, describe_node
 from foldcompile.passes.einsum import GEMM_TARGETS, equation_of, gemm_operands
-from foldcompile.passes.meta import EINSUM, NORMALIZED_FROM
-from foldcompile.passes.registry import lookup, op_name
+from foldcompile.passes.meta import EINSUM, NORMALIZED_FROM, memory_of
+from foldcompile.passes.registry import functional_form, lookup, op_name
 
 _log = logging.getLogger(__name__)  # foldcompile.passes.<name>: progress of this pass
 
@@ -122,39 +122,6 @@ def _normalize_graph(owner: torch.fx.GraphModule, record: dict) -> bool:
     return changed
 
 
-# In-place spellings whose out-of-place op takes the same arguments (``a += b`` is ``a + b``
-# written into a's memory). Real code writes them (``q /= sqrt(d)``, ``logits += bias``,
-# ``x.sigmoid_()``); the fusion rules match the functional form only.
-_INPLACE_OPERATORS = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
-                      operator.itruediv: operator.truediv}
-_INPLACE_METHODS = frozenset("""
-add_ sub_ mul_ div_ neg_ abs_ exp_ sqrt_ rsqrt_ pow_ sigmoid_ tanh_ relu_ clamp_ clamp_min_ clamp_max_
-masked_fill_
-""".split())
-
-
-def _functional_form(node: torch.fx.Node) -> tuple[Any, str] | None:
-    """The out-of-place target of an in-place node and the in-place name, or None."""
-    if node.op != "call_function":
-        return None
-    if node.target in _INPLACE_OPERATORS:
-        return _INPLACE_OPERATORS[node.target], node.target.__name__
-    name = getattr(node.target, "__name__", "")
-    if name in _INPLACE_METHODS and getattr(torch.Tensor, name, None) is node.target:
-        base = name[:-1]
-        method = getattr(torch.Tensor, base)
-        entry = lookup(method)
-        return (entry.canonical if entry is not None and entry.canonical is not None else method), name
-    return None
-
-
-def _storage(value: Any) -> Any:
-    try:
-        return value.untyped_storage()._cdata  # identity of the memory: views share it, fake tensors too
-    except Exception:
-        return None
-
-
 def _inplace_to_functional(graph: torch.fx.Graph, record: dict) -> bool:
     """Rewrite ``x += y`` (and ``x.mul_(y)``, ...) as ``x + y`` where no one can tell the difference:
     ``x`` is a value the graph made itself (not an input or parameter), nothing that shares ``x``'s
@@ -164,12 +131,12 @@ def _inplace_to_functional(graph: torch.fx.Graph, record: dict) -> bool:
     order = {n: i for i, n in enumerate(graph.nodes)}
     memory: dict[torch.fx.Node, Any] = {}  # node -> identity of the memory its value lives in
     for n in graph.nodes:
-        key = _storage(n.meta.get("example_value"))
+        key = memory_of(n)
         if key is not None:
             memory[n] = key
     changed = False
     for node in list(graph.nodes):
-        form = _functional_form(node)
+        form = functional_form(node)
         if form is None:
             continue
         target, name = form

@@ -34,6 +34,7 @@ import torch.fx
 import torch.nn.functional as F
 
 __all__ = ["OpEntry", "register_op", "lookup", "entry_of", "entries", "resolve_name", "op_name", "target_of",
+           "writes_in_place", "functional_form",
            "OP_CLASSES", "GEMM", "REDUCTION", "ELEMENTWISE", "LAYOUT", "COMM", "OTHER"]
 
 GEMM, REDUCTION, ELEMENTWISE, LAYOUT, COMM, OTHER = "GEMM", "REDUCTION", "ELEMENTWISE", "LAYOUT", "COMM", "OTHER"
@@ -212,3 +213,43 @@ def all_targets() -> Iterable[Any]:
     """Every registered callable."""
     _ensure_loaded()
     return list(_REGISTRY)
+
+
+# ----------------------------------------------------------------------------- in-place ops
+# In-place spellings and, where the out-of-place op takes the same arguments, that op (``a += b`` is
+# ``a + b`` written into a's memory). normalize respells them where nothing can tell; fuse never
+# moves a read past one that stays.
+_INPLACE_OPERATORS = {operator.iadd: operator.add, operator.isub: operator.sub, operator.imul: operator.mul,
+                      operator.itruediv: operator.truediv, operator.ifloordiv: None, operator.imod: None,
+                      operator.ipow: None, operator.iand: None, operator.ior: None, operator.ixor: None,
+                      operator.setitem: None}
+_RESPELLABLE_METHODS = frozenset("""
+add_ sub_ mul_ div_ neg_ abs_ exp_ sqrt_ rsqrt_ pow_ sigmoid_ tanh_ relu_ clamp_ clamp_min_ clamp_max_
+masked_fill_
+""".split())
+
+
+def writes_in_place(node: torch.fx.Node) -> bool:
+    """Whether a node writes into one of its inputs (``x += y``, ``x.mul_(y)``, ``x[i] = y``, ``copy_``)."""
+    if node.op != "call_function":
+        return False
+    if node.target in _INPLACE_OPERATORS:
+        return True
+    name = getattr(node.target, "__name__", "")
+    return name.endswith("_") and not name.endswith("__") and getattr(torch.Tensor, name, None) is node.target
+
+
+def functional_form(node: torch.fx.Node) -> tuple[Any, str] | None:
+    """``(out-of-place target, in-place name)`` for an in-place node whose out-of-place op takes the
+    same arguments (its registry spelling), else None."""
+    if not writes_in_place(node):
+        return None
+    if node.target in _INPLACE_OPERATORS:
+        target = _INPLACE_OPERATORS[node.target]
+        return (target, node.target.__name__) if target is not None else None
+    name = node.target.__name__
+    if name not in _RESPELLABLE_METHODS:
+        return None
+    method = getattr(torch.Tensor, name[:-1])
+    entry = lookup(method)
+    return (entry.canonical if entry is not None and entry.canonical is not None else method), name
