@@ -65,7 +65,7 @@ class OpEntry:
     fusible: str | None = None          # "pointwise": a generated element-wise kernel may take it;
     #                                     "kernel": one of foldcompile's own kernels computes it
     classify: Callable[[torch.fx.Node, bool], str] | None = None  # per-node class where it varies
-    sharding: Callable[..., Any] | None = None   # the DAP pass's rule (not written yet)
+    sharding: Callable[..., Any] | None = None   # the DAP planning pass's rule (passes/placement.py: the vocabulary)
     size_arg: int | None = None         # position of the argument listing the output's sizes (view, zeros)
     samples: Callable[[], list[Sample]] | None = None
     doc: str = ""
@@ -206,6 +206,7 @@ def _ensure_loaded() -> None:
     if not _LOADED:
         _LOADED = True
         import foldcompile.passes.op_comm  # noqa: F401
+        import foldcompile.passes.placement  # noqa: F401  (the planned transitions of a sharded graph)
         import foldcompile.passes.shape_rules  # noqa: F401
 
 
