@@ -66,10 +66,12 @@ class Bar:
         self.stream = stream if stream is not None else sys.stderr
         self.enabled = log.isEnabledFor(logging.INFO)
         self.tty = self.enabled and bool(getattr(self.stream, "isatty", lambda: False)())
-        self._t0 = time.perf_counter()
+        self._t0: float | None = None  # the first step's start: a bar made ahead of its work waits
         self._closed = False
 
     def advance(self, label: str = "") -> None:
+        if self._t0 is None:
+            self._t0 = time.perf_counter()
         self.done = min(self.done + 1, self.total)
         if not self.enabled:
             return
@@ -89,7 +91,7 @@ class Bar:
         if self.tty:
             self.stream.write("\n")
             self.stream.flush()
-        if self.enabled:
+        if self.enabled and self._t0 is not None:
             stage_done(self.log, self.what, time.perf_counter() - self._t0)
 
 

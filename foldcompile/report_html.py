@@ -237,7 +237,8 @@ def _fusion(named: Mapping[str, torch.fx.Node], traced: torch.fx.GraphModule, fu
     for u in record.get("unfused", []):
         n = named.get(u["node"])
         b = at.cost(n)[1] if n is not None and _costed(n) else int(u.get("bytes") or 0)
-        e = by_reason.setdefault(u["reason"], {"reason": u["reason"], "count": 0, "bytes": 0, "sites": {}})
+        reason = _plain_reason(u["reason"])
+        e = by_reason.setdefault(reason, {"reason": reason, "count": 0, "bytes": 0, "sites": {}})
         e["count"] += 1
         e["bytes"] += b
         site = f"{u['op']} in {u['site']}"
@@ -246,19 +247,33 @@ def _fusion(named: Mapping[str, torch.fx.Node], traced: torch.fx.GraphModule, fu
     for e in unfused:
         e["sites"] = [s for s, _ in sorted(e["sites"].items(), key=lambda kv: -kv[1])]
 
-    rejections: dict[tuple[str, str, str, str], int] = {}
+    rejections: dict[tuple[str, str], dict[str, Any]] = {}
     for r in record.get("rejections", []):
-        key = (r["rule"], r["site"], r["reason"], _short_source(r.get("source", "")))
-        rejections[key] = rejections.get(key, 0) + 1
+        e = rejections.setdefault((r["rule"], r["reason"]), {"rule": r["rule"], "reason": r["reason"], "count": 0,
+                                                             "places": []})
+        e["count"] += 1
+        place = {"module": r["site"], "source": _short_source(r.get("source", ""))}
+        if place not in e["places"]:
+            e["places"].append(place)
     return {"chains": chains, "modules": modules, "unfused": unfused,
-            "rejections": [{"rule": k[0], "module": k[1], "reason": k[2], "source": k[3], "count": c}
-                           for k, c in rejections.items()],
+            "rejections": sorted(rejections.values(), key=lambda e: (e["rule"], -e["count"])),
             "counts": dict(record.get("counts", {})), "note": record.get("not_fused_because", "")}
 
 
 def _zero() -> dict[str, Any]:
     return {"bytes_before": 0, "bytes_after": 0, "ops_before": 0, "ops_after": 0, "kernels": 0,
             "nodes_before": [], "nodes_after": []}
+
+
+def _plain_reason(reason: str) -> str:
+    """``not profitable (elementwise: not profitable: one op)`` -> ``not profitable: one op (elementwise)``:
+    the fuse record prefixes the rule's own words with their category."""
+    head, sep, inner = reason.partition(" (")
+    if sep and inner.endswith(")"):
+        rule, colon, words = inner[:-1].partition(": ")
+        if colon and words.startswith(head) and rule.isidentifier():
+            return f"{words} ({rule})"
+    return reason
 
 
 def _short_source(source: str) -> str:
@@ -320,6 +335,10 @@ def page_data(report: "Report", depth: int | None = None, *, at: Mapping[str, in
         fused, record = _plan(report, dims)
         named = {n.name: n for g in _graphs(traced) for n in g.graph.nodes}
     fusion = _fusion(named, traced, fused, record, evaluate, depth)
+    judged = {k: v for k, v in (record.get("at") or {}).items() if dims.get(k) != v}
+    if judged and not fusion["note"]:
+        fusion["note"] = (f"fusion was judged profitable at {', '.join(f'{k}={v}' for k, v in judged.items())}, "
+                          "not at this page's size")
     times = profile.by_module(depth) if profile is not None else {}
     dtype = _model_dtype(traced)
 
@@ -585,18 +604,29 @@ def _chains_section(page: dict[str, Any]) -> str:
                  f"{_esc(human(page['total']['bytes'], 'B'))} → {_esc(human(page['total']['bytes_after'], 'B'))} "
                  f"(<b>{_esc(human(saved, 'B'))} saved</b>), {page['total']['ops']} ops → "
                  f"{page['total']['ops_after']}.</p>")
-    if chains:
+    chains_that_save = [c for c in chains if c["saved"] != 0 or len(c["ops"]) > 1]
+    if chains_that_save:
         rows = "".join(
             f"<tr><td><code>{_esc(c['kernel'])}</code></td><td><code>{_esc(c['module'])}</code></td>"
             f"<td class='ops'>{_esc(' → '.join(c['ops']))}"
             + (f" <span class='sub'>({c['kept']} kept for other users)</span>" if c["kept"] else "")
-            + f"</td><td data-value='{c['bytes_before']}'>{_esc(human(c['bytes_before'], 'B'))}</td>"
-            f"<td data-value='{c['bytes_after']}'>{_esc(human(c['bytes_after'], 'B'))}</td>"
-            f"<td data-value='{c['saved']}'><b>{_esc(human(c['saved'], 'B'))}</b></td>"
-            f"<td class='src'><code>{_esc(c['source'])}</code></td></tr>" for c in chains)
+            + f"</td><td class='n' data-value='{c['bytes_before']}'>{_esc(human(c['bytes_before'], 'B'))}</td>"
+            f"<td class='n' data-value='{c['bytes_after']}'>{_esc(human(c['bytes_after'], 'B'))}</td>"
+            f"<td class='n{' worse' if c['saved'] < 0 else ''}' data-value='{c['saved']}'>"
+            f"<b>{_esc(human(c['saved'], 'B'))}</b></td>"
+            f"<td class='src'><code>{_esc(c['source'])}</code></td></tr>" for c in chains_that_save)
         parts.append("<table id='chains'><thead><tr><th>kernel</th><th>module</th><th>ops it replaces</th>"
                      "<th>bytes unfused</th><th>kernel bytes</th><th>saved</th><th>source</th></tr></thead>"
                      f"<tbody>{rows}</tbody></table>")
+    # one op into its own kernel (a layer norm): the same bytes, a faster kernel; listed once a kind
+    singles: dict[tuple[str, str], list[str]] = {}
+    for c in chains:
+        if c not in chains_that_save:
+            singles.setdefault((c["kernel"], c["ops"][0] if c["ops"] else ""), []).append(c["module"])
+    for (kernel, op), where in singles.items():
+        parts.append(f"<p class='sub'><code>{_esc(kernel)}</code> ×{len(where)}: one <code>{_esc(op)}</code> each, "
+                     "the same bytes as the op it replaces (a faster kernel, no traffic saved), in "
+                     + ", ".join(f"<code>{_esc(w)}</code>" for w in where) + "</p>")
     counts = page["counts"]
     if counts:
         parts.append("<p class='sub'>rules: " + ", ".join(
@@ -605,11 +635,32 @@ def _chains_section(page: dict[str, Any]) -> str:
     return "".join(parts)
 
 
+def _before_after_section(page: dict[str, Any]) -> str:
+    title = "Before / after optimize" if page["mode"] == "optimized" else "Before / after the planned fusion"
+    timed = page["roofline"] is not None and page["roofline"]["floor_before"] is not None
+    head = ["module", "ops", "fused kernels", "bytes moved", "saved"] + (["least time at the roofs"] if timed else [])
+    rows = []
+    for m in page["modules"] + [{"path": "total", **page["total"], "floor_before": (page["roofline"] or {}).get(
+            "floor_before"), "floor_after": (page["roofline"] or {}).get("floor_after")}]:
+        saved = m["bytes"] - m["bytes_after"]
+        share = f" ({100 * saved / m['bytes']:.0f}%)" if m["bytes"] else ""
+        cells = [f"<code>{_esc(m['path'])}</code>" if m["path"] != "total" else "<b>total</b>",
+                 f"{m['ops']} → {m['ops_after']}", str(m["kernels"]),
+                 f"{_esc(human(m['bytes'], 'B'))} → {_esc(human(m['bytes_after'], 'B'))}",
+                 f"{_esc(human(saved, 'B'))}{share}"]
+        if timed:
+            cells.append(f"{_esc(human(m['floor_before'], 's'))} → {_esc(human(m['floor_after'], 's'))}")
+        rows.append("<tr>" + "".join(f"<td class='n'>{c}</td>" if i else f"<td>{c}</td>" for i, c in enumerate(cells))
+                    + "</tr>")
+    return (f"<h2>{title}</h2><table id='before-after'><thead><tr>" + "".join(f"<th>{h}</th>" for h in head)
+            + f"</tr></thead><tbody>{''.join(rows)}</tbody></table>")
+
+
 def _left_section(page: dict[str, Any]) -> str:
     parts = ["<h2>Left unfused, and why</h2>"]
     if page["unfused"]:
-        rows = "".join(f"<tr><td>{_esc(u['reason'])}</td><td>{u['count']}</td>"
-                       f"<td data-value='{u['bytes']}'>{_esc(human(u['bytes'], 'B'))}</td>"
+        rows = "".join(f"<tr><td>{_esc(u['reason'])}</td><td class='n'>{u['count']}</td>"
+                       f"<td class='n' data-value='{u['bytes']}'>{_esc(human(u['bytes'], 'B'))}</td>"
                        f"<td class='sites'>{_esc(', '.join(u['sites'][:6]))}"
                        + (f", … ({len(u['sites'])} places)" if len(u["sites"]) > 6 else "") + "</td></tr>"
                        for u in page["unfused"])
@@ -618,11 +669,15 @@ def _left_section(page: dict[str, Any]) -> str:
     else:
         parts.append("<p>Every reduction and element-wise op is in a kernel.</p>")
     if page["rejections"]:
-        rows = "".join(f"<tr><td>{_esc(r['rule'])}</td><td><code>{_esc(r['module'])}</code></td>"
-                       f"<td>{_esc(r['reason'])}</td><td>{r['count']}</td><td class='src'><code>{_esc(r['source'])}"
-                       "</code></td></tr>" for r in page["rejections"])
-        parts.append("<h3>Rejected candidates</h3><table id='rejections'><thead><tr><th>rule</th><th>module</th>"
-                     f"<th>reason</th><th>times</th><th>source</th></tr></thead><tbody>{rows}</tbody></table>")
+        def places(r: dict[str, Any]) -> str:
+            shown = "".join(f"<div><code>{_esc(p['module'])}</code> <span class='src'>{_esc(p['source'])}</span></div>"
+                            for p in r["places"][:4])
+            more = len(r["places"]) - 4
+            return shown + (f"<div class='sub'>… and {more} more</div>" if more > 0 else "")
+        rows = "".join(f"<tr><td>{_esc(r['rule'])}</td><td>{_esc(r['reason'])}</td><td class='n'>{r['count']}</td>"
+                       f"<td>{places(r)}</td></tr>" for r in page["rejections"])
+        parts.append("<h3>Rejected candidates</h3><table id='rejections'><thead><tr><th>rule</th><th>reason</th>"
+                     f"<th>times</th><th>where</th></tr></thead><tbody>{rows}</tbody></table>")
     return "".join(parts)
 
 
@@ -656,6 +711,7 @@ ul.legend li{font-size:12.5px} .swatch{display:inline-block;width:11px;height:11
 .rooflegend{font-size:12.5px;max-width:440px} .rooflegend ol{padding-left:22px;margin:4px 0}
 .dot{display:inline-block;width:9px;height:9px;border-radius:50%;background:#2f6fdf}
 .dot.hollow{background:#fff;border:1.5px solid #2f6fdf}
+td.n{white-space:nowrap} td.worse{color:#b00020}
 td.ops{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12px} td.src{font-size:11.5px;color:#555}
 td.sites{font-size:12px;color:#444}
 #fc-errors{background:#fde8e8;border:1px solid #d62728;padding:6px 10px;color:#900}
@@ -710,7 +766,10 @@ def render_html(report: "Report", depth: int | None = None, *, at: Mapping[str, 
     if page["profile"] is not None:
         summary.append(("measured", human(page["profile"]["ms"] * 1e-3, "s")))
     if page["roofline"] is not None and page["roofline"]["floor_before"] is not None:
-        summary.append(("least time on " + page["roofline"]["card"],
+        r = page["roofline"]
+        one_roof = "" if (r["peak_tflops"] and r["copy_gbs"]) else " (memory roof only)" if r["copy_gbs"] else \
+            " (compute roof only)"
+        summary.append(("least time on " + r["card"] + one_roof,
                         f"{human(page['roofline']['floor_before'], 's')} → {human(page['roofline']['floor_after'], 's')}"))
     parts = ["<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
              f"<title>{_esc(title)}</title><script>{_ERROR_HOOK}</script><style>{_STYLE}</style></head><body>",
@@ -737,6 +796,7 @@ def render_html(report: "Report", depth: int | None = None, *, at: Mapping[str, 
                      + (" — CPU wall-clock, not GPU kernel time" if p["timing"] == "cpu_wall" else "") + "</p>")
     parts.append(_module_rows(page))
     parts.append(_roofline_section(page))
+    parts.append(_before_after_section(page))
     parts.append(_chains_section(page))
     parts.append(_left_section(page))
     code_title = "the optimized graph" if page["mode"] == "optimized" else "the graph optimize would run at this size"
