@@ -21,7 +21,7 @@ size where the graph's structure does not depend on the size::
     >>> report.cost(N_seq=128, N_res=256)["classes"]["GEMM"]["flops"]  # same graph, other sizes
     2682257408
     >>> import os, tempfile
-    >>> with tempfile.TemporaryDirectory() as tmp:          # the graph coloured by op class
+    >>> with tempfile.TemporaryDirectory() as tmp:          # the HTML report (foldcompile.report_html)
     ...     os.path.basename(report.to_html(os.path.join(tmp, "evoformer.html")))
     'evoformer.html'
 
