@@ -388,11 +388,11 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     # inference: a variant is specialised on grad mode, so build it in the mode it is timed in
     with torch.no_grad():
         rules, bar = rules_with_progress(all_rules(), _log)
-        try:
-            with stage("optimize: capture, normalize, shape_prop, classify, fuse", _log):
+        with stage("optimize: capture, normalize, shape_prop, classify, fuse", _log):
+            try:
                 fast = foldcompile.optimize(module, *inputs, at=at or None, rules=rules, **kwargs)
-        finally:
-            bar.close()
+            finally:
+                bar.close()  # ends the bar's line before the stage's own
         opt_report = fast.report
         opt_report.model_name = name
         unknown = sorted(set(at) - set(opt_report.dims))
