@@ -20,6 +20,10 @@ example size the model was captured at. It shows:
   module (``optimized=fast.variant_for(*inputs)``) it is what was fused, before and after.
 - the fused graph as Python, with the model's own argument names.
 
+The page takes the :class:`~foldcompile.explain.Report` it draws (it does not import
+``foldcompile.explain``); it runs the fuse pass for the plan and prints the fused graph with
+``foldcompile.optimize.readable_code``.
+
 Names are the user's: module paths, op names, ``forward``'s argument names and source lines,
 never the tracer's placeholders. The page's script records any JavaScript error in the page
 itself (``#fc-errors``) and marks ``<body data-fc-ready="1">`` when it has run, which is how the
@@ -503,8 +507,8 @@ def _roofline_svg(r: dict[str, Any]) -> str:
         return "<p>No module does arithmetic at this size: nothing to place on a roofline.</p>"
     x_lo = 10 ** math.floor(math.log10(min(xs)) - 0.3)
     x_hi = 10 ** math.ceil(math.log10(max(xs)) + 0.3)
-    if bw:
-        ys += [bw * x_lo / 1e12, bw * x_hi / 1e12]
+    if bw:  # the memory roof is drawn up to the ridge (where the compute roof takes over)
+        ys += [bw * x_lo / 1e12, bw * min(r["ridge"] or x_hi, x_hi) / 1e12]
     y_lo = 10 ** math.floor(math.log10(min(ys)))
     y_hi = 10 ** math.ceil(math.log10(max(ys)) + 0.1)
     w, h, ml, mb, mt, mr = 640, 360, 64, 40, 12, 16
