@@ -4,7 +4,8 @@ Runs after the attention family, so it sees the softmaxes no attention took (a s
 whose weights are used twice, an attention whose head dim the attention kernel refuses).
 It folds, walking back from the softmax through single-user steps: additive bias terms
 (one tensor; a second is left in the graph), scalings by Python numbers applied before
-the bias, and ``masked_fill(x, c, -inf)`` / ``where(c, x, -inf)`` with a boolean ``c``
+the bias, and ``masked_fill(x, c, -inf)`` / ``where(c, x, -inf)`` with a boolean ``c`` (the
+``-inf`` a number or a 0-dim constant such as ``torch.tensor(float("-inf"))``)
 (eager gives NaN in a row that keeps nothing, the kernel 0: NaN is put back there). A
 finite fill is not folded (eager's weights are then uniform over the row).
 """
@@ -16,6 +17,7 @@ import torch.fx
 from foldcompile.kernels import softmax as _softmax_kernel
 from foldcompile.passes.rules import Candidate, Context, Reject, Rule
 from foldcompile.passes.rules import _meta as M
+from foldcompile.passes.rules._values import constant_of
 from foldcompile.passes.rules.attention import _Builder, _num, _softmax_dim
 
 __all__ = ["RULES", "fused_softmax", "nan_where_fully_masked"]
@@ -52,10 +54,11 @@ def _recognise(sm: torch.fx.Node, ctx: Context) -> Candidate | Reject | None:
     if isinstance(x, torch.fx.Node) and len(x.users) == 1 and x.op == "call_function":
         name, a = M.op_name(x), x.args
         cond = None
-        if name == "masked_fill" and len(a) == 3 and _num(a[2]) == float("-inf") and M.dtype(a[1]) == torch.bool:
+        if (name == "masked_fill" and len(a) == 3 and constant_of(a[2], x) == float("-inf")
+                and M.dtype(a[1]) == torch.bool):
             cond, keep_if, inner = a[1], False, a[0]
         elif (name == "where" and len(a) == 3 and isinstance(a[0], torch.fx.Node) and M.dtype(a[0]) == torch.bool
-              and _num(a[2]) == float("-inf")):
+              and constant_of(a[2], x) == float("-inf")):
             cond, keep_if, inner = a[0], True, a[1]
         if cond is not None and M.shape(inner) == xs:
             parts.update(mask=(cond, keep_if), x=inner)
