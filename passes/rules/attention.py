@@ -340,8 +340,8 @@ def _recognise(sm: torch.fx.Node, ctx: Context) -> Candidate | Reject | None:
                 dt = M.dtype(op[0])
                 lowest = torch.finfo(dt).min if dt is not None and dt.is_floating_point else None
                 if lowest is None or v > lowest:
-                    return Reject(f"mask fill value {v:g} ({M.op_name(op[0])}) is neither -inf nor the dtype's lowest value: "
-                                  "masked keys keep weight in eager")
+                    return Reject(f"mask fill value {v:g} ({M.op_name(op[0])}) is neither -inf nor the dtype's "
+                                  "lowest value: masked keys keep weight in eager")
                 if masks:
                     return Reject("a finite masked_fill after another mask: eager's fully masked rows "
                                   "cannot be reproduced")

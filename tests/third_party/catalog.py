@@ -297,7 +297,8 @@ def _near_misses() -> list[Case]:
              refuse="attention", why="torch.where(mask, logits, torch.tensor(-2.0)): masked keys keep weight; "
                                      "taking it as a mask drops them", seq_dims=(N_TOK,), head_dim=8),
         Case("nm_nan_clean_up_to_uniform", "near_miss", nm.NMNanCleanUpToUniform,
-             lambda: nm.NMNanCleanUpToUniform(C, 2), lambda g: (_randn(g, B, N_TOK, C), _bool_mask_one_padded(g, B, N_TOK)),
+             lambda: nm.NMNanCleanUpToUniform(C, 2),
+             lambda g: (_randn(g, B, N_TOK, C), _bool_mask_one_padded(g, B, N_TOK)),
              {"attention": 0, "layer_norm": 1}, refuse="attention",
              why="the NaN weights of a row that keeps no key become 1/N, not 0: folding the clean-up as the "
                  "kernel's 0 would drop the mean of v there", seq_dims=(N_TOK,), head_dim=8),
