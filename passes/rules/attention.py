@@ -314,10 +314,10 @@ def _recognise(sm: torch.fx.Node, ctx: Context) -> Candidate | Reject | None:
     terms, scale, masks, finite_fill, notes = [], 1.0, [], None, []
     for i, op in enumerate(ops):
         kind = op[1]
+        if kind == "cast":
+            continue  # the same tensor
         if finite_fill is not None:
             return Reject("logit arithmetic after a masked_fill with a finite value")
-        if kind == "cast":
-            continue
         if kind == "add":
             term, sign = op[2], op[3]
             if not isinstance(term, torch.fx.Node):
