@@ -37,16 +37,17 @@ __all__ = ["attention", "layer_norm", "softmax"]
 @torch.library.custom_op("foldcompile::attention", mutates_args=())
 def attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None, mask: Optional[Tensor] = None,
               gate: Optional[Tensor] = None, scale: Optional[float] = None,
-              key_bias: Optional[Tensor] = None) -> Tensor:
+              key_bias: Optional[Tensor] = None, empty_rows: str = "zero") -> Tensor:
     """``sigmoid(gate) * softmax(scale·q kᵀ + bias + key_bias, masked) v`` (:func:`foldcompile.kernels.attention`;
-    ``key_bias`` broadcasts to ``[..., H, 1, K]``)."""
-    return _attention(q, k, v, bias=bias, mask=mask, gate=gate, scale=scale, key_bias=key_bias)
+    ``key_bias`` broadcasts to ``[..., H, 1, K]``; ``empty_rows`` as there)."""
+    return _attention(q, k, v, bias=bias, mask=mask, gate=gate, scale=scale, key_bias=key_bias,
+                      empty_rows=empty_rows)
 
 
 @attention.register_fake
 def _attention_fake(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None, mask: Optional[Tensor] = None,
                     gate: Optional[Tensor] = None, scale: Optional[float] = None,
-                    key_bias: Optional[Tensor] = None) -> Tensor:
+                    key_bias: Optional[Tensor] = None, empty_rows: str = "zero") -> Tensor:
     return q.new_empty(q.shape)
 
 
@@ -105,8 +106,8 @@ def _register_recomputing_backward(op: Any, fn: Callable[..., Tensor]) -> None:
 
 
 _register_recomputing_backward(
-    attention, lambda q, k, v, bias, mask, gate, scale, key_bias: _attention(q, k, v, bias=bias, mask=mask, gate=gate,
-                                                                             scale=scale, key_bias=key_bias))
+    attention, lambda q, k, v, bias, mask, gate, scale, key_bias, empty_rows="zero": _attention(
+        q, k, v, bias=bias, mask=mask, gate=gate, scale=scale, key_bias=key_bias, empty_rows=empty_rows))
 _register_recomputing_backward(layer_norm, lambda x, weight, bias, eps: _layer_norm(x, weight, bias, eps))
 _register_recomputing_backward(softmax, lambda x, dim, scale, bias, mask: _softmax(x, dim, scale=scale, bias=bias,
                                                                                    mask=mask))
