@@ -1,4 +1,5 @@
-"""The kernels as ``torch.library`` ops: ``torch.ops.foldcompile.attention``, ``.layer_norm``, ``.softmax``.
+"""The kernels as ``torch.library`` ops: ``torch.ops.foldcompile.attention``, ``.layer_norm``, ``.softmax``,
+``.outer_product_mean``.
 
 A graph that holds one of these ops can be shape-propagated on fake tensors (each has a fake
 implementation: sizes and dtype, no data), differentiated (each has an autograd formula) and
@@ -29,9 +30,10 @@ from torch import Tensor
 
 from foldcompile.kernels.attention import attention as _attention
 from foldcompile.kernels.layer_norm import layer_norm as _layer_norm
+from foldcompile.kernels.outer_product_mean import outer_product_mean as _outer_product_mean
 from foldcompile.kernels.softmax import softmax as _softmax
 
-__all__ = ["attention", "layer_norm", "softmax"]
+__all__ = ["attention", "layer_norm", "softmax", "outer_product_mean"]
 
 
 @torch.library.custom_op("foldcompile::attention", mutates_args=())
@@ -77,6 +79,23 @@ def _softmax_fake(x: Tensor, dim: int = -1, scale: Optional[float] = None, bias:
     return torch.empty_like(x)
 
 
+@torch.library.custom_op("foldcompile::outer_product_mean", mutates_args=())
+def outer_product_mean(a: Tensor, b: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                       mask_a: Optional[Tensor] = None, mask_b: Optional[Tensor] = None, eps: float = 0.0,
+                       bias_divided: bool = True) -> Tensor:
+    """``(flatten(sum_s a_s ⊗ b_s) @ weight^T + bias) / (eps + sum_s mask_a mask_b)``
+    (:func:`foldcompile.kernels.outer_product_mean.outer_product_mean`)."""
+    return _outer_product_mean(a, b, weight, bias, mask_a=mask_a, mask_b=mask_b, eps=eps,
+                               bias_divided=bias_divided)
+
+
+@outer_product_mean.register_fake
+def _outer_product_mean_fake(a: Tensor, b: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                             mask_a: Optional[Tensor] = None, mask_b: Optional[Tensor] = None, eps: float = 0.0,
+                             bias_divided: bool = True) -> Tensor:
+    return a.new_empty((*a.shape[:-3], a.shape[-2], b.shape[-2], weight.shape[0]))
+
+
 def _register_recomputing_backward(op: Any, fn: Callable[..., Tensor]) -> None:
     """Autograd for ``op``: its backward reruns ``fn`` (the kernel's entry point, whose autograd
     Function holds the kernel's backward) with grad on, and differentiates that."""
@@ -109,5 +128,8 @@ _register_recomputing_backward(
     attention, lambda q, k, v, bias, mask, gate, scale, key_bias, empty_rows="zero": _attention(
         q, k, v, bias=bias, mask=mask, gate=gate, scale=scale, key_bias=key_bias, empty_rows=empty_rows))
 _register_recomputing_backward(layer_norm, lambda x, weight, bias, eps: _layer_norm(x, weight, bias, eps))
+_register_recomputing_backward(
+    outer_product_mean, lambda a, b, weight, bias=None, mask_a=None, mask_b=None, eps=0.0, bias_divided=True:
+    _outer_product_mean(a, b, weight, bias, mask_a=mask_a, mask_b=mask_b, eps=eps, bias_divided=bias_divided))
 _register_recomputing_backward(softmax, lambda x, dim, scale, bias, mask: _softmax(x, dim, scale=scale, bias=bias,
                                                                                    mask=mask))

@@ -135,3 +135,20 @@ def test_double_backward_raises():
     (ga,) = torch.autograd.grad(outer_product_mean(a, b, w, bias).sum(), a, create_graph=True)
     with pytest.raises(RuntimeError, match="differentiate twice"):
         ga.sum().backward()
+
+
+def test_the_library_op_forward_backward_and_fake():
+    import foldcompile.kernels.ops  # noqa: F401  (registers torch.ops.foldcompile.*)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    a, b, w, bias, mask_a, mask_b = _inputs((), 5, 7, 9, 4, 4, 8, torch.float32)
+    dout = torch.randn(7, 9, 8, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    op = torch.ops.foldcompile.outer_product_mean
+    kw = dict(mask_a=mask_a, mask_b=mask_b, eps=OPM_EPS, bias_divided=False)
+    got = _run(lambda *t: op(*t, **kw), a, b, w, bias, dout)
+    want = _run(lambda *t: outer_product_mean(*t, **kw), a, b, w, bias, dout)
+    for x, y in zip(got, want):
+        assert torch.allclose(x, y, atol=1e-6)
+    with FakeTensorMode() as mode:
+        fake = op(*(mode.from_tensor(t) for t in (a, b, w, bias)))
+    assert fake.shape == (7, 9, 8) and fake.dtype == a.dtype
