@@ -114,3 +114,19 @@ def test_bad_empty_rows_is_refused():
     for fn in (attention, attention_reference):
         with pytest.raises(ValueError, match="empty_rows must be one of"):
             fn(q, k, v, empty_rows="ones")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the compiled kernels' NaN handling")
+@pytest.mark.parametrize("mode", ["nan", "nan_cleaned"])
+def test_empty_rows_on_cuda_bf16(mode):
+    """The compiled kernels (bf16, autotuned blocks) put NaN in the same places as torch."""
+    q, k, v, gate, bias, key_bias, keep = _case(torch.bfloat16, "shared")
+    dout = torch.randn(q.shape, device=DEVICE, dtype=torch.bfloat16)
+    tensors = (q, k, v, gate, bias, key_bias, keep)
+    got = _run(lambda q, k, v, g, b, kb, m: attention(q, k, v, bias=b, mask=m, gate=g, scale=SCALE,
+                                                      empty_rows=mode), tensors, dout)
+    up = [t.float() if t is not None and t.is_floating_point() else t for t in tensors]
+    want = _run(lambda *a: _eager(*a, mode), up, dout.float())
+    for name, a, b in zip(("out", "dq", "dk", "dv", "dgate", "dbias"), got, want):
+        _assert_close(a.float(), b, 3e-2, name)

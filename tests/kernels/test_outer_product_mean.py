@@ -152,3 +152,27 @@ def test_the_library_op_forward_backward_and_fake():
     with FakeTensorMode() as mode:
         fake = op(*(mode.from_tensor(t) for t in (a, b, w, bias)))
     assert fake.shape == (7, 9, 8) and fake.dtype == a.dtype
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 is wrong in the Triton interpreter; needs CUDA")
+@pytest.mark.parametrize("n_seq, n_res", [(128, 100), (37, 61)])
+def test_bf16_on_cuda_at_alphafold_channels(n_seq, n_res):
+    """c = 32, c_z = 128 (the GPU block sizes), bf16: within 3x the plain bf16 spelling's error of float64."""
+    a, b, w, bias, mask_a, mask_b = _inputs((), n_seq, n_res, n_res, 32, 32, 128, torch.bfloat16)
+    kw = dict(mask_a=mask_a, mask_b=mask_a, eps=OPM_EPS)
+    dout = torch.randn(n_res, n_res, 128, device=DEVICE, dtype=torch.bfloat16)
+    with record_launches() as launched:
+        got = _run(outer_product_mean, a, b, w, bias, dout, **kw)
+    assert launched == ["opm_fwd", "opm_bwd_da", "opm_bwd_da", "opm_bwd_dw"]
+    up = lambda t: t.double()  # noqa: E731
+    exact = _run(outer_product_mean_reference, up(a), up(b), up(w), up(bias), dout.double(),
+                 mask_a=up(mask_a), mask_b=up(mask_a), eps=OPM_EPS)
+
+    def plain(a, b, w, bias):  # eager bf16, as a model computes it
+        o = torch.einsum("sic,sje->ijce", a, b).reshape(n_res, n_res, -1)
+        return torch.nn.functional.linear(o, w, bias) / (OPM_EPS + torch.einsum("si,sj->ij", mask_a, mask_a))[..., None]
+
+    eager = _run(plain, a, b, w, bias, dout)
+    for name, x, e, p in zip(("out", "da", "db", "dw", "dbias"), got, exact, eager):
+        assert _rel(x, e) < max(1e-2, 3 * _rel(p, e)), (name, _rel(x, e), _rel(p, e))
