@@ -339,6 +339,9 @@ def _recognise(g: torch.fx.Node, ctx: Context) -> Candidate | Reject | None:
     out = lin
     if division is None:  # then it follows the projection: the bias is divided too
         u = next(iter(lin.users)) if len(lin.users) == 1 else None
+        if u is not None and M.op_name(u) in ("cat", "concat", "concatenate"):
+            return Reject("the projection's output is concatenated (a chunk loop): the pieces of a chunked "
+                          "outer product mean are not merged into one call")
         if u is None or M.op_name(u) != "div" or len(u.args) != 2 or u.args[0] is not lin:
             return Reject("no division after the outer product (not a mean)")
         if M.shape(u) != M.shape(lin):

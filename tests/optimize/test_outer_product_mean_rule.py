@@ -139,3 +139,15 @@ def test_near_misses_are_refused_with_the_reason(style, reason):
 def test_doctest():
     mod = importlib.import_module("foldcompile.passes.rules.outer_product_mean")
     assert doctest.testmod(mod).failed == 0
+
+
+def test_a_chunk_loop_is_left_as_it_is_with_the_reason():
+    """AF2's ``chunk_size``: each chunk's outer product ends in a ``cat``; the pieces are not merged."""
+    model = _params(OuterProductMean(C_M, Z, C))
+    m, mask = _msa(0)
+    with torch.no_grad():
+        fast = foldcompile.optimize(model, m, mask, 4)
+        counts = fast.report.counts()["outer_product_mean"]
+        assert counts == {"matched": 0, "rejected": 3}  # ceil(11 / 4) chunks
+        assert all("chunk loop" in r["reason"] for r in fast.report.rejections if r["rule"] == "outer_product_mean")
+        assert torch.allclose(fast(m, mask, 4), model(m, mask, 4), atol=1e-6)
