@@ -1,6 +1,7 @@
 """Registry entries of foldcompile's own kernels as ``torch.library`` ops
-(:mod:`foldcompile.kernels.ops`): the fused attention is a GEMM (its two products, as SDPA's),
-the layer norm and the softmax reductions with the same FLOPs per element as the torch ops.
+(:mod:`foldcompile.kernels.ops`): the fused attention is a GEMM (its two products, as SDPA's), and so
+is the outer product mean (the outer product over the sequences, then the projection); the layer
+norm and the softmax reductions with the same FLOPs per element as the torch ops.
 
     >>> import torch
     >>> from foldcompile.passes.registry import lookup
