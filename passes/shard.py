@@ -28,7 +28,8 @@ gathered), never raises, and is listed in the record.
 **Objective.** Per-rank time at the sizes ``at`` (default the training crop, ``N_seq=128,
 N_res=256``; other dims at their example sizes), from the symbolic cost model:
 
-- communication: bytes each rank sends, over ``costs.link_bytes_per_s``: all_to_all
+- communication: bytes each rank sends, over ``costs.link_bytes_per_s``, plus ``costs.latency_s``
+  per collective (so that no tiny tensor is sent where computing it again is cheaper): all_to_all
   ``n·(P-1)/P²`` (≈ n/P), all_gather and reduce_scatter ``n·(P-1)/P``, all_reduce twice that, a
   slice of a replicated value 0 (``n``: the tensor's global bytes). Graph outputs are counted
   with the all_gather the lowering gives them;
@@ -58,9 +59,11 @@ op with a model dim that runs replicated, with the reason), ``no_rule`` (ops wit
     >>> block, ex = zoo.get("evoformer_block")
     >>> gm = normalize_pass(foldcompile.trace(block, *ex)).graph_module
     >>> _ = shape_prop_pass(gm, flat_inputs(gm, ex)); _ = classify_pass(gm)
-    >>> result = shard_pass(gm, 4)
-    >>> [t["kind"] for t in result.record["transitions"]].count("all_to_all") >= 2
-    True
+    >>> result = shard_pass(gm, 4, costs=ShardCosts(latency_s=0))  # tiny channels: else replicating wins
+    >>> sorted({t["kind"] for t in result.record["transitions"]})
+    ['all_gather', 'all_to_all', 'reduce_scatter', 'slice']
+    >>> [t["tensor"] for t in result.record["transitions"] if t["kind"] == "all_to_all"]  # m: rows -> columns
+    ['m_1', 'z_6']
     >>> check_plan(gm)                                      # every op's inputs meet its rule
     >>> torch.equal(gm(*ex)[1], block(*ex)[1])              # still one process, same function
     True
@@ -106,6 +109,7 @@ class ShardCosts:
     link_bytes_per_s: float = 300e9
     flops_per_s: float = 600e12
     hbm_bytes_per_s: float = 4.0e12
+    latency_s: float = 10e-6          # per collective, whatever its size (a slice: none)
 
 
 # per-rank bytes sent, as a fraction of the tensor's global bytes
@@ -255,7 +259,10 @@ class _Planner:
         self.inputs: dict[torch.fx.Node, list[torch.fx.Node]] = {}
         self.no_rule: dict[torch.fx.Node, str] = {}
         self.pinned = _pinned_edges(gm)
-        self._trans_memo: dict[tuple, float] = {}
+        self._kind_memo: dict[tuple, str | None] = {}
+        self._bytes: dict[torch.fx.Node, float] = {}
+        self._factor = {k: float(_volume_factor(k, world)) for k in ("all_to_all", "all_gather", "reduce_scatter",
+                                                                     "all_reduce")}
 
     # -- strategies, with each input's candidate placements propagated forward
     def enumerate(self) -> None:
@@ -293,23 +300,41 @@ class _Planner:
         return max(self.sizes(cost["flops"]) / self.costs.flops_per_s,
                    self.sizes(cost["bytes"]) / self.costs.hbm_bytes_per_s)
 
+    def share(self, s: Strategy) -> float:
+        """The part of an op's work one rank does under strategy ``s`` at ``at``: its largest shard of
+        the split dim (``ceil(n/P)/n``: four templates over eight ranks leave four idle), 1 when
+        replicated or working on whole Partial values."""
+        if not s.divided:
+            return 1.0
+        out = s.out[0] if isinstance(s.out, tuple) else s.out
+        split = [out] if isinstance(out, Placed) and out.dim is not None else \
+            [i for i in s.inputs if isinstance(i, Placed) and i.dim is not None]
+        if not split:
+            return 1.0
+        n = self.sizes(split[0].global_size)
+        return math.ceil(n / self.world) / n if n >= 1 else 1.0
+
     def trans_time(self, u: torch.fx.Node, src: Spec, dst: Spec) -> float:
-        key = (u, src, dst)
-        if key not in self._trans_memo:
+        """Seconds to take ``u``'s value from ``src`` to ``dst`` (inf: no collective does it)."""
+        pair = (src, dst)
+        kind = self._kind_memo.get(pair, False)
+        if kind is False:
             if isinstance(src, tuple) or isinstance(dst, tuple):
-                t = 0.0 if src == dst else _INF
+                kind = None if src == dst else "impossible"
             else:
                 try:
                     kind = _kind(src, dst)
                 except ValueError:
                     kind = "impossible"
-                if kind == "impossible":
-                    t = _INF
-                else:
-                    nbytes = self.sizes.numel(u.meta[SYM_SHAPE]) * u.meta[DTYPE].itemsize
-                    t = nbytes * float(_volume_factor(kind, self.world)) / self.costs.link_bytes_per_s
-            self._trans_memo[key] = t
-        return self._trans_memo[key]
+            self._kind_memo[pair] = kind
+        if kind == "impossible":
+            return _INF
+        if kind in (None, "slice"):
+            return 0.0
+        nbytes = self._bytes.get(u)
+        if nbytes is None:
+            nbytes = self._bytes[u] = self.sizes.numel(u.meta[SYM_SHAPE]) * u.meta[DTYPE].itemsize
+        return nbytes * self._factor[kind] / self.costs.link_bytes_per_s + self.costs.latency_s
 
     # -- the labeling problem
     def build(self) -> tuple[Problem, dict, dict, float]:
@@ -339,7 +364,7 @@ class _Planner:
         unary_of: dict[torch.fx.Node, np.ndarray] = {}
         for u in self.values:
             t = self.compute_time(u)
-            unary = np.array([t / self.world if lab.strategy.divided else t for lab in labels[u]])
+            unary = np.array([t * self.share(lab.strategy) for lab in labels[u]])
             unary += np.array([self.trans_time(u, lab.strategy.out, lab.extra) if lab.extra is not None else 0.0
                                for lab in labels[u]])
             # graph outputs: the lowering gathers them
@@ -440,10 +465,11 @@ def shard_pass(gm: torch.fx.GraphModule, world_size: int, *, dap_axes: Mapping[s
     record["solver"] = dict(solver, seconds=round(time.perf_counter() - t0, 3), solve_seconds=round(t_solve, 3),
                             nodes=len(gm.graph.nodes))
     record["seeds"] = {n.name: {"placement": repr(p), "reason": why} for n, (p, why) in seeds.items()}
+    gm.meta["shard_plan"] = record  # explain prints it (plan_table) for a planned graph
     gm.recompile()
     _log.info("shard: %d ranks, %d transitions, %d replicated ops, %.2f s", world_size,
               len(record["transitions"]), len(record["replicated"]), record["solver"]["seconds"])
-    return PassResult(gm, bool(record["transitions"]) or world_size > 1, record)
+    return PassResult(gm, bool(record["transitions"]), record)
 
 
 def _copy_meta(src: torch.fx.Node, dst: torch.fx.Node) -> None:
@@ -452,6 +478,16 @@ def _copy_meta(src: torch.fx.Node, dst: torch.fx.Node) -> None:
     dst.meta["aliases_input"] = False
     dst.meta[OP_CLASS] = COMM
     dst.meta[COST] = {"flops": sympy.Integer(0), "bytes": sympy.Integer(0)}
+
+
+def _why_replicated(u: torch.fx.Node, planner: _Planner, chosen: dict[torch.fx.Node, _Label]) -> str:
+    if not any(s.divided for s in planner.strats[u]):
+        return "its rule splits none of its model dims here"
+    needs = [chosen[c].strategy.inputs[k] for c in u.users if c in chosen and c in planner.inputs
+             for k, x in enumerate(planner.inputs[c]) if x is u]
+    if needs and all(r is None or r == REPLICATE for r in needs):
+        return "its consumers need it whole"
+    return "cheaper replicated than split, at `at`"
 
 
 def _materialize(gm: torch.fx.GraphModule, planner: _Planner, chosen: dict[torch.fx.Node, _Label],
@@ -522,7 +558,7 @@ def _materialize(gm: torch.fx.GraphModule, planner: _Planner, chosen: dict[torch
             continue  # nothing to split (a parameter's transpose, a scalar)
         flops = sizes(u.meta[COST]["flops"]) if COST in u.meta else 0.0
         replicated_flops += flops
-        reason = planner.no_rule.get(u) or "replicated by the objective: cheaper than any split at `at`"
+        reason = planner.no_rule.get(u) or _why_replicated(u, planner, chosen)
         replicated.append({"node": u.name, "op": op_name(u), "module": str(u.meta.get(MODULE_PATH) or ""),
                            "reason": reason, "flops_at": int(flops)})
     out_node = next(n for n in graph.nodes if n.op == "output")
@@ -535,8 +571,7 @@ def _materialize(gm: torch.fx.GraphModule, planner: _Planner, chosen: dict[torch
             outputs.append({"node": u.name, "placement": repr(p), "gather": kind, "volume": vol,
                             "volume_at": int(round(sizes(vol)))})
     comm_bytes = sum(t["volume_at"] for t in transitions)
-    compute_s = sum((planner.compute_time(u) / world if lab.strategy.divided else planner.compute_time(u))
-                    for u, lab in chosen.items())
+    compute_s = sum(planner.compute_time(u) * planner.share(lab.strategy) for u, lab in chosen.items())
     no_rule: dict[str, int] = {}
     for u in planner.no_rule:
         no_rule[op_name(u)] = no_rule.get(op_name(u), 0) + 1
@@ -582,12 +617,11 @@ def plan_violations(gm: torch.fx.GraphModule, world_size: int | None = None) -> 
                 (not multi and not isinstance(p, Placed)):
             bad.append(f"{n.name}: no placement (meta['shard'] = {p!r})")
             continue
-        for q in (p if multi else (p,)):
-            if q.split_sizes is not None and (len(q.split_sizes) != world or
-                                              sum(q.split_sizes) != (n.meta[SHAPE][p.index(q)] if multi
-                                                                     else n.meta[SHAPE])[q.dim]):
+        shapes = n.meta[SHAPE] if multi else (n.meta[SHAPE],)
+        for q, shape in zip(p if multi else (p,), shapes):
+            if q.split_sizes is not None and (len(q.split_sizes) != world or sum(q.split_sizes) != shape[q.dim]):
                 bad.append(f"{n.name}: split sizes {list(q.split_sizes)} do not split its dim {q.dim} "
-                           f"over {world} ranks")
+                           f"({shape[q.dim]}) over {world} ranks")
         if n.op in ("placeholder", "get_attr"):
             continue
         ins = tensor_inputs(n)
@@ -595,12 +629,12 @@ def plan_violations(gm: torch.fx.GraphModule, world_size: int | None = None) -> 
         if n.target is redistribute:
             src, dst = n.args[1], n.args[2]
             if not isinstance(actual[0], Placed) or actual[0].placement != src:
-                bad.append(f"{n.name}: redistribute from {src} but its input {n.args[0].name} is {actual[0]!r}")
+                bad.append(f"{n.name}: redistribute from {src!r} but its input {n.args[0].name} is {actual[0]!r}")
             if p.placement != dst:
-                bad.append(f"{n.name}: redistribute to {dst} but placed {p!r}")
+                bad.append(f"{n.name}: redistribute to {dst!r} but placed {p!r}")
             try:
                 if transition_kind(src, dst) is None:
-                    bad.append(f"{n.name}: redistribute from {src} to itself")
+                    bad.append(f"{n.name}: redistribute from {src!r} to itself")
             except ValueError as e:
                 bad.append(f"{n.name}: {e}")
             continue
@@ -634,9 +668,9 @@ def plan_table(record: Mapping[str, Any], max_rows: int | None = None) -> str:
         ...     "tensor": "linear", "src": "Shard(0, sizes=[6, 5])", "dst": "Replicate()", "module": "msa_att_row",
         ...     "volume": sympy.Symbol("N_res") ** 2 * 16, "volume_at": 1048576}], "replicated": [], "outputs": []}))
         DAP plan over 2 ranks at N_res=256: 1 transitions, 1.049 MB sent per rank (forward)
-        kind        tensor  placement                           module       bytes per rank  MB at size
-        ----------  ------  ----------------------------------  -----------  --------------  ----------
-        all_gather  linear  Shard(0, sizes=[6, 5]) -> Replicate()  msa_att_row       16*N_res**2       1.049
+        kind        tensor                              placement       module  bytes per rank  MB at size
+        ----------  ------  -------------------------------------  -----------  --------------  ----------
+        all_gather  linear  Shard(0, sizes=[6, 5]) -> Replicate()  msa_att_row     16*N_res**2       1.049
     """
     from foldcompile.tables import format_table  # a leaf module of plain-text helpers
 
