@@ -59,6 +59,7 @@ from foldcompile.models import zoo
 from foldcompile.passes import classify_pass, normalize_pass, shape_prop_pass
 from foldcompile.passes.shape_prop import dim_symbol
 from foldcompile.passes.shard import DEFAULT_AT, _volume_factor, check_plan, shard_pass
+from _one_thread import one_thread  # noqa: F401  (autouse fixture)
 
 N_SEQ, N_RES = dim_symbol("N_seq"), dim_symbol("N_res")
 AF2 = dict(c_m=256, c_z=128, h_msa=8, c_opm=32, c_mul=128, h_pair=4)     # zoo "af2" sizes (AF2 suppl. 1.5-1.8)

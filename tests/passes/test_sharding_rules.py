@@ -15,6 +15,7 @@ from foldcompile.passes.registry import lookup
 from foldcompile.passes.shape_prop import shape_prop_pass
 from foldcompile.distributed import split_sizes
 from foldcompile.passes.sharding_rules import PARTIAL, reachable, strategies, tensor_inputs
+from _one_thread import one_thread  # noqa: F401  (autouse fixture)
 
 P = 2
 DIMS = {"N_seq": 5, "N_res": 7}
@@ -228,3 +229,27 @@ def test_op_without_rule_runs_replicated():
     diag = node(gm)
     assert lookup(diag.target).sharding is None
     assert table(diag) == {("R", ("R",))}
+
+
+# ----------------------------------------------------------------------------- foldcompile's kernel ops
+
+def test_kernel_ops():
+    import foldcompile.kernels.ops  # noqa: F401  (torch.ops.foldcompile.*)
+    from foldcompile.passes.sharding_rules import ensure_kernel_rules
+    K = torch.ops.foldcompile
+    ensure_kernel_rules()
+
+    def f(q, k, v, bias, x):
+        return K.attention.default(q, k, v, bias), K.layer_norm.default(x), K.softmax.default(x, 1)
+
+    gm = normalize_pass(fx.symbolic_trace(f)).graph_module
+    args = (torch.randn(5, 2, 7, 4), torch.randn(5, 2, 7, 4), torch.randn(5, 2, 7, 4), torch.randn(1, 2, 7, 7),
+            torch.randn(5, 7, 3))
+    shape_prop_pass(gm, args, dims=DIMS, fake=True)
+    attn, ln, sm = [n for n in gm.graph.nodes if n.op == "call_function" and "foldcompile" in str(n.target)]
+    t = table(attn)
+    assert (sh(0, 5), (sh(0, 5), sh(0, 5), sh(0, 5), "R")) in t          # batch: the bias is shared (size 1)
+    assert (sh(2, 7), (sh(2, 7), "R", "R", sh(2, 7))) in t               # queries: the bias split alike
+    assert not any(ins[1] not in ("R", sh(0, 5)) for _, ins in t)        # near miss: keys never split on N_res
+    assert (sh(1, 7), (sh(1, 7),)) in table(ln) and not any(ins[0] == ("S", 2, (2, 1)) for _, ins in table(ln))
+    assert (sh(0, 5), (sh(0, 5),)) in table(sm) and not any(ins[0] == sh(1, 7) for _, ins in table(sm))
