@@ -49,7 +49,8 @@ on a greedy choice only where a table would grow past ``max_table`` entries (``r
 **Record** (``PassResult.record``): ``transitions`` (kind, tensor, node, src, dst, module,
 consumers, per-rank bytes as a sympy expression and at ``at``, position), ``replicated`` (every
 op with a model dim that runs replicated, with the reason), ``no_rule`` (ops without a rule),
-``seeds``, ``outputs`` (their placement and gather), ``objective`` and ``solver``.
+``seeds``, ``outputs`` (their placement and gather), ``shape_queries`` (nodes reading the size of a
+split value), ``objective`` and ``solver``.
 :func:`plan_table` prints the transitions; :func:`check_plan` checks a planned graph.
 
     >>> import foldcompile
@@ -570,6 +571,9 @@ def _materialize(gm: torch.fx.GraphModule, planner: _Planner, chosen: dict[torch
             vol = transition_volume(u, kind, world)
             outputs.append({"node": u.name, "placement": repr(p), "gather": kind, "volume": vol,
                             "volume_at": int(round(sizes(vol)))})
+    shape_queries = [n.name for n in graph.nodes if n.op in ("call_function", "call_method") and not _is_value(n)
+                     and any(isinstance(u.meta.get(SHARD), Placed) and u.meta[SHARD].dim is not None
+                             for _, u in tensor_inputs(n))]
     comm_bytes = sum(t["volume_at"] for t in transitions)
     compute_s = sum(planner.compute_time(u) * planner.share(lab.strategy) for u, lab in chosen.items())
     no_rule: dict[str, int] = {}
@@ -578,6 +582,7 @@ def _materialize(gm: torch.fx.GraphModule, planner: _Planner, chosen: dict[torch
     return {
         "world_size": world, "at": {k: v for k, v in values.items() if k in stated},
         "transitions": transitions, "replicated": replicated, "no_rule": no_rule, "outputs": outputs,
+        "shape_queries": shape_queries,
         "objective": {"comm_bytes_at": comm_bytes,
                       "comm_s": comm_bytes / planner.costs.link_bytes_per_s,
                       "output_gather_bytes_at": sum(o["volume_at"] for o in outputs),

@@ -56,22 +56,24 @@ def no_grad():
         yield
 
 
-def _local(value, spec, rank, world, gen):
+def _per_rank(value, spec, world, gen):
+    """The value each rank holds under ``spec``: all of it, its rows, or one addend of a Partial
+    (``value * W_r`` with random tensors ``W_r`` summing to ones: a zero stays zero, so a tiny
+    denominator of a value that is 0 amplifies no rounding)."""
     if isinstance(spec, tuple):
-        return tuple(_local(v, s, rank, world, gen) for v, s in zip(value, spec))
+        per = [_per_rank(v, s, world, gen) for v, s in zip(value, spec)]
+        return [tuple(p[r] for p in per) for r in range(world)]
     if spec is None or spec == Placed(Replicate()):
-        return value
+        return [value] * world
     if isinstance(spec.placement, Partial):
-        parts = [torch.randn(value.shape, dtype=value.dtype, generator=gen) for _ in range(world - 1)]
-        parts.append(value - sum(parts))
-        return parts[rank]
-    off = split_offsets(spec.split_sizes)[rank]
-    return value.narrow(spec.dim, off, spec.split_sizes[rank])
-
-
-def _partials(value, world, gen):
-    parts = [torch.randn(value.shape, dtype=value.dtype, generator=gen) for _ in range(world - 1)]
-    return parts + [value - sum(parts)]
+        if not value.is_floating_point():
+            parts = [torch.randint(-3, 4, value.shape, generator=gen).to(value.dtype) for _ in range(world - 1)]
+            return parts + [value - sum(parts)]
+        weights = [torch.rand(value.shape, dtype=value.dtype, generator=gen) for _ in range(world - 1)]
+        weights.append(1 - sum(weights))
+        return [value * w for w in weights]
+    offs = split_offsets(spec.split_sizes)
+    return [value.narrow(spec.dim, offs[r], spec.split_sizes[r]) for r in range(world)]
 
 
 def _rewrite_sizes(node, args, kwargs, out_spec, in_spec, rank):
@@ -126,13 +128,11 @@ def _arguments(node, by_path, values):
 
 def simulate(node, values, strategy, world, gen):
     ins = tensor_inputs(node)
-    parts = {k: _partials(values[u], world, gen) for k, (_, u) in enumerate(ins) if strategy.inputs[k] == PARTIAL}
+    held = [_per_rank(values[u], strategy.inputs[k], world, gen) for k, (_, u) in enumerate(ins)]
     outs = []
     for rank in range(world):
-        by_path = {}
-        for k, (path, u) in enumerate(ins):
-            val = parts[k][rank] if k in parts else _local(values[u], strategy.inputs[k], rank, world, gen)
-            by_path[path] = val.clone() if isinstance(val, torch.Tensor) else val
+        by_path = {path: (held[k][rank].clone() if isinstance(held[k][rank], torch.Tensor) else held[k][rank])
+                   for k, (path, _) in enumerate(ins)}
         args, kwargs = _arguments(node, by_path, values)
         in_spec = strategy.inputs[0] if strategy.inputs else None
         args, kwargs = _rewrite_sizes(node, args, kwargs, strategy.out, in_spec, rank)
