@@ -253,3 +253,15 @@ def test_kernel_ops():
     assert not any(ins[1] not in ("R", sh(0, 5)) for _, ins in t)        # near miss: keys never split on N_res
     assert (sh(1, 7), (sh(1, 7),)) in table(ln) and not any(ins[0] == ("S", 2, (2, 1)) for _, ins in table(ln))
     assert (sh(0, 5), (sh(0, 5),)) in table(sm) and not any(ins[0] == sh(1, 7) for _, ins in table(sm))
+
+
+def test_every_registered_op_has_a_rule_or_is_known_not_to():
+    """A new op in the registry gets a sharding rule, or joins this list (it then runs replicated)."""
+    from foldcompile.passes.registry import entries
+    from foldcompile.passes.sharding_rules import ensure_kernel_rules
+    ensure_kernel_rules()
+    without = {e.name for e in entries(kernels=True) if e.sharding is None}
+    assert without == {"size", "getattr", "dim", "numel",           # Python values, not tensors
+                       "gather", "diagonal",                         # not covered: replicated
+                       "redistribute", "all_to_all_single", "all_gather_into_tensor", "reduce_scatter_tensor",
+                       "wait_tensor", "broadcast", "all_reduce"}     # collectives: a planned graph is not planned again
