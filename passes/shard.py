@@ -75,7 +75,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import sympy
@@ -88,8 +88,8 @@ from foldcompile.passes.fuse import DEFAULT_AT  # the training crop: where profi
 from foldcompile.passes.labeling import Problem
 from foldcompile.passes.meta import COST, DTYPE, MODULE_PATH, MULTI_OUTPUT, OP_CLASS, SHAPE, SHARD, STACK_TRACE, \
     SYM_SHAPE, memory_of
-from foldcompile.passes.placement import Partial, Placed, Replicate, Shard, redistribute, transition_kind
-from foldcompile.passes.registry import COMM, entry_of, op_name, writes_in_place
+from foldcompile.passes.placement import Placed, Replicate, Shard, redistribute, transition_kind
+from foldcompile.passes.registry import COMM, op_name, writes_in_place
 from foldcompile.passes.shape_prop import dim_symbol, numel_expr
 from foldcompile.passes.sharding_rules import PARTIAL, REPLICATE, Spec, Strategy, default_shard, \
     ensure_kernel_rules, has_rule, reachable, replace_input, shardable_dims, strategies, tensor_inputs

@@ -42,7 +42,6 @@ it). An op without a rule runs only that way; the pass lists it.
 """
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 from math import prod
 from typing import Any, Callable, Iterable, Sequence, Union
@@ -940,5 +939,3 @@ def ensure_kernel_rules() -> None:
         if entry is not None and entry.sharding is None:
             entry.sharding = rule
 
-
-_ = operator  # (operator.getitem is found through the registry's "getitem" entry)

@@ -49,8 +49,6 @@ The forward volume per rank (the objective's per-collective formulas for both) i
 """
 from functools import lru_cache
 
-import pytest
-import sympy
 import torch
 
 import foldcompile

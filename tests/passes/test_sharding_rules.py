@@ -3,7 +3,6 @@
 A rule lists every legal strategy of a node (output placement <- input placements); each test
 asserts that the placements the family allows are there and the ones it forbids are not.
 """
-import pytest
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
