@@ -458,12 +458,15 @@ def shard_pass(gm: torch.fx.GraphModule, world_size: int, *, dap_axes: Mapping[s
         planner.enumerate()
     else:
         planner.enumerate()
+        t_rules = time.perf_counter()
         problem, var, labels, _ = planner.build()
+        t_build = time.perf_counter()
         result_labels, _, solver = problem.solve(problem.greedy(), max_entries=max_table)
+        solver = dict(solver, rules_seconds=round(t_rules - t0, 3), costs_seconds=round(t_build - t_rules, 3))
         chosen = {u: (labels[u][result_labels[var[u]]] if u in var else labels[u][0]) for u in planner.values}
     t_solve = time.perf_counter() - t0
     record = _materialize(gm, planner, chosen, values, stated)
-    record["solver"] = dict(solver, seconds=round(time.perf_counter() - t0, 3), solve_seconds=round(t_solve, 3),
+    record["solver"] = dict(solver, seconds=round(time.perf_counter() - t0, 3), until_solved_seconds=round(t_solve, 3),
                             nodes=len(gm.graph.nodes))
     record["seeds"] = {n.name: {"placement": repr(p), "reason": why} for n, (p, why) in seeds.items()}
     gm.meta["shard_plan"] = record  # explain prints it (plan_table) for a planned graph

@@ -43,6 +43,7 @@ it). An op without a rule runs only that way; the pass lists it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from math import prod
 from typing import Any, Callable, Iterable, Sequence, Union
 
@@ -129,17 +130,29 @@ def replace_input(node: torch.fx.Node, path: Path, new: torch.fx.Node) -> None:
 # placements of one tensor
 
 
+@lru_cache(maxsize=None)
+def _even(n: int, world: int) -> tuple[int, ...]:
+    """``split_sizes(n, world)`` as a tuple (asked thousands of times per graph)."""
+    return tuple(split_sizes(int(n), world))
+
+
+@lru_cache(maxsize=None)
+def _names_a_dim(size: Any) -> bool:
+    """Whether a symbolic size involves a model dim (``N_res``, ``N_seq * N_res``; not ``8``)."""
+    return isinstance(size, sympy.Expr) and bool(size.free_symbols)
+
+
 def shardable_dims(node: torch.fx.Node) -> list[int]:
     """The dims of a tensor node that may be split: those whose symbolic size names a model dim."""
     sym = node.meta.get(SYM_SHAPE)
     if not isinstance(sym, tuple) or node.meta.get(MULTI_OUTPUT):
         return []
-    return [d for d, s in enumerate(sym) if isinstance(s, sympy.Expr) and s.free_symbols]
+    return [d for d, s in enumerate(sym) if _names_a_dim(s)]
 
 
 def default_shard(node: torch.fx.Node, d: int, world_size: int) -> Placed:
     """``Shard(d)`` of a node's output with the even-as-possible split of its example size."""
-    return Placed(Shard(d), tuple(split_sizes(int(node.meta[SHAPE][d]), world_size)), node.meta[SYM_SHAPE][d])
+    return Placed(Shard(d), _even(int(node.meta[SHAPE][d]), world_size), node.meta[SYM_SHAPE][d])
 
 
 class ShardingContext:
@@ -192,13 +205,12 @@ class ShardingContext:
 
     # -- placements
     def shardable(self, d: int) -> bool:
-        s = self.sym[d]
-        return isinstance(s, sympy.Expr) and bool(s.free_symbols)
+        return _names_a_dim(self.sym[d])
 
     def out_shard(self, d: int, splits: Sequence[int] | None = None) -> Placed:
         """``Shard(d)`` of the output, with the given split sizes or the default ones."""
         if splits is None:
-            splits = split_sizes(self.shape[d], self.world)
+            splits = _even(self.shape[d], self.world)
         return Placed(Shard(d), tuple(splits), self.sym[d])
 
     def in_shard(self, i: int, d: int, splits: Sequence[int]) -> Placed:
@@ -207,7 +219,7 @@ class ShardingContext:
     def splits_at(self, i: int, d: int) -> list[tuple[int, ...]]:
         """The split sizes input ``i`` can have along its dim ``d``: the even split, and any other
         its candidates carry (a dim merged by a view keeps its outer dim's blocks)."""
-        found = [tuple(split_sizes(self.in_shape(i)[d], self.world))]
+        found = [_even(self.in_shape(i)[d], self.world)]
         for c in self.candidates[i]:
             if isinstance(c, Placed) and c.dim == d and c.split_sizes not in found:
                 found.append(c.split_sizes)
@@ -360,7 +372,7 @@ def _rule_pointwise(ctx: ShardingContext) -> list[Strategy]:
     for d in range(rank):
         if not ctx.shardable(d):
             continue
-        options: list[tuple[int, ...]] = [tuple(split_sizes(ctx.shape[d], ctx.world))]
+        options: list[tuple[int, ...]] = [_even(ctx.shape[d], ctx.world)]
         for i in range(len(ctx.inputs)):
             di = d - (rank - len(ctx.in_shape(i)))
             if di >= 0 and ctx.in_shape(i)[di] == ctx.shape[d]:
@@ -603,7 +615,7 @@ def _rule_view(ctx: ShardingContext) -> list[Strategy]:
                 continue
             options = set(ctx.splits_at(0, i0)) if i0 in shardable_dims(ctx.inputs[0]) else set()
             # the output's even split, seen from the input
-            even = tuple(split_sizes(b[j0], ctx.world))
+            even = _even(b[j0], ctx.world)
             if all((s * q_out) % q_in == 0 for s in even):
                 options.add(tuple(s * q_out // q_in for s in even))
             for s_in in sorted(options):
@@ -824,15 +836,14 @@ def _rule_contraction(ctx: ShardingContext) -> list[Strategy]:
         return ctx.in_shard(i, term.index(letter), splits)
 
     for letter in dict.fromkeys("".join(c.inputs)):
-        size = sizes.get(letter)
-        if not (isinstance(size, sympy.Expr) and size.free_symbols):
+        if not _names_a_dim(sizes.get(letter)):
             continue
         options: list[tuple[int, ...]] = []
         for k, term in enumerate(c.inputs):
             if letter in term and ctx.in_shape(ops[k])[term.index(letter)] != 1:
                 pos = term.index(letter)
                 if not options:
-                    options.append(tuple(split_sizes(ctx.in_shape(ops[k])[pos], ctx.world)))
+                    options.append(_even(ctx.in_shape(ops[k])[pos], ctx.world))
                 options += [s for s in ctx.splits_at(ops[k], pos) if s not in options]
         for splits in options:
             ins: list[Spec | None] = [None] * n_in
