@@ -10,6 +10,9 @@
     >>> sorted(report.to_dict()["classes"])[:3]
     ['COMM', 'ELEMENTWISE', 'GEMM']
 
+``torch.compile(model, backend="foldcompile")`` runs the same pipeline on Dynamo's graphs
+(:mod:`foldcompile.dynamo_backend`).
+
 Progress is logged under the ``foldcompile`` logger (``foldcompile.passes.<name>`` per pass):
 ``logging.getLogger("foldcompile").setLevel(logging.INFO)`` with a handler shows it.
 
@@ -34,6 +37,11 @@ from foldcompile.profile import ProfileReport, profile  # noqa: E402
 from foldcompile.optimize import OptimizedModule, OptimizeReport, optimize  # noqa: E402
 from foldcompile.verify import VerifyReport, verify  # noqa: E402
 from foldcompile.explain import explain as _explain_model  # noqa: E402
+from foldcompile import dynamo_backend  # noqa: E402
+
+# torch.compile(model, backend="foldcompile"): registered here for source checkouts (PYTHONPATH=.), and
+# through the entry point of an installed package (pyproject.toml, torch_dynamo_backends)
+dynamo_backend.register()
 
 
 def explain(model, *example_inputs, **kwargs):

@@ -172,6 +172,11 @@ class FusedElementwise:
             parts.append(self._plan(prep, inputs, backward=True, grad_inputs=gi, gouts=None).source)
         return "\n\n".join(parts)
 
+    @property
+    def has_dropout(self) -> bool:
+        """Whether the fragment holds a dropout (a call without ``seed`` then draws one on the host)."""
+        return any(v.op == "dropout" for v in self._frag.vals)
+
     def random_numel(self, *inputs: Any) -> int:
         """How many Philox counters one call on these inputs consumes (advance ``offset`` by it)."""
         lay = _layout(self._frag, inputs)
