@@ -59,7 +59,7 @@ import torch.utils._pytree as pytree
 
 from foldcompile.executors.base import Executor, graph_tensors
 
-__all__ = ["CudaGraphExecutor", "cuda_graph_unsafe_reason"]
+__all__ = ["CudaGraphExecutor", "CudaGraphCapture", "cuda_graph_unsafe_reason"]
 
 log = logging.getLogger("foldcompile.executors.cuda_graph")
 
@@ -247,8 +247,9 @@ class CudaGraphExecutor(Executor):
     kind = "cuda_graph"
 
     def __init__(self, graph: torch.fx.GraphModule, *, requested: str, reason: str, max_slots: int = 3,
-                 max_recaptures: int = 2):
+                 max_recaptures: int = 2, capture: "CudaGraphCapture | None" = None):
         super().__init__(graph, requested=requested, reason=reason)
+        self.capture = capture if capture is not None else CudaGraphCapture()
         self.max_slots, self.max_recaptures = max_slots, max_recaptures
         self.tensors = graph_tensors(graph)  # read by address by the captured graphs
         self.params = [(n, t) for n, t in self.tensors if t.requires_grad]
@@ -259,7 +260,6 @@ class CudaGraphExecutor(Executor):
         self.eager_calls = 0  # calls run eagerly while graphs exist (every slot busy)
         self._slots: list[_Slot] = []
         self._addresses: list[int] = []
-        self._stream: torch.cuda.Stream | None = None
 
     @property
     def name(self) -> str:
@@ -338,17 +338,15 @@ class CudaGraphExecutor(Executor):
     def _capture(self, args: tuple, kwargs: dict, leaves: list[Any], spec: Any) -> _Slot:
         positions = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
         devices = {leaves[i].device for i in positions} | {t.device for _, t in self.tensors}
-        if len(devices) != 1 or next(iter(devices)).type != "cuda":
-            raise RuntimeError(f"a CUDA graph needs every tensor on one CUDA device, got {sorted(map(str, devices))}")
-        device = next(iter(devices))
-        with torch.cuda.device(device):
+        capture = self.capture
+        device = capture.device_of(devices)
+        with capture.on(device):
             with torch.no_grad():
                 statics = [torch.empty_like(leaves[i]).copy_(leaves[i]) for i in positions]
             for s, i in zip(statics, positions):
                 if _layout(s) != _layout(leaves[i]):  # an expanded or overlapping view: a copy cannot keep it
                     raise RuntimeError(f"input leaf {i} has strides {tuple(leaves[i].stride())} of no dense tensor: "
                                        "a static copy cannot keep its layout (pass it contiguous)")
-            for s, i in zip(statics, positions):
                 s.requires_grad_(leaves[i].requires_grad)
             static_leaves = list(leaves)
             for s, i in zip(statics, positions):
@@ -357,36 +355,40 @@ class CudaGraphExecutor(Executor):
             params = [t for _, t in self.params]
             targets = [s for s in statics if s.requires_grad] + params
             grad_mode = torch.is_grad_enabled()
-            if self._stream is None:
-                self._stream = torch.cuda.Stream(device)
-            stream = self._stream
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):  # warm-up: the capture stream's first use outside a capture
-                warm = [o for o in pytree.tree_leaves(self.graph(*s_args, **s_kwargs)) if isinstance(o, torch.Tensor)]
-                diff = [o for o in warm if o.requires_grad]
-                if grad_mode and diff and targets:
-                    torch.autograd.grad(diff, targets, [torch.zeros_like(o) for o in diff], allow_unused=True)
-                del warm, diff
-            torch.cuda.current_stream().wait_stream(stream)
-            torch.cuda.synchronize()
-            fwd, pool = torch.cuda.CUDAGraph(), torch.cuda.graph_pool_handle()
-            with torch.cuda.graph(fwd, pool=pool, stream=stream):
+            latest: dict[str, list[torch.Tensor]] = {}  # the differentiable outputs of the forward in the pool
+
+            def forward() -> Any:
                 out = self.graph(*s_args, **s_kwargs)
+                latest["diff"] = [o for o in pytree.tree_leaves(out) if isinstance(o, torch.Tensor) and o.requires_grad]
+                return out
+
+            def backward() -> list:
+                # every gradient written into one buffer per dtype, so that cloning them out of the
+                # pool after a replay is one copy per dtype
+                grads = torch.autograd.grad(latest["diff"], targets, static_grads, allow_unused=True)
+                return _flatten_by_dtype(grads)
+
+            def warm_up() -> None:  # one eager forward and backward: compiled, autotuned, lazily initialised
+                forward()
+                if grad_mode and latest["diff"] and targets:
+                    torch.autograd.grad(latest["diff"], targets, [torch.zeros_like(o) for o in latest["diff"]],
+                                        allow_unused=True)
+                latest.clear()
+
+            capture.warm_up(warm_up)
+            pool = capture.new_pool()
+            fwd, out = capture.capture(forward, pool)
             out_leaves, out_spec = pytree.tree_flatten(out)
             out_tensors = [i for i, o in enumerate(out_leaves) if isinstance(o, torch.Tensor)]
             differentiable = [k for k, i in enumerate(out_tensors) if out_leaves[i].requires_grad]
             bwd, static_grads, flats = None, [], []
             grad_of_input: list[int | None] = []
             if grad_mode and differentiable and targets:
-                diff_outs = [out_leaves[out_tensors[k]] for k in differentiable]
-                static_grads = [torch.empty_like(o) for o in diff_outs]
-                bwd = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(bwd, pool=pool, stream=stream):
-                    grads = torch.autograd.grad(diff_outs, targets, static_grads, allow_unused=True)
-                    flats = _flatten_by_dtype(grads)
+                static_grads = [torch.empty_like(o) for o in latest["diff"]]
+                bwd, flats = capture.capture(backward, pool)
                 target_of = {id(t): j for j, t in enumerate(targets)}
                 grad_of_input = [target_of.get(id(t)) for t in statics + params]
-            torch.cuda.synchronize()
+            capture.finish()
         # the static outputs keep their memory, not the capture's autograd graph
         out_leaves = [o.detach() if isinstance(o, torch.Tensor) else o for o in out_leaves]
         slot = _Slot(fwd, bwd, statics, out_leaves, out_spec, out_tensors, differentiable, static_grads,
@@ -394,9 +396,48 @@ class CudaGraphExecutor(Executor):
         self._slots.append(slot)
         self._addresses = [t.data_ptr() for _, t in self.tensors]
         self.captures += 1
-        torch.cuda.empty_cache()  # the warm-up's blocks, cached for the capture stream, back to the device
         log.info("foldcompile: captured CUDA graph %d (forward%s)", self.captures, " and backward" if bwd else "")
         return slot
+
+
+class CudaGraphCapture:
+    """How :class:`CudaGraphExecutor` captures: CUDA graphs on one side stream per executor, one private
+    memory pool per slot (its forward and backward graphs share it). A seam: the CPU tests give the
+    executor a capture that records a replayable closure instead, to check its bookkeeping."""
+
+    def __init__(self) -> None:
+        self._stream: torch.cuda.Stream | None = None
+
+    def device_of(self, devices: set[torch.device]) -> torch.device:
+        if len(devices) != 1 or next(iter(devices)).type != "cuda":
+            raise RuntimeError(f"a CUDA graph needs every tensor on one CUDA device, got {sorted(map(str, devices))}")
+        return next(iter(devices))
+
+    def on(self, device: torch.device) -> Any:
+        return torch.cuda.device(device)
+
+    def warm_up(self, fn: Any) -> None:
+        """Run ``fn`` on the capture stream (its first use outside a capture), then wait for it."""
+        if self._stream is None:
+            self._stream = torch.cuda.Stream()
+        self._stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self._stream):
+            fn()
+        torch.cuda.current_stream().wait_stream(self._stream)
+        torch.cuda.synchronize()
+
+    def new_pool(self) -> Any:
+        return torch.cuda.graph_pool_handle()
+
+    def capture(self, fn: Any, pool: Any) -> tuple[torch.cuda.CUDAGraph, Any]:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool, stream=self._stream):
+            result = fn()
+        return graph, result
+
+    def finish(self) -> None:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # the warm-up's blocks, cached for the capture stream, back to the device
 
 
 def _layout(t: torch.Tensor) -> tuple:
@@ -405,8 +446,7 @@ def _layout(t: torch.Tensor) -> tuple:
 
 
 def _flatten_by_dtype(grads: tuple) -> list[tuple[torch.Tensor, list[int], list[tuple[int, ...]], list[int]]]:
-    """Inside the backward capture: every gradient written into one buffer per dtype, so that
-    cloning them out of the pool after a replay is one copy per dtype."""
+    """``(buffer, numels, shapes, gradient indices)`` per dtype: the gradients concatenated."""
     by_dtype: dict[torch.dtype, list[int]] = {}
     for j, g in enumerate(grads):
         if g is not None:

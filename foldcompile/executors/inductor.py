@@ -13,6 +13,10 @@ our Triton wrappers, so :func:`to_library_ops` rewrites the graph first:
   generates its own fused kernel for them, and can fuse them further with their neighbours,
   which our generator, one group at a time, does not.
 
+With ``mode="reduce-overhead"`` the outputs are cloned before they are returned: Inductor's CUDA
+graphs overwrite a call's outputs on the next replay, and a caller holding them (a recycled
+embedding, a logged loss) would read the next call's values or an error.
+
 The compiled function is ``torch.compile(program, mode=..., fullgraph=True, dynamic=False)``:
 ``fullgraph`` makes any graph break an error, and an error while compiling (on the first call)
 makes the executor run the graph eagerly from then on, with the reason in ``describe()``. The
@@ -35,6 +39,7 @@ from typing import Any, Callable
 
 import torch
 import torch.fx
+import torch.utils._pytree as pytree
 
 import foldcompile.kernels.ops  # noqa: F401  (defines torch.ops.foldcompile.*)
 from foldcompile.executors.base import Executor
@@ -168,7 +173,7 @@ class InductorExecutor(Executor):
             return self._eager(args, kwargs)
         args, kwargs = self._bind(args, kwargs)
         if self.compiled_once:
-            return self.compiled(*args, **kwargs)
+            return self._own(self.compiled(*args, **kwargs))
         try:
             out = self.compiled(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - a compile failure is a reason to run eagerly, not an error
@@ -176,4 +181,10 @@ class InductorExecutor(Executor):
             log.warning("foldcompile: Inductor executor off for this variant: %s", self.fallback)
             return self._eager(args, kwargs)
         self.compiled_once = True
-        return out
+        return self._own(out)
+
+    def _own(self, out: Any) -> Any:
+        """Outputs the next call cannot overwrite (copies, under Inductor's CUDA graphs)."""
+        if self.mode != "reduce-overhead":
+            return out
+        return pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, out)
