@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import logging
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -165,8 +165,8 @@ class _Slot:
     flats: list[tuple[torch.Tensor, list[int], list[tuple[int, ...]], list[int]]]  # per dtype: buffer, numels,
     #                                                                                shapes, target indices
     n_targets: int
+    addresses: list[int]  # data pointers of the parameters/buffers the graphs read, at capture
     owner: Any = None  # weakref to the _Pending forward whose state the pool holds
-    replays: int = field(default=0)
 
     def busy(self) -> bool:
         if self.owner is None:
@@ -206,7 +206,7 @@ class _Replay(torch.autograd.Function):
     def forward(ctx: Any, slot: _Slot, executor: "CudaGraphExecutor", *tensors: torch.Tensor) -> tuple:
         slot.load(list(tensors[:len(slot.static_inputs)]))
         slot.fwd.replay()
-        slot.replays += 1
+        executor.replays += 1
         outs = slot.outputs()
         token = _Pending()
         slot.owner = weakref.ref(token)
@@ -257,9 +257,9 @@ class CudaGraphExecutor(Executor):
         self.observed = False  # the first call ran eagerly, watched (module docstring)
         self.captures = 0
         self.recaptures = 0
+        self.replays = 0
         self.eager_calls = 0  # calls run eagerly while graphs exist (every slot busy)
         self._slots: list[_Slot] = []
-        self._addresses: list[int] = []
 
     @property
     def name(self) -> str:
@@ -270,7 +270,7 @@ class CudaGraphExecutor(Executor):
         if self.fallback:
             d["reason"] = f"{self.reason}; fell back to eager: {self.fallback}"
         slots = self._slots
-        d.update(captures=self.captures, replays=sum(s.replays for s in slots), graphs=len(slots),
+        d.update(captures=self.captures, replays=self.replays, graphs=len(slots),
                  backward_graphs=sum(1 for s in slots if s.bwd is not None), eager_calls=self.eager_calls)
         return d
 
@@ -287,15 +287,22 @@ class CudaGraphExecutor(Executor):
         if not self.observed:
             return self._observe(args, kwargs)
         leaves, spec = pytree.tree_flatten((args, kwargs))
-        if self._slots and [t.data_ptr() for _, t in self.tensors] != self._addresses:
-            moved = [n for (n, t), p in zip(self.tensors, self._addresses) if t.data_ptr() != p]
-            self.recaptures += 1
-            if self.recaptures > self.max_recaptures:
-                self.give_up(f"parameters/buffers moved to new memory {self.recaptures} times ({', '.join(moved[:3])})")
-                return self._eager(args, kwargs)
-            log.info("foldcompile: %s moved to new memory: capturing again", ", ".join(moved[:3]))
-            self._slots = [s for s in self._slots if s.busy()]  # a pending backward keeps its own
-        slot = next((s for s in self._slots if not s.busy()), None)
+        current = [t.data_ptr() for _, t in self.tensors]
+        stale = [s for s in self._slots if s.addresses != current]
+        if stale:
+            # parameters moved (``p.data = ...``): graphs captured before read the old memory. They are
+            # never replayed again; one with a pending backward stays until it ran (that backward then
+            # refuses, as the parameter changed since its forward)
+            self._slots = [s for s in self._slots if s.addresses == current or s.busy()]
+            if not any(s.addresses == current for s in self._slots):
+                moved = [n for (n, t), p in zip(self.tensors, stale[0].addresses) if t.data_ptr() != p]
+                self.recaptures += 1
+                if self.recaptures > self.max_recaptures:
+                    self.give_up(f"parameters/buffers moved to new memory {self.recaptures} times "
+                                 f"({', '.join(moved[:3])})")
+                    return self._eager(args, kwargs)
+                log.info("foldcompile: %s moved to new memory: capturing again", ", ".join(moved[:3]))
+        slot = next((s for s in self._slots if s.addresses == current and not s.busy()), None)
         if slot is None:
             if len(self._slots) >= self.max_slots:
                 self.eager_calls += 1
@@ -330,7 +337,7 @@ class CudaGraphExecutor(Executor):
         if slot.bwd is None:
             slot.load(tensors)
             slot.fwd.replay()
-            slot.replays += 1
+            self.replays += 1
             return slot.unflatten(slot.outputs())
         outs = _Replay.apply(slot, self, *tensors, *[t for _, t in self.params])
         return slot.unflatten(list(outs))
@@ -392,9 +399,8 @@ class CudaGraphExecutor(Executor):
         # the static outputs keep their memory, not the capture's autograd graph
         out_leaves = [o.detach() if isinstance(o, torch.Tensor) else o for o in out_leaves]
         slot = _Slot(fwd, bwd, statics, out_leaves, out_spec, out_tensors, differentiable, static_grads,
-                     grad_of_input, flats, len(targets))
+                     grad_of_input, flats, len(targets), [t.data_ptr() for _, t in self.tensors])
         self._slots.append(slot)
-        self._addresses = [t.data_ptr() for _, t in self.tensors]
         self.captures += 1
         log.info("foldcompile: captured CUDA graph %d (forward%s)", self.captures, " and backward" if bwd else "")
         return slot

@@ -135,3 +135,12 @@ def test_grad_mode_and_training_flag_recompile():
     block.train()
     assert_same_function(block, inputs, compiled, tol=1e-5)
     assert len(backend.graphs) == 2
+
+
+def test_docstring_examples():
+    import doctest
+    import importlib
+
+    module = importlib.import_module("foldcompile.dynamo_backend")
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE, verbose=False)
+    assert result.attempted > 0 and result.failed == 0

@@ -285,11 +285,23 @@ def test_optimizer_steps_between_calls(pair, built):
 def test_memory_moved_captures_again(pair):
     model, inputs, eager, graphed = pair
     _warm(graphed, model, inputs)
+    pending = graphed(*inputs)  # its backward still to run, on the graphs of the old memory
     with torch.no_grad():
         model.out.weight.data = model.out.weight.data * 1.5
     _close(list(graphed(*inputs)), list(eager(*inputs)), "output")
     ex = _executor(graphed, *inputs)
     assert ex.captures == 2 and ex.recaptures == 1
+    with pytest.raises(RuntimeError, match="'out.weight' was modified between this forward and its backward"):
+        _loss(pending).backward()
+    for step in range(2):  # the old slot is never replayed again
+        b = _fresh(inputs, step)
+        model.zero_grad(set_to_none=True)
+        _loss(eager(*b)).backward()
+        want = _grads(model)
+        model.zero_grad(set_to_none=True)
+        _loss(graphed(*b)).backward()
+        _close(_grads(model), want, "gradient")
+    assert ex.captures == 2 and ex.describe()["graphs"] == 1
 
 
 def test_second_backward_and_changed_parameter_are_refused(pair):
