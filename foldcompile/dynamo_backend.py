@@ -14,7 +14,9 @@ those names).
 Graphs with symbolic sizes (``dynamic=True``, or Dynamo's automatic dynamic shapes on the
 recompile after a second shape) are not compiled by us — our fusion decisions and variants are
 per static shape — and are handed, with a logged reason, to Inductor (``options={"symbolic":
-"inductor"}``, the default) or run as Dynamo gave them (``"eager"``).
+"inductor"}``, the default) or run as Dynamo gave them (``"eager"``). A graph the pipeline
+refuses (an error while capturing its form or fusing) runs as Dynamo gave it, the reason logged
+as a warning and kept in ``Backend.handed_on``.
 
 Options (``torch.compile(..., backend="foldcompile", options={...})``): ``executor`` (``"auto"``,
 ``"eager"``, ``"cuda_graph"``, ``"inductor"``), ``symbolic`` (``"inductor"`` or ``"eager"``),
@@ -134,7 +136,13 @@ class Backend:
                 from torch._dynamo.backends.registry import lookup_backend
                 return lookup_backend("inductor")(gm, example_inputs)
             return gm.forward
-        compiled = CompiledGraph(gm, example_inputs, executor=self.executor, at=self.at, dims=self.dims)
+        try:
+            compiled = CompiledGraph(gm, example_inputs, executor=self.executor, at=self.at, dims=self.dims)
+        except Exception as e:  # noqa: BLE001 - a graph the pipeline refuses still runs, as Dynamo gave it
+            why = f"the pipeline refused the graph: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}"
+            self.handed_on.append(why)
+            log.warning("foldcompile backend: %s: it runs as Dynamo gave it", why)
+            return gm.forward
         self.graphs.append(compiled)
         return compiled
 

@@ -58,6 +58,7 @@ import torch.fx
 import torch.utils._pytree as pytree
 
 from foldcompile.executors.base import Executor, graph_tensors
+from foldcompile.passes.registry import writes_in_place
 
 __all__ = ["CudaGraphExecutor", "CudaGraphCapture", "cuda_graph_unsafe_reason"]
 
@@ -323,10 +324,14 @@ class CudaGraphExecutor(Executor):
         read by address or copy are found."""
         leaves = [x for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)]
         watched = [(f"input {i}", t) for i, t in enumerate(leaves)] + self.tensors
+        unwatchable = [n for n, t in watched if t.is_inference()]  # inference tensors have no version counter
+        watched = [(n, t) for n, t in watched if not t.is_inference()]
         before = [t._version for _, t in watched]
         out = self._eager(args, kwargs)
         self.observed = True
         written = [n for (n, t), v in zip(watched, before) if t._version != v]
+        if not written and unwatchable and any(writes_in_place(n) for n in self.graph.graph.nodes):
+            written = [f"{unwatchable[0]} (an inference tensor, whose writes cannot be watched) or another tensor"]
         if written:
             self.give_up(f"the forward writes {', '.join(written[:3])} in place (a graph would write its static "
                          "copy, or repeat the write in its warm-up)")
@@ -348,7 +353,8 @@ class CudaGraphExecutor(Executor):
         capture = self.capture
         device = capture.device_of(devices)
         with capture.on(device):
-            with torch.no_grad():
+            # plain tensors even under inference_mode: later calls outside it copy into them
+            with torch.no_grad(), torch.inference_mode(False):
                 statics = [torch.empty_like(leaves[i]).copy_(leaves[i]) for i in positions]
             for s, i in zip(statics, positions):
                 if _layout(s) != _layout(leaves[i]):  # an expanded or overlapping view: a copy cannot keep it

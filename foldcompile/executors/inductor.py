@@ -102,7 +102,6 @@ def to_library_ops(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
             else:
                 new = graph.call_function(softmax_via_op, arg(node.args), arg(node.kwargs))
             new.meta.update(node.meta)
-            new.name = node.name
         elif isinstance(kernel, FusedElementwise):
             new = _inline(graph, kernel.graph_module, [env[a] if isinstance(a, torch.fx.Node) else a
                                                        for a in node.args])

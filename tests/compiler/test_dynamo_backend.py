@@ -144,3 +144,18 @@ def test_docstring_examples():
     module = importlib.import_module("foldcompile.dynamo_backend")
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE, verbose=False)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_a_graph_the_pipeline_refuses_runs_as_dynamo_gave_it(monkeypatch, caplog):
+    import importlib
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("no rule for this op")
+
+    monkeypatch.setattr(importlib.import_module("foldcompile.dynamo_backend"), "fuse_graph", refuse)
+    model, x = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.GELU()), torch.randn(3, 4)
+    backend = Backend()
+    with caplog.at_level(logging.WARNING, logger="foldcompile.dynamo_backend"):
+        torch.testing.assert_close(torch.compile(model, backend=backend)(x), model(x))
+    assert not backend.graphs and "pipeline refused the graph: RuntimeError: no rule for this op" in backend.handed_on[0]
+    assert any("runs as Dynamo gave it" in r.getMessage() for r in caplog.records)

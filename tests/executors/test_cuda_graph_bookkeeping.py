@@ -37,7 +37,9 @@ class _SimulatedGraph:
     def replay(self) -> None:
         with torch.set_grad_enabled(self.grad_mode):
             new = self.fn()
-        with torch.no_grad():
+        # a real replay writes memory without dispatch: static outputs made under inference_mode
+        # (inference tensors) take the write too
+        with torch.inference_mode():
             for static, fresh in zip(_tensors(self.result), _tensors(new)):
                 static.copy_(fresh)
 
@@ -336,3 +338,21 @@ def test_inference_replays(pair):
     with torch.no_grad():
         ex = _executor(graphed, *inputs)
     assert ex.describe()["backward_graphs"] == 0 and ex.describe()["replays"] == 4
+
+
+def test_inference_mode_then_no_grad(pair):
+    """Inference tensors have no version counter (the watched call looks at the graph instead) and the
+    static buffers stay plain tensors, so a later call outside inference_mode (the same variant: grad
+    mode off) still copies into them."""
+    model, inputs, eager, graphed = pair
+    with torch.no_grad():
+        want = eager(*inputs)
+    with torch.inference_mode():
+        x, y = (t.clone() for t in inputs)
+        for _ in range(3):
+            got = graphed(x, y)
+        _close(got, want, "output")
+    with torch.no_grad():
+        _close(graphed(*inputs), want, "output")
+        ex = _executor(graphed, *inputs)
+    assert ex.name == "cuda_graph" and ex.describe()["replays"] == 3
