@@ -33,8 +33,9 @@ Options (``torch.compile(..., backend="foldcompile", options={...})``): ``execut
     >>> backend.graphs[0].report.counts()["layer_norm"]["matched"] > 0
     True
 
-The string ``"foldcompile"`` is registered with Dynamo when ``foldcompile`` is imported, and
-through the package's entry point (``torch_dynamo_backends``) when it is installed.
+The string ``"foldcompile"`` is known to Dynamo through the package's entry point
+(``torch_dynamo_backends``) when it is installed; in a source checkout (``PYTHONPATH=.``) it is
+registered when this module is imported, and by ``import foldcompile`` once torch is imported.
 """
 from __future__ import annotations
 
@@ -242,3 +243,6 @@ def register() -> None:
     if "foldcompile" in known or entry_points.get("foldcompile") is not None:
         return
     registry.register_backend(foldcompile_backend, name="foldcompile")
+
+
+register()  # importing this module makes the name known (a no-op where Dynamo found the entry point)
