@@ -353,8 +353,9 @@ class CudaGraphExecutor(Executor):
         capture = self.capture
         device = capture.device_of(devices)
         with capture.on(device):
-            # plain tensors even under inference_mode: later calls outside it copy into them
-            with torch.no_grad(), torch.inference_mode(False):
+            # plain tensors even under inference_mode: later calls outside it copy into them; no_grad
+            # inside, as inference_mode(False) turns grad mode on (a static input must be a leaf)
+            with torch.inference_mode(False), torch.no_grad():
                 statics = [torch.empty_like(leaves[i]).copy_(leaves[i]) for i in positions]
             for s, i in zip(statics, positions):
                 if _layout(s) != _layout(leaves[i]):  # an expanded or overlapping view: a copy cannot keep it
