@@ -63,8 +63,8 @@ ESTIMATE_S = {"eager": 20, "torch.compile": 120, "torch.compile reduce-overhead"
 # the executor each foldcompile row should run (auto picks CUDA graphs on CUDA for the backend)
 EXPECTED_EXECUTOR = {"optimize eager": "eager", "optimize cuda_graph": "cuda_graph", "optimize inductor": "inductor",
                      "backend foldcompile": "cuda_graph"}
-COLUMNS = ["model", "case", "variant", "status", "ms_per_block", "x_eager", "x_compile", "peak_gib", "build_s",
-           "rel_err_vs_fp32", "executor", "fused"]
+COLUMNS = ["model", "case", "variant", "status", "ms_per_block", "x_eager", "x_compile", "peak_gib", "held_gib",
+           "build_s", "rel_err_vs_fp32", "executor", "fused"]
 STEM = "optimize"
 
 
@@ -167,10 +167,12 @@ def run_case(results: Results, name: str, case: str, variants, out_dir: str, dea
                     step()
                 t1 = time.perf_counter()
                 step()
-                ms, peak = (time.perf_counter() - t1) * 1e3, 0
+                ms, peak, held = (time.perf_counter() - t1) * 1e3, 0, 0
             else:
                 ms = time_ms(step, warmup=3, reps=5 if spec["n_res"] >= 1024 else 10)
                 peak = peak_memory_bytes(step)
+                torch.cuda.empty_cache()  # what stays reserved: live tensors and CUDA-graph pools
+                held = torch.cuda.memory_reserved()
             times[variant] = ms
             report = report_of()
             executor = "-"
@@ -181,7 +183,7 @@ def run_case(results: Results, name: str, case: str, variants, out_dir: str, dea
                         x_eager=times["eager"] / ms if "eager" in times else "-",
                         x_compile=times["torch.compile"] / ms if "torch.compile" in times else "-",
                         peak_gib=(peak + (0 if smoke else torch.cuda.memory_allocated())) / 2**30,
-                        build_s=round(build_s, 1),
+                        held_gib=held / 2**30, build_s=round(build_s, 1),
                         rel_err_vs_fp32=err, executor=executor,
                         fused=_fused_summary(report) if report is not None else "-")
         except Exception as e:  # noqa: BLE001 - a failure (OOM, compile error) is a result
@@ -214,8 +216,9 @@ NOTES = [
     "(with the reason where it is not the one asked for).",
     "build_s = first call including capture/compile/optimize; rel_err_vs_fp32 = first output vs the same model "
     "in fp32.",
-    "peak_gib = peak allocated memory during one call, parameters and inputs included (CUDA-graph pools "
-    "held between calls included).",
+    "peak_gib = peak allocated memory during one call, parameters and inputs included; a CUDA graph's pool "
+    "is reserved, not allocated, between replays, so held_gib = memory still reserved after the timed calls "
+    "(empty_cache'd: live tensors, parameters and the graphs' pools) is the footprint to compare for those rows.",
 ]
 
 
