@@ -313,6 +313,7 @@ class CudaGraphExecutor(Executor):
             try:
                 slot = self._capture(args, kwargs, leaves, spec)
             except Exception as e:  # noqa: BLE001 - any capture failure means: run eagerly, say why
+                log.debug("foldcompile: CUDA-graph capture failed", exc_info=True)
                 self.give_up(f"capture failed: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}")
                 return self._eager(args, kwargs)
         return self._replay(slot, leaves)
