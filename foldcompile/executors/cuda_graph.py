@@ -367,13 +367,21 @@ class CudaGraphExecutor(Executor):
             for s, i in zip(statics, positions):
                 static_leaves[i] = s
             s_args, s_kwargs = pytree.tree_unflatten(static_leaves, spec)
-            params = [t for _, t in self.params]
+            # the captured graphs differentiate detached aliases of the parameters (the same memory), not
+            # the parameters themselves: a parameter's AccumulateGrad node is created on the stream that
+            # first needed it and kept alive by any pending forward (a second forward before one
+            # backward, recycling), and the engine syncing with it from the capture stream invalidates the
+            # capture ("operation would make the legacy stream depend on a capturing blocking stream",
+            # seen on an H200). The replay's autograd Function hands these gradients to the parameters.
+            with torch.inference_mode(False), torch.no_grad():
+                aliases = {n: t.detach().requires_grad_(t.requires_grad) for n, t in self.tensors}
+            params = [aliases[n] for n, _ in self.params]
             targets = [s for s in statics if s.requires_grad] + params
             grad_mode = torch.is_grad_enabled()
             latest: dict[str, list[torch.Tensor]] = {}  # the differentiable outputs of the forward in the pool
 
             def forward() -> Any:
-                out = self.graph(*s_args, **s_kwargs)
+                out = torch.func.functional_call(self.graph, aliases, s_args, s_kwargs)
                 latest["diff"] = [o for o in pytree.tree_leaves(out) if isinstance(o, torch.Tensor) and o.requires_grad]
                 return out
 
