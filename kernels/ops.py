@@ -148,7 +148,7 @@ def _fake_grads(grad: Tensor, tensors: Sequence[Optional[Tensor]], needs: Sequen
 @torch.library.custom_op("foldcompile::attention_backward", mutates_args=())
 def attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor],
                        mask: Optional[Tensor], gate: Optional[Tensor], scale: Optional[float],
-                       key_bias: Optional[Tensor], empty_rows: str, needs: Sequence[bool]) -> list[Tensor]:
+                       key_bias: Optional[Tensor], needs: Sequence[bool], empty_rows: str = "zero") -> list[Tensor]:
     """Gradients of :func:`attention` for ``q, k, v, bias, mask, gate, key_bias`` (``needs`` per slot)."""
     return _recomputed_grads(lambda q, k, v, bias, mask, gate, key_bias: _attention(
         q, k, v, bias=bias, mask=mask, gate=gate, scale=scale, key_bias=key_bias, empty_rows=empty_rows),
@@ -156,7 +156,7 @@ def attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Opti
 
 
 @attention_backward.register_fake
-def _attention_backward_fake(grad, q, k, v, bias, mask, gate, scale, key_bias, empty_rows, needs):
+def _attention_backward_fake(grad, q, k, v, bias, mask, gate, scale, key_bias, needs, empty_rows="zero"):
     return _fake_grads(grad, (q, k, v, bias, mask, gate, key_bias), needs)
 
 
@@ -200,9 +200,10 @@ def _outer_product_mean_backward_fake(grad, a, b, weight, bias, mask_a, mask_b, 
     return _fake_grads(grad, (a, b, weight, bias), needs)
 
 
-def _register_backward(op: Any, backward_op: Any, tensor_slots: tuple[int, ...]) -> None:
+def _register_backward(op: Any, backward_op: Any, tensor_slots: tuple[int, ...], trailing: int = 0) -> None:
     """Autograd for ``op``: its backward is ``backward_op(grad, *inputs, needs)``, whose results are
-    the gradients of the inputs at ``tensor_slots`` (an empty tensor where none is needed)."""
+    the gradients of the inputs at ``tensor_slots`` (an empty tensor where none is needed). The op's
+    last ``trailing`` inputs (options added later, with defaults) go after ``needs``."""
 
     def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
         ctx.is_tensor = [isinstance(x, Tensor) for x in inputs]
@@ -217,7 +218,8 @@ def _register_backward(op: Any, backward_op: Any, tensor_slots: tuple[int, ...])
         result: list[Tensor | None] = [None] * len(inputs)
         if not any(needs):
             return tuple(result)
-        grads = backward_op(grad, *inputs, needs)
+        lead = len(inputs) - trailing
+        grads = backward_op(grad, *inputs[:lead], needs, *inputs[lead:])
         for i, need, g in zip(tensor_slots, needs, grads):
             if need and isinstance(inputs[i], Tensor) and inputs[i].is_floating_point():
                 result[i] = g
@@ -226,7 +228,7 @@ def _register_backward(op: Any, backward_op: Any, tensor_slots: tuple[int, ...])
     op.register_autograd(backward, setup_context=setup_context)
 
 
-_register_backward(attention, attention_backward, (0, 1, 2, 3, 4, 5, 7))  # q k v bias mask gate key_bias
+_register_backward(attention, attention_backward, (0, 1, 2, 3, 4, 5, 7), trailing=1)  # q k v bias mask gate key_bias
 _register_backward(layer_norm, layer_norm_backward, (0, 1, 2))  # x weight bias
 _register_backward(softmax, softmax_backward, (0, 3, 4))  # x bias mask
 # a b weight bias (the masks get no gradient: the kernel refuses a mask that requires one)

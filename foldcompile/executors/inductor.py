@@ -5,7 +5,7 @@ element-wise ops) well and, with ``mode="reduce-overhead"``, replays the whole c
 graphs (its own, with its own rules: see torch.compile's documentation). It cannot look into
 our Triton wrappers, so :func:`to_library_ops` rewrites the graph first:
 
-- the attention, layer-norm and softmax kernels become calls of their ``torch.library`` ops
+- the attention, layer-norm, softmax and outer-product-mean kernels become calls of their ``torch.library`` ops
   (``torch.ops.foldcompile.attention``, ``.layer_norm``, ``.softmax``, :mod:`foldcompile.kernels.ops`):
   opaque to Dynamo and AOTAutograd, with fake implementations for shapes and backward ops of their
   own, so forward and backward keep our kernels and the graph has no break;
@@ -46,6 +46,7 @@ from foldcompile.executors.base import Executor
 from foldcompile.kernels.elementwise import FusedElementwise
 from foldcompile.passes.rules.attention import fused_attention
 from foldcompile.passes.rules.layer_norm import fused_layer_norm
+from foldcompile.passes.rules.outer_product_mean import fused_outer_product_mean
 from foldcompile.passes.rules.softmax import fused_softmax
 
 __all__ = ["InductorExecutor", "to_library_ops", "softmax_via_op"]
@@ -71,12 +72,19 @@ def _bound(fn: Callable, node: torch.fx.Node) -> dict[str, Any]:
 
 def _attention_args(node: torch.fx.Node) -> tuple:
     a = _bound(fused_attention, node)
-    return (a["q"], a["k"], a["v"], a["bias"], a["mask"], a["gate"], float(a["scale"]), a["key_bias"])
+    return (a["q"], a["k"], a["v"], a["bias"], a["mask"], a["gate"], float(a["scale"]), a["key_bias"],
+            a["empty_rows"])
 
 
 def _layer_norm_args(node: torch.fx.Node) -> tuple:
     a = _bound(fused_layer_norm, node)
     return (a["x"], a["weight"], a["bias"], float(a["eps"]))
+
+
+def _outer_product_mean_args(node: torch.fx.Node) -> tuple:
+    a = _bound(fused_outer_product_mean, node)
+    return (a["a"], a["b"], a["weight"], a["bias"], a["mask_a"], a["mask_b"], float(a["eps"]),
+            bool(a["bias_divided"]))
 
 
 def to_library_ops(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -94,9 +102,12 @@ def to_library_ops(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     for node in gm.graph.nodes:
         target = node.target
         kernel = getattr(target, "kernel", None) if node.op == "call_function" else None
-        if node.op == "call_function" and target in (fused_attention, fused_layer_norm, fused_softmax):
+        if node.op == "call_function" and target in (fused_attention, fused_layer_norm, fused_softmax,
+                                                     fused_outer_product_mean):
             if target is fused_attention:
                 new = graph.call_function(_OPS.attention.default, arg(_attention_args(node)))
+            elif target is fused_outer_product_mean:
+                new = graph.call_function(_OPS.outer_product_mean.default, arg(_outer_product_mean_args(node)))
             elif target is fused_layer_norm:
                 new = graph.call_function(_OPS.layer_norm.default, arg(_layer_norm_args(node)))
             else:

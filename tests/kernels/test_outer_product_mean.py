@@ -152,6 +152,15 @@ def test_the_library_op_forward_backward_and_fake():
     with FakeTensorMode() as mode:
         fake = op(*(mode.from_tensor(t) for t in (a, b, w, bias)))
     assert fake.shape == (7, 9, 8) and fake.dtype == a.dtype
+    torch.library.opcheck(op, (a, b, w, bias, mask_a, mask_b, OPM_EPS, False),
+                          test_utils=("test_schema", "test_faketensor"))
+    back = torch.ops.foldcompile.outer_product_mean_backward.default
+    grads = back(dout, a, b, w, bias, mask_a, mask_b, OPM_EPS, False, [True, False, True, True])
+    assert [t.numel() > 0 for t in grads] == [True, False, True, True]
+    for g, wnt in zip((grads[0], grads[2], grads[3]), (want[1], want[3], want[4])):
+        assert torch.allclose(g, wnt, atol=1e-6)
+    torch.library.opcheck(back, (dout, a, b, w, bias, mask_a, mask_b, OPM_EPS, False, [True, True, False, True]),
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.mark.gpu
