@@ -132,14 +132,34 @@ def schedule_collectives_pass(gm: torch.fx.GraphModule, *,
             reason = f"waits for bytes in flight (at most {max_bytes_in_flight})"
         slot_of[i], why[i] = slot, reason
         last = slot
-    # the new order: at each slot, the waits needed there (in need order), the starts issued there
-    # (in need order, after the waits they depend on), then the compute node
-    new: list[torch.fx.Node] = []
+    # the new order: at each slot, its starts and waits, then the compute node. Within a slot a start
+    # comes before its own wait, after a wait it reads (a chain) or waits for (bytes in flight), and
+    # after the starts needed before it; otherwise starts first (their transfer runs while we wait)
     rank_in_order = {i: k for k, i in enumerate(order)}
+    new: list[torch.fx.Node] = []
     for k, c in enumerate(compute):
-        new += [pairs[i][1] for i in sorted((i for i in range(len(pairs)) if need(pairs[i][1]) == k),
-                                            key=rank_in_order.get)]
-        new += [pairs[i][0] for i in sorted((i for i in slot_of if slot_of[i] == k), key=rank_in_order.get)]
+        here_w = [i for i in range(len(pairs)) if need(pairs[i][1]) == k]
+        here_s = sorted((i for i in slot_of if slot_of[i] == k), key=rank_in_order.get)
+        items = [("s", i) for i in here_s] + [("w", i) for i in here_w]
+        before: dict[tuple, set] = {it: set() for it in items}
+        for i in here_s:
+            if ("w", i) in before:
+                before[("w", i)].add(("s", i))
+            deps = {j for j in here_w if pairs[j][1] in pairs[i][0].all_input_nodes}
+            if why[i] and why[i].startswith("waits for bytes"):
+                deps |= {j for j in here_w if j != i}
+            before[("s", i)] |= {("w", j) for j in deps}
+        for a, b in zip(here_s, here_s[1:]):
+            before[("s", b)].add(("s", a))
+        done: set = set()
+        while len(done) < len(items):
+            ready = [it for it in items if it not in done and before[it] <= done]
+            if not ready:
+                raise PassError(f"schedule_collectives: the collectives at {describe_node(c)} depend on each other "
+                                "in a cycle")
+            pick = min(ready, key=lambda it: (it[0] != "s", rank_in_order[it[1]]))
+            done.add(pick)
+            new.append(pairs[pick[1]][0 if pick[0] == "s" else 1])
         new.append(c)
     if len(new) != len(nodes):
         raise PassError(f"schedule_collectives: scheduled {len(new)} of {len(nodes)} nodes")

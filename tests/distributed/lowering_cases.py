@@ -1,0 +1,135 @@
+"""Rank functions for the lowering tests (module level, so the pool can pickle them) and the
+single-process references they are compared with.
+
+Each rank builds the hand-planned MiniDAP graph (hand_plans.py), lowers it for itself
+(localize -> local shape check -> [classify, fuse] -> schedule), runs it on the whole inputs
+and takes the gradient of a loss: ``"replicated"`` (outputs gathered, every rank computes the
+same loss: a P-times gradient shows) or ``"sharded"`` (outputs kept as shards, each rank's loss
+is its part, the Replicate outputs' terms split between the ranks: a 1/P or dropped
+contribution shows).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from foldcompile.distributed import PartialGradReducer, split_offsets, split_sizes
+from foldcompile.distributed.sharded_random import check_generators_agree
+from foldcompile.passes.classify import classify_pass
+from foldcompile.passes.fuse import fuse_pass
+from foldcompile.passes.local_shape_check import local_shape_check_pass
+from foldcompile.passes.localize import localize_pass
+from foldcompile.passes.placement import Placed, Replicate
+from foldcompile.passes.schedule_collectives import schedule_collectives_pass
+
+import hand_plans as H
+
+SEED = 1234
+
+
+def weights(outs: Any, dtype: torch.dtype) -> list[torch.Tensor]:
+    out = []
+    for k, o in enumerate(outs):
+        g = torch.Generator().manual_seed(500 + k)
+        out.append(torch.randn(o.shape, generator=g, dtype=torch.float64).to(dtype))
+    return out
+
+
+def wsin(w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (w * torch.sin(y)).sum()
+
+
+def piece(x: torch.Tensor, dim: int, rank: int, world: int) -> torch.Tensor:
+    s = split_sizes(x.shape[dim], world)
+    return x.narrow(dim, split_offsets(s)[rank], s[rank])
+
+
+def _leaves(inputs):
+    m, z, mask = inputs
+    return m.clone().requires_grad_(), z.clone().requires_grad_(), mask.clone()
+
+
+def mini_reference(dtype: torch.dtype = torch.float64, training: bool = True):
+    """One process: outputs, input gradients, parameter gradients."""
+    model, inputs, _ = H.mini_plan(1, training, dtype)
+    m, z, mask = _leaves(inputs)
+    torch.manual_seed(SEED)
+    outs = model(m, z, mask)
+    sum(wsin(w, o) for w, o in zip(weights(outs, dtype), outs)).backward()
+    return ([o.detach() for o in outs], (m.grad, z.grad),
+            {k: p.grad for k, p in model.named_parameters()})
+
+
+def lower_mini(rank: int, world: int, *, outputs: str, dtype=torch.float64, training=True, fuse=False,
+               hook=None):
+    model, inputs, plan = H.mini_plan(world, training, dtype)
+    res = localize_pass(plan, rank, world, outputs=outputs, hook=hook,
+                        inputs_requiring_grad={"m": True, "z": True, "msa_mask": False})
+    gm = res.graph_module
+    local_shape_check_pass(gm, inputs)
+    fused = 0
+    if fuse:
+        classify_pass(gm)
+        fused = len(fuse_pass(gm).record["matches"])
+    sched = schedule_collectives_pass(gm).record
+    return model, inputs, gm, res.record, sched, fused
+
+
+def mini_case(rank: int, loss: str, dtype=torch.float64, training=True, fuse=False):
+    world = dist.get_world_size()
+    outputs = "full" if loss == "replicated" else "sharded"
+    model, inputs, gm, record, sched, fused = lower_mini(rank, world, outputs=outputs, dtype=dtype,
+                                                         training=training, fuse=fuse)
+    params = dict(model.named_parameters())
+    reducer = PartialGradReducer([params[n] for n in record["partial_params"]], bucket_cap_mb=1e-4)
+    m, z, mask = _leaves(inputs)
+    torch.manual_seed(SEED)
+    check_generators_agree()
+    outs = gm(m, z, mask)
+    ws = weights(_global_shapes(outs, record["output_placements"], world), dtype)
+    total = 0
+    share = (rank + 1) / sum(range(1, world + 1))      # the ranks' split of a replicated term
+    for w, o, p in zip(ws, outs, record["output_placements"]):
+        if loss == "sharded" and isinstance(p, Placed) and p.dim is not None:
+            total = total + wsin(piece(w, p.dim, rank, world), o)
+        elif loss == "sharded":
+            total = total + share * wsin(w, o)
+        else:
+            total = total + wsin(w, o)
+    total.backward()
+    reducer.wait()
+    reducer.remove()
+    return ([o.detach() for o in outs], (m.grad, z.grad), {k: p.grad for k, p in params.items()},
+            record["output_placements"], fused)
+
+
+def _global_shapes(outs, placements, world):
+    """Stand-ins of the outputs' global shapes (for the loss weights)."""
+    out = []
+    for o, p in zip(outs, placements):
+        shape = list(o.shape)
+        if isinstance(p, Placed) and p.dim is not None:
+            shape[p.dim] = sum(p.split_sizes)
+        out.append(torch.empty(shape))
+    return out
+
+
+def recorder(log: list):
+    def hook(e):
+        log.append((e.phase, e.action, f"{e.collective}:{e.name}"))
+    return hook
+
+
+def mini_events_case(rank: int):
+    """The lowered graph's collective events in forward and backward (replicated loss)."""
+    world = dist.get_world_size()
+    log: list = []
+    model, inputs, gm, record, sched, _ = lower_mini(rank, world, outputs="full", hook=recorder(log))
+    m, z, mask = _leaves(inputs)
+    torch.manual_seed(SEED)
+    outs = gm(m, z, mask)
+    log.append(("forward", "end", ""))
+    sum(wsin(w, o) for w, o in zip(weights(outs, torch.float64), outs)).backward()
+    return log, sched["collectives"], record["collectives"], gm.code
