@@ -64,7 +64,7 @@ collective and no wrapper (zero overhead).
 from __future__ import annotations
 
 import logging
-import operator
+import warnings
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import sympy
@@ -87,7 +87,7 @@ from foldcompile.passes.shape_prop import dim_symbol
 _log = logging.getLogger(__name__)
 
 __all__ = ["localize_pass", "local_size", "COLLECTIVE_STARTS", "RUNTIME_CALLS", "is_runtime_call",
-           "collective_of"]
+           "collective_of", "annotate_collectives", "traffic"]
 
 # what each transition becomes (docs/DAP.md, "The collectives and their backward rules")
 COLLECTIVE_STARTS: dict[str, Callable[..., Any]] = {
@@ -120,6 +120,42 @@ def collective_of(node: torch.fx.Node) -> Optional[str]:
         if node.target is fn:
             return kind
     return None
+
+
+def traffic(kind: str, local_bytes: sympy.Expr, world: int) -> sympy.Expr:
+    """Bytes one rank sends for a collective whose input on that rank has ``local_bytes`` (the
+    usual algorithms: an all_to_all keeps 1/P of its input, a ring all_gather forwards P - 1
+    shards, a ring reduce_scatter sends (P - 1)/P of its input, an all_reduce twice that).
+
+        >>> import sympy
+        >>> traffic("all_to_all", sympy.Symbol("B"), 4), traffic("all_reduce", sympy.Symbol("B"), 4)
+        (3*B/4, 3*B/2)
+    """
+    P = sympy.Integer(world)
+    factor = {"all_to_all": (P - 1) / P, "all_gather": P - 1, "reduce_scatter": (P - 1) / P,
+              "all_reduce": 2 * (P - 1) / P}[kind]
+    return factor * local_bytes
+
+
+def annotate_collectives(gm: torch.fx.GraphModule) -> int:
+    """Class COMM and a cost for the runtime nodes of a lowered graph (after ``classify_pass``,
+    which knows only the registry's ops): a start's ``bytes`` are the bytes it sends
+    (:func:`traffic`, in the local symbolic sizes), FLOPs 0. Returns how many nodes it marked."""
+    world = int(gm.meta.get("dap", {}).get("world_size", 1))
+    marked = 0
+    for n in gm.graph.nodes:
+        if not is_runtime_call(n):
+            continue
+        kind = collective_of(n)
+        cost: dict[str, Any] = {"flops": sympy.Integer(0), "bytes": sympy.Integer(0)}
+        x = n.args[0] if n.args else None
+        if kind is not None and isinstance(x, torch.fx.Node) and x.meta.get(SYM_SHAPE) is not None:
+            nbytes = sympy.Mul(*[sympy.sympify(d) for d in x.meta[SYM_SHAPE]]) * x.meta[DTYPE].itemsize
+            cost["bytes"] = traffic(kind, nbytes, world)
+        n.meta["op_class"] = "COMM"
+        n.meta["cost"] = cost
+        marked += 1
+    return marked
 
 
 # --------------------------------------------------------------------------- local sizes
@@ -255,6 +291,8 @@ class _Lowering:
             for key in (SHAPE, SYM_SHAPE, DTYPE):
                 if key in like.meta:
                     node.meta[key] = like.meta[key]
+        else:  # a start: its value is a handle, not a tensor
+            node.meta[SHAPE] = node.meta[SYM_SHAPE] = node.meta[DTYPE] = None
         return node
 
     # -- graph ends and wrappers (on the planned graph, before lowering)
@@ -579,7 +617,8 @@ def localize_pass(gm: torch.fx.GraphModule, rank: int, world_size: int, *, input
             continue
         setattr(gm, attr, value)
         ctx = graph.inserting_after(anchor) if anchor is not None else graph.inserting_before(first)
-        with ctx:
+        with ctx, warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)   # fx expects tensors or modules behind get_attr
             node = graph.get_attr(attr)
         anchor = node
         if attr == "dap_group":

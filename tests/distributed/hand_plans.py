@@ -51,7 +51,6 @@ def hand_plan(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], w
     gm = torch.fx.symbolic_trace(module)
     gm = normalize_pass(gm).graph_module
     shape_prop_pass(gm, list(example_inputs), dims=dict(dims))
-    classify_pass(gm)
     places: dict[torch.fx.Node, Any] = {}
     for n in list(gm.graph.nodes):
         if n.op == "output":
@@ -76,6 +75,7 @@ def hand_plan(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], w
             _set(n, p, world_size)
     gm.graph.lint()
     gm.recompile()
+    classify_pass(gm)
     return gm
 
 
@@ -182,7 +182,7 @@ class MiniDAP(torch.nn.Module):
         y = redistribute(x, Shard(1), Replicate())                            # all_gather
         outer = placed_as(torch.einsum("sic,sjd->ijcd", x, y), Shard(0)).reshape(R, R, 9) / S
         z = z + F.linear(placed_as(outer, Shard(0)), self.w_oz)
-        pos = torch.outer(torch.linspace(0.0, 1.0, R, dtype=z.dtype), self.w_pos)  # replicated [R, 6]
+        pos = torch.linspace(0.0, 1.0, R, dtype=z.dtype)[:, None] * self.w_pos  # replicated [R, 6]
         z = z + redistribute(pos, Replicate(), Shard(0))[:, None, :]
         idx = torch.arange(R, dtype=z.dtype)
         z = z + placed_as(idx, Shard(0))[:, None, None] * 0.01

@@ -20,7 +20,7 @@ from foldcompile.distributed.sharded_random import check_generators_agree
 from foldcompile.passes.classify import classify_pass
 from foldcompile.passes.fuse import fuse_pass
 from foldcompile.passes.local_shape_check import local_shape_check_pass
-from foldcompile.passes.localize import localize_pass
+from foldcompile.passes.localize import annotate_collectives, localize_pass
 from foldcompile.passes.placement import Placed, Replicate
 from foldcompile.passes.schedule_collectives import schedule_collectives_pass
 
@@ -72,6 +72,7 @@ def lower_mini(rank: int, world: int, *, outputs: str, dtype=torch.float64, trai
     fused = 0
     if fuse:
         classify_pass(gm)
+        annotate_collectives(gm)
         fused = len(fuse_pass(gm).record["matches"])
     sched = schedule_collectives_pass(gm).record
     return model, inputs, gm, res.record, sched, fused

@@ -1,0 +1,152 @@
+"""The lowering of a planned graph (passes/localize.py, grad_placement.py, local_shape_check.py,
+schedule_collectives.py) on a hand-planned DAP block (hand_plans.MiniDAP: every kind of
+collective, mixed-consumer values and parameters, literal sizes, creation and random ops),
+against one process: float64, rtol 1e-10, N_seq=5 and N_res=7 over 2 and 3 ranks (uneven)."""
+import pytest
+import torch
+
+import hand_plans as H
+import lowering_cases as L
+
+RTOL, ATOL = 1e-10, 1e-12
+
+
+def close(actual, expected, what):
+    torch.testing.assert_close(actual, expected, rtol=RTOL, atol=ATOL, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return L.mini_reference()
+
+
+@pytest.mark.parametrize("P", [2, 3])
+@pytest.mark.parametrize("loss", ["replicated", "sharded"])
+def test_lowered_block_equals_one_process(pools, reference, P, loss):
+    """Train mode (a replicated bernoulli mask and a dropout of a shard draw one process's
+    values): outputs, input gradients and every parameter gradient."""
+    outs, (gm, gz), grads = reference
+    assert len(grads) == 7
+    for r, (o, (lm, lz), g, places, _) in enumerate(pools.run(P, L.mini_case, loss)):
+        for k, (a, b) in enumerate(zip(o, outs)):
+            p = places[k]
+            sharded = loss == "sharded" and p.dim is not None
+            close(a, L.piece(b, p.dim, r, P) if sharded else b, f"rank {r} output {k}")
+        close(lm, gm, f"rank {r} gradient of m")
+        close(lz, gz, f"rank {r} gradient of z")
+        for name, ref in grads.items():
+            close(g[name], ref, f"rank {r} gradient of {name}")
+
+
+def _nokeep_case(rank, loss):
+    import foldcompile.passes.localize as lz
+    lz._Lowering.keep_replicated_contributions = lambda self: None
+    return L.mini_case(rank, loss)
+
+
+def test_without_keeping_the_replicated_contribution_the_gradient_is_wrong(pools, reference):
+    """w_b feeds z's rows (Partial) and a replicated linear (Replicate); the gathered pair bias
+    feeds the sharded logits and a replicated statistic. Summing such a gradient without keeping
+    the replicated part on one rank counts it P times: the test sees it."""
+    _, (_, gz), grads = reference
+    (_, (_, lz), g, _, _), _ = pools.run(2, _nokeep_case, "replicated")
+    assert not torch.allclose(g["w_b"], grads["w_b"], rtol=1e-6)
+    assert not torch.allclose(lz, gz, rtol=1e-6)
+    assert torch.allclose(g["w_q"], grads["w_q"], rtol=RTOL)   # parameters used one way only are right
+
+
+def test_lowered_block_fp32_fused_within_the_verify_bound(pools):
+    """fp32 with fusion on (eval mode): fused regions > 0 on every rank; error against the float64
+    one-process truth within verify's bound (4 x eager fp32's own error + 1e-6)."""
+    truth = L.mini_reference(torch.float64, training=False)
+    eager = L.mini_reference(torch.float32, training=False)
+    for r, (o, (lm, lz), g, _, fused) in enumerate(pools.run(3, L.mini_case, "replicated", torch.float32,
+                                                             False, True)):
+        assert fused > 0
+
+        def err(x, ref):
+            return ((x.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+        pairs = [(o[k], eager[0][k], truth[0][k], f"output {k}") for k in range(len(o))]
+        pairs += [(lm, eager[1][0], truth[1][0], "grad m"), (lz, eager[1][1], truth[1][1], "grad z")]
+        pairs += [(g[k], eager[2][k], truth[2][k], f"grad {k}") for k in truth[2]]
+        for mine, theirs, ref, what in pairs:
+            assert err(mine, ref) <= 4 * err(theirs, ref) + 1e-6, (r, what, err(mine, ref), err(theirs, ref))
+
+
+def test_collectives_issue_in_need_order_and_backward_mirrors_forward(pools):
+    """Static order (each wait right before its first consumer, each start right after its
+    producer unless the need order holds it back) and the events of a forward and a backward."""
+    for r, (log, sched, lowered, code) in enumerate(pools.run(2, L.mini_events_case)):
+        names = [c["tensor"] for c in lowered if c["start"] is not None]
+        assert len(names) == 7
+        fwd = [e for e in log if e[0] == "forward" and e[1] in ("issue", "wait")]
+        bwd = [e for e in log if e[0] == "backward"]
+        issued = [e[2].split(":")[1] for e in fwd if e[1] == "issue"]
+        waited = [e[2].split(":")[1] for e in fwd if e[1] == "wait"]
+        by_start = {c["start"]: c["tensor"] for c in lowered}
+        assert issued == [by_start[c["start"]] for c in sched]          # issue order = the schedule's need order
+        assert waited == issued                                          # waits in need order too
+        for c in sched:
+            assert c["between"] <= c["allowed"]
+            if c["between"] < c["allowed"]:
+                assert c["delayed"] == "issued after the collectives needed before it"
+        # backward: wait's backward issues (reverse wait order), start's backward waits (reverse issue order)
+        assert [e[2].split(":")[1] for e in bwd if e[1] == "issue"] == waited[::-1]
+        assert [e[2].split(":")[1] for e in bwd if e[1] == "wait"] == issued[::-1]
+        kinds = {e[2] for e in bwd}
+        assert {"reduce_scatter:linear", "reduce_scatter:linear_4", "all_gather:einsum_2",
+                "local_slice:dropout", "identity:truediv_2", "all_to_all:dropout"} <= kinds
+        assert "h_dropout = foldcompile_distributed_collectives_all_to_all_start(dropout" in code
+
+
+def test_static_schedule():
+    """In the lowered graph: every wait sits right before its first consumer; every start right
+    after the last of its producer and the starts needed before it."""
+    from foldcompile.passes.localize import collective_of
+
+    _, _, gm, _, sched, _ = L.lower_mini(1, 3, outputs="full")
+    sched = sched["collectives"]
+    nodes = list(gm.graph.nodes)
+    index = {n: i for i, n in enumerate(nodes)}
+    starts = [n for n in nodes if collective_of(n)]
+    assert [s.name for s in starts] == [c["start"] for c in sched]       # program order = need order
+    for s in starts:
+        (w,) = s.users
+        first = min(index[u] for u in w.users)
+        between = nodes[index[w] + 1:first]
+        assert all(b.target in (w.target,) or collective_of(b) for b in between), (w.name, between)
+        producer = max(index[p] for p in s.all_input_nodes)
+        assert index[s] > producer
+
+
+def test_world_size_one_is_the_unsharded_graph():
+    model, inputs, plan = H.mini_plan(1)
+    one = L.localize_pass(plan, 0, 1).graph_module
+    assert "redistribute" not in one.code and "foldcompile_distributed" not in one.code
+    plain = [n.target for n in plan.graph.nodes if n.target is not H.redistribute]
+    assert [n.target for n in one.graph.nodes] == plain
+    torch.manual_seed(0)
+    a = one(*inputs)
+    torch.manual_seed(0)
+    b = model(*inputs)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_local_sizes_and_records():
+    _, _, gm, record, _, _ = L.lower_mini(2, 3, outputs="sharded")
+    # S=5 over 3 is [2, 2, 1]; R=7 is [3, 2, 2]: rank 2 views 1 row of m and reshapes 2 rows of z
+    assert {(x["node"], x["local"]) for x in record["local_sizes"]} == {("view", 1), ("reshape", 1), ("reshape_1", 2)}
+    assert record["partial_params"] == ["w_b", "w_q", "w_o", "w_t", "w_a", "w_oz", "w_pos"]
+    assert record["kept_on_one_rank"] == [{"value": "w_b", "consumers": ["linear_6"]},
+                                          {"value": "redistribute", "consumers": ["mul"]}]
+    assert record["built_whole"] == [{"node": "arange", "op": "arange", "dim": 0}]
+    assert record["random"] == [{"node": "dropout", "op": "dropout", "dim": 0}]
+    # m and z need whole gradients (slices' gradients gathered); the mask needs none
+    kinds = [(c["kind"], c.get("grad_placement")) for c in record["collectives"]]
+    assert kinds == [("slice", "replicate")] * 2 + [("slice", "partial"), ("all_gather", "partial"), ("reduce_scatter", None),
+                                                     ("all_to_all", None), ("all_gather", "partial"),
+                                                     ("slice", "partial"), ("all_reduce", "replicate")]
+    view = next(n for n in gm.graph.nodes if n.name == "view")
+    assert view.meta["shape"] == (1, 7, 2, 4) and str(view.meta["sym_shape"][0]) == "floor(N_seq/3)"
+    assert str(view.meta["sym_args"][1][0]) == "floor(N_seq/3)"
