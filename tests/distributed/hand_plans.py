@@ -1,23 +1,27 @@
 """Planned graphs written by hand, for testing the lowering without the planning pass.
 
-A model written here calls ``redistribute(x, src, dst)`` where its placement changes and
-``placed_as(x, placement)`` where a dim-changing op (a view, an einsum, a reduction) gives its
-output a placement the simple propagation below cannot know. :func:`hand_plan` traces it
-(``torch.fx.symbolic_trace``, both functions kept as calls), normalizes and shape-propagates it,
-and writes ``meta["shard"]`` on every node:
+A model written here calls ``move(x, src, dst)`` where its placement changes and
+``placed(x, placement)`` where a dim-changing op (an einsum, a reduction) gives its output a
+placement the simple propagation below cannot know; placements are spelled ``"s0"`` (Shard(0)),
+``"r"`` (Replicate), ``"p"`` (Partial). Both are the identity, kept as calls by either tracer
+(``torch.fx.wrap`` for ``symbolic_trace``, ``torch.compiler.allow_in_graph`` for the Dynamo
+capture of ``optimize``). :func:`hand_plan` (or :func:`hand_planner`, the planning-pass
+interface ``optimize`` calls) writes ``meta["shard"]`` on every node of a traced graph:
 
-- inputs: the ``seeds`` (default Replicate); parameters: Replicate;
-- ``redistribute``: its destination; ``placed_as``: the placement given (then it is removed);
+- inputs: the ``seeds`` (by name; default Replicate); parameters: Replicate;
+- ``move``: becomes ``redistribute(x, src, dst)``, placed at ``dst``; ``placed``: the placement
+  given (then removed);
 - any other op: Replicate if every tensor input is; otherwise the inputs' one non-Replicate
   placement, a Shard dim right-aligned to the output's rank for element-wise ops (broadcasting),
   moved by the index for ``x[...]``, kept for the rest (views of trailing dims, linear); two
-  that differ are an error asking for ``placed_as``.
+  that differ are an error asking for ``placed``.
 
-Run as it is (both functions are the identity), the model is the single-process reference.
+Run as it is, the model is the single-process reference.
 """
 from __future__ import annotations
 
 import operator
+import re
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -25,46 +29,81 @@ import torch.fx
 import torch.nn.functional as F
 
 from foldcompile.distributed import split_sizes
+from foldcompile.passes.base import PassResult
 from foldcompile.passes.classify import classify_pass
 from foldcompile.passes.normalize import normalize_pass
 from foldcompile.passes.placement import Partial, Placed, Replicate, Shard, redistribute
 from foldcompile.passes.shape_prop import shape_prop_pass
 
-torch.fx.wrap("redistribute")
 
-
-def placed_as(x: torch.Tensor, placement: Any) -> torch.Tensor:
-    """The identity; tells :func:`hand_plan` the placement of ``x``."""
+def move(x: torch.Tensor, src: str, dst: str) -> torch.Tensor:
+    """The identity; a planned change of placement (``"s0"`` -> ``"r"``, ...)."""
     return x
 
 
-torch.fx.wrap("placed_as")
+def placed(x: torch.Tensor, placement: str) -> torch.Tensor:
+    """The identity; tells the hand planner the placement of ``x``."""
+    return x
 
 
-def _placement_of(n: Any, places: dict) -> Any:
-    return places.get(n) if isinstance(n, torch.fx.Node) else None
+torch.fx.wrap("move")
+torch.fx.wrap("placed")
+torch.compiler.allow_in_graph(move)
+torch.compiler.allow_in_graph(placed)
+
+
+def parse(spec: str) -> Any:
+    if spec == "r":
+        return Replicate()
+    if spec == "p":
+        return Partial()
+    m = re.fullmatch(r"s(\d+)", spec)
+    if not m:
+        raise ValueError(f"hand_plan: placement {spec!r} is not 'r', 'p' or 's<dim>'")
+    return Shard(int(m.group(1)))
+
+
+def _clean(name: str) -> str:
+    return re.sub(r"^l_+", "", name.lower()).strip("_")
 
 
 def hand_plan(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], world_size: int, *,
-              seeds: Mapping[str, Any], dims: Mapping[str, int]) -> torch.fx.GraphModule:
-    """The planned graph of ``module`` (see the module docstring)."""
+              seeds: Mapping[str, str], dims: Mapping[str, int]) -> torch.fx.GraphModule:
+    """The planned graph of ``module`` traced by ``symbolic_trace`` (see the module docstring)."""
     gm = torch.fx.symbolic_trace(module)
     gm = normalize_pass(gm).graph_module
     shape_prop_pass(gm, list(example_inputs), dims=dict(dims))
+    gm = place_by_hand(gm, world_size, seeds)
+    classify_pass(gm)
+    return gm
+
+
+def hand_planner(seeds: Mapping[str, str]):
+    """A planning pass with ``shard_pass``'s interface for ``optimize(..., planner=...)``."""
+    def plan(gm: torch.fx.GraphModule, world_size: int, dap_axes=None, at=None) -> PassResult:
+        return PassResult(place_by_hand(gm, world_size, seeds), True, {"hand": True})
+    return plan
+
+
+def place_by_hand(gm: torch.fx.GraphModule, world_size: int, seeds: Mapping[str, str]) -> torch.fx.GraphModule:
+    """Write ``meta["shard"]`` on an annotated graph holding ``move`` / ``placed`` calls."""
     places: dict[torch.fx.Node, Any] = {}
     for n in list(gm.graph.nodes):
         if n.op == "output":
             continue
         shape = n.meta.get("shape")
         if n.op == "placeholder":
-            p = seeds.get(n.name, Replicate())
+            p = parse(seeds.get(_clean(n.name), "r"))
         elif n.op == "get_attr":
             p = Replicate()
-        elif n.target is redistribute:
-            p = n.args[2]
-        elif n.target is placed_as:
-            places[n.args[0]] = n.args[1]
-            _set(n.args[0], n.args[1], world_size)
+        elif n.target is move:
+            src, dst = parse(n.args[1]), parse(n.args[2])
+            n.target, n.args = redistribute, (n.args[0], src, dst)
+            p = dst
+        elif n.target is placed:
+            p = parse(n.args[1])
+            places[n.args[0]] = p
+            _set(n.args[0], p, world_size)
             n.replace_all_uses_with(n.args[0])
             gm.graph.erase_node(n)
             continue
@@ -75,7 +114,6 @@ def hand_plan(module: torch.nn.Module, example_inputs: Sequence[torch.Tensor], w
             _set(n, p, world_size)
     gm.graph.lint()
     gm.recompile()
-    classify_pass(gm)
     return gm
 
 
@@ -95,7 +133,7 @@ def _propagate(n: torch.fx.Node, places: dict) -> Any:
     if not found:
         return Replicate()
     if any(f != found[0] for f in found):
-        raise ValueError(f"hand_plan: {n.name} has inputs placed {found}: say its placement with placed_as")
+        raise ValueError(f"hand_plan: {n.name} has inputs placed {found}: say its placement with placed()")
     return found[0]
 
 
@@ -163,37 +201,37 @@ class MiniDAP(torch.nn.Module):
     def forward(self, m, z, msa_mask):
         S, R = self.S, self.R
         b = F.linear(z, self.w_b)                                   # [R/P, R, 2]
-        b = redistribute(b, Shard(0), Replicate())                  # all_gather
+        b = move(b, "s0", "r")                  # all_gather
         b_stat = (b * b).mean()                                     # replicated consumer of b
         q = F.linear(m, self.w_q).view(S, R, 2, 4)                  # literal S along the sharded dim
         logits = torch.einsum("sihc,sjhc->shij", q, q) * 0.5
-        logits = placed_as(logits, Shard(0)) + b.permute(2, 0, 1)
+        logits = placed(logits, "s0") + b.permute(2, 0, 1)
         logits = logits + (msa_mask[:, None, None, :] - 1) * 1e9
         a = torch.softmax(logits, -1)
-        o = placed_as(torch.einsum("shij,sjhc->sihc", a, q), Shard(0)).reshape(S, R, 8)
+        o = placed(torch.einsum("shij,sjhc->sihc", a, q), "s0").reshape(S, R, 8)
         m = m + F.linear(o, self.w_o)
         keep = torch.bernoulli(torch.full([1, R, 8], 0.8, dtype=m.dtype))     # a replicated mask
         m = m * keep / 0.8
         m = F.dropout(m, 0.25, self.training)                                 # dropout of a shard
-        t = placed_as(torch.einsum("sic,sjc->ij", m, m), Partial())          # contracts the sharded s
-        z = z + F.linear(redistribute(t, Partial(), Shard(0))[:, :, None], self.w_t[:, :1])
-        m_c = redistribute(m, Shard(0), Shard(1))                             # all_to_all: rows -> columns
+        t = placed(torch.einsum("sic,sjc->ij", m, m), "p")          # contracts the sharded s
+        z = z + F.linear(move(t, "p", "s0")[:, :, None], self.w_t[:, :1])
+        m_c = move(m, "s0", "s1")                             # all_to_all: rows -> columns
         x = F.linear(m_c, self.w_a)                                           # [S, R/P, 3]
-        y = redistribute(x, Shard(1), Replicate())                            # all_gather
-        outer = placed_as(torch.einsum("sic,sjd->ijcd", x, y), Shard(0)).reshape(R, R, 9) / S
-        z = z + F.linear(placed_as(outer, Shard(0)), self.w_oz)
+        y = move(x, "s1", "r")                            # all_gather
+        outer = placed(torch.einsum("sic,sjd->ijcd", x, y), "s0").reshape(R, R, 9) / S
+        z = z + F.linear(placed(outer, "s0"), self.w_oz)
         pos = torch.linspace(0.0, 1.0, R, dtype=z.dtype)[:, None] * self.w_pos  # replicated [R, 6]
-        z = z + redistribute(pos, Replicate(), Shard(0))[:, None, :]
+        z = z + move(pos, "r", "s0")[:, None, :]
         idx = torch.arange(R, dtype=z.dtype)
-        z = z + placed_as(idx, Shard(0))[:, None, None] * 0.01
-        zs = placed_as(z.sum((0, 1)), Partial()) / (R * R)
-        zs = redistribute(zs, Partial(), Replicate())                         # all_reduce
+        z = z + placed(idx, "s0")[:, None, None] * 0.01
+        zs = placed(z.sum((0, 1)), "p") / (R * R)
+        zs = move(zs, "p", "r")                         # all_reduce
         r = F.linear(zs, self.w_b)                                            # w_b used replicated too
         return m, z, r, b_stat
 
 
 MINI_DIMS = {"N_seq": 5, "N_res": 7}
-MINI_SEEDS = {"m": Shard(0), "z": Shard(0), "msa_mask": Shard(0)}
+MINI_SEEDS = {"m": "s0", "z": "s0", "msa_mask": "s0"}
 
 
 def mini_inputs(dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, ...]:

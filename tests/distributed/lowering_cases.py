@@ -134,3 +134,120 @@ def mini_events_case(rank: int):
     log.append(("forward", "end", ""))
     sum(wsin(w, o) for w, o in zip(weights(outs, torch.float64), outs)).backward()
     return log, sched["collectives"], record["collectives"], gm.code
+
+
+# --------------------------------------------------------------------------- through optimize()
+
+def optimize_mini(world: int, *, outputs: str = "full", dtype=torch.float64, training=True, fuse=False):
+    from foldcompile.distributed.sharded import optimize_sharded
+
+    model = H.MiniDAP(H.MINI_DIMS["N_seq"], H.MINI_DIMS["N_res"], dtype).train(training)
+    inputs = H.mini_inputs(dtype)
+    fast = optimize_sharded(model, *_leaves(inputs), world_size=world, outputs=outputs,
+                            planner=H.hand_planner(H.MINI_SEEDS), rules=None if fuse else [])
+    return model, inputs, fast
+
+
+def optimize_mini_case(rank: int, loss: str, dtype=torch.float64, training=True, fuse=False):
+    """``optimize(world_size=P)`` on MiniDAP (the hand planner as its planning pass): one call,
+    one backward, no explicit reduction (the module waits for it at the end of backward)."""
+    world = dist.get_world_size()
+    model, inputs, fast = optimize_mini(world, outputs="full" if loss == "replicated" else "sharded",
+                                        dtype=dtype, training=training, fuse=fuse)
+    m, z, mask = _leaves(inputs)
+    torch.manual_seed(SEED)
+    outs = fast(m, z, mask)
+    places = fast.output_placements
+    ws = weights(_global_shapes(outs, places, world), dtype)
+    share = (rank + 1) / sum(range(1, world + 1))
+    total = 0
+    for w, o, p in zip(ws, outs, places):
+        if p.dim is not None:
+            total = total + wsin(piece(w, p.dim, rank, world), o)
+        else:
+            total = total + (share if loss == "sharded" else 1) * wsin(w, o)
+    total.backward()
+    return ([o.detach() for o in outs], (m.grad, z.grad), {k: p.grad for k, p in model.named_parameters()},
+            places, len(fast.report.matches), fast.code, str(fast.report))
+
+
+def train_steps_case(rank: int, steps: int):
+    """``loss.backward(); opt.step()`` unchanged, ``steps`` times (train mode: new masks each step)."""
+    world = dist.get_world_size()
+    model, inputs, fast = optimize_mini(world)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+    m, z, mask = inputs
+    torch.manual_seed(SEED)
+    for _ in range(steps):
+        opt.zero_grad()
+        outs = fast(m, z, mask)
+        sum(wsin(w, o) for w, o in zip(weights(outs, torch.float64), outs)).backward()
+        opt.step()
+    return {k: p.detach() for k, p in model.named_parameters()}
+
+
+def train_steps_reference(steps: int):
+    model, inputs, _ = H.mini_plan(1)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+    torch.manual_seed(SEED)
+    for _ in range(steps):
+        opt.zero_grad()
+        outs = model(*inputs)
+        sum(wsin(w, o) for w, o in zip(weights(outs, torch.float64), outs)).backward()
+        opt.step()
+    return {k: p.detach() for k, p in model.named_parameters()}
+
+
+def wrong_world_case(rank: int):
+    model, inputs = H.MiniDAP(5, 7), H.mini_inputs()
+    from foldcompile.distributed.sharded import optimize_sharded
+    try:
+        optimize_sharded(model, *inputs, world_size=dist.get_world_size() + 1, planner=H.hand_planner(H.MINI_SEEDS))
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def different_parameters_case(rank: int):
+    model, inputs = H.MiniDAP(5, 7), H.mini_inputs()
+    if rank == 1:
+        with torch.no_grad():
+            model.w_o[0, 0] += 1e-3
+    from foldcompile.distributed.sharded import optimize_sharded
+    try:
+        optimize_sharded(model, *inputs, world_size=dist.get_world_size(), planner=H.hand_planner(H.MINI_SEEDS))
+    except RuntimeError as e:
+        return str(e)
+    return None
+
+
+def generators_differ_case(rank: int):
+    from foldcompile.distributed.sharded_random import GeneratorMismatchError
+
+    model, inputs, fast = optimize_mini(dist.get_world_size())
+    torch.manual_seed(SEED)
+    if rank == 1:
+        torch.rand(1)           # rank 1 drew one number more: its dropout masks would differ
+    try:
+        fast(*inputs)
+    except GeneratorMismatchError as e:
+        return str(e)
+    return None
+
+
+def rank_dies_case(rank: int):
+    import os
+
+    model, inputs, fast = optimize_mini(dist.get_world_size())
+    if rank == 1:
+        os._exit(3)             # dies after the build, while rank 0 runs the graph's collectives
+    fast(*inputs)
+    return "finished"
+
+
+def rank_skips_case(rank: int):
+    model, inputs, fast = optimize_mini(dist.get_world_size())
+    if rank == 1:
+        return "skipped"        # never calls the module: rank 0 waits in its first collective
+    fast(*inputs)
+    return "finished"

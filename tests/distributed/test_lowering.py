@@ -139,7 +139,7 @@ def test_local_sizes_and_records():
     assert {(x["node"], x["local"]) for x in record["local_sizes"]} == {("view", 1), ("reshape", 1), ("reshape_1", 2)}
     assert record["partial_params"] == ["w_b", "w_q", "w_o", "w_t", "w_a", "w_oz", "w_pos"]
     assert record["kept_on_one_rank"] == [{"value": "w_b", "consumers": ["linear_6"]},
-                                          {"value": "redistribute", "consumers": ["mul"]}]
+                                          {"value": "move", "consumers": ["mul"]}]
     assert record["built_whole"] == [{"node": "arange", "op": "arange", "dim": 0}]
     assert record["random"] == [{"node": "dropout", "op": "dropout", "dim": 0}]
     # m and z need whole gradients (slices' gradients gathered); the mask needs none
