@@ -261,7 +261,7 @@ def readable_code(gm: torch.fx.GraphModule) -> str:
     code = re.sub(r"\bfoldcompile_passes_rules_[a-z_]+?_(fused_\w+?)(_\d+)?\(", r"\1(", gm.code)
     # the DAP runtime's calls by their own names: ``h = all_to_all_start(m, ...)`` ... ``m_s1 = wait(h)``
     code = re.sub(r"\bfoldcompile_distributed_[a-z]+(?:_[a-z]+)*?_((?:all_to_all|all_gather|reduce_scatter|all_reduce)"
-                  r"_start|wait|shard|keep_grad_on_rank|sum_grad|sharded_dropout|draw_global)\(", r"\1(", code)
+                  r"_start|wait|shard|keep_grad_on_rank|sum_grad|sharded_dropout|draw_global(?:_like)?)\(", r"\1(", code)
     code = re.sub(r"\btorch_Tensor_(\w+)\(", r"torch.Tensor.\1(", code).replace("torch._C._nn.linear(", "F.linear(")
     # the pytree prologue (``arg0, arg1 = fx_pytree.tree_flatten_spec(([m, z], {}), ...)`` then
     # ``m = arg0``) only re-binds the arguments: show the arguments' own names instead

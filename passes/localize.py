@@ -75,7 +75,7 @@ from torch.distributed.tensor import Partial, Replicate, Shard
 from foldcompile.distributed.collectives import (all_gather_start, all_reduce_start, all_to_all_start,
                                                  reduce_scatter_start, shard, split_offsets, split_sizes, wait)
 from foldcompile.distributed.grad_ops import keep_grad_on_rank, sum_grad
-from foldcompile.distributed.sharded_random import draw_global, sharded_dropout
+from foldcompile.distributed.sharded_random import draw_global, draw_global_like, sharded_dropout
 from foldcompile.pass_manager import copy_graph_module
 from foldcompile.passes.base import PassError, PassResult, declare, describe_node
 from foldcompile.passes.grad_placement import GradPlacements, gradient_placements
@@ -411,6 +411,8 @@ class _Lowering:
             self._random(n, name, placed)
         elif name in _INDEXED_CREATION:
             self._slice_after(n, placed, clone=False)
+        elif name == "narrow":
+            self._narrow(n, placed)
         else:
             self._literal_sizes(n, placed)
 
@@ -506,6 +508,26 @@ class _Lowering:
             n.meta[SYM_ARGS] = {**sym_args, i: tuple(sym)}
         self.record["local_sizes"].append({"node": n.name, "op": op_name(n), "dim": d, "global": old, "local": local})
 
+    def _narrow(self, n: torch.fx.Node, placed: Placed) -> None:
+        """A narrow along the sharded dim that spans the whole dim (a chunk loop of one chunk) keeps
+        the split: this rank's narrow spans its shard. Any other narrow there needs the dim whole."""
+        x = n.args[0]
+        rank = len(x.meta[SHAPE]) if isinstance(x.meta.get(SHAPE), tuple) else None
+        dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+        if rank is None or not isinstance(dim, int) or dim % rank != placed.dim:
+            return
+        start = n.args[2] if len(n.args) > 2 else n.kwargs.get("start")
+        length = n.args[3] if len(n.args) > 3 else n.kwargs.get("length")
+        whole = int(x.meta[SHAPE][placed.dim])
+        if start != 0 or length != whole:
+            raise PassError(f"{describe_node(n)}: narrows [{start}, {start} + {length}) of the dim {placed.dim} the "
+                            f"plan shards ({placed!r}); only a narrow spanning the whole dim is lowered")
+        local = int(placed.split_sizes[self.rank])
+        n.args = (x, dim, 0, local) + tuple(n.args[4:])
+        n.kwargs = {k: v for k, v in n.kwargs.items() if k not in ("start", "length")}
+        self.record["local_sizes"].append({"node": n.name, "op": "narrow", "dim": placed.dim, "global": whole,
+                                           "local": local})
+
     def _slice_after(self, n: torch.fx.Node, placed: Placed, *, clone: bool) -> torch.fx.Node:
         """``n`` is computed whole (Replicate); its users get this rank's slice of it."""
         d = placed.dim
@@ -559,7 +581,7 @@ class _Lowering:
             n.target, n.args, n.kwargs = draw_global, (torch.bernoulli, whole) + tuple(n.args[1:]), \
                 {**n.kwargs, **where}
         elif name in ("rand_like", "randn_like"):
-            raise PassError(f"{describe_node(n)}: {name} of a sharded tensor is not lowered yet")
+            n.target, n.args, n.kwargs = draw_global_like, (n.target,) + tuple(n.args), {**n.kwargs, **where}
         else:  # rand / randn with a literal size: drawn whole, sliced
             self._slice_after(n, placed, clone=True)
             return

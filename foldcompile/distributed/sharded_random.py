@@ -15,8 +15,9 @@ before every call of a graph with random ops) and raises when they differ.
 - :func:`sharded_dropout` — ``F.dropout`` of a shard: the mask is ``F.dropout`` of ones of
   the global shape (the same draw as ``F.dropout`` of the whole input, since dropout draws
   one mask of its input's shape and multiplies), sliced, times the shard.
-- :func:`draw_global` — any other draw (``torch.bernoulli`` of a probability tensor of the
-  global shape, ``rand_like``, ...) made at the global shape, then sliced.
+- :func:`draw_global` — a draw from a whole input (``torch.bernoulli`` of a probability tensor of
+  the global shape), sliced; :func:`draw_global_like` — ``rand_like`` / ``randn_like`` of a shard,
+  drawn for the whole tensor, sliced.
 
 With a single process these are the op itself on the whole tensor.
 
@@ -41,7 +42,7 @@ import torch.nn.functional as F
 
 from foldcompile.distributed.collectives import split_offsets
 
-__all__ = ["sharded_dropout", "draw_global", "check_generators_agree", "GeneratorMismatchError"]
+__all__ = ["sharded_dropout", "draw_global", "draw_global_like", "check_generators_agree", "GeneratorMismatchError"]
 
 
 class GeneratorMismatchError(RuntimeError):
@@ -118,6 +119,24 @@ def draw_global(op: Callable[..., torch.Tensor], whole_input: torch.Tensor, *arg
         raise ValueError(f"draw_global: {getattr(op, '__name__', op)} gave size {whole.shape[dim]} along dim {dim}, "
                          f"but the shards {list(sizes)} sum to {sum(sizes)}")
     return _my_slice(whole, dim, sizes, rank)
+
+
+def draw_global_like(op: Callable[..., torch.Tensor], x: torch.Tensor, *args: Any, dim: int, sizes: Sequence[int],
+                     rank: int, **kwargs: Any) -> torch.Tensor:
+    """``op`` (``torch.rand_like``, ``torch.randn_like``) of the whole tensor whose shard is ``x``,
+    sliced to this rank's shard: the draw one process makes for the whole tensor.
+
+        >>> import torch
+        >>> from foldcompile.distributed.sharded_random import draw_global_like
+        >>> torch.manual_seed(2); whole = torch.rand(5, 3)
+        <torch._C.Generator object at ...>
+        >>> torch.manual_seed(2); mine = draw_global_like(torch.rand_like, torch.empty(2, 3), dim=0, sizes=[3, 2], rank=1)
+        <torch._C.Generator object at ...>
+        >>> torch.equal(mine, whole[3:])
+        True
+    """
+    shape = _whole_shape(x, dim, sizes, rank, f"draw_global_like({getattr(op, '__name__', op)})")
+    return _my_slice(op(_empty_laid_out_like(x, shape), *args, **kwargs), dim, sizes, rank)
 
 
 def _digest(states: list[torch.Tensor]) -> int:
