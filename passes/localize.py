@@ -571,10 +571,13 @@ class _Lowering:
         elif name == "bernoulli":
             probs = n.args[0]
             if isinstance(_placed(probs), Placed) and _placed(probs).dim is not None:
-                whole = self._whole_creation(probs)
+                # the whole probabilities: what a slice (Replicate -> Shard) cut, or the fill rebuilt whole
+                whole = probs.args[0] if probs.op == "call_function" and probs.target is shard \
+                    else self._whole_creation(probs)
                 if whole is None:
-                    raise PassError(f"{describe_node(n)}: bernoulli of a sharded tensor that is not a constant "
-                                    f"fill ({probs.name}) cannot draw one process's values")
+                    raise PassError(f"{describe_node(n)}: bernoulli of a sharded tensor that is neither a slice of a "
+                                    f"replicated one nor a constant fill ({probs.name}) cannot draw one process's "
+                                    "values")
             else:
                 raise PassError(f"{describe_node(n)}: a sharded bernoulli of a replicated tensor is not planned "
                                 "consistently (its output must be Replicate)")
