@@ -581,10 +581,10 @@ class _Lowering:
             else:
                 raise PassError(f"{describe_node(n)}: a sharded bernoulli of a replicated tensor is not planned "
                                 "consistently (its output must be Replicate)")
-            n.target, n.args, n.kwargs = draw_global, (torch.bernoulli, whole) + tuple(n.args[1:]), \
+            n.target, n.args, n.kwargs = draw_global, ("bernoulli", whole) + tuple(n.args[1:]), \
                 {**n.kwargs, **where}
         elif name in ("rand_like", "randn_like"):
-            n.target, n.args, n.kwargs = draw_global_like, (n.target,) + tuple(n.args), {**n.kwargs, **where}
+            n.target, n.args, n.kwargs = draw_global_like, (name,) + tuple(n.args), {**n.kwargs, **where}
         else:  # rand / randn with a literal size: drawn whole, sliced
             self._slice_after(n, placed, clone=True)
             return

@@ -99,10 +99,24 @@ def sharded_dropout(x: torch.Tensor, p: float, training: bool, *, dim: int, size
     return x * _my_slice(mask, dim, sizes, rank)
 
 
-def draw_global(op: Callable[..., torch.Tensor], whole_input: torch.Tensor, *args: Any, dim: int,
+# the draws by name (a lowered graph names them: a function object is no literal of generated code)
+_DRAWS: dict[str, Callable[..., torch.Tensor]] = {"bernoulli": torch.bernoulli, "rand_like": torch.rand_like,
+                                                  "randn_like": torch.randn_like}
+
+
+def _draw(op: str | Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    if callable(op):
+        return op
+    if op not in _DRAWS:
+        raise ValueError(f"sharded random draw: unknown op {op!r} (known: {sorted(_DRAWS)})")
+    return _DRAWS[op]
+
+
+def draw_global(op: str | Callable[..., torch.Tensor], whole_input: torch.Tensor, *args: Any, dim: int,
                 sizes: Sequence[int], rank: int, **kwargs: Any) -> torch.Tensor:
     """``op(whole_input, *args, **kwargs)`` drawn at the global shape (``whole_input`` is the whole
     tensor, e.g. the probabilities of ``torch.bernoulli``), sliced to this rank's shard along ``dim``.
+    ``op`` is the function or its name (``"bernoulli"``).
 
         >>> import torch
         >>> from foldcompile.distributed.sharded_random import draw_global
@@ -114,16 +128,16 @@ def draw_global(op: Callable[..., torch.Tensor], whole_input: torch.Tensor, *arg
         >>> torch.equal(mine, whole[:, :4])
         True
     """
-    whole = op(whole_input, *args, **kwargs)
+    whole = _draw(op)(whole_input, *args, **kwargs)
     if whole.shape[dim] != sum(sizes):
         raise ValueError(f"draw_global: {getattr(op, '__name__', op)} gave size {whole.shape[dim]} along dim {dim}, "
                          f"but the shards {list(sizes)} sum to {sum(sizes)}")
     return _my_slice(whole, dim, sizes, rank)
 
 
-def draw_global_like(op: Callable[..., torch.Tensor], x: torch.Tensor, *args: Any, dim: int, sizes: Sequence[int],
+def draw_global_like(op: str | Callable[..., torch.Tensor], x: torch.Tensor, *args: Any, dim: int, sizes: Sequence[int],
                      rank: int, **kwargs: Any) -> torch.Tensor:
-    """``op`` (``torch.rand_like``, ``torch.randn_like``) of the whole tensor whose shard is ``x``,
+    """``op`` (``torch.rand_like``, ``torch.randn_like``, or its name) of the whole tensor whose shard is ``x``,
     sliced to this rank's shard: the draw one process makes for the whole tensor.
 
         >>> import torch
@@ -136,7 +150,7 @@ def draw_global_like(op: Callable[..., torch.Tensor], x: torch.Tensor, *args: An
         True
     """
     shape = _whole_shape(x, dim, sizes, rank, f"draw_global_like({getattr(op, '__name__', op)})")
-    return _my_slice(op(_empty_laid_out_like(x, shape), *args, **kwargs), dim, sizes, rank)
+    return _my_slice(_draw(op)(_empty_laid_out_like(x, shape), *args, **kwargs), dim, sizes, rank)
 
 
 def _digest(states: list[torch.Tensor]) -> int:
