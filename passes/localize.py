@@ -267,6 +267,7 @@ class _Lowering:
         self.grads, self.group, self.hook, self.validate, self.record = grads, group_node, hook_node, validate, record
         self.subs = {dim_symbol(k): v for k, v in dict(gm.meta.get("dims", {})).items()}
         self.original_args: dict[torch.fx.Node, tuple] = {}
+        self._prologue: Optional[torch.fx.Node] = None
 
     # -- helpers
     def _comm_kwargs(self, name: str) -> dict[str, Any]:
@@ -304,9 +305,10 @@ class _Lowering:
                 raise PassError(f"{describe_node(ph)}: an input cannot be Partial")
             if not (isinstance(p, Placed) and p.dim is not None) or not ph.users:
                 continue
-            with self.graph.inserting_after(ph):
+            with self.graph.inserting_after(self._after(ph)):
                 cut = self._new(redistribute, (ph, Replicate(), p.placement), {}, like=ph,
                                 name=f"{ph.name}_shard", placed=p)
+            self._made_for_input(ph, cut)
             ph.replace_all_uses_with(cut, delete_user_cb=lambda u: u is not cut)
             ph.meta[SHARD] = Placed(Replicate())
 
@@ -342,9 +344,13 @@ class _Lowering:
         users_of: dict[str, list[str]] = {}
         for v, u in self.grads.keep_edges:
             users_of.setdefault(v, []).append(u)
+        order = {n: i for i, n in enumerate(self.graph.nodes)}
         for vname, unames in users_of.items():
             v = by_name[vname]
-            with self.graph.inserting_after(v):
+            # right before the first replicated consumer: in its grad-mode region (a parameter's get_attr
+            # may sit in a no-grad region, the recycling iterations', where a keep would record nothing)
+            first = min((by_name[u] for u in unames), key=order.__getitem__)
+            with self.graph.inserting_before(first):
                 keep = self._new(keep_grad_on_rank, (v,), self._group_kw(), like=v, name=f"{v.name}_kept",
                                  placed=_placed(v))
             for uname in unames:
@@ -358,10 +364,11 @@ class _Lowering:
         for ph in [n for n in self.graph.nodes if n.op == "placeholder"]:
             if self.grads.of.get(ph.name) != "partial":
                 continue
-            with self.graph.inserting_after(ph):
+            with self.graph.inserting_after(self._after(ph)):
                 total = self._new(sum_grad, (ph,), {"name": ph.name, **self._group_kw(),
                                                     **({"hook": self.hook} if self.hook is not None else {})},
                                   like=ph, name=f"{ph.name}_grad_summed", placed=_placed(ph))
+            self._made_for_input(ph, total)
             ph.replace_all_uses_with(total, delete_user_cb=lambda u: u is not total)
             self.record["summed_input_grads"].append(ph.name)
 
@@ -433,9 +440,10 @@ class _Lowering:
                 raise PassError(f"{describe_node(n)}: slicing {x.name} into {list(want.split_sizes)} along dim "
                                 f"{want.dim}; the runtime's shard() splits {n.meta[SHAPE][want.dim]} as "
                                 f"{split_sizes(int(n.meta[SHAPE][want.dim]), self.world)}")
-            with self.graph.inserting_before(n):
+            with self.graph.inserting_after(self._after(x)):
                 new = self._new(shard, (x, want.dim), {"grad_placement": gp, **self._comm_kwargs(x.name)},
                                 like=n, name=f"{x.name}_s{want.dim}", placed=want)
+            self._made_for_input(x, new)
             new.kwargs = {k: v for k, v in new.kwargs.items() if k not in ("hook", "validate")}
             entry.update(start=None, wait=new.name, grad_placement=gp)
         else:
@@ -457,10 +465,14 @@ class _Lowering:
                 args = (x,)
                 kw = {"grad_placement": gp, **kw}
                 tag = "sum"
-            with self.graph.inserting_before(n):
+            # right after the producer, in its grad-mode region (the scheduler keeps the pair there): a
+            # pair run under no_grad for a value that requires grad would cut its gradient
+            with self.graph.inserting_after(self._after(x)):
                 start = self._new(COLLECTIVE_STARTS[kind], args, kw, like=n, name=f"h_{x.name}", placed=None,
                                   shape=None)
+            with self.graph.inserting_after(start):
                 new = self._new(wait, (start,), {}, like=n, name=f"{x.name}_{tag}", placed=want)
+            self._made_for_input(x, new)
             start.meta["collective"] = kind
             entry.update(start=start.name, wait=new.name)
             if kind in ("all_gather", "all_reduce"):
@@ -468,6 +480,19 @@ class _Lowering:
         n.replace_all_uses_with(new)
         self.graph.erase_node(n)
         self.record["collectives"].append(entry)
+
+    def _after(self, x: torch.fx.Node) -> torch.fx.Node:
+        """Where a node computed from ``x`` goes: right after it; for an input, after the inputs and
+        the nodes already made for earlier inputs (so they stay in the inputs' order)."""
+        if x.op != "placeholder":
+            return x
+        if self._prologue is None or getattr(self._prologue, "_erased", False):
+            self._prologue = [n for n in self.graph.nodes if n.op == "placeholder"][-1]
+        return self._prologue
+
+    def _made_for_input(self, x: torch.fx.Node, node: torch.fx.Node) -> None:
+        if x.op == "placeholder":
+            self._prologue = node
 
     def _literal_sizes(self, n: torch.fx.Node, placed: Placed) -> None:
         entry = entry_of(n)

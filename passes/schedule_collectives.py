@@ -7,7 +7,9 @@
   they are needed** (the order of their waits): NCCL runs a communicator's collectives in issue
   order, so a collective started early but needed late would hold up one needed sooner;
 - at most ``max_bytes_in_flight`` bytes of collectives are in flight at any point: a start that
-  would exceed it waits until an earlier collective has been waited for.
+  would exceed it waits until an earlier collective has been waited for;
+- a pair never leaves the grad-mode / autocast region the lowering put it in (next to its
+  producer): run under another grad mode its autograd nodes would not be recorded.
 
 The compute nodes keep their order. Backward mirrors the schedule by itself: a start/wait pair's
 backward issues the transposed collective where the wait was and waits for it where the start
@@ -49,11 +51,13 @@ from foldcompile.distributed.collectives import wait
 from foldcompile.passes.base import PassError, PassResult, declare, describe_node
 from foldcompile.passes.localize import collective_of
 from foldcompile.passes.meta import DTYPE, SHAPE
+from foldcompile.passes.rules import _meta as M
 from foldcompile.passes.shape_prop import dim_symbol
 
 __all__ = ["schedule_collectives_pass", "DEFAULT_MAX_BYTES_IN_FLIGHT"]
 
 DEFAULT_MAX_BYTES_IN_FLIGHT = 512 * 2 ** 20
+_MODE_CHANGES = {"_set_grad_enabled", "_enter_autocast", "_exit_autocast"}
 
 
 def _bytes(n: Any) -> int:
@@ -94,17 +98,30 @@ def schedule_collectives_pass(gm: torch.fx.GraphModule, *,
     pos = {n: i for i, n in enumerate(compute)}
     wait_of = {s: w for s, w in pairs}
 
+    # grad-mode and autocast changes split the graph into regions; a pair stays in the region where the
+    # lowering put it (a start or wait run under no_grad records no autograd node: the gradient is lost)
+    region_at_slot = [0]
+    for c in compute:
+        region_at_slot.append(region_at_slot[-1] + (M.op_name(c) in _MODE_CHANGES))
+    original = {n: i for i, n in enumerate(nodes)}
+    region_of: dict[torch.fx.Node, tuple[int, int]] = {}
+    for s, _w in pairs:
+        r = sum(1 for n in nodes[:original[s]] if n in pos and M.op_name(n) in _MODE_CHANGES)
+        slots = [k for k in range(len(compute)) if region_at_slot[k] == r]
+        region_of[s] = (slots[0], slots[-1])
+
     need_cache: dict[torch.fx.Node, int] = {}
 
     def need(w: torch.fx.Node) -> int:
         """The slot (index of the compute node before which it goes) where wait ``w`` is needed."""
         if w not in need_cache:
             slots = [pos[u] if u in pos else need(wait_of[u]) for u in w.users]
-            need_cache[w] = min(slots) if slots else pos[compute[-1]]
+            start = next(s for s, ww in pairs if ww is w)
+            need_cache[w] = min(min(slots) if slots else pos[compute[-1]], region_of[start][1])
         return need_cache[w]
 
     def earliest(s: torch.fx.Node) -> int:
-        slots = [0]
+        slots = [region_of[s][0]]
         for p in s.all_input_nodes:
             slots.append(pos[p] + 1 if p in pos else need(p))
         return max(slots)

@@ -40,8 +40,12 @@ def test_lowered_block_equals_one_process(pools, reference, P, loss):
 
 def _nokeep_case(rank, loss):
     import foldcompile.passes.localize as lz
-    lz._Lowering.keep_replicated_contributions = lambda self: None
-    return L.mini_case(rank, loss)
+    keep = lz._Lowering.keep_replicated_contributions
+    lz._Lowering.keep_replicated_contributions = lambda self: None   # this rank process only, restored below
+    try:
+        return L.mini_case(rank, loss)
+    finally:
+        lz._Lowering.keep_replicated_contributions = keep
 
 
 def test_without_keeping_the_replicated_contribution_the_gradient_is_wrong(pools, reference):
