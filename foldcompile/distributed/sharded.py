@@ -171,8 +171,14 @@ def build_sharded_variant(model: torch.nn.Module, args: tuple, kwargs: Mapping[s
     ``rank`` (the pipeline of the module docstring). ``check_ranks``: compare parameters, inputs and
     the planned collectives across the ranks of ``group`` (one object all_gather each)."""
     t0 = time.perf_counter()
+    times: dict[str, float] = {}
+
+    def lap(what: str) -> None:
+        times[what] = round(time.perf_counter() - t0 - sum(times.values()), 3)
+
     gm = trace(model, *args, **kwargs)
     gm = normalize_pass(gm).graph_module
+    lap("capture")
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     flat = flat_inputs(gm, args, kwargs)
     values = [v.detach().clone().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v for v in flat]
@@ -182,6 +188,7 @@ def build_sharded_variant(model: torch.nn.Module, args: tuple, kwargs: Mapping[s
         with torch.no_grad():
             for b, saved in buffers:
                 b.copy_(saved)
+    lap("annotate")
     if check_ranks:
         params = [(n, _fingerprint(p)) for n, p in list(model.named_parameters()) + list(model.named_buffers())]
         _same_on_every_rank("parameters and buffers", params, group, _first_difference)
@@ -190,6 +197,7 @@ def build_sharded_variant(model: torch.nn.Module, args: tuple, kwargs: Mapping[s
     traced = copy_graph_module(gm)
     plan_fn = planner if planner is not None else default_planner()
     plan = plan_fn(copy_graph_module(gm), world_size, dap_axes=dap_axes, at=at)
+    lap("plan")
     # the rank's graph names its inputs, and the collectives of their slices, after forward's arguments
     _name_inputs_after_the_model(plan.graph_module, model)
     placeholders = [n for n in plan.graph_module.graph.nodes if n.op == "placeholder"]
@@ -198,6 +206,7 @@ def build_sharded_variant(model: torch.nn.Module, args: tuple, kwargs: Mapping[s
                             inputs_requiring_grad=requires, grad_enabled=torch.is_grad_enabled())
     local = lowered.graph_module
     local_shape_check_pass(local, values)
+    lap("lower")
     classify_pass(local)
     annotate_collectives(local)
     autocast_on = _ambient_autocast()
@@ -206,6 +215,7 @@ def build_sharded_variant(model: torch.nn.Module, args: tuple, kwargs: Mapping[s
         fused.record["not_fused_because"] = (f"autocast is active ({autocast_on}): the kernels have no autocast "
                                              "rules, so nothing is fused in this variant")
     schedule = schedule_collectives_pass(local, max_bytes_in_flight=max_bytes_in_flight)
+    lap("fuse and schedule")
     dap = dict(lowered.record)
     by_start = {c["start"]: c for c in schedule.record["collectives"]}
     nodes = {n.name: n for n in local.graph.nodes}
@@ -218,6 +228,7 @@ def build_sharded_variant(model: torch.nn.Module, args: tuple, kwargs: Mapping[s
         collectives.append(c)
     dap["collectives"] = collectives
     dap["max_bytes_in_flight"] = max_bytes_in_flight
+    dap["build_seconds"] = times
     dap["plan_notes"] = _plan_notes(plan.record)
     dap["has_random"] = any(n.op == "call_function" and op_name(n) in _RANDOM for n in local.graph.nodes)
     if check_ranks:
