@@ -57,12 +57,13 @@ from foldcompile.passes.fuse import fuse_pass
 from foldcompile.passes.local_shape_check import local_shape_check_pass
 from foldcompile.passes.localize import annotate_collectives, localize_pass
 from foldcompile.passes.normalize import normalize_pass
+from foldcompile.passes.plan_io import PlanExport, export_plan, import_plan
 from foldcompile.passes.registry import op_name
 from foldcompile.passes.schedule_collectives import DEFAULT_MAX_BYTES_IN_FLIGHT, schedule_collectives_pass
 from foldcompile.tables import format_table
 from foldcompile.variants import EAGER, call_key
 
-__all__ = ["ShardedModule", "ShardedReport", "optimize_sharded", "build_sharded_variant", "Planner"]
+__all__ = ["ShardedModule", "ShardedReport", "optimize_sharded", "build_sharded_variant", "make_plan", "Planner"]
 
 Planner = Callable[..., Any]   # (gm, world_size, dap_axes=..., at=...) -> PassResult, like shard_pass
 
@@ -160,16 +161,58 @@ class ShardedReport(OptimizeReport):
         return "\n".join(lines)
 
 
+def _annotated(model: torch.nn.Module, gm: torch.fx.GraphModule, values: list, dims) -> None:
+    """shape_prop and classify on copies of the inputs, the model's buffers put back afterwards."""
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        _annotate(gm, values, dims)
+    finally:
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+
+
+def _copies(flat: list) -> list:
+    return [v.detach().clone().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v for v in flat]
+
+
+def make_plan(model: torch.nn.Module, *example_inputs: Any, world_size: int,
+              dap_axes: Optional[Mapping[str, Any]] = None, planner: Optional[Planner] = None,
+              at: Optional[Mapping[str, int]] = None, dims: Optional[Mapping[str, int]] = None,
+              **example_kwargs: Any) -> PlanExport:
+    """Capture, annotate and plan ``model`` for ``world_size`` ranks in this process (no process group
+    needed) and return the plan as data (:class:`~foldcompile.passes.plan_io.PlanExport`), for
+    ``optimize(..., world_size=P, plan=...)`` on every rank: planned once, e.g. in a launcher."""
+    gm = normalize_pass(trace(model, *example_inputs, **example_kwargs)).graph_module
+    _annotated(model, gm, _copies(flat_inputs(gm, example_inputs, example_kwargs)), dims)
+    return _plan(model, gm, world_size, dap_axes, planner, at)
+
+
+def _plan(model, gm, world_size, dap_axes, planner, at) -> PlanExport:
+    plan_fn = planner if planner is not None else default_planner()
+    with torch.random.fork_rng():
+        result = plan_fn(copy_graph_module(gm), world_size, dap_axes=dap_axes, at=at)
+    return export_plan(result.graph_module, result.record)
+
+
 def build_sharded_variant(model: torch.nn.Module, args: tuple, kwargs: Mapping[str, Any], *, rank: int,
                           world_size: int, group: Optional[dist.ProcessGroup] = None, outputs: str = "full",
                           dap_axes: Optional[Mapping[str, Any]] = None, planner: Optional[Planner] = None,
+                          plan: Optional[PlanExport] = None, plan_on: str = "rank0",
                           at: Optional[Mapping[str, int]] = None, dims: Optional[Mapping[str, int]] = None,
                           rules: Optional[list] = None, disabled: Sequence[str] = (),
                           max_bytes_in_flight: int = DEFAULT_MAX_BYTES_IN_FLIGHT, validate: bool = False,
                           check_ranks: bool = True) -> Variant:
     """Capture ``model`` on the whole inputs, plan it over ``world_size`` ranks and lower it for
-    ``rank`` (the pipeline of the module docstring). ``check_ranks``: compare parameters, inputs and
-    the planned collectives across the ranks of ``group`` (one object all_gather each)."""
+    ``rank`` (the pipeline of the module docstring).
+
+    Where the plan comes from: ``plan`` (made before, by :func:`make_plan`), else ``plan_on="rank0"``:
+    rank 0 annotates and plans, and broadcasts the plan (every rank lowers the same plan; the others
+    skip shape propagation and the search), or ``plan_on="every_rank"``: each rank plans for itself
+    (the ranks then compare their collectives). ``check_ranks``: compare parameters and inputs across
+    the ranks of ``group`` (one object all_gather each)."""
+    if plan_on not in ("rank0", "every_rank"):
+        raise ValueError(f"optimize: plan_on must be 'rank0' or 'every_rank', got {plan_on!r}")
     t0 = time.perf_counter()
     times: dict[str, float] = {}
 
@@ -179,30 +222,33 @@ def build_sharded_variant(model: torch.nn.Module, args: tuple, kwargs: Mapping[s
     gm = trace(model, *args, **kwargs)
     gm = normalize_pass(gm).graph_module
     lap("capture")
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
     flat = flat_inputs(gm, args, kwargs)
-    values = [v.detach().clone().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v for v in flat]
-    try:
-        _annotate(gm, values, dims)
-    finally:
-        with torch.no_grad():
-            for b, saved in buffers:
-                b.copy_(saved)
-    lap("annotate")
+    values = _copies(flat)
     if check_ranks:
         params = [(n, _fingerprint(p)) for n, p in list(model.named_parameters()) + list(model.named_buffers())]
         _same_on_every_rank("parameters and buffers", params, group, _first_difference)
         ins = [(i, _fingerprint(v)) for i, v in enumerate(flat) if isinstance(v, torch.Tensor)]
         _same_on_every_rank("example inputs", ins, group, _first_difference)
-    traced = copy_graph_module(gm)
-    plan_fn = planner if planner is not None else default_planner()
-    plan = plan_fn(copy_graph_module(gm), world_size, dap_axes=dap_axes, at=at)
-    lap("plan")
+    given = plan is not None     # the same on every rank: the caller passes the same arguments
+    if not given and (plan_on == "every_rank" or rank == 0):
+        _annotated(model, gm, values, dims)
+        lap("annotate")
+        plan = _plan(model, gm, world_size, dap_axes, planner, at)
+        lap("plan")
+    if not given and plan_on == "rank0":
+        box = [plan]
+        dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+        plan = box[0]
+        lap("plan sent" if rank == 0 else "plan received")
+    planned = import_plan(copy_graph_module(gm), plan)
+    lap("plan replayed")
+    traced = copy_graph_module(planned)     # one process, the plan's redistributes the identity
     # the rank's graph names its inputs, and the collectives of their slices, after forward's arguments
-    _name_inputs_after_the_model(plan.graph_module, model)
-    placeholders = [n for n in plan.graph_module.graph.nodes if n.op == "placeholder"]
+    _name_inputs_after_the_model(planned, model)
+    plan_record = plan.record
+    placeholders = [n for n in planned.graph.nodes if n.op == "placeholder"]
     requires = {ph.name: bool(isinstance(v, torch.Tensor) and v.requires_grad) for ph, v in zip(placeholders, flat)}
-    lowered = localize_pass(plan.graph_module, rank, world_size, outputs=outputs, group=group, validate=validate,
+    lowered = localize_pass(planned, rank, world_size, outputs=outputs, group=group, validate=validate,
                             inputs_requiring_grad=requires, grad_enabled=torch.is_grad_enabled())
     local = lowered.graph_module
     local_shape_check_pass(local, values)
@@ -229,9 +275,9 @@ def build_sharded_variant(model: torch.nn.Module, args: tuple, kwargs: Mapping[s
     dap["collectives"] = collectives
     dap["max_bytes_in_flight"] = max_bytes_in_flight
     dap["build_seconds"] = times
-    dap["plan_notes"] = _plan_notes(plan.record)
+    dap["plan_notes"] = _plan_notes(plan_record)
     dap["has_random"] = any(n.op == "call_function" and op_name(n) in _RANDOM for n in local.graph.nodes)
-    if check_ranks:
+    if check_ranks and plan_on == "every_rank":
         sig = [(c["kind"], c["tensor"], c["src"], c["dst"], c.get("grad_placement")) for c in collectives]
         _same_on_every_rank("planned collectives", _digest(sig + dap["partial_params"]), group,
                             lambda a, b: "the planning pass is not deterministic here")
@@ -256,14 +302,16 @@ class ShardedModule(OptimizedModule):
 
     def __init__(self, model: torch.nn.Module, *, world_size: int, group: Optional[dist.ProcessGroup] = None,
                  outputs: str = "full", dap_axes: Optional[Mapping[str, Any]] = None,
-                 planner: Optional[Planner] = None, max_bytes_in_flight: int = DEFAULT_MAX_BYTES_IN_FLIGHT,
-                 bucket_cap_mb: float = 25.0, validate: bool = False, **options: Any):
+                 planner: Optional[Planner] = None, plan: Optional[PlanExport] = None, plan_on: str = "rank0",
+                 max_bytes_in_flight: int = DEFAULT_MAX_BYTES_IN_FLIGHT, bucket_cap_mb: float = 25.0,
+                 validate: bool = False, **options: Any):
         if outputs not in ("full", "sharded"):
             raise ValueError(f"optimize: outputs must be 'full' or 'sharded', got {outputs!r}")
         world, rank = _world_and_rank(world_size, group)
         super().__init__(model, **options)
         self.world_size, self.rank, self.group, self.outputs = world, rank, group, outputs
-        self.dap_axes, self.planner, self.validate = dap_axes, planner, validate
+        self.dap_axes, self.planner, self.validate, self.plan_on = dap_axes, planner, validate, plan_on
+        self._given_plan = plan      # for the first build (the example call's shapes)
         self.max_bytes_in_flight, self.bucket_cap_mb = max_bytes_in_flight, bucket_cap_mb
         self._reducer: Optional[PartialGradReducer] = None
         self._reducer_names: tuple[str, ...] = ()
@@ -272,11 +320,13 @@ class ShardedModule(OptimizedModule):
     def _build(self, args: tuple, kwargs: dict) -> Variant:
         devices = sorted({t.device.index or 0 for t in pytree.tree_leaves((args, kwargs))
                           if isinstance(t, torch.Tensor) and t.device.type == "cuda"})
+        plan, self._given_plan = self._given_plan, None
         with torch.random.fork_rng(devices=devices):
             return build_sharded_variant(
                 self.model, args, kwargs, rank=self.rank, world_size=self.world_size, group=self.group,
-                outputs=self.outputs, dap_axes=self.dap_axes, planner=self.planner, at=self.at, dims=self.dims,
-                rules=self.rules, max_bytes_in_flight=self.max_bytes_in_flight, validate=self.validate)
+                outputs=self.outputs, dap_axes=self.dap_axes, planner=self.planner, plan=plan, plan_on=self.plan_on,
+                at=self.at, dims=self.dims, rules=self.rules, max_bytes_in_flight=self.max_bytes_in_flight,
+                validate=self.validate)
 
     # -- gradients
     def _use_reducer(self, variant: Any) -> None:
@@ -353,19 +403,22 @@ class ShardedModule(OptimizedModule):
 def optimize_sharded(model: torch.nn.Module, *example_inputs: Any, world_size: int,
                      group: Optional[dist.ProcessGroup] = None, outputs: str = "full",
                      dap_axes: Optional[Mapping[str, Any]] = None, planner: Optional[Planner] = None,
+                     plan: Optional[PlanExport] = None, plan_on: str = "rank0",
                      at: Optional[Mapping[str, int]] = None, strict: bool = False, max_variants: int = 8,
                      max_builds: int = 32, dims: Optional[Mapping[str, int]] = None, rules: Optional[list] = None,
                      max_bytes_in_flight: int = DEFAULT_MAX_BYTES_IN_FLIGHT, validate: bool = False,
                      **example_kwargs: Any) -> ShardedModule:
     """``optimize(model, *example_inputs, world_size=P, ...)`` for P ranks (see the module docstring).
 
-    ``planner``: the planning pass (default ``shard_pass``; a test passes a hand plan);
+    ``planner``: the planning pass (default ``shard_pass``; a test passes a hand plan); ``plan``: a plan
+    made before (:func:`make_plan`, e.g. once in a launcher) for the example call; ``plan_on``:
+    ``"rank0"`` (rank 0 plans and sends the plan to every rank) or ``"every_rank"``;
     ``validate``: every collective checks shapes and split sizes across ranks (slower).
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"optimize expects a torch.nn.Module, got {type(model).__name__}")
     fast = ShardedModule(model, world_size=world_size, group=group, outputs=outputs, dap_axes=dap_axes,
-                         planner=planner, max_bytes_in_flight=max_bytes_in_flight, validate=validate, at=at,
+                         planner=planner, plan=plan, plan_on=plan_on, max_bytes_in_flight=max_bytes_in_flight, validate=validate, at=at,
                          strict=strict, max_variants=max_variants, max_builds=max_builds, dims=dims, rules=rules)
     variant = fast.variant_for(*example_inputs, **example_kwargs)
     if variant is not EAGER:

@@ -9,8 +9,9 @@ capture of ``optimize``). :func:`hand_plan` (or :func:`hand_planner`, the planni
 interface ``optimize`` calls) writes ``meta["shard"]`` on every node of a traced graph:
 
 - inputs: the ``seeds`` (by name; default Replicate); parameters: Replicate;
-- ``move``: becomes ``redistribute(x, src, dst)``, placed at ``dst``; ``placed``: the placement
-  given (then removed);
+- ``move`` (placed at ``src``) is followed by a ``redistribute(x, src, dst)`` its users read;
+  ``placed``: it and its input get the placement given (a planner only inserts redistributes:
+  both markers stay, the identity);
 - any other op: Replicate if every tensor input is; otherwise the inputs' one non-Replicate
   placement, a Shard dim right-aligned to the output's rank for element-wise ops (broadcasting),
   moved by the index for ``x[...]``, kept for the rest (views of trailing dims, linear); two
@@ -96,17 +97,23 @@ def place_by_hand(gm: torch.fx.GraphModule, world_size: int, seeds: Mapping[str,
             p = parse(seeds.get(_clean(n.name), "r"))
         elif n.op == "get_attr":
             p = Replicate()
-        elif n.target is move:
+        elif n.target is move:        # stays (the identity, at src); a redistribute after it moves it
             src, dst = parse(n.args[1]), parse(n.args[2])
-            n.target, n.args = redistribute, (n.args[0], src, dst)
-            p = dst
-        elif n.target is placed:
+            places[n] = src
+            _set(n, src, world_size)
+            users = list(n.users)
+            with gm.graph.inserting_after(n):
+                r = gm.graph.call_function(redistribute, (n, src, dst))
+            r.meta.update({k: n.meta[k] for k in ("shape", "dtype", "sym_shape") if k in n.meta})
+            for u in users:
+                u.replace_input_with(n, r)
+            places[r] = dst
+            _set(r, dst, world_size)
+            continue
+        elif n.target is placed:      # stays (the identity); it and its input have the placement given
             p = parse(n.args[1])
             places[n.args[0]] = p
             _set(n.args[0], p, world_size)
-            n.replace_all_uses_with(n.args[0])
-            gm.graph.erase_node(n)
-            continue
         else:
             p = _propagate(n, places)
         if shape is not None or n.meta.get("multi_output"):

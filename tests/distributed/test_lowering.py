@@ -99,9 +99,11 @@ def test_collectives_issue_in_need_order_and_backward_mirrors_forward(pools):
         assert [e[2].split(":")[1] for e in bwd if e[1] == "issue"] == waited[::-1]
         assert [e[2].split(":")[1] for e in bwd if e[1] == "wait"] == issued[::-1]
         kinds = {e[2] for e in bwd}
-        assert {"reduce_scatter:linear", "reduce_scatter:linear_4", "all_gather:einsum_2",
-                "local_slice:dropout", "identity:truediv_2", "all_to_all:dropout"} <= kinds
-        assert "h_dropout = foldcompile_distributed_collectives_all_to_all_start(dropout" in code
+        # the gathered bias (move) and outer-product operand (move_3): reduce-scatters; the Partial sum
+        # reduce-scattered (move_1): all_gather; the all_to_all back; the replicated outputs: local slices
+        assert kinds == {"reduce_scatter:move", "reduce_scatter:move_3", "all_gather:move_1", "all_to_all:move_2",
+                         "identity:move_5", "local_slice:dropout", "local_slice:add_6"}
+        assert "h_move_2 = foldcompile_distributed_collectives_all_to_all_start(move_2" in code
 
 
 def test_static_schedule():
@@ -143,7 +145,7 @@ def test_local_sizes_and_records():
     assert {(x["node"], x["local"]) for x in record["local_sizes"]} == {("view", 1), ("reshape", 1), ("reshape_1", 2)}
     assert record["partial_params"] == ["w_b", "w_q", "w_o", "w_t", "w_a", "w_oz", "w_pos"]
     assert record["kept_on_one_rank"] == [{"value": "w_b", "consumers": ["linear_6"]},
-                                          {"value": "move", "consumers": ["mul"]}]
+                                          {"value": "redistribute", "consumers": ["mul"]}]
     assert record["built_whole"] == [{"node": "arange", "op": "arange", "dim": 0}]
     assert record["random"] == [{"node": "dropout", "op": "dropout", "dim": 0}]
     # m and z need whole gradients (slices' gradients gathered); the mask needs none

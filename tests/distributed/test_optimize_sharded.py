@@ -65,14 +65,14 @@ def test_fp32_fused_within_the_verify_bound(pools):
 
 def test_code_and_report_show_every_collective(pools):
     (_, _, _, _, _, code, report), _ = pools.run(2, L.optimize_mini_case, "replicated")
-    assert "h_m_2 = all_to_all_start(m_2, split_dim = 1, cat_dim = 0, cat_sizes = [3, 2]" in code
-    assert "m_2_s1 = wait(h_m_2)" in code
-    assert "b_full = wait(h_b)" in code and "= shard(m, 0, grad_placement = 'replicate'" in code
+    assert "h_m_c = all_to_all_start(m_c, split_dim = 1, cat_dim = 0, cat_sizes = [3, 2], split_sizes = [4, 3]" in code
+    assert "m_c_s1 = wait(h_m_c)" in code
+    assert "b_1_full = wait(h_b_1)" in code and "m_s0 = shard(m, 0, grad_placement = 'replicate'" in code
     assert "keep_grad_on_rank(w_b)" in code and "sharded_dropout(" in code
     assert "DAP: rank 0 of 2, 11 collectives" in report
     for kind in ("all_to_all", "all_gather", "reduce_scatter", "all_reduce", "slice"):
         assert f"\n  {kind} " in report
-    assert "128*N_res*ceiling(N_seq/2)" in report or "N_seq" in report
+    assert "32*N_res*floor(N_seq/2 + 1/2)" in report        # the all_to_all's bytes, symbolic in the local sizes
 
 
 def test_the_contract_is_checked(pools):
@@ -97,9 +97,10 @@ def test_a_dead_rank_ends_in_a_timeout_error():
         assert info.value.ranks == [1]
 
 
-@pytest.mark.full   # waits for the process group's timeout (5 s)
+@pytest.mark.full   # waits for the process group's timeout (15 s)
 def test_a_hung_collective_ends_in_a_timeout_error():
-    with Pool(2, timeout_s=5) as pool:
+    """Rank 1 never calls the module: rank 0 waits in its first collective until the timeout."""
+    with Pool(2, timeout_s=15) as pool:
         with pytest.raises(RankTimeoutError, match="rank 0: a collective timed out") as info:
             pool.run(L.rank_skips_case)
-        assert 0 in info.value.ranks
+        assert info.value.ranks == [0]
