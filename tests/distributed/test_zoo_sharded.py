@@ -53,16 +53,16 @@ def _ref(name):
 @pytest.mark.parametrize("name", zoo.names())
 def test_zoo_model_sharded_equals_one_process(pools, name, P):
     plan = Z.plan_for(name, P)
-    results = pools.run(P, Z.zoo_case, name, plan, "replicated")
+    results = pools.run(P, Z.zoo_case, name, plan, "replicated", timeout_s=600)
     assert all(res[5] > 0 for res in results), "no collective: the model was not sharded"
     check(results, _ref(name), "replicated", P)
     if name in SHARDED_LOSS and P == 3:
-        check(pools.run(P, Z.zoo_case, name, plan, "sharded"), _ref(name), "sharded", P)
+        check(pools.run(P, Z.zoo_case, name, plan, "sharded", timeout_s=600), _ref(name), "sharded", P)
 
 
 def test_evoformer_block_on_8_ranks(pools):
     """Through ``foldcompile.optimize`` itself: rank 0 plans and broadcasts the plan."""
-    results = pools.run(8, Z.zoo_case, "evoformer_block", None, "replicated")
+    results = pools.run(8, Z.zoo_case, "evoformer_block", None, "replicated", timeout_s=600)
     check(results, _ref("evoformer_block"), "replicated", 8)
 
 
@@ -75,7 +75,8 @@ def test_fp32_fused_within_the_verify_bound(pools):
         return ((x.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
     for r, (o, gi, gp, _, fused, *_rest) in enumerate(pools.run(2, Z.zoo_case, "evoformer_block", plan,
-                                                                "replicated", False, torch.float32, True)):
+                                                                "replicated", False, torch.float32, True,
+                                                                timeout_s=600)):
         assert fused > 0
         for k in range(len(o)):
             assert err(o[k], truth[0][k]) <= 4 * err(eager[0][k], truth[0][k]) + 1e-6, (r, k)
