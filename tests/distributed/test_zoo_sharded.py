@@ -49,8 +49,15 @@ def _ref(name):
     return _refs[name]
 
 
-@pytest.mark.parametrize("P", [2, 3])
-@pytest.mark.parametrize("name", zoo.names())
+def _cases():
+    for name in zoo.names():
+        for P in (2, 3):
+            # the whole AlphaFold 2 (2,800 nodes: a minute a world size) at P=3 only on demand (-m slow)
+            marks = (pytest.mark.slow,) if name == "alphafold2" and P == 3 else ()
+            yield pytest.param(name, P, marks=marks, id=f"{name}-{P}")
+
+
+@pytest.mark.parametrize("name,P", list(_cases()))
 def test_zoo_model_sharded_equals_one_process(pools, name, P):
     plan = Z.plan_for(name, P)
     results = pools.run(P, Z.zoo_case, name, plan, "replicated", timeout_s=600)
