@@ -3,10 +3,11 @@
     foldcompile zoo
         List the bundled reference models.
     foldcompile explain TARGET [--size tiny|af2] [--n-seq N] [--n-res N] [--depth D]
-                               [--at DIM=V ...] [--json] [--html out.html]
+                               [--at DIM=V ...] [--json] [--html out.html [--card NAME]]
         Capture TARGET, classify every op, print the op-class and module tables (or the JSON
         report with --json), the costs at other sizes with --at (e.g. --at N_seq=128 N_res=256),
-        and write the picture with --html.
+        and write the HTML report at that size with --html (a roofline against a card's measured
+        ceilings in bench/results/ with --card).
     foldcompile profile TARGET [--size ...] [--n-seq N] [--n-res N] [--device auto|cpu|cuda]
                                [--dtype float32|bfloat16|float16] [--json]
         Time TARGET per op class and per module (CUDA events on a GPU, CPU wall-clock otherwise).
@@ -15,6 +16,10 @@
     foldcompile verify TARGET [--size ...] [--n-seq N] [--n-res N] [--bisect]
         Optimize TARGET, print its fusion report and verify it against the float64 truth
         (exit status 1 when it does not verify; --bisect names the culprit match).
+    foldcompile optimize TARGET [--size ...] [--at DIM=V ...] [--bench [--reps N]] [--html out.html]
+        Optimize TARGET (fusion judged at --at, default the training crop), print what was fused
+        and what was left and why; --bench times eager against optimized with the spread of runs;
+        --html writes the before/after report.
 
 TARGET is a zoo name (``foldcompile zoo``) or ``package.module:attr`` where ``attr`` is either
 
@@ -28,6 +33,11 @@ TARGET is a zoo name (``foldcompile zoo``) or ``package.module:attr`` where ``at
 With ``--size af2`` and no ``--n-seq/--n-res``, zoo models are captured at N_seq=11, N_res=13
 (extra-MSA depth 17, 3 templates), sizes distinct from every AF2 channel size, so shape
 propagation can name them; use ``--at`` to read the costs at the sizes you care about.
+
+The arguments are parsed and checked before torch or any of the compiler is imported, so
+``--help``, ``--version`` and argument errors answer at once. ``-v`` logs each stage on stderr
+(capture, every pass, the size check, fusion with a bar over its rules on a terminal, kernel
+compilation on the first call) and ends with the time each stage took.
 """
 from __future__ import annotations
 
@@ -39,12 +49,15 @@ import logging
 import os
 import sys
 import time
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import torch
+from foldcompile.progress import StageTimes, stage
+from foldcompile.tables import format_table, human
 
-from foldcompile.explain import Report, explain, explain_graph
-from foldcompile.tables import format_table
+if TYPE_CHECKING:  # torch and the compiler are imported by the commands that need them
+    import torch
+
+    from foldcompile.explain import Report
 
 __all__ = ["main", "load_target"]
 
@@ -52,8 +65,13 @@ _AF2_SMALL = dict(n_seq=11, n_res=13, n_extra=17, n_templ=3)
 _DEMO_TOL = 1e-5  # fp32 graph vs eager; on a GPU the same kernels run, so the bar holds there too
 
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = ("float32", "bfloat16", "float16")
 _log = logging.getLogger("foldcompile.cli")
+
+
+def _dtype(name: str | None) -> "torch.dtype | None":
+    import torch
+    return getattr(torch, name) if name else None
 
 
 class CLIError(Exception):
@@ -61,6 +79,7 @@ class CLIError(Exception):
 
 
 def _device(name: str) -> str:
+    import torch
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
@@ -97,6 +116,8 @@ def load_target(target: str, size: str | None = None, n_seq: int | None = None, 
     """Resolve a CLI target to ``(module, example_inputs, example_kwargs, name)`` (see the module
     docstring). Zoo models are built on ``device`` (in ``dtype``, default float32); user targets are
     moved to ``device`` and cast to ``dtype`` only when one is given (their own dtype is kept)."""
+    import torch
+
     from foldcompile.models import zoo
 
     if ":" not in target:
@@ -194,6 +215,8 @@ def _user_frame(e: BaseException) -> str:
     """`` (at file:line: code)`` for the innermost traceback frame outside foldcompile and torch."""
     import traceback
 
+    import torch
+
     ours = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository / install root
     library = (os.path.join(ours, d) + os.sep for d in ("foldcompile", "passes", "kernels"))
     skip = tuple(library) + (os.path.dirname(os.path.abspath(torch.__file__)) + os.sep, importlib.__file__)
@@ -225,25 +248,18 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
 
 def _cmd_explain(args: argparse.Namespace) -> int:
     at_given = _parse_at(args.at)          # syntax checked before any work
-    if args.html:
-        _check_writable(args.html, "--html")
+    ceilings = _check_html_args(args)
     t0 = time.perf_counter()
-    module, inputs, kwargs, name = load_target(args.target, args.size, args.n_seq, args.n_res,
-                                               dtype=_DTYPES[args.dtype] if args.dtype else None)
+    with stage("load the target", _log):
+        module, inputs, kwargs, name = load_target(args.target, args.size, args.n_seq, args.n_res,
+                                                   dtype=_dtype(args.dtype))
     _log.info("loaded %s in %.1f s; capturing and analysing", name, time.perf_counter() - t0)
-    from foldcompile.passes.base import PassError
-    try:
-        report = explain(module, *inputs, **kwargs)
-    except PassError as e:
-        if "ambiguous" not in str(e):
-            raise
-        # the library's advice names its Python API; a CLI user changes flags instead
-        raise CLIError(f"{e.__class__.__name__}: {str(e).split(';')[0]}; give distinct example sizes "
-                       "(e.g. --n-seq 11 --n-res 13) and read the costs at the sizes you want with "
-                       "--at N_seq=... N_res=...") from None
-    report.model_name = name
+    report = _explain(module, inputs, kwargs, name)
     _log.info("explained %s in %.1f s", name, time.perf_counter() - t0)
     at = _resolve_at(at_given, report)
+    if at:
+        with stage(f"check the graph at {_sizes_text(at)} (a capture there on the meta device)", _log):
+            report.cost(**at)
     if args.json:
         d = report.to_dict(depth=args.depth)
         if at:
@@ -253,15 +269,65 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     else:
         print(report.table(depth=args.depth))
         if at:
-            print(f"\nat {', '.join(f'{k}={v}' for k, v in at.items())}:\n")
+            print(f"\nat {_sizes_text(at)}:\n")
             print(report.table(depth=args.depth, **at))
     if args.html:
-        report.to_html(args.html, depth=args.depth)
-        print(f"wrote {args.html}", file=sys.stderr if args.json else sys.stdout)
+        _write_html(args, report, at, ceilings=ceilings)
     return 0
 
 
-def _resolve_at(at: dict[str, int], report: Report) -> dict[str, int]:
+def _explain(module: Any, inputs: tuple, kwargs: dict, name: str) -> "Report":
+    """``foldcompile.explain`` in its stages (capture, then the passes, each logged with its time)."""
+    from foldcompile.capture import trace
+    from foldcompile.explain import explain_graph, flat_inputs
+    from foldcompile.passes.base import PassError
+
+    with stage("capture (Dynamo)", _log):
+        gm = trace(module, *inputs, **kwargs)
+    try:
+        report = explain_graph(gm, inputs, kwargs, model_name=name)
+    except PassError as e:
+        if "ambiguous" not in str(e):
+            raise
+        # the library's advice names its Python API; a CLI user changes flags instead
+        raise CLIError(f"{e.__class__.__name__}: {str(e).split(';')[0]}; give distinct example sizes "
+                       "(e.g. --n-seq 11 --n-res 13) and read the costs at the sizes you want with "
+                       "--at N_seq=... N_res=...") from None
+    report.model = module
+    report.example_values = flat_inputs(gm, inputs, kwargs)
+    return report
+
+
+def _sizes_text(sizes: dict[str, int]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sizes.items())
+
+
+def _check_html_args(args: argparse.Namespace) -> Any:
+    """``--html`` writable and ``--card`` found in the results, before any work; the card's ceilings."""
+    if getattr(args, "html", None):
+        _check_writable(args.html, "--html")
+    if getattr(args, "card", None) is None:
+        if getattr(args, "results", None):
+            raise CLIError("--results names where --card's measured ceilings are: give --card too")
+        return None
+    if not args.html:
+        raise CLIError("--card draws the roofline of the HTML report: give --html OUT.html too")
+    from foldcompile.ceilings import CeilingsError, find_ceilings
+    try:
+        return find_ceilings(args.card, args.results)
+    except CeilingsError as e:
+        raise CLIError(f"--card {args.card}: {e}") from None
+
+
+def _write_html(args: argparse.Namespace, report: "Report", at: dict[str, int], **options: Any) -> None:
+    from foldcompile.report_html import write_html
+    what = "before / after fusion" if options.get("optimized") is not None else "with the fusion plan at that size"
+    with stage(f"the HTML report ({what})", _log):
+        write_html(args.html, report, args.depth, at=at, **options)
+    print(f"wrote {args.html}", file=sys.stderr if getattr(args, "json", False) else sys.stdout)
+
+
+def _resolve_at(at: dict[str, int], report: "Report") -> dict[str, int]:
     """Map ``--at`` names onto the report's dims: exact, else case- and dash-insensitive
     (``n_res`` / ``n-res`` for ``N_res``, the spelling of the ``--n-res`` flag)."""
     folded = {k.lower().replace("-", "_"): k for k in report.dims}
@@ -284,18 +350,131 @@ def _check_writable(path: str, flag: str) -> None:
 
 
 def _cmd_profile(args: argparse.Namespace) -> int:
+    import torch
+
     from foldcompile.profile import profile
+    ceilings = _check_html_args(args)
     device = _device(args.device)
-    module, inputs, kwargs, name = load_target(args.target, args.size, args.n_seq, args.n_res, device,
-                                               _DTYPES[args.dtype] if args.dtype else None)
+    with stage("load the target", _log):
+        module, inputs, kwargs, name = load_target(args.target, args.size, args.n_seq, args.n_res, device,
+                                                   _dtype(args.dtype))
     with torch.no_grad():
-        prof = profile(module, *inputs, reps=args.reps, **kwargs)
-    prof.model_name = name
-    print(prof.to_json(depth=args.depth) if args.json else prof.table(depth=args.depth))
+        with stage(f"profile ({args.reps} timed runs after warm-up)", _log):
+            prof = profile(module, *inputs, reps=args.reps, **kwargs)
+        prof.model_name = name
+        print(prof.to_json(depth=args.depth) if args.json else prof.table(depth=args.depth))
+        if args.html:  # the page is at the profiled size: every number on it is at one size
+            report = _explain(module, inputs, kwargs, name)
+            _write_html(args, report, {}, profile=prof, ceilings=ceilings)
     return 0
 
 
-def _class_table(report: Report, **sizes: int) -> list[str]:
+def _cmd_optimize(args: argparse.Namespace) -> int:
+    import torch
+
+    import foldcompile
+    from foldcompile.passes.fuse import DEFAULT_AT
+    from foldcompile.passes.rules import all_rules
+    from foldcompile.progress import rules_with_progress
+    at_given = _parse_at(args.at)
+    ceilings = _check_html_args(args)
+    device = _device(args.device)
+    # --at names folded onto the dims fusion knows (n_res -> N_res); checked against the model's below
+    known = {k.lower().replace("-", "_"): k for k in DEFAULT_AT}
+    at = {known.get(k.lower().replace("-", "_"), k): v for k, v in at_given.items()}
+    with stage("load the target", _log):
+        module, inputs, kwargs, name = load_target(args.target, args.size, args.n_seq, args.n_res, device,
+                                                   _dtype(args.dtype))
+    # inference: a variant is specialised on grad mode, so build it in the mode it is timed in
+    with torch.no_grad():
+        rules, bar = rules_with_progress(all_rules(), _log)
+        with stage("optimize: capture, normalize, shape_prop, classify, fuse", _log):
+            try:
+                fast = foldcompile.optimize(module, *inputs, at=at or None, rules=rules, **kwargs)
+            finally:
+                bar.close()  # ends the bar's line before the stage's own
+        opt_report = fast.report
+        opt_report.model_name = name
+        unknown = sorted(set(at) - set(opt_report.dims))
+        if unknown:
+            raise CLIError(f"--at {unknown[0]}: this model's dims are "
+                           f"{', '.join(opt_report.dims) or 'none (no size was named)'}")
+        bench = _bench(module, fast, inputs, kwargs, args.reps, device) if args.bench else None
+        if args.json:
+            import json
+            print(json.dumps({"model": name, "fusion": _jsonable(opt_report.to_dict()), "bench": bench}, indent=1))
+        else:
+            print(opt_report)
+            if bench is not None:
+                print()
+                print("\n".join(_bench_lines(bench)))
+        if args.html:
+            report = _explain(module, inputs, kwargs, name)
+            shown = dict(opt_report.record.get("at") or {})
+            _write_html(args, report, shown, optimized=fast.variant_for(*inputs, **kwargs), ceilings=ceilings)
+    return 0
+
+
+def _jsonable(x: Any) -> Any:
+    import json
+    return json.loads(json.dumps(x, default=str))
+
+
+def _bench(model: Any, fast: Any, inputs: tuple, kwargs: dict, reps: int, device: str) -> dict[str, Any]:
+    """Eager and optimized calls timed in turns (so drift hits both alike), after one untimed call
+    each (the optimized one compiles its kernels there), with their outputs compared."""
+    import statistics
+
+    import torch
+
+    from foldcompile.pass_manager import max_rel_error
+    from foldcompile.progress import Bar
+
+    def timed(fn: Any) -> tuple[float, Any]:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        out = fn(*inputs, **kwargs)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t) * 1e3, out
+
+    with stage("first optimized call (kernel compilation / autotuning happen here)", _log):
+        first_ms, out = timed(fast)
+    _, ref = timed(model)
+    runs: dict[str, list[float]] = {"eager": [], "optimized": []}
+    bar = Bar(reps, "bench runs", _log)
+    for i in range(reps):
+        runs["eager"].append(timed(model)[0])
+        runs["optimized"].append(timed(fast)[0])
+        bar.advance(f"run {i + 1}")
+    bar.close()
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    return {"device": device if device == "cpu" else f"cuda: {torch.cuda.get_device_name()}", "reps": reps,
+            "first_call_ms": first_ms, "runs_ms": runs, "median_ms": med,
+            "spread_ms": {k: [min(v), max(v)] for k, v in runs.items()},
+            "speedup": med["eager"] / med["optimized"] if med["optimized"] > 0 else float("inf"),
+            "max_rel_error": max_rel_error(out, ref)}
+
+
+def _bench_lines(b: dict[str, Any]) -> list[str]:
+    how = "CUDA-synchronised wall clock" if b["device"].startswith("cuda") else "CPU wall clock"
+    lines = [f"bench on {b['device']} ({how}, {b['reps']} runs each, in turns, torch.no_grad):"]
+    for k in ("eager", "optimized"):
+        lo, hi = b["spread_ms"][k]
+        lines.append(f"  {k:<10} median {human(b['median_ms'][k] * 1e-3, 's'):>9}  "
+                     f"(min {human(lo * 1e-3, 's')}, max {human(hi * 1e-3, 's')})")
+    lines.append(f"  speed-up   {b['speedup']:.2f}x (median over median); first optimized call "
+                 f"{human(b['first_call_ms'] * 1e-3, 's')}; outputs differ by {b['max_rel_error']:.1e} (relative)")
+    lo_e, hi_e = b["spread_ms"]["eager"]
+    lo_o, hi_o = b["spread_ms"]["optimized"]
+    if b["reps"] < 3 or lo_e <= hi_o and lo_o <= hi_e:
+        why = "fewer than 3 runs" if b["reps"] < 3 else "the spreads overlap"
+        lines.append(f"  note: {why}: the difference may be noise; more runs with --reps")
+    return lines
+
+
+def _class_table(report: "Report", **sizes: int) -> list[str]:
     c = report.cost(**sizes)
     rows = [[cls, e["count"], e["flops"] / 1e9, e["bytes"] / 1e6, e["intensity"]]
             for cls, e in c["classes"].items() if e["count"]]
@@ -306,6 +485,7 @@ def _class_table(report: Report, **sizes: int) -> list[str]:
 
 def _demo_one(name: str, size: str, device: str) -> dict[str, Any]:
     from foldcompile.capture import trace
+    from foldcompile.explain import explain_graph
     from foldcompile.models import zoo
     from foldcompile.pass_manager import max_rel_error
 
@@ -332,6 +512,7 @@ def _demo_one(name: str, size: str, device: str) -> dict[str, Any]:
 
 
 def _demo_af2_scaling(device: str) -> None:
+    from foldcompile.explain import explain
     from foldcompile.models import zoo
     module, inputs = zoo.get("evoformer_block", size="af2", n_seq=11, n_res=13, device=device)
     report = explain(module, *inputs)
@@ -345,6 +526,8 @@ def _demo_af2_scaling(device: str) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    import torch
+
     from foldcompile.models import zoo
     device = _device(args.device)
     names = args.models or zoo.names()
@@ -409,8 +592,9 @@ def _demo_optimize(names: Sequence[str], size: str, device: str) -> bool:
 def _cmd_verify(args: argparse.Namespace) -> int:
     import foldcompile
     module, inputs, kwargs, name = load_target(args.target, args.size, args.n_seq, args.n_res,
-                                               dtype=_DTYPES[args.dtype] if args.dtype else None)
-    fast = foldcompile.optimize(module, *inputs, **kwargs)
+                                               dtype=_dtype(args.dtype))
+    with stage("optimize", _log):
+        fast = foldcompile.optimize(module, *inputs, **kwargs)
     print(fast.report)
     report = foldcompile.verify(module, *inputs, optimized=fast, bisect=args.bisect, **kwargs)
     print()
@@ -420,11 +604,12 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 _EPILOG = """examples:
   foldcompile zoo
-  foldcompile explain evoformer_block --size af2 --at N_seq=128 N_res=1024 --html evo.html
+  foldcompile explain evoformer_block --size af2 --at N_seq=128 N_res=1024 --html evo.html --card H200
   foldcompile explain mymodel.py:build --n-res 64      # a file in the working directory
   foldcompile explain my_pkg.models:build --dtype bfloat16
   foldcompile profile pairformer_block --device cpu --reps 3
   foldcompile verify pairformer_block --bisect         # optimize, then check it against float64
+  foldcompile optimize evoformer_block --bench --reps 5 --html evo_optimized.html
   foldcompile demo --models evoformer_block
 """
 
@@ -447,9 +632,17 @@ def _add_target_args(p: argparse.ArgumentParser) -> None:
                    help="MSA depth of the example inputs (passed to the target as n_seq=)")
     p.add_argument("--n-res", type=_positive_int, default=None, metavar="N",
                    help="number of residues of the example inputs (passed to the target as n_res=)")
-    p.add_argument("--dtype", choices=tuple(_DTYPES), default=None,
+    p.add_argument("--dtype", choices=_DTYPES, default=None,
                    help="cast the model and its floating-point inputs (default: zoo models float32, "
                         "your own model as it is)")
+
+
+def _add_html_args(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--html", metavar="OUT.html", help=f"write the self-contained HTML report ({what})")
+    p.add_argument("--card", metavar="NAME", help="draw the HTML report's roofline against this card's measured "
+                   "ceilings (copy bandwidth, matmul rate) read from bench/results/, e.g. --card H200")
+    p.add_argument("--results", metavar="DIR", help="the folder of measured results --card reads "
+                   "(default: bench/results of the source checkout)")
 
 
 def _positive_int(text: str) -> int:
@@ -467,7 +660,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="foldcompile", epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 description="A compiler for AlphaFold-family PyTorch models: capture, classify, "
-                                            "explain and profile (fusion, optimize and DAP: see the README).")
+                                            "explain, profile, optimize (fused Triton kernels) and verify.")
     p.add_argument("--version", action="version", version=f"foldcompile {__version__}")
     p.add_argument("-v", "--verbose", action="count", default=0,
                    help="progress of each stage on stderr (-vv: every pass's details)")
@@ -487,7 +680,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="also evaluate the costs at these sizes, e.g. --at N_seq=128 N_res=1024 "
                         "(dim names as in the report; n_res works too)")
     e.add_argument("--json", action="store_true", help="print the report as JSON")
-    e.add_argument("--html", metavar="OUT.html", help="write the self-contained HTML picture")
+    _add_html_args(e, "at the --at size: per-module FLOPs and bytes, the fusion plan, a roofline with --card")
 
     pr = sub.add_parser("profile", help="time per op class and per module",
                         description="Run TARGET node by node and attribute the time to op classes and modules "
@@ -499,6 +692,7 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--reps", type=_positive_int, default=5, help="timed runs (node times are medians)")
     pr.add_argument("--depth", type=_positive_int, default=1, metavar="D", help="module path depth of the table")
     pr.add_argument("--json", action="store_true", help="print the profile as JSON")
+    _add_html_args(pr, "at the profiled size, with each module's measured time")
 
     d = sub.add_parser("demo", help="the whole pipeline on the bundled models",
                        description="Capture, normalise and classify each bundled model, check it against eager, "
@@ -516,6 +710,25 @@ def _parser() -> argparse.ArgumentParser:
                        epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_target_args(v)
     v.add_argument("--bisect", action="store_true", help="on a failure, find the match that causes it")
+
+    o = sub.add_parser("optimize", help="fuse a model's memory-bound chains into kernels; what was fused and why not",
+                       description="Optimize TARGET (capture, normalize, shape_prop, classify, fuse, under "
+                                   "torch.no_grad), print every match, every rejected candidate with its reason and "
+                                   "what was left unfused; --bench times eager against optimized.",
+                       epilog=_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_target_args(o)
+    o.add_argument("--at", nargs="+", metavar="DIM=V",
+                   help="the size fusion's profitability is judged at and the HTML report shows "
+                        "(default: the training crop, N_seq=128 N_res=256)")
+    o.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where to run (auto: the GPU when there is one)")
+    o.add_argument("--bench", action="store_true",
+                   help="time eager and optimized calls in turns and print medians with their spread")
+    o.add_argument("--reps", type=_positive_int, default=5, help="timed runs of each with --bench")
+    o.add_argument("--depth", type=_positive_int, default=None, metavar="D",
+                   help="module path depth of the HTML report's module rows")
+    o.add_argument("--json", action="store_true", help="print the fusion record (and the timings) as JSON")
+    _add_html_args(o, "before / after fusion at the --at size")
     return p
 
 
@@ -536,7 +749,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _configure_logging(args.verbose, args.quiet)
     handlers = {"zoo": _cmd_zoo, "explain": _cmd_explain, "profile": _cmd_profile, "demo": _cmd_demo,
-                "verify": _cmd_verify}
+                "verify": _cmd_verify, "optimize": _cmd_optimize}
+    times = StageTimes()
+    log = logging.getLogger("foldcompile")
+    log.addHandler(times)
     try:
         return handlers[args.command](args)
     except CLIError as e:
@@ -549,6 +765,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"foldcompile {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
             return 2
         raise
+    finally:
+        log.removeHandler(times)
+        if args.verbose and not args.quiet and times.stages:
+            print("\n".join(times.table()), file=sys.stderr)
 
 
 if __name__ == "__main__":

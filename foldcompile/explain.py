@@ -21,7 +21,7 @@ size where the graph's structure does not depend on the size::
     >>> report.cost(N_seq=128, N_res=256)["classes"]["GEMM"]["flops"]  # same graph, other sizes
     2682257408
     >>> import os, tempfile
-    >>> with tempfile.TemporaryDirectory() as tmp:          # the graph coloured by op class
+    >>> with tempfile.TemporaryDirectory() as tmp:          # the HTML report (foldcompile.report_html)
     ...     os.path.basename(report.to_html(os.path.join(tmp, "evoformer.html")))
     'evoformer.html'
 
@@ -394,17 +394,14 @@ class Report:
     def __str__(self) -> str:
         return self.table()
 
-    def to_html(self, path: str, depth: int | None = None, full_graph_limit: int = 400) -> str:
-        """Write a self-contained HTML page (inline SVG and JS, no network): the graph coloured by
-        op class, collapsed by module at ``depth`` (each box expands to its nodes), the whole
-        node graph when it has at most ``full_graph_limit`` nodes, and the tables. Returns ``path``."""
-        from foldcompile.report_html import render_html
+    def to_html(self, path: str, depth: int | None = None, **options: Any) -> str:
+        """Write the self-contained HTML report (:func:`foldcompile.report_html.render_html`; inline
+        CSS and JS, no network): per-module bars of FLOPs and bytes, the fusion plan, and with
+        ``at=``, ``optimized=``, ``profile=``, ``ceilings=`` those sizes, an optimized variant's
+        before/after, measured times and a roofline. Returns ``path``."""
+        from foldcompile.report_html import write_html
 
-        html = render_html(self, depth=self.module_depth() if depth is None else depth,
-                           full_graph_limit=full_graph_limit)
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(html)
-        return path
+        return write_html(path, self, self.module_depth() if depth is None else depth, **options)
 
 
 def explain_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],

@@ -34,6 +34,7 @@ an earlier snapshot.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -42,6 +43,7 @@ import torch.fx
 
 from foldcompile.passes.base import PassError, PassResult, declared
 from foldcompile.passes.meta import NODE_KEYS
+from foldcompile.progress import stage_done
 
 _log = logging.getLogger(__name__)
 
@@ -179,6 +181,7 @@ class PassManager:
                                 + (f" (and {missing[1:]})" if len(missing) > 1 else "")
                                 + f", which no earlier pass ensures (passes before it: {list(self.history)})")
             _log.info("running pass %s", name)
+            t0 = time.perf_counter()
             result = fn(cur)
             if not isinstance(result, PassResult):
                 raise PassError(f"pass {name!r} returned {type(result).__name__}, not a PassResult")
@@ -188,6 +191,7 @@ class PassManager:
             cur.graph.lint()
             cur.recompile()
             self.history[name] = Step(name, copy_graph_module(cur), result)
+            stage_done(_log, f"pass {name}", time.perf_counter() - t0)
             if name == stop_after:
                 break
         return cur

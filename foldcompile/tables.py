@@ -7,12 +7,14 @@ module paths cut to a depth, per-class entries, aligned tables.
     ------  -----
     blocks      3
     (root)      2
+    >>> human(2.5e12, "FLOP"), human(3.1e8, "B"), human(0.0042, "s"), human(0, "B")
+    ('2.5 TFLOP', '310 MB', '4.2 ms', '0 B')
 """
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["ROOT", "cut_path", "entry", "format_table"]
+__all__ = ["ROOT", "cut_path", "entry", "format_table", "human"]
 
 ROOT = "(root)"  # how nodes of the model's own forward (module path "") are shown
 
@@ -41,3 +43,16 @@ def format_table(header: list[str], rows: list[list[Any]]) -> list[str]:
     for r in cells:
         out.append("  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths))))
     return out
+
+
+_PREFIXES = ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k"), (1.0, ""), (1e-3, "m"), (1e-6, "µ"))
+
+
+def human(value: float, unit: str) -> str:
+    """``value`` with an SI prefix and 3 significant digits (``2.5 TFLOP``, ``310 MB``, ``4.2 ms``)."""
+    if value == 0:
+        return f"0 {unit}"
+    for scale, prefix in _PREFIXES:
+        if abs(value) >= scale * 0.9995:
+            return f"{value / scale:.3g} {prefix}{unit}"
+    return f"{value:.3g} {unit}"

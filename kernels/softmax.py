@@ -3,7 +3,10 @@
 ``softmax(x, dim=-1, scale=s, bias=b, mask=m)`` computes ``softmax(s·x + b)`` over
 ``dim`` with the entries where ``m`` is False left out, all in fp32 whatever x's dtype,
 and returns x's dtype. A row with no True in its mask (or whose kept entries are all
-−inf) returns 0 and passes 0 gradient, where torch.softmax would give NaN. A row with a
+−inf) returns 0 and passes 0 gradient, where torch.softmax would give NaN; with
+``empty_rows="nan"`` it returns NaN there, as torch does (the forward kernel writes it: no
+extra pass over the output), and its gradient is then torch's too (0 where the mask left an
+entry out, NaN elsewhere in such a row). A row with a
 NaN or +inf among its kept entries (in x, bias or the scaled logits) returns NaN in
 every entry, as torch.softmax does; NaN at a masked-out entry is left out. AlphaFold masks with additive biases of −1e9 instead: a row
 masked only that way gets the same values as the fp32 reference (uniform weights when
@@ -73,7 +76,7 @@ def _softmax_fwd_kernel(X, BIAS, MASK, Y, M, N, S1, S2, S3,
                         sb0, sb1, sb2, sb3, sbn,
                         sm0, sm1, sm2, sm3, smn,
                         scale,
-                        HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, EMPTY_NAN: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # BLOCK_M rows a program: reads BLOCK_M·N of x (and bias/mask at their broadcast
     # addresses), writes BLOCK_M·N of y. Row r splits into 4 merged leading indices.
@@ -109,6 +112,9 @@ def _softmax_fwd_kernel(X, BIAS, MASK, Y, M, N, S1, S2, S3,
     # all-NaN row torch.softmax gives. (tl.max skips NaN on the GPU, so zmax stays finite and
     # only denom carries the NaN; a `denom > 0` guard would divide by 1 and hide it.)
     y = e / tl.where(denom == 0.0, 1.0, denom)[:, None]
+    if EMPTY_NAN:
+        # torch.softmax's value in a row that keeps nothing: NaN in every entry of the row
+        y = tl.where((denom == 0.0)[:, None], float("nan"), y)
     tl.store(Y + rows[:, None] * N + cols[None, :], y.to(Y.dtype.element_ty), mask=inb)
 
 
@@ -271,7 +277,7 @@ class SoftmaxFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, mask: torch.Tensor | None,
-                scale: float, plan) -> torch.Tensor:
+                scale: float, plan, empty_nan: bool = False) -> torch.Tensor:
         sizes, per_op = plan
         n = x.shape[-1]
         m = x.numel() // n
@@ -296,7 +302,7 @@ class SoftmaxFunction(torch.autograd.Function):
             _softmax_fwd_kernel[(triton.cdiv(m, block_m),)](
                 x, bias if bias is not None else x, mask_u8 if mask_u8 is not None else x, y,
                 m, n, sizes[1], sizes[2], sizes[3], *sx, *sb, *sm, float(scale),
-                HAS_BIAS=bias is not None, HAS_MASK=mask is not None,
+                HAS_BIAS=bias is not None, HAS_MASK=mask is not None, EMPTY_NAN=bool(empty_nan),
                 BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
         ctx.save_for_backward(y, mask_u8)
         # The mask's addressing in backward: the forward plan's merged sizes and mask strides.
@@ -312,7 +318,7 @@ class SoftmaxFunction(torch.autograd.Function):
         y, mask_u8 = ctx.saved_tensors
         need_dx, need_db = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_dx or need_db):
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         n = y.shape[-1]
         lead = list(y.shape[:-1])
         dy = dy.contiguous()
@@ -356,14 +362,19 @@ class SoftmaxFunction(torch.autograd.Function):
                 dbias = dbias.sum(-1, keepdim=True, dtype=torch.float32)
             dbias = dbias.reshape(ctx.bias_shape)
             dbias = dbias.to(ctx.bias_dtype)
-        return dx, dbias, None, None, None
+        return dx, dbias, None, None, None, None
 
 
 # ----------------------------------------------------------------------------- public API
 
 
-def _check(x, dim, scale, bias, mask) -> int:
+_EMPTY_ROWS = ("zero", "nan")
+
+
+def _check(x, dim, scale, bias, mask, empty_rows: str = "zero") -> int:
     """Validate the arguments; returns dim normalised to a non-negative index."""
+    if empty_rows not in _EMPTY_ROWS:
+        raise ValueError(f"softmax: empty_rows must be one of {_EMPTY_ROWS}, got {empty_rows!r}")
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"softmax: x must be a tensor, got {type(x).__name__}")
     if x.dtype not in _SUPPORTED:
@@ -398,13 +409,15 @@ def _check(x, dim, scale, bias, mask) -> int:
 
 
 def softmax_reference(x: torch.Tensor, dim: int = -1, *, scale: float | None = None,
-                      bias: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+                      bias: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                      empty_rows: str = "zero") -> torch.Tensor:
     """Plain-PyTorch ``softmax(scale·x + bias)`` over ``dim`` with mask False entries left out.
 
     Computes in fp32 (float64 for float64 x) and returns x's dtype. Rows with nothing
-    kept give 0 and pass 0 gradient. Differentiable by autograd in x and bias.
+    kept give 0 (``empty_rows="nan"``: NaN) and pass 0 gradient. Differentiable by autograd
+    in x and bias.
     """
-    dim = _check(x, dim, scale, bias, mask)
+    dim = _check(x, dim, scale, bias, mask, empty_rows)
     ct = torch.float64 if x.dtype == torch.float64 else torch.float32
     z = x.to(ct)
     if scale is not None:
@@ -421,11 +434,14 @@ def softmax_reference(x: torch.Tensor, dim: int = -1, *, scale: float | None = N
     denom = e.sum(dim=dim, keepdim=True)
     # == 0 (not > 0) so a NaN denominator (a NaN or +inf entry kept) makes the row NaN, as in torch.
     y = e / torch.where(denom == 0, torch.ones_like(denom), denom)
+    if empty_rows == "nan":
+        y = y.masked_fill(denom == 0, float("nan"))
     return y.to(x.dtype)
 
 
 def softmax(x: torch.Tensor, dim: int = -1, *, scale: float | None = None,
-            bias: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+            bias: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+            empty_rows: str = "zero") -> torch.Tensor:
     """Fused ``softmax(scale·x + bias)`` over ``dim``, entries with ``mask`` False left out.
 
     Args:
@@ -434,14 +450,16 @@ def softmax(x: torch.Tensor, dim: int = -1, *, scale: float | None = None,
         scale: multiplies x (in fp32), or None for 1.
         bias: additive, broadcastable to x (leading dims and/or the softmax dim); any float dtype.
         mask: bool, broadcastable to x; True = keep. Rows with no True give 0.
+        empty_rows: ``"zero"`` (rows that keep nothing give 0) or ``"nan"`` (they give NaN, as
+            ``torch.softmax`` of an all ``-inf`` row does), written by the forward kernel itself.
 
     Returns a tensor shaped and typed like x. Gradients flow to x and bias (the bias
     gradient summed over its broadcast dims, in bias's dtype); none to mask.
     """
-    dim = _check(x, dim, scale, bias, mask)
+    dim = _check(x, dim, scale, bias, mask, empty_rows)
     if not (_dispatch.use_triton(x, bias, mask) and x.dtype != torch.float64
             and x.shape[dim] <= MAX_TRITON_DIM):
-        return softmax_reference(x, dim, scale=scale, bias=bias, mask=mask)
+        return softmax_reference(x, dim, scale=scale, bias=bias, mask=mask, empty_rows=empty_rows)
     # A 0-d bias or mask (one value for every entry) is viewed as 1-d: the kernels and the bias
     # gradient's reduction index a last dim (autograd routes the gradient back through the view).
     bias = bias.reshape(1) if bias is not None and bias.dim() == 0 else bias
@@ -467,5 +485,5 @@ def softmax(x: torch.Tensor, dim: int = -1, *, scale: float | None = None,
         bias = None if bias is None else bias.expand(x.shape).contiguous()
         mask = None if mask is None else mask.expand(x.shape).contiguous()
         plan = _fwd_plan(x, bias, mask)
-    y = SoftmaxFunction.apply(x, bias, mask, 1.0 if scale is None else float(scale), plan)
+    y = SoftmaxFunction.apply(x, bias, mask, 1.0 if scale is None else float(scale), plan, empty_rows == "nan")
     return y.movedim(-1, dim) if dim != last else y

@@ -56,7 +56,8 @@ def classify_pass(gm: torch.fx.GraphModule) -> PassResult:
     Record: ``counts`` (nodes per class), ``other`` (``[{"node", "op"}]`` for every OTHER node),
     ``uncosted`` (``[{"node", "op"}]`` for every node whose FLOPs are unknown — ops without a
     registry entry, costed 0 FLOPs — so no cost is silently missing), ``mask_products`` (the
-    names of the mask-only products).
+    names of the mask-only products), ``bodies`` (per checkpoint body that shape_prop annotated,
+    its nodes' counts: they are classified too, but not counted in ``counts``).
     """
     if not isinstance(gm, torch.fx.GraphModule):
         raise PassError(f"classify_pass needs a torch.fx.GraphModule, got {type(gm).__name__}")
@@ -67,6 +68,21 @@ def classify_pass(gm: torch.fx.GraphModule) -> PassResult:
     for n in gm.graph.nodes:
         if n.op not in ("placeholder", "get_attr", "output") and "shape" not in n.meta:
             raise PassError(f"{describe_node(n)} has no shape meta: run shape_prop_pass before classify_pass")
+    _classify_graph(gm, counts, other, missing, mask_products)
+    bodies: dict[str, dict[str, int]] = {}
+    for name, body in _annotated_bodies(gm):
+        # a checkpoint body shape_prop annotated: its nodes are classified too (for the fusion rules),
+        # counted apart so the root's counts stay those of the graph's own nodes
+        bodies[name] = {}
+        _classify_graph(body, bodies[name], other, missing, mask_products)
+    _log.info("classify: %s; %d un-costed", counts, len(missing))
+    for item in missing:
+        _log.warning("classify: no cost known for %s (node %s): counted 0 FLOPs", item["op"], item["node"])
+    return PassResult(gm, False, {"counts": counts, "other": other, "uncosted": missing,
+                                  "mask_products": mask_products, "bodies": bodies})
+
+
+def _classify_graph(gm: torch.fx.GraphModule, counts: dict, other: list, missing: list, mask_products: list) -> None:
     masks = mask_only_nodes(gm)
     for n in gm.graph.nodes:
         cls = op_class_of(n, mask_only=n in masks)
@@ -80,11 +96,13 @@ def classify_pass(gm: torch.fx.GraphModule) -> PassResult:
             missing.append({"node": n.name, "op": op_name(n)})
         if cls != "GEMM" and "product_flops" in n.meta["cost"]:
             mask_products.append(n.name)
-    _log.info("classify: %s; %d un-costed", counts, len(missing))
-    for item in missing:
-        _log.warning("classify: no cost known for %s (node %s): counted 0 FLOPs", item["op"], item["node"])
-    return PassResult(gm, False, {"counts": counts, "other": other, "uncosted": missing,
-                                  "mask_products": mask_products})
+
+
+def _annotated_bodies(gm: torch.fx.GraphModule) -> list[tuple[str, torch.fx.GraphModule]]:
+    """The subgraphs (checkpoint bodies) whose every node shape propagation annotated."""
+    return [(name, m) for name, m in gm.named_modules()
+            if isinstance(m, torch.fx.GraphModule) and m is not gm
+            and all(n.op in ("placeholder", "get_attr", "output") or "shape" in n.meta for n in m.graph.nodes)]
 
 
 @dataclass

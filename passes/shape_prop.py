@@ -11,6 +11,10 @@ inputs (an ``fx.Interpreter``) and writes into every node's meta:
 - ``sym_value``: for integer-valued nodes (``x.shape[0] // 2``) the expression;
 - ``aliases_input``: for ops whose output shares storage with an input (views).
 
+The nodes of an activation-checkpoint body (a capture's ``checkpoint(wrap_body_0, *args)``
+call) are annotated too, the body's inputs taking the arguments' symbolic sizes: later
+passes (classify, fuse) see inside the region.
+
 Symbolic sizes are derived op by op (a rule per op: broadcasting, reshape groups,
 einsum letters, slices, cat, pad, ...; the rules and their contract are in
 :mod:`foldcompile.passes.shape_rules`). Integers written literally into the graph
@@ -60,6 +64,7 @@ from typing import Any, Callable, Sequence
 import sympy
 import torch
 import torch.fx
+import torch.utils.checkpoint
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from foldcompile.passes.base import PassError, PassResult, declare, describe_node
@@ -198,9 +203,12 @@ class _SymShapeProp(torch.fx.Interpreter):
     """Runs the graph; for each node finds its symbolic sizes (by its registry entry's shape rule, else by value),
     checks them against the concrete result and writes the node's meta."""
 
-    def __init__(self, gm: torch.fx.GraphModule, dims: dict[str, int]):
+    def __init__(self, gm: torch.fx.GraphModule, dims: dict[str, int], input_syms: Sequence[Any] | None = None):
         super().__init__(gm)
         self.dims = dims
+        # a checkpoint body's inputs: the symbolic sizes of the caller's arguments (not found by value)
+        self.input_syms = list(input_syms) if input_syms is not None else None
+        self.n_placeholders = 0
         self.value_to_sym = {v: dim_symbol(k) for k, v in dims.items()}
         self.example_subs = {dim_symbol(k): v for k, v in dims.items()}
         self.sym: dict[torch.fx.Node, Any] = {}
@@ -292,8 +300,17 @@ class _SymShapeProp(torch.fx.Interpreter):
         if n.op == "call_module":
             raise PassError(f"{describe_node(n)} calls module {n.target!r} ({type(gm_module(n)).__name__}): "
                             "shape_prop_pass takes op-level graphs (a capture, normalized), with no call_module node")
+        if _calls_checkpoint_body(n):
+            out, sym = self._run_checkpoint_body(n)
+            self._check(n, out, sym)
+            self.sym[n] = sym
+            self._write_meta(n, out, sym)
+            return out
         out = super().run_node(n)
-        if n.op in ("placeholder", "get_attr"):
+        if n.op == "placeholder" and self.input_syms is not None and self.n_placeholders < len(self.input_syms):
+            sym = self.input_syms[self.n_placeholders]
+            self.n_placeholders += 1
+        elif n.op in ("placeholder", "get_attr"):
             sym = self._map_out(out, lambda t: tuple(self.match_value(int(c)) if n.op == "placeholder"
                                                      else sympy.Integer(int(c)) for c in t.shape),
                                 lambda i: sympy.Integer(i))
@@ -331,6 +348,18 @@ class _SymShapeProp(torch.fx.Interpreter):
         self._write_meta(n, out, sym)
         return out
 
+    def _run_checkpoint_body(self, n: torch.fx.Node) -> tuple[Any, Any]:
+        """Annotate the body a ``torch.utils.checkpoint.checkpoint(body, *args)`` node calls, node by
+        node like this graph, its inputs taking the arguments' symbolic sizes; the call's value is
+        the body's. (Run here without grad, checkpointing would only drop what the body saves.)"""
+        args, _ = self.fetch_args_kwargs_from_env(n)
+        inner = _SymShapeProp(args[0], self.dims, input_syms=[self.sym_of(a) for a in n.args[1:]])
+        out = inner.run(*args[1:])
+        body = n.args[0].target if isinstance(n.args[0], torch.fx.Node) else "body"
+        self.fallback += [{**f, "node": f"{body}.{f['node']}"} for f in inner.fallback]
+        output = next(x for x in reversed(args[0].graph.nodes) if x.op == "output")
+        return out, inner.sym_of(output.args[0])
+
     def _write_meta(self, n: torch.fx.Node, out: Any, sym: Any) -> None:
         n.meta.pop("multi_output", None)
         n.meta.pop("sym_value", None)
@@ -347,6 +376,21 @@ class _SymShapeProp(torch.fx.Interpreter):
                 n.meta["sym_value"] = sym
             elif isinstance(sym, list):
                 n.meta["sym_value"] = list(sym)
+
+
+def _calls_checkpoint_body(n: torch.fx.Node) -> bool:
+    """``torch.utils.checkpoint.checkpoint(body, *args)`` on a subgraph of this module (a capture's
+    activation-checkpoint region): shape propagation annotates the body's nodes too, so the
+    passes after it (classify, fuse) see inside the region."""
+    if n.op != "call_function" or n.target is not torch.utils.checkpoint.checkpoint or not n.args:
+        return False
+    body, owner = n.args[0], n.graph.owning_module
+    if not isinstance(body, torch.fx.Node) or body.op != "get_attr" or owner is None:
+        return False
+    try:
+        return isinstance(owner.get_submodule(str(body.target)), torch.fx.GraphModule)
+    except AttributeError:
+        return False
 
 
 @declare(requires=(), ensures=(SHAPE, DTYPE, SYM_SHAPE, SYM_VALUE, SYM_ARGS, MULTI_OUTPUT, ALIASES_INPUT))

@@ -13,8 +13,9 @@ match exactly (an attention whose logits have a second user): the pass counts th
 the reason, so a test can assert "matched 4 attentions, rejected 1". Families:
 
     attention   softmax(scale·q kᵀ + biases, masked) v [· sigmoid(gate)]  -> kernels.attention
+                (attention_chunks: a chunk loop of one attention, concatenated -> one call)
     softmax     softmax(scale·x + bias, masked) left over                  -> kernels.softmax
-    layer_norm  layer_norm over the last dim                               -> kernels.layer_norm
+    layer_norm  layer_norm over the last dim, or written out by hand       -> kernels.layer_norm
     elementwise convex chains of element-wise ops of one shape             -> kernels.fuse_elementwise
 """
 from __future__ import annotations
@@ -77,6 +78,6 @@ class Rule:
 
 def all_rules() -> list[Rule]:
     """Every rule of every family, highest priority first."""
-    from foldcompile.passes.rules import attention, elementwise, layer_norm, softmax
-    rules = [*attention.RULES, *softmax.RULES, *layer_norm.RULES, *elementwise.RULES]
+    from foldcompile.passes.rules import attention, attention_chunks, elementwise, layer_norm, softmax
+    rules = [*attention_chunks.RULES, *attention.RULES, *softmax.RULES, *layer_norm.RULES, *elementwise.RULES]
     return sorted(rules, key=lambda r: -r.priority)

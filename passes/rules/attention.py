@@ -11,9 +11,15 @@ normalize gives each an explicit einsum equation in ``meta["einsum"]``) through 
 - boolean masks: ``masked_fill(x, c, fill)`` or ``torch.where(c, x, fill)`` /
   ``torch.where(c, fill, x)`` with ``c`` provably boolean (its dtype is ``torch.bool``) and
   ``fill`` ``-inf`` (anywhere in the chain) or the dtype's lowest value ``finfo.min`` (last, alone;
-  any other value gives masked keys weight in eager and is refused),
+  any other value gives masked keys weight in eager and is refused); the fill a number or a
+  0-dim constant built in ``forward`` (``torch.tensor(float("-inf"))``; a parameter or buffer
+  is not a constant),
+- no-op casts (``logits.to(torch.float32)`` on float32 logits: the same tensor),
 
-and whose only user is a second product contracting the softmax axis with v. The einsum
+and whose only user — through no-op casts (``w.to(v.dtype)`` when it is already ``v``'s dtype)
+and at most one NaN clean-up of the weights (``torch.nan_to_num(w)``, ``torch.where(torch.isnan(w),
+0, w)``, ``w.masked_fill(w.isnan(), 0)``: the fill exactly 0) — is a second product contracting the
+softmax axis with v. The einsum
 letters decide the roles: the softmax axis is the key axis, the letter contracted in the
 logits is the head dim, the output letter of the non-key operand is the query axis, the
 rest are batch axes (the last one is the kernel's head axis; K/V may lack it, as in global
@@ -23,7 +29,9 @@ kernel. A gate ``sigmoid(g) * layout(o)`` right after the attention (through sin
 ``transpose``/``permute``/``reshape``/``view``) is folded into the kernel's gate.
 
 Exactness: where eager's fully masked rows give NaN (an ``-inf`` fill), the replacement
-puts NaN back in those rows (the kernel returns 0 there); where eager's fill is finite (all
+puts NaN back in those rows (the kernel returns 0 there), unless the weights' NaNs are cleaned
+up to 0, which is then the kernel's own value (for finite q, k, v and biases: a NaN that comes
+from the inputs is cleaned up by eager, not by the kernel); where eager's fill is finite (all
 the row's logits equal, so the weights are uniform), it puts the mean of v back, and then
 no gate is folded. The kernel takes two additive terms: ``bias`` (any shape broadcastable to
 the logits) and ``key_bias`` (broadcastable to ``[..., H, 1, K]``: constant along the query
@@ -56,6 +64,7 @@ from foldcompile.kernels import attention as _attention_kernel
 from foldcompile.passes.einsum import GEMM_TARGETS, gemm_operands
 from foldcompile.passes.rules import Candidate, Context, Reject, Rule
 from foldcompile.passes.rules import _meta as M
+from foldcompile.passes.rules._values import constant_of, is_noop_cast
 
 __all__ = ["RULES", "fused_attention", "fill_fully_masked_rows"]
 
@@ -167,17 +176,65 @@ def _logits_chain(x: Any, region_ok) -> list[tuple[torch.fx.Node, list[tuple]]]:
                 for g, ops in _logits_chain(a[i], region_ok):
                     found.append((g, ops + [(x, "scale", c if name == "mul" else 1.0 / c)]))
     elif name == "masked_fill" and len(a) == 3:
-        v = _num(a[2])
+        v = constant_of(a[2], x)
         if v is not None and isinstance(a[1], torch.fx.Node) and M.dtype(a[1]) == torch.bool:
             for g, ops in _logits_chain(a[0], region_ok):
                 found.append((g, ops + [(x, "fill", a[1], False, v)]))
     elif name == "where" and len(a) == 3 and isinstance(a[0], torch.fx.Node) and M.dtype(a[0]) == torch.bool:
         for i, keep_if in ((1, True), (2, False)):
-            v = _num(a[3 - i])
+            v = constant_of(a[3 - i], x)
             if v is not None:
                 for g, ops in _logits_chain(a[i], region_ok):
                     found.append((g, ops + [(x, "fill", a[0], keep_if, v)]))
+    elif is_noop_cast(x):  # ``logits.to(torch.float32)`` on float32 logits: the same tensor
+        for g, ops in _logits_chain(a[0], region_ok):
+            found.append((g, ops + [(x, "cast")]))
     return found
+
+
+def _nan_cleanup(w: torch.fx.Node) -> tuple[torch.fx.Node, list[torch.fx.Node]] | None:
+    """``w`` with its NaN entries set to 0, as ``(the cleaned value, the nodes that compute it)``:
+    ``torch.nan_to_num(w)`` (nan=0), ``torch.where(torch.isnan(w), 0, w)``,
+    ``w.masked_fill(torch.isnan(w), 0)`` (the fill a number, a 0-dim constant or ``zeros_like(w)``)."""
+    users = list(w.users)
+    if len(users) == 1 and M.op_name(users[0]) == "nan_to_num" and users[0].args[0] is w:
+        u = users[0]
+        nan = u.args[1] if len(u.args) > 1 else u.kwargs.get("nan", 0.0)
+        return (u, [u]) if nan is None or constant_of(nan) == 0.0 else None
+    isnan = [u for u in users if M.op_name(u) == "isnan" and u.args[0] is w and len(u.users) == 1]
+    if len(isnan) != 1:
+        return None
+    sel = next(iter(isnan[0].users))
+    zeros = [u for u in users if M.op_name(u) == "zeros_like" and u.args[0] is w and set(u.users) == {sel}]
+    if set(users) - {isnan[0], sel, *zeros}:
+        return None
+    name, a = M.op_name(sel), sel.args
+
+    def zero(x: Any) -> bool:
+        return (x in zeros and M.dtype(x) == M.dtype(w)) or constant_of(x, sel) == 0.0
+
+    if name == "where" and len(a) == 3 and a[0] is isnan[0] and a[2] is w and zero(a[1]):
+        return sel, [isnan[0], *zeros, sel]
+    if name == "masked_fill" and len(a) == 3 and a[0] is w and a[1] is isnan[0] and zero(a[2]):
+        return sel, [isnan[0], *zeros, sel]
+    return None
+
+
+def _weights_epilogue(sm: torch.fx.Node) -> tuple[torch.fx.Node, list[torch.fx.Node], bool]:
+    """Follow the softmax through no-op casts and at most one NaN clean-up of the weights:
+    ``(the value the product with v reads, the nodes passed, whether NaNs were set to 0)``."""
+    cur, nodes, cleaned = sm, [], False
+    while True:
+        users = list(cur.users)
+        if len(users) == 1 and is_noop_cast(users[0]):
+            cur = users[0]
+            nodes.append(cur)
+            continue
+        clean = None if cleaned else _nan_cleanup(cur)
+        if clean is None or M.shape(clean[0]) != M.shape(sm) or M.dtype(clean[0]) != M.dtype(cur):
+            return cur, nodes, cleaned
+        cur, cleaned = clean[0], True
+        nodes += clean[1]
 
 
 def _recognise(sm: torch.fx.Node, ctx: Context) -> Candidate | Reject | None:
@@ -221,17 +278,18 @@ def _recognise(sm: torch.fx.Node, ctx: Context) -> Candidate | Reject | None:
         return Reject("q is broadcast over a batch axis")
     if set(kl) - set(batch) - {kL, dL}:
         return Reject("k has an axis the logits do not")
-    # the weights' only user contracts the key axis with v
-    if len(sm.users) != 1:
-        return Reject(f"the attention weights have {len(sm.users)} users")
-    pv = next(iter(sm.users))
+    # the weights' only user contracts the key axis with v (through no-op casts and a NaN clean-up)
+    w, epilogue, nan_cleaned = _weights_epilogue(sm)
+    if len(w.users) != 1:
+        return Reject(f"the attention weights have {len(w.users)} users")
+    pv = next(iter(w.users))
     g2 = _gemm(pv)
     if g2 is None:
         return Reject(f"the attention weights feed {M.op_name(pv)}, not a product with v")
     _, (pa, pb), po, (p0, p1) = g2
-    if (p0 is sm) == (p1 is sm):
+    if (p0 is w) == (p1 is w):
         return Reject("the attention weights are not exactly one operand of the product")
-    (pl, vl, vop) = (pa, pb, p1) if p0 is sm else (pb, pa, p0)
+    (pl, vl, vop) = (pa, pb, p1) if p0 is w else (pb, pa, p0)
     role = dict(zip(pl, lo))  # PV letter -> logits letter
     back = {v_: k_ for k_, v_ in role.items()}
     pk = back[kL]
@@ -256,6 +314,8 @@ def _recognise(sm: torch.fx.Node, ctx: Context) -> Candidate | Reject | None:
     terms, scale, masks, finite_fill, notes = [], 1.0, [], None, []
     for i, op in enumerate(ops):
         kind = op[1]
+        if kind == "cast":
+            continue  # the same tensor
         if finite_fill is not None:
             return Reject("logit arithmetic after a masked_fill with a finite value")
         if kind == "add":
@@ -280,8 +340,8 @@ def _recognise(sm: torch.fx.Node, ctx: Context) -> Candidate | Reject | None:
                 dt = M.dtype(op[0])
                 lowest = torch.finfo(dt).min if dt is not None and dt.is_floating_point else None
                 if lowest is None or v > lowest:
-                    return Reject(f"masked_fill value {v:g} is neither -inf nor the dtype's lowest value: "
-                                  "masked keys keep weight in eager")
+                    return Reject(f"mask fill value {v:g} ({M.op_name(op[0])}) is neither -inf nor the dtype's "
+                                  "lowest value: masked keys keep weight in eager")
                 if masks:
                     return Reject("a finite masked_fill after another mask: eager's fully masked rows "
                                   "cannot be reproduced")
@@ -290,9 +350,11 @@ def _recognise(sm: torch.fx.Node, ctx: Context) -> Candidate | Reject | None:
     bias_terms, key_terms, biases = _split_terms(terms, lo, qL, batch + [qL, kL])
     if len(terms) > 1:
         notes.append(f"biases: {biases}")
+    if nan_cleaned:
+        notes.append("the weights' NaN clean-up folded: a row that keeps no key gives 0, as the kernel does")
     parts.update(terms=terms, bias_terms=bias_terms, key_terms=key_terms, biases=biases, scale=scale, masks=masks,
-                 finite_fill=finite_fill)
-    region = peel_q + peel_k + peel_v + interior + [sm, pv]
+                 finite_fill=finite_fill, nan_cleaned=nan_cleaned)
+    region = peel_q + peel_k + peel_v + interior + [sm] + epilogue + [pv]
     output = pv
     # gate: sigmoid(g) * layout(o) with the same shape
     chain, cur = [], pv
@@ -474,7 +536,9 @@ def _replace(c: Candidate, ctx: Context) -> torch.fx.Node:
         gate = b(torch.unsqueeze, gate, 0) if gate is not None else None
     kw = {"key_bias": key_bias} if key_bias is not None else {}
     out = b(fused_attention, q, k, v, bias=bias, mask=mask, gate=gate, scale=p["scale"], **kw)
-    if mask is not None:
+    if mask is not None and (p["finite_fill"] is not None or not p["nan_cleaned"]):
+        # eager's value in a row that keeps no key: NaN (an -inf fill; 0 once the weights' NaNs are
+        # cleaned up, which is the kernel's own), or the mean of v (a finite fill: uniform weights)
         fill = float("nan") if p["finite_fill"] is None else b(torch.mean, v, -2, True)
         out = b(fill_fully_masked_rows, out, mask, fill)
     if unit:

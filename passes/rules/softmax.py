@@ -4,9 +4,11 @@ Runs after the attention family, so it sees the softmaxes no attention took (a s
 whose weights are used twice, an attention whose head dim the attention kernel refuses).
 It folds, walking back from the softmax through single-user steps: additive bias terms
 (one tensor; a second is left in the graph), scalings by Python numbers applied before
-the bias, and ``masked_fill(x, c, -inf)`` / ``where(c, x, -inf)`` with a boolean ``c``
-(eager gives NaN in a row that keeps nothing, the kernel 0: NaN is put back there). A
-finite fill is not folded (eager's weights are then uniform over the row).
+the bias, and ``masked_fill(x, c, -inf)`` / ``where(c, x, -inf)`` with a boolean ``c`` (the
+``-inf`` a number or a 0-dim constant such as ``torch.tensor(float("-inf"))``)
+(eager gives NaN in a row that keeps nothing: the kernel writes NaN there itself,
+``empty_rows="nan"``, with no extra pass over the weights). A finite fill is not folded
+(eager's weights are then uniform over the row).
 """
 from __future__ import annotations
 
@@ -16,9 +18,10 @@ import torch.fx
 from foldcompile.kernels import softmax as _softmax_kernel
 from foldcompile.passes.rules import Candidate, Context, Reject, Rule
 from foldcompile.passes.rules import _meta as M
+from foldcompile.passes.rules._values import constant_of
 from foldcompile.passes.rules.attention import _Builder, _num, _softmax_dim
 
-__all__ = ["RULES", "fused_softmax", "nan_where_fully_masked"]
+__all__ = ["RULES", "fused_softmax"]
 
 _MAX_ROW = 16384  # kernels/softmax.py MAX_TRITON_DIM
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -27,17 +30,9 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def fused_softmax(x: torch.Tensor, dim: int, *, scale: float | None = None, bias: torch.Tensor | None = None,
                   mask: torch.Tensor | None = None) -> torch.Tensor:
     """``softmax(scale·x + bias)`` over ``dim`` with ``mask`` False left out, through :func:`kernels.softmax`,
-    with torch's NaN on a row where nothing is left (every logit −inf: the kernel gives 0 there).
-
-    A softmax row sums to 1, so an all-zero row is exactly such a row. Restoring it here costs one
-    extra read of the output (moving the choice into the kernel is the faster follow-up)."""
-    y = _softmax_kernel(x, dim, scale=scale, bias=bias, mask=mask)
-    return y.masked_fill((y == 0).all(dim, keepdim=True), float("nan"))
-
-
-def nan_where_fully_masked(y: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
-    """Eager's NaN in the rows where ``mask`` keeps nothing (the kernel gives 0 there)."""
-    return torch.where(mask.any(dim, keepdim=True), y, float("nan"))
+    with torch's NaN on a row where nothing is left (every logit −inf or masked), which the kernel
+    writes itself (``empty_rows="nan"``)."""
+    return _softmax_kernel(x, dim, scale=scale, bias=bias, mask=mask, empty_rows="nan")
 
 
 def _recognise(sm: torch.fx.Node, ctx: Context) -> Candidate | Reject | None:
@@ -52,10 +47,11 @@ def _recognise(sm: torch.fx.Node, ctx: Context) -> Candidate | Reject | None:
     if isinstance(x, torch.fx.Node) and len(x.users) == 1 and x.op == "call_function":
         name, a = M.op_name(x), x.args
         cond = None
-        if name == "masked_fill" and len(a) == 3 and _num(a[2]) == float("-inf") and M.dtype(a[1]) == torch.bool:
+        if (name == "masked_fill" and len(a) == 3 and constant_of(a[2], x) == float("-inf")
+                and M.dtype(a[1]) == torch.bool):
             cond, keep_if, inner = a[1], False, a[0]
         elif (name == "where" and len(a) == 3 and isinstance(a[0], torch.fx.Node) and M.dtype(a[0]) == torch.bool
-              and _num(a[2]) == float("-inf")):
+              and constant_of(a[2], x) == float("-inf")):
             cond, keep_if, inner = a[0], True, a[1]
         if cond is not None and M.shape(inner) == xs:
             parts.update(mask=(cond, keep_if), x=inner)
@@ -105,12 +101,6 @@ def _replace(c: Candidate, ctx: Context) -> torch.fx.Node:
         cond, keep_if = p["mask"]
         mask = cond if keep_if else b(torch.logical_not, cond)
     out = b(fused_softmax, p["x"], p["dim"], scale=p["scale"], bias=p["bias"], mask=mask)
-    if mask is not None:
-        rank = len(M.shape(p["x"]))
-        m = mask
-        for _ in range(rank - len(M.shape(cond))):
-            m = b(torch.unsqueeze, m, 0)
-        out = b(nan_where_fully_masked, out, m, p["dim"])
     out.meta["shape"], out.meta["dtype"] = M.shape(c.output), M.dtype(c.output)
     return out
 

@@ -150,21 +150,13 @@ def test_table_and_code(evo):
 
 
 def test_html_is_self_contained_and_shows_every_class(pairformer, tmp_path):
-    path = pairformer.to_html(str(tmp_path / "pf.html"), depth=1)
+    # the page itself is tested in tests/compiler/test_report_html.py (numbers, a real browser)
+    path = pairformer.to_html(str(tmp_path / "pf.html"), depth=1, at={"N_res": 32})
     page = open(path, encoding="utf-8").read()
     assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
     for cls in OP_CLASSES:
         assert cls in page
     # no network: the only URL is the SVG namespace
-    assert set(re.findall(r"https?://[^\s\"']+", page)) == {"http://www.w3.org/2000/svg"}
+    assert set(re.findall(r"https?://[^\s\"'<>]+", page)) <= {"http://www.w3.org/2000/svg"}
     assert "<script src" not in page and "<link" not in page
-    # every op node is drawn (once in its module box, once in the whole-graph picture)
-    drawn = page.count('<g class="node"')
-    n_shown = sum(1 for n in pairformer.graph_module.graph.nodes if n.op != "get_attr")
-    assert drawn == 2 * n_shown
-    # one collapsible box per module run, coloured by class
-    assert "tri_att_start" in page and "class='run'" in page and "#d62728" in page
-    # a larger graph is collapsed to module boxes only
-    small_limit = pairformer.to_html(str(tmp_path / "pf2.html"), depth=1, full_graph_limit=10)
-    page2 = open(small_limit, encoding="utf-8").read()
-    assert page2.count('<g class="node"') == n_shown and "too many for one picture" in page2
+    assert "tri_att_start" in page and "N_res=32</b>" in page and "#d62728" in page

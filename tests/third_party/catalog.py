@@ -128,6 +128,13 @@ def _bool_mask(g, *shape):
     return _mask(g, *shape) > 0.5
 
 
+def _bool_mask_one_padded(g, *shape):
+    """A boolean key mask whose first batch element keeps no key at all (a padded entry)."""
+    m = _bool_mask(g, *shape)
+    m[0] = False
+    return m
+
+
 # ----------------------------------------------------------------------------- the table
 
 
@@ -211,6 +218,7 @@ def _boltz() -> list[Case]:
 def _protenix() -> list[Case]:
     apb = lambda g: (_randn(g, B, N_TOK, C), _randn(g, B, N_TOK, N_TOK, C), _mask(g, B, N_TOK))
     boolx = lambda g: (_randn(g, B, N_TOK, C), _bool_mask(g, B, N_TOK))
+    boolx_padded = lambda g: (_randn(g, B, N_TOK, C), _bool_mask_one_padded(g, B, N_TOK))
     out = [
         Case("px_attention_pair_bias_sdpa", "protenix", px.PXAttentionPairBias,
              lambda: px.PXAttentionPairBias(C, C, 2, efficient=True), apb,
@@ -224,7 +232,8 @@ def _protenix() -> list[Case]:
     ]
     for style in px.PXBoolMaskAttention.STYLES:
         out.append(Case(f"px_bool_mask_{style}", "protenix", px.PXBoolMaskAttention,
-                        (lambda s=style: px.PXBoolMaskAttention(C, 2, mask_style=s)), boolx,
+                        (lambda s=style: px.PXBoolMaskAttention(C, 2, mask_style=s)),
+                        boolx_padded if style in px.PXBoolMaskAttention.CLEAN_UP else boolx,
                         {"attention": 1, "layer_norm": 1, "softmax": 0}, seq_dims=(N_TOK,), head_dim=8))
     out += [
         Case("px_bmm_attention", "protenix", px.PXBmmAttention,
@@ -240,10 +249,13 @@ def _protenix() -> list[Case]:
         Case("px_adaptive_layer_norm", "protenix", px.PXAdaptiveLayerNorm,
              lambda: px.PXAdaptiveLayerNorm(C, 8), lambda g: (_randn(g, B, N_TOK, C), _randn(g, B, N_TOK, 8)),
              {"attention": 0, "layer_norm": 2, "softmax": 0}, {"elementwise": 1}, seq_dims=(N_TOK,)),
-        Case("px_layer_norm_by_hand", "protenix", px.PXLayerNormByHand,
-             lambda: px.PXLayerNormByHand(C), lambda g: (_randn(g, B, N_TOK, C, shift=0.7),),
-             {"attention": 0, "layer_norm": 1, "softmax": 0}, handwritten={"layer_norm": 1}, seq_dims=(N_TOK,)),
     ]
+    for spelling in px.PXLayerNormByHand.SPELLINGS:
+        out.append(Case("px_layer_norm_by_hand" + ("" if spelling == "rsqrt" else f"_{spelling}"), "protenix",
+                        px.PXLayerNormByHand, (lambda s=spelling: px.PXLayerNormByHand(C, spelling=s)),
+                        lambda g: (_randn(g, B, N_TOK, C, shift=0.7),),
+                        {"attention": 0, "layer_norm": 1, "softmax": 0}, handwritten={"layer_norm": 1},
+                        seq_dims=(N_TOK,)))
     return out
 
 
@@ -277,6 +289,19 @@ def _near_misses() -> list[Case]:
         Case("nm_unbiased_variance_norm", "near_miss", nm.NMUnbiasedVarianceNorm, lambda: nm.NMUnbiasedVarianceNorm(C),
              norm, {"attention": 0, "layer_norm": 0, "softmax": 0}, refuse="layer_norm",
              why="Tensor.var's default Bessel correction divides by c - 1, a layer norm by c", seq_dims=(N_TOK,)),
+        Case("nm_eps_outside_root", "near_miss", nm.NMEpsOutsideRoot, lambda: nm.NMEpsOutsideRoot(C), norm,
+             {"attention": 0, "layer_norm": 0, "softmax": 0}, refuse="layer_norm",
+             why="(x - mean) / (sqrt(var) + eps) is not (x - mean) / sqrt(var + eps)", seq_dims=(N_TOK,)),
+        Case("nm_soft_mask_fill", "near_miss", nm.NMSoftMaskFill, lambda: nm.NMSoftMaskFill(C, 2),
+             lambda g: (_randn(g, B, N_TOK, C), _bool_mask(g, B, N_TOK)), {"attention": 0, "layer_norm": 1},
+             refuse="attention", why="torch.where(mask, logits, torch.tensor(-2.0)): masked keys keep weight; "
+                                     "taking it as a mask drops them", seq_dims=(N_TOK,), head_dim=8),
+        Case("nm_nan_clean_up_to_uniform", "near_miss", nm.NMNanCleanUpToUniform,
+             lambda: nm.NMNanCleanUpToUniform(C, 2),
+             lambda g: (_randn(g, B, N_TOK, C), _bool_mask_one_padded(g, B, N_TOK)),
+             {"attention": 0, "layer_norm": 1}, refuse="attention",
+             why="the NaN weights of a row that keeps no key become 1/N, not 0: folding the clean-up as the "
+                 "kernel's 0 would drop the mean of v there", seq_dims=(N_TOK,), head_dim=8),
         Case("nm_softmax_sum_over_other_dim", "near_miss", nm.NMSoftmaxSumOverOtherDim,
              lambda: nm.NMSoftmaxSumOverOtherDim(C, 2, C), lambda g: wavg(g)[:2], {"attention": 0, "layer_norm": 1, "softmax": 0},
              refuse="softmax", why="max over dim -2 but the normalising sum over dim -3: not a softmax",

@@ -26,7 +26,8 @@ from .openfold_style import flatten_final_dims, permute_final_dims
 __all__ = [
     "NMSoftmaxOverQueries", "NMMaskAfterSoftmax", "NMBiasAfterSoftmax", "NMPerPositionScale",
     "NMValueOverQueries", "NMRMSNorm", "NMUnbiasedVarianceNorm", "NMSoftmaxSumOverOtherDim",
-    "NMSoftmaxBiasAfter", "NMDropPathNoRescale", "NMChainThroughLinear",
+    "NMSoftmaxBiasAfter", "NMDropPathNoRescale", "NMChainThroughLinear", "NMEpsOutsideRoot", "NMSoftMaskFill",
+    "NMNanCleanUpToUniform",
 ]
 
 
@@ -197,6 +198,86 @@ class NMUnbiasedVarianceNorm(_NormThenProject):
         mu = x.mean(-1, keepdim=True)
         y = (x - mu) / torch.sqrt(x.var(-1, keepdim=True) + self.eps) * self.weight + self.bias
         return self.linear(y)
+
+
+class NMEpsOutsideRoot(_NormThenProject):
+    """Near miss (layer_norm must refuse): ``eps`` added OUTSIDE the square root.
+
+    Style: hand-written layer norm. Spelling: ``(x - mu) / (torch.sqrt(((x - mu) ** 2).mean(-1,
+    keepdim=True)) + eps) * weight + bias``: the biased variance, but ``sqrt(var) + eps`` is not
+    ``sqrt(var + eps)``. (``eps = 0.1`` here so that the two differ visibly on the example inputs;
+    a rule must refuse it for any eps.)
+    """
+
+    def __init__(self, c: int = 16, eps: float = 0.1):
+        super().__init__(c, eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mu = x.mean(-1, keepdim=True)
+        var = ((x - mu) ** 2).mean(-1, keepdim=True)
+        y = (x - mu) / (torch.sqrt(var) + self.eps) * self.weight + self.bias
+        return self.linear(y)
+
+
+class _BoolMaskAttentionBase(nn.Module):
+    """LN, projections to heads, a boolean key mask ``[B, N]`` (True = attend), output projection."""
+
+    def __init__(self, c: int = 16, n_heads: int = 2):
+        super().__init__()
+        self.n_heads = n_heads
+        self.layer_norm = nn.LayerNorm(c)
+        self.linear_q = nn.Linear(c, c, bias=False)
+        self.linear_k = nn.Linear(c, c, bias=False)
+        self.linear_v = nn.Linear(c, c, bias=False)
+        self.linear_o = nn.Linear(c, c)
+
+    def _heads(self, t):
+        return t.view(t.shape[:-1] + (self.n_heads, -1)).transpose(-2, -3)
+
+    def _run(self, x, mask, weights):
+        x = self.layer_norm(x)
+        q = self._heads(self.linear_q(x))
+        q = q / math.sqrt(q.shape[-1])
+        k, v = self._heads(self.linear_k(x)), self._heads(self.linear_v(x))
+        w = weights(q @ k.transpose(-1, -2), mask[:, None, None, :])
+        return self.linear_o(flatten_final_dims((w @ v).transpose(-2, -3), 2))
+
+
+class NMSoftMaskFill(_BoolMaskAttentionBase):
+    """Near miss (attention must refuse): a boolean mask filled with a FINITE value, -2.
+
+    Style: AF3-style boolean-mask attention on the Protenix skeleton. Spelling:
+    ``torch.where(mask, logits, torch.tensor(-2.0))`` (a 0-dim tensor built in forward): masked
+    keys get logit -2 and keep weight; only ``-inf`` or the dtype's lowest value remove them.
+    """
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self._run(x, mask, lambda a, m: F.softmax(torch.where(m, a, torch.tensor(-2.0)), dim=-1))
+
+    def misread(self, x, mask):
+        return self._run(x, mask, lambda a, m: F.softmax(a.masked_fill(~m, float("-inf")), dim=-1))
+
+
+class NMNanCleanUpToUniform(_BoolMaskAttentionBase):
+    """Near miss (attention must refuse to fold the clean-up): NaN weights become 1/N, not 0.
+
+    Style: AF3-style boolean-mask attention on the Protenix skeleton, with a padded batch entry.
+    Spelling: ``w = F.softmax(logits.masked_fill(~mask, -inf), -1)`` then
+    ``torch.nan_to_num(w, nan=1.0 / w.shape[-1])``: a row that keeps no key averages v uniformly.
+    Folding it as the kernel's 0 for such rows (the ``nan=0`` clean-up) changes those rows.
+    """
+
+    def _weights(self, nan: Optional[float]):
+        def weights(a, m):
+            w = F.softmax(a.masked_fill(~m, float("-inf")), dim=-1)
+            return torch.nan_to_num(w, nan=1.0 / w.shape[-1] if nan is None else nan)
+        return weights
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self._run(x, mask, self._weights(None))
+
+    def misread(self, x, mask):
+        return self._run(x, mask, self._weights(0.0))
 
 
 # ----------------------------------------------------------------------------- softmax

@@ -198,11 +198,17 @@ class PXBoolMaskAttention(nn.Module):
     ``"masked_fill_finfo"``: ``logits.masked_fill(~mask, torch.finfo(logits.dtype).min)``;
     ``"where"``: ``torch.where(mask, logits, -inf)`` (a 0-dim tensor fill value);
     ``"sdpa_bool"``: ``F.scaled_dot_product_attention(q, k, v, attn_mask=mask)`` with SDPA's
-    own default scale (so ``_prep_qkv`` skips the scale). The example masks leave at least
-    one key per row, so ``-inf`` never meets a fully masked row.
+    own default scale (so ``_prep_qkv`` skips the scale); and two spellings that clean up the
+    NaN weights of rows that keep no key after an ``-inf`` fill, as padded-batch code does:
+    ``"masked_fill_inf_nan_to_num"``: ``torch.nan_to_num(F.softmax(...))``;
+    ``"masked_fill_inf_where_isnan"``: ``torch.where(torch.isnan(w), torch.zeros_like(w), w)``.
+    The example masks leave at least one key per row for the first four (so ``-inf`` never
+    meets a fully masked row); the clean-up spellings' examples mask one batch element whole.
     """
 
-    STYLES = ("masked_fill_inf", "masked_fill_finfo", "where", "sdpa_bool")
+    STYLES = ("masked_fill_inf", "masked_fill_finfo", "where", "sdpa_bool", "masked_fill_inf_nan_to_num",
+              "masked_fill_inf_where_isnan")
+    CLEAN_UP = ("masked_fill_inf_nan_to_num", "masked_fill_inf_where_isnan")
 
     def __init__(self, c: int = 16, n_heads: int = 2, mask_style: str = "masked_fill_inf"):
         super().__init__()
@@ -222,13 +228,18 @@ class PXBoolMaskAttention(nn.Module):
         else:
             q, k, v = att._prep_qkv(x, x)
             logits = q.to(dtype=torch.float32) @ k.to(dtype=torch.float32).transpose(-1, -2)
-            if self.mask_style == "masked_fill_inf":
+            if self.mask_style.startswith("masked_fill_inf"):
                 logits = logits.masked_fill(~key_mask, float("-inf"))
             elif self.mask_style == "masked_fill_finfo":
                 logits = logits.masked_fill(~key_mask, torch.finfo(logits.dtype).min)
             else:
                 logits = torch.where(key_mask, logits, torch.tensor(float("-inf"), dtype=logits.dtype))
-            o = F.softmax(logits, dim=-1).to(dtype=v.dtype) @ v
+            w = F.softmax(logits, dim=-1)
+            if self.mask_style == "masked_fill_inf_nan_to_num":
+                w = torch.nan_to_num(w)
+            elif self.mask_style == "masked_fill_inf_where_isnan":
+                w = torch.where(torch.isnan(w), torch.zeros_like(w), w)
+            o = w.to(dtype=v.dtype) @ v
         return att._wrap_up(o.transpose(-2, -3), x)
 
 
@@ -371,15 +382,22 @@ class PXLayerNormByHand(nn.Module):
     Style: Protenix ``modules/primitives``/``triangular/layers.OpenFoldLayerNorm`` parameters
     (``weight``, ``bias``, ``eps = 1e-5``) followed by a bias-free ``LinearNoBias``, with the
     normalisation spelled out as plain PyTorch code commonly does (Protenix itself calls
-    ``F.layer_norm`` or a fused kernel). Spelling: ``mean = x.mean(dim=-1, keepdim=True)``,
-    ``var = ((x - mean) ** 2).mean(dim=-1, keepdim=True)`` (the biased variance),
-    ``(x - mean) * torch.rsqrt(var + eps) * weight + bias``. The math of a layer norm: a rule
-    matching by math takes it (the near misses ``NMRMSNorm`` and ``NMUnbiasedVarianceNorm``
-    are the ones it must not take).
+    ``F.layer_norm`` or a fused kernel). Spelling: ``spelling`` picks one of ``"rsqrt"``:
+    ``mean = x.mean(dim=-1, keepdim=True)``, ``var = ((x - mean) ** 2).mean(dim=-1, keepdim=True)``
+    (the biased variance), ``(x - mean) * torch.rsqrt(var + eps) * weight + bias``; ``"var_sqrt"``:
+    ``x.var(dim=-1, keepdim=True, unbiased=False)`` and ``(x - mean) / torch.sqrt(var + eps)``;
+    ``"pow_mean"``: ``(x - mean).pow(2).mean(-1, keepdim=True)`` and ``weight * ((x - mean) /
+    (var + eps).sqrt()) + bias``. The math of a layer norm: a rule matching by math takes it (the
+    near misses ``NMRMSNorm``, ``NMUnbiasedVarianceNorm`` and ``NMEpsOutsideRoot`` are the ones
+    it must not take).
     """
 
-    def __init__(self, c: int = 16, eps: float = 1e-5):
+    SPELLINGS = ("rsqrt", "var_sqrt", "pow_mean")
+
+    def __init__(self, c: int = 16, eps: float = 1e-5, spelling: str = "rsqrt"):
         super().__init__()
+        assert spelling in self.SPELLINGS
+        self.spelling = spelling
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(c))
         self.bias = nn.Parameter(torch.zeros(c))
@@ -387,6 +405,14 @@ class PXLayerNormByHand(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mean = x.mean(dim=-1, keepdim=True)
-        var = ((x - mean) ** 2).mean(dim=-1, keepdim=True)
-        y = (x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
+        if self.spelling == "rsqrt":
+            var = ((x - mean) ** 2).mean(dim=-1, keepdim=True)
+            y = (x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
+        elif self.spelling == "var_sqrt":
+            var = x.var(dim=-1, keepdim=True, unbiased=False)
+            y = (x - mean) / torch.sqrt(var + self.eps) * self.weight + self.bias
+        else:
+            centred = x - mean
+            var = centred.pow(2).mean(-1, keepdim=True)
+            y = self.weight * (centred / (var + self.eps).sqrt()) + self.bias
         return self.linear_no_bias(y)

@@ -233,16 +233,18 @@ def test_optimize_fuses_every_attention_of_the_unmodified_pairformer(training):
     _check_optimized_equals_eager(model, fast, lambda: _inputs(7))
 
 
-def test_optimize_with_activation_checkpointing_fuses_nothing_yet_and_stays_exact():
-    """With Boltz's activation checkpointing on (train), every op sits in a checkpoint body, where
-    shape propagation does not reach yet: each rule refuses with that reason (open work), and
-    the module stays exactly the model's function."""
+def test_optimize_with_activation_checkpointing_fuses_inside_the_checkpoints():
+    """With Boltz's activation checkpointing on (train), every block's ops sit in a checkpoint body:
+    shape propagation annotates the bodies, so the same 6 attentions and 20 layer norms are fused
+    there, each block stays a checkpoint (recomputed in backward), and the module equals eager."""
     import foldcompile
 
     pf = _pairformer()
     model = _module(pf, training=True, checkpointing=True)
     fast = foldcompile.optimize(model, *_inputs(0))
     counts = fast.report.counts()
-    assert sum(c["matched"] for c in counts.values()) == 0
-    assert "without a known shape" in str(fast.report)
+    assert counts["attention"] == {"matched": 6, "rejected": 0}, fast.report
+    assert counts["layer_norm"] == {"matched": 20, "rejected": 0}, fast.report
+    assert "without a known shape" not in str(fast.report)
+    assert _calls(fast.graph_module).count("checkpoint") == 2
     _check_optimized_equals_eager(model, fast, lambda: _inputs(7))
