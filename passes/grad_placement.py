@@ -27,19 +27,20 @@ Partial otherwise (no traffic; whoever holds it sums it). Values that need no gr
 
     >>> import torch, torch.fx
     >>> from foldcompile.passes.placement import Placed, Replicate, Shard, redistribute
-    >>> torch.fx.wrap("redistribute")
-    'redistribute'
-    >>> def f(w, x):                       # w replicated; used on x's rows and in replicated compute
-    ...     return torch.sin(w) * x, redistribute(w, Replicate(), Shard(0)), w * 2
-    >>> gm = torch.fx.symbolic_trace(f)
-    >>> rows = Placed(Shard(0), (3, 2), 5)
-    >>> places = {"w": Placed(Replicate()), "x": rows, "sin": Placed(Replicate()), "mul": rows,
-    ...           "redistribute": rows, "mul_1": Placed(Replicate())}
-    >>> for n in gm.graph.nodes:
-    ...     n.meta["shard"] = places.get(n.name); n.meta["dtype"] = torch.float32
-    >>> g = gradient_placements(gm)
-    >>> g.of["w"], g.of["sin"], g.keep_edges, g.slice_grad["redistribute"]
-    ('partial', 'partial', [('w', 'mul_1')], 'partial')
+    >>> g = torch.fx.Graph()
+    >>> w, x = g.placeholder("w"), g.placeholder("x")            # w replicated, x sharded by rows
+    >>> sin = g.call_function(torch.sin, (w,), name="sin")
+    >>> rows_use = g.call_function(torch.mul, (sin, x), name="rows_use")     # sharded compute
+    >>> sliced = g.call_function(redistribute, (w, Replicate(), Shard(0)), name="sliced")
+    >>> whole_use = g.call_function(torch.mul, (w, 2), name="whole_use")     # replicated compute
+    >>> _ = g.output((rows_use, sliced, whole_use))
+    >>> gm = torch.fx.GraphModule(torch.nn.Module(), g)
+    >>> rows, whole = Placed(Shard(0), (3, 2), 5), Placed(Replicate())
+    >>> for n, p in zip(gm.graph.nodes, [whole, rows, whole, rows, rows, whole]):
+    ...     n.meta.update(shard=p, dtype=torch.float32)
+    >>> places = gradient_placements(gm)
+    >>> places.of["w"], places.of["sin"], places.keep_edges, places.slice_grad["sliced"]
+    ('partial', 'partial', [('w', 'whole_use')], 'partial')
 """
 from __future__ import annotations
 

@@ -10,9 +10,12 @@ fails here, naming the node, instead of inside a collective on some rank. It als
 
     >>> import torch, torch.fx
     >>> from foldcompile.passes.placement import Placed, Replicate, Shard
-    >>> gm = torch.fx.symbolic_trace(lambda z: z.view(13, 13, 2, 2))    # rows of z sharded, [5, 4, 4]
+    >>> g = torch.fx.Graph()
+    >>> z = g.placeholder("z")                                   # rows of z sharded, [5, 4, 4]
+    >>> view = g.call_method("view", (z, 13, 13, 2, 2))
+    >>> _ = g.output(view)
+    >>> gm = torch.fx.GraphModule(torch.nn.Module(), g)
     >>> gm.meta["dap"] = {"rank": 0, "world_size": 3}
-    >>> (z, view, out) = gm.graph.nodes
     >>> z.meta.update(shape=(5, 13, 4), dtype=torch.float32, shard=Placed(Shard(0), (5, 4, 4), 13))
     >>> view.meta.update(shape=(5, 13, 2, 2), dtype=torch.float32, shard=Placed(Shard(0), (5, 4, 4), 13))
     >>> local_shape_check_pass(gm)

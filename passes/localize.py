@@ -40,11 +40,12 @@ collective and no wrapper (zero overhead).
 
     >>> import torch, torch.fx
     >>> from foldcompile.passes.placement import Placed, Replicate, Shard, redistribute
-    >>> torch.fx.wrap("redistribute")
-    'redistribute'
-    >>> def rows_then_cols(z):                  # z [13, 13]: rows sharded, then columns
-    ...     return torch.exp(redistribute(torch.sin(z), Shard(0), Shard(1)))
-    >>> plan = torch.fx.symbolic_trace(rows_then_cols)
+    >>> g = torch.fx.Graph()                     # z [13, 13]: rows sharded, then columns
+    >>> z = g.placeholder("z")
+    >>> sin = g.call_function(torch.sin, (z,), name="sin")
+    >>> cols = g.call_function(redistribute, (sin, Shard(0), Shard(1)), name="cols")
+    >>> _ = g.output(g.call_function(torch.exp, (cols,), name="exp"))
+    >>> plan = torch.fx.GraphModule(torch.nn.Module(), g)
     >>> rows, cols = Placed(Shard(0), (5, 4, 4), 13), Placed(Shard(1), (5, 4, 4), 13)
     >>> for n, p in zip(plan.graph.nodes, [rows, rows, cols, cols, None]):
     ...     n.meta.update(shard=p, shape=(13, 13), sym_shape=(13, 13), dtype=torch.float32)

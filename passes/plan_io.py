@@ -13,9 +13,12 @@ propagation, classification and the placement search.
 
     >>> import torch, torch.fx
     >>> from foldcompile.passes.placement import Placed, Replicate, Shard, redistribute
-    >>> def f(z):
-    ...     return torch.sin(z).sum(0)
-    >>> planned = torch.fx.symbolic_trace(f)
+    >>> def capture():                                    # one capture of a small function
+    ...     g = torch.fx.Graph()
+    ...     z = g.placeholder("z")
+    ...     _ = g.output(g.call_function(torch.sum, (g.call_function(torch.sin, (z,)), 0)))
+    ...     return torch.fx.GraphModule(torch.nn.Module(), g)
+    >>> planned = capture()
     >>> z, sin, total, out = planned.graph.nodes
     >>> with planned.graph.inserting_after(sin):
     ...     whole = planned.graph.call_function(redistribute, (sin, Shard(0), Replicate()))
@@ -23,7 +26,7 @@ propagation, classification and the placement search.
     >>> for n, p in [(z, Shard(0)), (sin, Shard(0)), (whole, Replicate()), (total, Replicate())]:
     ...     n.meta.update(shard=Placed(p, (3, 2) if p == Shard(0) else None, 5), shape=(5, 4), dtype=torch.float32)
     >>> plan = export_plan(planned)
-    >>> replayed = import_plan(torch.fx.symbolic_trace(f), plan)     # another capture of the same function
+    >>> replayed = import_plan(capture(), plan)                 # another capture of the same function
     >>> [(n.name, n.meta.get("shard")) for n in replayed.graph.nodes][1:4]
     [('sin', Shard(0, sizes=[3, 2])), ('redistribute', Replicate()), ('sum_1', Replicate())]
 """
