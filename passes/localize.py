@@ -678,6 +678,7 @@ def localize_pass(gm: torch.fx.GraphModule, rank: int, world_size: int, *, input
             hook_node = node
     lowering = _Lowering(gm, rank, world_size, GradPlacements(), group_node=group_node, hook_node=hook_node,
                          validate=validate, record=record)
+    lowering._prologue = anchor          # the inputs' slices come after the group and hook they read
     if inputs == "full":
         lowering.slice_inputs()
     lowering.gather_outputs(outputs)

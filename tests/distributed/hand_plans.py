@@ -241,8 +241,8 @@ MINI_DIMS = {"N_seq": 5, "N_res": 7}
 MINI_SEEDS = {"m": "s0", "z": "s0", "msa_mask": "s0"}
 
 
-def mini_inputs(dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, ...]:
-    g = torch.Generator().manual_seed(11)
+def mini_inputs(dtype: torch.dtype = torch.float64, seed: int = 11) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
     S, R = MINI_DIMS["N_seq"], MINI_DIMS["N_res"]
     m = torch.randn(S, R, 8, generator=g, dtype=dtype)
     z = torch.randn(R, R, 6, generator=g, dtype=dtype)

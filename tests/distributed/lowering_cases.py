@@ -251,3 +251,39 @@ def rank_skips_case(rank: int):
         return "skipped"        # never calls the module: rank 0 waits in its first collective
     fast(*inputs)
     return "finished"
+
+
+# --------------------------------------------------------------------------- DP x DAP on a 2 x 2 mesh
+
+def dp_dap_case(rank: int):
+    """Ranks {0, 1} and {2, 3} are two DAP groups (each shards MiniDAP over 2); {0, 2} and {1, 3}
+    the data-parallel groups. Replica d trains on its own batch (inputs drawn from seed 11 + d);
+    after backward (DAP reduction within the group) the user averages over the DP group."""
+    from foldcompile.distributed.sharded import optimize_sharded
+
+    dap = [dist.new_group([0, 1]), dist.new_group([2, 3])]     # every rank creates every group
+    dp = [dist.new_group([0, 2]), dist.new_group([1, 3])]
+    replica, dap_rank = divmod(rank, 2)
+    model = H.MiniDAP(H.MINI_DIMS["N_seq"], H.MINI_DIMS["N_res"]).train()
+    inputs = H.mini_inputs(seed=11 + replica)
+    fast = optimize_sharded(model, *inputs, world_size=2, group=dap[replica], planner=H.hand_planner(H.MINI_SEEDS),
+                            rules=[])
+    torch.manual_seed(SEED + replica)
+    outs = fast(*inputs)
+    sum(wsin(w, o) for w, o in zip(weights(outs, torch.float64), outs)).backward()
+    for p in model.parameters():
+        dist.all_reduce(p.grad, group=dp[dap_rank])
+        p.grad /= 2
+    return {k: p.grad for k, p in model.named_parameters()}, fast.report.record["dap"]["rank"]
+
+
+def dp_dap_reference():
+    grads = {}
+    for replica in (0, 1):
+        model = H.MiniDAP(H.MINI_DIMS["N_seq"], H.MINI_DIMS["N_res"]).train()
+        torch.manual_seed(SEED + replica)
+        outs = model(*H.mini_inputs(seed=11 + replica))
+        sum(wsin(w, o) for w, o in zip(weights(outs, torch.float64), outs)).backward()
+        for k, p in model.named_parameters():
+            grads[k] = grads.get(k, 0) + p.grad / 2
+    return grads

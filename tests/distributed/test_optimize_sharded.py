@@ -75,6 +75,16 @@ def test_code_and_report_show_every_collective(pools):
     assert "32*N_res*floor(N_seq/2 + 1/2)" in report        # the all_to_all's bytes, symbolic in the local sizes
 
 
+def test_dp_times_dap_on_a_2x2_mesh(pools):
+    """Two data-parallel replicas, each sharded by DAP over its own group of 2 (``group=``): after
+    the DP average every rank holds the one-process average of the two replicas' gradients."""
+    ref = L.dp_dap_reference()
+    for r, (grads, dap_rank) in enumerate(pools.run(4, L.dp_dap_case)):
+        assert dap_rank == r % 2
+        for name, g in ref.items():
+            close(grads[name], g, f"rank {r} gradient of {name}")
+
+
 def test_the_contract_is_checked(pools):
     for r, msg in enumerate(pools.run(2, L.wrong_world_case)):
         assert "the process group has 2 ranks" in msg, msg
