@@ -156,3 +156,18 @@ def test_local_sizes_and_records():
     view = next(n for n in gm.graph.nodes if n.name == "view")
     assert view.meta["shape"] == (1, 7, 2, 4) and str(view.meta["sym_shape"][0]) == "floor(N_seq/3)"
     assert str(view.meta["sym_args"][1][0]) == "floor(N_seq/3)"
+
+
+def test_fusion_keeps_every_collective_a_barrier():
+    """fp32 with fusion on: kernels are made (so some regions lie between collectives), every runtime
+    call of the lowered graph survives, and no fused region took one in."""
+    from foldcompile.passes.localize import is_runtime_call
+
+    _, _, before, _, _, _ = L.lower_mini(1, 2, outputs="full", dtype=torch.float32, training=False)
+    _, _, gm, _, _, fused = L.lower_mini(1, 2, outputs="full", dtype=torch.float32, training=False, fuse=True)
+    assert fused > 0
+    runtime = sorted(n.name for n in before.graph.nodes if is_runtime_call(n))
+    assert sorted(n.name for n in gm.graph.nodes if is_runtime_call(n)) == runtime
+    for n in gm.graph.nodes:
+        if n.meta.get("fused_by"):
+            assert not set(n.meta.get("origin", ())) & set(runtime), n.name

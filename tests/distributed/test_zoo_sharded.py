@@ -93,3 +93,19 @@ def test_fp32_fused_within_the_verify_bound(pools):
             scale = max(ref.norm().item(), typical)
             mine, theirs = (gp[name].double() - ref).norm().item() / scale, (eager[2][name].double() - ref).norm().item() / scale
             assert mine <= 4 * theirs + 1e-6, (r, name, mine, theirs)
+
+
+@pytest.mark.slow   # starts torchrun (a fresh interpreter per rank)
+def test_demo_under_torchrun():
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                          str(port), "-m", "foldcompile.distributed.demo", "--steps", "1"],
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "OK: every rank trained what one process trains" in out.stdout
