@@ -70,7 +70,7 @@ class _LocalRun(torch.fx.Interpreter):
             return args[0].result
         if target is shard:
             x, d = args[0], args[1]
-            sizes = split_sizes(int(x.shape[d]), self.world)
+            sizes = kwargs.get("sizes") or split_sizes(int(x.shape[d]), self.world)
             return x.narrow(d, split_offsets(sizes)[self.rank], sizes[self.rank]).clone()
         if target in (keep_grad_on_rank, sum_grad):
             return args[0].view_as(args[0])

@@ -437,12 +437,9 @@ class _Lowering:
         gp = self.grads.slice_grad.get(n.name, "partial") if kind == "slice" else \
             self.grads.of.get(n.name, "replicate")
         if kind == "slice":
-            if list(want.split_sizes) != split_sizes(int(n.meta[SHAPE][want.dim]), self.world):
-                raise PassError(f"{describe_node(n)}: slicing {x.name} into {list(want.split_sizes)} along dim "
-                                f"{want.dim}; the runtime's shard() splits {n.meta[SHAPE][want.dim]} as "
-                                f"{split_sizes(int(n.meta[SHAPE][want.dim]), self.world)}")
             with self.graph.inserting_after(self._after(x)):
-                new = self._new(shard, (x, want.dim), {"grad_placement": gp, **self._comm_kwargs(x.name)},
+                new = self._new(shard, (x, want.dim), {"grad_placement": gp, "sizes": list(want.split_sizes),
+                                                       **self._comm_kwargs(x.name)},
                                 like=n, name=f"{x.name}_s{want.dim}", placed=want)
             self._made_for_input(x, new)
             new.kwargs = {k: v for k, v in new.kwargs.items() if k not in ("hook", "validate")}

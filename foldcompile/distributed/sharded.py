@@ -76,6 +76,17 @@ _RANDOM = {"dropout", "bernoulli", "rand", "randn", "rand_like", "randn_like", "
            "randint", "randint_like", "normal", "multinomial", "alpha_dropout", "feature_alpha_dropout"}
 
 
+def _draws(n: torch.fx.Node) -> bool:
+    """A node that draws random numbers when it runs (a dropout with ``training=False`` does not)."""
+    if n.op != "call_function" or op_name(n) not in _RANDOM:
+        return False
+    if op_name(n) in ("dropout", "sharded_dropout"):
+        p = n.args[1] if len(n.args) > 1 else n.kwargs.get("p", 0.5)
+        training = n.args[2] if len(n.args) > 2 else n.kwargs.get("training", n.kwargs.get("train", True))
+        return training is not False and p != 0
+    return True
+
+
 def default_planner() -> Planner:
     """The DAP planning pass (``foldcompile.passes.shard.shard_pass``)."""
     try:
@@ -188,9 +199,10 @@ def make_plan(model: torch.nn.Module, *example_inputs: Any, world_size: int,
     """Capture, annotate and plan ``model`` for ``world_size`` ranks in this process (no process group
     needed) and return the plan as data (:class:`~foldcompile.passes.plan_io.PlanExport`), for
     ``optimize(..., world_size=P, plan=...)`` on every rank: planned once, e.g. in a launcher."""
-    gm = normalize_pass(trace(model, *example_inputs, **example_kwargs)).graph_module
-    _annotated(model, gm, _copies(flat_inputs(gm, example_inputs, example_kwargs)), dims)
-    return _plan(model, gm, world_size, dap_axes, planner, at)
+    with torch.random.fork_rng():   # shape propagation runs the model's random ops: the caller's draws stay
+        gm = normalize_pass(trace(model, *example_inputs, **example_kwargs)).graph_module
+        _annotated(model, gm, _copies(flat_inputs(gm, example_inputs, example_kwargs)), dims)
+        return _plan(model, gm, world_size, dap_axes, planner, at)
 
 
 def _plan(model, gm, world_size, dap_axes, planner, at) -> PlanExport:
@@ -281,7 +293,7 @@ def build_sharded_variant(model: torch.nn.Module, args: tuple, kwargs: Mapping[s
     dap["max_bytes_in_flight"] = max_bytes_in_flight
     dap["build_seconds"] = times
     dap["plan_notes"] = _plan_notes(plan_record)
-    dap["has_random"] = any(n.op == "call_function" and op_name(n) in _RANDOM for n in local.graph.nodes)
+    dap["has_random"] = any(_draws(n) for n in local.graph.nodes)
     if check_ranks and plan_on == "every_rank":
         sig = [(c["kind"], c["tensor"], c["src"], c["dst"], c.get("grad_placement")) for c in collectives]
         _same_on_every_rank("planned collectives", _digest(sig + dap["partial_params"]), group,

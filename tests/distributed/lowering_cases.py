@@ -287,3 +287,15 @@ def dp_dap_reference():
         for k, p in model.named_parameters():
             grads[k] = grads.get(k, 0) + p.grad / 2
     return grads
+
+
+def shard_sizes_case(rank: int):
+    """``shard`` with explicit (not split_sizes) shard sizes, and its two gradient placements."""
+    from foldcompile.distributed import shard
+
+    x = torch.arange(8.0, dtype=torch.float64).view(4, 2).requires_grad_()
+    y = torch.arange(8.0, dtype=torch.float64).view(4, 2).requires_grad_()
+    a = shard(x, 0, grad_placement="partial", sizes=[1, 3])
+    b = shard(y, 0, grad_placement="replicate", sizes=[1, 3])
+    ((rank + 1) * (a.sum() + b.sum())).backward()
+    return a.detach(), x.grad, y.grad

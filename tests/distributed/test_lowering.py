@@ -106,6 +106,15 @@ def test_collectives_issue_in_need_order_and_backward_mirrors_forward(pools):
         assert "h_move_2 = foldcompile_distributed_collectives_all_to_all_start(move_2" in code
 
 
+def test_shard_with_explicit_sizes(pools):
+    """A slice of a merged dim is planned with its own sizes ([1, 3] here, not split_sizes' [2, 2])."""
+    (a0, gx0, gy0), (a1, gx1, gy1) = pools.run(2, L.shard_sizes_case)
+    assert a0.tolist() == [[0.0, 1.0]] and a1.tolist() == [[2.0, 3.0], [4.0, 5.0], [6.0, 7.0]]
+    assert gx0.tolist() == [[1.0, 1.0], [0, 0], [0, 0], [0, 0]]          # partial: this rank's rows only
+    assert gx1.tolist() == [[0, 0], [2.0, 2.0], [2.0, 2.0], [2.0, 2.0]]
+    assert gy0.tolist() == gy1.tolist() == [[1.0, 1.0], [2.0, 2.0], [2.0, 2.0], [2.0, 2.0]]  # replicate: gathered
+
+
 def test_static_schedule():
     """In the lowered graph: every wait sits right before its first consumer; every start right
     after the last of its producer and the starts needed before it."""
