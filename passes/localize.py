@@ -71,7 +71,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import sympy
 import torch
 import torch.fx
-from torch.distributed.tensor import Partial, Replicate, Shard
+from torch.distributed.tensor import Partial, Replicate
 
 from foldcompile.distributed.collectives import (all_gather_start, all_reduce_start, all_to_all_start,
                                                  reduce_scatter_start, shard, split_offsets, split_sizes, wait)

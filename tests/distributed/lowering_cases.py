@@ -21,7 +21,7 @@ from foldcompile.passes.classify import classify_pass
 from foldcompile.passes.fuse import fuse_pass
 from foldcompile.passes.local_shape_check import local_shape_check_pass
 from foldcompile.passes.localize import annotate_collectives, localize_pass
-from foldcompile.passes.placement import Placed, Replicate
+from foldcompile.passes.placement import Placed
 from foldcompile.passes.schedule_collectives import schedule_collectives_pass
 
 import hand_plans as H
@@ -150,7 +150,10 @@ def optimize_mini(world: int, *, outputs: str = "full", dtype=torch.float64, tra
 
 def optimize_mini_case(rank: int, loss: str, dtype=torch.float64, training=True, fuse=False):
     """``optimize(world_size=P)`` on MiniDAP (the hand planner as its planning pass): one call,
-    one backward, no explicit reduction (the module waits for it at the end of backward)."""
+    one backward, no explicit reduction (the module waits for it at the end of backward).
+    Returns the outputs, gradients, output placements, fused count, ``.code`` and ``explain(module)``."""
+    import foldcompile
+
     world = dist.get_world_size()
     model, inputs, fast = optimize_mini(world, outputs="full" if loss == "replicated" else "sharded",
                                         dtype=dtype, training=training, fuse=fuse)
@@ -168,7 +171,7 @@ def optimize_mini_case(rank: int, loss: str, dtype=torch.float64, training=True,
             total = total + (share if loss == "sharded" else 1) * wsin(w, o)
     total.backward()
     return ([o.detach() for o in outs], (m.grad, z.grad), {k: p.grad for k, p in model.named_parameters()},
-            places, len(fast.report.matches), fast.code, str(fast.report))
+            places, len(fast.report.matches), fast.code, str(foldcompile.explain(fast)))
 
 
 def train_steps_case(rank: int, steps: int):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import foldcompile
-from foldcompile.distributed import Pool, RankError, RankTimeoutError
+from foldcompile.distributed import Pool, RankTimeoutError
 
 import lowering_cases as L
 
@@ -63,7 +63,9 @@ def test_fp32_fused_within_the_verify_bound(pools):
             assert err(g[name], truth[2][name]) <= 4 * err(eager[2][name], truth[2][name]) + 1e-6, (r, name)
 
 
-def test_code_and_report_show_every_collective(pools):
+def test_code_and_explain_show_every_collective(pools):
+    """``.code`` names the runtime calls; ``foldcompile.explain(module)`` lists every collective
+    with its placements, gradient placement, symbolic bytes and position."""
     (_, _, _, _, _, code, report), _ = pools.run(2, L.optimize_mini_case, "replicated")
     assert "h_m_c = all_to_all_start(m_c, split_dim = 1, cat_dim = 0, cat_sizes = [3, 2], split_sizes = [4, 3]" in code
     assert "m_c_s1 = wait(h_m_c)" in code
