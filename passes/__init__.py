@@ -5,9 +5,6 @@
                 on real or fake tensors
     classify    op class (GEMM / REDUCTION / ELEMENTWISE / LAYOUT / COMM / OTHER) and symbolic cost
     fuse        the fusion rules of ``passes/rules`` (attention, softmax, layer norm) into the kernels
-    localize    a planned DAP graph to one rank's graph: collectives, local sizes, gradient placements
-                (with grad_placement, its analysis; local_shape_check, its fake-tensor check;
-                schedule_collectives, starts early and waits late; plan_io, a plan as data)
 
 The op IR under them:
 
