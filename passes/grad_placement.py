@@ -172,5 +172,23 @@ def gradient_placements(gm: torch.fx.GraphModule, *, inputs_requiring_grad: Opti
         result.of[v.name] = place
         for s in slices:
             result.slice_grad[s.name] = place
+    _one_placement_per_parameter(gm, result)
     result.keep_edges.reverse()               # in graph order
     return result
+
+
+def _one_placement_per_parameter(gm: torch.fx.GraphModule, result: GradPlacements) -> None:
+    """A parameter read by several get_attr nodes has one gradient: if one node's is Partial and
+    another's Replicate, the Replicate node's uses are kept on one rank too (the whole is Partial)."""
+    by_target: dict[str, list[torch.fx.Node]] = {}
+    for n in gm.graph.nodes:
+        if n.op == "get_attr" and n.name in result.of:
+            by_target.setdefault(str(n.target), []).append(n)
+    for nodes in by_target.values():
+        if {result.of[n.name] for n in nodes} != {PARTIAL, REPLICATE}:
+            continue
+        for n in nodes:
+            if result.of[n.name] == REPLICATE:
+                result.of[n.name] = PARTIAL
+                result.keep_edges += [(n.name, u.name) for u in reversed(list(n.users))
+                                      if u.op == "output" or u.name in result.requires_grad]

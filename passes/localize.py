@@ -689,8 +689,9 @@ def localize_pass(gm: torch.fx.GraphModule, rank: int, world_size: int, *, input
         lowering.visit(n)
     for n in graph.nodes:
         if n.op == "get_attr" and n.name in lowering.grads.of:
-            (record["partial_params"] if lowering.grads.of[n.name] == "partial"
-             else record["replicate_params"]).append(str(n.target))
+            group = record["partial_params"] if lowering.grads.of[n.name] == "partial" else record["replicate_params"]
+            if str(n.target) not in group:
+                group.append(str(n.target))
         _write_local_meta(n, rank, world_size, lowering.subs)
     record["output_placements"] = lowering.placements_of_outputs()
     graph.eliminate_dead_code(is_impure_node=_keeps)

@@ -180,3 +180,26 @@ def test_fusion_keeps_every_collective_a_barrier():
     for n in gm.graph.nodes:
         if n.meta.get("fused_by"):
             assert not set(n.meta.get("origin", ())) & set(runtime), n.name
+
+
+def test_a_parameter_read_twice_gets_one_gradient_placement():
+    """Two get_attr nodes of one parameter, one used on shards and one replicated: the parameter is
+    Partial, and the replicated node's uses are kept on one rank."""
+    from foldcompile.passes.grad_placement import gradient_placements
+    from foldcompile.passes.placement import Placed, Replicate, Shard
+
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    w1, w2 = g.get_attr("w"), g.get_attr("w")
+    a = g.call_function(torch.mul, (x, w1), name="a")          # sharded
+    b = g.call_function(torch.sin, (w2,), name="b")            # replicated
+    g.output((a, b))
+    root = torch.nn.Module()
+    root.w = torch.nn.Parameter(torch.ones(3))
+    gm = torch.fx.GraphModule(root, g)
+    rows = Placed(Shard(0), (2, 1), 3)
+    for n, p in zip(gm.graph.nodes, [rows, Placed(Replicate()), Placed(Replicate()), rows, Placed(Replicate())]):
+        n.meta.update(shard=p, dtype=torch.float32)
+    places = gradient_placements(gm, inputs_requiring_grad={"x": False})
+    assert places.of[w1.name] == places.of[w2.name] == "partial"
+    assert places.keep_edges == [(w2.name, "b")]
