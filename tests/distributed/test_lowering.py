@@ -203,3 +203,43 @@ def test_a_parameter_read_twice_gets_one_gradient_placement():
     places = gradient_placements(gm, inputs_requiring_grad={"x": False})
     assert places.of[w1.name] == places.of[w2.name] == "partial"
     assert places.keep_edges == [(w2.name, "b")]
+
+
+def _two_gathers():
+    """x -> a, b (both gathered); c independent work; the gathers are needed by d and e, late."""
+    from foldcompile.distributed import all_gather_start, wait
+
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    a = g.call_function(torch.sin, (x,), name="a")
+    b = g.call_function(torch.cos, (x,), name="b")
+    ha = g.call_function(all_gather_start, (a, 0), {"grad_placement": "partial"}, name="h_a")
+    wa = g.call_function(wait, (ha,), name="a_full")
+    hb = g.call_function(all_gather_start, (b, 0), {"grad_placement": "partial"}, name="h_b")
+    wb = g.call_function(wait, (hb,), name="b_full")
+    c1 = g.call_function(torch.exp, (x,), name="c1")
+    c2 = g.call_function(torch.exp, (c1,), name="c2")
+    d = g.call_function(torch.add, (wa, c2), name="d")
+    e = g.call_function(torch.add, (wb, d), name="e")
+    g.output(e)
+    gm = torch.fx.GraphModule(torch.nn.Module(), g)
+    for n in gm.graph.nodes:
+        n.meta.update(shape=(4, 4), dtype=torch.float32)      # 64 bytes each
+    return gm
+
+
+def test_schedule_need_order_and_bytes_in_flight():
+    from foldcompile.passes.schedule_collectives import schedule_collectives_pass
+
+    gm = _two_gathers()
+    rec = schedule_collectives_pass(gm).record["collectives"]
+    order = [n.name for n in gm.graph.nodes]
+    # both issued right after their producers (a's first: it is needed first), waited right before use
+    assert order == ["x", "a", "h_a", "b", "h_b", "c1", "c2", "a_full", "d", "b_full", "e", "output"]
+    assert [(c["start"], c["between"], c["allowed"], c["delayed"]) for c in rec] == [
+        ("h_a", 3, 3, None), ("h_b", 3, 3, None)]
+    gm = _two_gathers()
+    rec = schedule_collectives_pass(gm, max_bytes_in_flight=100).record["collectives"]   # one at a time
+    order = [n.name for n in gm.graph.nodes]
+    assert order == ["x", "a", "h_a", "b", "c1", "c2", "a_full", "h_b", "d", "b_full", "e", "output"]
+    assert rec[1]["delayed"] == "waits for bytes in flight (at most 100)" and rec[1]["between"] == 1
