@@ -243,3 +243,69 @@ def test_schedule_need_order_and_bytes_in_flight():
     order = [n.name for n in gm.graph.nodes]
     assert order == ["x", "a", "h_a", "b", "c1", "c2", "a_full", "h_b", "d", "b_full", "e", "output"]
     assert rec[1]["delayed"] == "waits for bytes in flight (at most 100)" and rec[1]["between"] == 1
+
+
+def test_schedule_keeps_a_pair_in_its_grad_mode_region():
+    """A pair placed next to its producer in a grad-enabled region is waited before a no-grad
+    region starts, though its consumer comes after it (run under no_grad, the wait would record
+    no autograd node and the gradient would be lost)."""
+    from foldcompile.distributed import all_gather_start, wait
+    from foldcompile.passes.schedule_collectives import schedule_collectives_pass
+
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    a = g.call_function(torch.sin, (x,), name="a")
+    h = g.call_function(all_gather_start, (a, 0), {"grad_placement": "partial"}, name="h_a")
+    w = g.call_function(wait, (h,), name="a_full")
+    off = g.call_function(torch._C._set_grad_enabled, (False,), name="grad_off")
+    c = g.call_function(torch.exp, (x,), name="c")
+    on = g.call_function(torch._C._set_grad_enabled, (True,), name="grad_on")
+    d = g.call_function(torch.add, (w, c), name="d")
+    g.output(d)
+    gm = torch.fx.GraphModule(torch.nn.Module(), g)
+    for n in gm.graph.nodes:
+        n.meta.update(shape=(4, 4) if n.name not in ("grad_off", "grad_on") else None, dtype=torch.float32)
+    schedule_collectives_pass(gm)
+    assert [n.name for n in gm.graph.nodes] == ["x", "a", "h_a", "a_full", "grad_off", "c", "grad_on", "d", "output"]
+
+
+def _plan_of(build, places):
+    """A hand-built graph with the given placements (by node name) and (3, 4) float shapes."""
+    g = torch.fx.Graph()
+    out = build(g)
+    g.output(out)
+    gm = torch.fx.GraphModule(torch.nn.Module(), g)
+    for n in gm.graph.nodes:
+        if n.op != "output":
+            n.meta.update(shape=(3, 4), sym_shape=(3, 4), dtype=torch.float32, shard=places.get(n.name))
+    return gm
+
+
+def test_plans_the_lowering_refuses():
+    from foldcompile.passes.base import PassError
+    from foldcompile.passes.localize import localize_pass
+    from foldcompile.passes.placement import Placed, Replicate, Shard, redistribute
+
+    rows = Placed(Shard(0), (2, 1), 3)
+    rep = Placed(Replicate())
+    sin = lambda g: g.call_function(torch.sin, (g.placeholder("x"),), name="y")   # noqa: E731
+    with pytest.raises(PassError, match="'y'.*has no placement"):
+        localize_pass(_plan_of(sin, {"x": rows}), 0, 2)
+    with pytest.raises(PassError, match="planned as Shard\\(0, sizes=\\[2, 1\\]\\) for 2 ranks, but the lowering is "
+                                        "for world_size=3"):
+        localize_pass(_plan_of(sin, {"x": rows, "y": rows}), 0, 3)
+
+    def moved(g):
+        return g.call_function(redistribute, (g.placeholder("x"), Shard(1), Replicate()), name="r")
+    with pytest.raises(PassError, match="moves x from S\\(1\\), but x is planned as Shard\\(0"):
+        localize_pass(_plan_of(moved, {"x": rows, "r": rep}), 0, 2)
+
+    def draw(g):
+        return g.call_function(torch.randint_like, (g.placeholder("x"), 5), name="y")
+    with pytest.raises(PassError, match="randint_like on a sharded tensor would draw other values"):
+        localize_pass(_plan_of(draw, {"x": rows, "y": rows}), 0, 2)
+
+    def cut(g):
+        return g.call_function(torch.narrow, (g.placeholder("x"), 0, 1, 2), name="y")
+    with pytest.raises(PassError, match="narrows \\[1, 1 \\+ 2\\) of the dim 0 the plan shards"):
+        localize_pass(_plan_of(cut, {"x": rows, "y": rows}), 0, 2)
