@@ -13,6 +13,9 @@
 Progress is logged under the ``foldcompile`` logger (``foldcompile.passes.<name>`` per pass):
 ``logging.getLogger("foldcompile").setLevel(logging.INFO)`` with a handler shows it.
 
+``torch.compile(model, backend="foldcompile")`` runs the same pipeline on Dynamo's graphs
+(:mod:`foldcompile.dynamo_backend`).
+
 Note: ``foldcompile.explain``, ``.profile``, ``.optimize`` and ``.verify`` are the functions; their
 modules are ``importlib.import_module("foldcompile.explain")`` and so on (``from foldcompile.explain
 import Report`` works as usual). Nothing heavy is imported until a name is first used.
@@ -82,3 +85,22 @@ def explain(model, *example_inputs, **kwargs):
     if isinstance(model, OptimizedModule) and not example_inputs and not kwargs:
         return model.report
     return explain_model(model, *example_inputs, **kwargs)
+
+
+def _register_backend_for_source_checkouts() -> None:
+    """``torch.compile(model, backend="foldcompile")``: an installed package is found by Dynamo through
+    its entry point (pyproject.toml, ``torch_dynamo_backends``); a source checkout (``PYTHONPATH=.``)
+    has none, so the backend is registered here, when torch is already imported (``import
+    foldcompile`` alone, and the CLI's ``--help``, stay free of torch)."""
+    if "torch" not in _sys.modules:
+        return
+    from importlib.metadata import entry_points
+
+    if any(ep.name == "foldcompile" for ep in entry_points(group="torch_dynamo_backends")):
+        return
+    from foldcompile.dynamo_backend import register
+
+    register()
+
+
+_register_backend_for_source_checkouts()

@@ -382,6 +382,9 @@ class Report:
             rows.append([path, n, f / 1e9, b / 1e6, f / b if b else 0.0, mix])
         lines += format_table([f"module (depth {depth})", "nodes", "GFLOP", "MB", "FLOP/B",
                                "mix (G/R/E/L/C/O nodes)"], rows)
+        if self.graph_module.meta.get("shard_plan"):  # a graph planned by shard_pass: its DAP plan
+            from foldcompile.passes.shard import plan_table
+            lines += ["", plan_table(self.graph_module.meta["shard_plan"])]
         return "\n".join(lines)
 
     def uncosted(self) -> dict[str, list[str]]:

@@ -41,6 +41,10 @@ that variant once.
 
 ``at`` (default the training crop, ``N_seq=128, N_res=256``) is the size every rule's
 profitability is judged at; the example inputs can be tiny.
+
+``executor`` (``"auto"``, ``"eager"``, ``"cuda_graph"``, ``"inductor"``) picks what runs each
+variant's graph; ``"auto"`` is eager on CPU and CUDA graphs on CUDA where they are safe (the rule:
+:mod:`foldcompile.executors.select`). ``.report.executor`` says which one runs and why.
 """
 from __future__ import annotations
 
@@ -53,8 +57,10 @@ from typing import Any, Iterable, Mapping
 import sympy
 import torch
 import torch.fx
+import torch.utils._pytree as pytree
 
 from foldcompile.capture import trace
+from foldcompile.executors import EXECUTOR_NAMES, select_executor
 from foldcompile.explain import flat_inputs
 from foldcompile.guards import GuardError
 from foldcompile.pass_manager import copy_graph_module
@@ -65,7 +71,8 @@ from foldcompile.passes.normalize import normalize_pass
 from foldcompile.passes.shape_prop import shape_prop_pass
 from foldcompile.variants import EAGER, VariantCache, call_key
 
-__all__ = ["optimize", "OptimizedModule", "OptimizeReport", "Variant", "build_variant", "readable_code"]
+__all__ = ["optimize", "OptimizedModule", "OptimizeReport", "Variant", "build_variant", "fuse_graph",
+           "readable_code"]
 
 
 @dataclass
@@ -77,6 +84,13 @@ class Variant:
     record: dict[str, Any]
     build_seconds: float
     disabled: tuple[str, ...] = ()
+    executor: Any = None  # what runs ``graph`` (foldcompile.executors); None: the graph itself, eagerly
+
+    def run(self, args: tuple, kwargs: Mapping[str, Any]) -> Any:
+        """One call of the fused graph through the variant's executor."""
+        if self.executor is None:
+            return self.graph(*args, **kwargs)
+        return self.executor(args, dict(kwargs))
 
 
 @dataclass
@@ -87,6 +101,17 @@ class OptimizeReport:
     record: dict[str, Any]
     model_name: str = ""
     dims: dict[str, int] = field(default_factory=dict)
+    execution: dict[str, Any] = field(default_factory=dict)  # the executor's describe()
+
+    @property
+    def executor(self) -> str:
+        """The executor running the variant's calls (``"eager"``, ``"cuda_graph"``, ``"inductor"``)."""
+        return self.execution.get("executor", "eager")
+
+    @property
+    def executor_reason(self) -> str:
+        """Why that executor runs (the selection rule's words, and any fallback)."""
+        return self.execution.get("reason", "no executor: the graph runs itself, eagerly")
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Per rule: ``{"matched": n, "rejected": m}``."""
@@ -114,6 +139,7 @@ class OptimizeReport:
         lines = [f"{self.model_name}: fused at {at} (example dims {self.dims})"]
         if r.get("not_fused_because"):
             lines.append(f"note: {r['not_fused_because']}")
+        lines.append(f"executor: {self.executor} ({self.executor_reason})")
         lines += [
                  f"reduction + element-wise bytes in kernels at that size: {cov['fraction']:.1%}", "",
                  "rule            matched  rejected"]
@@ -182,13 +208,29 @@ def build_variant(model: torch.nn.Module, args: tuple, kwargs: Mapping[str, Any]
     """Capture ``model`` on ``(args, kwargs)`` under the current modes and fuse it."""
     t0 = time.perf_counter()
     gm = trace(model, *args, **kwargs)
+    variant = fuse_graph(gm, flat_inputs(gm, args, kwargs), at=at, disabled=disabled, dims=dims, rules=rules,
+                         buffers=list(model.buffers()))
+    _name_inputs_after_the_model(variant.graph, model)
+    _name_inputs_after_the_model(variant.traced, model)
+    variant.graph.recompile()
+    variant.build_seconds = time.perf_counter() - t0
+    return variant
+
+
+def fuse_graph(gm: torch.fx.GraphModule, values: list[Any], *, at: Mapping[str, int] | None = None,
+               disabled: Iterable[str] = (), dims: Mapping[str, int] | None = None, rules: list | None = None,
+               buffers: Iterable[torch.Tensor] = ()) -> Variant:
+    """normalize -> shape_prop -> classify -> fuse on a captured graph whose placeholders take ``values``
+    (the tensors and numbers of one call, flattened), under the current modes; shared by
+    :func:`build_variant` and the Dynamo backend (:mod:`foldcompile.dynamo_backend`)."""
+    t0 = time.perf_counter()
     gm = normalize_pass(gm).graph_module
     # shape propagation runs the graph on real data: on copies of the inputs, with the model's
     # buffers put back afterwards, so a forward that writes in place (x += 1 on a view of an input,
     # a buffer counter) is not applied by the build itself
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    buffers = [(b, b.detach().clone()) for b in buffers]
     values = [v.detach().clone().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v
-              for v in flat_inputs(gm, args, kwargs)]
+              for v in values]
     try:
         _annotate(gm, values, dims)
     finally:
@@ -204,8 +246,6 @@ def build_variant(model: torch.nn.Module, args: tuple, kwargs: Mapping[str, Any]
     if autocast_on:
         result.record["not_fused_because"] = (f"autocast is active ({autocast_on}): the kernels have no autocast "
                                               "rules, so nothing is fused in this variant")
-    _name_inputs_after_the_model(fused, model)
-    _name_inputs_after_the_model(traced, model)
     fused.recompile()
     return Variant(traced, fused, result.record, time.perf_counter() - t0, tuple(disabled))
 
@@ -300,9 +340,12 @@ class OptimizedModule(torch.nn.Module):
 
     def __init__(self, model: torch.nn.Module, *, at: Mapping[str, int] | None = None,
                  max_variants: int = 8, max_builds: int = 32, strict: bool = False,
-                 dims: Mapping[str, int] | None = None, rules: list | None = None):
+                 dims: Mapping[str, int] | None = None, rules: list | None = None, executor: str = "auto"):
         super().__init__()
+        if executor not in EXECUTOR_NAMES:
+            raise ValueError(f"executor={executor!r}: expected one of {', '.join(map(repr, EXECUTOR_NAMES))}")
         self.model = model
+        self.executor = executor
         self.at = {**DEFAULT_AT, **dict(at or {})}
         self.dims = dict(dims) if dims else None
         self.rules = rules
@@ -333,7 +376,9 @@ class OptimizedModule(torch.nn.Module):
         # must not move the user's generators, or the call that built it would draw other masks
         devices = sorted({t.device.index or 0 for t in _tensors(args, kwargs) if t.device.type == "cuda"})
         with torch.random.fork_rng(devices=devices):
-            return build_variant(self.model, args, kwargs, at=self.at, dims=self.dims, rules=self.rules)
+            variant = build_variant(self.model, args, kwargs, at=self.at, dims=self.dims, rules=self.rules)
+        variant.executor = select_executor(variant.graph, self.executor, pytree.tree_leaves((args, kwargs)))
+        return variant
 
     def variant_for(self, *args: Any, **kwargs: Any) -> Variant | object:
         """The variant a call with these inputs runs (building it if needed), or ``variants.EAGER``."""
@@ -346,7 +391,7 @@ class OptimizedModule(torch.nn.Module):
         if variant is EAGER:
             return self.model(*args, **kwargs)
         try:
-            out = variant.graph(*args, **kwargs)
+            out = variant.run(args, kwargs)
         except GuardError as e:
             # the key matched but a captured guard did not (module attributes, hooks, globals):
             # that variant no longer computes the model; build it again, once
@@ -355,7 +400,7 @@ class OptimizedModule(torch.nn.Module):
             variant = self._cache.get(key, lambda: self._build(args, kwargs))
             if variant is EAGER:
                 return self.model(*args, **kwargs)
-            out = variant.graph(*args, **kwargs)
+            out = variant.run(args, kwargs)
         self._last = variant
         return out
 
@@ -378,14 +423,15 @@ class OptimizedModule(torch.nn.Module):
     def report(self) -> OptimizeReport:
         """What the fusion did on the most recent call's variant."""
         v = self._current()
-        return OptimizeReport(v.record, type(self.model).__name__, dict(v.traced.meta.get("dims", {})))
+        execution = v.executor.describe() if v.executor is not None else {}
+        return OptimizeReport(v.record, type(self.model).__name__, dict(v.traced.meta.get("dims", {})), execution)
 
 
 def optimize(model: torch.nn.Module, *example_inputs: Any, world_size: int = 1,
              at: Mapping[str, int] | None = None, strict: bool = False, max_variants: int = 8,
              max_builds: int = 32, dims: Mapping[str, int] | None = None, rules: list | None = None,
-             outputs: str = "full", dap_axes: Mapping[str, Any] | None = None, group: Any = None,
-             **example_kwargs: Any) -> OptimizedModule:
+             executor: str = "auto", outputs: str = "full", dap_axes: Mapping[str, Any] | None = None,
+             group: Any = None, **example_kwargs: Any) -> OptimizedModule:
     """Compile ``model`` for calls like ``model(*example_inputs, **example_kwargs)``.
 
     Args:
@@ -402,16 +448,18 @@ def optimize(model: torch.nn.Module, *example_inputs: Any, world_size: int = 1,
         strict: raise instead of falling back to eager past ``max_builds`` variants.
         dims: named dims for shape propagation when the argument names do not tell them.
         rules: the fusion rules (default: every family's, ``passes.rules.all_rules()``).
+        executor: ``"auto"`` (default), ``"eager"``, ``"cuda_graph"`` or ``"inductor"``: what runs each
+            variant (:mod:`foldcompile.executors.select` has the rule).
     """
     if world_size != 1:
         from foldcompile.distributed.sharded import optimize_sharded  # DAP: the runtime's side of the package
         return optimize_sharded(model, *example_inputs, world_size=world_size, group=group, outputs=outputs,
                                 dap_axes=dap_axes, at=at, strict=strict, max_variants=max_variants,
-                                max_builds=max_builds, dims=dims, rules=rules, **example_kwargs)
+                                max_builds=max_builds, dims=dims, rules=rules, executor=executor, **example_kwargs)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"optimize expects a torch.nn.Module, got {type(model).__name__}")
     opt = OptimizedModule(model, at=at, max_variants=max_variants, max_builds=max_builds, strict=strict, dims=dims,
-                          rules=rules)
+                          rules=rules, executor=executor)
     variant = opt.variant_for(*example_inputs, **example_kwargs)
     if variant is not EAGER:
         opt._last = variant

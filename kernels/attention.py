@@ -25,8 +25,12 @@ power of two inside the kernel with masked loads).
 
 Numerics: logits, bias, mask and softmax statistics are fp32 whatever the input
 dtype; fp32 matrix products use TF32 only where ``torch.get_float32_matmul_precision()``
-allows it ("high" / "medium"). A query row whose boolean mask has no True returns 0
-and passes 0 gradient. A row masked only by additive -1e9 biases averages v
+allows it ("high" / "medium"). An empty query row (its boolean mask has no True, or
+every kept logit is -inf, e.g. from a ``mask.log()`` bias) returns 0 and passes 0
+gradient; with ``empty_rows="nan"`` it returns torch.softmax's NaN and passes torch's
+gradients (``"nan_cleaned"``: 0, as a NaN clean-up of the weights gives, with torch's
+gradients), written by the forward and backward kernels themselves (the row is marked by
+its log-sum of +inf). A row masked only by additive -1e9 biases averages v
 uniformly, exactly as the fp32 reference (and AlphaFold's own code) does: the
 backward recomputes probabilities from the row max and the log of the row sum kept
 *separately*, because folding them into one logsumexp would round ``log(sum)`` away
@@ -190,13 +194,14 @@ def _fwd_step(q, k_base, v_base, mask_base, bias, offs_q, offs_k, offs_d, q_ok, 
 
 @triton.jit
 def _fwd_finish(acc, m_i, l_i, b, h, H, GATE, OUT, OATT, ROWMAX, LOGSUM, sgb, sgh, sgm, sgd,
-                offs_q, offs_d, q_ok, d_ok, QLEN, D, HAS_GATE: tl.constexpr):
+                offs_q, offs_d, q_ok, d_ok, QLEN, D, HAS_GATE: tl.constexpr, EMPTY_NAN: tl.constexpr):
     """Normalise, gate and store one query block; store its row statistics."""
-    # Fully masked row (nothing kept, or only -inf logits): output 0, and a log-sum of +inf,
-    # which gives P = 0 in backward and marks the row, whose dS is 0 (no gradient, even from
-    # a NaN in v or dout).
+    # Empty row (nothing kept, or only -inf logits): output 0 (EMPTY_NAN: torch.softmax's NaN),
+    # and a log-sum of +inf, which marks the row for the backward kernels (see _empty_row_ds).
     empty = l_i == 0.0
     o = acc / tl.where(empty, 1.0, l_i)[:, None]
+    if EMPTY_NAN:
+        o = tl.where(empty[:, None], float("nan"), o)
     bh = b * H + h
     row = bh * QLEN + offs_q
     tl.store(ROWMAX + row, tl.where(empty, 0.0, m_i), mask=q_ok)
@@ -214,7 +219,7 @@ def _fwd_finish(acc, m_i, l_i, b, h, H, GATE, OUT, OATT, ROWMAX, LOGSUM, sgb, sg
 
 @triton.autotune(configs=_configs("fwd"),
                  key=["QLEN", "KLEN", "BLOCK_D", "HAS_BIAS", "HAS_KB", "HAS_MASK", "MASK_KEYS", "HAS_GATE",
-                      "ROW_PAIRS"])
+                      "ROW_PAIRS", "EMPTY_NAN"])
 @triton.jit
 def _attn_fwd_kernel(
     Q, K, V, BIAS, KB, MASK, GATE, OUT, OATT, ROWMAX, LOGSUM,
@@ -227,7 +232,7 @@ def _attn_fwd_kernel(
     sgb, sgh, sgm, sgd,
     H, QLEN: constexpr, KLEN: constexpr, D, scale,
     HAS_BIAS: tl.constexpr, HAS_KB: tl.constexpr, HAS_MASK: tl.constexpr, MASK_KEYS: tl.constexpr,
-    HAS_GATE: tl.constexpr, ROW_PAIRS: tl.constexpr,
+    HAS_GATE: tl.constexpr, ROW_PAIRS: tl.constexpr, EMPTY_NAN: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # One program: BLOCK_Q query rows of one (b, h) -- or, with ROW_PAIRS, of two
@@ -283,10 +288,10 @@ def _attn_fwd_kernel(
                                        skn, skd, svn, svd, smm, smn, scale, m_1, l_1, acc1,
                                        HAS_MASK, MASK_KEYS, PRECISION)
     _fwd_finish(acc, m_i, l_i, b, h, H, GATE, OUT, OATT, ROWMAX, LOGSUM, sgb, sgh, sgm, sgd,
-                offs_q, offs_d, q_ok, d_ok, QLEN, D, HAS_GATE)
+                offs_q, offs_d, q_ok, d_ok, QLEN, D, HAS_GATE, EMPTY_NAN)
     if ROW_PAIRS:
         _fwd_finish(acc1, m_1, l_1, b1, h, H, GATE, OUT, OATT, ROWMAX, LOGSUM, sgb, sgh, sgm, sgd,
-                    offs_q, offs_d, q_ok, d_ok, QLEN, D, HAS_GATE)
+                    offs_q, offs_d, q_ok, d_ok, QLEN, D, HAS_GATE, EMPTY_NAN)
 
 
 @triton.autotune(configs=_configs("pre"), key=["QLEN", "BLOCK_D", "HAS_GATE"])
@@ -321,15 +326,34 @@ def _attn_bwd_pre_kernel(
 
 
 @triton.jit
-def _probs(s_dot, bias, keep, rowmax, logsum, scale):
-    """P from raw q.k products, recomputed exactly as the forward did (base 2)."""
+def _probs(s_dot, bias, keep, rowmax, logsum, scale, EMPTY_NAN: tl.constexpr):
+    """P from raw q.k products, recomputed exactly as the forward did (base 2). In an empty row
+    (log-sum +inf) P is 0, or with EMPTY_NAN torch.softmax's NaN at every key (masked ones too:
+    the softmax of an all -inf row is NaN everywhere, so eager's dv = Pᵀ dO is NaN at every key)."""
     s = tl.where(keep, (s_dot * scale + bias) * 1.4426950408889634, float("-inf"))
-    return tl.exp2((s - rowmax) - logsum)
+    p = tl.exp2((s - rowmax) - logsum)
+    if EMPTY_NAN:
+        p = tl.where(logsum == float("inf"), float("nan"), p)
+    return p
+
+
+@triton.jit
+def _empty_row_ds(ds, keep, logsum, EMPTY_DS_NAN: tl.constexpr):
+    """dS with its empty rows (log-sum +inf) and masked-out entries settled. Masked-out entries get
+    exactly 0, as masked_fill's gradient gives (in a NaN row P is NaN there too). An empty row gets 0
+    (no gradient, even from a NaN in v or dout), or with EMPTY_DS_NAN torch's NaN at its kept entries:
+    there every kept logit is -inf, torch.softmax's output is NaN, and so is its backward
+    y·(dy − Σ y·dy), whatever dy is (a NaN clean-up of the weights zeroes dy, not y)."""
+    if EMPTY_DS_NAN:
+        ds = tl.where(logsum == float("inf"), float("nan"), ds)
+    else:
+        ds = tl.where(logsum == float("inf"), 0.0, ds)
+    return tl.where(keep, ds, 0.0)
 
 
 @triton.autotune(configs=_configs("dkdv"),
                  key=["QLEN", "KLEN", "BLOCK_D", "HAS_BIAS", "HAS_KB", "HAS_MASK", "MASK_KEYS", "HQ_PER_KV",
-                      "STORE_DKB"])
+                      "STORE_DKB", "EMPTY_NAN", "EMPTY_DS_NAN"])
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, BIAS, KB, MASK, DO, ROWMAX, LOGSUM, DELTA, DK, DV, DKB,
@@ -341,7 +365,7 @@ def _attn_bwd_dkdv_kernel(
     smb, smh, smm, smn,
     H, HKV, HQ_PER_KV: constexpr, QLEN: constexpr, KLEN: constexpr, D, scale,
     HAS_BIAS: tl.constexpr, HAS_KB: tl.constexpr, HAS_MASK: tl.constexpr, MASK_KEYS: tl.constexpr,
-    STORE_DKB: tl.constexpr, DS_FP32: tl.constexpr,
+    STORE_DKB: tl.constexpr, DS_FP32: tl.constexpr, EMPTY_NAN: tl.constexpr, EMPTY_DS_NAN: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # One program: BLOCK_K keys of one (b, K/V head). Loops over every query block of
@@ -389,11 +413,11 @@ def _attn_bwd_dkdv_kernel(
                 bias = bias + kb
             if HAS_MASK:
                 keep = _load_mask(MASK + b * smb + h * smh, offs_k, offs_q, smn, smm, k_ok, q_ok, MASK_KEYS, False)
-            pt = _probs(tl.dot(k, qt, input_precision=PRECISION), bias, keep, rmax[None, :], lsum[None, :], scale)
+            pt = _probs(tl.dot(k, qt, input_precision=PRECISION), bias, keep, rmax[None, :], lsum[None, :], scale,
+                        EMPTY_NAN)
             dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
             dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-            # 0 at masked-out entries, as masked_fill's gradient is: in a NaN row P is NaN there too.
-            dst = tl.where(keep & (lsum != float("inf"))[None, :], pt * (dpt - delta[None, :]), 0.0)
+            dst = _empty_row_ds(pt * (dpt - delta[None, :]), keep, lsum[None, :], EMPTY_DS_NAN)
             if STORE_DKB:
                 dkb += tl.sum(dst, 1)
             if DS_FP32:  # see _ds_fp32
@@ -408,7 +432,8 @@ def _attn_bwd_dkdv_kernel(
 
 
 @triton.autotune(configs=_configs("dq"),
-                 key=["QLEN", "KLEN", "BLOCK_D", "HAS_BIAS", "HAS_KB", "HAS_MASK", "MASK_KEYS", "STORE_DS"])
+                 key=["QLEN", "KLEN", "BLOCK_D", "HAS_BIAS", "HAS_KB", "HAS_MASK", "MASK_KEYS", "STORE_DS",
+                      "EMPTY_NAN", "EMPTY_DS_NAN"])
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V, BIAS, KB, MASK, DO, ROWMAX, LOGSUM, DELTA, DQ, DBIAS,
@@ -420,7 +445,7 @@ def _attn_bwd_dq_kernel(
     smb, smh, smm, smn,
     H, QLEN: constexpr, KLEN: constexpr, D, scale,
     HAS_BIAS: tl.constexpr, HAS_KB: tl.constexpr, HAS_MASK: tl.constexpr, MASK_KEYS: tl.constexpr,
-    STORE_DS: tl.constexpr,
+    STORE_DS: tl.constexpr, EMPTY_NAN: tl.constexpr, EMPTY_DS_NAN: tl.constexpr,
     DS_FP32: tl.constexpr, PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # One program: BLOCK_Q query rows of one (b, h); loops over key blocks summing dq.
@@ -459,10 +484,10 @@ def _attn_bwd_dq_kernel(
         tile_ok = keep
         if HAS_MASK:
             keep = _load_mask(MASK + b * smb + h * smh, offs_q, offs_k, smm, smn, q_ok, k_ok, False, MASK_KEYS)
-        p = _probs(tl.dot(q, kt, input_precision=PRECISION), bias, keep, rmax[:, None], lsum[:, None], scale)
+        p = _probs(tl.dot(q, kt, input_precision=PRECISION), bias, keep, rmax[:, None], lsum[:, None], scale,
+                   EMPTY_NAN)
         dp = tl.dot(do, vt, input_precision=PRECISION)
-        # 0 where masked out and in fully masked rows, as in the dk/dv kernel
-        ds = tl.where(keep & (lsum != float("inf"))[:, None], p * (dp - delta[:, None]), 0.0)
+        ds = _empty_row_ds(p * (dp - delta[:, None]), keep, lsum[:, None], EMPTY_DS_NAN)
         if STORE_DS:
             tl.store(DBIAS + pid_bh.to(tl.int64) * QLEN * KLEN + offs_q[:, None] * KLEN + offs_k[None, :], ds,
                      mask=tile_ok)
@@ -476,7 +501,7 @@ def _attn_bwd_dq_kernel(
 
 @triton.autotune(configs=_configs("dbias"),
                  key=["QLEN", "KLEN", "BLOCK_D", "HAS_KB", "HAS_MASK", "MASK_KEYS", "ROWS", "HEADS", "Q_BCAST",
-                      "K_BCAST"])
+                      "K_BCAST", "EMPTY_NAN", "EMPTY_DS_NAN"])
 @triton.jit
 def _attn_bwd_dbias_kernel(
     Q, K, V, BIAS, KB, MASK, DO, ROWMAX, LOGSUM, DELTA, DBIAS,
@@ -488,6 +513,7 @@ def _attn_bwd_dbias_kernel(
     smb, smh, smm, smn,
     H, HB, ROWS: constexpr, HEADS: constexpr, QLEN: constexpr, KLEN: constexpr, D, scale,
     HAS_KB: tl.constexpr, HAS_MASK: tl.constexpr, MASK_KEYS: tl.constexpr, Q_BCAST: tl.constexpr, K_BCAST: tl.constexpr,
+    EMPTY_NAN: tl.constexpr, EMPTY_DS_NAN: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # One program owns one tile of the (broadcast) bias gradient and sums dS over
@@ -540,9 +566,9 @@ def _attn_bwd_dbias_kernel(
                     if HAS_KB:
                         tile_bias = bias + _load_kb(KB + b * szb + h * szh, offs_k, szn, k_ok)[None, :]
                     p = _probs(tl.dot(q, kt, input_precision=PRECISION), tile_bias, keep, rmax[:, None],
-                               lsum[:, None], scale)
+                               lsum[:, None], scale, EMPTY_NAN)
                     dp = tl.dot(do, vt, input_precision=PRECISION)
-                    acc += tl.where(keep & (lsum != float("inf"))[:, None], p * (dp - delta[:, None]), 0.0)
+                    acc += _empty_row_ds(p * (dp - delta[:, None]), keep, lsum[:, None], EMPTY_DS_NAN)
     # DBIAS is contiguous fp32 [Bb, Hb, Qb, Kb].
     if Q_BCAST:
         if K_BCAST:
@@ -558,6 +584,20 @@ def _attn_bwd_dbias_kernel(
 
 
 # --------------------------------------------------------------------------- helpers
+# What an empty row (every kept logit -inf, or nothing kept) gives, as the kernels' flags:
+# EMPTY_NAN, the forward value NaN and P NaN in backward; EMPTY_DS_NAN, dS NaN at its kept entries.
+_EMPTY_FLAGS = {
+    "zero": dict(EMPTY_NAN=False, EMPTY_DS_NAN=False),  # 0, no gradient
+    "nan": dict(EMPTY_NAN=True, EMPTY_DS_NAN=True),  # torch.softmax's NaN, and its gradients
+    "nan_cleaned": dict(EMPTY_NAN=False, EMPTY_DS_NAN=True),  # nan_to_num(softmax): 0, torch's gradients
+}
+
+
+def _check_empty_rows(empty_rows: str) -> None:
+    if empty_rows not in _EMPTY_FLAGS:
+        raise ValueError(f"attention: empty_rows must be one of {tuple(_EMPTY_FLAGS)}, got {empty_rows!r}")
+
+
 def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Every kernel output is allocated here (uninitialised: each kernel writes every
     element), so tests can swap in NaN-filled buffers to catch unwritten elements."""
@@ -716,7 +756,7 @@ class _AttentionFn(torch.autograd.Function):
     """Triton forward/backward on canonical 4-d tensors ([B, H, L, D]; bias/mask [1|B, *, *, *])."""
 
     @staticmethod
-    def forward(ctx, q, k, v, bias, key_bias, mask, gate, scale: float):
+    def forward(ctx, q, k, v, bias, key_bias, mask, gate, scale: float, empty_rows: str = "zero"):
         B, H, Q, D = q.shape
         K = k.shape[2]
         block_d = max(16, triton.next_power_of_2(D))
@@ -726,6 +766,7 @@ class _AttentionFn(torch.autograd.Function):
         rowmax = _empty((B * H, Q), torch.float32, dev)
         logsum = _empty((B * H, Q), torch.float32, dev)
         ctx.scale = scale
+        ctx.empty_flags = _EMPTY_FLAGS[empty_rows]
         if B * H * Q * K == 0:  # nothing to compute (the backward returns empty gradients)
             ctx.save_for_backward(q, k, v, bias, key_bias, mask, gate, oatt, rowmax, logsum)
             return out
@@ -753,7 +794,7 @@ class _AttentionFn(torch.autograd.Function):
                 H, Q, K, D, scale,
                 HAS_BIAS=bias is not None, HAS_KB=key_bias is not None, HAS_MASK=mask is not None,
                 MASK_KEYS=_keys_only(mask),
-                HAS_GATE=gate is not None, ROW_PAIRS=pairs,
+                HAS_GATE=gate is not None, ROW_PAIRS=pairs, EMPTY_NAN=ctx.empty_flags["EMPTY_NAN"],
                 PRECISION=precision, BLOCK_D=block_d,
             )
         ctx.save_for_backward(q, k, v, bias, key_bias, mask, gate, oatt, rowmax, logsum)
@@ -773,7 +814,7 @@ class _AttentionFn(torch.autograd.Function):
             return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v),
                     torch.zeros_like(bias) if need_dbias else None,
                     torch.zeros_like(key_bias) if need_dkb else None, None,
-                    torch.zeros_like(gate) if gate is not None else None, None)
+                    torch.zeros_like(gate) if gate is not None else None, None, None)
         block_d = max(16, triton.next_power_of_2(D))
         precision = _precision(q.dtype)
         dev = q.device
@@ -787,7 +828,7 @@ class _AttentionFn(torch.autograd.Function):
         kb_t = key_bias if key_bias is not None else dummy
         kb_st = _kb_strides(key_bias)
         flags = dict(HAS_BIAS=bias is not None, HAS_KB=key_bias is not None, HAS_MASK=mask is not None,
-                     MASK_KEYS=_keys_only(mask),
+                     MASK_KEYS=_keys_only(mask), **ctx.empty_flags,
                      PRECISION=precision, BLOCK_D=block_d)
 
         # 1. delta (and the gate's share): reads dout, O; writes delta [, dO_attn, dgate].
@@ -853,7 +894,7 @@ class _AttentionFn(torch.autograd.Function):
                     *per_rows(*((b0, b1) if Bb != 1 else (0, B))), dbias[b0:b1], *common,
                     H, Hb, B if Bb == 1 else 1, H if Hb == 1 else 1, Q, K, D, scale,
                     HAS_KB=key_bias is not None, HAS_MASK=mask is not None, MASK_KEYS=_keys_only(mask),
-                    Q_BCAST=q_bcast, K_BCAST=k_bcast,
+                    Q_BCAST=q_bcast, K_BCAST=k_bcast, **ctx.empty_flags,
                     PRECISION=precision, BLOCK_D=block_d,
                 )
         if dbias is not None:
@@ -865,20 +906,25 @@ class _AttentionFn(torch.autograd.Function):
             if dims:
                 dkb = dkb.sum(dims, keepdim=True)
             dkb = dkb.to(key_bias.dtype)
-        return dq, dk, dv, dbias, dkb, None, dgate, None
+        return dq, dk, dv, dbias, dkb, None, dgate, None, None
 
 
 # --------------------------------------------------------------------------- public API
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, bias: torch.Tensor | None = None,
                         mask: torch.Tensor | None = None, gate: torch.Tensor | None = None,
-                        scale: float | None = None, key_bias: torch.Tensor | None = None) -> torch.Tensor:
+                        scale: float | None = None, key_bias: torch.Tensor | None = None,
+                        empty_rows: str = "zero") -> torch.Tensor:
     """Plain-PyTorch attention with the same semantics as :func:`attention`.
 
     Materialises the logits. Computes in fp32 (fp64 for fp64 inputs) and returns
-    q's dtype. Fully masked rows give 0 (not NaN), with 0 gradient. The two additive
-    terms are summed first, ``s + (bias + key_bias)``, as the kernel adds them.
+    q's dtype. Empty rows (every kept logit -inf, or nothing kept) give 0 with 0 gradient
+    (``empty_rows="zero"``), or what ``torch.softmax`` gives there (``"nan"``), or what
+    ``torch.nan_to_num(torch.softmax(...))`` gives (``"nan_cleaned"``), gradients included: for
+    those two modes the weights are ``torch.softmax`` itself. The two additive terms are summed
+    first, ``s + (bias + key_bias)``, as the kernel adds them.
     """
     _check(q, k, v, bias, mask, gate, key_bias)
+    _check_empty_rows(empty_rows)
     scale = _check_scale(scale)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     ct = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -891,13 +937,18 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, bi
         s = s + key_bias.to(ct)
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
-    # Softmax is shift invariant, so a detached max is exact; a fully masked row
-    # (max -inf) is shifted by 0 so that every probability is exp(-inf) = 0.
-    m = s.detach().amax(-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    p = torch.exp(s - m)
-    denom = p.sum(-1, keepdim=True)
-    p = p / torch.where(denom == 0, torch.ones_like(denom), denom)
+    if empty_rows == "zero":
+        # Softmax is shift invariant, so a detached max is exact; a fully masked row
+        # (max -inf) is shifted by 0 so that every probability is exp(-inf) = 0.
+        m = s.detach().amax(-1, keepdim=True)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+        p = torch.exp(s - m)
+        denom = p.sum(-1, keepdim=True)
+        p = p / torch.where(denom == 0, torch.ones_like(denom), denom)
+    else:
+        p = torch.softmax(s, -1)
+        if empty_rows == "nan_cleaned":  # only the empty rows: a NaN from the inputs stays NaN, as in the kernel
+            p = torch.where((s == float("-inf")).all(-1, keepdim=True), torch.zeros_like(p), p)
     o = torch.matmul(p, v.to(ct))
     if gate is not None:
         o = o * torch.sigmoid(gate.to(ct))
@@ -906,7 +957,8 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, bi
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, bias: torch.Tensor | None = None,
               mask: torch.Tensor | None = None, gate: torch.Tensor | None = None,
-              scale: float | None = None, key_bias: torch.Tensor | None = None) -> torch.Tensor:
+              scale: float | None = None, key_bias: torch.Tensor | None = None,
+              empty_rows: str = "zero") -> torch.Tensor:
     """``sigmoid(gate) * softmax(scale * q @ k^T + (bias + key_bias), masked) @ v``, flash-style.
 
     Args:
@@ -921,6 +973,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, bias: torch.
             True gives output 0 and gradient 0.
         gate: pre-sigmoid gate logits shaped like the output (``q.shape``).
         scale: logit scale, default ``1 / sqrt(D)``.
+        empty_rows: what a row gives whose kept logits are all -inf (a -inf bias, or a mask
+            keeping nothing): ``"zero"`` 0 with no gradient; ``"nan"`` what ``torch.softmax`` of
+            the masked logits gives there (NaN, with torch's gradients: NaN dq and dbias at the
+            row's kept entries, NaN dk at its kept keys, NaN dv at every key of its (row, head));
+            ``"nan_cleaned"`` what ``torch.nan_to_num`` of those weights gives (0, with torch's
+            gradients: NaN at the kept entries as for ``"nan"``, but no NaN in dv). Written by the
+            kernels themselves: no extra pass.
 
     Returns:
         ``[..., H, Q, D]`` in q's dtype.
@@ -929,10 +988,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, bias: torch.
     bf16 / fp32 run the Triton kernels; anything else runs :func:`attention_reference`.
     """
     _check(q, k, v, bias, mask, gate, key_bias)
+    _check_empty_rows(empty_rows)
     scale = _check_scale(scale)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if q.dtype not in _SUPPORTED or not use_triton(q, k, v, bias, key_bias, mask, gate):
-        return attention_reference(q, k, v, bias=bias, mask=mask, gate=gate, scale=scale, key_bias=key_bias)
+        return attention_reference(q, k, v, bias=bias, mask=mask, gate=gate, scale=scale, key_bias=key_bias,
+                                   empty_rows=empty_rows)
     for name, t in (("q", q), ("k", k), ("v", v), ("bias", bias), ("key_bias", key_bias), ("mask", mask),
                     ("gate", gate)):
         if t is not None:
@@ -947,5 +1008,5 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, bias: torch.
     kb4 = _bcast_4d(key_bias, lead, "key_bias") if key_bias is not None else None
     mask4 = _bcast_4d(mask, lead, "mask") if mask is not None else None
     gate4 = gate.reshape(B, H, Q, D) if gate is not None else None
-    out = _AttentionFn.apply(q4, k4, v4, bias4, kb4, mask4, gate4, scale)
+    out = _AttentionFn.apply(q4, k4, v4, bias4, kb4, mask4, gate4, scale, empty_rows)
     return out.reshape(q.shape)

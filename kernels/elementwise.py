@@ -54,7 +54,7 @@ Non-contiguous inputs are read through their strides, never copied.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
@@ -135,7 +135,8 @@ class FusedElementwise:
         self.graph_module = graph
         self.name = name
         self._frag = _lower(graph)
-        self._plans: dict[tuple, _Plan] = {}
+        self._plans: dict[tuple, _Plan] = {}  # compiled kernels by structural key
+        self._calls: dict[tuple, _ForwardCall] = {}  # call plans by input signature (_signature)
         self._last_sources: dict[str, str] = {}
 
     def __repr__(self) -> str:
@@ -170,6 +171,11 @@ class FusedElementwise:
         if gi:
             parts.append(self._plan(prep, inputs, backward=True, grad_inputs=gi, gouts=None).source)
         return "\n\n".join(parts)
+
+    @property
+    def has_dropout(self) -> bool:
+        """Whether the fragment holds a dropout (a call without ``seed`` then draws one on the host)."""
+        return any(v.op == "dropout" for v in self._frag.vals)
 
     def random_numel(self, *inputs: Any) -> int:
         """How many Philox counters one call on these inputs consumes (advance ``offset`` by it)."""
@@ -281,32 +287,162 @@ class FusedElementwise:
         self._last_sources["backward" if backward else "forward"] = plan.source
         return plan
 
-    def _launch(self, plan: _Plan, prep: _Prepared, inputs: Sequence[Any], out_ptrs: list[torch.Tensor],
-                extra_in: list[torch.Tensor], seed: int, offset: int, kernel_name: str) -> None:
-        lay, vals = prep.lay, self._frag.vals
-        numel = math.prod(lay.out_shape)
-        if numel == 0:
+    # -- cached call plans ------------------------------------------------------
+
+    def _forward_call(self, inputs: Sequence[Any]) -> "_ForwardCall":
+        """The forward launch for inputs of this (shape, stride, dtype, device) signature, derived
+        once and reused: the layout, strides, kernel, grid and argument order depend on nothing else
+        (Python-number inputs by their type only; their values are read at each launch)."""
+        key = _signature(inputs)
+        call = self._calls.get(key)
+        if call is None:
+            call = self._build_forward_call(inputs)
+            if len(self._calls) >= _MAX_CALL_PLANS:  # a model called with ever new shapes: drop the oldest
+                self._calls.pop(next(iter(self._calls)))
+            self._calls[key] = call
+        return call
+
+    def _build_forward_call(self, inputs: Sequence[Any]) -> "_ForwardCall":
+        frag = self._frag
+        prep = self._prepare(inputs)
+        lay = prep.lay
+        device = inputs[frag.vals[prep.tensor_inputs[0]].index].device
+        plan = self._plan(prep, inputs, backward=False, grad_inputs=[], gouts=None)
+        out_dtypes = [lay.dtypes[o] for o in frag.outputs]
+        return _ForwardCall(prep, tuple(lay.out_shape), out_dtypes, device,
+                            _launch_plan(plan, prep, frag, "fused_elementwise_fwd"),
+                            [i for i, x in enumerate(inputs) if isinstance(x, torch.Tensor)],
+                            [k for k, d in enumerate(out_dtypes) if d == torch.bool])
+
+    def _build_backward_call(self, call: "_ForwardCall", inputs: Sequence[Any], needs: Sequence[bool],
+                             gouts: Sequence[torch.Tensor]) -> "_BackwardCall":
+        frag, prep = self._frag, call.prep
+        lay = prep.lay
+        grad_inputs = [v for v in prep.tensor_inputs if lay.kinds[v] == "f" and needs[frag.vals[v].index]]
+        # Inputs no output depends on differentiably (only through a comparison, say) get zeros, no kernel.
+        adjoints = _adjoint_set(frag, lay, grad_inputs)
+        reaching = [v for v in grad_inputs if v in adjoints]
+        zeros = [frag.vals[v].index for v in grad_inputs if v not in reaching]
+        if not reaching:
+            return _BackwardCall(zeros, [], [], [], None)
+        # The same value returned twice gets the sum of both upstream gradients.
+        groups = [[k for k, oo in enumerate(frag.outputs) if oo == o] for o in _live_gouts(frag, lay, reaching)]
+        gin = _gather_gouts(groups, gouts)
+        plan = self._plan(prep, inputs, backward=True, grad_inputs=reaching, gouts=gin)
+        out_shape = tuple(lay.out_shape)
+        numel = math.prod(out_shape)
+        buffers, finish = [], []
+        for k, v in enumerate(reaching):
+            x = inputs[frag.vals[v].index]
+            rows_summed = plan.split is not None and plan.reduced[k]
+            if rows_summed:
+                # One float32 partial sum per (row block, column); summed after the launch.
+                rows, cols = _tile_extent(plan)
+                buffers.append(((triton.cdiv(rows, _tile_config(cols)[0]), cols), torch.float32))
+            elif x.numel() == numel:
+                buffers.append((out_shape, x.dtype))
+            else:  # broadcast in a way tiles do not cover: full-size float32, summed after the launch
+                buffers.append((out_shape, torch.float32))
+            finish.append((frag.vals[v].index, rows_summed, tuple(x.shape), x.dtype))
+        return _BackwardCall(zeros, groups, buffers, finish, _launch_plan(plan, prep, frag, "fused_elementwise_bwd"))
+
+
+_MAX_CALL_PLANS = 64  # signatures remembered per fused fragment
+
+
+def _signature(inputs: Sequence[Any]) -> tuple:
+    """What a call plan depends on: each tensor's shape, strides, dtype and device; a number's type."""
+    return tuple((x.shape, x.stride(), x.dtype, x.device) if isinstance(x, torch.Tensor) else type(x)
+                 for x in inputs)
+
+
+def _gather_gouts(groups: list[list[int]], gouts: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The upstream gradient of each live output (summed where one value is returned several times)."""
+    gin = []
+    for idx in groups:
+        g = gouts[idx[0]]
+        for k in idx[1:]:
+            g = g + gouts[k]
+        gin.append(g)
+    return gin
+
+
+@dataclass
+class _Launch:
+    """One kernel launch with everything fixed but the tensors, the numbers' values and the seed.
+
+    Arguments go in the generated kernel's order: outputs, loaded tensor inputs, extra tensors
+    (the backward's upstream gradients), scalar values, dropout seed and offsets, then the
+    geometry (element count or rows/columns, collapsed sizes, strides)."""
+
+    kernel: Any
+    name: str
+    grid: tuple[int, ...]
+    tensors: list[int]  # input positions of the loaded tensors, in load order
+    scalars: list[tuple[int | None, Any]]  # (input position, None) for an input number, (None, value) for a constant
+    dropout_bases: list[int]  # first Philox counter of each dropout
+    geometry: tuple
+    meta: dict[str, int]
+    empty: bool  # zero elements: nothing to launch
+
+    def __call__(self, outs: Sequence[torch.Tensor], inputs: Sequence[Any], extra: Sequence[torch.Tensor],
+                 seed: int, offset: int) -> None:
+        if self.empty:
             return
-        in_ptrs = [inputs[vals[i].index] for i in prep.tensor_inputs] + extra_in
-        scalar_vals = [float(inputs[vals[i].index]) if vals[i].kind == "input" else vals[i].value
-                       for i in prep.scalars]
-        drop = [seed] + [offset + lay.mask_base[i] for i in lay.dropouts] if lay.dropouts else []
-        stride_vals = []
-        for op in plan.ops:
-            if not op.dense:
-                stride_vals += [s for s, used in zip(op.strides, op.pattern) if used]
-        _dispatch.note_launch(kernel_name)
-        if plan.split is None:
-            block, warps = _block_config(numel)
-            grid = (triton.cdiv(numel, block),)
-            plan.kernel[grid](*out_ptrs, *in_ptrs, *scalar_vals, *drop, numel, *plan.sizes[1:], *stride_vals,
-                              BLOCK=block, num_warps=warps)
-        else:
-            rows, cols = _tile_extent(plan)
-            block_r, block_c, warps = _tile_config(cols)
-            grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
-            plan.kernel[grid](*out_ptrs, *in_ptrs, *scalar_vals, *drop, rows, cols, *plan.sizes[1:],
-                              *stride_vals, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps)
+        scalars = [float(inputs[i]) if i is not None else value for i, value in self.scalars]
+        drop = [seed] + [offset + b for b in self.dropout_bases] if self.dropout_bases else []
+        _dispatch.note_launch(self.name)
+        self.kernel[self.grid](*outs, *[inputs[i] for i in self.tensors], *extra, *scalars, *drop, *self.geometry,
+                               **self.meta)
+
+
+def _launch_plan(plan: _Plan, prep: _Prepared, frag: Any, name: str) -> _Launch:
+    lay, vals = prep.lay, frag.vals
+    numel = math.prod(lay.out_shape)
+    strides = []
+    for op in plan.ops:
+        if not op.dense:
+            strides += [s for s, used in zip(op.strides, op.pattern) if used]
+    if plan.split is None:
+        block, warps = _block_config(numel)
+        grid = (triton.cdiv(numel, block),)
+        geometry = (numel, *plan.sizes[1:], *strides)
+        meta = dict(BLOCK=block, num_warps=warps)
+    else:
+        rows, cols = _tile_extent(plan)
+        block_r, block_c, warps = _tile_config(cols)
+        grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
+        geometry = (rows, cols, *plan.sizes[1:], *strides)
+        meta = dict(BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps)
+    scalars = [(vals[i].index, None) if vals[i].kind == "input" else (None, vals[i].value) for i in prep.scalars]
+    return _Launch(plan.kernel, name, grid, [vals[i].index for i in prep.tensor_inputs], scalars,
+                   [lay.mask_base[i] for i in lay.dropouts], geometry, meta, numel == 0)
+
+
+@dataclass
+class _BackwardCall:
+    """The backward of one forward call plan for one set of needed gradients and upstream strides."""
+
+    zeros: list[int]  # input positions whose gradient is zero (no differentiable path to an output)
+    gout_groups: list[list[int]]  # per live output: the output indices whose gradients are summed
+    buffers: list[tuple[tuple[int, ...], torch.dtype]]  # the kernel's gradient outputs (shape, dtype)
+    finish: list[tuple[int, bool, tuple[int, ...], torch.dtype]]  # per buffer: input position, rows summed?,
+    #                                                               the input's shape and dtype
+    launch: _Launch | None
+
+
+@dataclass
+class _ForwardCall:
+    """A forward call plan (see :meth:`FusedElementwise._forward_call`) and its backward plans."""
+
+    prep: _Prepared
+    out_shape: tuple[int, ...]
+    out_dtypes: list[torch.dtype]
+    device: torch.device
+    launch: _Launch
+    tensor_positions: list[int]  # which inputs are tensors (saved for backward)
+    bool_outputs: list[int]  # outputs that are not differentiable
+    backward: dict[tuple, _BackwardCall] = field(default_factory=dict)
 
 
 def _collapsed_groups(out_shape: tuple[int, ...], operand_strides: list[tuple[int, ...]]) -> list[list[int]]:
@@ -340,73 +476,41 @@ def _tile_extent(plan: _Plan) -> tuple[int, int]:
 class _FusedFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, fused: FusedElementwise, seed: int, offset: int, *inputs: Any):
-        frag = fused._frag
-        prep = fused._prepare(inputs)
-        lay = prep.lay
-        device = inputs[frag.vals[prep.tensor_inputs[0]].index].device
-        outs = [torch.empty(lay.out_shape, dtype=lay.dtypes[o], device=device) for o in frag.outputs]
-        plan = fused._plan(prep, inputs, backward=False, grad_inputs=[], gouts=None)
-        fused._launch(plan, prep, inputs, outs, [], seed, offset, "fused_elementwise_fwd")
-        ctx.fused, ctx.seed, ctx.offset = fused, seed, offset
-        ctx.tensor_pos = [i for i, x in enumerate(inputs) if isinstance(x, torch.Tensor)]
+        call = fused._forward_call(inputs)
+        outs = [torch.empty(call.out_shape, dtype=dt, device=call.device) for dt in call.out_dtypes]
+        call.launch(outs, inputs, [], seed, offset)
+        ctx.fused, ctx.call, ctx.seed, ctx.offset = fused, call, seed, offset
         ctx.others = [None if isinstance(x, torch.Tensor) else x for x in inputs]
-        ctx.save_for_backward(*[inputs[i] for i in ctx.tensor_pos])
-        bool_outs = [t for t in outs if t.dtype == torch.bool]
-        if bool_outs:
-            ctx.mark_non_differentiable(*bool_outs)
+        ctx.save_for_backward(*[inputs[i] for i in call.tensor_positions])
+        if call.bool_outputs:
+            ctx.mark_non_differentiable(*[outs[k] for k in call.bool_outputs])
         return tuple(outs)
 
     @staticmethod
     @_dispatch.once_differentiable  # not itself differentiable: a double backward raises
     def backward(ctx, *gouts: torch.Tensor):
         fused: FusedElementwise = ctx.fused
-        frag = fused._frag
+        call: _ForwardCall = ctx.call
         inputs = list(ctx.others)
-        for pos, t in zip(ctx.tensor_pos, ctx.saved_tensors):
+        for pos, t in zip(call.tensor_positions, ctx.saved_tensors):
             inputs[pos] = t
-        prep = fused._prepare(inputs)
-        lay = prep.lay
         needs = ctx.needs_input_grad[3:]
-        grad_inputs = [v for v in prep.tensor_inputs
-                       if lay.kinds[v] == "f" and needs[frag.vals[v].index]]
+        key = (needs, tuple((g.stride(), g.dtype) for g in gouts))
+        bwd = call.backward.get(key)
+        if bwd is None:
+            bwd = call.backward[key] = fused._build_backward_call(call, inputs, needs, gouts)
         grads: list[torch.Tensor | None] = [None] * len(inputs)
-        # Inputs no output depends on differentiably (only through a comparison, say) get zeros, no kernel.
-        adjoints = _adjoint_set(frag, lay, grad_inputs)
-        reaching = [v for v in grad_inputs if v in adjoints]
-        for v in grad_inputs:
-            if v not in reaching:
-                grads[frag.vals[v].index] = torch.zeros_like(inputs[frag.vals[v].index])
-        if not reaching:
+        for pos in bwd.zeros:
+            grads[pos] = torch.zeros_like(inputs[pos])
+        if bwd.launch is None:
             return (None, None, None, *grads)
-        gin = []
-        for o in _live_gouts(frag, lay, reaching):
-            # The same value returned twice gets the sum of both upstream gradients.
-            idx = [k for k, oo in enumerate(frag.outputs) if oo == o]
-            g = gouts[idx[0]]
-            for k in idx[1:]:
-                g = g + gouts[k]
-            gin.append(g)
-        plan = fused._plan(prep, inputs, backward=True, grad_inputs=reaching, gouts=gin)
-        out_shape = tuple(lay.out_shape)
-        numel = math.prod(out_shape)
-        bufs = []
-        for k, v in enumerate(reaching):
-            x = inputs[frag.vals[v].index]
-            if plan.split is not None and plan.reduced[k]:
-                # One float32 partial sum per (row block, column); summed below.
-                rows, cols = _tile_extent(plan)
-                n_blocks = triton.cdiv(rows, _tile_config(cols)[0])
-                bufs.append(torch.empty((n_blocks, cols), dtype=torch.float32, device=x.device))
-            elif x.numel() == numel:
-                bufs.append(torch.empty(out_shape, dtype=x.dtype, device=x.device))
-            else:  # broadcast in a way tiles do not cover: full-size float32, summed below
-                bufs.append(torch.empty(out_shape, dtype=torch.float32, device=x.device))
-        fused._launch(plan, prep, inputs, bufs, gin, ctx.seed, ctx.offset, "fused_elementwise_bwd")
-        for k, (v, buf) in enumerate(zip(reaching, bufs)):
-            x = inputs[frag.vals[v].index]
-            if plan.split is not None and plan.reduced[k]:
-                buf = _unflatten_columns(buf.sum(0), out_shape)
-            grads[frag.vals[v].index] = _reduce_to(buf, tuple(x.shape)).to(x.dtype)
+        gin = _gather_gouts(bwd.gout_groups, gouts)
+        bufs = [torch.empty(shape, dtype=dtype, device=call.device) for shape, dtype in bwd.buffers]
+        bwd.launch(bufs, inputs, gin, ctx.seed, ctx.offset)
+        for (pos, rows_summed, shape, dtype), buf in zip(bwd.finish, bufs):
+            if rows_summed:
+                buf = _unflatten_columns(buf.sum(0), call.out_shape)
+            grads[pos] = _reduce_to(buf, shape).to(dtype)
         return (None, None, None, *grads)
 
 

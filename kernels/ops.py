@@ -1,4 +1,5 @@
-"""The kernels as ``torch.library`` ops: ``torch.ops.foldcompile.attention``, ``.layer_norm``, ``.softmax``.
+"""The kernels as ``torch.library`` ops: ``torch.ops.foldcompile.attention``, ``.layer_norm``, ``.softmax``,
+``.outer_product_mean``.
 
 A graph that holds one of these ops can be shape-propagated on fake tensors (each has a fake
 implementation: sizes and dtype, no data), differentiated (each has an autograd formula) and
@@ -9,7 +10,13 @@ the reference on CPU, Triton's interpreter under ``TRITON_INTERPRET=1``. The ops
 
 The backward recomputes the forward with autograd on and runs the kernel's own backward
 through it (the kernels' autograd Functions keep their saved statistics private): one extra
-forward per backward, paid only in training.
+forward per backward, paid only in training. That backward is itself an op
+(``torch.ops.foldcompile.attention_backward``, ...), with a fake implementation, so a graph
+holding these ops is differentiated by AOTAutograd (``torch.compile``, Inductor) without
+tracing into the kernels: the backward op is opaque there, as the forward op is. Its
+implementation turns autograd back on (a custom op's implementation runs below the dispatcher's
+autograd keys) for the recomputation. Every op returns a contiguous tensor (a no-op for the
+kernels' own outputs), so the fake implementations' strides are exact.
 
     >>> import torch
     >>> import foldcompile.kernels.ops  # registers the ops
@@ -22,31 +29,35 @@ forward per backward, paid only in training.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+import contextlib
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from foldcompile.kernels.attention import attention as _attention
 from foldcompile.kernels.layer_norm import layer_norm as _layer_norm
+from foldcompile.kernels.outer_product_mean import outer_product_mean as _outer_product_mean
 from foldcompile.kernels.softmax import softmax as _softmax
 
-__all__ = ["attention", "layer_norm", "softmax"]
+__all__ = ["attention", "layer_norm", "softmax", "outer_product_mean", "attention_backward", "layer_norm_backward",
+           "softmax_backward", "outer_product_mean_backward"]
 
 
 @torch.library.custom_op("foldcompile::attention", mutates_args=())
 def attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None, mask: Optional[Tensor] = None,
               gate: Optional[Tensor] = None, scale: Optional[float] = None,
-              key_bias: Optional[Tensor] = None) -> Tensor:
+              key_bias: Optional[Tensor] = None, empty_rows: str = "zero") -> Tensor:
     """``sigmoid(gate) * softmax(scale·q kᵀ + bias + key_bias, masked) v`` (:func:`foldcompile.kernels.attention`;
-    ``key_bias`` broadcasts to ``[..., H, 1, K]``)."""
-    return _attention(q, k, v, bias=bias, mask=mask, gate=gate, scale=scale, key_bias=key_bias)
+    ``key_bias`` broadcasts to ``[..., H, 1, K]``; ``empty_rows`` as there)."""
+    return _attention(q, k, v, bias=bias, mask=mask, gate=gate, scale=scale, key_bias=key_bias,
+                      empty_rows=empty_rows).contiguous()
 
 
 @attention.register_fake
 def _attention_fake(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None, mask: Optional[Tensor] = None,
                     gate: Optional[Tensor] = None, scale: Optional[float] = None,
-                    key_bias: Optional[Tensor] = None) -> Tensor:
+                    key_bias: Optional[Tensor] = None, empty_rows: str = "zero") -> Tensor:
     return q.new_empty(q.shape)
 
 
@@ -54,31 +65,145 @@ def _attention_fake(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = No
 def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                eps: float = 1e-5) -> Tensor:
     """Layer norm over the last dim (:func:`foldcompile.kernels.layer_norm`)."""
-    return _layer_norm(x, weight, bias, eps)
+    return _layer_norm(x, weight, bias, eps).contiguous()
 
 
 @layer_norm.register_fake
 def _layer_norm_fake(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                      eps: float = 1e-5) -> Tensor:
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)
 
 
 @torch.library.custom_op("foldcompile::softmax", mutates_args=())
 def softmax(x: Tensor, dim: int = -1, scale: Optional[float] = None, bias: Optional[Tensor] = None,
             mask: Optional[Tensor] = None) -> Tensor:
     """``softmax(scale·x + bias)`` over ``dim``, ``mask`` False left out (:func:`foldcompile.kernels.softmax`)."""
-    return _softmax(x, dim, scale=scale, bias=bias, mask=mask)
+    return _softmax(x, dim, scale=scale, bias=bias, mask=mask).contiguous()
 
 
 @softmax.register_fake
 def _softmax_fake(x: Tensor, dim: int = -1, scale: Optional[float] = None, bias: Optional[Tensor] = None,
                   mask: Optional[Tensor] = None) -> Tensor:
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)
 
 
-def _register_recomputing_backward(op: Any, fn: Callable[..., Tensor]) -> None:
-    """Autograd for ``op``: its backward reruns ``fn`` (the kernel's entry point, whose autograd
-    Function holds the kernel's backward) with grad on, and differentiates that."""
+@torch.library.custom_op("foldcompile::outer_product_mean", mutates_args=())
+def outer_product_mean(a: Tensor, b: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                       mask_a: Optional[Tensor] = None, mask_b: Optional[Tensor] = None, eps: float = 0.0,
+                       bias_divided: bool = True) -> Tensor:
+    """``(flatten(sum_s a_s ⊗ b_s) @ weight^T + bias) / (eps + sum_s mask_a mask_b)``
+    (:func:`foldcompile.kernels.outer_product_mean.outer_product_mean`)."""
+    return _outer_product_mean(a, b, weight, bias, mask_a=mask_a, mask_b=mask_b, eps=eps,
+                               bias_divided=bias_divided).contiguous()
+
+
+@outer_product_mean.register_fake
+def _outer_product_mean_fake(a: Tensor, b: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                             mask_a: Optional[Tensor] = None, mask_b: Optional[Tensor] = None, eps: float = 0.0,
+                             bias_divided: bool = True) -> Tensor:
+    return a.new_empty((*a.shape[:-3], a.shape[-2], b.shape[-2], weight.shape[0]))
+
+
+# ----------------------------------------------------------------------------- backward ops
+
+_AUTOGRAD_KEYS = (torch._C.DispatchKey.AutogradFunctionality, torch._C.DispatchKey.AutogradOther,
+                  torch._C.DispatchKey.AutogradNestedTensor)
+
+
+@contextlib.contextmanager
+def _autograd_on() -> Iterator[None]:
+    """Autograd recording inside a custom op's implementation: the dispatcher runs an implementation
+    with the autograd keys excluded (as torch's own higher-order ops do when they need a graph,
+    the thread's dispatch key sets are forced to the same sets without them)."""
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in _AUTOGRAD_KEYS:
+        exclude = exclude.remove(key)
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude), torch.enable_grad():
+        yield
+
+
+def _recomputed_grads(fn: Callable[..., Tensor], grad: Tensor, tensors: Sequence[Optional[Tensor]],
+                      needs: Sequence[bool]) -> list[Tensor]:
+    """Gradients of ``fn(*tensors)`` (the kernel's entry point, whose autograd Function holds the kernel's
+    backward) against ``grad``: one tensor per slot of ``tensors``, contiguous, and an empty one where
+    no gradient is needed (a custom op returns no None in a list)."""
+    wanted = [i for i, (t, n) in enumerate(zip(tensors, needs)) if n and t is not None and t.is_floating_point()]
+    result = [grad.new_empty(0) for _ in tensors]
+    if not wanted:
+        return result
+    with _autograd_on():
+        leaves = [t.detach().requires_grad_(i in wanted) if t is not None else None for i, t in enumerate(tensors)]
+        out = fn(*leaves)
+        grads = torch.autograd.grad(out, [leaves[i] for i in wanted], grad, allow_unused=True)
+    for i, g in zip(wanted, grads):
+        result[i] = torch.zeros_like(tensors[i]).contiguous() if g is None else g.contiguous()
+    return result
+
+
+def _fake_grads(grad: Tensor, tensors: Sequence[Optional[Tensor]], needs: Sequence[bool]) -> list[Tensor]:
+    return [t.new_empty(t.shape) if n and t is not None and t.is_floating_point() else grad.new_empty(0)
+            for t, n in zip(tensors, needs)]
+
+
+@torch.library.custom_op("foldcompile::attention_backward", mutates_args=())
+def attention_backward(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor],
+                       mask: Optional[Tensor], gate: Optional[Tensor], scale: Optional[float],
+                       key_bias: Optional[Tensor], needs: Sequence[bool], empty_rows: str = "zero") -> list[Tensor]:
+    """Gradients of :func:`attention` for ``q, k, v, bias, mask, gate, key_bias`` (``needs`` per slot)."""
+    return _recomputed_grads(lambda q, k, v, bias, mask, gate, key_bias: _attention(
+        q, k, v, bias=bias, mask=mask, gate=gate, scale=scale, key_bias=key_bias, empty_rows=empty_rows),
+        grad, (q, k, v, bias, mask, gate, key_bias), needs)
+
+
+@attention_backward.register_fake
+def _attention_backward_fake(grad, q, k, v, bias, mask, gate, scale, key_bias, needs, empty_rows="zero"):
+    return _fake_grads(grad, (q, k, v, bias, mask, gate, key_bias), needs)
+
+
+@torch.library.custom_op("foldcompile::layer_norm_backward", mutates_args=())
+def layer_norm_backward(grad: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                        needs: Sequence[bool]) -> list[Tensor]:
+    """Gradients of :func:`layer_norm` for ``x, weight, bias`` (``needs`` per slot)."""
+    return _recomputed_grads(lambda x, w, b: _layer_norm(x, w, b, eps), grad, (x, weight, bias), needs)
+
+
+@layer_norm_backward.register_fake
+def _layer_norm_backward_fake(grad, x, weight, bias, eps, needs):
+    return _fake_grads(grad, (x, weight, bias), needs)
+
+
+@torch.library.custom_op("foldcompile::softmax_backward", mutates_args=())
+def softmax_backward(grad: Tensor, x: Tensor, dim: int, scale: Optional[float], bias: Optional[Tensor],
+                     mask: Optional[Tensor], needs: Sequence[bool]) -> list[Tensor]:
+    """Gradients of :func:`softmax` for ``x, bias, mask`` (``needs`` per slot)."""
+    return _recomputed_grads(lambda x, b, m: _softmax(x, dim, scale=scale, bias=b, mask=m), grad, (x, bias, mask),
+                             needs)
+
+
+@softmax_backward.register_fake
+def _softmax_backward_fake(grad, x, dim, scale, bias, mask, needs):
+    return _fake_grads(grad, (x, bias, mask), needs)
+
+
+@torch.library.custom_op("foldcompile::outer_product_mean_backward", mutates_args=())
+def outer_product_mean_backward(grad: Tensor, a: Tensor, b: Tensor, weight: Tensor, bias: Optional[Tensor],
+                                mask_a: Optional[Tensor], mask_b: Optional[Tensor], eps: float, bias_divided: bool,
+                                needs: Sequence[bool]) -> list[Tensor]:
+    """Gradients of :func:`outer_product_mean` for ``a, b, weight, bias`` (``needs`` per slot)."""
+    return _recomputed_grads(lambda a, b, w, bias: _outer_product_mean(
+        a, b, w, bias, mask_a=mask_a, mask_b=mask_b, eps=eps, bias_divided=bias_divided),
+        grad, (a, b, weight, bias), needs)
+
+
+@outer_product_mean_backward.register_fake
+def _outer_product_mean_backward_fake(grad, a, b, weight, bias, mask_a, mask_b, eps, bias_divided, needs):
+    return _fake_grads(grad, (a, b, weight, bias), needs)
+
+
+def _register_backward(op: Any, backward_op: Any, tensor_slots: tuple[int, ...], trailing: int = 0) -> None:
+    """Autograd for ``op``: its backward is ``backward_op(grad, *inputs, needs)``, whose results are
+    the gradients of the inputs at ``tensor_slots`` (an empty tensor where none is needed). The op's
+    last ``trailing`` inputs (options added later, with defaults) go after ``needs``."""
 
     def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
         ctx.is_tensor = [isinstance(x, Tensor) for x in inputs]
@@ -88,25 +213,23 @@ def _register_recomputing_backward(op: Any, fn: Callable[..., Tensor]) -> None:
     def backward(ctx: Any, grad: Tensor) -> tuple:
         saved, constants = iter(ctx.saved_tensors), iter(ctx.constants)
         inputs = [next(saved) if t else next(constants) for t in ctx.is_tensor]
-        leaves = [x.detach().requires_grad_(bool(ctx.needs_input_grad[i]))
-                  if isinstance(x, Tensor) and x.is_floating_point() else x for i, x in enumerate(inputs)]
-        wanted = [i for i, x in enumerate(leaves) if isinstance(x, Tensor) and x.requires_grad]
-        if not wanted:
-            return tuple(None for _ in inputs)
-        with torch.enable_grad():
-            out = fn(*leaves)
-        grads = torch.autograd.grad(out, [leaves[i] for i in wanted], grad, allow_unused=True)
+        # the dispatcher drops trailing arguments equal to their defaults from needs_input_grad
+        needs = [i < len(ctx.needs_input_grad) and bool(ctx.needs_input_grad[i]) for i in tensor_slots]
         result: list[Tensor | None] = [None] * len(inputs)
-        for i, g in zip(wanted, grads):
-            result[i] = g
+        if not any(needs):
+            return tuple(result)
+        lead = len(inputs) - trailing
+        grads = backward_op(grad, *inputs[:lead], needs, *inputs[lead:])
+        for i, need, g in zip(tensor_slots, needs, grads):
+            if need and isinstance(inputs[i], Tensor) and inputs[i].is_floating_point():
+                result[i] = g
         return tuple(result)
 
     op.register_autograd(backward, setup_context=setup_context)
 
 
-_register_recomputing_backward(
-    attention, lambda q, k, v, bias, mask, gate, scale, key_bias: _attention(q, k, v, bias=bias, mask=mask, gate=gate,
-                                                                             scale=scale, key_bias=key_bias))
-_register_recomputing_backward(layer_norm, lambda x, weight, bias, eps: _layer_norm(x, weight, bias, eps))
-_register_recomputing_backward(softmax, lambda x, dim, scale, bias, mask: _softmax(x, dim, scale=scale, bias=bias,
-                                                                                   mask=mask))
+_register_backward(attention, attention_backward, (0, 1, 2, 3, 4, 5, 7), trailing=1)  # q k v bias mask gate key_bias
+_register_backward(layer_norm, layer_norm_backward, (0, 1, 2))  # x weight bias
+_register_backward(softmax, softmax_backward, (0, 3, 4))  # x bias mask
+# a b weight bias (the masks get no gradient: the kernel refuses a mask that requires one)
+_register_backward(outer_product_mean, outer_product_mean_backward, (0, 1, 2, 3))

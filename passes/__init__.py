@@ -5,6 +5,7 @@
                 on real or fake tensors
     classify    op class (GEMM / REDUCTION / ELEMENTWISE / LAYOUT / COMM / OTHER) and symbolic cost
     fuse        the fusion rules of ``passes/rules`` (attention, softmax, layer norm) into the kernels
+    shard       the DAP placement plan: a placement on every tensor, a redistribute at every change
 
 The op IR under them:
 
@@ -12,6 +13,8 @@ The op IR under them:
     shape_rules the symbolic-shape rules, each registering its ops (the rule contract)
     op_comm     the collectives' entries; op_kernels the kernels' torch.library ops' entries
     einsum      every GEMM-like node as an equation; letter sizes, FLOPs, batch/free/contracted
+    placement   the planned graph's contract (Placed, redistribute); sharding_rules the ops' DAP rules
+    labeling    exact min-sum labeling by variable elimination (the plan's search)
     meta        the node-meta schema: the keys the passes share, and rank/dtype readers
 """
 from foldcompile.passes.base import PassError, PassResult, declare
@@ -20,6 +23,7 @@ from foldcompile.passes.cost_model import CostTotals, cost_totals
 from foldcompile.passes.normalize import normalize_pass
 from foldcompile.passes.shape_prop import shape_prop_pass
 from foldcompile.passes.fuse import fuse_pass  # noqa: E402  (after the passes its rules read)
+from foldcompile.passes.shard import shard_pass  # noqa: E402
 
 __all__ = ["PassError", "PassResult", "declare", "normalize_pass", "shape_prop_pass", "classify_pass",
-           "check_flops_against_flop_counter", "cost_totals", "CostTotals", "fuse_pass"]
+           "check_flops_against_flop_counter", "cost_totals", "CostTotals", "fuse_pass", "shard_pass"]

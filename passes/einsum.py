@@ -173,6 +173,8 @@ def gemm_operands(node: torch.fx.Node) -> list[Any]:
         return [_arg(node, 0, "query"), _arg(node, 1, "key"), _arg(node, 2, "value")]
     if name == "foldcompile.attention":
         return [_arg(node, 0, "q"), _arg(node, 1, "k"), _arg(node, 2, "v")]
+    if name == "foldcompile.outer_product_mean":
+        return [_arg(node, 0, "a"), _arg(node, 1, "b"), _arg(node, 2, "weight")]
     raise PassError(f"no equation known for GEMM {name!r}: {describe_node(node)}")
 
 
@@ -223,6 +225,14 @@ def equation_of(node: torch.fx.Node) -> str | tuple[str, str]:
         r = ranks[0]
         b = "..." if r is None else _LETTERS[: r - 2]
         return f"{b}le,{b}se->{b}ls", f"{b}ls,{b}sf->{b}lf"
+    if name == "foldcompile.outer_product_mean":  # o = sum_s a ⊗ b, then o's (c, e) through the weight
+        r = ranks[0]
+        if r is None:
+            return "...sic,...sje->...ijce", "...ijk,zk->...ijz"
+        b, (s, i, c, j, e, z, k) = _LETTERS[: r - 3], _LETTERS[r - 3: r + 4]
+        if ranks[2] == 3:  # a [Z, C, E] weight
+            return f"{b}{s}{i}{c},{b}{s}{j}{e}->{b}{i}{j}{c}{e}", f"{b}{i}{j}{c}{e},{z}{c}{e}->{b}{i}{j}{z}"
+        return f"{b}{s}{i}{c},{b}{s}{j}{e}->{b}{i}{j}{c}{e}", f"{b}{i}{j}{k},{z}{k}->{b}{i}{j}{z}"
     ra, rb = ranks
     if ra is None or rb is None:
         return "...ij,...jk->...ik"
@@ -258,7 +268,7 @@ def contractions_of(node: torch.fx.Node) -> tuple[list[Contraction], dict[str, s
     if any("..." in e for e in eqs):
         raise PassError(f"{describe_node(node)}: operand ranks unknown: run shape_prop_pass first")
     cons = [parse(e) for e in eqs]
-    if len(cons) == 2:  # SDPA: q and k feed the first product, v the second
+    if len(cons) == 2:  # SDPA: q and k feed the first product, v the second (the outer product mean: a, b; weight)
         terms = [cons[0].inputs[0], cons[0].inputs[1], cons[1].inputs[1]]
     else:
         terms = list(cons[0].inputs)

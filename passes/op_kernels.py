@@ -1,6 +1,7 @@
 """Registry entries of foldcompile's own kernels as ``torch.library`` ops
-(:mod:`foldcompile.kernels.ops`): the fused attention is a GEMM (its two products, as SDPA's),
-the layer norm and the softmax reductions with the same FLOPs per element as the torch ops.
+(:mod:`foldcompile.kernels.ops`): the fused attention is a GEMM (its two products, as SDPA's), and so
+is the outer product mean (the outer product over the sequences, then the projection); the layer
+norm and the softmax reductions with the same FLOPs per element as the torch ops.
 
     >>> import torch
     >>> from foldcompile.passes.registry import lookup
@@ -44,3 +45,14 @@ def _rule_attention(ctx: RuleContext):
 def _rule_same_as_input(ctx: RuleContext):
     """The input's shape."""
     return ctx.tshape(0, "x")[1]
+
+
+@register_op(_K.outer_product_mean.default, name="foldcompile.outer_product_mean", op_class=GEMM, gemm=True,
+             fusible="kernel", classify=_gemm_class,
+             samples=lambda: [((_x(5, 7, 4), _x(5, 9, 3), _x(6, 12)), {}),
+                              ((_x(2, 5, 7, 4), _x(2, 5, 7, 3), _x(6, 12), _x(6)), {})])
+def _rule_outer_product_mean(ctx: RuleContext):
+    """``[..., I, J, Z]``: a's leading dims and residues, b's residues, the weight's output channels (the
+    two products' FLOPs come from the einsum pair written by normalize)."""
+    a, b, w = ctx.tshape(0, "a")[1], ctx.tshape(1, "b")[1], ctx.tshape(2, "weight")[1]
+    return (*a[:-3], a[-2], b[-2], w[0])

@@ -53,8 +53,12 @@ class Placed:
 
     ``placement``: ``Shard(d)`` / ``Replicate()`` / ``Partial()``. For a ``Shard(d)``:
     ``split_sizes`` are the per-rank lengths of dim d at the example sizes (uneven where it does
-    not divide: ``split_sizes(13, 3) == [5, 4, 4]``) and ``global_size`` that dim's symbolic
-    length (``N_res``), from which the lowering writes each rank's local size.
+    not divide: ``split_sizes(13, 3) == [5, 4, 4]``; a dim a view merged from several keeps the
+    outermost one's split in blocks of the inner sizes: ``[5, 4, 4]`` times N_res for
+    ``[N_seq, N_res] -> [N_seq * N_res]``) and ``global_size`` that dim's symbolic length
+    (``N_res``), from which the lowering writes each rank's local size. Two placements of one
+    dim with different split sizes are different placements (a redistribute between them goes
+    through ``Replicate()``).
     """
 
     placement: Placement

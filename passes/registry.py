@@ -33,7 +33,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-__all__ = ["OpEntry", "register_op", "lookup", "entry_of", "entries", "resolve_name", "op_name", "target_of",
+__all__ = ["OpEntry", "register_op", "register_sharding", "lookup", "entry_of", "entries", "resolve_name", "op_name", "target_of",
            "writes_in_place", "functional_form",
            "OP_CLASSES", "GEMM", "REDUCTION", "ELEMENTWISE", "LAYOUT", "COMM", "OTHER"]
 
@@ -135,6 +135,23 @@ def register_op(*ops: str | Any, op_class: str, flops_per_element: int = 0, gemm
             _ENTRIES.append(entry)
         return rule
 
+    return deco
+
+
+def register_sharding(*ops: str | Any) -> Callable[[Callable], Callable]:
+    """Decorate a DAP sharding rule (:mod:`foldcompile.passes.sharding_rules`) to put it into the
+    ``sharding`` slot of the entries of ``ops`` (names or callables, as for :func:`register_op`)."""
+    def deco(rule: Callable) -> Callable:
+        for op in ops:
+            targets = resolve_name(op) if isinstance(op, str) else (op,)
+            found = {id(e): e for e in (lookup(t) for t in targets) if e is not None}
+            if not found:
+                raise ValueError(f"register_sharding: {op!r} has no registry entry")
+            for e in found.values():
+                if e.sharding is not None and e.sharding is not rule:
+                    raise ValueError(f"register_sharding: {e.name!r} already has a sharding rule")
+                e.sharding = rule
+        return rule
     return deco
 
 

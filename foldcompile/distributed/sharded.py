@@ -85,6 +85,10 @@ def _draws(n: torch.fx.Node) -> bool:
     return True
 
 
+_EAGER_ONLY = ("world_size > 1: the rank's graph runs eagerly (the CUDA-graph and Inductor executors do not take "
+               "the collectives' start/wait pairs yet)")
+
+
 def default_planner() -> Planner:
     """The DAP planning pass (``foldcompile.passes.shard.shard_pass``)."""
     try:
@@ -398,7 +402,7 @@ class ShardedModule(OptimizedModule):
                               if isinstance(t, torch.Tensor) and t.device.type == "cuda"}, key=str)
             check_generators_agree(devices, group=self.group)
         try:
-            out = variant.graph(*args, **kwargs)
+            out = variant.run(args, kwargs)
         except GuardError as e:
             # the key matched but a captured guard did not (module attributes, hooks, globals): that
             # variant no longer computes the model; every rank sees the same and builds it again, once
@@ -408,7 +412,7 @@ class ShardedModule(OptimizedModule):
             self._use_reducer(variant)
             if variant is EAGER:
                 return self.model(*args, **kwargs)
-            out = variant.graph(*args, **kwargs)
+            out = variant.run(args, kwargs)
         self._last = variant
         if torch.is_grad_enabled() and self._reducer is not None:
             for t in pytree.tree_leaves(out):
@@ -426,7 +430,8 @@ class ShardedModule(OptimizedModule):
     def report(self) -> ShardedReport:
         """What the fusion and the DAP lowering did on the most recent call's variant."""
         v = self._current()
-        return ShardedReport(v.record, type(self.model).__name__, dict(v.traced.meta.get("dims", {})))
+        return ShardedReport(v.record, type(self.model).__name__, dict(v.traced.meta.get("dims", {})),
+                             {"executor": "eager", "reason": _EAGER_ONLY})
 
 
 def optimize_sharded(model: torch.nn.Module, *example_inputs: Any, world_size: int,
@@ -436,7 +441,7 @@ def optimize_sharded(model: torch.nn.Module, *example_inputs: Any, world_size: i
                      at: Optional[Mapping[str, int]] = None, strict: bool = False, max_variants: int = 8,
                      max_builds: int = 32, dims: Optional[Mapping[str, int]] = None, rules: Optional[list] = None,
                      max_bytes_in_flight: int = DEFAULT_MAX_BYTES_IN_FLIGHT, validate: bool = False,
-                     **example_kwargs: Any) -> ShardedModule:
+                     executor: str = "auto", **example_kwargs: Any) -> ShardedModule:
     """``optimize(model, *example_inputs, world_size=P, ...)`` for P ranks (see the module docstring).
 
     ``planner``: the planning pass (default ``shard_pass``; a test passes a hand plan); ``plan``: a plan
@@ -446,6 +451,9 @@ def optimize_sharded(model: torch.nn.Module, *example_inputs: Any, world_size: i
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"optimize expects a torch.nn.Module, got {type(model).__name__}")
+    if executor not in ("auto", "eager"):
+        raise ValueError(f"optimize(world_size={world_size}, executor={executor!r}): {_EAGER_ONLY}; use "
+                         "executor='auto' or 'eager'")
     fast = ShardedModule(model, world_size=world_size, group=group, outputs=outputs, dap_axes=dap_axes,
                          planner=planner, plan=plan, plan_on=plan_on, max_bytes_in_flight=max_bytes_in_flight, validate=validate, at=at,
                          strict=strict, max_variants=max_variants, max_builds=max_builds, dims=dims, rules=rules)

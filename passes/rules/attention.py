@@ -28,12 +28,18 @@ products) need no special case: the operands are taken as they are and re-viewed
 kernel. A gate ``sigmoid(g) * layout(o)`` right after the attention (through single-user
 ``transpose``/``permute``/``reshape``/``view``) is folded into the kernel's gate.
 
-Exactness: where eager's fully masked rows give NaN (an ``-inf`` fill), the replacement
-puts NaN back in those rows (the kernel returns 0 there), unless the weights' NaNs are cleaned
-up to 0, which is then the kernel's own value (for finite q, k, v and biases: a NaN that comes
-from the inputs is cleaned up by eager, not by the kernel); where eager's fill is finite (all
-the row's logits equal, so the weights are uniform), it puts the mean of v back, and then
-no gate is folded. The kernel takes two additive terms: ``bias`` (any shape broadcastable to
+Exactness: a row whose kept logits are all ``-inf`` (a mask keeping nothing after an ``-inf``
+fill, or an additive bias holding ``-inf`` there: ``mask.log()``, ``where(m, 0, -inf)``; whether a
+bias does is known only at run time, so every bias may) gives NaN in eager's softmax, and the
+kernel writes that NaN itself, with torch's gradients (``empty_rows="nan"``); where the weights'
+NaNs are cleaned up to 0, it writes 0, still with torch's gradients, which are NaN at the row's
+kept entries (``empty_rows="nan_cleaned"``; a NaN that comes from the inputs themselves is cleaned
+up by eager, not by the kernel). Where eager's fill is finite (all the row's logits equal, so the
+weights are uniform), the replacement puts the mean of v back in the rows the mask empties, and
+then no gate is folded; with a bias as well the candidate is refused (a row the bias empties
+would average the masked keys in eager), as is a bias added after an ``-inf`` fill (eager's
+gradient of that bias is NaN at the masked entries of such a row, the kernel's 0). SDPA gives 0
+in a row with nothing left (torch's ``_safe_softmax``), the kernel's own ``"zero"``. The kernel takes two additive terms: ``bias`` (any shape broadcastable to
 the logits) and ``key_bias`` (broadcastable to ``[..., H, 1, K]``: constant along the query
 axis), added in fp32 as ``scale·q kᵀ + (bias + key_bias)``, the order the summed bias had. One
 bias term is passed as ``bias``, a strided view. With several terms, those whose shape has
@@ -77,10 +83,13 @@ _HEAD, _VAL = "#", "@"  # axis names for the head dim and v's value axis (never 
 # ------------------------------------------------------------------ what the rewritten graph calls
 def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, bias: torch.Tensor | None = None,
                     mask: torch.Tensor | None = None, gate: torch.Tensor | None = None,
-                    scale: float = 1.0, key_bias: torch.Tensor | None = None) -> torch.Tensor:
+                    scale: float = 1.0, key_bias: torch.Tensor | None = None,
+                    empty_rows: str = "zero") -> torch.Tensor:
     """``sigmoid(gate) · softmax(scale·q kᵀ + (bias + key_bias), mask) v`` through
-    :func:`foldcompile.kernels.attention` (``key_bias`` broadcasts to ``[..., H, 1, K]``)."""
-    return _attention_kernel(q, k, v, bias=bias, mask=mask, gate=gate, scale=scale, key_bias=key_bias)
+    :func:`foldcompile.kernels.attention` (``key_bias`` broadcasts to ``[..., H, 1, K]``; ``empty_rows``:
+    what a row whose kept logits are all -inf gives, as there)."""
+    return _attention_kernel(q, k, v, bias=bias, mask=mask, gate=gate, scale=scale, key_bias=key_bias,
+                             empty_rows=empty_rows)
 
 
 def fill_fully_masked_rows(out: torch.Tensor, mask: torch.Tensor, fill: Any) -> torch.Tensor:
@@ -324,6 +333,12 @@ def _recognise(sm: torch.fx.Node, ctx: Context) -> Candidate | Reject | None:
                 return Reject("a number added to the logits")
             if M.dtype(term) is None or not M.dtype(term).is_floating_point:
                 return Reject(f"bias term {term.name} is not a floating tensor")
+            if masks:
+                # the kernel leaves masked entries out of every term's gradient; eager passes this term
+                # dS at its masked entries too, which is NaN in a row whose kept logits are all -inf
+                return Reject(f"bias term {term.name} added after a -inf mask fill: in a row whose kept logits "
+                              "are all -inf eager's gradient of the term is NaN at the masked entries too, "
+                              "the kernel's 0")
             terms.append([term, sign])
         elif kind == "scale":
             c = op[2]
@@ -347,13 +362,17 @@ def _recognise(sm: torch.fx.Node, ctx: Context) -> Candidate | Reject | None:
                                   "cannot be reproduced")
                 finite_fill = v
             masks.append((cond, keep_if))
+    empty_rows = _empty_rows(terms, finite_fill, nan_cleaned)
+    if isinstance(empty_rows, Reject):
+        return empty_rows
     bias_terms, key_terms, biases = _split_terms(terms, lo, qL, batch + [qL, kL])
     if len(terms) > 1:
         notes.append(f"biases: {biases}")
     if nan_cleaned:
-        notes.append("the weights' NaN clean-up folded: a row that keeps no key gives 0, as the kernel does")
+        notes.append("the weights' NaN clean-up folded: a row that keeps no key gives 0, as the kernel does "
+                     "(empty_rows='nan_cleaned', with torch's gradients)")
     parts.update(terms=terms, bias_terms=bias_terms, key_terms=key_terms, biases=biases, scale=scale, masks=masks,
-                 finite_fill=finite_fill, nan_cleaned=nan_cleaned)
+                 finite_fill=finite_fill, nan_cleaned=nan_cleaned, empty_rows=empty_rows)
     region = peel_q + peel_k + peel_v + interior + [sm] + epilogue + [pv]
     output = pv
     # gate: sigmoid(g) * layout(o) with the same shape
@@ -380,6 +399,23 @@ def _recognise(sm: torch.fx.Node, ctx: Context) -> Candidate | Reject | None:
         region += parts["gate_chain"] + [parts["gate_mul"]]
         output = parts["gate_mul"]
     return Candidate("attention", sm, region, output, parts, notes)
+
+
+def _empty_rows(terms: list, finite_fill: float | None, nan_cleaned: bool) -> str | Reject:
+    """The kernel's ``empty_rows`` mode that gives eager's value in a row whose kept logits are all
+    -inf. Whether a bias holds -inf (``mask.log()``, ``where(m, 0, -inf)``) is known only at run time,
+    so every bias may: eager's softmax then gives NaN there (``"nan"``), or 0 once the weights' NaNs
+    are cleaned up (``"nan_cleaned"``), with torch's gradients in both. A finite fill keeps the
+    kernel's 0, which the replacement turns into the mean of v in the rows the mask empties; with a
+    bias term eager's value in a row the bias empties is the masked keys' mean of v (or NaN), which
+    no kernel mode gives: refused."""
+    if finite_fill is not None:
+        if terms:
+            return Reject(f"a finite mask fill ({finite_fill:g}) with an additive bias term: in a row whose kept "
+                          "logits a bias makes -inf, eager averages v over the masked keys, which the kernel "
+                          "cannot give")
+        return "zero"
+    return "nan_cleaned" if nan_cleaned else "nan"
 
 
 def _aligned(term: torch.fx.Node, rank: int, shape_of) -> tuple | None:
@@ -535,12 +571,12 @@ def _replace(c: Candidate, ctx: Context) -> torch.fx.Node:
         mask = b(torch.unsqueeze, mask, 0) if mask is not None else None
         gate = b(torch.unsqueeze, gate, 0) if gate is not None else None
     kw = {"key_bias": key_bias} if key_bias is not None else {}
-    out = b(fused_attention, q, k, v, bias=bias, mask=mask, gate=gate, scale=p["scale"], **kw)
-    if mask is not None and (p["finite_fill"] is not None or not p["nan_cleaned"]):
-        # eager's value in a row that keeps no key: NaN (an -inf fill; 0 once the weights' NaNs are
-        # cleaned up, which is the kernel's own), or the mean of v (a finite fill: uniform weights)
-        fill = float("nan") if p["finite_fill"] is None else b(torch.mean, v, -2, True)
-        out = b(fill_fully_masked_rows, out, mask, fill)
+    out = b(fused_attention, q, k, v, bias=bias, mask=mask, gate=gate, scale=p["scale"], **kw,
+            empty_rows=p["empty_rows"])
+    if mask is not None and p["finite_fill"] is not None:
+        # eager's value in a row that keeps no key after a finite fill: uniform weights, the mean of v
+        # (an -inf fill's NaN, or 0 after a clean-up, the kernel writes itself: p["empty_rows"])
+        out = b(fill_fully_masked_rows, out, mask, b(torch.mean, v, -2, True))
     if unit:
         out = b(torch.squeeze, out, 0)
     out = _to_letters(b, out, "".join(batch) + qL + _VAL, list(p["out_letters"]))
@@ -603,10 +639,9 @@ def _replace_sdpa(c: Candidate, ctx: Context) -> torch.fx.Node:
     kw: dict[str, Any] = {}
     if isinstance(mask, torch.fx.Node):
         kw["mask" if M.dtype(mask) == torch.bool else "bias"] = mask
-    out = b(fused_attention, p["q"], p["k"], p["v"], scale=p["scale"], **kw)
-    if "mask" in kw:  # SDPA gives NaN where a row keeps no key; the kernel gives 0
-        out = b(fill_fully_masked_rows, out, mask, float("nan"))
-    return out
+    # SDPA gives 0 in a row that keeps no key (a boolean mask with no True, or a float mask of -inf
+    # there), with no gradient: torch's math definition (``_safe_softmax``), the kernel's own value.
+    return b(fused_attention, p["q"], p["k"], p["v"], scale=p["scale"], **kw)
 
 
 def _profitable_sdpa(c: Candidate, ctx: Context) -> str | None:

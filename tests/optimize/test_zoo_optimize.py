@@ -60,12 +60,13 @@ def _h8(name: str, seed: int = 0, **sizes):
     return zoo.randomize_parameters(model, seed).eval(), inputs
 
 
-# matches expected with head dims 8: every attention of the model in the fused kernel
+# matches expected with head dims 8: every attention of the model in the fused kernel, and the MSA
+# stacks' outer product mean in its own (the Pairformer has none)
 EXPECTED_H8 = {
-    "evoformer_block": {"attention": 4, "layer_norm": 12, "softmax": 0},
-    "pairformer_block": {"attention": 3, "layer_norm": 10, "softmax": 0},
-    "extra_msa_stack": {"attention": 4, "layer_norm": 12, "softmax": 0},
-    "template_pair_stack": {"attention": 2, "layer_norm": 8, "softmax": 0},
+    "evoformer_block": {"attention": 4, "layer_norm": 12, "softmax": 0, "outer_product_mean": 1},
+    "pairformer_block": {"attention": 3, "layer_norm": 10, "softmax": 0, "outer_product_mean": 0},
+    "extra_msa_stack": {"attention": 4, "layer_norm": 12, "softmax": 0, "outer_product_mean": 1},
+    "template_pair_stack": {"attention": 2, "layer_norm": 8, "softmax": 0, "outer_product_mean": 0},
 }
 
 
@@ -131,6 +132,10 @@ def test_alphafold2_every_trunk_attention_fused():
     for part in ("msa_att_row", "msa_att_col", "tri_att_start", "tri_att_end", "global_attention",
                  "template_pointwise"):
         assert any(part in s for s in sites), (part, sorted(sites))
+    opm_sites = sorted(m["site"] for m in fast.report.matches if m["rule"] == "outer_product_mean")
+    # the Evoformer's and the extra MSA stack's, in every recycling iteration
+    assert {s.split(".")[0] for s in opm_sites} == {"evoformer", "extra_msa_stack"}, opm_sites
+    assert fast.report.counts()["outer_product_mean"]["rejected"] == 0
     assert_same_function(model, inputs, fast)
 
 

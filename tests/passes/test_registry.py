@@ -122,6 +122,10 @@ def test_every_registry_entry_against_the_op(entry, target, one_process_group):
                 if entry.name == "foldcompile.attention":  # opaque to the counter: count its two products
                     q, k, v = args[:3]
                     torch.matmul(torch.matmul(q, k.transpose(-1, -2)).softmax(-1), v)
+                elif entry.name == "foldcompile.outer_product_mean":  # the same: its two products
+                    a, b, w = args[:3]
+                    o = torch.einsum("...sic,...sje->...ijce", a, b)
+                    torch.nn.functional.linear(o.flatten(-2), w.flatten(1))
                 else:
                     target(*args, **kwargs)
             if not (entry.name == "matmul" and values[1].dim() == 1):  # FlopCounterMode does not count aten.mv

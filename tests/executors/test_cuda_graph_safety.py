@@ -1,0 +1,115 @@
+"""What the CUDA-graph executor refuses, checked on CPU (foldcompile/executors/cuda_graph.py).
+
+Graphs whose replay would compute something else are refused before the first call
+(``cuda_graph_unsafe_reason``): a kernel drawing its dropout seed on the host (every replay would
+repeat one mask), a host synchronisation, checkpointing around a random op, autocast with its
+weight cache on. Torch's own dropout is graph-safe (the CUDA generator's Philox offset advances
+per replay). The first call runs eagerly and is watched: a forward writing an input or a buffer in
+place turns CUDA graphs off for the variant, with the reason. A capture that fails (here: no CUDA)
+is caught: the call and every later one run eagerly, the reason in ``describe()``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx
+import torch.utils.checkpoint
+
+from foldcompile.executors.cuda_graph import CudaGraphExecutor, cuda_graph_unsafe_reason
+from foldcompile.kernels import fuse_elementwise, shared_dropout
+from foldcompile.passes.rules.elementwise import kernel_function
+
+
+def _graph(fn):
+    return torch.fx.symbolic_trace(fn)
+
+
+def test_torch_dropout_and_bernoulli_are_graph_safe():
+    assert cuda_graph_unsafe_reason(_graph(lambda x: torch.nn.functional.dropout(x, 0.25) + 1)) is None
+    assert cuda_graph_unsafe_reason(_graph(lambda x: x * torch.bernoulli(torch.full_like(x, 0.75)))) is None
+
+
+def test_a_fused_kernel_with_a_host_seeded_dropout_is_refused():
+    fused = fuse_elementwise(lambda x: torch.nn.functional.dropout(x, 0.1) * 2.0)
+    assert fused.has_dropout
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    g.output(g.call_function(kernel_function(fused, "fused_elementwise_dropout_mul"), (x,)))
+    why = cuda_graph_unsafe_reason(torch.fx.GraphModule({}, g))
+    assert "draws its dropout seed on the host" in why and "fused_elementwise" in why
+    plain = fuse_elementwise(lambda x, y: x * y + 1)
+    assert not plain.has_dropout
+
+
+def test_shared_dropout_without_a_seed_is_refused():
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    g.output(g.call_function(shared_dropout, (x, 0.25), {"shared_dims": (0,)}))
+    assert "draws its seed on the host" in cuda_graph_unsafe_reason(torch.fx.GraphModule({}, g))
+
+
+def test_host_synchronisation_is_refused():
+    why = cuda_graph_unsafe_reason(_graph(lambda x: x * x.sum().item()))
+    assert "reads a device value on the host" in why
+    assert "nonzero" in cuda_graph_unsafe_reason(_graph(lambda x: x.nonzero()))
+
+
+def test_checkpoint_around_dropout_is_refused_but_not_around_deterministic_ops():
+    body_random = _graph(lambda x: torch.nn.functional.dropout(x, 0.5).relu())
+    body_plain = _graph(lambda x: x.relu() * 2)
+    for body, refused in ((body_random, True), (body_plain, False)):
+        g = torch.fx.Graph()
+        x = g.placeholder("x")
+        b = g.get_attr("body")
+        g.output(g.call_function(torch.utils.checkpoint.checkpoint, (b, x), {"use_reentrant": False}))
+        why = cuda_graph_unsafe_reason(torch.fx.GraphModule({"body": body}, g))
+        assert (why is not None) == refused, why
+        if refused:
+            assert "checkpointing around a random op (dropout)" in why
+
+
+def test_autocast_with_its_cache_is_refused():
+    gm = _graph(lambda x: x @ x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert "weight cache on" in cuda_graph_unsafe_reason(gm)
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+        assert cuda_graph_unsafe_reason(gm) is None
+
+
+def test_first_call_is_eager_and_a_failed_capture_falls_back():
+    gm = _graph(lambda x, w: torch.sigmoid(x) * w)
+    run = CudaGraphExecutor(gm, requested="cuda_graph", reason="test")
+    x, w = torch.randn(4, 3), torch.randn(3)
+    assert torch.equal(run((x, w), {}), torch.sigmoid(x) * w)  # watched eager call
+    assert run.observed and run.name == "cuda_graph"
+    assert torch.equal(run((x, w), {}), torch.sigmoid(x) * w)  # capture fails on CPU: eager
+    d = run.describe()
+    assert d["executor"] == "eager" and "capture failed" in d["reason"] and "one CUDA device" in d["reason"]
+    assert d["captures"] == 0
+    assert torch.equal(run((x, w), {}), torch.sigmoid(x) * w)
+
+
+def test_a_forward_writing_its_input_in_place_turns_graphs_off():
+    class Writes(torch.nn.Module):
+        def forward(self, x):
+            x.add_(1)
+            return x * 2
+
+    gm = torch.fx.symbolic_trace(Writes())
+    run = CudaGraphExecutor(gm, requested="auto", reason="test")
+    x = torch.zeros(3)
+    out = run((x,), {})
+    assert torch.equal(x, torch.ones(3)) and torch.equal(out, torch.full((3,), 2.0))
+    assert run.name == "eager" and "writes input 0 in place" in run.describe()["reason"]
+
+
+def test_a_forward_writing_a_buffer_in_place_turns_graphs_off():
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    calls = g.get_attr("calls")
+    g.call_method("add_", (calls, 1))
+    g.output(g.call_function(torch.add, (x, calls)))
+    gm = torch.fx.GraphModule({"calls": torch.zeros(())}, g)
+    run = CudaGraphExecutor(gm, requested="auto", reason="test")
+    run((torch.zeros(2),), {})
+    assert run.name == "eager" and "writes calls in place" in run.describe()["reason"]
+    assert float(gm.calls) == 1.0  # applied once, by the call itself
