@@ -299,6 +299,9 @@ def readable_code(gm: torch.fx.GraphModule) -> str:
     """``gm.code`` with the inserted kernels named for what they do (``fused_attention(...)``,
     not the module-qualified global fx writes)."""
     code = re.sub(r"\bfoldcompile_passes_rules_[a-z_]+?_(fused_\w+?)(_\d+)?\(", r"\1(", gm.code)
+    # the DAP runtime's calls by their own names: ``h = all_to_all_start(m, ...)`` ... ``m_s1 = wait(h)``
+    code = re.sub(r"\bfoldcompile_distributed_[a-z]+(?:_[a-z]+)*?_((?:all_to_all|all_gather|reduce_scatter|all_reduce)"
+                  r"_start|wait|shard|keep_grad_on_rank|sum_grad|sharded_dropout|draw_global(?:_like)?)\(", r"\1(", code)
     code = re.sub(r"\btorch_Tensor_(\w+)\(", r"torch.Tensor.\1(", code).replace("torch._C._nn.linear(", "F.linear(")
     # the pytree prologue (``arg0, arg1 = fx_pytree.tree_flatten_spec(([m, z], {}), ...)`` then
     # ``m = arg0``) only re-binds the arguments: show the arguments' own names instead
@@ -427,14 +430,19 @@ class OptimizedModule(torch.nn.Module):
 def optimize(model: torch.nn.Module, *example_inputs: Any, world_size: int = 1,
              at: Mapping[str, int] | None = None, strict: bool = False, max_variants: int = 8,
              max_builds: int = 32, dims: Mapping[str, int] | None = None, rules: list | None = None,
-             executor: str = "auto", **example_kwargs: Any) -> OptimizedModule:
+             executor: str = "auto", outputs: str = "full", dap_axes: Mapping[str, Any] | None = None,
+             group: Any = None, **example_kwargs: Any) -> OptimizedModule:
     """Compile ``model`` for calls like ``model(*example_inputs, **example_kwargs)``.
 
     Args:
         model: any ``torch.nn.Module`` (not modified; the result holds it).
         example_inputs, example_kwargs: one call's inputs; the first variant is built from
             them now, under the current grad / autocast mode and ``model.training``.
-        world_size: 1. DAP sharding (``> 1``) is not built yet and raises NotImplementedError.
+        world_size: ``P > 1`` shards the model by DAP over the process group (``group``, default
+            the default group), which must have ``P`` ranks; every rank calls ``optimize`` with the
+            same parameters and whole inputs (:mod:`foldcompile.distributed.sharded`). ``outputs``:
+            ``"full"`` (every output whole on every rank) or ``"sharded"`` (each in its planned
+            placement); ``dap_axes``: the planning pass's seeds (input name -> dim, or None).
         at: sizes (``{"N_seq": 128, "N_res": 256}``, the default) at which each rule's
             profitability is judged.
         strict: raise instead of falling back to eager past ``max_builds`` variants.
@@ -444,9 +452,10 @@ def optimize(model: torch.nn.Module, *example_inputs: Any, world_size: int = 1,
             variant (:mod:`foldcompile.executors.select` has the rule).
     """
     if world_size != 1:
-        raise NotImplementedError(
-            f"optimize(world_size={world_size}): Dynamic Axial Parallelism (DAP) sharding is not built yet; "
-            "only world_size=1 is supported")
+        from foldcompile.distributed.sharded import optimize_sharded  # DAP: the runtime's side of the package
+        return optimize_sharded(model, *example_inputs, world_size=world_size, group=group, outputs=outputs,
+                                dap_axes=dap_axes, at=at, strict=strict, max_variants=max_variants,
+                                max_builds=max_builds, dims=dims, rules=rules, executor=executor, **example_kwargs)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"optimize expects a torch.nn.Module, got {type(model).__name__}")
     opt = OptimizedModule(model, at=at, max_variants=max_variants, max_builds=max_builds, strict=strict, dims=dims,

@@ -781,10 +781,10 @@ class _Shard(torch.autograd.Function):
         return out, None, None, None, None
 
 
-def shard(x: torch.Tensor, dim: int, *, grad_placement: GradPlacement,
+def shard(x: torch.Tensor, dim: int, *, grad_placement: GradPlacement, sizes: Sizes = None,
           group: Optional[dist.ProcessGroup] = None, name: str = "x", force: bool = False) -> torch.Tensor:
-    """Replicate -> Shard: this rank's slice of ``x`` along ``dim`` (:func:`split_sizes`), no
-    communication in forward. ``grad_placement`` states the gradient wanted for the
+    """Replicate -> Shard: this rank's slice of ``x`` along ``dim`` (shard sizes ``sizes``, a
+    sequence; default :func:`split_sizes` of the dim), no communication in forward. ``grad_placement`` states the gradient wanted for the
     replicated ``x``: ``"partial"`` (this rank's slice gradient, zeros elsewhere: the sum over
     ranks is the whole gradient; no traffic) or ``"replicate"`` (all_gather of the slices'
     gradients, so every rank holds the whole gradient).
@@ -802,4 +802,11 @@ def shard(x: torch.Tensor, dim: int, *, grad_placement: GradPlacement,
         return x
     w = _where("shard", name, comm)
     d = _norm_dim(dim, x.ndim, "dim", w)
-    return _Shard.apply(x, d, tuple(split_sizes(x.shape[d], comm.world)), gp, comm)
+    if sizes is None or isinstance(sizes, int):
+        ss = tuple(split_sizes(x.shape[d], comm.world))
+    else:
+        ss = tuple(int(v) for v in sizes)
+        if len(ss) != comm.world or sum(ss) != x.shape[d] or min(ss) < 0:
+            raise ValueError(f"{w}: sizes {list(ss)} must be {comm.world} sizes >= 0 summing to the size "
+                             f"{x.shape[d]} of dim={d}")
+    return _Shard.apply(x, d, ss, gp, comm)

@@ -51,3 +51,15 @@ def bias_gradient(rank: int) -> torch.Tensor:
     full = all_gather(mine, 0, grad_placement="partial", name="pair_bias")
     (full * (rank + 1)).sum().backward()
     return mine.grad
+
+
+def kept_and_summed(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank r's use of a replicated tensor has weight r + 1. Its gradient kept on rank 0
+    (``keep_grad_on_rank``): rank 0's own contribution there, zeros elsewhere. Summed over
+    the ranks (``sum_grad``): 1 + 2 = 3 on 2 ranks, on every rank."""
+    from foldcompile.distributed.grad_ops import keep_grad_on_rank, sum_grad
+
+    kept, summed = torch.ones(2, requires_grad=True), torch.ones(2, requires_grad=True)
+    (keep_grad_on_rank(kept) * (rank + 1)).sum().backward()
+    (sum_grad(summed) * (rank + 1)).sum().backward()
+    return kept.grad, summed.grad

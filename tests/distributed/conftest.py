@@ -13,11 +13,13 @@ class Pools:
     def __init__(self):
         self._pools = {}
 
-    def run(self, world_size, fn, *args):
+    def run(self, world_size, fn, *args, timeout_s=None):
+        """``fn(rank, *args)`` on the pool of ``world_size``; ``timeout_s``: the parent's deadline for
+        the call (default: the collective timeout + 10 s; a whole-model build takes longer)."""
         pool = self._pools.get(world_size)
         if pool is None:
             pool = self._pools[world_size] = Pool(world_size, timeout_s=COLLECTIVE_TIMEOUT_S)
-        return pool.run(fn, *args)
+        return pool.run(fn, *args, timeout_s=timeout_s)
 
     def close(self):
         for pool in self._pools.values():

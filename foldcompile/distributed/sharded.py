@@ -1,0 +1,463 @@
+"""``optimize(model, *inputs, world_size=P)``: the model sharded by DAP over a process group of P ranks.
+
+Every rank calls ``optimize`` with the same model parameters and the same whole example inputs
+(under ``torchrun`` or :func:`foldcompile.distributed.spawn`). Each rank builds its own variant:
+
+    trace -> normalize -> shape_prop -> classify            (the unsharded graph, as for one process)
+    -> shard_pass (the plan, passes/shard.py)               (placements and redistributes, global sizes)
+    -> localize_pass (this rank's graph)                    (collectives, local sizes, gradient placements)
+    -> local_shape_check_pass (fake tensors, local sizes)   (every shape the lowering promised)
+    -> classify, annotate_collectives -> fuse               (kernels on the local graph; collectives are barriers)
+    -> schedule_collectives_pass                            (starts early, waits late, need order, bytes bound)
+
+and the returned :class:`ShardedModule` is called like the model: it takes the whole inputs
+(each rank slices its shard inside the graph) and returns the whole outputs on every rank
+(gathered inside, with the gradient placement of a replicated loss), or, with
+``outputs="sharded"``, each output in its planned placement (``module.output_placements``):
+then every rank's loss is its part, and the loss trained is the sum over the ranks.
+
+Gradients: the parameters whose gradient is a partial sum (used on shards) are all-reduced by a
+:class:`~foldcompile.distributed.PartialGradReducer` during backward (bucketed, asynchronous) and
+waited **at the end of every backward** through the outputs (an autograd engine callback queued by
+a hook on the outputs), so ``loss.backward(); opt.step()`` works unchanged on every rank and the
+gradients are whole and equal on every rank. Parameters used only replicated already hold the
+whole gradient; one used both ways has its replicated contribution kept on one rank first.
+
+Checked: the process group's size equals ``world_size`` (and a group exists); at each build every
+rank has the same parameters and example inputs and planned the same collectives; before every
+call of a graph with random ops, every rank's generator is in the same state (dropout then draws
+exactly one process's masks). A hung or dead rank ends in the process group's timeout (under
+:func:`~foldcompile.distributed.spawn`: :class:`~foldcompile.distributed.RankTimeoutError`).
+
+    >>> from foldcompile.distributed.demo import main    # an Evoformer block trained on 2 local ranks
+    >>> main(["--spawn", "2", "--steps", "1"])
+    rank 0: parameters after 1 steps vs one process: largest relative difference ...
+    rank 1: parameters after 1 steps vs one process: largest relative difference ...
+    OK: every rank trained what one process trains
+    0
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.fx
+from torch.utils import _pytree as pytree
+
+from foldcompile.capture import trace
+from foldcompile.distributed.grad_sync import PartialGradReducer
+from foldcompile.distributed.sharded_random import check_generators_agree
+from foldcompile.explain import flat_inputs
+from foldcompile.guards import GuardError
+from foldcompile.optimize import (OptimizedModule, OptimizeReport, Variant, _ambient_autocast, _annotate,
+                                  _name_inputs_after_the_model)
+from foldcompile.pass_manager import copy_graph_module
+from foldcompile.passes.classify import classify_pass
+from foldcompile.passes.fuse import fuse_pass
+from foldcompile.passes.local_shape_check import local_shape_check_pass
+from foldcompile.passes.localize import annotate_collectives, localize_pass
+from foldcompile.passes.normalize import normalize_pass
+from foldcompile.passes.plan_io import PlanExport, export_plan, import_plan
+from foldcompile.passes.registry import op_name
+from foldcompile.passes.schedule_collectives import DEFAULT_MAX_BYTES_IN_FLIGHT, schedule_collectives_pass
+from foldcompile.tables import format_table
+from foldcompile.variants import EAGER, call_key
+
+__all__ = ["ShardedModule", "ShardedReport", "optimize_sharded", "build_sharded_variant", "make_plan", "Planner"]
+
+Planner = Callable[..., Any]   # (gm, world_size, dap_axes=..., at=...) -> PassResult, like shard_pass
+
+_RANDOM = {"dropout", "bernoulli", "rand", "randn", "rand_like", "randn_like", "sharded_dropout", "draw_global",
+           "randint", "randint_like", "normal", "multinomial", "alpha_dropout", "feature_alpha_dropout"}
+
+
+def _draws(n: torch.fx.Node) -> bool:
+    """A node that draws random numbers when it runs (a dropout with ``training=False`` does not)."""
+    if n.op != "call_function" or op_name(n) not in _RANDOM:
+        return False
+    if op_name(n) in ("dropout", "sharded_dropout"):
+        p = n.args[1] if len(n.args) > 1 else n.kwargs.get("p", 0.5)
+        training = n.args[2] if len(n.args) > 2 else n.kwargs.get("training", n.kwargs.get("train", True))
+        return training is not False and p != 0
+    return True
+
+
+_EAGER_ONLY = ("world_size > 1: the rank's graph runs eagerly (the CUDA-graph and Inductor executors do not take "
+               "the collectives' start/wait pairs yet)")
+
+
+def default_planner() -> Planner:
+    """The DAP planning pass (``foldcompile.passes.shard.shard_pass``)."""
+    try:
+        from foldcompile.passes.shard import shard_pass
+    except ImportError as e:  # the planning pass is built in parallel; say so rather than guess
+        raise NotImplementedError("optimize(world_size>1) needs the DAP planning pass "
+                                  f"foldcompile.passes.shard.shard_pass, which is not installed here ({e})") from None
+    return shard_pass
+
+
+def _world_and_rank(world_size: int, group: Optional[dist.ProcessGroup]) -> tuple[int, int]:
+    if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
+        raise ValueError(f"optimize: world_size must be an int >= 1, got {world_size!r}")
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(f"optimize(world_size={world_size}) needs an initialized process group of {world_size} "
+                           "ranks, and none is initialized: start the ranks with torchrun (and call "
+                           "torch.distributed.init_process_group) or with foldcompile.distributed.spawn")
+    actual = dist.get_world_size(group)
+    if actual != world_size:
+        raise ValueError(f"optimize(world_size={world_size}): the process group has {actual} ranks; world_size "
+                         "must equal the size of the group the model is sharded over")
+    return actual, dist.get_rank(group)
+
+
+def _digest(items: Sequence[Any]) -> str:
+    return hashlib.blake2b(repr(list(items)).encode(), digest_size=12).hexdigest()
+
+
+def _same_on_every_rank(what: str, mine: Any, group: Optional[dist.ProcessGroup], detail: Callable[[Any, Any], str],
+                        same: Callable[[Any, Any], bool] = lambda a, b: a == b):
+    """Raise on every rank (the same error) unless every rank's ``mine`` is ``same`` as rank 0's."""
+    every: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(every, mine, group=group)
+    for q, theirs in enumerate(every):
+        if not same(theirs, every[0]):
+            raise RuntimeError(f"optimize: rank {q}'s {what} differ from rank 0's ({detail(theirs, every[0])}); every "
+                               "rank must call optimize with the same parameters and the same whole inputs")
+
+
+def _fingerprint(t: torch.Tensor) -> tuple:
+    """Shape, dtype and two sums: equal tensors give equal fingerprints up to the sums' rounding
+    (a reduction's order may differ between ranks with other thread counts)."""
+    x = t.detach()
+    if x.is_floating_point() or x.is_complex():
+        x = x.double() if x.is_floating_point() else x.abs().double()
+        return (tuple(t.shape), str(t.dtype), float(x.sum()), float((x * x).sum()))
+    return (tuple(t.shape), str(t.dtype), int(x.long().sum()) if x.numel() else 0)
+
+
+def _same_fingerprint(a: tuple, b: tuple) -> bool:
+    if a[:2] != b[:2] or len(a) != len(b):
+        return False
+    scale = max(abs(b[-1]), 1.0) if len(b) == 4 else 0.0
+    return all(abs(x - y) <= 1e-9 * max(scale, abs(y), 1.0) for x, y in zip(a[2:], b[2:]))
+
+
+def _same_fingerprints(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(na == nb and _same_fingerprint(fa, fb) for (na, fa), (nb, fb) in zip(a, b))
+
+
+def _first_difference(a: list, b: list) -> str:
+    for (name, fa), (_, fb) in zip(a, b):
+        if not _same_fingerprint(fa, fb):
+            return f"first at {name}"
+    return "a different number of them"
+
+
+class ShardedReport(OptimizeReport):
+    """The fusion report plus the DAP lowering: every collective with its placements, its symbolic
+    per-rank volume and its position, and the parameters by gradient placement."""
+
+    @property
+    def collectives(self) -> list[dict[str, Any]]:
+        return list(self.record["dap"]["collectives"])
+
+    @property
+    def partial_params(self) -> list[str]:
+        return list(self.record["dap"]["partial_params"])
+
+    def __str__(self) -> str:
+        d = self.record["dap"]
+        rows = []
+        for c in d["collectives"]:
+            if c.get("start"):
+                where = f"after {c['issued_after']} .. before {c['waited_before']}"
+                overlap = f"{c['between']}/{c['allowed']}"
+            else:
+                where, overlap = f"at {c['wait']}", "-"
+            rows.append([c["kind"], c["tensor"], f"{c['src']} -> {c['dst']}", c.get("grad_placement") or "-",
+                         str(c.get("bytes_sent", "-")), where, overlap])
+        lines = [super().__str__(), "",
+                 f"DAP: rank {d['rank']} of {d['world_size']}, {len(d['collectives'])} collectives (bytes each rank "
+                 "sends, in the local symbolic sizes; where it is issued and waited in this rank's graph; compute "
+                 "nodes between them / allowed by the graph's order)"]
+        lines += ["  " + line for line in format_table(
+            ["kind", "tensor", "placement", "grad", "bytes sent", "issued .. waited", "overlap"], rows)]
+        lines += [f"parameters with Partial gradients (all-reduced at the end of backward): {len(d['partial_params'])}; "
+                  f"with Replicate gradients: {len(d['replicate_params'])}; replicated contributions kept on one "
+                  f"rank: {[k['value'] for k in d['kept_on_one_rank']] or 'none'}"]
+        if d.get("plan_notes"):
+            lines.append(f"plan: {d['plan_notes']}")
+        return "\n".join(lines)
+
+
+def _annotated(model: torch.nn.Module, gm: torch.fx.GraphModule, values: list, dims) -> None:
+    """shape_prop and classify on copies of the inputs, the model's buffers put back afterwards."""
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        _annotate(gm, values, dims)
+    finally:
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+
+
+def _copies(flat: list) -> list:
+    return [v.detach().clone().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v for v in flat]
+
+
+def make_plan(model: torch.nn.Module, *example_inputs: Any, world_size: int,
+              dap_axes: Optional[Mapping[str, Any]] = None, planner: Optional[Planner] = None,
+              at: Optional[Mapping[str, int]] = None, dims: Optional[Mapping[str, int]] = None,
+              **example_kwargs: Any) -> PlanExport:
+    """Capture, annotate and plan ``model`` for ``world_size`` ranks in this process (no process group
+    needed) and return the plan as data (:class:`~foldcompile.passes.plan_io.PlanExport`), for
+    ``optimize(..., world_size=P, plan=...)`` on every rank: planned once, e.g. in a launcher."""
+    with torch.random.fork_rng():   # shape propagation runs the model's random ops: the caller's draws stay
+        gm = normalize_pass(trace(model, *example_inputs, **example_kwargs)).graph_module
+        _annotated(model, gm, _copies(flat_inputs(gm, example_inputs, example_kwargs)), dims)
+        return _plan(model, gm, world_size, dap_axes, planner, at)
+
+
+def _plan(model, gm, world_size, dap_axes, planner, at) -> PlanExport:
+    plan_fn = planner if planner is not None else default_planner()
+    with torch.random.fork_rng():
+        result = plan_fn(copy_graph_module(gm), world_size, dap_axes=dap_axes, at=at)
+    return export_plan(result.graph_module, result.record)
+
+
+def build_sharded_variant(model: torch.nn.Module, args: tuple, kwargs: Mapping[str, Any], *, rank: int,
+                          world_size: int, group: Optional[dist.ProcessGroup] = None, outputs: str = "full",
+                          dap_axes: Optional[Mapping[str, Any]] = None, planner: Optional[Planner] = None,
+                          plan: Optional[PlanExport] = None, plan_on: str = "rank0",
+                          at: Optional[Mapping[str, int]] = None, dims: Optional[Mapping[str, int]] = None,
+                          rules: Optional[list] = None, disabled: Sequence[str] = (),
+                          max_bytes_in_flight: int = DEFAULT_MAX_BYTES_IN_FLIGHT, validate: bool = False,
+                          check_ranks: bool = True) -> Variant:
+    """Capture ``model`` on the whole inputs, plan it over ``world_size`` ranks and lower it for
+    ``rank`` (the pipeline of the module docstring).
+
+    Where the plan comes from: ``plan`` (made before, by :func:`make_plan`), else ``plan_on="rank0"``:
+    rank 0 annotates and plans, and broadcasts the plan (every rank lowers the same plan; the others
+    skip shape propagation and the search), or ``plan_on="every_rank"``: each rank plans for itself
+    (the ranks then compare their collectives). ``check_ranks``: compare parameters and inputs across
+    the ranks of ``group`` (one object all_gather each)."""
+    if plan_on not in ("rank0", "every_rank"):
+        raise ValueError(f"optimize: plan_on must be 'rank0' or 'every_rank', got {plan_on!r}")
+    t0 = time.perf_counter()
+    times: dict[str, float] = {}
+
+    def lap(what: str) -> None:
+        times[what] = round(time.perf_counter() - t0 - sum(times.values()), 3)
+
+    gm = trace(model, *args, **kwargs)
+    gm = normalize_pass(gm).graph_module
+    lap("capture")
+    flat = flat_inputs(gm, args, kwargs)
+    values = _copies(flat)
+    if check_ranks:
+        params = [(n, _fingerprint(p)) for n, p in list(model.named_parameters()) + list(model.named_buffers())]
+        _same_on_every_rank("parameters and buffers", params, group, _first_difference, _same_fingerprints)
+        ins = [(i, _fingerprint(v)) for i, v in enumerate(flat) if isinstance(v, torch.Tensor)]
+        _same_on_every_rank("example inputs", ins, group, _first_difference, _same_fingerprints)
+    given = plan is not None     # the same on every rank: the caller passes the same arguments
+    if not given and (plan_on == "every_rank" or rank == 0):
+        _annotated(model, gm, values, dims)
+        lap("annotate")
+        plan = _plan(model, gm, world_size, dap_axes, planner, at)
+        lap("plan")
+    if not given and plan_on == "rank0":
+        box = [plan]
+        dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+        plan = box[0]
+        lap("plan sent" if rank == 0 else "plan received")
+    planned = import_plan(copy_graph_module(gm), plan)
+    lap("plan replayed")
+    traced = copy_graph_module(planned)     # one process, the plan's redistributes the identity
+    # the rank's graph names its inputs, and the collectives of their slices, after forward's arguments
+    _name_inputs_after_the_model(planned, model)
+    plan_record = plan.record
+    placeholders = [n for n in planned.graph.nodes if n.op == "placeholder"]
+    requires = {ph.name: bool(isinstance(v, torch.Tensor) and v.requires_grad) for ph, v in zip(placeholders, flat)}
+    lowered = localize_pass(planned, rank, world_size, outputs=outputs, group=group, validate=validate,
+                            inputs_requiring_grad=requires, grad_enabled=torch.is_grad_enabled())
+    local = lowered.graph_module
+    local_shape_check_pass(local, values)
+    lap("lower")
+    classify_pass(local)
+    annotate_collectives(local)
+    autocast_on = _ambient_autocast()
+    fused = fuse_pass(local, at=at, disabled=disabled, rules=[] if autocast_on else rules)
+    if autocast_on:
+        fused.record["not_fused_because"] = (f"autocast is active ({autocast_on}): the kernels have no autocast "
+                                             "rules, so nothing is fused in this variant")
+    schedule = schedule_collectives_pass(local, max_bytes_in_flight=max_bytes_in_flight)
+    lap("fuse and schedule")
+    dap = dict(lowered.record)
+    by_start = {c["start"]: c for c in schedule.record["collectives"]}
+    nodes = {n.name: n for n in local.graph.nodes}
+    collectives = []
+    for c in dap["collectives"]:
+        c = dict(c)
+        if c.get("start") in by_start:
+            c.update({k: v for k, v in by_start[c["start"]].items() if k not in ("kind", "start", "wait")})
+            c["bytes_sent"] = nodes[c["start"]].meta.get("cost", {}).get("bytes")
+        collectives.append(c)
+    dap["collectives"] = collectives
+    dap["max_bytes_in_flight"] = max_bytes_in_flight
+    dap["build_seconds"] = times
+    dap["plan_notes"] = _plan_notes(plan_record)
+    dap["has_random"] = any(_draws(n) for n in local.graph.nodes)
+    if check_ranks and plan_on == "every_rank":
+        sig = [(c["kind"], c["tensor"], c["src"], c["dst"], c.get("grad_placement")) for c in collectives]
+        _same_on_every_rank("planned collectives", _digest(sig + dap["partial_params"]), group,
+                            lambda a, b: "the planning pass is not deterministic here")
+    _name_inputs_after_the_model(traced, model)
+    local.recompile()
+    record = dict(fused.record)
+    record["dap"] = dap
+    return Variant(traced, local, record, time.perf_counter() - t0, tuple(disabled))
+
+
+def _plan_notes(record: Mapping[str, Any]) -> str:
+    parts = []
+    for key in ("replicated", "no_rule"):
+        items = record.get(key) or []
+        if items:
+            parts.append(f"{len(items)} op(s) {key.replace('_', ' ')}")
+    return "; ".join(parts)
+
+
+class ShardedModule(OptimizedModule):
+    """The user's model, sharded by DAP over ``world_size`` ranks (see the module docstring)."""
+
+    def __init__(self, model: torch.nn.Module, *, world_size: int, group: Optional[dist.ProcessGroup] = None,
+                 outputs: str = "full", dap_axes: Optional[Mapping[str, Any]] = None,
+                 planner: Optional[Planner] = None, plan: Optional[PlanExport] = None, plan_on: str = "rank0",
+                 max_bytes_in_flight: int = DEFAULT_MAX_BYTES_IN_FLIGHT, bucket_cap_mb: float = 25.0,
+                 validate: bool = False, **options: Any):
+        if outputs not in ("full", "sharded"):
+            raise ValueError(f"optimize: outputs must be 'full' or 'sharded', got {outputs!r}")
+        world, rank = _world_and_rank(world_size, group)
+        super().__init__(model, **options)
+        self.world_size, self.rank, self.group, self.outputs = world, rank, group, outputs
+        self.dap_axes, self.planner, self.validate, self.plan_on = dap_axes, planner, validate, plan_on
+        self._given_plan = plan      # for the first build (the example call's shapes)
+        self.max_bytes_in_flight, self.bucket_cap_mb = max_bytes_in_flight, bucket_cap_mb
+        self._reducer: Optional[PartialGradReducer] = None
+        self._reducer_names: tuple[str, ...] = ()
+        self._reduce_queued = False
+
+    def _build(self, args: tuple, kwargs: dict) -> Variant:
+        devices = sorted({t.device.index or 0 for t in pytree.tree_leaves((args, kwargs))
+                          if isinstance(t, torch.Tensor) and t.device.type == "cuda"})
+        plan, self._given_plan = self._given_plan, None
+        with torch.random.fork_rng(devices=devices):
+            return build_sharded_variant(
+                self.model, args, kwargs, rank=self.rank, world_size=self.world_size, group=self.group,
+                outputs=self.outputs, dap_axes=self.dap_axes, planner=self.planner, plan=plan, plan_on=self.plan_on,
+                at=self.at, dims=self.dims, rules=self.rules, max_bytes_in_flight=self.max_bytes_in_flight,
+                validate=self.validate)
+
+    # -- gradients
+    def _use_reducer(self, variant: Any) -> None:
+        if variant is EAGER:
+            names: tuple[str, ...] = ()
+        elif not torch.is_grad_enabled():
+            return   # no backward will run: keep whatever reducer a training call installed
+        else:
+            names = tuple(variant.record["dap"]["partial_params"])
+        if names == self._reducer_names:
+            return
+        if self._reduce_queued:
+            raise RuntimeError("optimize(world_size>1): a call with another set of Partial parameters while a "
+                               "backward through the previous call's outputs has not finished")
+        if self._reducer is not None:
+            self._reducer.remove()
+        params = [self.model.get_parameter(n) for n in names]
+        self._reducer = PartialGradReducer(params, group=self.group, bucket_cap_mb=self.bucket_cap_mb) \
+            if params else None
+        self._reducer_names = names
+
+    def _on_output_grad(self, grad: torch.Tensor) -> torch.Tensor:
+        if not self._reduce_queued and self._reducer is not None:
+            self._reduce_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+        return grad
+
+    def _end_of_backward(self) -> None:
+        self._reduce_queued = False
+        self._reducer.wait()
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        key = call_key(self._bind(args, kwargs), self.model.training)
+        variant = self._cache.get(key, lambda: self._build(args, kwargs))
+        self._use_reducer(variant)
+        if variant is EAGER:   # every rank runs the whole model: gradients are whole, nothing to reduce
+            return self.model(*args, **kwargs)
+        if variant.record["dap"]["has_random"]:
+            devices = sorted({t.device for t in pytree.tree_leaves((args, kwargs))
+                              if isinstance(t, torch.Tensor) and t.device.type == "cuda"}, key=str)
+            check_generators_agree(devices, group=self.group)
+        try:
+            out = variant.run(args, kwargs)
+        except GuardError as e:
+            # the key matched but a captured guard did not (module attributes, hooks, globals): that
+            # variant no longer computes the model; every rank sees the same and builds it again, once
+            self._cache.misses.append(f"guard failed on a cached variant: {str(e).splitlines()[0]}")
+            self._cache.drop(key)
+            variant = self._cache.get(key, lambda: self._build(args, kwargs))
+            self._use_reducer(variant)
+            if variant is EAGER:
+                return self.model(*args, **kwargs)
+            out = variant.run(args, kwargs)
+        self._last = variant
+        if torch.is_grad_enabled() and self._reducer is not None:
+            for t in pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor) and t.requires_grad:
+                    t.register_hook(self._on_output_grad)
+        return out
+
+    @property
+    def output_placements(self) -> list[Any]:
+        """The placement of each (flattened) output of the most recent call: ``Placed(Shard(d), sizes)``
+        for a shard (``outputs="sharded"``), ``Placed(Replicate())`` for a whole tensor."""
+        return list(self._current().record["dap"]["output_placements"])
+
+    @property
+    def report(self) -> ShardedReport:
+        """What the fusion and the DAP lowering did on the most recent call's variant."""
+        v = self._current()
+        return ShardedReport(v.record, type(self.model).__name__, dict(v.traced.meta.get("dims", {})),
+                             {"executor": "eager", "reason": _EAGER_ONLY})
+
+
+def optimize_sharded(model: torch.nn.Module, *example_inputs: Any, world_size: int,
+                     group: Optional[dist.ProcessGroup] = None, outputs: str = "full",
+                     dap_axes: Optional[Mapping[str, Any]] = None, planner: Optional[Planner] = None,
+                     plan: Optional[PlanExport] = None, plan_on: str = "rank0",
+                     at: Optional[Mapping[str, int]] = None, strict: bool = False, max_variants: int = 8,
+                     max_builds: int = 32, dims: Optional[Mapping[str, int]] = None, rules: Optional[list] = None,
+                     max_bytes_in_flight: int = DEFAULT_MAX_BYTES_IN_FLIGHT, validate: bool = False,
+                     executor: str = "auto", **example_kwargs: Any) -> ShardedModule:
+    """``optimize(model, *example_inputs, world_size=P, ...)`` for P ranks (see the module docstring).
+
+    ``planner``: the planning pass (default ``shard_pass``; a test passes a hand plan); ``plan``: a plan
+    made before (:func:`make_plan`, e.g. once in a launcher) for the example call; ``plan_on``:
+    ``"rank0"`` (rank 0 plans and sends the plan to every rank) or ``"every_rank"``;
+    ``validate``: every collective checks shapes and split sizes across ranks (slower).
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"optimize expects a torch.nn.Module, got {type(model).__name__}")
+    if executor not in ("auto", "eager"):
+        raise ValueError(f"optimize(world_size={world_size}, executor={executor!r}): {_EAGER_ONLY}; use "
+                         "executor='auto' or 'eager'")
+    fast = ShardedModule(model, world_size=world_size, group=group, outputs=outputs, dap_axes=dap_axes,
+                         planner=planner, plan=plan, plan_on=plan_on, max_bytes_in_flight=max_bytes_in_flight, validate=validate, at=at,
+                         strict=strict, max_variants=max_variants, max_builds=max_builds, dims=dims, rules=rules)
+    variant = fast.variant_for(*example_inputs, **example_kwargs)
+    if variant is not EAGER:
+        fast._last = variant
+    return fast

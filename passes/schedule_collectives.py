@@ -1,0 +1,200 @@
+"""Schedule the collectives of a lowered rank graph: issue early, wait late, in the order they are needed.
+
+``localize_pass`` leaves each start right before its wait. This pass moves them apart:
+
+- each **wait** goes just before its first consumer;
+- each **start** goes as early as its producer allows, but collectives are **issued in the order
+  they are needed** (the order of their waits): NCCL runs a communicator's collectives in issue
+  order, so a collective started early but needed late would hold up one needed sooner;
+- at most ``max_bytes_in_flight`` bytes of collectives are in flight at any point: a start that
+  would exceed it waits until an earlier collective has been waited for;
+- a pair never leaves the grad-mode / autocast region the lowering put it in (next to its
+  producer): run under another grad mode its autograd nodes would not be recorded.
+
+The compute nodes keep their order. Backward mirrors the schedule by itself: a start/wait pair's
+backward issues the transposed collective where the wait was and waits for it where the start
+was, so the backward of the compute scheduled between them overlaps with it
+(docs/DAP.md, "The async pair").
+
+The record says, for each collective, where it is issued and waited, how many compute nodes
+(and how many of their FLOPs at the example sizes) run between the two, and how many the graph
+allows (between its producer and its first consumer) with the reason when fewer were scheduled.
+
+    >>> import torch, torch.fx
+    >>> from foldcompile.distributed import all_gather_start, wait
+    >>> g = torch.fx.Graph()
+    >>> x, y = g.placeholder("x"), g.placeholder("y")
+    >>> a = g.call_function(torch.sin, (x,), name="a")
+    >>> b = g.call_function(torch.cos, (y,), name="b")                 # independent of the gather
+    >>> h = g.call_function(all_gather_start, (a, 0), {"grad_placement": "partial"}, name="h_a")
+    >>> full = g.call_function(wait, (h,), name="a_full")
+    >>> _ = g.output(g.call_function(torch.add, (full, b), name="out"))
+    >>> gm = torch.fx.GraphModule(torch.nn.Module(), g)
+    >>> for n in gm.graph.nodes:
+    ...     n.meta.update(shape=(4, 4), dtype=torch.float32)
+    >>> result = schedule_collectives_pass(gm)
+    >>> [n.name for n in gm.graph.nodes]
+    ['x', 'y', 'a', 'h_a', 'b', 'a_full', 'out', 'output']
+    >>> {k: result.record["collectives"][0][k] for k in ("issued_after", "waited_before", "between", "allowed")}
+    {'issued_after': 'a', 'waited_before': 'out', 'between': 1, 'allowed': 1}
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import sympy
+import torch
+import torch.fx
+
+from foldcompile.distributed.collectives import wait
+from foldcompile.passes.base import PassError, PassResult, declare, describe_node
+from foldcompile.passes.localize import collective_of
+from foldcompile.passes.meta import DTYPE, SHAPE
+from foldcompile.passes.rules import _meta as M
+from foldcompile.passes.shape_prop import dim_symbol
+
+__all__ = ["schedule_collectives_pass", "DEFAULT_MAX_BYTES_IN_FLIGHT"]
+
+DEFAULT_MAX_BYTES_IN_FLIGHT = 512 * 2 ** 20
+_MODE_CHANGES = {"_set_grad_enabled", "_enter_autocast", "_exit_autocast"}
+
+
+def _bytes(n: Any) -> int:
+    if not isinstance(n, torch.fx.Node):
+        return 0
+    shape, dtype = n.meta.get(SHAPE), n.meta.get(DTYPE)
+    if not isinstance(shape, tuple) or not isinstance(dtype, torch.dtype) or any(not isinstance(s, int) for s in shape):
+        return 0
+    return math.prod(shape) * dtype.itemsize
+
+
+def _flops(n: torch.fx.Node, subs: dict) -> int:
+    cost = n.meta.get("cost") or {}
+    try:
+        return int(sympy.sympify(cost.get("flops", 0)).subs(subs))
+    except (TypeError, ValueError):
+        return 0
+
+
+@declare(requires=(SHAPE, DTYPE), ensures=())
+def schedule_collectives_pass(gm: torch.fx.GraphModule, *,
+                              max_bytes_in_flight: int = DEFAULT_MAX_BYTES_IN_FLIGHT) -> PassResult:
+    """Reorder the starts and waits of ``gm`` (see the module docstring)."""
+    graph = gm.graph
+    nodes = list(graph.nodes)
+    starts = [n for n in nodes if collective_of(n) is not None]
+    pairs: list[tuple[torch.fx.Node, torch.fx.Node]] = []
+    for s in starts:
+        users = list(s.users)
+        if len(users) != 1 or users[0].target is not wait:
+            raise PassError(f"{describe_node(s)}: a start must have exactly one user, its wait "
+                            f"(has {[u.name for u in users]})")
+        pairs.append((s, users[0]))
+    if not pairs:
+        return PassResult(gm, False, {"collectives": [], "max_bytes_in_flight": max_bytes_in_flight})
+    moving = {n for p in pairs for n in p}
+    compute = [n for n in nodes if n not in moving]
+    pos = {n: i for i, n in enumerate(compute)}
+    wait_of = {s: w for s, w in pairs}
+
+    # grad-mode and autocast changes split the graph into regions; a pair stays in the region where the
+    # lowering put it (a start or wait run under no_grad records no autograd node: the gradient is lost)
+    region_at_slot = [0]
+    for c in compute:
+        region_at_slot.append(region_at_slot[-1] + (M.op_name(c) in _MODE_CHANGES))
+    original = {n: i for i, n in enumerate(nodes)}
+    region_of: dict[torch.fx.Node, tuple[int, int]] = {}
+    for s, _w in pairs:
+        r = sum(1 for n in nodes[:original[s]] if n in pos and M.op_name(n) in _MODE_CHANGES)
+        slots = [k for k in range(len(compute)) if region_at_slot[k] == r]
+        region_of[s] = (slots[0], slots[-1])
+
+    need_cache: dict[torch.fx.Node, int] = {}
+
+    def need(w: torch.fx.Node) -> int:
+        """The slot (index of the compute node before which it goes) where wait ``w`` is needed."""
+        if w not in need_cache:
+            slots = [pos[u] if u in pos else need(wait_of[u]) for u in w.users]
+            start = next(s for s, ww in pairs if ww is w)
+            need_cache[w] = min(min(slots) if slots else pos[compute[-1]], region_of[start][1])
+        return need_cache[w]
+
+    def earliest(s: torch.fx.Node) -> int:
+        slots = [region_of[s][0]]
+        for p in s.all_input_nodes:
+            slots.append(pos[p] + 1 if p in pos else need(p))
+        return max(slots)
+
+    order = sorted(range(len(pairs)), key=lambda i: (need(pairs[i][1]), nodes.index(pairs[i][0])))
+    slot_of: dict[int, int] = {}
+    why: dict[int, Optional[str]] = {}
+    last = 0
+    for i in order:
+        s, w = pairs[i]
+        lo, hi = earliest(s), need(w)
+        slot = max(lo, last)
+        reason = "issued after the collectives needed before it" if slot > lo else None
+        size = max(_bytes(s.args[0]), _bytes(w))
+
+        def in_flight(k: int) -> list[int]:
+            return [j for j in slot_of if slot_of[j] <= k < need(pairs[j][1])]
+
+        while slot < hi:
+            flying = in_flight(slot)
+            if not flying or sum(max(_bytes(pairs[j][0].args[0]), _bytes(pairs[j][1])) for j in flying) + size \
+                    <= max_bytes_in_flight:
+                break
+            slot = min(hi, min(need(pairs[j][1]) for j in flying))
+            reason = f"waits for bytes in flight (at most {max_bytes_in_flight})"
+        slot_of[i], why[i] = slot, reason
+        last = slot
+    # the new order: at each slot, its starts and waits, then the compute node. Within a slot a start
+    # comes before its own wait, after a wait it reads (a chain) or waits for (bytes in flight), and
+    # after the starts needed before it; otherwise starts first (their transfer runs while we wait)
+    rank_in_order = {i: k for k, i in enumerate(order)}
+    new: list[torch.fx.Node] = []
+    for k, c in enumerate(compute):
+        here_w = [i for i in range(len(pairs)) if need(pairs[i][1]) == k]
+        here_s = sorted((i for i in slot_of if slot_of[i] == k), key=rank_in_order.get)
+        items = [("s", i) for i in here_s] + [("w", i) for i in here_w]
+        before: dict[tuple, set] = {it: set() for it in items}
+        for i in here_s:
+            if ("w", i) in before:
+                before[("w", i)].add(("s", i))
+            deps = {j for j in here_w if pairs[j][1] in pairs[i][0].all_input_nodes}
+            if why[i] and why[i].startswith("waits for bytes"):
+                deps |= {j for j in here_w if j != i}
+            before[("s", i)] |= {("w", j) for j in deps}
+        for a, b in zip(here_s, here_s[1:]):
+            before[("s", b)].add(("s", a))
+        done: set = set()
+        while len(done) < len(items):
+            ready = [it for it in items if it not in done and before[it] <= done]
+            if not ready:
+                raise PassError(f"schedule_collectives: the collectives at {describe_node(c)} depend on each other "
+                                "in a cycle")
+            pick = min(ready, key=lambda it: (it[0] != "s", rank_in_order[it[1]]))
+            done.add(pick)
+            new.append(pairs[pick[1]][0 if pick[0] == "s" else 1])
+        new.append(c)
+    if len(new) != len(nodes):
+        raise PassError(f"schedule_collectives: scheduled {len(new)} of {len(nodes)} nodes")
+    for a, b in zip(new, new[1:]):
+        a.append(b)
+    graph.lint()
+    gm.recompile()
+    subs = {dim_symbol(k): v for k, v in dict(gm.meta.get("dims", {})).items()}
+    record: list[dict[str, Any]] = []
+    for i in order:
+        s, w = pairs[i]
+        lo, k, hi = earliest(s), slot_of[i], need(w)
+        record.append({
+            "kind": collective_of(s), "start": s.name, "wait": w.name,
+            "issued_after": compute[k - 1].name if k > 0 else None, "waited_before": compute[hi].name,
+            "between": hi - k, "allowed": hi - lo,
+            "flops_between": sum(_flops(c, subs) for c in compute[k:hi]),
+            "flops_allowed": sum(_flops(c, subs) for c in compute[lo:hi]),
+            "bytes": max(_bytes(s.args[0]), _bytes(w)), "delayed": why[i]})
+    changed = [n.name for n in nodes] != [n.name for n in graph.nodes]
+    return PassResult(gm, changed, {"collectives": record, "max_bytes_in_flight": max_bytes_in_flight})
