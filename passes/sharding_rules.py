@@ -27,6 +27,9 @@ split sizes, ``Replicate()``, ``Partial()``. Only dims whose symbolic size names
   one); a contracted letter split in every operand that has it gives ``Partial``; one Partial
   operand with the others Replicate gives ``Partial`` (no bias);
 - **attention** (SDPA, ``foldcompile.attention``): batch dims and the query dim split, the key dim whole;
+- **outer product mean** (``foldcompile.outer_product_mean``): batch dims, or one residue dim (a and
+  its mask split there, the other operand and mask whole), split; the sequences whole (the count
+  divides their sum: not linear, so no ``Partial``);
 - **creation ops** (``zeros``, ``arange``, ``tensor``, ...): Replicate.
 
 Every rule also offers the replicated strategy (every input Replicate, every rank computes all of
@@ -940,12 +943,58 @@ def _rule_kernel_softmax(ctx: ShardingContext) -> list[Strategy]:
     return out
 
 
+def _rule_kernel_outer_product_mean(ctx: ShardingContext) -> list[Strategy]:
+    """``foldcompile.outer_product_mean(a, b, weight, bias, mask_a, mask_b, eps, bias_divided)``: a
+    ``[*, S, I, C]``, b ``[*, S, J, E]``, out ``[*, I, J, Z]``. A batch dim splits a, b and the masks
+    (a mask broadcast there, Replicate); the residue dim I splits a and mask_a (b, mask_b whole), J
+    likewise; the weight and bias are Replicate."""
+    names = ("a", "b", "weight", "bias", "mask_a", "mask_b")
+    idx = {n: ctx.index_of(("a", i) if len(ctx.node.args) > i else ("k", n)) for i, n in enumerate(names)}
+    if any(idx[n] is None for n in ("a", "b", "weight")):
+        return []
+    rank = len(ctx.in_shape(idx["a"]))  # = the output's rank
+    lead = rank - 3
+
+    def along(i: int | None, d: int, full_rank: int, splits) -> Spec | None:
+        """Input i split along its dim matching dim d of a [..., S, N] / [..., S, N, c] layout of rank
+        ``full_rank`` (right-aligned), Replicate where it broadcasts there."""
+        if i is None:
+            return None
+        shape = ctx.in_shape(i)
+        di = d - (full_rank - len(shape))
+        return ctx.in_shard(i, di, splits) if di >= 0 and shape[di] != 1 else REPLICATE
+
+    out = []
+    for d_out in range(rank - 1):  # the channel dim Z stays whole
+        if not ctx.shardable(d_out):
+            continue
+        if d_out < lead:  # a batch dim: every operand alike
+            src, d_src = idx["a"], d_out
+            plan = {"a": d_out, "b": d_out, "mask_a": d_out, "mask_b": d_out}
+        else:  # a residue dim: its operand and mask only
+            side = "a" if d_out == lead else "b"
+            src, d_src = idx[side], rank - 2
+            plan = {side: rank - 2, f"mask_{side}": rank - 2}
+        for splits in ctx.splits_at(src, d_src):
+            ins: list[Spec | None] = [None] * len(ctx.inputs)
+            for n in names:
+                if idx[n] is None:
+                    continue
+                if n in plan:
+                    ins[idx[n]] = along(idx[n], plan[n], rank if n in ("a", "b") else rank - 1, splits)
+                else:
+                    ins[idx[n]] = REPLICATE
+            out.append(Strategy(ctx.out_shard(d_out, splits), tuple(ins)))
+    return out
+
+
 def ensure_kernel_rules() -> None:
     """Register the rules of foldcompile's own kernel ops (their registry entries load with them)."""
     import foldcompile.passes.op_kernels  # noqa: F401  (the kernels' entries)
     for target, rule in ((torch.ops.foldcompile.attention.default, _rule_kernel_attention),
                          (torch.ops.foldcompile.layer_norm.default, _rule_kernel_layer_norm),
-                         (torch.ops.foldcompile.softmax.default, _rule_kernel_softmax)):
+                         (torch.ops.foldcompile.softmax.default, _rule_kernel_softmax),
+                         (torch.ops.foldcompile.outer_product_mean.default, _rule_kernel_outer_product_mean)):
         entry = lookup(target)
         if entry is not None and entry.sharding is None:
             entry.sharding = rule

@@ -318,17 +318,19 @@ def _recognise(g: torch.fx.Node, ctx: Context) -> Candidate | Reject | None:
     i_atom, j_atom = res[0][0], res[1][0]
     ce = last[0][0] == first  # the flattened channels are (c of a, e of b): the weight as it is
     c_atom, e_atom = (last[0], last[1]) if ce else (last[1], last[0])
-    pair_of = {x: y for x, y in pairs} if first == "a" else {y: x for x, y in pairs}
-    lead_first = []
+    # the product's batch axes hold a's atoms in its output (paired with b's): one leading dim each
+    pair_ab = {x: y for x, y in pairs}
+    lead_a = []
     for d in lead:
-        if len(d) != 1 or d[0] not in pair_of:
+        if len(d) != 1 or d[0] not in pair_ab:
             return Reject("the leading axes of the projection's input are not the product's batch axes one by one")
-        lead_first.append(d[0])
-    if len(lead_first) != len(pairs):
+        lead_a.append(d[0])
+    if len(lead_a) != len(pairs):
         return Reject("a batch axis of the product is summed or merged before the projection")
     srcs = {"a": (src_a, s_a, chain_a), "b": (src_b, s_b, chain_b)}
-    want = {first: [*lead_first, srcs[first][1], i_atom, c_atom],
-            second: [*(pair_of[x] for x in lead_first), srcs[second][1], j_atom, e_atom]}
+    lead_of = {"a": lead_a, "b": [pair_ab[x] for x in lead_a]}
+    want = {first: [*lead_of[first], srcs[first][1], i_atom, c_atom],
+            second: [*lead_of[second], srcs[second][1], j_atom, e_atom]}
     for tag in (first, second):
         src = srcs[tag][0]
         extra = _atoms_of(_source_dims(tag, M.shape(src))) - set(want[tag])
@@ -373,7 +375,7 @@ def _recognise(g: torch.fx.Node, ctx: Context) -> Candidate | Reject | None:
         counted = _count(term)
         if counted is None:
             return Reject("the divisor is eps + something that is not a product of two tensors over one axis")
-        masks = _mask_operands(counted, division, lead_first, i_atom, j_atom, S)
+        masks = _mask_operands(counted, division, lead_a, i_atom, j_atom, S)
         if isinstance(masks, str):
             return Reject(masks)
         parts.update(eps=eps, masks=masks)

@@ -64,6 +64,9 @@ class Projected(nn.Module):
             s, i, c = a.shape
             o = (a.reshape(s, i * c).t() @ b.reshape(s, i * c)).view(i, c, i, c).permute(0, 2, 1, 3)
             return self.out(o.reshape(i, i, c * c) / s)
+        if st == "batch_swapped":  # [B, J, I, e·c]: b's residues first, its channels first
+            o = torch.einsum("bsic,bsje->bjiec", a, b)
+            return self.out(o.flatten(-2)) / (EPS + count.transpose(-2, -3))
         if st == "ijec":
             o = torch.einsum("sic,sje->ijec", a, b)
             return self.out(o.flatten(-2)) / (count + EPS)
@@ -94,7 +97,8 @@ def _params(model):
 
 
 MATCHED = [("zoo_af2", "bias divided", None), ("openfold", "bias divided", None),
-           ("batch_einsum", "count of sequences", (2,)), ("bmm_mean", "plain mean", None),
+           ("batch_einsum", "count of sequences", (2,)), ("batch_swapped", "count of sequences", (2,)),
+           ("bmm_mean", "plain mean", None),
            ("ijec", "permuted view", None), ("matmul_weight", "count of sequences", None),
            ("divided_before", "divided before the projection", None)]
 
