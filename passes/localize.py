@@ -26,6 +26,8 @@ What it writes:
   values depend on the index (``arange``, ``eye``, ...) are built whole and sliced; every node's
   ``shape`` and ``sym_shape`` become local (the sharded dim of ``N_res`` is
   ``floor((N_res + P - 1 - r) / P)`` on rank r: exact for uneven shards, at any size).
+- **Size queries** (``x.shape``, ``x.size(d)``, ``x.numel()``) of a sharded value answer the
+  global sizes, as in the planned graph (``record["global_size_queries"]``).
 - **Random ops** on sharded values draw what one process draws
   (``foldcompile.distributed.sharded_random``): the whole tensor's draw, this rank's slice.
 - **Graph ends.** ``inputs="full"``: the graph takes the whole inputs and slices the sharded ones
@@ -65,6 +67,8 @@ collective and no wrapper (zero overhead).
 from __future__ import annotations
 
 import logging
+import math
+import operator
 import warnings
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -104,6 +108,8 @@ _RANDOM_HANDLED = {"dropout", "bernoulli", "rand", "randn", "rand_like", "randn_
 _RANDOM_REFUSED = {"dropout_", "alpha_dropout", "feature_alpha_dropout", "randint", "randint_like", "normal",
                    "normal_", "uniform_", "bernoulli_", "exponential_", "random_", "multinomial", "randperm",
                    "poisson", "cauchy_", "geometric_", "log_normal_"}
+# integer arithmetic folded once its operands are constants (sizes answered by a size query)
+_FOLDABLE = {operator.getitem, operator.add, operator.sub, operator.mul, operator.floordiv, operator.mod}
 # creation ops whose values depend on the element's index: built whole, then sliced
 _INDEXED_CREATION = {"arange", "linspace", "logspace", "eye", "tensor", "range"}
 
@@ -396,13 +402,15 @@ class _Lowering:
 
     # -- lowering node by node
     def visit(self, n: torch.fx.Node) -> None:
-        if n.op != "call_function":
+        if n.op not in ("call_function", "call_method"):
             return
         if n.target is redistribute:
             self._collective(n)
             return
         placed = _placed(n)
         name = op_name(n)
+        if self._size_query(n, name) or self._fold(n):
+            return
         self.original_args[n] = _source_args(n)
         sharded = isinstance(placed, Placed) and placed.dim is not None
         if name in _RANDOM_REFUSED and (sharded or any(isinstance(_placed(a), Placed) and _placed(a).dim is not None
@@ -423,6 +431,50 @@ class _Lowering:
             self._narrow(n, placed)
         else:
             self._literal_sizes(n, placed)
+
+    def _size_query(self, n: torch.fx.Node, name: str) -> bool:
+        """``x.shape``, ``x.size(d)``, ``x.numel()`` of a sharded ``x`` answer the planned graph's (global)
+        sizes, as one process would: the query becomes that constant. (A view built from it then
+        gets its local size like any literal; a mean divided by it stays a mean over all ranks.)"""
+        if not n.args or not isinstance(n.args[0], torch.fx.Node):
+            return False
+        x = n.args[0]
+        p = _placed(x)
+        shape = x.meta.get(SHAPE)
+        if not (isinstance(p, Placed) and p.dim is not None and isinstance(shape, tuple)):
+            return False
+        if name == "getattr" and len(n.args) > 1 and n.args[1] == "shape":
+            value: Any = tuple(shape)
+        elif name == "size":
+            d = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+            value = tuple(shape) if d is None else int(shape[d])
+        elif name == "numel":
+            value = int(math.prod(shape))
+        else:
+            return False
+        self._replace_by_constant(n, value)
+        self.record["global_size_queries"].append({"node": n.name, "of": x.name, "value": value})
+        return True
+
+    def _fold(self, n: torch.fx.Node) -> bool:
+        """Integer arithmetic on constants (what a size query became) is folded into its users, so
+        that a size computed from a global size reaches a view as a literal (and gets localized)."""
+        if n.target not in _FOLDABLE or n.all_input_nodes:
+            return False
+        try:
+            value = n.target(*n.args, **n.kwargs)
+        except Exception:   # not ours to fold: leave it to run
+            return False
+        if not isinstance(value, (int, tuple)) or isinstance(value, bool):
+            return False
+        self._replace_by_constant(n, value)
+        return True
+
+    def _replace_by_constant(self, n: torch.fx.Node, value: Any) -> None:
+        for u in list(n.users):
+            u.args = torch.fx.node.map_aggregate(u.args, lambda a: value if a is n else a)
+            u.kwargs = torch.fx.node.map_aggregate(u.kwargs, lambda a: value if a is n else a)
+        self.graph.erase_node(n)
 
     def _collective(self, n: torch.fx.Node) -> None:
         x, src, dst = n.args[0], n.args[1], n.args[2]
@@ -646,7 +698,8 @@ def localize_pass(gm: torch.fx.GraphModule, rank: int, world_size: int, *, input
     graph = gm.graph
     record: dict[str, Any] = {"rank": rank, "world_size": world_size, "collectives": [], "partial_params": [],
                               "replicate_params": [], "kept_on_one_rank": [], "summed_input_grads": [],
-                              "local_sizes": [], "built_whole": [], "random": [], "output_placements": []}
+                              "local_sizes": [], "built_whole": [], "random": [], "output_placements": [],
+                              "global_size_queries": []}
     if world_size == 1:
         for n in list(graph.nodes):
             if n.op == "call_function" and n.target is redistribute:

@@ -19,7 +19,6 @@ def test_docstring_examples(name):
 
 @pytest.mark.full   # trains an Evoformer block on 2 ranks with the planning pass
 def test_sharded_module_example():
-    pytest.importorskip("foldcompile.passes.shard", reason="the DAP planning pass (branch shardplan) is not merged yet")
     module = importlib.import_module("foldcompile.distributed.sharded")
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0

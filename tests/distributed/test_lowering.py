@@ -2,6 +2,8 @@
 schedule_collectives.py) on a hand-planned DAP block (hand_plans.MiniDAP: every kind of
 collective, mixed-consumer values and parameters, literal sizes, creation and random ops),
 against one process: float64, rtol 1e-10, N_seq=5 and N_res=7 over 2 and 3 ranks (uneven)."""
+import operator
+
 import pytest
 import torch
 
@@ -309,3 +311,30 @@ def test_plans_the_lowering_refuses():
         return g.call_function(torch.narrow, (g.placeholder("x"), 0, 1, 2), name="y")
     with pytest.raises(PassError, match="narrows \\[1, 1 \\+ 2\\) of the dim 0 the plan shards"):
         localize_pass(_plan_of(cut, {"x": rows, "y": rows}), 0, 2)
+
+
+def test_size_queries_of_a_shard_answer_the_global_size():
+    """``x.shape[0]`` of a sharded x is the global size (a mean over all ranks divides by it); a
+    view sized by it gets the local size like any literal."""
+    from foldcompile.passes.localize import localize_pass
+    from foldcompile.passes.placement import Placed, Shard
+
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    shape = g.call_function(getattr, (x, "shape"), name="shape")
+    rows = g.call_function(operator.getitem, (shape, 0), name="rows")
+    view = g.create_node("call_method", "view", (x, rows, -1), name="flat")
+    scaled = g.call_function(operator.truediv, (view, rows), name="scaled")
+    g.output(scaled)
+    gm = torch.fx.GraphModule(torch.nn.Module(), g)
+    rows_p = Placed(Shard(0), (2, 1), 3)
+    for n in gm.graph.nodes:
+        if n.name in ("x", "flat", "scaled"):
+            n.meta.update(shape=(3, 4), sym_shape=(3, 4), dtype=torch.float32, shard=rows_p)
+        else:
+            n.meta.update(shape=None, dtype=None)
+    gm.meta["dims"] = {}
+    res = localize_pass(gm, 1, 2, inputs="sharded", outputs="sharded")
+    assert res.record["global_size_queries"] == [{"node": "shape", "of": "x", "value": (3, 4)}]
+    out = res.graph_module(torch.ones(1, 4))
+    assert torch.equal(out, torch.full((1, 4), 1 / 3))

@@ -12,7 +12,6 @@ from foldcompile.models import zoo
 import zoo_cases as Z
 
 pytestmark = pytest.mark.full
-pytest.importorskip("foldcompile.passes.shard", reason="the DAP planning pass (branch shardplan) is not merged yet")
 
 RTOL, ATOL = 1e-10, 1e-12
 SHARDED_LOSS = ("evoformer_block", "pairformer_block", "structure_module", "template_pair_stack")
