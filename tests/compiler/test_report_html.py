@@ -145,12 +145,10 @@ def test_ceilings_read_from_results(results_dir):
         find_ceilings("a100", results_dir)
 
 
-def test_the_repository_records_the_h200_ceilings():
-    # measured by bench/ceilings.py on an H200 on 2026-12-02 (bench/results/ceilings_NVIDIA_H200_2026-12-02.json)
+def test_the_repository_records_the_h200_copy_bandwidth():
     c = find_ceilings("H200")
-    assert c.card == "NVIDIA H200"
-    assert c.copy_gbs == pytest.approx(4165, rel=1e-3)
-    assert "ceilings_NVIDIA_H200" in c.sources["copy"]
+    assert c.card == "NVIDIA H200" and c.copy_gbs == pytest.approx(4300.0)
+    assert "kernels_triangle_tune_NVIDIA_H200" in c.sources["copy"]
 
 
 def test_roofline_floors_are_each_op_at_its_roof(pairformer, results_dir):
