@@ -144,6 +144,10 @@ _registrations = 0
 
 def _count_registration(*_args: Any) -> None:
     global _registrations
+    # a forward that makes modules (``self.blocks[:2]`` builds a ModuleList) runs this hook while Dynamo
+    # traces it: counting there would be a side effect of the forward, and a graph registers nothing
+    if torch.compiler.is_compiling():
+        return
     _registrations += 1
 
 

@@ -216,3 +216,21 @@ def test_without_the_cpp_tensor_check_the_tuple_fallback_sees_tensor_changes(mon
         gm(X)
     model.blocks[-1].lin.weight.requires_grad_(True)
     _same(gm, model)
+
+
+def test_a_forward_that_builds_modules_is_captured_while_registrations_are_counted():
+    class Sliced(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+
+        def forward(self, x):
+            for b in self.blocks[:2]:  # a new ModuleList: registers its modules while traced
+                x = b(x)
+            return x
+
+    state_watch._install_registration_hooks()
+    model = Sliced()
+    gm = trace(model, X)
+    assert torch.allclose(gm(X), model(X))
+    assert torch.allclose(gm(X), model(X))
