@@ -24,6 +24,12 @@ rebuilt into the project's contract:
 - ``gm.meta["capture"] = {"graphs": 1, "leaves": 0, "tracer": "dynamo"}``,
   ``gm.meta["guards"]`` and ``gm.guards``.
 
+Identical blocks are captured once (:mod:`foldcompile.regions`): submodules with the same
+code, configuration, parameter shapes and no hooks (the 48 blocks of AlphaFold's trunk)
+are traced once per distinct call and stamped out into the graph with each block's own
+parameters, module paths and names (``blocks_17_linear_3``, ``meta["region"]``); the
+graph is the one a whole-model trace gives. ``regions_disabled()`` traces every block.
+
 Why not ``torch.fx.symbolic_trace`` as a fast path: on a model it accepts it
 can still compute a different function, silently: a Proxy's ``x.dtype is
 torch.bfloat16`` is always False and ``with torch.autocast(...)`` leaves no
@@ -148,7 +154,11 @@ def trace(model: torch.nn.Module, *example_inputs: Any, **example_kwargs: Any) -
         with torch._dynamo.config.patch(**_dynamo_side_effect_config()), _quiet_fake_tensor_log():
             # repeated blocks captured once (foldcompile/regions.py); None: the whole model as one trace
             deduplicated = capture_with_regions(model, args, kwargs, _dynamo_export) if _REGIONS else None
-            exported, dynamo_guards = deduplicated or _dynamo_export(model, args, kwargs)
+            if deduplicated is not None:
+                exported, dynamo_guards = deduplicated
+            else:
+                exported, whole = _dynamo_export(model, args, kwargs)
+                dynamo_guards = [(model, whole)]
     except Exception as e:  # Dynamo raises many exception types; all mean "not one graph"
         module_state_changes(before, restore=True)
         effects = _side_effects_seen_by_dynamo(e, list(bound.arguments))
@@ -168,7 +178,8 @@ def trace(model: torch.nn.Module, *example_inputs: Any, **example_kwargs: Any) -
         raise CaptureError(_side_effect_message(model, changes))
     # recorded after the capture and the side-effect check, so they describe the model as it is now
     guards = Guards.record(model, bound)
-    guards.add_dynamo_globals(model, dynamo_guards)
+    for root, root_guards in dynamo_guards:  # each capture's globals, named from its root's module
+        guards.add_dynamo_globals(root, root_guards)
 
     gm = _rebuild(model, exported)
     if "regions" in exported.meta:

@@ -53,7 +53,17 @@ What is guarded (simple and sound rather than minimal):
 Deques are compared by their items and ``maxlen`` like lists (they have no ``__dict__``).
 
 Every state guard is precomputed at capture into a flat list (module weakref,
-attribute, snapshot), so a check is a loop of identity and value comparisons.
+attribute, snapshot), so a full check is a loop of identity and value comparisons;
+it walks every submodule and parameter, so it grows with the model (about 7 ms for
+48 Evoformer blocks). A call runs it only where something it reads may have moved:
+after a full check passes, :mod:`foldcompile.state_watch` takes cheap tags (dict
+version tags of every module's ``__dict__`` and parameter/children dicts, module
+classes, counters of hook handles and registrations, the metadata of every tensor
+the graph reads), and each call compares those, plus what no tag sees (mutable
+attribute values by content, class attributes once per class, the hooks of modules
+hooked at capture, globals); any difference sends the call to the full check, which
+names the guard (``Guards.fast.watch.full_checks`` counts those). The guards then hold
+the model's modules (the graph holds its parameters anyway).
 
 The hook also binds the call to the model's signature and fills in defaults,
 so the graph module accepts the same calls as the model (``gm(x)`` with

@@ -56,6 +56,7 @@ import torch.fx
 from torch.utils import _pytree as pytree
 
 from foldcompile.guards import _MODULE_INTERNALS, _snap, autocast_state
+from foldcompile.passes.meta import MODULE_PATH, REGION, STACK_TRACE
 
 __all__ = ["capture_with_regions", "block_groups", "block_key", "RegionRefused"]
 
@@ -71,7 +72,7 @@ _CONTAINERS = (torch.nn.ModuleList, torch.nn.ModuleDict, torch.nn.Sequential, to
 _MAX_REGIONS_PER_GROUP = 8  # distinct call keys of one group before the group is traced inline
 # a group is worth its regions from this many members (each region costs one block's trace, and the
 # first block of a stack is usually called with other inputs than the rest: a region of its own)
-MIN_MEMBERS = 4
+MIN_MEMBERS = 6
 _MAX_ATTEMPTS = 24  # outer traces (each stops at a missing region) before the regions are given up
 _IN_PLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
                        operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift,
@@ -463,11 +464,12 @@ def _capture_region(plan: _Plan, member: int, key: tuple, args: tuple, kwargs: d
 
 def capture_with_regions(model: torch.nn.Module, args: tuple, kwargs: dict,
                          export: Callable[[torch.nn.Module, tuple, dict], tuple]
-                         ) -> tuple[torch.fx.GraphModule, list] | None:
-    """Capture ``model`` with its repeated blocks as regions (module docstring): ``(graph module, Dynamo
-    guards of every capture)``, the graph flat with ``meta["regions"]``, or ``None`` where the model has
-    no repeated blocks or the regions cannot stand for it (logged). ``export(module, args, kwargs)``
-    is the caller's Dynamo capture (with its side-effect settings)."""
+                         ) -> tuple[torch.fx.GraphModule, list[tuple[torch.nn.Module, list]]] | None:
+    """Capture ``model`` with its repeated blocks as regions (module docstring): ``(graph module,
+    [(captured root, its Dynamo guards), ...])`` (the model's trace, then each region's, whose globals
+    Dynamo names from its block's module), the graph flat with ``meta["regions"]``; or ``None`` where
+    the model has no repeated blocks or the regions cannot stand for it (logged).
+    ``export(module, args, kwargs)`` is the caller's Dynamo capture (with its side-effect settings)."""
     global _ACTIVE
     groups = block_groups(model, MIN_MEMBERS)
     if not groups:
@@ -498,7 +500,7 @@ def capture_with_regions(model: torch.nn.Module, args: tuple, kwargs: dict,
          "members": r.members, "nodes": sum(1 for n in r.graph_module.graph.nodes
                                             if n.op not in ("placeholder", "output"))}
         for r in sorted(plan.regions.values(), key=lambda r: r.id) if r.members]
-    return exported, list(guards or ()) + region_guards
+    return exported, [(plan.model, list(guards or ()))] + region_guards
 
 
 def _trace_outer(plan: _Plan, args: tuple, kwargs: dict, export: Callable, region_guards: list) -> tuple:
@@ -534,7 +536,8 @@ def _trace_outer(plan: _Plan, args: tuple, kwargs: dict, export: Callable, regio
                                               group))
                     continue
                 plan.regions[(group, key)] = region
-                region_guards += list(guards or ())
+                # Dynamo names the globals a region reads from its block's module: kept with the block
+                region_guards.append((plan.groups[group][0][1], list(guards or ())))
             continue
         if failure is not None:
             raise RegionRefused(f"the outer capture failed: {type(failure).__name__}: "
@@ -735,11 +738,11 @@ def _splice_call(plan: _Plan, root: torch.fx.GraphModule, graph: torch.fx.Graph,
                 new = graph.create_node(n.op, n.target, torch.fx.node.map_arg(n.args, lambda a: env[a]),
                                         torch.fx.node.map_arg(n.kwargs, lambda a: env[a]),
                                         name=_prefixed(n.name, prefix), type_expr=n.type)
-            new.meta.update({k: v for k, v in n.meta.items() if k not in ("nn_module_stack", "module_path")})
+            new.meta.update({k: v for k, v in n.meta.items() if k not in ("nn_module_stack", MODULE_PATH)})
             rel = module_path_of(n, rel_names)
-            new.meta["module_path"] = f"{path}.{rel}" if rel else path
-            new.meta["stack_trace"] = outer_trace + (n.meta.get("stack_trace") or "")
-            new.meta["region"] = (region.id, path)
+            new.meta[MODULE_PATH] = f"{path}.{rel}" if rel else path
+            new.meta[STACK_TRACE] = outer_trace + (n.meta.get(STACK_TRACE) or "")
+            new.meta[REGION] = (region.id, path)
             env[n] = new
     output = next(iter(rg.graph.find_nodes(op="output")))
     flat_out = output.args[0] if isinstance(output.args[0], (list, tuple)) else [output.args[0]]
@@ -764,9 +767,9 @@ def _set_paths(body: torch.fx.GraphModule, path: str, rel_names: dict, outer_tra
         for n in g.nodes:
             rel = module_path_of(n, rel_names)
             n.meta.pop("nn_module_stack", None)
-            n.meta["module_path"] = f"{path}.{rel}" if rel else path
-            n.meta["stack_trace"] = outer_trace + (n.meta.get("stack_trace") or "")
-            n.meta["region"] = (region.id, path)
+            n.meta[MODULE_PATH] = f"{path}.{rel}" if rel else path
+            n.meta[STACK_TRACE] = outer_trace + (n.meta.get(STACK_TRACE) or "")
+            n.meta[REGION] = (region.id, path)
 
 
 class _state_at:

@@ -3,6 +3,8 @@ each block's own parameters, paths and names, and near misses never share a regi
 from __future__ import annotations
 
 import logging
+import os
+import sys
 
 import pytest
 import torch
@@ -10,7 +12,11 @@ import torch.nn as nn
 
 from foldcompile import regions
 from foldcompile.capture import CaptureError, regions_disabled, trace
+from foldcompile.guards import GuardError
 from foldcompile.models import zoo
+
+sys.path.insert(0, os.path.dirname(__file__))
+import region_blocks  # noqa: E402  (a block in a module of its own)
 
 N_SEQ, N_RES = 3, 5
 
@@ -64,8 +70,34 @@ def test_48_blocks_outputs_and_gradients_equal_eager(stack48):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
+def test_a_small_stack_is_the_whole_model_capture():
+    torch.manual_seed(0)
+    model = Stack([Block() for _ in range(6)])
+    gm = trace(model, X)
+    with regions_disabled():
+        plain = trace(model, X)
+    assert [len(r["members"]) for r in gm.meta["regions"]] == [1, 5] and "regions" not in plain.meta
+    assert _ops(gm) == _ops(plain)
+    assert [n.name for n in gm.graph.nodes if n.meta.get("module_path") == "blocks.4.lin"][-1] == "blocks_4_linear"
+
+
+def test_a_global_read_by_a_helper_of_the_blocks_module_is_guarded():
+    model = Stack([region_blocks.GainBlock() for _ in range(6)])
+    gm = trace(model, X)
+    assert "regions" in gm.meta
+    torch.testing.assert_close(gm(X), model(X))
+    try:
+        region_blocks.GAIN = 3.0
+        with pytest.raises(GuardError, match="GAIN"):
+            gm(X)
+    finally:
+        region_blocks.GAIN = 2.0
+    torch.testing.assert_close(gm(X), model(X))
+
+
+@pytest.mark.full
 def test_the_graph_is_the_whole_model_capture():
-    model, inputs = zoo.get("evoformer_stack", n_blocks=5, n_seq=N_SEQ, n_res=N_RES)
+    model, inputs = zoo.get("evoformer_stack", n_blocks=6, n_seq=N_SEQ, n_res=N_RES)
     gm = trace(model, *inputs)
     with regions_disabled():
         plain = trace(model, *inputs)
@@ -74,13 +106,13 @@ def test_the_graph_is_the_whole_model_capture():
 
 
 def test_checkpointed_training_blocks_are_regions_with_equal_gradients():
-    model, inputs = zoo.get("evoformer_stack", n_blocks=5, n_seq=N_SEQ, n_res=N_RES)
+    model, inputs = zoo.get("evoformer_stack", n_blocks=6, n_seq=N_SEQ, n_res=N_RES)
     model.checkpoint = True
     model.train()
     m, z = inputs[0].clone().requires_grad_(), inputs[1].clone().requires_grad_()
     gm = trace(model, m, z, *inputs[2:])
-    assert [len(r["members"]) for r in gm.meta["regions"]] == [5]
-    assert sum(n.target is torch.utils.checkpoint.checkpoint for n in gm.graph.nodes) == 5
+    assert [len(r["members"]) for r in gm.meta["regions"]] == [6]
+    assert sum(n.target is torch.utils.checkpoint.checkpoint for n in gm.graph.nodes) == 6
     results = []
     for f in (gm, model):
         torch.manual_seed(0)  # the same dropout masks
@@ -231,7 +263,7 @@ class Counting(Block):
 
 def test_a_block_writing_its_input_is_traced_inline(caplog):
     torch.manual_seed(0)
-    model = Stack([InPlace() for _ in range(5)])
+    model = Stack([InPlace() for _ in range(6)])
     with caplog.at_level(logging.INFO, logger="foldcompile.regions"):
         gm = trace(model, X)
     assert "regions" not in gm.meta and "writes into its input in place" in caplog.text
@@ -239,7 +271,7 @@ def test_a_block_writing_its_input_is_traced_inline(caplog):
 
 
 def test_a_side_effect_in_a_block_is_refused_as_without_regions():
-    model = Stack([Counting() for _ in range(5)])
+    model = Stack([Counting() for _ in range(6)])
     with pytest.raises(CaptureError) as with_regions:
         trace(model, X)
     with regions_disabled(), pytest.raises(CaptureError) as without:
@@ -254,7 +286,7 @@ def test_dropout_draws_the_random_numbers_eager_draws():
             return torch.nn.functional.dropout(super().forward(x), 0.5, self.training)
 
     torch.manual_seed(0)
-    model = Stack([Drop() for _ in range(5)]).train()
+    model = Stack([Drop() for _ in range(6)]).train()
     gm = trace(model, X)
     assert "regions" in gm.meta
     torch.manual_seed(1)
