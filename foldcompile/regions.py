@@ -9,32 +9,39 @@ shapes; tracing each of them again is what made capturing the stack take minutes
    configuration (plain attributes by value, every other object by identity), the same
    parameter, buffer and tensor-attribute names with the same dtype, shape, strides, device
    and ``requires_grad``, the same sharing of tensors and submodules inside the block, and no
-   hooks anywhere in it. A key seen at least twice, on modules with submodules, not inside
-   another such module, is a group.
+   hooks anywhere in it. The outermost modules with submodules whose key repeats form the
+   groups (:func:`block_groups`); a group of fewer than :data:`MIN_MEMBERS` is not worth its
+   regions and is traced inline.
 2. **The outer trace.** Dynamo traces the model with every group member's ``forward``
    replaced (on the instance, for the capture only) by a call to :func:`_block_call`, a
    function Dynamo puts in the graph as one node without tracing into it. Its outputs are
    made from the region the call needs (a fresh tensor of the region's output shape, dtype
-   and strides per output); a call whose region does not exist yet stops the trace, the
-   region is captured, and the trace runs again.
+   and strides per output). A call whose region does not exist yet takes, for now, the
+   outputs of a region of the group on inputs of the same shapes (the first block of a stack,
+   whose inputs do not require grad, stands in for the others), or else stops the trace; the
+   missing regions are captured and the model traced again, until one trace finds them all.
 3. **Regions.** A region is one Dynamo capture of the group's first member on inputs like
-   the call's, keyed by the call (tensor shapes, strides, dtypes, devices, ``requires_grad``,
-   the other arguments by value, grad mode and autocast state). Every ``_block_call`` node
-   is then replaced by a copy of its region's graph, with the member's own parameters
-   (``get_attr`` of ``blocks.17.…``), its module paths (``meta["module_path"]``), names
-   prefixed with its path (``blocks_17_linear_3``) and ``meta["region"] = (region id, member
-   path)``; inside an activation-checkpoint body the member's parameters are passed in as
-   extra operands, as Dynamo does. The result is one flat graph, as a capture without
-   regions would give, and the example values of its nodes are computed again, in one fake
-   mode (aliasing between copies and the graph around them is then seen by later passes).
+   the call's (zeros of the same shapes, strides and aliasing), keyed by the call
+   (:func:`call_key`: tensor metadata, which arguments are one tensor or share memory, the
+   other arguments by value, grad mode and autocast state). Every ``_block_call`` node is
+   then replaced by a copy of its region's graph, with the member's own parameters
+   (``get_attr`` of ``blocks.17.…``, one node per parameter and graph), its module paths
+   (``meta["module_path"]``), names prefixed with its path (``blocks_17_linear_3``) and
+   ``meta["region"] = (region id, member path)``; inside an activation-checkpoint body the
+   member's parameters are passed in as extra operands, as Dynamo does. The result is one
+   flat graph, as a capture without regions gives. The copies share their region's example
+   values; where the graph writes anything in place, every node's example value is computed
+   again in one fake mode, so that the storage identities normalize and fuse compare are
+   right across copies.
 
-Anything the regions cannot stand for exactly makes :func:`capture_with_regions` return
-``None`` (the caller then traces the whole model as before; the reason is logged under
-``foldcompile.regions``): a region that writes into its inputs in place, returns a view of
-an input or two outputs sharing memory, or returns something other than tensors; a call with
-two arguments sharing memory; a block call inside a higher-order op other than activation
-checkpointing; a failure of any capture (a side effect in the block, say: the whole-model
-capture then reports it with its line).
+What the regions cannot stand for exactly is traced inline, with the reason logged under
+``foldcompile.regions``: a group whose region writes into its inputs in place, returns a view
+of an input or a parameter, two outputs sharing memory, or something other than tensors, whose
+block cannot be captured alone (a side effect: the whole-model capture then reports it with its
+line), that is called with more than 8 distinct keys, or that saves fewer than two block traces.
+A block call inside a higher-order op other than activation checkpointing, or any other
+failure, makes :func:`capture_with_regions` return ``None``: the caller then traces the whole
+model as before.
 
     >>> from foldcompile.models import zoo
     >>> stack, inputs = zoo.get("evoformer_stack", n_blocks=3)
@@ -44,6 +51,7 @@ capture then reports it with its line).
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import functools
 import logging
@@ -53,6 +61,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 import torch.fx
+import torch.amp.autocast_mode as am
 from torch.utils import _pytree as pytree
 
 from foldcompile.guards import _MODULE_INTERNALS, _snap, autocast_state
@@ -371,10 +380,8 @@ def _example_inputs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     return args_, kwargs_
 
 
-def _state_of(key: tuple):
+def _state_of(key: tuple) -> contextlib.ExitStack:
     """A context reproducing a call key's grad mode and autocast state."""
-    import contextlib
-
     stack = contextlib.ExitStack()
     stack.enter_context(torch.set_grad_enabled(key[2]))
     now = autocast_state()
@@ -692,7 +699,7 @@ def _splice_call(plan: _Plan, root: torch.fx.GraphModule, graph: torch.fx.Graph,
         if lift is not None:
             raise RegionRefused(f"{path} is called with several keys, one inside a checkpoint body")
         example = [a.meta.get("example_value") if isinstance(a, torch.fx.Node) else a for a in flat]
-        with _state_at(graph, node):
+        with _StateAt(graph, node):
             key = call_key(*pytree.tree_unflatten(example, spec))
         if key not in keys:
             raise RegionRefused(f"cannot tell which region the call of {path} at {node.name} needs")
@@ -772,7 +779,7 @@ def _set_paths(body: torch.fx.GraphModule, path: str, rel_names: dict, outer_tra
             n.meta[REGION] = (region.id, path)
 
 
-class _state_at:
+class _StateAt:
     """The grad mode and autocast state a node of ``graph`` runs under, from the context nodes before it
     (the state the outer trace was in when it reached the call)."""
 
@@ -788,10 +795,9 @@ class _state_at:
             elif n.op == "call_function" and getattr(n.target, "__name__", "") == "_exit_autocast":
                 self.steps.append(("exit", n.args[0]))
 
-    def __enter__(self):
+    def __enter__(self) -> "_StateAt":
         self.grad = torch.is_grad_enabled()
         self.entered = []
-        import torch.amp.autocast_mode as am
 
         for kind, value in self.steps:
             if kind == "grad":
@@ -805,9 +811,7 @@ class _state_at:
                         break
         return self
 
-    def __exit__(self, *exc):
-        import torch.amp.autocast_mode as am
-
+    def __exit__(self, *exc: Any) -> bool:
         for _, ctx in reversed(self.entered):
             am._exit_autocast(ctx)
         torch._C._set_grad_enabled(self.grad)

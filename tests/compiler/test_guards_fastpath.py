@@ -57,6 +57,15 @@ N_BLOCKS = 48
 X = torch.randn(3, 4)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """48 blocks of tiny ops: one intra-op thread (two on a loaded 2-core machine spin-wait on every op)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class Stack(nn.Module):
     def __init__(self, block_cls: type, n: int = N_BLOCKS):
         super().__init__()

@@ -34,6 +34,16 @@ def _members(gm: torch.fx.GraphModule) -> dict[str, int]:
 # ---------------------------------------------------------------- the 48-block Evoformer stack
 
 
+@pytest.fixture
+def one_thread():
+    """48 blocks of tiny ops: one intra-op thread (two threads on a loaded 2-core machine spin-wait on every
+    op, and make these tests minutes instead of seconds)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def stack48():
     model, inputs = zoo.get("evoformer_stack", n_blocks=48, n_seq=N_SEQ, n_res=N_RES)
@@ -58,7 +68,7 @@ def test_48_blocks_are_two_regions_stamped_out_with_their_own_parameters(stack48
     assert all("evoformer.py" in n.meta["stack_trace"] for n in block17 if n.op == "call_function")
 
 
-def test_48_blocks_outputs_and_gradients_equal_eager(stack48):
+def test_48_blocks_outputs_and_gradients_equal_eager(stack48, one_thread):
     model, inputs, gm = stack48
     results = []
     for f in (gm, model):
@@ -105,7 +115,7 @@ def test_the_graph_is_the_whole_model_capture():
     assert _ops(gm) == _ops(plain)  # same calls, same parameters, same module paths, in the same order
 
 
-def test_checkpointed_training_blocks_are_regions_with_equal_gradients():
+def test_checkpointed_training_blocks_are_regions_with_equal_gradients(one_thread):
     model, inputs = zoo.get("evoformer_stack", n_blocks=6, n_seq=N_SEQ, n_res=N_RES)
     model.checkpoint = True
     model.train()
@@ -293,3 +303,18 @@ def test_dropout_draws_the_random_numbers_eager_draws():
     a = gm(X)
     torch.manual_seed(1)
     torch.testing.assert_close(a, model(X), rtol=0, atol=0)
+
+
+@pytest.mark.full
+def test_optimize_fuses_every_copy_as_without_regions():
+    import foldcompile
+
+    model, inputs = zoo.get("evoformer_stack", n_blocks=6, n_seq=N_SEQ, n_res=N_RES)
+    fast = foldcompile.optimize(model, *inputs)
+    assert [len(r["members"]) for r in fast.variant_for(*inputs).traced.meta["regions"]] == [1, 5]
+    with regions_disabled():
+        plain = foldcompile.optimize(model, *inputs)
+    assert fast.report.counts() == plain.report.counts()
+    assert fast.report.counts()["layer_norm"]["matched"] == 6 * 12
+    for a, b in zip(fast(*inputs), model(*inputs)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
