@@ -478,7 +478,11 @@ def capture_with_regions(model: torch.nn.Module, args: tuple, kwargs: dict,
     the model has no repeated blocks or the regions cannot stand for it (logged).
     ``export(module, args, kwargs)`` is the caller's Dynamo capture (with its side-effect settings)."""
     global _ACTIVE
-    groups = block_groups(model, MIN_MEMBERS)
+    try:
+        groups = block_groups(model, MIN_MEMBERS)
+    except Exception as e:  # a model the keys cannot describe: no regions
+        log.info("foldcompile: capturing %s without regions (%s: %s)", type(model).__name__, type(e).__name__, e)
+        return None
     if not groups:
         return None
     plan = _Plan(model, groups)
@@ -516,6 +520,8 @@ def _trace_outer(plan: _Plan, args: tuple, kwargs: dict, export: Callable, regio
     missing ones; they are captured and the model traced again. A group refused on the way (or not
     worth it: fewer than two calls saved) is traced inline from then on."""
     for _ in range(_MAX_ATTEMPTS):
+        if all(g in plan.dropped for g in range(len(plan.groups))):  # nothing left to share: the plain capture
+            raise RegionRefused("every group of blocks is traced inline")
         plan.pending, plan.refused = {}, None
         plan.calls.clear()
         try:
@@ -530,6 +536,10 @@ def _trace_outer(plan: _Plan, args: tuple, kwargs: dict, export: Callable, regio
             for member, key, call_args, call_kwargs in plan.pending.values():
                 group = plan.members[member][0]
                 if group in plan.dropped:
+                    continue
+                if sum(1 for g, _ in plan.regions if g == group) >= len(plan.groups[group]) - 2:
+                    # nearly a key per block: the regions would save less than they cost
+                    _drop(plan, RegionRefused("about one call key per block", group))
                     continue
                 try:
                     region, guards = _capture_region(plan, member, key, call_args, call_kwargs, plan_export=export)
@@ -554,8 +564,6 @@ def _trace_outer(plan: _Plan, args: tuple, kwargs: dict, export: Callable, regio
             for g in poor:
                 _drop(plan, RegionRefused("fewer than two block traces saved", g))
             continue
-        if not any(g not in plan.dropped for g in range(len(plan.groups))):
-            raise RegionRefused("no group of blocks left")
         return result
     raise RegionRefused(f"no complete trace in {_MAX_ATTEMPTS} attempts")
 

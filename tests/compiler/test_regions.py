@@ -290,6 +290,21 @@ def test_a_side_effect_in_a_block_is_refused_as_without_regions():
     assert "calls" in str(with_regions.value) and not hasattr(model.blocks[0], "calls")
 
 
+def test_blocks_called_on_ever_other_inputs_are_traced_inline_at_little_cost(caplog):
+    class Growing(Stack):
+        def forward(self, x):
+            for i, b in enumerate(self.blocks):
+                x = torch.cat([x, b(x[: i + 1])[:1]])  # every block sees one more row: a key of its own
+            return x
+
+    torch.manual_seed(0)
+    model = Growing([Block() for _ in range(6)])
+    with caplog.at_level(logging.INFO, logger="foldcompile.regions"):
+        gm = trace(model, X)
+    assert "regions" not in gm.meta and "about one call key per block" in caplog.text
+    torch.testing.assert_close(gm(X), model(X), rtol=0, atol=0)
+
+
 def test_dropout_draws_the_random_numbers_eager_draws():
     class Drop(Block):
         def forward(self, x):
