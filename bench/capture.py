@@ -111,7 +111,8 @@ def main() -> None:
     results.notes += [
         "each row in a fresh process (cold capture), one intra-op thread; N_seq=5, N_res=7, fp32, eval mode",
         "regions on: identical blocks captured once (foldcompile/regions.py); off: every block traced (before)",
-        "stamped: blocks stamped from each region (block 0 reads inputs that do not require grad: its own region)",
+        "stamped: blocks stamped from each region (block 0 reads inputs that do not require grad: its own region); "
+        "'-': no regions (fewer than foldcompile.regions.MIN_MEMBERS = 6 identical blocks: the same capture as 'off')",
         "check_ms: Guards.check per call with the fast path (foldcompile/state_watch.py); full_check_ms: the same "
         "check walking every module and parameter (the check before the fast path)",
         "graph_call_ms / eager_call_ms: one forward call, grad mode on as captured (graph: guard check included)",
