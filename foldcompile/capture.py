@@ -24,6 +24,12 @@ rebuilt into the project's contract:
 - ``gm.meta["capture"] = {"graphs": 1, "leaves": 0, "tracer": "dynamo"}``,
   ``gm.meta["guards"]`` and ``gm.guards``.
 
+Identical blocks are captured once (:mod:`foldcompile.regions`): submodules with the same
+code, configuration, parameter shapes and no hooks (the 48 blocks of AlphaFold's trunk)
+are traced once per distinct call and stamped out into the graph with each block's own
+parameters, module paths and names (``blocks_17_linear_3``, ``meta["region"]``); the
+graph is the one a whole-model trace gives. ``regions_disabled()`` traces every block.
+
 Why not ``torch.fx.symbolic_trace`` as a fast path: on a model it accepts it
 can still compute a different function, silently: a Proxy's ``x.dtype is
 torch.bfloat16`` is always False and ``with torch.autocast(...)`` leaves no
@@ -101,8 +107,9 @@ import torch.utils.checkpoint
 
 from foldcompile.guards import (Guards, global_module_hooks, install_guards, module_state_changes,
                                 snapshot_module_state)
+from foldcompile.regions import capture_with_regions
 
-__all__ = ["trace", "CaptureError", "module_path_of"]
+__all__ = ["trace", "CaptureError", "module_path_of", "regions_disabled"]
 
 
 _CHECKPOINT_HOP = torch.ops.higher_order.tag_activation_checkpoint
@@ -145,7 +152,13 @@ def trace(model: torch.nn.Module, *example_inputs: Any, **example_kwargs: Any) -
     before = snapshot_module_state(model)
     try:
         with torch._dynamo.config.patch(**_dynamo_side_effect_config()), _quiet_fake_tensor_log():
-            exported, dynamo_guards = torch._dynamo.export(model, assume_static_by_default=True)(*args, **kwargs)
+            # repeated blocks captured once (foldcompile/regions.py); None: the whole model as one trace
+            deduplicated = capture_with_regions(model, args, kwargs, _dynamo_export) if _REGIONS else None
+            if deduplicated is not None:
+                exported, dynamo_guards = deduplicated
+            else:
+                exported, whole = _dynamo_export(model, args, kwargs)
+                dynamo_guards = [(model, whole)]
     except Exception as e:  # Dynamo raises many exception types; all mean "not one graph"
         module_state_changes(before, restore=True)
         effects = _side_effects_seen_by_dynamo(e, list(bound.arguments))
@@ -165,15 +178,38 @@ def trace(model: torch.nn.Module, *example_inputs: Any, **example_kwargs: Any) -
         raise CaptureError(_side_effect_message(model, changes))
     # recorded after the capture and the side-effect check, so they describe the model as it is now
     guards = Guards.record(model, bound)
-    guards.add_dynamo_globals(model, dynamo_guards)
+    for root, root_guards in dynamo_guards:  # each capture's globals, named from its root's module
+        guards.add_dynamo_globals(root, root_guards)
 
     gm = _rebuild(model, exported)
+    if "regions" in exported.meta:
+        gm.meta["regions"] = exported.meta["regions"]
     gm.train(model.training)
     leaves = sum(1 for g in _all_graphs(gm) for n in g.nodes if n.op == "call_module")
     gm.meta["capture"] = {"graphs": 1, "leaves": leaves, "tracer": "dynamo"}
     guards.record_graph_attrs(model, gm)
     install_guards(gm, guards)
     return gm
+
+
+def _dynamo_export(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[torch.fx.GraphModule, Any]:
+    return torch._dynamo.export(module, assume_static_by_default=True)(*args, **kwargs)
+
+
+# whether trace captures repeated blocks once (foldcompile/regions.py); see `regions_disabled`
+_REGIONS = True
+
+
+@contextlib.contextmanager
+def regions_disabled():
+    """Within this context :func:`trace` traces every block again (no regions), as before regions existed:
+    for comparisons and for a model the regions get wrong."""
+    global _REGIONS
+    was, _REGIONS = _REGIONS, False
+    try:
+        yield
+    finally:
+        _REGIONS = was
 
 
 def _rebuild(model: torch.nn.Module, exported: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -221,7 +257,7 @@ def _fetch_attr(gm: torch.nn.Module, target: str) -> Any:
     return obj
 
 
-_TOKEN = re.compile(r"\.([A-Za-z_]\w*)|\[(\d+)\]|\['([^']*)'\]|\[\"([^\"]*)\"\]")
+_TOKEN = re.compile(r"\.([A-Za-z_]\w*)|\.(\d+)|\[(\d+)\]|\['([^']*)'\]|\[\"([^\"]*)\"\]")
 
 
 def module_path_of(node: torch.fx.Node, module_names: dict[str, str] | None = None) -> str:
@@ -237,6 +273,7 @@ def module_path_of(node: torch.fx.Node, module_names: dict[str, str] | None = No
     if not stack:
         return ""
     key, (source, _) = list(stack.items())[-1]
+    key = str(key).split("@")[0]  # Dynamo marks a module's later calls "<id>@1", "<id>@2", ...
     if module_names and key in module_names:
         return module_names[key]
     return _parse_source(str(source))

@@ -53,7 +53,17 @@ What is guarded (simple and sound rather than minimal):
 Deques are compared by their items and ``maxlen`` like lists (they have no ``__dict__``).
 
 Every state guard is precomputed at capture into a flat list (module weakref,
-attribute, snapshot), so a check is a loop of identity and value comparisons.
+attribute, snapshot), so a full check is a loop of identity and value comparisons;
+it walks every submodule and parameter, so it grows with the model (about 7 ms for
+48 Evoformer blocks). A call runs it only where something it reads may have moved:
+after a full check passes, :mod:`foldcompile.state_watch` takes cheap tags (dict
+version tags of every module's ``__dict__`` and parameter/children dicts, module
+classes, counters of hook handles and registrations, the metadata of every tensor
+the graph reads), and each call compares those, plus what no tag sees (mutable
+attribute values by content, class attributes once per class, the hooks of modules
+hooked at capture, globals); any difference sends the call to the full check, which
+names the guard (``Guards.fast.watch.full_checks`` counts those). The guards then hold
+the model's modules (the graph holds its parameters anyway).
 
 The hook also binds the call to the model's signature and fills in defaults,
 so the graph module accepts the same calls as the model (``gm(x)`` with
@@ -79,6 +89,8 @@ import torch
 import torch.fx
 from torch.nn.modules import module as _nn_module
 from torch.utils import _pytree as pytree
+
+from foldcompile import state_watch
 
 __all__ = [
     "GuardError", "Guards", "TensorSpec", "install_guards", "copy_guards", "autocast_state",
@@ -364,6 +376,14 @@ class _ModuleGuard:
     class_attrs: list[tuple[str, tuple]]
     hooks: tuple[tuple, ...]
     children: list[tuple[str, Callable[[], torch.nn.Module | None]]]
+    slots: tuple = ()  # _tensor_slots: the parameter and buffer names, and which of them are None
+
+
+def _tensor_slots(mod: torch.nn.Module) -> tuple:
+    """A module's parameter and buffer names and the names holding None (``Linear(bias=False)``'s bias):
+    a parameter put where the capture saw None, or a new or deleted one, is a change eager would see."""
+    return (tuple(mod._parameters), tuple(mod._buffers),
+            tuple(k for k, v in mod._parameters.items() if v is None), tuple(k for k, v in mod._buffers.items() if v is None))
 
 
 def _module_guards(model: torch.nn.Module) -> list[_ModuleGuard]:
@@ -375,6 +395,7 @@ def _module_guards(model: torch.nn.Module) -> list[_ModuleGuard]:
             path=path or "<root>", ref=weakref.ref(mod), cls=type(mod), training=mod.training,
             keys=frozenset(vars(mod)), instance_attrs=inst, class_attrs=cls_attrs, hooks=_hook_keys(mod),
             children=[(name, weakref.ref(child)) for name, child in mod._modules.items() if child is not None],
+            slots=_tensor_slots(mod),
         ))
     return out
 
@@ -647,6 +668,8 @@ class Guards:
     modules: list[_ModuleGuard] = field(default_factory=list, repr=False, compare=False)
     attrs: list[_AttrGuard] = field(default_factory=list, repr=False, compare=False)
     globals: list[tuple[str, Callable, str, tuple]] = field(default_factory=list, repr=False, compare=False)
+    # the per-call fast path (_FastState), made after the first full check passes
+    fast: Any = field(default=None, repr=False, compare=False)
 
     @classmethod
     def record(cls, model: torch.nn.Module, bound: inspect.BoundArguments) -> "Guards":
@@ -781,17 +804,9 @@ class Guards:
             raise GuardError(f"global module hook(s) registered since capture: {', '.join(global_module_hooks())} "
                              "(torch.nn.modules.module): eager runs them around every submodule, the graph runs "
                              "none of them; remove them (handle.remove()) to call the graph", "global_hooks")
-        try:
-            self._check_modules()
-        except GuardError as e:
-            # a module's training flag is the training guard; everything else there is module state
-            e.guard = e.guard or ("training" if " training=" in str(e) else "module_state")
-            raise
-        try:
-            self._check_attrs()
-        except GuardError as e:
-            e.guard = e.guard or "parameters"
-            raise
+        if self.fast is None or not self.fast.holds():
+            self._check_state()
+            self._watch_state()
         for where, holder, name, s in self.globals:
             glob = holder if isinstance(holder, dict) else holder.__globals__
             if not _same(glob.get(name, _MISSING), s):
@@ -817,6 +832,27 @@ class Guards:
         model = self.model_ref() if self.model_ref is not None else None
         training = model.training if model is not None else self.root_training
         return _key_of(self.bind(args, kwargs), training)
+
+    def _check_state(self) -> None:
+        """The full check of the model's state: every module guard and every parameter guard."""
+        try:
+            self._check_modules()
+        except GuardError as e:
+            # a module's training flag is the training guard; everything else there is module state
+            e.guard = e.guard or ("training" if " training=" in str(e) else "module_state")
+            raise
+        try:
+            self._check_attrs()
+        except GuardError as e:
+            e.guard = e.guard or "parameters"
+            raise
+
+    def _watch_state(self) -> None:
+        """Right after :meth:`_check_state` passed: take (or take again) the tags of the fast path."""
+        if self.fast is not None:
+            self.fast.watch.retake()
+        elif state_watch.available():
+            self.fast = _FastState.of(self)
 
     def _check_modules(self) -> None:
         for g in self.modules:
@@ -858,6 +894,11 @@ class Guards:
                 raise GuardError(f"hooks of module {g.path!r} (forward, forward-pre, backward, backward-pre counts "
                                  f"{tuple(len(h) for h in _hook_keys(mod))}) changed since capture "
                                  f"{tuple(len(h) for h in g.hooks)}: the graph inlined the hooks present then")
+            if _tensor_slots(mod) != g.slots:
+                was, now = g.slots, _tensor_slots(mod)
+                raise GuardError(f"parameters/buffers of module {g.path!r} changed since capture (names "
+                                 f"{list(now[0] + now[1])}, None: {list(now[2] + now[3])}; captured "
+                                 f"{list(was[0] + was[1])}, None: {list(was[2] + was[3])}): capture again")
             children = mod._modules
             for name, ref in g.children:
                 if children.get(name) is not ref():
@@ -896,6 +937,64 @@ class Guards:
         lines.append(f"  modules: {len(self.modules)} (identity, class, hooks), {n_attr} attributes")
         lines.append(f"  parameters/buffers read by the graph: {len(self.attrs)}; globals: {len(self.globals)}")
         return "\n".join(lines)
+
+
+def _is_mutable(s: tuple) -> bool:
+    """Whether the value a snapshot stands for can change without being rebound (a list, a dict, a set,
+    a deque, a plain object, or a tuple holding one): those are compared by content on every call."""
+    tag = s[0]
+    if tag in ("v", "id", "missing"):
+        return False
+    if tag == "seq":
+        return not issubclass(s[1], tuple) or any(_is_mutable(x) for x in s[2])
+    if tag == "set":
+        return s[1] is not frozenset
+    return True
+
+
+@dataclass
+class _FastState:
+    """The per-call fast path of :meth:`Guards.check`: the tags of a :class:`~foldcompile.state_watch.StateWatch`
+    (dict versions, classes, registrations, tensor metadata) and what no tag sees, polled on every call:
+    mutable attribute values by content, class attributes once per class, the hooks of the modules that
+    had hooks at capture. Any of them differing sends the call to the full check (which names the guard)."""
+
+    watch: state_watch.StateWatch
+    mutable: list[tuple[torch.nn.Module, str, tuple]]
+    class_attrs: list[tuple[torch.nn.Module, str, tuple]]
+    hooked: list[tuple[torch.nn.Module, tuple]]
+
+    @classmethod
+    def of(cls, guards: "Guards") -> "_FastState | None":
+        mods = [g.ref() for g in guards.modules]
+        if any(m is None for m in mods):  # the model is gone: no fast path (the full check returns at once)
+            return None
+        mutable, class_attrs, hooked, seen = [], [], [], set()
+        for g, mod in zip(guards.modules, mods):
+            mutable += [(mod, attr, s) for attr, s in g.instance_attrs if _is_mutable(s)]
+            for attr, s in g.class_attrs:  # one instance per class: the others read the same class attribute
+                if (g.cls, attr) not in seen:
+                    seen.add((g.cls, attr))
+                    class_attrs.append((mod, attr, s))
+            if g.hooks != _NO_HOOKS:
+                hooked.append((mod, g.hooks))
+        tensors = [a.obj for a in guards.attrs]
+        return cls(state_watch.StateWatch(mods, tensors), mutable, class_attrs, hooked)
+
+    def holds(self) -> bool:
+        """True when nothing the full check reads can have moved since it last passed."""
+        if not self.watch.unchanged():
+            return False
+        for mod, attr, s in self.mutable:
+            if not _same(mod.__dict__.get(attr, _MISSING), s):
+                return False
+        for mod, attr, s in self.class_attrs:
+            if not _same(getattr(mod, attr, _MISSING), s):
+                return False
+        for mod, hooks in self.hooked:
+            if _hook_keys(mod) != hooks:
+                return False
+        return True
 
 
 def variant_key(model: torch.nn.Module, args: tuple, kwargs: dict | None = None) -> tuple:

@@ -29,6 +29,8 @@ constant           key                    written by, and what it holds
 ``ORIGIN``         ``"origin"``           rewrites: the traced nodes a new node replaces
 ``SHARD``          ``"shard"``            sharding: the placement of the node's output
 ``EXAMPLE_VALUE``  ``"example_value"``    Dynamo: a fake tensor of the captured output
+``REGION``         ``"region"``           capture (foldcompile/regions.py): ``(region id, block path)``
+                                          of a node stamped from a region of identical blocks
 =================  =====================  ==========================================================
 
 Rank and dtype of a node are read through :func:`rank_of` and :func:`dtype_of`, one place.
@@ -47,7 +49,7 @@ import torch.fx
 
 __all__ = ["SHAPE", "DTYPE", "SYM_SHAPE", "SYM_VALUE", "SYM_ARGS", "MULTI_OUTPUT", "ALIASES_INPUT", "OP_CLASS",
            "COST", "EINSUM", "NORMALIZED_FROM", "MODULE_PATH", "STACK_TRACE", "ORIGIN", "SHARD", "EXAMPLE_VALUE",
-           "NODE_KEYS", "rank_of", "dtype_of", "shape_of", "memory_of"]
+           "REGION", "NODE_KEYS", "rank_of", "dtype_of", "shape_of", "memory_of"]
 
 SHAPE = "shape"
 DTYPE = "dtype"
@@ -65,9 +67,10 @@ STACK_TRACE = "stack_trace"
 ORIGIN = "origin"
 SHARD = "shard"
 EXAMPLE_VALUE = "example_value"
+REGION = "region"
 
 NODE_KEYS = frozenset({SHAPE, DTYPE, SYM_SHAPE, SYM_VALUE, SYM_ARGS, MULTI_OUTPUT, ALIASES_INPUT, OP_CLASS, COST,
-                       EINSUM, NORMALIZED_FROM, MODULE_PATH, STACK_TRACE, ORIGIN, SHARD, EXAMPLE_VALUE})
+                       EINSUM, NORMALIZED_FROM, MODULE_PATH, STACK_TRACE, ORIGIN, SHARD, EXAMPLE_VALUE, REGION})
 
 
 def _tensor_value(node: torch.fx.Node) -> torch.Tensor | None:

@@ -17,6 +17,8 @@ import pytest
 MODULES = [
     "foldcompile.capture",
     "foldcompile.guards",
+    "foldcompile.state_watch",
+    "foldcompile.regions",
     "foldcompile.explain",
     "foldcompile.profile",
     "foldcompile.pass_manager",
