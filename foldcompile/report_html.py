@@ -572,7 +572,7 @@ def _roofline_section(page: dict[str, Any]) -> str:
     else:
         roofs.append("memory: no copy bandwidth recorded for this card")
     if r["peak_tflops"]:
-        roofs.append(f"compute: {r['peak_tflops']:g} TFLOP/s {_esc(r['peak_dtype'])} matmul "
+        roofs.append(f"compute: {r['peak_tflops']:.4g} TFLOP/s {_esc(r['peak_dtype'])} matmul "
                      f"<span class='sub'>({_esc(r['sources'].get('matmul ' + r['peak_dtype'], ''))})</span>")
     else:
         roofs.append(f"compute: no {_esc(r['peak_dtype'])} matmul rate is recorded for {_esc(r['card'])}"

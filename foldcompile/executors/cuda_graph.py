@@ -42,6 +42,12 @@ checkpointing around random ops (the recomputation's RNG replay is not checked u
 and autocast with its weight cache on. A capture that fails for any other reason is caught:
 the variant runs eagerly and the reason is in ``describe()``.
 
+Tensors made from Python data (``x.new_tensor([1e8])``, ``torch.tensor([...], device=...)``):
+building one copies host memory to the device, which a capture cannot hold. Such a node reads
+nothing but literals and its arguments' dtypes and devices, which the variant fixes: it is
+made once, before the capture, and every call then clones that tensor on the device
+(:func:`hoist_host_literals`), so a caller still gets a fresh tensor of the same values.
+
 Memory: each pool keeps its forward's and backward's working memory between calls (that is
 what makes replays possible); the warm-up's cached blocks are returned (``empty_cache``)
 after each capture.
@@ -60,7 +66,7 @@ import torch.utils._pytree as pytree
 from foldcompile.executors.base import Executor, graph_tensors
 from foldcompile.passes.registry import writes_in_place
 
-__all__ = ["CudaGraphExecutor", "CudaGraphCapture", "cuda_graph_unsafe_reason"]
+__all__ = ["CudaGraphExecutor", "CudaGraphCapture", "cuda_graph_unsafe_reason", "hoist_host_literals"]
 
 log = logging.getLogger("foldcompile.executors.cuda_graph")
 
@@ -72,6 +78,10 @@ _RANDOM_NAMES = {"dropout", "bernoulli", "rand", "rand_like", "randn", "randn_li
 # ops that read device values on the host: illegal while a stream is being captured
 _HOST_SYNC_NAMES = {"item", "tolist", "nonzero", "masked_select", "unique", "unique_consecutive", "bincount",
                     "repeat_interleave", "cpu", "numpy", "argwhere"}
+
+
+# ops that build a tensor from Python data (a host-to-device copy on CUDA), by their data argument
+_HOST_DATA_OPS = {torch.tensor: 0, torch.as_tensor: 0, torch.Tensor.new_tensor: 1}
 
 
 def _op_name(node: torch.fx.Node) -> str:
@@ -134,6 +144,64 @@ def cuda_graph_unsafe_reason(gm: torch.fx.GraphModule) -> str | None:
         return ("autocast is active with its weight cache on: cached casts made before a capture would be read "
                 "by every replay after they are freed (torch.autocast(..., cache_enabled=False) is graph-safe)")
     return None
+
+
+class _HostLiteral:
+    """A graph node's ``fn(*args, **kwargs)`` whose data are Python literals, made once per
+    (dtype, device) of its tensor arguments and cloned on the device at every later call."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+        self.__name__ = f"host_literal_{getattr(fn, '__name__', 'tensor')}"
+        self.made: dict[tuple, torch.Tensor] = {}
+
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        key = tuple((a.dtype, a.device) for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor))
+        made = self.made.get(key)
+        if made is None:
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                return self.fn(*args, **kwargs)  # not made before the capture: let it fail as it would
+            with torch.no_grad():
+                made = self.made[key] = self.fn(*args, **kwargs)
+        return made.clone()
+
+
+def hoist_host_literals(gm: torch.fx.GraphModule) -> int:
+    """Rewrite, in place, every node of ``gm`` that builds a tensor from Python data alone
+    (``x.new_tensor([1e8])``, ``torch.tensor([0.5], device=d)``) into a call that makes it once per
+    dtype and device and clones it on the device afterwards (module docstring); returns how many.
+
+    >>> import torch
+    >>> gm = torch.fx.symbolic_trace(lambda x: x * x.new_tensor([2.0]))
+    >>> hoist_host_literals(gm), gm(torch.ones(2)).tolist()
+    (1, [2.0, 2.0])
+    >>> hoist_host_literals(torch.fx.symbolic_trace(lambda x, y: x.new_tensor(y)))  # data from an input
+    0
+    """
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr":  # a checkpoint body, or another graph the node calls
+            obj: Any = gm
+            for part in str(node.target).split("."):
+                obj = getattr(obj, part)
+            if isinstance(obj, torch.fx.GraphModule):
+                count += hoist_host_literals(obj)
+            continue
+        fn = getattr(torch.Tensor, str(node.target), None) if node.op == "call_method" else node.target
+        if node.op not in ("call_function", "call_method") or not any(fn is f for f in _HOST_DATA_OPS):
+            continue
+        position = next(v for f, v in _HOST_DATA_OPS.items() if f is fn)
+        data = node.args[position] if len(node.args) > position else node.kwargs.get("data")
+        from_literals = data is not None and not any(isinstance(a, (torch.fx.Node, torch.Tensor))
+                                                     for a in pytree.tree_leaves(data))
+        if not from_literals or node.kwargs.get("requires_grad") \
+                or any(isinstance(a, torch.fx.Node) for a in pytree.tree_leaves(dict(node.kwargs))):
+            continue
+        node.op, node.target = "call_function", _HostLiteral(fn)
+        count += 1
+    if count:
+        gm.recompile()
+    return count
 
 
 def _autocast_cache_on() -> bool:
@@ -253,6 +321,7 @@ class CudaGraphExecutor(Executor):
         self.capture = capture if capture is not None else CudaGraphCapture()
         self.max_slots, self.max_recaptures = max_slots, max_recaptures
         self.tensors = graph_tensors(graph)  # read by address by the captured graphs
+        self.host_literals = hoist_host_literals(graph)  # made before any capture (module docstring)
         self.params = [(n, t) for n, t in self.tensors if t.requires_grad]
         self.fallback: str | None = None  # why every call now runs eagerly
         self.observed = False  # the first call ran eagerly, watched (module docstring)

@@ -64,8 +64,8 @@ def test_explain_html_at_the_size_with_a_roofline(gate, tmp_path, capsys):
     assert f"wrote {html}" in capsys.readouterr().out
     page = html.read_text(encoding="utf-8")
     assert "Every number on this page is at <b>N_res=64</b>" in page
-    assert "Roofline on NVIDIA H200" in page and "4.3 TB/s" in page
-    assert "no float32 matmul rate is recorded for NVIDIA H200" in page  # said, not guessed
+    assert "Roofline on NVIDIA H200" in page and "memory: 4.16 TB/s" in page  # the measured ceilings
+    assert "compute: 50.72 TFLOP/s float32 matmul" in page  # the model's dtype: fp32 (no TF32) on the card
 
 
 def test_card_and_html_arguments_are_checked_before_any_work(tmp_path, capsys, monkeypatch):
