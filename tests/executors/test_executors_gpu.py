@@ -285,27 +285,21 @@ def test_auto_picks_cuda_graphs_on_cuda():
     assert fast.report.execution["requested"] == "auto" and _replays(fast) == 2
 
 
-def test_inductor_training_steps_run_the_default_mode():
-    # reduce-overhead's CUDA-graph trees gave parameter gradients 1.3 off (relative) on an H200
-    # (bench/results/gpu_tests_executors_opm_NVIDIA_H200_2026-12-02.txt): training variants use the default mode
+def test_inductor_under_grad_on_cuda_is_refused_and_runs_eagerly():
+    # its parameter gradients were 1.32 (relative) off eager's here on an H200 (2026-12-02; bench/results/
+    # gpu_tests_executors_NVIDIA_H200_2026-12-02b.txt): refused until the cause is found
     model, inputs = _block()
+    fast = foldcompile.optimize(model, *inputs, executor="inductor")
     eager = foldcompile.optimize(model, *inputs, executor="eager")
-    compiled = foldcompile.optimize(model, *inputs, executor="inductor")
-    for step in range(3):
-        b = _fresh(inputs, step)
-        model.zero_grad(set_to_none=True)
-        out_e = [t.detach() for t in flat(eager(*b))]
-        _loss(eager(*b)).backward()
-        grad_e = _grads(model)
-        model.zero_grad(set_to_none=True)
-        out = compiled(*b)
-        out_c = [t.detach().clone() for t in flat(out)]
-        _loss(out).backward()
-        # Inductor generates its own kernels for the glue: equal to rounding, not bit for bit
-        _close(out_c, out_e, "output", tol=1e-4)
-        _close(_grads(model), grad_e, "gradient", tol=1e-4)
-    d = compiled.report.execution
-    assert d["executor"] == "inductor" and d["mode"] == "default", d
+    b = _fresh(inputs, 0)
+    model.zero_grad(set_to_none=True)
+    _loss(eager(*b)).backward()
+    grad_e = _grads(model)
+    model.zero_grad(set_to_none=True)
+    _loss(fast(*b)).backward()
+    _close(_grads(model), grad_e, "gradient")
+    d = fast.report.execution
+    assert d["executor"] == "eager" and "not used under grad on CUDA" in d["reason"], d
 
 
 def test_inductor_reduce_overhead_inference_equals_eager():
