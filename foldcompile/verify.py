@@ -43,7 +43,7 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.fx
 
-from foldcompile.explain import flat_inputs
+from foldcompile.capture import flat_inputs
 from foldcompile.optimize import OptimizedModule, Variant, build_variant, optimize
 from foldcompile.passes.rules import _meta as M
 from foldcompile.variants import EAGER

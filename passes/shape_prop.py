@@ -411,7 +411,7 @@ def shape_prop_pass(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
     model's defaults included). On a tiny Evoformer block (N_seq=5, N_res=11, c_m=16, c_z=8)::
 
         >>> import foldcompile
-        >>> from foldcompile.explain import flat_inputs
+        >>> from foldcompile.capture import flat_inputs
         >>> from foldcompile.models import zoo
         >>> from foldcompile.passes import normalize_pass
         >>> block, (m, z, msa_mask, pair_mask) = zoo.get("evoformer_block")

@@ -47,10 +47,9 @@ import torch.distributed as dist
 import torch.fx
 from torch.utils import _pytree as pytree
 
-from foldcompile.capture import trace
+from foldcompile.capture import flat_inputs, trace
 from foldcompile.distributed.grad_sync import PartialGradReducer
 from foldcompile.distributed.sharded_random import check_generators_agree
-from foldcompile.explain import flat_inputs
 from foldcompile.guards import GuardError
 from foldcompile.optimize import (OptimizedModule, OptimizeReport, Variant, _ambient_autocast, _annotate,
                                   _name_inputs_after_the_model)
