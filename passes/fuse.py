@@ -42,18 +42,21 @@ the edge of a region (a match wholly inside an ``autocast(enabled=False)`` regio
 """
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from typing import Any, Iterable, Mapping
 
 import torch
 import torch.fx
 
-from foldcompile.passes.base import PassError, PassResult
+from foldcompile.passes.base import PassError, PassResult, declare
 from foldcompile.passes.rules import Context, Reject, Rule, all_rules
 from foldcompile.passes.rules import _meta as M
 from foldcompile.passes.registry import writes_in_place
-from foldcompile.passes.meta import memory_of
+from foldcompile.passes.meta import COST, DTYPE, EINSUM, OP_CLASS, ORIGIN, SHAPE, SYM_SHAPE, memory_of
 from foldcompile.passes.shape_prop import dim_symbol
+
+_log = logging.getLogger(__name__)  # foldcompile.passes.<name>: progress of this pass
 
 __all__ = ["fuse_pass", "DEFAULT_AT", "UNFUSED_REASONS"]
 
@@ -155,6 +158,7 @@ def _erase_dead(graph: torch.fx.Graph, nodes: Iterable[torch.fx.Node], erased: s
         work.extend(inputs)
 
 
+@declare(requires=(SHAPE, SYM_SHAPE, DTYPE, EINSUM, OP_CLASS, COST), ensures=(ORIGIN,))
 def fuse_pass(gm: torch.fx.GraphModule, *, at: Mapping[str, int] | None = None, disabled: Iterable[str] = (),
               rules: list[Rule] | None = None) -> PassResult:
     """Rewrite every pattern the rules match into its kernel (see the module docstring)."""
@@ -244,6 +248,9 @@ def fuse_pass(gm: torch.fx.GraphModule, *, at: Mapping[str, int] | None = None, 
                                           "bytes": M.cost_bytes_at(n, subs)})
     record["coverage"] = {"fused_bytes": fused_bytes, "total_bytes": total_bytes,
                           "fraction": fused_bytes / total_bytes if total_bytes else 1.0}
+    _log.info("fuse: %d matches, %d rejections, %d element-wise/reduction nodes left unfused, %.0f%% of their "
+              "bytes fused", len(record["matches"]), len(record["rejections"]), len(record["unfused"]),
+              100 * record["coverage"]["fraction"])
     return PassResult(gm, changed, record)
 
 

@@ -40,6 +40,7 @@ allows (between its producer and its first consumer) with the reason when fewer 
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Optional
 
@@ -53,6 +54,8 @@ from foldcompile.passes.localize import collective_of
 from foldcompile.passes.meta import DTYPE, SHAPE
 from foldcompile.passes.rules import _meta as M
 from foldcompile.passes.shape_prop import dim_symbol
+
+_log = logging.getLogger(__name__)  # foldcompile.passes.<name>: progress of this pass
 
 __all__ = ["schedule_collectives_pass", "DEFAULT_MAX_BYTES_IN_FLIGHT"]
 
@@ -92,6 +95,7 @@ def schedule_collectives_pass(gm: torch.fx.GraphModule, *,
                             f"(has {[u.name for u in users]})")
         pairs.append((s, users[0]))
     if not pairs:
+        _log.info("schedule_collectives: no collectives")
         return PassResult(gm, False, {"collectives": [], "max_bytes_in_flight": max_bytes_in_flight})
     moving = {n for p in pairs for n in p}
     compute = [n for n in nodes if n not in moving]
@@ -197,4 +201,6 @@ def schedule_collectives_pass(gm: torch.fx.GraphModule, *,
             "flops_allowed": sum(_flops(c, subs) for c in compute[lo:hi]),
             "bytes": max(_bytes(s.args[0]), _bytes(w)), "delayed": why[i]})
     changed = [n.name for n in nodes] != [n.name for n in graph.nodes]
+    _log.info("schedule_collectives: %d start/wait pairs scheduled, at most %d bytes in flight", len(pairs),
+              max_bytes_in_flight)
     return PassResult(gm, changed, {"collectives": record, "max_bytes_in_flight": max_bytes_in_flight})
