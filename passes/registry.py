@@ -223,8 +223,12 @@ def _ensure_loaded() -> None:
     if not _LOADED:
         _LOADED = True
         import foldcompile.passes.op_comm  # noqa: F401
+        import foldcompile.passes.op_creation  # noqa: F401
+        import foldcompile.passes.op_gemm  # noqa: F401
+        import foldcompile.passes.op_layout  # noqa: F401
+        import foldcompile.passes.op_pointwise  # noqa: F401
+        import foldcompile.passes.op_reduction  # noqa: F401
         import foldcompile.passes.placement  # noqa: F401  (the planned transitions of a sharded graph)
-        import foldcompile.passes.shape_rules  # noqa: F401
 
 
 def all_targets() -> Iterable[Any]:
