@@ -31,12 +31,16 @@ __all__: list[str] = []
              fusible="pointwise", samples=S.pointwise)
 @register_op(*"""pow erf sin cos reciprocal square clamp clamp_min clamp_max eq ne sign nan_to_num
     exp2""".split(), op_class=ELEMENTWISE, flops_per_element=1, torch_spelling=True, samples=S.pointwise)
-@register_op(*"truediv true_divide gelu silu where and_ or_ invert dropout".split(), op_class=ELEMENTWISE,
+@register_op(*"truediv true_divide gelu silu where and_ or_ invert".split(), op_class=ELEMENTWISE,
              flops_per_element=1, fusible="pointwise", samples=S.pointwise)
-@register_op(*"""floordiv mod rsub log1p relu_ elu leaky_relu softplus maximum minimum dropout_ alpha_dropout
-    feature_alpha_dropout floor ceil round trunc sub_ add_ mul_ div_ iadd imul isub itruediv bitwise_and bitwise_or
+@register_op("dropout", op_class=ELEMENTWISE, flops_per_element=1, random=True, fusible="pointwise",
+             samples=S.pointwise)
+@register_op(*"""floordiv mod rsub log1p relu_ elu leaky_relu softplus maximum minimum
+    floor ceil round trunc sub_ add_ mul_ div_ iadd imul isub itruediv bitwise_and bitwise_or
     bitwise_not logsigmoid masked_fill_ lerp addcmul addcdiv hardtanh threshold""".split(), op_class=ELEMENTWISE,
              flops_per_element=1, samples=S.pointwise)
+@register_op("dropout_", "alpha_dropout", "feature_alpha_dropout", op_class=ELEMENTWISE, flops_per_element=1,
+             random=True, samples=S.pointwise)
 @register_op("isnan", "isinf", op_class=ELEMENTWISE, flops_per_element=1, torch_spelling=True, samples=S.pointwise)
 @register_op("fill_", "zero_", "copy_", op_class=ELEMENTWISE, flops_per_element=0, samples=S.pointwise)
 def _rule_pointwise(ctx: RuleContext):
@@ -50,18 +54,20 @@ def _rule_pointwise(ctx: RuleContext):
 
 @register_op("float", "half", "bfloat16", "bool", "to", op_class=ELEMENTWISE, fusible="pointwise",
              samples=S.same_as_first)
-@register_op(*"double int long type type_as cpu requires_grad_ rand_like randn_like".split(),
-             op_class=ELEMENTWISE, samples=S.same_as_first)
+@register_op(*"double int long type type_as cpu requires_grad_".split(), op_class=ELEMENTWISE,
+             samples=S.same_as_first)
+@register_op("rand_like", "randn_like", op_class=ELEMENTWISE, random=True, samples=S.same_as_first)
 @register_op("zeros_like", "ones_like", "empty_like", "full_like", op_class=ELEMENTWISE, creation=True,
              samples=S.same_as_first)
-@register_op("bernoulli", op_class=ELEMENTWISE, flops_per_element=1, samples=S.same_as_first)
+@register_op("bernoulli", op_class=ELEMENTWISE, flops_per_element=1, random=True, samples=S.same_as_first)
 @register_op("contiguous", "clone", "detach", op_class=LAYOUT, samples=S.same_as_first)
 @register_op("triu", "tril", "flip", "roll", op_class=LAYOUT, torch_spelling=True, samples=S.same_as_first)
 @register_op("cumsum", op_class=REDUCTION, flops_per_element=1, torch_spelling=True, samples=S.same_as_first)
 @register_op("cumprod", op_class=REDUCTION, flops_per_element=1, samples=S.same_as_first)
 @register_op("normalize", "rms_norm", op_class=REDUCTION, flops_per_element=4, samples=S.same_as_first)
-@register_op("softmax", "log_softmax", op_class=REDUCTION, flops_per_element=5, torch_spelling=True,
-             fusible="kernel", samples=S.same_as_first)
+@register_op("softmax", op_class=REDUCTION, flops_per_element=5, torch_spelling=True, fusible="kernel",
+             samples=S.same_as_first)
+@register_op("log_softmax", op_class=REDUCTION, flops_per_element=5, torch_spelling=True, samples=S.same_as_first)
 @register_op("_softmax", op_class=REDUCTION, flops_per_element=5, samples=S.same_as_first)
 @register_op("layer_norm", op_class=REDUCTION, flops_per_element=8, fusible="kernel", samples=S.same_as_first)
 @register_op("group_norm", op_class=REDUCTION, flops_per_element=8, samples=S.same_as_first)

@@ -52,7 +52,7 @@ from foldcompile.distributed.collectives import wait
 from foldcompile.passes.base import PassError, PassResult, declare, describe_node
 from foldcompile.passes.localize import collective_of
 from foldcompile.passes.meta import DTYPE, SHAPE
-from foldcompile.passes.rules import _meta as M
+from foldcompile.passes.registry import changes_mode
 from foldcompile.passes.shape_prop import dim_symbol
 
 _log = logging.getLogger(__name__)  # foldcompile.passes.<name>: progress of this pass
@@ -60,7 +60,6 @@ _log = logging.getLogger(__name__)  # foldcompile.passes.<name>: progress of thi
 __all__ = ["schedule_collectives_pass", "DEFAULT_MAX_BYTES_IN_FLIGHT"]
 
 DEFAULT_MAX_BYTES_IN_FLIGHT = 512 * 2 ** 20
-_MODE_CHANGES = {"_set_grad_enabled", "_enter_autocast", "_exit_autocast"}
 
 
 def _bytes(n: Any) -> int:
@@ -106,11 +105,11 @@ def schedule_collectives_pass(gm: torch.fx.GraphModule, *,
     # lowering put it (a start or wait run under no_grad records no autograd node: the gradient is lost)
     region_at_slot = [0]
     for c in compute:
-        region_at_slot.append(region_at_slot[-1] + (M.op_name(c) in _MODE_CHANGES))
+        region_at_slot.append(region_at_slot[-1] + changes_mode(c))
     original = {n: i for i, n in enumerate(nodes)}
     region_of: dict[torch.fx.Node, tuple[int, int]] = {}
     for s, _w in pairs:
-        r = sum(1 for n in nodes[:original[s]] if n in pos and M.op_name(n) in _MODE_CHANGES)
+        r = sum(1 for n in nodes[:original[s]] if n in pos and changes_mode(n))
         slots = [k for k in range(len(compute)) if region_at_slot[k] == r]
         region_of[s] = (slots[0], slots[-1])
 
