@@ -18,6 +18,7 @@ import torch.fx
 
 from foldcompile.passes import op_samples as S
 from foldcompile.passes.einsum import einsum_operands, letter_sizes, parse
+from foldcompile.passes.meta import rank_of
 from foldcompile.passes.registry import ELEMENTWISE, GEMM, LAYOUT, REDUCTION, register_op
 from foldcompile.passes.shape_rules import RuleContext, broadcast
 
@@ -33,7 +34,7 @@ def _class_einsum(node: torch.fx.Node, mask_only: bool) -> str:
     """Two or more operands: a GEMM when a letter is contracted, else element-wise (an outer or
     Hadamard product); one operand: a REDUCTION when it sums a letter, else a LAYOUT (a permutation)."""
     eq, ops = einsum_operands(node.args)
-    c = parse(eq, [len(o.meta["shape"]) for o in ops])
+    c = parse(eq, [rank_of(o) for o in ops])
     if len(ops) >= 2:
         return _class_gemm(node, mask_only) if c.contracted else ELEMENTWISE
     return REDUCTION if c.contracted else LAYOUT
