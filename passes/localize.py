@@ -597,6 +597,11 @@ class _Lowering:
         local = int(placed.split_sizes[self.rank])
         n.args = (x, dim, 0, local) + tuple(n.args[4:])
         n.kwargs = {k: v for k, v in n.kwargs.items() if k not in ("start", "length")}
+        sym_args = n.meta.get(SYM_ARGS)
+        if isinstance(sym_args, dict) and 3 in sym_args:  # the length's meaning: this rank's share now
+            n.meta[SYM_ARGS] = {**sym_args, 3: local_size(placed.global_size if placed.global_size is not None
+                                                          else sym_args[3], placed.split_sizes, self.rank,
+                                                          self.world, self.subs)}
         self.record["local_sizes"].append({"node": n.name, "op": "narrow", "dim": placed.dim, "global": whole,
                                            "local": local})
 

@@ -19,6 +19,7 @@ import torch
 import torch.fx
 
 from foldcompile.passes import op_samples as S
+from foldcompile.passes.meta import rank_of
 from foldcompile.passes.registry import LAYOUT, register_op
 from foldcompile.passes.shape_rules import NoRule, RuleContext, SymEnv, norm_dim, numel_expr
 
@@ -226,7 +227,32 @@ def _rule_flatten(ctx: RuleContext):
     return tuple(s[:a]) + (numel_expr(s[a:b + 1]),) + tuple(s[b + 1:])
 
 
-@register_op("unflatten", op_class=LAYOUT, samples=S.layout)
+def _argument(node: torch.fx.Node, i: int, name: str, default: Any = None) -> Any:
+    """A node's argument at position ``i``, else keyword ``name``, else ``default`` (as written in the graph)."""
+    return node.args[i] if i < len(node.args) else node.kwargs.get(name, default)
+
+
+def _dim_of(node: torch.fx.Node, i: int, name: str = "dim", default: int | None = None) -> int | None:
+    """A literal dim argument of a node made non-negative against its input's rank (None if unknown)."""
+    d = _argument(node, i, name, default)
+    rank = rank_of(node.args[0]) if node.args else None
+    return norm_dim(d, rank) if isinstance(d, int) and not isinstance(d, bool) and rank is not None else None
+
+
+def _meaning(raw: Any, sym: Any) -> Any:
+    """A literal size's meaning (its symbolic size); ``-1`` and sizes computed in the graph stay as written."""
+    return raw if not isinstance(raw, int) or raw == -1 else sym
+
+
+def _unflatten_sizes(node: torch.fx.Node, sym: Any) -> dict[int, tuple] | None:
+    """``unflatten(x, d, (11, 13))`` -> ``{2: (N_res, N_x)}``: each literal is the output size at ``d + k``."""
+    raw, d = _argument(node, 2, "sizes"), _dim_of(node, 1)
+    if not isinstance(raw, (list, tuple)) or d is None or not isinstance(sym, tuple):
+        return None
+    return {2: tuple(_meaning(r, sym[d + k]) for k, r in enumerate(raw))}
+
+
+@register_op("unflatten", op_class=LAYOUT, literal_sizes=_unflatten_sizes, samples=S.layout)
 def _rule_unflatten(ctx: RuleContext):
     in_c, s = ctx.tshape(0)
     d = norm_dim(int(ctx.arg(1, "dim")), len(in_c))
@@ -351,7 +377,17 @@ def _rule_stack(ctx: RuleContext):
     return tuple(s[:d]) + (sympy.Integer(len(tensors)),) + tuple(s[d:])
 
 
-@register_op("split", "chunk", op_class=LAYOUT, views=True, torch_spelling=True, samples=S.layout)
+def _split_sections(node: torch.fx.Node, sym: Any) -> dict[int, tuple] | None:
+    """``split(x, [11, 13], d)`` -> ``{1: (N_res, N_x)}``: each literal section is its output's size along
+    ``d`` (a split by one size, or ``chunk``, has no list to read)."""
+    raw, d = _argument(node, 1, "split_size_or_sections"), _dim_of(node, 2, default=0)
+    if not isinstance(raw, (list, tuple)) or d is None or not isinstance(sym, tuple) or len(sym) != len(raw):
+        return None
+    return {1: tuple(_meaning(r, out[d]) for r, out in zip(raw, sym))}
+
+
+@register_op("split", "chunk", op_class=LAYOUT, views=True, torch_spelling=True, literal_sizes=_split_sections,
+             samples=S.layout)
 def _rule_split(ctx: RuleContext):
     in_c, s = ctx.tshape(0)
     name = ctx.prop.op_name(ctx.node)
@@ -368,7 +404,11 @@ def _rule_split(ctx: RuleContext):
             size = sspec if isinstance(sspec, sympy.Expr) else sympy.Integer(spec)
             sizes = [size] * (n - 1) + [L - (n - 1) * size]
         else:
-            sizes = [x if isinstance(x, sympy.Expr) else sympy.Integer(v) for v, x in zip(spec, sspec)]
+            # a literal section is read like a literal view size: the named dim of that example value
+            raw = ctx.node.args[1] if len(ctx.node.args) > 1 else ctx.node.kwargs.get("split_size_or_sections")
+            raw = list(raw) if isinstance(raw, (list, tuple)) else [None] * len(spec)
+            sizes = [x if isinstance(r, torch.fx.Node) and isinstance(x, sympy.Expr) else ctx.match(int(v))
+                     for v, x, r in zip(spec, sspec, raw)]
     outs = []
     for sz in sizes:
         o = list(s)
@@ -391,7 +431,15 @@ def _rule_select(ctx: RuleContext):
     return tuple(s[:d]) + tuple(s[d + 1:])
 
 
-@register_op("narrow", op_class=LAYOUT, torch_spelling=True, samples=S.layout)
+def _narrow_length(node: torch.fx.Node, sym: Any) -> dict[int, Any] | None:
+    """``narrow(x, d, 0, 11)`` -> ``{3: N_res}``: a literal length is the output's size along ``d``."""
+    raw, d = _argument(node, 3, "length"), _dim_of(node, 1)
+    if not isinstance(raw, int) or d is None or not isinstance(sym, tuple):
+        return None
+    return {3: sym[d]}
+
+
+@register_op("narrow", op_class=LAYOUT, torch_spelling=True, literal_sizes=_narrow_length, samples=S.layout)
 def _rule_narrow(ctx: RuleContext):
     in_c, s = ctx.tshape(0)
     d = norm_dim(int(ctx.arg(1, "dim")), len(in_c))

@@ -73,6 +73,10 @@ class OpEntry:
     doc: str = ""
     random: bool = False                # draws from torch's random number generator (dropout, rand, uniform_):
     #                                     never erased, merged or replayed as a pure op (draws_random)
+    literal_sizes: Callable[[torch.fx.Node, Any], dict[int, Any] | None] | None = None
+    #                                     the symbolic meaning of literal sizes in other arguments than a
+    #                                     size list at ``size_arg`` (split sections, unflatten sizes),
+    #                                     given the node and its symbolic output: ``meta["sym_args"]``
 
     def class_of(self, node: torch.fx.Node, mask_only: bool = False) -> str:
         return self.classify(node, mask_only) if self.classify is not None else self.op_class
@@ -101,7 +105,9 @@ def register_op(*ops: str | Any, op_class: str, flops_per_element: int = 0, gemm
                 views: bool = False, creation: bool = False, random: bool = False, torch_spelling: bool = False,
                 fusible: str | None = None, size_arg: int | None = None, classify: Callable[[torch.fx.Node, bool], str] | None = None,
                 samples: Callable[[str], list[Sample]] | Callable[[], list[Sample]] | None = None,
-                name: str | None = None) -> Callable[[Callable], Callable]:
+                name: str | None = None,
+                literal_sizes: Callable[[torch.fx.Node, Any], dict[int, Any] | None] | None = None,
+                ) -> Callable[[Callable], Callable]:
     """Decorate a shape rule to register the ops it serves (one entry per op).
 
     ``ops``: op names (resolved by :func:`resolve_name`; each is its own entry) or callables
@@ -131,7 +137,8 @@ def register_op(*ops: str | Any, op_class: str, flops_per_element: int = 0, gemm
             elif hasattr(torch.Tensor, n) and callable(getattr(torch.Tensor, n)):
                 canonical = getattr(torch.Tensor, n)
             entry = OpEntry(n, op_class, rule, targets, flops_per_element, gemm, views, creation, canonical,
-                            fusible, classify, None, size_arg, smp, (rule.__doc__ or "").strip(), random=random)
+                            fusible, classify, None, size_arg, smp, (rule.__doc__ or "").strip(), random=random,
+                            literal_sizes=literal_sizes)
             for t in targets:
                 if t in _REGISTRY:
                     raise ValueError(f"register_op: {t!r} is already registered as {_REGISTRY[t].name!r}")
