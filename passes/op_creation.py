@@ -6,9 +6,9 @@ matched to the named dims by value (``size_arg`` records which argument holds th
 propagation writes their symbolic meaning into ``meta["sym_args"]``).
 
 Every op that draws from torch's random number generator says so (``random=True``; dropout,
-``bernoulli`` and ``rand_like`` are registered with the element-wise ops): ``fuse`` never erases or
-takes one, ``verify`` replays its draws, the CUDA-graph executor and the DAP lowering treat it apart
-(:func:`foldcompile.passes.registry.draws_random`). The rule contract is in
+``bernoulli`` and ``rand_like`` are registered with the element-wise ops): ``fuse`` never erases one
+left without users and names one it leaves unfused as random, ``verify`` replays its draws, the
+CUDA-graph executor and the DAP lowering treat it apart (:func:`foldcompile.passes.registry.draws_random`). The rule contract is in
 :mod:`foldcompile.passes.shape_rules`.
 
     >>> import torch

@@ -72,7 +72,7 @@ class OpEntry:
     samples: Callable[[], list[Sample]] | None = None
     doc: str = ""
     random: bool = False                # draws from torch's random number generator (dropout, rand, uniform_):
-    #                                     never erased, merged or replayed as a pure op (draws_random)
+    #                                     never erased as dead code, its draws replayed by verify (draws_random)
     literal_sizes: Callable[[torch.fx.Node, Any], dict[int, Any] | None] | None = None
     #                                     the symbolic meaning of literal sizes in other arguments than a
     #                                     size list at ``size_arg`` (split sections, unflatten sizes),

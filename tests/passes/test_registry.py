@@ -161,7 +161,7 @@ class _SeededOps(TorchDispatchMode):
 def test_random_says_whether_the_op_draws_from_the_generator(entry):
     """``random`` against torch's own fact: an entry is random iff one of its sample calls dispatches
     an ATen op tagged ``nondeterministic_seeded`` (fuse, verify, the CUDA-graph executor and the DAP
-    lowering all read ``random``: a random op without it would be erased, merged or redrawn)."""
+    lowering all read ``random``: a random op without it would be erased as dead code or redrawn)."""
     drew = []
     for target in entry.targets:
         for args, kwargs in entry.samples():
