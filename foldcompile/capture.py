@@ -99,17 +99,18 @@ import re
 import textwrap
 import traceback
 import types
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.fx
+import torch.fx._pytree as fx_pytree
 import torch.utils.checkpoint
 
 from foldcompile.guards import (Guards, global_module_hooks, install_guards, module_state_changes,
                                 snapshot_module_state)
 from foldcompile.regions import capture_with_regions
 
-__all__ = ["trace", "CaptureError", "module_path_of", "regions_disabled"]
+__all__ = ["trace", "CaptureError", "flat_inputs", "module_path_of", "regions_disabled"]
 
 
 _CHECKPOINT_HOP = torch.ops.higher_order.tag_activation_checkpoint
@@ -258,6 +259,34 @@ def _fetch_attr(gm: torch.nn.Module, target: str) -> Any:
 
 
 _TOKEN = re.compile(r"\.([A-Za-z_]\w*)|\.(\d+)|\[(\d+)\]|\['([^']*)'\]|\[\"([^\"]*)\"\]")
+
+
+def flat_inputs(gm: torch.fx.GraphModule, args: Sequence[Any], kwargs: Mapping[str, Any] | None = None) -> list[Any]:
+    """The example inputs of a captured graph as its placeholders take them, one value each.
+
+    A capture keeps the model's call signature (defaults included: ``mask=None`` is a
+    placeholder too), so a call ``(args, kwargs)`` is bound to that signature and flattened
+    with the graph's own input spec, as its generated ``forward`` does (what shape propagation
+    and every pass that runs the graph take)::
+
+        >>> from foldcompile.models import zoo
+        >>> block, ex = zoo.get("evoformer_block")
+        >>> gm = trace(block, *ex)
+        >>> len(ex), len(flat_inputs(gm, ex))                 # chunk_size=None is a placeholder too
+        (4, 5)
+    """
+    kwargs = dict(kwargs or {})
+    guards = getattr(gm, "guards", None)
+    if guards is not None:
+        bound = guards.bind(tuple(args), kwargs)
+        args, kwargs = bound.args, bound.kwargs
+    info = getattr(gm.graph._codegen, "pytree_info", None)
+    if info is None or info.in_spec is None:
+        if kwargs:
+            raise CaptureError("this graph takes positional inputs only; got keyword inputs "
+                            f"{sorted(kwargs)}")
+        return list(args)
+    return list(fx_pytree.tree_flatten_spec((tuple(args), kwargs), info.in_spec))
 
 
 def module_path_of(node: torch.fx.Node, module_names: dict[str, str] | None = None) -> str:

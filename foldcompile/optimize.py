@@ -59,9 +59,8 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
-from foldcompile.capture import trace
+from foldcompile.capture import flat_inputs, trace
 from foldcompile.executors import EXECUTOR_NAMES, select_executor
-from foldcompile.explain import flat_inputs
 from foldcompile.guards import GuardError
 from foldcompile.pass_manager import copy_graph_module
 from foldcompile.passes.base import PassError

@@ -43,15 +43,14 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.fx
 
-from foldcompile.explain import flat_inputs
+from foldcompile.capture import flat_inputs
 from foldcompile.optimize import OptimizedModule, Variant, build_variant, optimize
+from foldcompile.passes.registry import draws_random, writes_in_place
 from foldcompile.passes.rules import _meta as M
 from foldcompile.variants import EAGER
 
 __all__ = ["verify", "VerifyReport"]
 
-_RANDOM = {"dropout", "bernoulli", "rand", "rand_like", "randn", "randn_like", "randint", "randint_like",
-           "feature_alpha_dropout", "alpha_dropout", "normal", "multinomial"}
 _WIDEN = {torch.float16: torch.float64, torch.bfloat16: torch.float64, torch.float32: torch.float64}
 
 
@@ -77,7 +76,7 @@ class _Run(torch.fx.Interpreter):
     def run_node(self, n: torch.fx.Node) -> Any:
         if n.op == "get_attr" and n.target in self.params:
             out = self.params[n.target]
-        elif n.op == "call_function" and M.op_name(n) in _RANDOM:
+        elif n.op == "call_function" and draws_random(n):
             out = self._random(n)
         elif n.op == "call_function" and self.wide:
             args, kwargs = self.fetch_args_kwargs_from_env(n)
@@ -101,11 +100,14 @@ class _Run(torch.fx.Interpreter):
             keep = self.random[n.name]
             return torch.where(keep, x / (1 - p), torch.zeros((), dtype=x.dtype, device=x.device))
         if n.name not in self.random:
-            self.random[n.name] = n.target(*args, **kwargs)
+            drawn = n.target(*args, **kwargs)
+            # an in-place draw (x.uniform_()) returns x itself, which later ops may overwrite: keep a copy
+            self.random[n.name] = drawn.clone() if writes_in_place(n) else drawn
         rec = self.random[n.name]
         like = next((a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()), None)
         dt = like.dtype if like is not None else (torch.float64 if self.wide and rec.is_floating_point() else rec.dtype)
-        return rec.to(dt) if rec.is_floating_point() else rec
+        out = rec.to(dt) if rec.is_floating_point() else rec
+        return args[0].copy_(out) if writes_in_place(n) else out
 
 
 def _flat(x: Any) -> list[torch.Tensor]:

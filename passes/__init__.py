@@ -10,8 +10,9 @@
 The op IR under them:
 
     registry    one entry per op, keyed by its callables: class, shape rule, FLOPs, spelling, ...
-    shape_rules the symbolic-shape rules, each registering its ops (the rule contract)
-    op_comm     the collectives' entries; op_kernels the kernels' torch.library ops' entries
+    shape_rules the symbolic-shape rule contract (RuleContext, NoRule) and the rules' shared helpers
+    op_*        the entries, one module per op family: op_pointwise, op_layout, op_reduction, op_gemm,
+                op_creation (random ops too), op_comm (collectives), op_kernels (the kernels' torch.library ops)
     einsum      every GEMM-like node as an equation; letter sizes, FLOPs, batch/free/contracted
     placement   the planned graph's contract (Placed, redistribute); sharding_rules the ops' DAP rules
     labeling    exact min-sum labeling by variable elimination (the plan's search)

@@ -40,6 +40,7 @@ allows (between its producer and its first consumer) with the reason when fewer 
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Optional
 
@@ -51,13 +52,14 @@ from foldcompile.distributed.collectives import wait
 from foldcompile.passes.base import PassError, PassResult, declare, describe_node
 from foldcompile.passes.localize import collective_of
 from foldcompile.passes.meta import DTYPE, SHAPE
-from foldcompile.passes.rules import _meta as M
+from foldcompile.passes.registry import changes_mode
 from foldcompile.passes.shape_prop import dim_symbol
+
+_log = logging.getLogger(__name__)  # foldcompile.passes.<name>: progress of this pass
 
 __all__ = ["schedule_collectives_pass", "DEFAULT_MAX_BYTES_IN_FLIGHT"]
 
 DEFAULT_MAX_BYTES_IN_FLIGHT = 512 * 2 ** 20
-_MODE_CHANGES = {"_set_grad_enabled", "_enter_autocast", "_exit_autocast"}
 
 
 def _bytes(n: Any) -> int:
@@ -92,6 +94,7 @@ def schedule_collectives_pass(gm: torch.fx.GraphModule, *,
                             f"(has {[u.name for u in users]})")
         pairs.append((s, users[0]))
     if not pairs:
+        _log.info("schedule_collectives: no collectives")
         return PassResult(gm, False, {"collectives": [], "max_bytes_in_flight": max_bytes_in_flight})
     moving = {n for p in pairs for n in p}
     compute = [n for n in nodes if n not in moving]
@@ -102,11 +105,11 @@ def schedule_collectives_pass(gm: torch.fx.GraphModule, *,
     # lowering put it (a start or wait run under no_grad records no autograd node: the gradient is lost)
     region_at_slot = [0]
     for c in compute:
-        region_at_slot.append(region_at_slot[-1] + (M.op_name(c) in _MODE_CHANGES))
+        region_at_slot.append(region_at_slot[-1] + changes_mode(c))
     original = {n: i for i, n in enumerate(nodes)}
     region_of: dict[torch.fx.Node, tuple[int, int]] = {}
     for s, _w in pairs:
-        r = sum(1 for n in nodes[:original[s]] if n in pos and M.op_name(n) in _MODE_CHANGES)
+        r = sum(1 for n in nodes[:original[s]] if n in pos and changes_mode(n))
         slots = [k for k in range(len(compute)) if region_at_slot[k] == r]
         region_of[s] = (slots[0], slots[-1])
 
@@ -197,4 +200,6 @@ def schedule_collectives_pass(gm: torch.fx.GraphModule, *,
             "flops_allowed": sum(_flops(c, subs) for c in compute[lo:hi]),
             "bytes": max(_bytes(s.args[0]), _bytes(w)), "delayed": why[i]})
     changed = [n.name for n in nodes] != [n.name for n in graph.nodes]
+    _log.info("schedule_collectives: %d start/wait pairs scheduled, at most %d bytes in flight", len(pairs),
+              max_bytes_in_flight)
     return PassResult(gm, changed, {"collectives": record, "max_bytes_in_flight": max_bytes_in_flight})

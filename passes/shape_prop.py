@@ -186,9 +186,13 @@ def _storage_ptr(t: torch.Tensor) -> int | None:
         return None
 
 
-def _literal_sizes(n: torch.fx.Node, entry: Any, sym: Any) -> dict[int, tuple] | None:
+def _literal_sizes(n: torch.fx.Node, entry: Any, sym: Any) -> dict[int, Any] | None:
     """The symbolic meaning of a literal size argument (``view(x, (11, 11, 2, 4))`` ->
-    ``{1: (N_res, N_res, 2, 4)}``): each literal is the output size it sets; ``-1`` stays."""
+    ``{1: (N_res, N_res, 2, 4)}``): each literal is the output size it sets; ``-1`` stays, a size
+    computed in the graph stays its node. Ops whose sizes sit elsewhere say so in their entry
+    (``literal_sizes``: split sections, unflatten sizes, a narrow's length)."""
+    if entry is not None and entry.literal_sizes is not None and sym is not None:
+        return entry.literal_sizes(n, sym)
     if entry is None or entry.size_arg is None or not isinstance(sym, tuple):
         return None
     i = entry.size_arg
@@ -411,7 +415,7 @@ def shape_prop_pass(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
     model's defaults included). On a tiny Evoformer block (N_seq=5, N_res=11, c_m=16, c_z=8)::
 
         >>> import foldcompile
-        >>> from foldcompile.explain import flat_inputs
+        >>> from foldcompile.capture import flat_inputs
         >>> from foldcompile.models import zoo
         >>> from foldcompile.passes import normalize_pass
         >>> block, (m, z, msa_mask, pair_mask) = zoo.get("evoformer_block")

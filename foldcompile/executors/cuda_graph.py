@@ -64,17 +64,12 @@ import torch.fx
 import torch.utils._pytree as pytree
 
 from foldcompile.executors.base import Executor, graph_tensors
-from foldcompile.passes.registry import writes_in_place
+from foldcompile.passes.registry import draws_random, writes_in_place
 
 __all__ = ["CudaGraphExecutor", "CudaGraphCapture", "cuda_graph_unsafe_reason", "hoist_host_literals"]
 
 log = logging.getLogger("foldcompile.executors.cuda_graph")
 
-# ops whose values come from a random generator (torch's own are graph-safe; they matter inside
-# checkpointed regions, whose recomputation replays the RNG state)
-_RANDOM_NAMES = {"dropout", "bernoulli", "rand", "rand_like", "randn", "randn_like", "randint", "randint_like",
-                 "randperm", "normal", "feature_alpha_dropout", "alpha_dropout", "native_dropout", "multinomial",
-                 "uniform_", "normal_", "bernoulli_", "exponential_", "random_"}
 # ops that read device values on the host: illegal while a stream is being captured
 _HOST_SYNC_NAMES = {"item", "tolist", "nonzero", "masked_select", "unique", "unique_consecutive", "bincount",
                     "repeat_interleave", "cpu", "numpy", "argwhere"}
@@ -131,8 +126,9 @@ def cuda_graph_unsafe_reason(gm: torch.fx.GraphModule) -> str | None:
             return f"node {node.name!r} ({name}) reads a device value on the host, which a CUDA graph cannot replay"
         if node.target is torch.utils.checkpoint.checkpoint or name == "tag_activation_checkpoint":
             for body in _subgraphs(gm, node):
-                random = [n for n in body.graph.nodes
-                          if n.op in ("call_function", "call_method") and _op_name(n) in _RANDOM_NAMES]
+                # torch's random ops are graph-safe; inside a checkpointed region the recomputation
+                # replays the RNG state, which is not checked under CUDA graphs
+                random = [n for n in body.graph.nodes if n.op in ("call_function", "call_method") and draws_random(n)]
                 if random:
                     return (f"node {node.name!r}: activation checkpointing around a random op "
                             f"({_op_name(random[0])}): the recomputation's RNG replay is not checked under CUDA graphs")
