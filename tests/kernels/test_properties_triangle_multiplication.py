@@ -2,7 +2,7 @@
 TriangleMultiplicativeUpdate and the Pairformer's TriangleMultiplication, written plainly from the
 papers in models/) run in float64, on generated sizes (none of them block multiples unless drawn
 so), orientations, leading dims, masks (float or bool, broadcast or not, with fully masked rows and
-columns), fp32 and fp16, and special values (NaN, ±inf, -1e9, 0) in z.
+columns), fp32 and fp16, and special values (NaN, ±inf, -1e9, 0) in z and in a parameter.
 
 See property_support.py for the comparison rule (NaN / inf positions exactly, the rest by relative
 error, 16-bit bars no tighter than 3x the module's own error in that dtype). The CI profile draws 8
@@ -49,7 +49,9 @@ def trimul_case(draw, dtype_st=dtypes):
                 c_z=draw(st.integers(4, 12)), c_h=draw(st.integers(4, 10)),
                 mask=draw(st.sampled_from(["none", "float", "bool", "broadcast"])),
                 dead=draw(st.booleans()), dtype=draw(dtype_st), seed=draw(seeds),
-                z_specials=draw(specials(2)), clean=draw(st.booleans()))
+                z_specials=draw(specials(2)), clean=draw(st.booleans()),
+                # one special value in one parameter (index taken modulo the module's parameter count)
+                param_special=draw(st.none() | st.tuples(st.integers(0, 63), st.sampled_from(["nan", "inf", "-inf"]))))
 
 
 def check_trimul(case):
@@ -57,6 +59,11 @@ def check_trimul(case):
     dtype, lead, n, c_z = case["dtype"], case["lead"], case["n"], case["c_z"]
     cls = TriangleMultiplicativeUpdate if case["kind"] == "af2" else pairformer.TriangleMultiplication
     module = randomize_parameters(cls(c_z, case["c_h"], outgoing=case["outgoing"]), case["seed"] % 1000)
+    if case["param_special"] is not None and not case["clean"]:
+        index, kind = case["param_special"]
+        params = list(module.parameters())
+        with torch.no_grad():
+            params[index % len(params)].copy_(inject(gen, params[index % len(params)], [kind]))
     z = randn(gen, lead + (n, n, c_z), torch.float64) * 2 + 1  # offset: LN's mean subtraction matters
     z = inject(gen, z.to(dtype), [] if case["clean"] else case["z_specials"])
     mask = None
