@@ -72,7 +72,10 @@ Limitations (not guarded unless said; the caller must keep them fixed after capt
   ``torch.are_deterministic_algorithms_enabled()``, default dtype, matmul
   precision) are not guarded;
 - the graph holds the values of tensors it read that are not the model's
-  parameters, buffers or tensor attributes (constants built in ``forward``).
+  parameters, buffers or tensor attributes (constants built in ``forward``);
+- an in-place dunder called by name on an argument's list (``acc.__iadd__([x])``,
+  where ``acc += [x]`` is refused) is not recorded by Dynamo (torch 2.13) and not
+  replayed either, so neither check sees it: the graph does not repeat the write.
 
 Example::
 
@@ -96,6 +99,7 @@ import inspect
 import logging
 import os
 import re
+import sysconfig
 import textwrap
 import traceback
 import types
@@ -524,14 +528,25 @@ def _describe_write(name: str, kind: str, attrs: list[str], value: Any, arg_name
 
 
 def _user_line(stacks: list) -> str:
-    """`` at file:line in fn: code`` of the innermost user frame (not torch's own code) of a write."""
+    """`` at file:line in fn: code`` of the innermost user frame of a write: not torch's own code, nor the
+    standard library's (``self.counts.update(x)`` writes inside ``collections``; the user's line is
+    the call), unless the stack has no other frame."""
     torch_dir = os.path.dirname(torch.__file__)
     for stack in stacks:
         frames = [f for f in stack if not f.filename.startswith(torch_dir)]
-        if frames:
-            f = frames[-1]
+        users = [f for f in frames if not _in_stdlib(f.filename)] or frames
+        if users:
+            f = users[-1]
             return f" at {f.filename}:{f.lineno} in {f.name}: {(f.line or '').strip()}"
     return ""
+
+
+def _in_stdlib(filename: str) -> bool:
+    """Whether a file is the standard library's (installed packages may live below its folder too)."""
+    paths = sysconfig.get_paths()
+    if any(filename.startswith(paths[k]) for k in ("purelib", "platlib")) or "-packages" + os.sep in filename:
+        return False
+    return filename.startswith(paths["stdlib"] + os.sep)
 
 
 def _side_effect_message(model: torch.nn.Module, changes: list[str]) -> str:

@@ -216,6 +216,25 @@ def test_append_to_a_deque_attribute_is_refused_and_undone(layer):
     assert m.history is hist and list(hist) == [] and hist.maxlen == 3
 
 
+def test_write_inside_the_standard_library_names_the_user_s_call():
+    """``Counter.update`` is Python code in ``collections``: the write Dynamo records happens there, but
+    the line to show is the user's call (it named collections/__init__.py)."""
+    class Counts(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.seen = collections.Counter()
+
+        def forward(self, x):
+            self.seen.update(["call"])
+            return x + 1
+
+    m = Counts()
+    with pytest.raises(CaptureError, match=r"module attribute 'seen'.*" + HERE + r":\d+ in forward: "
+                                           r"self.seen.update\(\[\"call\"\]\)") as e:
+        trace(m, torch.randn(3))
+    assert "collections" not in str(e.value) and m.seen == collections.Counter()
+
+
 def test_module_attribute_write_still_refused_without_dynamo_tracking(layer):
     class Caching(nn.Module):
         def __init__(self):
