@@ -68,7 +68,7 @@ from foldcompile.passes.base import PassError
 from foldcompile.passes.classify import classify_pass
 from foldcompile.passes.fuse import DEFAULT_AT, fuse_pass
 from foldcompile.passes.normalize import normalize_pass
-from foldcompile.passes.shape_prop import shape_prop_pass
+from foldcompile.passes.shape_prop import calls_checkpoint_body, shape_prop_pass
 from foldcompile.variants import EAGER, VariantCache, call_key
 
 __all__ = ["optimize", "OptimizedModule", "OptimizeReport", "Variant", "build_variant", "fuse_graph",
@@ -179,11 +179,17 @@ def _annotate(gm: torch.fx.GraphModule, values: list[Any], dims: Mapping[str, in
 
 
 class _ConcreteShapes(torch.fx.Interpreter):
-    """The meta shape_prop writes, with every size a constant (no named dims)."""
+    """The meta shape_prop writes, with every size a constant (no named dims). An activation-checkpoint
+    body (``checkpoint(wrap_body_0, *args)``) is annotated too, node by node, as shape_prop does, so
+    classify and the rules see inside it on this path as well."""
 
     def run_node(self, n: torch.fx.Node) -> Any:
         with torch.no_grad():
-            out = super().run_node(n)
+            if calls_checkpoint_body(n):
+                args, _ = self.fetch_args_kwargs_from_env(n)
+                out = _ConcreteShapes(args[0]).run(*args[1:])
+            else:
+                out = super().run_node(n)
         n.meta.pop("multi_output", None)
         if isinstance(out, torch.Tensor):
             n.meta["shape"], n.meta["dtype"] = tuple(out.shape), out.dtype
@@ -268,8 +274,15 @@ def _name_inputs_after_the_model(gm: torch.fx.GraphModule, model: torch.nn.Modul
     phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
     params = [p for p in inspect.signature(model.forward).parameters.values()
               if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    if len(phs) != len(params):
-        return  # a container argument flattens to several placeholders: keep the tracer's names
+    if len(phs) == len(params):  # else a container argument flattened to several: the tracer's names
+        _rename_placeholders(gm, [p.name for p in params])
+    _name_body_inputs_after_callers(gm)
+    gm.recompile()
+
+
+def _rename_placeholders(gm: torch.fx.GraphModule, wanted: list[str | None]) -> None:
+    """Give the placeholders of ``gm`` the names ``wanted`` (None, or a non-identifier: keep it); a
+    value already holding a wanted name takes a fresh one (``m = norm(m)`` re-binds the argument's)."""
     names = {n.name for n in gm.graph.nodes}
 
     def fresh(base: str) -> str:
@@ -279,25 +292,57 @@ def _name_inputs_after_the_model(gm: torch.fx.GraphModule, model: torch.nn.Modul
         return f"{base}_{i}"
 
     by_name = {n.name: n for n in gm.graph.nodes}
-    for ph, p in zip(phs, params):
-        if ph.name == p.name or not p.name.isidentifier():
+    for ph, name in zip([n for n in gm.graph.nodes if n.op == "placeholder"], wanted):
+        if name is None or ph.name == name or not name.isidentifier() or name in ("self", "torch", "operator"):
             continue
-        other = by_name.get(p.name)
-        if other is not None:  # a value the user re-bound to the argument's name (``m = norm(m)``)
-            other.name = fresh(p.name)
+        other = by_name.get(name)
+        if other is not None:
+            if other.op == "placeholder":
+                continue  # two arguments passed the same value: keep the tracer's name for the second
+            other.name = fresh(name)
             names.add(other.name)
             by_name[other.name] = other
         names.discard(ph.name)
         # set directly: fx's renaming keeps retired names reserved; codegen keeps names unique anyway
-        ph.name = p.name
-        names.add(p.name)
-        by_name[p.name] = ph
-    gm.recompile()
+        ph.name = name
+        names.add(name)
+        by_name[name] = ph
+
+
+def _name_body_inputs_after_callers(gm: torch.fx.GraphModule) -> None:
+    """An activation-checkpoint body's inputs named like the values its caller passes
+    (``wrap_body_0(x, ln_weight, mask, ...)``, not Dynamo's ``l_x_``, ``l__self___ln_weight``), and
+    their fake-tensor type annotations dropped; nested bodies likewise."""
+    for n in gm.graph.nodes:
+        if not calls_checkpoint_body(n):
+            continue
+        body = gm.get_submodule(str(n.args[0].target))
+        wanted = [a.name if isinstance(a, torch.fx.Node) else None for a in n.args[1:]]
+        _rename_placeholders(body, wanted)
+        for ph in body.graph.nodes:
+            if ph.op == "placeholder":  # called positionally: the parameter may take the value's name
+                ph.type, ph.target = None, ph.name
+        _name_body_inputs_after_callers(body)
+        body.recompile()
 
 
 def readable_code(gm: torch.fx.GraphModule) -> str:
     """``gm.code`` with the inserted kernels named for what they do (``fused_attention(...)``,
-    not the module-qualified global fx writes)."""
+    not the module-qualified global fx writes), followed by each activation-checkpoint body the graph
+    calls (``def wrap_body_0(self, x, ln_weight, ...)``, its own fused calls inside)."""
+    code = _readable(gm)
+    for path, body in gm.named_modules():
+        if isinstance(body, torch.fx.GraphModule) and body is not gm:
+            name = path.rsplit(".", 1)[-1]
+            inside = f", inside {path.rsplit('.', 1)[0]}" if "." in path else ""
+            text = _readable(body).replace("def forward(self", f"def {name}(self", 1)
+            code += (f"\n# {path}: an activation-checkpoint region{inside} (its ops run again in backward)\n"
+                     + text)
+    return code
+
+
+def _readable(gm: torch.fx.GraphModule) -> str:
+    """One graph's own code, readable (see :func:`readable_code`)."""
     code = re.sub(r"\bfoldcompile_passes_rules_[a-z_]+?_(fused_\w+?)(_\d+)?\(", r"\1(", gm.code)
     # the DAP runtime's calls by their own names: ``h = all_to_all_start(m, ...)`` ... ``m_s1 = wait(h)``
     code = re.sub(r"\bfoldcompile_distributed_[a-z]+(?:_[a-z]+)*?_((?:all_to_all|all_gather|reduce_scatter|all_reduce)"
@@ -314,6 +359,11 @@ def readable_code(gm: torch.fx.GraphModule) -> str:
             code = code.replace(m.group(0), "\n")
             for arg, name in zip(flat, names):
                 code = re.sub(rf"\n\s+{name} = {arg}\n", "\n", code)
+    # fx names a kernel's value after the kernel (``fused_layer_norm = fused_layer_norm(x, ...)``): read
+    # as Python that rebinds the kernel's name, so its values are numbered instead (``fused_layer_norm_0``)
+    for kernel in set(re.findall(r"\b(fused_\w+)\(", code)):
+        if not re.search(rf"\b{kernel}_0\b", code):
+            code = re.sub(rf"\b{kernel}\b(?!\()", f"{kernel}_0", code)
     return re.sub(r"\n{3,}", "\n\n", code).strip() + "\n"
 
 
