@@ -67,6 +67,8 @@ from foldcompile.pass_manager import copy_graph_module
 from foldcompile.passes.base import PassError
 from foldcompile.passes.classify import classify_pass
 from foldcompile.passes.fuse import DEFAULT_AT, fuse_pass
+from foldcompile.passes.merge_chunk_loops import RULE as MERGE_RULE
+from foldcompile.passes.merge_chunk_loops import merge_chunk_loops_pass
 from foldcompile.passes.normalize import normalize_pass
 from foldcompile.passes.shape_prop import calls_checkpoint_body, shape_prop_pass
 from foldcompile.variants import EAGER, VariantCache, call_key
@@ -226,34 +228,86 @@ def build_variant(model: torch.nn.Module, args: tuple, kwargs: Mapping[str, Any]
 def fuse_graph(gm: torch.fx.GraphModule, values: list[Any], *, at: Mapping[str, int] | None = None,
                disabled: Iterable[str] = (), dims: Mapping[str, int] | None = None, rules: list | None = None,
                buffers: Iterable[torch.Tensor] = ()) -> Variant:
-    """normalize -> shape_prop -> classify -> fuse on a captured graph whose placeholders take ``values``
-    (the tensors and numbers of one call, flattened), under the current modes; shared by
-    :func:`build_variant` and the Dynamo backend (:mod:`foldcompile.dynamo_backend`)."""
+    """normalize -> shape_prop -> classify -> merge chunk loops -> fuse on a captured graph whose
+    placeholders take ``values`` (the tensors and numbers of one call, flattened), under the current
+    modes; shared by :func:`build_variant` and the Dynamo backend (:mod:`foldcompile.dynamo_backend`).
+
+    The variant's ``traced`` graph is the capture as annotated (the truth ``verify`` compares with),
+    checkpoint bodies included: the fused graph gets its own copies of them."""
     t0 = time.perf_counter()
     gm = normalize_pass(gm).graph_module
-    # shape propagation runs the graph on real data: on copies of the inputs, with the model's
-    # buffers put back afterwards, so a forward that writes in place (x += 1 on a view of an input,
-    # a buffer counter) is not applied by the build itself
-    buffers = [(b, b.detach().clone()) for b in buffers]
-    values = [v.detach().clone().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v
-              for v in values]
-    try:
-        _annotate(gm, values, dims)
-    finally:
-        with torch.no_grad():
-            for b, saved in buffers:
-                b.copy_(saved)
+    saved = [(b, b.detach().clone()) for b in buffers]
+
+    def annotate(g: torch.fx.GraphModule) -> None:
+        # shape propagation runs the graph on real data: on copies of the inputs, with the model's
+        # buffers put back afterwards, so a forward that writes in place (x += 1 on a view of an input,
+        # a buffer counter) is not applied by the build itself
+        copies = [v.detach().clone().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v
+                  for v in values]
+        try:
+            _annotate(g, copies, dims)
+        finally:
+            with torch.no_grad():
+                for b, old in saved:
+                    b.copy_(old)
+
+    annotate(gm)
     autocast_on = _ambient_autocast()
     traced = copy_graph_module(gm)
-    fused = copy_graph_module(gm)
+    fused = _copy_with_bodies(gm)
+    merged: dict[str, Any] = {}
     # our kernels have no autocast rules (they compute in their inputs' dtypes): under an active
     # autocast a fused op would compute in another precision than the op it replaces
+    if not autocast_on and rules != []:
+        fused, merged = _merge_chunk_loops(gm, fused, disabled, annotate)
     result = fuse_pass(fused, at=at, disabled=disabled, rules=[] if autocast_on else rules)
+    if merged:
+        _add_record(result.record, merged)
     if autocast_on:
         result.record["not_fused_because"] = (f"autocast is active ({autocast_on}): the kernels have no autocast "
                                               "rules, so nothing is fused in this variant")
     fused.recompile()
     return Variant(traced, fused, result.record, time.perf_counter() - t0, tuple(disabled))
+
+
+def _copy_with_bodies(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """``copy_graph_module`` with copies of the checkpoint bodies too (it shares submodules), so fusing
+    the copy leaves the original's bodies as they were."""
+    new = copy_graph_module(gm)
+    for name, child in list(new.named_children()):
+        if isinstance(child, torch.fx.GraphModule):
+            setattr(new, name, _copy_with_bodies(child))
+    return new
+
+
+def _merge_chunk_loops(gm: torch.fx.GraphModule, fused: torch.fx.GraphModule, disabled: Iterable[str],
+                       annotate) -> tuple[torch.fx.GraphModule, dict[str, Any]]:
+    """The chunk loops of whole layers merged (:mod:`foldcompile.passes.merge_chunk_loops`) and the graph
+    annotated again at the full row counts; a merged graph that does not run keeps the loops."""
+    result = merge_chunk_loops_pass(fused, disabled=disabled)
+    record = result.record
+    if not result.changed:
+        return fused, record
+    try:
+        annotate(fused)
+    except (PassError, RuntimeError, ValueError, TypeError, IndexError) as e:
+        why = f"the merged layer does not run at the full row count ({type(e).__name__}: {str(e).splitlines()[0]})"
+        record["rejections"] += [{"rule": m["rule"], "site": m["site"], "node": m["origin"][-1], "reason": why,
+                                  "source": m["source"]} for m in record["matches"]]
+        counts = record["counts"][MERGE_RULE]
+        counts["rejected"] += counts["matched"]
+        counts["matched"] = 0
+        record["matches"] = []
+        return _copy_with_bodies(gm), record
+    return fused, record
+
+
+def _add_record(record: dict[str, Any], merged: dict[str, Any]) -> None:
+    """The chunk-loop merges in the fusion record, as one more rule (first: they ran first)."""
+    record["matches"][:0] = merged["matches"]
+    record["rejections"][:0] = merged["rejections"]
+    record["disabled"][:0] = merged["disabled"]
+    record["counts"] = {**merged["counts"], **record["counts"]}
 
 
 def _ambient_autocast() -> str:
