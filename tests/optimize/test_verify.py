@@ -128,3 +128,36 @@ def test_a_wrong_rule_inside_a_checkpoint_body_is_named_and_found(kind):
     assert not report.ok
     assert report.culprit is not None and report.culprit["id"] == "attention#1", report.bisect_steps
     assert report.culprit["site"].startswith("layers.1")
+
+
+class DropoutTwo(Two):
+    """``Two`` in training mode with a dropout after each layer."""
+
+    def forward(self, x, keep):
+        for layer in self.layers:
+            x = torch.nn.functional.dropout(layer(x, keep), 0.3, self.training)
+        return x
+
+
+def test_bisect_replays_the_dropout_masks_of_the_failing_check(monkeypatch):
+    """Every bisect step compares with the masks the failing check drew: a failure that depends on
+    the masks cannot vanish (or appear) because a step drew others."""
+    import importlib
+
+    module = importlib.import_module("foldcompile.verify")
+    seen = []
+    real = module._check
+
+    def recording(*args, random=None, **kwargs):
+        out = real(*args, random=random, **kwargs)
+        seen.append({k: v.clone() for k, v in random.items()})
+        return out
+
+    monkeypatch.setattr(module, "_check", recording)
+    model = DropoutTwo().train()
+    x, keep = _inputs()
+    fast = foldcompile.optimize(model, x, keep, rules=_faulty("scale"))
+    report = foldcompile.verify(model, x, keep, optimized=fast, bisect=True)
+    assert report.culprit is not None and report.culprit["id"] == "attention#1", report.bisect_steps
+    assert len(seen) >= 3 and len(seen[0]) == 2  # the two dropouts' masks
+    assert all(s.keys() == seen[0].keys() and all(torch.equal(s[k], seen[0][k]) for k in s) for s in seen)
