@@ -165,9 +165,11 @@ class VerifyReport:
 
 
 def _check(variant: Variant, model: torch.nn.Module, flat: list[Any], factor: float, floor: float,
-           nodes: bool = True) -> tuple[list, list, dict | None]:
+           nodes: bool = True, random: dict[str, torch.Tensor] | None = None) -> tuple[list, list, dict | None]:
+    """Run the three graphs; ``random``: the random values drawn so far, by traced node name (drawn on
+    first use and replayed after: every graph, and every bisect step, sees the same dropout masks)."""
     traced, fused = variant.traced, variant.graph
-    random: dict[str, torch.Tensor] = {}
+    random = {} if random is None else random
     names = [name for name, p in model.named_parameters() if p.requires_grad]
     own = dict(model.named_parameters())
     params = [own[n] for n in names]
@@ -254,18 +256,20 @@ def verify(model: torch.nn.Module, *inputs: Any, optimized: OptimizedModule | No
     if variant is EAGER:
         raise RuntimeError("verify: these inputs run eagerly (the variant cache is past its build limit)")
     flat = flat_inputs(variant.traced, inputs, kwargs)
-    outputs, gradients, first_bad = _check(variant, model, flat, factor, floor)
+    random: dict[str, torch.Tensor] = {}  # one draw of every random op, for every run and bisect step
+    outputs, gradients, first_bad = _check(variant, model, flat, factor, floor, random=random)
     report = VerifyReport(outputs, gradients, first_bad, factor, floor)
     if bisect and not report.ok:
         report.culprit, report.bisect_steps = _bisect(
             variant, lambda disabled: build_variant(model, inputs, kwargs, at=optimized.at, dims=optimized.dims,
                                                     rules=optimized.rules, disabled=disabled),
-            model, flat, factor, floor)
+            model, flat, factor, floor, random)
     return report
 
 
 def _bisect(variant: Variant, rebuild: Callable[[Iterable[str]], Variant], model: torch.nn.Module,
-            flat: list[Any], factor: float, floor: float) -> tuple[dict | None, list[dict]]:
+            flat: list[Any], factor: float, floor: float, random: dict[str, torch.Tensor] | None = None
+            ) -> tuple[dict | None, list[dict]]:
     """Halve the set of enabled matches while the failure persists; the last one standing is the culprit."""
     matches = {m["id"]: m for m in variant.record["matches"]}
     suspects = list(matches)
@@ -273,7 +277,7 @@ def _bisect(variant: Variant, rebuild: Callable[[Iterable[str]], Variant], model
 
     def fails(enabled: list[str]) -> bool:
         v = rebuild([m for m in matches if m not in enabled])
-        outs, grads, bad = _check(v, model, flat, factor, floor, nodes=True)
+        outs, grads, bad = _check(v, model, flat, factor, floor, nodes=True, random=random)
         failed = bad is not None or not all(r["ok"] for r in outs + grads)
         steps.append({"enabled": list(enabled), "fails": failed})
         return failed

@@ -74,7 +74,8 @@ from foldcompile.passes.shape_rules import NoRule, RuleContext, numel_expr
 
 _log = logging.getLogger(__name__)  # foldcompile.passes.<name>: progress of this pass
 
-__all__ = ["shape_prop_pass", "dim_symbol", "numel_expr", "infer_dims", "LAYOUT_PATTERNS", "op_name"]
+__all__ = ["shape_prop_pass", "dim_symbol", "numel_expr", "infer_dims", "LAYOUT_PATTERNS", "op_name",
+           "calls_checkpoint_body"]
 
 # (name regex, trailing dim names; None = a channel size kept as an integer)
 LAYOUT_PATTERNS: list[tuple[str, tuple[str | None, ...]]] = [
@@ -304,7 +305,7 @@ class _SymShapeProp(torch.fx.Interpreter):
         if n.op == "call_module":
             raise PassError(f"{describe_node(n)} calls module {n.target!r} ({type(gm_module(n)).__name__}): "
                             "shape_prop_pass takes op-level graphs (a capture, normalized), with no call_module node")
-        if _calls_checkpoint_body(n):
+        if calls_checkpoint_body(n):
             out, sym = self._run_checkpoint_body(n)
             self._check(n, out, sym)
             self.sym[n] = sym
@@ -382,7 +383,7 @@ class _SymShapeProp(torch.fx.Interpreter):
                 n.meta["sym_value"] = list(sym)
 
 
-def _calls_checkpoint_body(n: torch.fx.Node) -> bool:
+def calls_checkpoint_body(n: torch.fx.Node) -> bool:
     """``torch.utils.checkpoint.checkpoint(body, *args)`` on a subgraph of this module (a capture's
     activation-checkpoint region): shape propagation annotates the body's nodes too, so the
     passes after it (classify, fuse) see inside the region."""

@@ -105,8 +105,28 @@ def _recognise(n: torch.fx.Node, ctx: Context) -> Candidate | Reject | None:
     return Candidate("elementwise", n, order, n)
 
 
+def _example(n: torch.fx.Node) -> Any:
+    """A stand-in for one value a fragment reads, with the shape and dtype shape propagation found
+    (a meta tensor), or a Python number of its kind."""
+    if M.shape(n) is not None and isinstance(M.dtype(n), torch.dtype):
+        return torch.empty(M.shape(n), dtype=M.dtype(n), device="meta")
+    return 1 if n.meta.get("sym_value") is not None else 1.0
+
+
 def _check(c: Candidate, ctx: Context) -> str | None:
-    return None  # every node passed _fusable (op, dtype) while the group grew
+    """Every node passed ``_fusable`` (op, dtype) while the group grew; here the generated kernel is
+    asked what it would compute on the graph's shapes and dtypes, so a call can never fail or
+    give another dtype than eager (``x + where(m > 0, 0., -inf).to(x.dtype)``) at run time."""
+    fused, name, inputs = _fragment(c, ctx)
+    try:
+        got = fused.output_dtypes(*(_example(a) for a in inputs))
+    except (TypeError, ValueError) as exc:
+        return f"the generated kernel cannot take these operands: {exc}"
+    if got != [M.dtype(c.output)]:
+        return (f"unsupported dtype: the generated kernel would compute {got[0]} where eager gives "
+                f"{M.dtype(c.output)}")
+    c.parts["fragment"] = (fused, name, inputs)  # what _replace puts in the graph
+    return None
 
 
 def _profitable(c: Candidate, ctx: Context) -> str | None:
@@ -124,7 +144,8 @@ def kernel_function(fused: Any, name: str):
     return run
 
 
-def _replace(c: Candidate, ctx: Context) -> torch.fx.Node:
+def _fragment(c: Candidate, ctx: Context) -> tuple[Any, str, list[torch.fx.Node]]:
+    """The group as one generated kernel: ``(kernel, its name, the graph values it reads)``."""
     group = set(c.region)
     frag = torch.fx.Graph()
     env: dict[torch.fx.Node, torch.fx.Node] = {}
@@ -142,7 +163,11 @@ def _replace(c: Candidate, ctx: Context) -> torch.fx.Node:
         if op not in ops and op != "to":
             ops.append(op)
     name = "fused_elementwise_" + "_".join(ops[:4] or ["cast"])
-    fused = fuse_elementwise(torch.fx.GraphModule(ctx.gm, frag), name=name)
+    return fuse_elementwise(torch.fx.GraphModule(ctx.gm, frag), name=name), name, inputs
+
+
+def _replace(c: Candidate, ctx: Context) -> torch.fx.Node:
+    fused, name, inputs = c.parts.get("fragment") or _fragment(c, ctx)
     out = _Builder(ctx.gm.graph, c.output, c)(kernel_function(fused, name), *inputs)
     out.meta["shape"], out.meta["dtype"] = M.shape(c.output), M.dtype(c.output)
     _cache(ctx)["dag"] = None  # the graph changed

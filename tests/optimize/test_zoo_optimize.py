@@ -181,12 +181,18 @@ def test_explain_of_an_optimized_module_is_its_report():
     assert code.count("fused_attention(") == 4 and "fused_layer_norm(" in code
 
 
-def test_chunked_inference_fuses_every_chunk():
-    """A Python chunk loop over rows (chunk_size=4: 2 + 3 + 3 + 3 chunks over the four attentions)
-    unrolls into one attention per chunk, each fused; the chunks are not merged into one call yet."""
+def test_chunked_inference_merges_every_chunk_loop():
+    """The Evoformer's Python chunk loops over rows (chunk_size=4: 2 + 3 + 3 + 3 chunks over the four
+    attentions, and the transitions' and the outer product mean's loops) unroll in the capture; each
+    loop is one row-independent layer, merged back into the layer run once
+    (passes/merge_chunk_loops.py), so each attention is ONE fused call, as without chunking."""
     model, inputs = _h8("evoformer_block")
     with torch.no_grad():
         fast = foldcompile.optimize(model, *inputs, chunk_size=4)
-        assert fast.report.counts()["attention"] == {"matched": 11, "rejected": 0}
+        counts = fast.report.counts()
+        assert counts["chunk_loop"] == {"matched": 7, "rejected": 0}, fast.report
+        assert counts["attention"] == {"matched": 4, "rejected": 0}
+        assert counts["outer_product_mean"] == {"matched": 1, "rejected": 0}
+        assert fast.code.count("fused_attention(") == 4 and "torch.cat(" not in fast.code
         out, ref = fast(*inputs, chunk_size=4), model(*inputs, chunk_size=4)
     assert all(rel(a, b) <= 1e-5 for a, b in zip(out, ref))

@@ -248,3 +248,28 @@ def test_optimize_with_activation_checkpointing_fuses_inside_the_checkpoints():
     assert "without a known shape" not in str(fast.report)
     assert _calls(fast.graph_module).count("checkpoint") == 2
     _check_optimized_equals_eager(model, fast, lambda: _inputs(7))
+
+
+@pytest.mark.full
+def test_optimize_merges_the_chunked_triangle_attentions_of_an_unmodified_pairformer_layer():
+    """Boltz's own ``chunk_layer`` really cutting the rows (chunk_size_tri_attn=5: rows 0-4, 5-9,
+    10-12, each chunk's projections, attention, gate and output linear slice-assigned into a
+    preallocated output): each triangle attention's loop is merged back into one layer
+    (passes/merge_chunk_loops.py) and its attention fused ONCE, as without chunking."""
+    import foldcompile
+
+    pf = _pairformer()
+    torch.manual_seed(0)
+    layer = _redraw(pf.PairformerLayer(C_S, C_Z, num_heads=2, dropout=0.25, pairwise_head_width=8,
+                                       pairwise_num_heads=2, v2=True), seed=2).eval()
+
+    def args(seed):
+        s, z, mask, pair_mask = _inputs(seed)
+        return s, z, mask, pair_mask, 5
+
+    fast = foldcompile.optimize(layer, *args(0))
+    counts = fast.report.counts()
+    assert counts["chunk_loop"] == {"matched": 2, "rejected": 0}, fast.report
+    assert counts["attention"] == {"matched": 3, "rejected": 0}, fast.report  # 2 triangle + the single one
+    assert fast.code.count("fused_attention(") == 3 and "setitem" not in fast.code
+    _check_optimized_equals_eager(layer, fast, lambda: args(7))
