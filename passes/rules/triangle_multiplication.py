@@ -183,8 +183,12 @@ def _norm_with_output(y: Any, ctx: Context) -> Candidate | Reject | None:
 def _norm_of_input(v: torch.fx.Node, ctx: Context) -> Candidate | Reject | None:
     """The layer norm that reads ``v`` and is its only reader (``F.layer_norm(v, ...)``, or by hand)."""
     users = list(v.users)
-    if len(users) == 1 and users[0].target is torch.nn.functional.layer_norm and users[0].args[0] is v:
-        return _ln._recognise(users[0], ctx)
+    plain = [u for u in users if u.target is torch.nn.functional.layer_norm and u.args and u.args[0] is v]
+    if plain:
+        others = [u.name for u in users if u is not plain[0]]
+        if others:
+            return Reject(f"the triangle product's result {v.name} is read outside its layer norm (by {others[0]})")
+        return _ln._recognise(plain[0], ctx)
     for u in users:
         for w in u.users:
             got = _ln._recognise_by_hand(w, ctx)

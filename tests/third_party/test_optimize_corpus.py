@@ -18,7 +18,8 @@ from .catalog import cases
 
 # rule names of optimize's report per catalog family
 _FAMILY_RULES = {"attention": ("attention", "sdpa_attention", "chunked_attention"), "layer_norm": ("layer_norm", "hand_layer_norm"),
-                 "softmax": ("softmax",), "elementwise": ("elementwise",)}
+                 "softmax": ("softmax",), "elementwise": ("elementwise",),
+                 "triangle_multiplication": ("triangle_multiplication",)}
 
 # (case, mode) -> why the compiler fuses less than the catalog expects today. Each of these runs
 # OpenFold's ``chunk_layer``-like helper: the whole layer (projections, attention, gate, output
