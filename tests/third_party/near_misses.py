@@ -407,10 +407,10 @@ class NMTriangleProductOverOtherIndex(nn.Module):
     """Near miss (triangle_multiplication must refuse): the "triangle product" sums over the other index.
 
     Style: an OpenFold-like triangle multiplicative update (LN, masked sigmoid-gated projections
-    ``a`` and ``b``, LN of the product, output projection gated by ``sigmoid(linear(LN(z)))``), but
-    the product is ``einsum("...ikc,...kjc->...ijc", a, b)``: ``Σ_k a_ik b_kj``, a per-channel matrix
-    product of the two pair maps, neither outgoing (``Σ_k a_ik b_jk``) nor incoming (``Σ_k a_ki b_kj``).
-    ``misread`` is the outgoing update with the same parameters.
+    ``a`` and ``b``, LN of the product, output projection gated by ``sigmoid(linear(LN(z)))``).
+    Spelling: the product is ``einsum("...ikc,...kjc->...ijc", a, b)``: ``Σ_k a_ik b_kj``, a per-channel
+    matrix product of the two pair maps, neither outgoing (``Σ_k a_ik b_jk``) nor incoming
+    (``Σ_k a_ki b_kj``). ``misread`` is the outgoing update with the same parameters.
     """
 
     def __init__(self, c_z: int = 16, c_hidden: int = 8):
