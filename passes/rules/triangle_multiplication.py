@@ -137,19 +137,29 @@ def _factors(t: torch.fx.Node) -> tuple[list[Any], list[torch.fx.Node]]:
     return leaves, muls
 
 
-def _requires_grad(n: torch.fx.Node) -> bool:
-    """Whether the traced value needs a gradient: Dynamo's example value says; without one (a
-    hand-built graph) any parameter or buffer among its inputs may."""
+def _example_requires_grad(n: torch.fx.Node) -> bool | None:
     for key in ("example_value", "val"):
         v = n.meta.get(key)
         if isinstance(v, torch.Tensor):
             return bool(v.requires_grad)
+    return None
+
+
+def _requires_grad(n: torch.fx.Node) -> bool:
+    """Whether the traced value may need a gradient: its own example value (Dynamo's record) says;
+    without one (a node a pass made, a hand-built graph) any input of it that does, or any parameter
+    or buffer with no record, counts (conservative)."""
     work, seen = [n], set()
     while work:
         x = work.pop()
         if x in seen:
             continue
         seen.add(x)
+        known = _example_requires_grad(x)
+        if known is not None:
+            if known:
+                return True
+            continue
         if x.op == "get_attr":
             return True
         work.extend(x.all_input_nodes)

@@ -20,7 +20,6 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -342,3 +341,34 @@ def test_every_zoo_triangle_multiplication_is_matched(name):
         assert fast.code.count("fused_triangle_multiplication(") == calls
         if name == "template_pair_stack":
             assert_same_function(model, inputs, fast, grads=False)
+
+
+def test_fuse_pass_alone_on_a_symbolically_traced_graph():
+    """The rule on its own pass, on a graph with no capture records: a plain function of its tensors
+    (parameters as arguments) through torch.fx.symbolic_trace."""
+    import torch.nn.functional as F
+
+    from foldcompile.passes import classify_pass, normalize_pass, shape_prop_pass
+    from foldcompile.passes.fuse import fuse_pass
+
+    def update(z, mask, ln_w, wa, wag, wb, wbg, wg, wo):
+        x = F.layer_norm(z, (C,), ln_w, None)
+        m = mask[..., None]
+        a = torch.sigmoid(F.linear(x, wag)) * F.linear(x, wa) * m
+        b = torch.sigmoid(F.linear(x, wbg)) * F.linear(x, wb) * m
+        p = F.layer_norm(torch.einsum("...kic,...kjc->...ijc", a, b), (H,))
+        return torch.sigmoid(F.linear(x, wg)) * F.linear(p, wo)
+
+    g = torch.Generator().manual_seed(5)
+    z, mask = _pair(0, n=7)
+    ws = [torch.randn(C, generator=g)] + [torch.randn(H, C, generator=g) / C ** 0.5 for _ in range(4)]
+    ws += [torch.randn(C, C, generator=g) / C ** 0.5, torch.randn(C, H, generator=g) / H ** 0.5]
+    args = (z.detach(), mask, *ws)
+    gm = normalize_pass(torch.fx.symbolic_trace(update)).graph_module
+    shape_prop_pass(gm, args, dims={})
+    classify_pass(gm)
+    result = fuse_pass(gm)
+    assert result.record["counts"][RULE] == {"matched": 1, "rejected": 0}, result.record["rejections"]
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert [getattr(t, "__name__", "") for t in targets] == ["fused_triangle_multiplication"]
+    torch.testing.assert_close(gm(*args), update(*args), atol=1e-5, rtol=1e-5)
