@@ -1,5 +1,5 @@
 """The kernels as ``torch.library`` ops: ``torch.ops.foldcompile.attention``, ``.layer_norm``, ``.softmax``,
-``.outer_product_mean``.
+``.outer_product_mean``, ``.triangle_multiplication``.
 
 A graph that holds one of these ops can be shape-propagated on fake tensors (each has a fake
 implementation: sizes and dtype, no data), differentiated (each has an autograd formula) and
@@ -39,9 +39,12 @@ from foldcompile.kernels.attention import attention as _attention
 from foldcompile.kernels.layer_norm import layer_norm as _layer_norm
 from foldcompile.kernels.outer_product_mean import outer_product_mean as _outer_product_mean
 from foldcompile.kernels.softmax import softmax as _softmax
+from foldcompile.kernels.triangle_multiplication import TriangleMultiplicationParams as _TrimulParams
+from foldcompile.kernels.triangle_multiplication import triangle_multiplication as _triangle_multiplication
 
-__all__ = ["attention", "layer_norm", "softmax", "outer_product_mean", "attention_backward", "layer_norm_backward",
-           "softmax_backward", "outer_product_mean_backward"]
+__all__ = ["attention", "layer_norm", "softmax", "outer_product_mean", "triangle_multiplication", "attention_backward",
+           "layer_norm_backward", "softmax_backward", "outer_product_mean_backward", "triangle_multiplication_backward",
+           "TRIANGLE_MULTIPLICATION_PARAMS"]
 
 
 @torch.library.custom_op("foldcompile::attention", mutates_args=())
@@ -102,6 +105,42 @@ def _outer_product_mean_fake(a: Tensor, b: Tensor, weight: Tensor, bias: Optiona
                              mask_a: Optional[Tensor] = None, mask_b: Optional[Tensor] = None, eps: float = 0.0,
                              bias_divided: bool = True) -> Tensor:
     return a.new_empty((*a.shape[:-3], a.shape[-2], b.shape[-2], weight.shape[0]))
+
+
+# The triangle multiplicative update's parameters in the op's argument order: the six weights, then the
+# optional biases and layer-norm affines (TriangleMultiplicationParams' field names).
+TRIANGLE_MULTIPLICATION_PARAMS = ("a_proj_weight", "a_gate_weight", "b_proj_weight", "b_gate_weight", "gate_weight",
+                                  "out_weight", "a_proj_bias", "a_gate_bias", "b_proj_bias", "b_gate_bias",
+                                  "gate_bias", "out_bias", "ln_in_weight", "ln_in_bias", "ln_out_weight",
+                                  "ln_out_bias")
+
+
+def _trimul(z: Tensor, mask: Optional[Tensor], params: Sequence[Optional[Tensor]], eps_in: float, eps_out: float,
+            outgoing: bool) -> Tensor:
+    p = _TrimulParams(**dict(zip(TRIANGLE_MULTIPLICATION_PARAMS, params)), eps_in=eps_in, eps_out=eps_out)
+    return _triangle_multiplication(z, mask, p, outgoing)
+
+
+@torch.library.custom_op("foldcompile::triangle_multiplication", mutates_args=())
+def triangle_multiplication(z: Tensor, mask: Optional[Tensor], a_proj_weight: Tensor, a_gate_weight: Tensor,
+                            b_proj_weight: Tensor, b_gate_weight: Tensor, gate_weight: Tensor, out_weight: Tensor,
+                            a_proj_bias: Optional[Tensor], a_gate_bias: Optional[Tensor],
+                            b_proj_bias: Optional[Tensor], b_gate_bias: Optional[Tensor], gate_bias: Optional[Tensor],
+                            out_bias: Optional[Tensor], ln_in_weight: Optional[Tensor], ln_in_bias: Optional[Tensor],
+                            ln_out_weight: Optional[Tensor], ln_out_bias: Optional[Tensor], eps_in: float,
+                            eps_out: float, outgoing: bool) -> Tensor:
+    """The triangle multiplicative update of ``z`` (:func:`foldcompile.kernels.triangle_multiplication.
+    triangle_multiplication`; the parameters are :class:`TriangleMultiplicationParams`' fields, in order).
+    No argument has a default: the backward's ``needs`` covers every slot."""
+    params = (a_proj_weight, a_gate_weight, b_proj_weight, b_gate_weight, gate_weight, out_weight, a_proj_bias,
+              a_gate_bias, b_proj_bias, b_gate_bias, gate_bias, out_bias, ln_in_weight, ln_in_bias, ln_out_weight,
+              ln_out_bias)
+    return _trimul(z, mask, params, eps_in, eps_out, outgoing).contiguous()
+
+
+@triangle_multiplication.register_fake
+def _triangle_multiplication_fake(z, mask, *rest) -> Tensor:
+    return z.new_empty(z.shape)
 
 
 # ----------------------------------------------------------------------------- backward ops
@@ -200,6 +239,33 @@ def _outer_product_mean_backward_fake(grad, a, b, weight, bias, mask_a, mask_b, 
     return _fake_grads(grad, (a, b, weight, bias), needs)
 
 
+@torch.library.custom_op("foldcompile::triangle_multiplication_backward", mutates_args=())
+def triangle_multiplication_backward(grad: Tensor, z: Tensor, mask: Optional[Tensor], a_proj_weight: Tensor,
+                                     a_gate_weight: Tensor, b_proj_weight: Tensor, b_gate_weight: Tensor,
+                                     gate_weight: Tensor, out_weight: Tensor, a_proj_bias: Optional[Tensor],
+                                     a_gate_bias: Optional[Tensor], b_proj_bias: Optional[Tensor],
+                                     b_gate_bias: Optional[Tensor], gate_bias: Optional[Tensor],
+                                     out_bias: Optional[Tensor], ln_in_weight: Optional[Tensor],
+                                     ln_in_bias: Optional[Tensor], ln_out_weight: Optional[Tensor],
+                                     ln_out_bias: Optional[Tensor], eps_in: float, eps_out: float, outgoing: bool,
+                                     needs: Sequence[bool]) -> list[Tensor]:
+    """Gradients of :func:`triangle_multiplication` for ``z`` and the 16 parameters (``needs`` per slot; the
+    mask takes none)."""
+    tensors = (z, a_proj_weight, a_gate_weight, b_proj_weight, b_gate_weight, gate_weight, out_weight, a_proj_bias,
+               a_gate_bias, b_proj_bias, b_gate_bias, gate_bias, out_bias, ln_in_weight, ln_in_bias, ln_out_weight,
+               ln_out_bias)
+    grads = _recomputed_grads(lambda z, *ps: _trimul(z, mask, ps, eps_in, eps_out, outgoing), grad, tensors, needs)
+    # the kernel's parameter gradients are row slices of one GEMM result or partial-sum buffer (views);
+    # a custom op's outputs may not alias each other and must match the fake ones (offset 0): copy views
+    return [g.clone() if g._base is not None or g.storage_offset() else g for g in grads]
+
+
+@triangle_multiplication_backward.register_fake
+def _triangle_multiplication_backward_fake(grad, z, mask, *rest):
+    *params, _eps_in, _eps_out, _outgoing, needs = rest
+    return _fake_grads(grad, (z, *params), needs)
+
+
 def _register_backward(op: Any, backward_op: Any, tensor_slots: tuple[int, ...], trailing: int = 0) -> None:
     """Autograd for ``op``: its backward is ``backward_op(grad, *inputs, needs)``, whose results are
     the gradients of the inputs at ``tensor_slots`` (an empty tensor where none is needed). The op's
@@ -233,3 +299,5 @@ _register_backward(layer_norm, layer_norm_backward, (0, 1, 2))  # x weight bias
 _register_backward(softmax, softmax_backward, (0, 3, 4))  # x bias mask
 # a b weight bias (the masks get no gradient: the kernel refuses a mask that requires one)
 _register_backward(outer_product_mean, outer_product_mean_backward, (0, 1, 2, 3))
+# z and the 16 parameters (the mask, slot 1, takes no gradient: the kernel refuses one that requires it)
+_register_backward(triangle_multiplication, triangle_multiplication_backward, (0, *range(2, 18)))

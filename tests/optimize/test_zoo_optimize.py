@@ -60,13 +60,18 @@ def _h8(name: str, seed: int = 0, **sizes):
     return zoo.randomize_parameters(model, seed).eval(), inputs
 
 
-# matches expected with head dims 8: every attention of the model in the fused kernel, and the MSA
-# stacks' outer product mean in its own (the Pairformer has none)
+# matches expected with head dims 8: every attention of the model in the fused kernel, the MSA
+# stacks' outer product mean in its own (the Pairformer has none), both triangle multiplications in
+# theirs (with their two layer norms each: the layer-norm rule takes the rest)
 EXPECTED_H8 = {
-    "evoformer_block": {"attention": 4, "layer_norm": 12, "softmax": 0, "outer_product_mean": 1},
-    "pairformer_block": {"attention": 3, "layer_norm": 10, "softmax": 0, "outer_product_mean": 0},
-    "extra_msa_stack": {"attention": 4, "layer_norm": 12, "softmax": 0, "outer_product_mean": 1},
-    "template_pair_stack": {"attention": 2, "layer_norm": 8, "softmax": 0, "outer_product_mean": 0},
+    "evoformer_block": {"attention": 4, "layer_norm": 8, "softmax": 0, "outer_product_mean": 1,
+                        "triangle_multiplication": 2},
+    "pairformer_block": {"attention": 3, "layer_norm": 6, "softmax": 0, "outer_product_mean": 0,
+                         "triangle_multiplication": 2},
+    "extra_msa_stack": {"attention": 4, "layer_norm": 8, "softmax": 0, "outer_product_mean": 1,
+                        "triangle_multiplication": 2},
+    "template_pair_stack": {"attention": 2, "layer_norm": 4, "softmax": 0, "outer_product_mean": 0,
+                            "triangle_multiplication": 2},
 }
 
 
@@ -179,6 +184,7 @@ def test_explain_of_an_optimized_module_is_its_report():
     assert "l_m_" not in code and "arg0" not in code
     assert code.startswith("def forward(self, m, z, msa_mask, pair_mask, chunk_size):")
     assert code.count("fused_attention(") == 4 and "fused_layer_norm(" in code
+    assert code.count("fused_triangle_multiplication(") == 2
 
 
 def test_chunked_inference_merges_every_chunk_loop():

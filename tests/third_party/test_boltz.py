@@ -218,10 +218,11 @@ def _check_optimized_equals_eager(model, fast, args_fn):
 
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 def test_optimize_fuses_every_attention_of_the_unmodified_pairformer(training):
-    """Boltz-2's own PairformerModule (2 blocks: the single attention with pair bias and two
-    triangle attentions each): all 6 attentions and all 20 layer norms go into the fused kernels,
-    and the optimized module equals eager, forward and backward, in eval (Boltz's chunk_layer
-    path) and in train (dropout on, checkpointing off: see the next test)."""
+    """Boltz-2's own PairformerModule (2 blocks: the single attention with pair bias, two triangle
+    attentions and two triangle multiplications each): all 6 attentions, all 4 triangle multiplications
+    (with their 8 layer norms) and the other 12 layer norms go into the fused kernels, and the optimized
+    module equals eager, forward and backward, in eval (Boltz's chunk_layer path) and in train (dropout
+    on, checkpointing off: see the next test)."""
     import foldcompile
 
     pf = _pairformer()
@@ -229,14 +230,16 @@ def test_optimize_fuses_every_attention_of_the_unmodified_pairformer(training):
     fast = foldcompile.optimize(model, *_inputs(0))
     counts = fast.report.counts()
     assert counts["attention"] == {"matched": 6, "rejected": 0}, fast.report
-    assert counts["layer_norm"]["matched"] == 20
+    assert counts["triangle_multiplication"] == {"matched": 4, "rejected": 0}, fast.report
+    assert counts["layer_norm"]["matched"] == 12
     _check_optimized_equals_eager(model, fast, lambda: _inputs(7))
 
 
 def test_optimize_with_activation_checkpointing_fuses_inside_the_checkpoints():
     """With Boltz's activation checkpointing on (train), every block's ops sit in a checkpoint body:
-    shape propagation annotates the bodies, so the same 6 attentions and 20 layer norms are fused
-    there, each block stays a checkpoint (recomputed in backward), and the module equals eager."""
+    shape propagation annotates the bodies, so the same 6 attentions, 4 triangle multiplications and
+    12 other layer norms are fused there, each block stays a checkpoint (recomputed in backward), and the
+    module equals eager."""
     import foldcompile
 
     pf = _pairformer()
@@ -244,7 +247,8 @@ def test_optimize_with_activation_checkpointing_fuses_inside_the_checkpoints():
     fast = foldcompile.optimize(model, *_inputs(0))
     counts = fast.report.counts()
     assert counts["attention"] == {"matched": 6, "rejected": 0}, fast.report
-    assert counts["layer_norm"] == {"matched": 20, "rejected": 0}, fast.report
+    assert counts["triangle_multiplication"] == {"matched": 4, "rejected": 0}, fast.report
+    assert counts["layer_norm"] == {"matched": 12, "rejected": 0}, fast.report
     assert "without a known shape" not in str(fast.report)
     assert _calls(fast.graph_module).count("checkpoint") == 2
     _check_optimized_equals_eager(model, fast, lambda: _inputs(7))
