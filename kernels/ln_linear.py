@@ -38,9 +38,9 @@ Dispatch (``foldcompile.kernels._dispatch``): CUDA tensors, or CPU tensors under
 fp16 / bf16 / fp32 with ``K ≤ MAX_TRITON_DIM`` and at most ``MAX_PROJECTIONS`` projections run Triton;
 anything else (float64, longer rows, no rows, plain CPU) runs ``layer_norm_linear_reference``.
 
-Non-contiguous x: the leading dims are read in place when they collapse into at most two strided row
-dims (the MSA column attention's ``m.transpose(-2, -3)`` does); otherwise, or when the channel stride is
-not 1, x is copied once.
+Non-contiguous x: the leading dims are read in place when they collapse into at most three strided row
+dims (the MSA column attention's ``m.transpose(-2, -3)`` does, with a batch dim too); otherwise, or when
+the channel stride is not 1, x is copied once.
 
 Example (AlphaFold's MSA row attention: one layer norm, q, k, v without bias and a gate with bias)::
 
@@ -84,10 +84,10 @@ constexpr = tl.constexpr if interpreting() else None
 
 # --------------------------------------------------------------------------- kernels
 @triton.jit
-def _row_offsets(rows, D1, sx0, sx1):
-    """Element offsets of rows of x whose leading dims collapse into two strided dims [D0, D1]."""
+def _row_offsets(rows, D1, D2, sx0, sx1, sx2):
+    """Element offsets of rows of x whose leading dims collapse into three strided dims [D0, D1, D2]."""
     r64 = rows.to(tl.int64)
-    return (r64 // D1) * sx0 + (r64 % D1) * sx1
+    return (r64 // (D1 * D2)) * sx0 + ((r64 // D2) % D1) * sx1 + (r64 % D2) * sx2
 
 
 @triton.jit
@@ -109,7 +109,7 @@ def _normalised(X, LNW, LNB, x_rows, ok, ks, k_ok, K, eps, HAS_LNW: tl.constexpr
 
 @triton.jit
 def _ln_linear_fwd_kernel(X, LNW, LNB, Ws, Bs, Os, Y, Mean, Rstd,
-                          M, D1, sx0, sx1, K, eps, Ns: constexpr, SWN, SWK,
+                          M, D1, D2, sx0, sx1, sx2, K, eps, Ns: constexpr, SWN, SWK,
                           HAS_B: tl.constexpr, HAS_LNW: tl.constexpr, HAS_LNB: tl.constexpr, STORE_Y: tl.constexpr,
                           NUM: tl.constexpr, PRECISION: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -120,7 +120,7 @@ def _ln_linear_fwd_kernel(X, LNW, LNB, Ws, Bs, Os, Y, Mean, Rstd,
     ok = rows < M
     ks = tl.arange(0, BLOCK_K)
     k_ok = ks < K
-    _, mean, rstd, y = _normalised(X, LNW, LNB, _row_offsets(rows, D1, sx0, sx1), ok, ks, k_ok, K, eps,
+    _, mean, rstd, y = _normalised(X, LNW, LNB, _row_offsets(rows, D1, D2, sx0, sx1, sx2), ok, ks, k_ok, K, eps,
                                    HAS_LNW, HAS_LNB)
     tl.store(Mean + rows, mean, mask=ok)
     tl.store(Rstd + rows, rstd, mask=ok)
@@ -164,7 +164,7 @@ def _recomputed(X, LNW, LNB, Mean, Rstd, x_rows, rows, ok, ks, k_ok, HAS_LNW: tl
 
 @triton.jit
 def _ln_linear_bwd_kernel(X, LNW, LNB, DOs, Ws, DYX, DX, Y, Mean, Rstd, PW, PB, PDB,
-                          M, D1, sx0, sx1, K, N_TOTAL, Ns: constexpr, OFFS, SWN, SWK,
+                          M, D1, D2, sx0, sx1, sx2, K, N_TOTAL, Ns: constexpr, OFFS, SWN, SWK,
                           HAS_G: tl.constexpr, NEED_DB: tl.constexpr, HAS_LNW: tl.constexpr, HAS_LNB: tl.constexpr,
                           HAS_DYX: tl.constexpr, NEED_DX: tl.constexpr, NEED_Y: tl.constexpr,
                           NEED_DLN: tl.constexpr, NUM: tl.constexpr, PRECISION: tl.constexpr,
@@ -201,7 +201,7 @@ def _ln_linear_bwd_kernel(X, LNW, LNB, DOs, Ws, DYX, DX, Y, Mean, Rstd, PW, PB, 
                 w_ptr += BLOCK_N * SWN[p]
                 db_ptr += BLOCK_N
     if NEED_DX or NEED_Y or NEED_DLN:
-        xhat, y = _recomputed(X, LNW, LNB, Mean, Rstd, _row_offsets(rows, D1, sx0, sx1), rows, ok, ks, k_ok,
+        xhat, y = _recomputed(X, LNW, LNB, Mean, Rstd, _row_offsets(rows, D1, D2, sx0, sx1, sx2), rows, ok, ks, k_ok,
                               HAS_LNW, HAS_LNB)
         if NEED_Y:
             tl.store(Y + r64[:, None] * K + ks[None, :], y.to(Y.dtype.element_ty), mask=mask)
@@ -266,10 +266,11 @@ def _config(kind: str, K: int, dtype: torch.dtype) -> dict:
                 num_stages=2)
 
 
-def _rows_of(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int, int]:
-    """``(x', M, D1, s0, s1)``: the rows of ``x`` as two strided dims [D0, D1] (row r at element offset
-    ``(r // D1)·s0 + (r % D1)·s1`` of ``x'``), ``x' = x`` itself when its leading dims collapse into two
-    such dims with unit channel stride, else a contiguous copy."""
+def _rows_of(x: torch.Tensor) -> tuple[torch.Tensor, int, tuple[int, int], tuple[int, int, int]]:
+    """``(x', M, (D1, D2), (s0, s1, s2))``: the rows of ``x`` as three strided dims [D0, D1, D2] (row r at
+    element offset ``(r // (D1·D2))·s0 + ((r // D2) % D1)·s1 + (r % D2)·s2`` of ``x'``); ``x' = x`` itself
+    when its leading dims collapse into at most three such dims and its channel stride is 1, else a
+    contiguous copy."""
     if x.shape[-1] > 1 and x.stride(-1) != 1:
         x = x.contiguous()
     groups: list[list[int]] = []  # [size, stride] of collapsed leading dims, innermost first
@@ -280,11 +281,11 @@ def _rows_of(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int, int]:
             groups[-1][0] *= size
         else:
             groups.append([size, stride])
-    if len(groups) > 2:
+    if len(groups) > 3:
         x = x.contiguous()
         groups = [[math.prod(x.shape[:-1]), x.shape[-1]]]
-    (d1, s1), (d0, s0) = (groups + [[1, 0], [1, 0]])[:2]
-    return x, d0 * d1, d1, s0, s1
+    (d2, s2), (d1, s1), (d0, s0) = (groups + [[1, 0]] * 3)[:3]
+    return x, d0 * d1 * d2, (d1, d2), (s0, s1, s2)
 
 
 def _bits(flags: Sequence[bool]) -> int:
@@ -301,7 +302,7 @@ class LayerNormLinearFunction(torch.autograd.Function):
         n = len(params) // 2
         weights, biases = params[:n], params[n:]
         K, lead = x.shape[-1], x.shape[:-1]
-        xs, M, D1, s0, s1 = _rows_of(x)
+        xs, M, dims, strides = _rows_of(x)
         outs = [_empty((M, w.shape[0]), x.dtype, x.device) for w in weights]
         y = _empty((M, K), x.dtype, x.device) if return_normalized else None
         mean = _empty((M,), torch.float32, x.device)
@@ -311,7 +312,7 @@ class LayerNormLinearFunction(torch.autograd.Function):
         _ln_linear_fwd_kernel[(_cdiv(M, cfg["BLOCK_M"]),)](
             xs, ln_weight if ln_weight is not None else xs, ln_bias if ln_bias is not None else xs,
             tuple(weights), tuple(b if b is not None else xs for b in biases), tuple(outs),
-            y if y is not None else xs, mean, rstd, M, D1, s0, s1, K, float(eps),
+            y if y is not None else xs, mean, rstd, M, *dims, *strides, K, float(eps),
             tuple(w.shape[0] for w in weights), tuple(w.stride(0) for w in weights),
             tuple(w.stride(1) for w in weights),
             HAS_B=_bits([b is not None for b in biases]), HAS_LNW=ln_weight is not None, HAS_LNB=ln_bias is not None,
@@ -320,7 +321,7 @@ class LayerNormLinearFunction(torch.autograd.Function):
         # x itself is saved too (unused by the kernels): xs may be a copy made under no_grad, and the
         # double-backward guard (_dispatch.once_differentiable) anchors its error on x.
         ctx.save_for_backward(xs, ln_weight, ln_bias, mean, rstd, y, x, *weights)
-        ctx.geometry = (M, D1, s0, s1, lead)
+        ctx.geometry = (M, dims, strides, lead)
         ctx.n, ctx.return_normalized = n, return_normalized
         ctx.bias_dtypes = [b.dtype if b is not None else None for b in biases]
         results = [o.view(*lead, o.shape[1]) for o in outs]
@@ -333,7 +334,7 @@ class LayerNormLinearFunction(torch.autograd.Function):
     def backward(ctx, *grads):
         xs, ln_weight, ln_bias, mean, rstd, y_saved, x, *weights = ctx.saved_tensors
         n = ctx.n
-        M, D1, s0, s1, lead = ctx.geometry
+        M, dims, strides, lead = ctx.geometry
         K = x.shape[-1]
         needs = ctx.needs_input_grad
         need_x, need_lnw, need_lnb = needs[0], needs[1], needs[2]
@@ -367,7 +368,7 @@ class LayerNormLinearFunction(torch.autograd.Function):
                 tuple(g if g is not None else dummy for g in douts), tuple(weights),
                 dyx if dyx is not None else dummy, dx if dx is not None else dummy, y if y is not None else dummy,
                 mean, rstd, pw if pw is not None else dummy, pb if pb is not None else dummy,
-                pdb if pdb is not None else dummy, M, D1, s0, s1, K, sum(widths), tuple(widths), tuple(offs),
+                pdb if pdb is not None else dummy, M, *dims, *strides, K, sum(widths), tuple(widths), tuple(offs),
                 tuple(w.stride(0) for w in weights), tuple(w.stride(1) for w in weights),
                 HAS_G=_bits(has_g), NEED_DB=_bits(want_b), HAS_LNW=ln_weight is not None,
                 HAS_LNB=ln_bias is not None, HAS_DYX=dyx is not None, NEED_DX=bool(need_x), NEED_Y=need_y,
