@@ -60,13 +60,14 @@ def _h8(name: str, seed: int = 0, **sizes):
     return zoo.randomize_parameters(model, seed).eval(), inputs
 
 
-# matches expected with head dims 8: every attention of the model in the fused kernel, and the MSA
-# stacks' outer product mean in its own (the Pairformer has none)
+# matches expected with head dims 8: every attention of the model in the fused kernel, the MSA
+# stacks' outer product mean in its own (the Pairformer has none), and every layer norm that feeds
+# projections in a layer norm -> projections kernel (alone: only the template stack's final one)
 EXPECTED_H8 = {
-    "evoformer_block": {"attention": 4, "layer_norm": 12, "softmax": 0, "outer_product_mean": 1},
-    "pairformer_block": {"attention": 3, "layer_norm": 10, "softmax": 0, "outer_product_mean": 0},
-    "extra_msa_stack": {"attention": 4, "layer_norm": 12, "softmax": 0, "outer_product_mean": 1},
-    "template_pair_stack": {"attention": 2, "layer_norm": 8, "softmax": 0, "outer_product_mean": 0},
+    "evoformer_block": {"attention": 4, "ln_linear": 12, "layer_norm": 0, "softmax": 0, "outer_product_mean": 1},
+    "pairformer_block": {"attention": 3, "ln_linear": 10, "layer_norm": 0, "softmax": 0, "outer_product_mean": 0},
+    "extra_msa_stack": {"attention": 4, "ln_linear": 12, "layer_norm": 0, "softmax": 0, "outer_product_mean": 1},
+    "template_pair_stack": {"attention": 2, "ln_linear": 7, "layer_norm": 1, "softmax": 0, "outer_product_mean": 0},
 }
 
 
@@ -178,7 +179,7 @@ def test_explain_of_an_optimized_module_is_its_report():
     code = fast.code
     assert "l_m_" not in code and "arg0" not in code
     assert code.startswith("def forward(self, m, z, msa_mask, pair_mask, chunk_size):")
-    assert code.count("fused_attention(") == 4 and "fused_layer_norm(" in code
+    assert code.count("fused_attention(") == 4 and code.count("fused_layer_norm_linear(") == 12
 
 
 def test_chunked_inference_fuses_every_chunk():
