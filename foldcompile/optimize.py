@@ -217,8 +217,11 @@ def build_variant(model: torch.nn.Module, args: tuple, kwargs: Mapping[str, Any]
     gm = trace(model, *args, **kwargs)
     variant = fuse_graph(gm, flat_inputs(gm, args, kwargs), at=at, disabled=disabled, dims=dims, rules=rules,
                          buffers=list(model.buffers()))
-    _name_inputs_after_the_model(variant.graph, model)
-    _name_inputs_after_the_model(variant.traced, model)
+    # both graphs rename a value that took an argument's name to the same fresh name: fresh among the
+    # traced graph's names too, which fusion may have freed in the fused graph (verify pairs nodes by name)
+    traced_names = {n.name for n in variant.traced.graph.nodes}
+    _name_inputs_after_the_model(variant.graph, model, taken=traced_names)
+    _name_inputs_after_the_model(variant.traced, model, taken=traced_names)
     variant.graph.recompile()
     variant.build_seconds = time.perf_counter() - t0
     return variant
@@ -322,21 +325,24 @@ def _ambient_autocast() -> str:
     return ", ".join(on)
 
 
-def _name_inputs_after_the_model(gm: torch.fx.GraphModule, model: torch.nn.Module) -> None:
-    """Placeholders named like ``forward``'s parameters (``m``, not Dynamo's ``l_m_`` or ``arg4``)."""
+def _name_inputs_after_the_model(gm: torch.fx.GraphModule, model: torch.nn.Module,
+                                 taken: Iterable[str] = ()) -> None:
+    """Placeholders named like ``forward``'s parameters (``m``, not Dynamo's ``l_m_`` or ``arg4``); a value
+    that had such a name gets a fresh one, not in ``gm`` nor in ``taken``."""
     phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
     params = [p for p in inspect.signature(model.forward).parameters.values()
               if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
     if len(phs) == len(params):  # else a container argument flattened to several: the tracer's names
-        _rename_placeholders(gm, [p.name for p in params])
+        _rename_placeholders(gm, [p.name for p in params], taken)
     _name_body_inputs_after_callers(gm)
     gm.recompile()
 
 
-def _rename_placeholders(gm: torch.fx.GraphModule, wanted: list[str | None]) -> None:
+def _rename_placeholders(gm: torch.fx.GraphModule, wanted: list[str | None], taken: Iterable[str] = ()) -> None:
     """Give the placeholders of ``gm`` the names ``wanted`` (None, or a non-identifier: keep it); a
-    value already holding a wanted name takes a fresh one (``m = norm(m)`` re-binds the argument's)."""
-    names = {n.name for n in gm.graph.nodes}
+    value already holding a wanted name takes a fresh one, not in ``gm`` nor in ``taken`` (``m = norm(m)``
+    re-binds the argument's)."""
+    names = {n.name for n in gm.graph.nodes} | set(taken)
 
     def fresh(base: str) -> str:
         i = 1

@@ -1,5 +1,5 @@
 """The kernels as ``torch.library`` ops: ``torch.ops.foldcompile.attention``, ``.layer_norm``, ``.softmax``,
-``.outer_product_mean``, ``.triangle_multiplication``.
+``.outer_product_mean``, ``.triangle_multiplication``, ``.layer_norm_linear``.
 
 A graph that holds one of these ops can be shape-propagated on fake tensors (each has a fake
 implementation: sizes and dtype, no data), differentiated (each has an autograd formula) and
@@ -37,14 +37,15 @@ from torch import Tensor
 
 from foldcompile.kernels.attention import attention as _attention
 from foldcompile.kernels.layer_norm import layer_norm as _layer_norm
+from foldcompile.kernels.ln_linear import layer_norm_linear as _layer_norm_linear
 from foldcompile.kernels.outer_product_mean import outer_product_mean as _outer_product_mean
 from foldcompile.kernels.softmax import softmax as _softmax
 from foldcompile.kernels.triangle_multiplication import TriangleMultiplicationParams as _TrimulParams
 from foldcompile.kernels.triangle_multiplication import triangle_multiplication as _triangle_multiplication
 
-__all__ = ["attention", "layer_norm", "softmax", "outer_product_mean", "triangle_multiplication", "attention_backward",
-           "layer_norm_backward", "softmax_backward", "outer_product_mean_backward", "triangle_multiplication_backward",
-           "TRIANGLE_MULTIPLICATION_PARAMS"]
+__all__ = ["attention", "layer_norm", "softmax", "outer_product_mean", "triangle_multiplication", "layer_norm_linear",
+           "attention_backward", "layer_norm_backward", "softmax_backward", "outer_product_mean_backward",
+           "triangle_multiplication_backward", "layer_norm_linear_backward", "TRIANGLE_MULTIPLICATION_PARAMS"]
 
 
 @torch.library.custom_op("foldcompile::attention", mutates_args=())
@@ -301,3 +302,115 @@ _register_backward(softmax, softmax_backward, (0, 3, 4))  # x bias mask
 _register_backward(outer_product_mean, outer_product_mean_backward, (0, 1, 2, 3))
 # z and the 16 parameters (the mask, slot 1, takes no gradient: the kernel refuses one that requires it)
 _register_backward(triangle_multiplication, triangle_multiplication_backward, (0, *range(2, 18)))
+
+
+# ----------------------------------------------------------------------------- layer norm -> projections
+# Several outputs, and lists of weights and biases: its own registration (``_register_backward`` is for one
+# output and fixed tensor slots). No argument has a default (the dispatcher would drop trailing ones equal
+# to it from the inputs whose structure the backward's result must have). A custom op's schema has no list of optional tensors whose entries autograd
+# tracks one by one, so the biases come as the list of those present, and ``has_bias`` says which
+# projections they belong to.
+
+
+def _projections_of(weights: Sequence[Tensor], biases: Sequence[Tensor],
+                    has_bias: Sequence[bool]) -> list[Optional[Tensor]]:
+    if len(has_bias) != len(weights) or sum(map(bool, has_bias)) != len(biases):
+        raise ValueError(f"foldcompile::layer_norm_linear: has_bias {list(has_bias)} does not match {len(weights)} "
+                         f"weights and {len(biases)} biases")
+    present = iter(biases)
+    return [next(present) if h else None for h in has_bias]
+
+
+@torch.library.custom_op("foldcompile::layer_norm_linear", mutates_args=())
+def layer_norm_linear(x: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], weights: list[Tensor],
+                      biases: list[Tensor], has_bias: list[bool], eps: float, return_normalized: bool) -> list[Tensor]:
+    """``[linear(layer_norm(x), W_p, b_p) for p] (+ [layer_norm(x)])``
+    (:func:`foldcompile.kernels.ln_linear.layer_norm_linear`); ``biases`` are the present ones, in order,
+    ``has_bias[p]`` whether projection p has one."""
+    outs = _layer_norm_linear(x, ln_weight, ln_bias, weights, _projections_of(weights, biases, has_bias), eps=eps,
+                              return_normalized=return_normalized)
+    return [o.contiguous() for o in outs]
+
+
+@layer_norm_linear.register_fake
+def _layer_norm_linear_fake(x: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], weights: list[Tensor],
+                            biases: list[Tensor], has_bias: list[bool], eps: float,
+                            return_normalized: bool) -> list[Tensor]:
+    _projections_of(weights, biases, has_bias)
+    outs = [x.new_empty((*x.shape[:-1], w.shape[0])) for w in weights]
+    return outs + [x.new_empty(x.shape)] if return_normalized else outs
+
+
+@torch.library.custom_op("foldcompile::layer_norm_linear_backward", mutates_args=())
+def layer_norm_linear_backward(grads: list[Tensor], x: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor],
+                               weights: list[Tensor], biases: list[Tensor], has_bias: list[bool], eps: float,
+                               return_normalized: bool, needs: Sequence[bool]) -> list[Tensor]:
+    """Gradients of :func:`layer_norm_linear` for ``x, ln_weight, ln_bias, *weights, *biases`` (``needs`` per
+    slot; an empty tensor where none is needed), against ``grads`` (one per output)."""
+    n = len(weights)
+
+    def fn(x, lnw, lnb, *params):
+        return _layer_norm_linear(x, lnw, lnb, list(params[:n]), _projections_of(params[:n], params[n:], has_bias),
+                                  eps=eps, return_normalized=return_normalized)
+
+    tensors = (x, ln_weight, ln_bias, *weights, *biases)
+    wanted = [i for i, (t, need) in enumerate(zip(tensors, needs)) if need and t is not None and t.is_floating_point()]
+    result = [grads[0].new_empty(0) for _ in tensors]
+    if not wanted:
+        return result
+    with _autograd_on():
+        leaves = [t.detach().requires_grad_(i in wanted) if t is not None else None for i, t in enumerate(tensors)]
+        outs = fn(*leaves)
+        got = torch.autograd.grad(outs, [leaves[i] for i in wanted], grads, allow_unused=True)
+    for i, g in zip(wanted, got):
+        result[i] = torch.zeros_like(tensors[i]).contiguous() if g is None else g.contiguous()
+    return result
+
+
+@layer_norm_linear_backward.register_fake
+def _layer_norm_linear_backward_fake(grads, x, ln_weight, ln_bias, weights, biases, has_bias, eps, return_normalized,
+                                     needs):
+    return _fake_grads(grads[0], (x, ln_weight, ln_bias, *weights, *biases), needs)
+
+
+def _layer_norm_linear_setup(ctx: Any, inputs: tuple, output: list) -> None:
+    x, ln_weight, ln_bias, weights, biases, has_bias, eps, return_normalized = inputs
+    ctx.n, ctx.n_bias, ctx.n_inputs = len(weights), len(biases), len(inputs)
+    ctx.options = (list(has_bias), float(eps), bool(return_normalized))
+    ctx.has_ln = (ln_weight is not None, ln_bias is not None)
+    ctx.out_shapes = [tuple(o.shape) for o in output]
+    ctx.save_for_backward(x, *[t for t in (ln_weight, ln_bias) if t is not None], *weights, *biases)
+
+
+def _per_entry(flag: Any, n: int) -> list[bool]:
+    """``needs_input_grad`` of a list input: a list of flags (or one flag for all of it)."""
+    return [bool(f) for f in flag] if isinstance(flag, (list, tuple)) else [bool(flag)] * n
+
+
+def _layer_norm_linear_grad(ctx: Any, grads: list) -> tuple:
+    saved = iter(ctx.saved_tensors)
+    x = next(saved)
+    ln_weight = next(saved) if ctx.has_ln[0] else None
+    ln_bias = next(saved) if ctx.has_ln[1] else None
+    weights = [next(saved) for _ in range(ctx.n)]
+    biases = [next(saved) for _ in range(ctx.n_bias)]
+    has_bias, eps, return_normalized = ctx.options
+    flags = ctx.needs_input_grad  # no argument has a default: the dispatcher drops none of them
+    needs = [bool(flags[0]) and x.is_floating_point(), bool(flags[1]) and ln_weight is not None,
+             bool(flags[2]) and ln_bias is not None, *_per_entry(flags[3], ctx.n), *_per_entry(flags[4], ctx.n_bias)]
+    # the result has the inputs' structure: one entry per input, a list for each list input
+    structure: list[Any] = [None] * ctx.n_inputs
+    structure[3], structure[4] = [None] * ctx.n, [None] * ctx.n_bias
+    if not any(needs):
+        return tuple(structure)
+    grads = [g if g is not None else x.new_zeros(shape) for g, shape in zip(grads, ctx.out_shapes)]
+    got = layer_norm_linear_backward(grads, x, ln_weight, ln_bias, weights, biases, has_bias, eps, return_normalized,
+                                     needs)
+    out = [g if need else None for g, need in zip(got, needs)]
+    structure[:3] = out[:3]
+    structure[3] = out[3:3 + ctx.n]
+    structure[4] = out[3 + ctx.n:]
+    return tuple(structure)
+
+
+layer_norm_linear.register_autograd(_layer_norm_linear_grad, setup_context=_layer_norm_linear_setup)

@@ -64,13 +64,14 @@ def test_rules_match_inside_the_checkpoint_body_and_it_stays_a_checkpoint():
     fast = foldcompile.optimize(model, *_inputs(0))
     counts = fast.report.counts()
     assert counts["attention"] == {"matched": 1, "rejected": 0}, fast.report
-    assert counts["layer_norm"] == {"matched": 1, "rejected": 0}, fast.report
-    assert {m["graph"] for m in fast.report.matches if m["rule"] in ("attention", "layer_norm")} == {"GraphModule"}
+    # the layer norm and its two projections (qkv, gate): one layer-norm -> projections kernel
+    assert counts["ln_linear"] == {"matched": 1, "rejected": 0}, fast.report
+    assert {m["graph"] for m in fast.report.matches if m["rule"] in ("attention", "ln_linear")} == {"GraphModule"}
     gm = fast.graph_module
     assert [n.target for n in gm.graph.nodes if n.op == "call_function"].count(checkpoint) == 1
     (body,) = _bodies(gm)
     names = [getattr(n.target, "__name__", "") for n in body.graph.nodes if n.op == "call_function"]
-    assert "fused_attention" in names and "fused_layer_norm" in names
+    assert "fused_attention" in names and "fused_layer_norm_linear" in names
     assert "softmax" not in names and "layer_norm" not in names
     assert_same_function(model, _inputs(1), fast)  # dropout in the body: torch's masks, replayed in backward
 
@@ -79,7 +80,7 @@ def test_fused_kernels_in_the_body_are_recomputed_in_backward(monkeypatch):
     """Forward runs each fused kernel once; backward runs the body again (checkpoint recompute),
     so each runs a second time, and only then its backward."""
     att = importlib.import_module("foldcompile.passes.rules.attention")
-    ln = importlib.import_module("foldcompile.passes.rules.layer_norm")
+    ln = importlib.import_module("foldcompile.passes.rules.ln_multi_linear")
     calls = {"attention": 0, "layer_norm": 0}
 
     def counting(name, fn):
@@ -89,7 +90,7 @@ def test_fused_kernels_in_the_body_are_recomputed_in_backward(monkeypatch):
         return run
 
     monkeypatch.setattr(att, "_attention_kernel", counting("attention", att._attention_kernel))
-    monkeypatch.setattr(ln, "_layer_norm_kernel", counting("layer_norm", ln._layer_norm_kernel))
+    monkeypatch.setattr(ln, "_layer_norm_linear_kernel", counting("layer_norm", ln._layer_norm_linear_kernel))
     model = CheckpointedBlock(p=0.0).train()
     fast = foldcompile.optimize(model, *_inputs(0))
     x, mask = _inputs(2)
@@ -159,7 +160,9 @@ class NestedCheckpoints(nn.Module):
 def test_nested_checkpoint_bodies_are_annotated_and_fused():
     model, x = NestedCheckpoints().train(), torch.randn(3, 7, 16, requires_grad=True)
     fast = foldcompile.optimize(model, x)
-    assert fast.report.counts()["layer_norm"] == {"matched": 2, "rejected": 0}, fast.report
+    # ln1 alone (its output is a checkpoint's operand) and ln2 with its linear, in the inner body
+    assert fast.report.counts()["layer_norm"] == {"matched": 1, "rejected": 0}, fast.report
+    assert fast.report.counts()["ln_linear"] == {"matched": 1, "rejected": 0}, fast.report
     assert fast.report.counts()["elementwise"]["matched"] >= 1, fast.report
     assert_same_function(model, (x,), fast)
 
