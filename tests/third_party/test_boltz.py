@@ -229,7 +229,8 @@ def test_optimize_fuses_every_attention_of_the_unmodified_pairformer(training):
     fast = foldcompile.optimize(model, *_inputs(0))
     counts = fast.report.counts()
     assert counts["attention"] == {"matched": 6, "rejected": 0}, fast.report
-    assert counts["layer_norm"]["matched"] == 20
+    # each layer norm alone or with the projections it feeds (ln_linear: one layer norm a match)
+    assert counts["layer_norm"]["matched"] + counts["ln_linear"]["matched"] == 20
     _check_optimized_equals_eager(model, fast, lambda: _inputs(7))
 
 
@@ -244,7 +245,8 @@ def test_optimize_with_activation_checkpointing_fuses_inside_the_checkpoints():
     fast = foldcompile.optimize(model, *_inputs(0))
     counts = fast.report.counts()
     assert counts["attention"] == {"matched": 6, "rejected": 0}, fast.report
-    assert counts["layer_norm"] == {"matched": 20, "rejected": 0}, fast.report
+    assert counts["layer_norm"]["matched"] + counts["ln_linear"]["matched"] == 20, fast.report
+    assert counts["layer_norm"]["rejected"] == counts["ln_linear"]["rejected"] == 0, fast.report
     assert "without a known shape" not in str(fast.report)
     assert _calls(fast.graph_module).count("checkpoint") == 2
     _check_optimized_equals_eager(model, fast, lambda: _inputs(7))
