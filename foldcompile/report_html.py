@@ -181,6 +181,8 @@ def _fusion(named: Mapping[str, torch.fx.Node], traced: torch.fx.GraphModule, fu
     kernels = {n.meta["match_id"]: n for g in fused_graphs for n in g.graph.nodes if n.meta.get("match_id")}
 
     def value_bytes(n: torch.fx.Node) -> int:
+        if n.meta.get("multi_output"):  # a kernel with several outputs: the values taken from it
+            return sum(value_bytes(u) for u in n.users)
         if n.meta.get("fused_by"):  # a kernel's value: the traced node it computes
             replaced = named.get(n.meta.get("replaces", ""))
             return at.value_bytes(replaced) if replaced is not None else 0

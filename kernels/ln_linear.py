@@ -70,7 +70,7 @@ __all__ = ["layer_norm_linear", "layer_norm_linear_reference", "LayerNormLinearF
            "MAX_PROJECTIONS"]
 
 # A row block is held whole in registers (fp32 statistics, the normalised tile in x's dtype as the
-# products' left operand): 512 channels at 64 rows is 64 values a thread at 8 warps.
+# products' left operand): 512 channels at 32 rows is 64 values a thread at 8 warps.
 MAX_TRITON_DIM = 512
 # The projections are unrolled at compile time (one code path each): more than this many is a long compile.
 MAX_PROJECTIONS = 8
@@ -255,8 +255,10 @@ def _config(kind: str, K: int, dtype: torch.dtype) -> dict:
         return dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=bk, num_warps=4, num_stages=1)
     wide = dtype == torch.float32
     if kind == "fwd":
-        bm, bn, stages = (128, 128, 3) if bk <= 128 else (128, 64, 3) if bk <= 256 else (64, 64, 2)
-        if wide:
+        # the fp32 statistics pass holds a few [BLOCK_M, BLOCK_K] fp32 tiles: 16K elements is 64 registers a
+        # thread each at 8 warps; a weight tile of BLOCK_K·BLOCK_N per pipeline stage in shared memory
+        bm, bn, stages = (128, 128, 3) if bk <= 128 else (64, 128, 2) if bk <= 256 else (32, 64, 2)
+        if wide and bm > 16:
             bm //= 2
         return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=8, num_stages=stages)
     bm = 64 if bk <= 128 else 32 if bk <= 256 else 16

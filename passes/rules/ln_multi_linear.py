@@ -326,9 +326,11 @@ def _replace(c: Candidate, ctx: Context) -> torch.fx.Node:
         _copy_meta(normalized, y)
         normalized.meta["replaces"] = y.name
         y.replace_all_uses_with(normalized)  # the other readers, and views the projections no longer need
-    for pr, v in zip(projections[1:], values[1:]):
+    for pr, v in zip(projections, values):
         pr.node.replace_all_uses_with(v)
-    return values[0]  # the fuse pass hands it the first projection's readers
+    # the call itself, for the record's match id (the report reads the kernel and its outputs' bytes there);
+    # the first projection's readers were handed their value above, so the fuse pass has none to move
+    return call
 
 
 RULES = [Rule("ln_linear", "ln_multi_linear", 55, _recognise, _check, _profitable, _replace,

@@ -45,6 +45,8 @@ MODULES = [
     "foldcompile.kernels.softmax",
     "foldcompile.kernels.attention",
     "foldcompile.kernels.elementwise",
+    "foldcompile.kernels.ln_linear",
+    "foldcompile.passes.rules.ln_multi_linear",
     "foldcompile.models.zoo",
     "foldcompile.optimize",
     "foldcompile.variants",

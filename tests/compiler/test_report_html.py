@@ -109,7 +109,7 @@ def test_the_plan_is_what_optimize_fuses_and_no_tracer_names_leak(evoformer):
     # names the input `m`; the chains must still be found node for node
     assert done["chains"] == plan["chains"] and done["modules"] == plan["modules"]
     assert done["total"]["kernels"] == sum(c["matched"] for c in fast.report.counts().values())
-    assert any(c["kernel"] == "fused_layer_norm" and c["module"] == "msa_att_row.layer_norm_m"
+    assert any(c["kernel"] == "fused_layer_norm_linear" and c["module"] == "msa_att_row.layer_norm_m"
                and c["bytes_before"] > 0 for c in done["chains"])
     html = render_html(report, depth=1, at={"N_seq": 32, "N_res": 64}, optimized=fast.variant_for(*ex))
     assert "Before / after optimize" in html and "(optimized)" in html

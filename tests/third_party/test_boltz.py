@@ -231,7 +231,8 @@ def test_optimize_fuses_every_attention_of_the_unmodified_pairformer(training):
     counts = fast.report.counts()
     assert counts["attention"] == {"matched": 6, "rejected": 0}, fast.report
     assert counts["triangle_multiplication"] == {"matched": 4, "rejected": 0}, fast.report
-    assert counts["layer_norm"]["matched"] == 12
+    # the other layer norms alone or with the projections they feed (ln_linear: one layer norm a match)
+    assert counts["layer_norm"]["matched"] + counts["ln_linear"]["matched"] == 12
     _check_optimized_equals_eager(model, fast, lambda: _inputs(7))
 
 
@@ -248,7 +249,8 @@ def test_optimize_with_activation_checkpointing_fuses_inside_the_checkpoints():
     counts = fast.report.counts()
     assert counts["attention"] == {"matched": 6, "rejected": 0}, fast.report
     assert counts["triangle_multiplication"] == {"matched": 4, "rejected": 0}, fast.report
-    assert counts["layer_norm"] == {"matched": 12, "rejected": 0}, fast.report
+    assert counts["layer_norm"]["matched"] + counts["ln_linear"]["matched"] == 12, fast.report
+    assert counts["layer_norm"]["rejected"] == counts["ln_linear"]["rejected"] == 0, fast.report
     assert "without a known shape" not in str(fast.report)
     assert _calls(fast.graph_module).count("checkpoint") == 2
     _check_optimized_equals_eager(model, fast, lambda: _inputs(7))
