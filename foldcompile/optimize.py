@@ -1,7 +1,8 @@
 """``foldcompile.optimize``: the user's model, with its attentions, softmaxes and layer norms in fused kernels.
 
 ``optimize(model, *example_inputs, **example_kwargs)`` captures the model on the examples
-(:func:`foldcompile.trace`), runs normalize -> shape_prop -> classify -> fuse
+(:func:`foldcompile.trace`), runs normalize -> shape_prop -> classify -> merge chunk loops
+(:mod:`foldcompile.passes.merge_chunk_loops`, annotating a merged graph again) -> fuse
 (:func:`foldcompile.passes.fuse.fuse_pass`) and returns an :class:`OptimizedModule`::
 
     >>> import torch, foldcompile

@@ -590,13 +590,15 @@ def merge_chunk_loops_pass(gm: torch.fx.GraphModule, *, disabled: Iterable[str] 
     owners = [gm] + [m for _, m in gm.named_modules() if isinstance(m, torch.fx.GraphModule) and m is not gm]
     for owner in owners:
         graph = owner.graph
+        nodes, order = [], {}
         for sink in list(graph.nodes):
-            if sink.graph is not graph:  # erased by an earlier merge
+            if sink.op != "call_function" or op_name(sink) not in _JOINS + _BUFFERS:
                 continue
-            nodes = list(graph.nodes)
-            order = {x: i for i, x in enumerate(nodes)}
-            if sink not in order:
-                continue
+            if not order or sink not in order:  # first candidate, or the graph changed (a merge)
+                nodes = list(graph.nodes)
+                order = {x: i for i, x in enumerate(nodes)}
+                if sink not in order:  # erased by an earlier merge
+                    continue
             loop = _loop_of(sink, order)
             if loop is None:
                 continue
@@ -622,6 +624,7 @@ def merge_chunk_loops_pass(gm: torch.fx.GraphModule, *, disabled: Iterable[str] 
             origin = [x.name for p in loop.pieces for x in p.cuts + p.region] + [sink.name]
             source = M.source_line(loop.pieces[0].result)
             _merge(graph, loop, spec, mid)
+            order = {}  # positions moved
             record["matches"].append({
                 "id": mid, "rule": RULE, "site": site, "origin": origin, "source": source,
                 "notes": [f"{len(loop.pieces)} chunks of {rows} rows merged: the layer runs once on all "
