@@ -17,8 +17,15 @@ was, so the backward of the compute scheduled between them overlaps with it
 (docs/DAP.md, "The async pair").
 
 The record says, for each collective, where it is issued and waited, how many compute nodes
-(and how many of their FLOPs at the example sizes) run between the two, and how many the graph
-allows (between its producer and its first consumer) with the reason when fewer were scheduled.
+(and how many of their FLOPs at the example sizes) run between the two, and how many the graph's
+order allows (between its producer and its first consumer) with the reason when fewer were
+scheduled. It also measures the overlap against what **any** order allows
+(``passes/dependence.py``: the compute independent of the collective, ``independent``,
+``flops_independent``) in time at the stated sizes (``passes/schedule_model.py``): ``comm_s`` (the
+collective on the link), ``between_s`` (the compute between its start and wait), ``independent_s``,
+and ``covered``: the share of the collective's time hidden, of what the graph could hide,
+``min(between_s, comm_s) / min(independent_s, comm_s)`` (1 where nothing can be hidden).
+``passes/overlap_compute.py`` reorders the compute beforehand so that this share is high.
 
     >>> import torch, torch.fx
     >>> from foldcompile.distributed import all_gather_start, wait
@@ -41,7 +48,7 @@ allows (between its producer and its first consumer) with the reason when fewer 
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import sympy
 import torch
@@ -49,10 +56,13 @@ import torch.fx
 
 from foldcompile.distributed.collectives import wait
 from foldcompile.passes.base import PassError, PassResult, declare, describe_node
+from foldcompile.passes.dependence import Dependence
 from foldcompile.passes.localize import collective_of
 from foldcompile.passes.meta import DTYPE, SHAPE
 from foldcompile.passes.rules import _meta as M
+from foldcompile.passes.schedule_model import ScheduleModel
 from foldcompile.passes.shape_prop import dim_symbol
+from foldcompile.passes.shard import ShardCosts
 
 __all__ = ["schedule_collectives_pass", "DEFAULT_MAX_BYTES_IN_FLIGHT"]
 
@@ -79,8 +89,17 @@ def _flops(n: torch.fx.Node, subs: dict) -> int:
 
 @declare(requires=(SHAPE, DTYPE), ensures=())
 def schedule_collectives_pass(gm: torch.fx.GraphModule, *,
-                              max_bytes_in_flight: int = DEFAULT_MAX_BYTES_IN_FLIGHT) -> PassResult:
-    """Reorder the starts and waits of ``gm`` (see the module docstring)."""
+                              max_bytes_in_flight: int = DEFAULT_MAX_BYTES_IN_FLIGHT,
+                              costs: Optional[ShardCosts] = None,
+                              at: Optional[Mapping[str, int]] = None, keep_order: bool = False) -> PassResult:
+    """Reorder the starts and waits of ``gm`` (see the module docstring); ``costs`` and ``at``: the
+    machine and the sizes the overlap is measured at (default: the planner's, the training crop).
+
+    ``keep_order``: issue and wait the collectives in the order their starts already have (after
+    ``overlap_compute_pass``, which orders them by need in the model's order) instead of the need
+    order of ``gm``'s compute: a compute order chosen from a rank's local sizes may differ between
+    ranks, the order of the collectives must not (every rank issues the same collectives in the
+    same order, forward and, through the waits' order, backward)."""
     graph = gm.graph
     nodes = list(graph.nodes)
     starts = [n for n in nodes if collective_of(n) is not None]
@@ -126,7 +145,17 @@ def schedule_collectives_pass(gm: torch.fx.GraphModule, *,
             slots.append(pos[p] + 1 if p in pos else need(p))
         return max(slots)
 
-    order = sorted(range(len(pairs)), key=lambda i: (need(pairs[i][1]), nodes.index(pairs[i][0])))
+    if keep_order:
+        # the starts' order is the issue order (set by overlap_compute_pass, the same on every rank);
+        # waits follow it (first in, first out), each no later than the next one's need
+        order = list(range(len(pairs)))
+        for i in order:
+            need(pairs[i][1])
+        for i in reversed(order[:-1]):
+            w, later = pairs[i][1], pairs[i + 1][1]
+            need_cache[w] = min(need_cache[w], need_cache[later])
+    else:
+        order = sorted(range(len(pairs)), key=lambda i: (need(pairs[i][1]), nodes.index(pairs[i][0])))
     slot_of: dict[int, int] = {}
     why: dict[int, Optional[str]] = {}
     last = 0
@@ -185,16 +214,27 @@ def schedule_collectives_pass(gm: torch.fx.GraphModule, *,
     graph.lint()
     gm.recompile()
     subs = {dim_symbol(k): v for k, v in dict(gm.meta.get("dims", {})).items()}
+    dep, model = Dependence(gm), ScheduleModel(gm, costs, at)
+    where = {n: j for j, n in enumerate(graph.nodes)}
     record: list[dict[str, Any]] = []
     for i in order:
         s, w = pairs[i]
         lo, k, hi = earliest(s), slot_of[i], need(w)
+        free = dep.independent(s, w)
+        inside = [n for n in free if where[s] < where[n] < where[w]]
+        comm_s = model.comm_seconds(s)
+        between_s, free_s = sum(map(model.seconds, inside)), sum(map(model.seconds, free))
+        hideable = min(free_s, comm_s)
         record.append({
             "kind": collective_of(s), "start": s.name, "wait": w.name,
             "issued_after": compute[k - 1].name if k > 0 else None, "waited_before": compute[hi].name,
             "between": hi - k, "allowed": hi - lo,
             "flops_between": sum(_flops(c, subs) for c in compute[k:hi]),
             "flops_allowed": sum(_flops(c, subs) for c in compute[lo:hi]),
-            "bytes": max(_bytes(s.args[0]), _bytes(w)), "delayed": why[i]})
+            "bytes": max(_bytes(s.args[0]), _bytes(w)), "delayed": why[i],
+            "independent": len(free), "flops_independent": sum(_flops(c, subs) for c in free),
+            "comm_s": comm_s, "between_s": between_s, "independent_s": free_s,
+            "covered": min(between_s, comm_s) / hideable if hideable > 0 else 1.0})
     changed = [n.name for n in nodes] != [n.name for n in graph.nodes]
-    return PassResult(gm, changed, {"collectives": record, "max_bytes_in_flight": max_bytes_in_flight})
+    return PassResult(gm, changed, {"collectives": record, "max_bytes_in_flight": max_bytes_in_flight,
+                                    "at": dict(model.sizes)})

@@ -8,6 +8,7 @@ Every rank calls ``optimize`` with the same model parameters and the same whole 
     -> localize_pass (this rank's graph)                    (collectives, local sizes, gradient placements)
     -> local_shape_check_pass (fake tensors, local sizes)   (every shape the lowering promised)
     -> classify, annotate_collectives -> fuse               (kernels on the local graph; collectives are barriers)
+    -> overlap_compute_pass                                 (independent compute moved between starts and waits)
     -> schedule_collectives_pass                            (starts early, waits late, need order, bytes bound)
 
 and the returned :class:`ShardedModule` is called like the model: it takes the whole inputs
@@ -62,7 +63,9 @@ from foldcompile.passes.localize import annotate_collectives, localize_pass
 from foldcompile.passes.normalize import normalize_pass
 from foldcompile.passes.plan_io import PlanExport, export_plan, import_plan
 from foldcompile.passes.registry import op_name
+from foldcompile.passes.overlap_compute import overlap_compute_pass
 from foldcompile.passes.schedule_collectives import DEFAULT_MAX_BYTES_IN_FLIGHT, schedule_collectives_pass
+from foldcompile.passes.schedule_model import carry_fused_costs
 from foldcompile.tables import format_table
 from foldcompile.variants import EAGER, call_key
 
@@ -174,15 +177,17 @@ class ShardedReport(OptimizeReport):
         for c in d["collectives"]:
             if c.get("start"):
                 where = f"after {c['issued_after']} .. before {c['waited_before']}"
-                overlap = f"{c['between']}/{c['allowed']}"
+                overlap = f"{c['between']}/{c['independent']}, {c['covered']:.0%}"
             else:
                 where, overlap = f"at {c['wait']}", "-"
             rows.append([c["kind"], c["tensor"], f"{c['src']} -> {c['dst']}", c.get("grad_placement") or "-",
                          str(c.get("bytes_sent", "-")), where, overlap])
         lines = [super().__str__(), "",
                  f"DAP: rank {d['rank']} of {d['world_size']}, {len(d['collectives'])} collectives (bytes each rank "
-                 "sends, in the local symbolic sizes; where it is issued and waited in this rank's graph; compute "
-                 "nodes between them / allowed by the graph's order)"]
+                 "sends, in the local symbolic sizes; where it is issued and waited in this rank's graph; overlap: "
+                 "compute nodes between them / independent of it in the graph, and the share of its time "
+                 "they hide of what the graph could hide, at " + ", ".join(f"{k}={v}" for k, v in
+                                                                         d["overlap"]["at"].items()) + ")"]
         lines += ["  " + line for line in format_table(
             ["kind", "tensor", "placement", "grad", "bytes sent", "issued .. waited", "overlap"], rows)]
         lines += [f"parameters with Partial gradients (all-reduced at the end of backward): {len(d['partial_params'])}; "
@@ -235,7 +240,7 @@ def build_sharded_variant(model: torch.nn.Module, args: tuple, kwargs: Mapping[s
                           at: Optional[Mapping[str, int]] = None, dims: Optional[Mapping[str, int]] = None,
                           rules: Optional[list] = None, disabled: Sequence[str] = (),
                           max_bytes_in_flight: int = DEFAULT_MAX_BYTES_IN_FLIGHT, validate: bool = False,
-                          check_ranks: bool = True) -> Variant:
+                          check_ranks: bool = True, reorder_for_overlap: bool = True) -> Variant:
     """Capture ``model`` on the whole inputs, plan it over ``world_size`` ranks and lower it for
     ``rank`` (the pipeline of the module docstring).
 
@@ -243,7 +248,9 @@ def build_sharded_variant(model: torch.nn.Module, args: tuple, kwargs: Mapping[s
     rank 0 annotates and plans, and broadcasts the plan (every rank lowers the same plan; the others
     skip shape propagation and the search), or ``plan_on="every_rank"``: each rank plans for itself
     (the ranks then compare their collectives). ``check_ranks``: compare parameters and inputs across
-    the ranks of ``group`` (one object all_gather each)."""
+    the ranks of ``group`` (one object all_gather each). ``reorder_for_overlap``: move independent
+    compute between each collective's start and wait (``passes/overlap_compute.py``); off, the
+    compute keeps the model's order."""
     if plan_on not in ("rank0", "every_rank"):
         raise ValueError(f"optimize: plan_on must be 'rank0' or 'every_rank', got {plan_on!r}")
     t0 = time.perf_counter()
@@ -289,11 +296,17 @@ def build_sharded_variant(model: torch.nn.Module, args: tuple, kwargs: Mapping[s
     classify_pass(local)
     annotate_collectives(local)
     autocast_on = _ambient_autocast()
+    unfused_costs = {n.name: n.meta.get("cost") for n in local.graph.nodes}
     fused = fuse_pass(local, at=at, disabled=disabled, rules=[] if autocast_on else rules)
     if autocast_on:
         fused.record["not_fused_because"] = (f"autocast is active ({autocast_on}): the kernels have no autocast "
                                              "rules, so nothing is fused in this variant")
-    schedule = schedule_collectives_pass(local, max_bytes_in_flight=max_bytes_in_flight)
+    overlap = None
+    if reorder_for_overlap:
+        carry_fused_costs(local, unfused_costs)
+        overlap = overlap_compute_pass(local, at=at, max_bytes_in_flight=max_bytes_in_flight).record
+    schedule = schedule_collectives_pass(local, max_bytes_in_flight=max_bytes_in_flight, at=at,
+                                         keep_order=reorder_for_overlap)
     lap("fuse and schedule")
     dap = dict(lowered.record)
     by_start = {c["start"]: c for c in schedule.record["collectives"]}
@@ -307,6 +320,8 @@ def build_sharded_variant(model: torch.nn.Module, args: tuple, kwargs: Mapping[s
         collectives.append(c)
     dap["collectives"] = collectives
     dap["max_bytes_in_flight"] = max_bytes_in_flight
+    dap["overlap"] = {"reordered": overlap is not None, "moved": overlap["moved"] if overlap else [],
+                      "peak_live_bytes": overlap["peak_live_bytes"] if overlap else None, "at": schedule.record["at"]}
     dap["build_seconds"] = times
     dap["plan_notes"] = _plan_notes(plan_record)
     dap["has_random"] = any(_draws(n) for n in local.graph.nodes)
@@ -337,7 +352,7 @@ class ShardedModule(OptimizedModule):
                  outputs: str = "full", dap_axes: Optional[Mapping[str, Any]] = None,
                  planner: Optional[Planner] = None, plan: Optional[PlanExport] = None, plan_on: str = "rank0",
                  max_bytes_in_flight: int = DEFAULT_MAX_BYTES_IN_FLIGHT, bucket_cap_mb: float = 25.0,
-                 validate: bool = False, **options: Any):
+                 validate: bool = False, reorder_for_overlap: bool = True, **options: Any):
         if outputs not in ("full", "sharded"):
             raise ValueError(f"optimize: outputs must be 'full' or 'sharded', got {outputs!r}")
         world, rank = _world_and_rank(world_size, group)
@@ -346,6 +361,7 @@ class ShardedModule(OptimizedModule):
         self.dap_axes, self.planner, self.validate, self.plan_on = dap_axes, planner, validate, plan_on
         self._given_plan = plan      # for the first build (the example call's shapes)
         self.max_bytes_in_flight, self.bucket_cap_mb = max_bytes_in_flight, bucket_cap_mb
+        self.reorder_for_overlap = reorder_for_overlap
         self._reducer: Optional[PartialGradReducer] = None
         self._reducer_names: tuple[str, ...] = ()
         self._reduce_queued = False
@@ -359,7 +375,7 @@ class ShardedModule(OptimizedModule):
                 self.model, args, kwargs, rank=self.rank, world_size=self.world_size, group=self.group,
                 outputs=self.outputs, dap_axes=self.dap_axes, planner=self.planner, plan=plan, plan_on=self.plan_on,
                 at=self.at, dims=self.dims, rules=self.rules, max_bytes_in_flight=self.max_bytes_in_flight,
-                validate=self.validate)
+                validate=self.validate, reorder_for_overlap=self.reorder_for_overlap)
 
     # -- gradients
     def _use_reducer(self, variant: Any) -> None:
@@ -441,13 +457,14 @@ def optimize_sharded(model: torch.nn.Module, *example_inputs: Any, world_size: i
                      at: Optional[Mapping[str, int]] = None, strict: bool = False, max_variants: int = 8,
                      max_builds: int = 32, dims: Optional[Mapping[str, int]] = None, rules: Optional[list] = None,
                      max_bytes_in_flight: int = DEFAULT_MAX_BYTES_IN_FLIGHT, validate: bool = False,
-                     executor: str = "auto", **example_kwargs: Any) -> ShardedModule:
+                     executor: str = "auto", reorder_for_overlap: bool = True, **example_kwargs: Any) -> ShardedModule:
     """``optimize(model, *example_inputs, world_size=P, ...)`` for P ranks (see the module docstring).
 
     ``planner``: the planning pass (default ``shard_pass``; a test passes a hand plan); ``plan``: a plan
     made before (:func:`make_plan`, e.g. once in a launcher) for the example call; ``plan_on``:
     ``"rank0"`` (rank 0 plans and sends the plan to every rank) or ``"every_rank"``;
-    ``validate``: every collective checks shapes and split sizes across ranks (slower).
+    ``validate``: every collective checks shapes and split sizes across ranks (slower);
+    ``reorder_for_overlap``: move independent compute between each collective's start and wait.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"optimize expects a torch.nn.Module, got {type(model).__name__}")
@@ -455,7 +472,8 @@ def optimize_sharded(model: torch.nn.Module, *example_inputs: Any, world_size: i
         raise ValueError(f"optimize(world_size={world_size}, executor={executor!r}): {_EAGER_ONLY}; use "
                          "executor='auto' or 'eager'")
     fast = ShardedModule(model, world_size=world_size, group=group, outputs=outputs, dap_axes=dap_axes,
-                         planner=planner, plan=plan, plan_on=plan_on, max_bytes_in_flight=max_bytes_in_flight, validate=validate, at=at,
+                         planner=planner, plan=plan, plan_on=plan_on, max_bytes_in_flight=max_bytes_in_flight,
+                         validate=validate, reorder_for_overlap=reorder_for_overlap, at=at,
                          strict=strict, max_variants=max_variants, max_builds=max_builds, dims=dims, rules=rules)
     variant = fast.variant_for(*example_inputs, **example_kwargs)
     if variant is not EAGER:
