@@ -15,7 +15,10 @@ simulating one compute stream and one link at the stated sizes (``passes/schedul
   done by the time model (more would only take work a later collective could hide behind); then it
   is waited for. A wait whose collective is not done is taken only when nothing else is ready;
 - such filling work is taken only while the live bytes stay within the model order's peak plus
-  ``max_extra_live_bytes``: hoisting a node keeps its output alive longer;
+  ``max_extra_live_bytes`` (hoisting a node keeps its output alive longer); if the finished order
+  still peaks above that, only work that frees at least what it allocates fills the windows, and
+  failing that the model's order is kept (``record["fill"]`` says which). The collectives' own
+  buffers are bounded by ``max_bytes_in_flight``, not counted here;
 - every constraint of ``passes/dependence.py`` holds: data edges, the order of random draws and
   unknown ops, barriers (grad mode, autocast, in-place writes) crossed by nothing.
 
@@ -25,9 +28,10 @@ follows by itself: autograd runs the backward in the reverse order of the forwar
 of the compute placed between a start and its wait runs between the wait's backward (which issues
 the transposed collective) and the start's backward (which waits for it).
 
-Record: ``moved`` (compute nodes whose position among the compute changed), ``collectives`` (per
-collective: the estimated link time, the compute time the simulation put in its window), and the
-peak live bytes of the model's order and of the new one.
+Record: ``moved`` (compute nodes whose position among the compute changed), ``reordered`` and
+``fill``, ``collectives`` (in issue order, per collective: the estimated link time, the compute
+time the simulation put in its window), and the peak live bytes of the model's order and of the
+new one.
 
     >>> import torch, torch.fx
     >>> from foldcompile.distributed import all_gather_start, wait
@@ -58,10 +62,10 @@ import torch
 import torch.fx
 
 from foldcompile.passes.base import PassError, PassResult, declare, describe_node
-from foldcompile.passes.dependence import Dependence, pairs_of
+from foldcompile.passes.dependence import Dependence
 from foldcompile.passes.meta import DTYPE, SHAPE
-from foldcompile.passes.schedule_collectives import DEFAULT_MAX_BYTES_IN_FLIGHT
-from foldcompile.passes.schedule_model import ScheduleModel, alias_roots, live_bytes_peak
+from foldcompile.passes.schedule_collectives import DEFAULT_MAX_BYTES_IN_FLIGHT, need_order
+from foldcompile.passes.schedule_model import ScheduleModel, alias_roots, allocates, live_bytes_peak, reads
 from foldcompile.passes.shard import ShardCosts
 
 __all__ = ["overlap_compute_pass"]
@@ -71,16 +75,15 @@ class _Region:
     """The list scheduler of one region (the nodes between two barriers)."""
 
     def __init__(self, dep: Dependence, nodes: list[torch.fx.Node], pairs: list, model: ScheduleModel,
-                 cap: float, live_cap: float, roots: Mapping[torch.fx.Node, torch.fx.Node]):
+                 cap: float, live_cap: float, roots: Mapping[torch.fx.Node, torch.fx.Node], fill: str):
+        """``pairs``: the region's collectives in the order they are issued; ``fill``: which work may fill
+        a window, ``"bounded"`` (the live bytes after it within ``live_cap``) or ``"no_growth"`` (work
+        that frees at least what it allocates)."""
         self.dep, self.nodes, self.model, self.cap, self.live_cap = dep, nodes, model, cap, live_cap
+        self.fill = fill
         self.index = {n: i for i, n in enumerate(nodes)}
         self.members = set(nodes)
-        def need(w: torch.fx.Node) -> int:
-            users = [self.index[u] for u in w.users if u in self.members]
-            return min(users) if users else len(nodes)
-
-        self.order = sorted(pairs, key=lambda p: (need(p[1]), self.index[p[0]]))
-        self.position = {s: k for k, (s, _) in enumerate(self.order)}
+        self.order = list(pairs)
         self.size = {s: max(model.bytes_of(s.args[0]) if s.args else 0, model.bytes_of(w)) for s, w in pairs}
         self.preds = {n: {p for p in dep.dag.predecessors(n) if p in self.members} for n in nodes}
         self.succs = {n: [u for u in dep.dag.successors(n) if u in self.members] for n in nodes}
@@ -90,7 +93,7 @@ class _Region:
         self.readers: dict[torch.fx.Node, int] = {}
         self.outside: set[torch.fx.Node] = set()   # owners read after the region (or by the output)
         for n in nodes:
-            for r in {roots.get(p, p) for p in n.all_input_nodes}:
+            for r in reads(n, roots):
                 self.readers[r] = self.readers.get(r, 0) + 1
             if any(u not in self.members for u in n.users):
                 self.outside.add(roots.get(n, n))
@@ -102,6 +105,7 @@ class _Region:
             if not left[n] and self.dep.is_compute(n):
                 heapq.heappush(ready, (self.index[n], n))
         done: set[torch.fx.Node] = set()
+        allocated: set[torch.fx.Node] = set()
         out: list[torch.fx.Node] = []
         window: dict[torch.fx.Node, float] = {s: 0.0 for s, _ in self.order}
         clock = link_free = 0.0
@@ -115,23 +119,23 @@ class _Region:
             nonlocal live
             out.append(n)
             done.add(n)
-            root = self.roots.get(n, n)
-            if root is n and n.op == "call_function":
+            if allocates(n):
                 live += self.model.bytes_of(n)
-            for r in {self.roots.get(p, p) for p in n.all_input_nodes}:
+                allocated.add(n)
+            for r in reads(n, self.roots):
                 readers[r] -= 1
-                if not readers[r] and r in done and r not in self.outside:
+                if not readers[r] and r in allocated and r not in self.outside:
                     live -= self.model.bytes_of(r)
             for u in self.succs[n]:
                 left[u] -= 1
                 if not left[u] and self.dep.is_compute(u):
                     heapq.heappush(ready, (self.index[u], u))
 
-        def live_after(n: torch.fx.Node) -> float:
-            grow = self.model.bytes_of(n) if self.roots.get(n, n) is n else 0
-            freed = sum(self.model.bytes_of(r) for r in {self.roots.get(p, p) for p in n.all_input_nodes}
-                        if readers.get(r) == 1 and r in done and r not in self.outside)
-            return live + grow - freed
+        def fits(n: torch.fx.Node) -> bool:
+            grow = self.model.bytes_of(n) if allocates(n) else 0
+            freed = sum(self.model.bytes_of(r) for r in reads(n, self.roots)
+                        if readers.get(r) == 1 and r in allocated and r not in self.outside)
+            return live + grow - freed <= (self.live_cap if self.fill == "bounded" else live)
 
         while len(out) < len(self.nodes):
             # issue every collective whose turn it is, whose input exists and that fits in flight
@@ -150,7 +154,7 @@ class _Region:
                 flying_bytes -= self.size[head[0]]
                 waited += 1
                 continue
-            pick = self._pick(ready, issued, head is not None, live_after)
+            pick = self._pick(ready, issued, head is not None, fits)
             if pick is not None:
                 emit(pick)
                 t = self.model.seconds(pick)
@@ -168,7 +172,7 @@ class _Region:
             waited += 1
         return out, window
 
-    def _pick(self, ready: list, issued: int, flying: bool, live_after) -> Optional[torch.fx.Node]:
+    def _pick(self, ready: list, issued: int, flying: bool, fits) -> Optional[torch.fx.Node]:
         """The next compute node: toward the next collective's input first, else the model's order
         (while a collective flies, only work that keeps the live bytes within the bound)."""
         if not ready:
@@ -181,7 +185,7 @@ class _Region:
                 heapq.heapify(ready)
                 return n
         for _, n in candidates:
-            if not flying or live_after(n) <= self.live_cap:
+            if not flying or fits(n):
                 ready.remove((self.index[n], n))
                 heapq.heapify(ready)
                 return n
@@ -195,9 +199,10 @@ def overlap_compute_pass(gm: torch.fx.GraphModule, *, costs: Optional[ShardCosts
                          max_extra_live_bytes: int = 0) -> PassResult:
     """Reorder ``gm``'s compute for overlap with its collectives (see the module docstring)."""
     graph = gm.graph
-    pairs = pairs_of(gm)
+    pairs = need_order(gm)      # the issue order: by need in the model's order, the same on every rank
     if not pairs:
-        return PassResult(gm, False, {"moved": [], "collectives": [], "peak_live_bytes": None})
+        return PassResult(gm, False, {"moved": [], "reordered": False, "fill": None, "collectives": [],
+                                      "peak_live_bytes": None})
     dep = Dependence(gm)
     model = ScheduleModel(gm, costs, at)
     nodes = dep.nodes
@@ -207,6 +212,41 @@ def overlap_compute_pass(gm: torch.fx.GraphModule, *, costs: Optional[ShardCosts
     for s, w in pairs:
         if dep.region[s] != dep.region[w]:
             raise PassError(f"{describe_node(s)}: its wait {w.name} lies in another grad-mode region")
+    placed, windows, fill = nodes, {}, None
+    for mode in _FILLS:
+        order, win = _schedule(dep, model, pairs, max_bytes_in_flight, live_cap, roots, mode)
+        if live_bytes_peak(order, model) <= live_cap:
+            placed, windows, fill = order, win, mode
+            break
+    old_compute = [n for n in nodes if dep.is_compute(n)]
+    new_compute = [n for n in placed if dep.is_compute(n)]
+    rank_old = {n: i for i, n in enumerate(old_compute)}
+    moved = _moved(old_compute, new_compute, rank_old)
+    changed = placed != nodes
+    if changed:
+        for a, b in zip(placed, placed[1:]):
+            a.append(b)
+        graph.lint()
+        gm.recompile()
+    record: dict[str, Any] = {
+        "moved": moved, "reordered": fill is not None,
+        "fill": fill or f"none: every order tried raised the live bytes above {live_cap}: the model's order kept",
+        "collectives": [{"start": s.name, "comm_s": model.comm_seconds(s), "window_s": windows.get(s, 0.0)}
+                        for s, _ in pairs],            # in issue order
+        "peak_live_bytes": {"model_order": before, "scheduled": live_bytes_peak(placed, model)},
+        "at": dict(model.sizes), "max_extra_live_bytes": max_extra_live_bytes,
+    }
+    return PassResult(gm, changed, record)
+
+
+_FILLS = ("bounded", "no_growth")
+
+
+def _schedule(dep: Dependence, model: ScheduleModel, pairs: list, cap: float, live_cap: float,
+              roots: Mapping, fill: str) -> tuple[list[torch.fx.Node], dict[torch.fx.Node, float]]:
+    """The whole graph's new order: placeholders first, each region scheduled, barriers in place,
+    parameters right before their first reader, the output last; and each collective's window."""
+    nodes = dep.nodes
     heads = [n for n in nodes if n.op == "placeholder"]
     params = [n for n in nodes if n.op == "get_attr"]
     tail = [n for n in nodes if n.op == "output"]
@@ -223,45 +263,25 @@ def overlap_compute_pass(gm: torch.fx.GraphModule, *, costs: Optional[ShardCosts
         region = [m for m in body[k:] if dep.region[m] == dep.region[n]]
         k += len(region)
         rpairs = [(s, w) for s, w in pairs if dep.region[s] == dep.region[n]]
-        order, window = _Region(dep, region, rpairs, model, max_bytes_in_flight, live_cap, roots).run()
+        order, window = _Region(dep, region, rpairs, model, cap, live_cap, roots, fill).run()
         new_body += order
         windows.update(window)
-    # parameters and other get_attr nodes right before their first reader
-    first_reader: dict[torch.fx.Node, torch.fx.Node] = {}
     position = {n: i for i, n in enumerate(new_body)}
+    waiting: dict[torch.fx.Node, list[torch.fx.Node]] = {}
+    placed: list[torch.fx.Node] = list(heads)
     for p in params:
         readers = [u for u in p.users if u in position]
         if readers:
-            first_reader[p] = min(readers, key=position.get)
-    placed: list[torch.fx.Node] = list(heads) + [p for p in params if p not in first_reader]
-    waiting: dict[torch.fx.Node, list[torch.fx.Node]] = {}
-    for p in params:
-        if p in first_reader:
-            waiting.setdefault(first_reader[p], []).append(p)
+            waiting.setdefault(min(readers, key=position.get), []).append(p)
+        else:
+            placed.append(p)
     for n in new_body:
         placed += waiting.get(n, [])
         placed.append(n)
     placed += tail
     if len(placed) != len(nodes) or set(placed) != set(nodes):
         raise PassError(f"overlap_compute: scheduled {len(placed)} of {len(nodes)} nodes")
-    old_compute = [n for n in nodes if dep.is_compute(n)]
-    new_compute = [n for n in placed if dep.is_compute(n)]
-    rank_old = {n: i for i, n in enumerate(old_compute)}
-    moved = _moved(old_compute, new_compute, rank_old)
-    changed = placed != nodes
-    if changed:
-        for a, b in zip(placed, placed[1:]):
-            a.append(b)
-        graph.lint()
-        gm.recompile()
-    record: dict[str, Any] = {
-        "moved": moved,
-        "collectives": [{"start": s.name, "comm_s": model.comm_seconds(s), "window_s": windows.get(s, 0.0)}
-                        for s, _ in pairs],
-        "peak_live_bytes": {"model_order": before, "scheduled": live_bytes_peak(placed, model)},
-        "at": dict(model.sizes), "max_extra_live_bytes": max_extra_live_bytes,
-    }
-    return PassResult(gm, changed, record)
+    return placed, windows
 
 
 def _moved(old: list, new: list, rank_old: Mapping) -> list[str]:

@@ -8,7 +8,9 @@
   link (``meta["cost"]["bytes"]`` of the start, written by ``annotate_collectives``).
 - **Memory**: a node's output bytes; a view (``meta["aliases_input"]``) allocates nothing and keeps
   its base alive. The live bytes of a schedule are the outputs produced and still to be read
-  (parameters and graph inputs not counted: every schedule holds them).
+  (parameters and graph inputs not counted: every schedule holds them). The buffers of the
+  collectives in flight (the input held from the start to the wait, the result allocated at the
+  start) are not counted here: ``max_bytes_in_flight`` bounds them.
 
 The machine is the planner's (:class:`~foldcompile.passes.shard.ShardCosts`); ``at`` defaults to the
 training crop, dims not named there at their example values, as the planner and fusion judge.
@@ -34,13 +36,14 @@ import sympy
 import torch
 import torch.fx
 
+from foldcompile.distributed.collectives import wait
 from foldcompile.passes.fuse import DEFAULT_AT
 from foldcompile.passes.localize import collective_of, traffic
 from foldcompile.passes.meta import ALIASES_INPUT, COST, DTYPE, MULTI_OUTPUT, SHAPE, SYM_SHAPE
 from foldcompile.passes.shape_prop import dim_symbol
 from foldcompile.passes.shard import ShardCosts
 
-__all__ = ["ScheduleModel", "carry_fused_costs", "live_bytes_peak"]
+__all__ = ["ScheduleModel", "carry_fused_costs", "live_bytes_peak", "alias_roots", "allocates", "reads", "simulate"]
 
 
 class ScheduleModel:
@@ -97,7 +100,7 @@ class ScheduleModel:
 
     def seconds(self, n: torch.fx.Node) -> float:
         """``n``'s roofline time (a collective's start or wait: 0, see :meth:`comm_seconds`)."""
-        if n.op != "call_function" or collective_of(n) is not None:
+        if n.op != "call_function" or collective_of(n) is not None or n.target is wait:
             return 0.0
         cost = n.meta.get(COST)
         if cost is None:
@@ -152,21 +155,53 @@ def alias_roots(nodes: Iterable[torch.fx.Node]) -> dict[torch.fx.Node, torch.fx.
     return root
 
 
+def reads(n: torch.fx.Node, roots: Mapping[torch.fx.Node, torch.fx.Node]) -> set[torch.fx.Node]:
+    """The storage owners ``n`` reads."""
+    return {roots.get(p, p) for p in n.all_input_nodes}
+
+
+def allocates(n: torch.fx.Node) -> bool:
+    """Whether ``n``'s output is memory of its own (not a view, not a start's handle)."""
+    return n.op == "call_function" and collective_of(n) is None and not n.meta.get(ALIASES_INPUT)
+
+
 def live_bytes_peak(order: Sequence[torch.fx.Node], model: ScheduleModel) -> int:
     """The largest live bytes over the schedule ``order`` (see the module docstring)."""
     roots = alias_roots(order)
     last: dict[torch.fx.Node, int] = {}
     for i, n in enumerate(order):
-        for p in n.all_input_nodes:
-            r = roots.get(p, p)
+        for r in reads(n, roots):
             last[r] = i if n.op != "output" else len(order)
     live = peak = 0
     frees: dict[int, int] = {}
     for i, n in enumerate(order):
-        if roots.get(n) is n and n.op == "call_function":
+        if allocates(n):
             b = model.bytes_of(n)
             live += b
-            frees[last.get(n, i)] = frees.get(last.get(n, i), 0) + b
+            frees[max(last.get(n, i), i)] = frees.get(max(last.get(n, i), i), 0) + b
         peak = max(peak, live)
         live -= frees.pop(i, 0)
     return peak
+
+
+def simulate(order: Sequence[torch.fx.Node], model: ScheduleModel) -> dict[str, Any]:
+    """Run the schedule ``order`` on the time model: one compute stream, one link that carries the
+    collectives one after another in issue order; a wait blocks the stream until its collective is
+    done. Returns ``compute_s`` (the stream's busy time), ``exposed_s`` (per start name: how long its
+    wait blocked the stream) and ``total_s`` (the forward's estimated time)."""
+    clock = link_free = busy = 0.0
+    end: dict[torch.fx.Node, float] = {}
+    exposed: dict[str, float] = {}
+    for n in order:
+        if collective_of(n) is not None:
+            end[n] = max(clock, link_free) + model.comm_seconds(n)
+            link_free = end[n]
+        elif n.op == "call_function" and n.target is wait and n.args and n.args[0] in end:
+            start = n.args[0]
+            exposed[start.name] = max(0.0, end[start] - clock)
+            clock = max(clock, end[start])
+        else:
+            t = model.seconds(n)
+            clock += t
+            busy += t
+    return {"compute_s": busy, "exposed_s": exposed, "total_s": clock}

@@ -306,7 +306,7 @@ def build_sharded_variant(model: torch.nn.Module, args: tuple, kwargs: Mapping[s
         carry_fused_costs(local, unfused_costs)
         overlap = overlap_compute_pass(local, at=at, max_bytes_in_flight=max_bytes_in_flight).record
     schedule = schedule_collectives_pass(local, max_bytes_in_flight=max_bytes_in_flight, at=at,
-                                         keep_order=reorder_for_overlap)
+                                         keep_order=bool(overlap and overlap["reordered"]))
     lap("fuse and schedule")
     dap = dict(lowered.record)
     by_start = {c["start"]: c for c in schedule.record["collectives"]}
@@ -320,8 +320,11 @@ def build_sharded_variant(model: torch.nn.Module, args: tuple, kwargs: Mapping[s
         collectives.append(c)
     dap["collectives"] = collectives
     dap["max_bytes_in_flight"] = max_bytes_in_flight
-    dap["overlap"] = {"reordered": overlap is not None, "moved": overlap["moved"] if overlap else [],
-                      "peak_live_bytes": overlap["peak_live_bytes"] if overlap else None, "at": schedule.record["at"]}
+    dap["overlap"] = {"reordered": bool(overlap and overlap["reordered"]), "moved": overlap["moved"] if overlap else [],
+                      "fill": overlap["fill"] if overlap else "off (reorder_for_overlap=False)",
+                      "peak_live_bytes": overlap["peak_live_bytes"] if overlap else None,
+                      "at": schedule.record.get("at", {}), "hidden_s": schedule.record.get("hidden_s"),
+                      "hideable_s": schedule.record.get("hideable_s")}
     dap["build_seconds"] = times
     dap["plan_notes"] = _plan_notes(plan_record)
     dap["has_random"] = any(_draws(n) for n in local.graph.nodes)
