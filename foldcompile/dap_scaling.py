@@ -36,8 +36,8 @@ link bandwidth ``link_GBps``):
     [2, 4, 512]
     >>> [c["kind"] for c in scaling.point(4).collectives]
     ['all_gather', 'all_to_all', 'all_gather', 'all_gather']
-    >>> scaling.stops_scaling_at()                                # its tiny channels: at once
-    2
+    >>> scaling.stops_scaling_at()          # the first P whose communication outlasts the compute
+    512
 """
 from __future__ import annotations
 
