@@ -49,7 +49,7 @@ import torch.fx
 from torch.utils import _pytree as pytree
 
 from foldcompile.capture import trace
-from foldcompile.distributed.grad_sync import PartialGradReducer
+from foldcompile.distributed.grad_sync import PartialGradReducer, ReplicaGradReducer
 from foldcompile.distributed.sharded_random import check_generators_agree
 from foldcompile.explain import flat_inputs
 from foldcompile.guards import GuardError
@@ -114,6 +114,21 @@ def _world_and_rank(world_size: int, group: Optional[dist.ProcessGroup]) -> tupl
         raise ValueError(f"optimize(world_size={world_size}): the process group has {actual} ranks; world_size "
                          "must equal the size of the group the model is sharded over")
     return actual, dist.get_rank(group)
+
+
+def groups_of_mesh(mesh: Any, group: Optional[dist.ProcessGroup]) -> tuple[Optional[dist.ProcessGroup],
+                                                                         Optional[dist.ProcessGroup]]:
+    """``(DAP group, data-parallel group)`` of ``mesh=`` (a ``DeviceMesh`` with a dim ``"dap"`` and
+    optionally ``"dp"``), or ``(group, None)`` without a mesh."""
+    if mesh is None:
+        return group, None
+    if group is not None:
+        raise ValueError("optimize: give mesh= (its 'dap' dim is the DAP group) or group=, not both")
+    names = tuple(getattr(mesh, "mesh_dim_names", None) or ())
+    if "dap" not in names or any(n not in ("dap", "dp") for n in names):
+        raise ValueError(f"optimize(mesh=...): the mesh's dims must be named 'dap' (the DAP axis) and optionally "
+                         f"'dp' (data-parallel replicas); this mesh's dims are {names or 'unnamed'}")
+    return mesh.get_group("dap"), mesh.get_group("dp") if "dp" in names else None
 
 
 def _digest(items: Sequence[Any]) -> str:
@@ -355,9 +370,13 @@ class ShardedModule(OptimizedModule):
                  outputs: str = "full", dap_axes: Optional[Mapping[str, Any]] = None,
                  planner: Optional[Planner] = None, plan: Optional[PlanExport] = None, plan_on: str = "rank0",
                  max_bytes_in_flight: int = DEFAULT_MAX_BYTES_IN_FLIGHT, bucket_cap_mb: float = 25.0,
-                 validate: bool = False, reorder_for_overlap: bool = True, **options: Any):
+                 validate: bool = False, reorder_for_overlap: bool = True, mesh: Any = None,
+                 dp_reduce: Optional[str] = "mean", **options: Any):
         if outputs not in ("full", "sharded"):
             raise ValueError(f"optimize: outputs must be 'full' or 'sharded', got {outputs!r}")
+        if dp_reduce not in ("mean", "sum", None):
+            raise ValueError(f"optimize: dp_reduce must be 'mean', 'sum' or None, got {dp_reduce!r}")
+        group, dp_group = groups_of_mesh(mesh, group)
         world, rank = _world_and_rank(world_size, group)
         super().__init__(model, **options)
         self.world_size, self.rank, self.group, self.outputs = world, rank, group, outputs
@@ -368,6 +387,10 @@ class ShardedModule(OptimizedModule):
         self._reducer: Optional[PartialGradReducer] = None
         self._reducer_names: tuple[str, ...] = ()
         self._reduce_queued = False
+        # DP x DAP (mesh= with a "dp" dim): every gradient averaged over the replicas after each backward
+        self.mesh, self.dp_group = mesh, dp_group
+        self._replicas = ReplicaGradReducer(model.parameters(), group=dp_group, op=dp_reduce) \
+            if dp_group is not None and dp_reduce is not None else None
 
     def _build(self, args: tuple, kwargs: dict) -> Variant:
         devices = sorted({t.device.index or 0 for t in pytree.tree_leaves((args, kwargs))
@@ -401,21 +424,31 @@ class ShardedModule(OptimizedModule):
         self._reducer_names = names
 
     def _on_output_grad(self, grad: torch.Tensor) -> torch.Tensor:
-        if not self._reduce_queued and self._reducer is not None:
+        if not self._reduce_queued and (self._reducer is not None or self._replicas is not None):
             self._reduce_queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
         return grad
 
     def _end_of_backward(self) -> None:
         self._reduce_queued = False
-        self._reducer.wait()
+        if self._reducer is not None:
+            self._reducer.wait()            # the DAP group's Partial gradients summed first
+        if self._replicas is not None:
+            self._replicas.reduce()         # then every gradient averaged over the replicas
+
+    def _hook_outputs(self, out: Any) -> Any:
+        if torch.is_grad_enabled() and (self._reducer is not None or self._replicas is not None):
+            for t in pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor) and t.requires_grad:
+                    t.register_hook(self._on_output_grad)
+        return out
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         key = call_key(self._bind(args, kwargs), self.model.training)
         variant = self._cache.get(key, lambda: self._build(args, kwargs))
         self._use_reducer(variant)
         if variant is EAGER:   # every rank runs the whole model: gradients are whole, nothing to reduce
-            return self.model(*args, **kwargs)
+            return self._hook_outputs(self.model(*args, **kwargs))
         if variant.record["dap"]["has_random"]:
             devices = sorted({t.device for t in pytree.tree_leaves((args, kwargs))
                               if isinstance(t, torch.Tensor) and t.device.type == "cuda"}, key=str)
@@ -430,14 +463,10 @@ class ShardedModule(OptimizedModule):
             variant = self._cache.get(key, lambda: self._build(args, kwargs))
             self._use_reducer(variant)
             if variant is EAGER:
-                return self.model(*args, **kwargs)
+                return self._hook_outputs(self.model(*args, **kwargs))
             out = variant.run(args, kwargs)
         self._last = variant
-        if torch.is_grad_enabled() and self._reducer is not None:
-            for t in pytree.tree_leaves(out):
-                if isinstance(t, torch.Tensor) and t.requires_grad:
-                    t.register_hook(self._on_output_grad)
-        return out
+        return self._hook_outputs(out)
 
     @property
     def output_placements(self) -> list[Any]:
@@ -460,14 +489,18 @@ def optimize_sharded(model: torch.nn.Module, *example_inputs: Any, world_size: i
                      at: Optional[Mapping[str, int]] = None, strict: bool = False, max_variants: int = 8,
                      max_builds: int = 32, dims: Optional[Mapping[str, int]] = None, rules: Optional[list] = None,
                      max_bytes_in_flight: int = DEFAULT_MAX_BYTES_IN_FLIGHT, validate: bool = False,
-                     executor: str = "auto", reorder_for_overlap: bool = True, **example_kwargs: Any) -> ShardedModule:
+                     executor: str = "auto", reorder_for_overlap: bool = True, mesh: Any = None,
+                     dp_reduce: Optional[str] = "mean", **example_kwargs: Any) -> ShardedModule:
     """``optimize(model, *example_inputs, world_size=P, ...)`` for P ranks (see the module docstring).
 
     ``planner``: the planning pass (default ``shard_pass``; a test passes a hand plan); ``plan``: a plan
     made before (:func:`make_plan`, e.g. once in a launcher) for the example call; ``plan_on``:
     ``"rank0"`` (rank 0 plans and sends the plan to every rank) or ``"every_rank"``;
     ``validate``: every collective checks shapes and split sizes across ranks (slower);
-    ``reorder_for_overlap``: move independent compute between each collective's start and wait.
+    ``reorder_for_overlap``: move independent compute between each collective's start and wait;
+    ``mesh``: a ``DeviceMesh`` with dims ``("dp", "dap")`` (or just ``"dap"``) instead of ``group=``:
+    the model is sharded over the rank's ``"dap"`` group, and after each backward every gradient is
+    averaged (``dp_reduce="mean"``; ``"sum"``; ``None``: left to the caller) over its ``"dp"`` group.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"optimize expects a torch.nn.Module, got {type(model).__name__}")
@@ -476,7 +509,8 @@ def optimize_sharded(model: torch.nn.Module, *example_inputs: Any, world_size: i
                          "executor='auto' or 'eager'")
     fast = ShardedModule(model, world_size=world_size, group=group, outputs=outputs, dap_axes=dap_axes,
                          planner=planner, plan=plan, plan_on=plan_on, max_bytes_in_flight=max_bytes_in_flight,
-                         validate=validate, reorder_for_overlap=reorder_for_overlap, at=at,
+                         validate=validate, reorder_for_overlap=reorder_for_overlap, mesh=mesh, dp_reduce=dp_reduce,
+                         at=at,
                          strict=strict, max_variants=max_variants, max_builds=max_builds, dims=dims, rules=rules)
     variant = fast.variant_for(*example_inputs, **example_kwargs)
     if variant is not EAGER:
