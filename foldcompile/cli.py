@@ -249,6 +249,8 @@ def _cmd_zoo(args: argparse.Namespace) -> int:
 def _cmd_explain(args: argparse.Namespace) -> int:
     at_given = _parse_at(args.at)          # syntax checked before any work
     ceilings = _check_html_args(args)
+    if args.link_GBps is not None and args.world_size is None and args.world_sizes is None:
+        raise CLIError("--link-GBps is for the DAP scaling: give --world-size P (or --world-sizes) too")
     t0 = time.perf_counter()
     with stage("load the target", _log):
         module, inputs, kwargs, name = load_target(args.target, args.size, args.n_seq, args.n_res,
@@ -260,17 +262,26 @@ def _cmd_explain(args: argparse.Namespace) -> int:
     if at:
         with stage(f"check the graph at {_sizes_text(at)} (a capture there on the meta device)", _log):
             report.cost(**at)
+    if args.world_size is not None or args.world_sizes is not None:
+        from foldcompile.dap_scaling import dap_scaling
+        with stage("plan DAP at each world size", _log):
+            report.dap = dap_scaling(report, world_size=args.world_size, link_GBps=args.link_GBps,
+                                     world_sizes=args.world_sizes, at=at or None)
     if args.json:
         d = report.to_dict(depth=args.depth)
         if at:
             d["at"] = report.cost(depth=args.depth, **at)
+        if report.dap is not None:
+            d["dap"] = report.dap.to_dict()
         import json
         print(json.dumps(d, indent=1))
     else:
-        print(report.table(depth=args.depth))
+        print(report.table(depth=args.depth, with_dap=False))
         if at:
             print(f"\nat {_sizes_text(at)}:\n")
             print(report.table(depth=args.depth, **at))
+        if report.dap is not None:
+            print(f"\n{report.dap}")
     if args.html:
         _write_html(args, report, at, ceilings=ceilings)
     return 0
@@ -607,6 +618,7 @@ _EPILOG = """examples:
   foldcompile explain evoformer_block --size af2 --at N_seq=128 N_res=1024 --html evo.html --card H200
   foldcompile explain mymodel.py:build --n-res 64      # a file in the working directory
   foldcompile explain my_pkg.models:build --dtype bfloat16
+  foldcompile explain evoformer_block --size af2 --world-size 8 --link-GBps 50   # DAP on paper, P = 2 ... 512
   foldcompile profile pairformer_block --device cpu --reps 3
   foldcompile verify pairformer_block --bisect         # optimize, then check it against float64
   foldcompile optimize evoformer_block --bench --reps 5 --html evo_optimized.html
@@ -645,6 +657,27 @@ def _add_html_args(p: argparse.ArgumentParser, what: str) -> None:
                    "(default: bench/results of the source checkout)")
 
 
+def _world_size(text: str) -> int:
+    v = _positive_int(text)
+    if v < 2:
+        raise argparse.ArgumentTypeError(f"a world size of at least 2, got {text!r}")
+    return v
+
+
+def _world_sizes(text: str) -> tuple[int, ...]:
+    return tuple(_world_size(part) for part in text.split(",") if part.strip())
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a positive number, got {text!r}") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"a positive number, got {text!r}")
+    return v
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -680,6 +713,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="also evaluate the costs at these sizes, e.g. --at N_seq=128 N_res=1024 "
                         "(dim names as in the report; n_res works too)")
     e.add_argument("--json", action="store_true", help="print the report as JSON")
+    e.add_argument("--world-size", type=_world_size, default=None, metavar="P",
+                   help="DAP on paper: the plan over P ranks and, for P = 2 ... 512, the communication volume and "
+                        "time per collective and per block next to the compute and the memory per rank (at the "
+                        "--at sizes, default the training crop)")
+    e.add_argument("--world-sizes", type=_world_sizes, default=None, metavar="P,P,...",
+                   help="the world sizes of the DAP scaling table (default 2,4,...,512)")
+    e.add_argument("--link-GBps", type=_positive_float, default=None, metavar="X",
+                   help="the link bandwidth per rank of the DAP scaling, GB/s (default 300: NVLink)")
     _add_html_args(e, "at the --at size: per-module FLOPs and bytes, the fusion plan, a roofline with --card")
 
     pr = sub.add_parser("profile", help="time per op class and per module",

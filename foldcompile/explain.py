@@ -214,6 +214,8 @@ class Report:
     model: torch.nn.Module | None = field(default=None, repr=False)
     example_values: list[Any] | None = field(default=None, repr=False)
     _checked_sizes: set = field(default_factory=set, repr=False)
+    # explain(..., world_size=P): the DAP plan at P and its scaling over world sizes (foldcompile.dap_scaling)
+    dap: Any = field(default=None, repr=False)
 
     @property
     def code(self) -> str:
@@ -321,9 +323,10 @@ class Report:
 
     # ---------------------------------------------------------------- text
 
-    def table(self, depth: int | None = None, **sizes: int) -> str:
+    def table(self, depth: int | None = None, with_dap: bool = True, **sizes: int) -> str:
         """The class table and the module table (paths cut to ``depth``, chosen by
-        ``module_depth`` when not given), at the captured sizes or at ``sizes``."""
+        ``module_depth`` when not given), at the captured sizes or at ``sizes``; then, for a report
+        made with ``world_size=``, the DAP scaling (``with_dap``)."""
         depth = self.module_depth() if depth is None else depth
         c = self.cost(depth=depth, **sizes)
         cap = self.capture
@@ -361,6 +364,8 @@ class Report:
         if self.graph_module.meta.get("shard_plan"):  # a graph planned by shard_pass: its DAP plan
             from foldcompile.passes.shard import plan_table
             lines += ["", plan_table(self.graph_module.meta["shard_plan"])]
+        if self.dap is not None and with_dap and not sizes:
+            lines += ["", str(self.dap)]
         return "\n".join(lines)
 
     def uncosted(self) -> dict[str, list[str]]:
@@ -415,15 +420,29 @@ def explain_graph(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
 
 
 def explain(model: torch.nn.Module, *example_inputs: Any, dims: dict[str, int] | None = None,
+            world_size: int | None = None, link_GBps: float | None = None,
+            world_sizes: Sequence[int] | None = None, dap_at: Mapping[str, int] | None = None,
             **example_kwargs: Any) -> Report:
     """Capture ``model`` on the examples, classify every op, and return a :class:`Report`.
 
     ``dims`` names sizes explicitly (``{"N_seq": 11, "N_res": 13}``); by default they are
     inferred from the input names (see ``shape_prop_pass``). Example sizes must be distinct
     from each other and from every channel size, or shape propagation raises asking for them.
+
+    ``world_size=P`` (or ``world_sizes``) adds DAP on paper (``report.dap``,
+    :mod:`foldcompile.dap_scaling`): the plan at P and, for P = 2 ... 512, each collective's
+    volume and time per block next to the compute per rank and the memory per rank, at the sizes
+    ``dap_at`` (default the training crop) with a link of ``link_GBps`` (default 300 GB/s).
     """
+    dap = world_size is not None or world_sizes is not None
+    if (link_GBps is not None or dap_at is not None) and not dap:
+        raise ValueError("explain: link_GBps and dap_at are for the DAP scaling; give world_size= (or world_sizes=) too")
     gm = trace(model, *example_inputs, **example_kwargs)
     report = explain_graph(gm, example_inputs, example_kwargs, dims=dims, model_name=type(model).__name__)
     report.model = model
     report.example_values = flat_inputs(gm, example_inputs, example_kwargs)
+    if dap:
+        from foldcompile.dap_scaling import dap_scaling
+        report.dap = dap_scaling(report, world_size=world_size, link_GBps=link_GBps, world_sizes=world_sizes,
+                                 at=dap_at)
     return report

@@ -16,12 +16,12 @@ from foldcompile.distributed.collectives import (
     all_reduce_start, all_to_all, all_to_all_start, reduce_scatter, reduce_scatter_start, shard,
     split_offsets, split_sizes, wait, world_and_rank,
 )
-from foldcompile.distributed.grad_sync import PartialGradReducer
+from foldcompile.distributed.grad_sync import PartialGradReducer, ReplicaGradReducer
 from foldcompile.distributed.spawn import Pool, RankError, RankTimeoutError, spawn
 
 __all__ = [
     "CollectiveEvent", "GradPlacement", "Handle", "Sizes", "all_gather", "all_gather_start",
     "all_reduce", "all_reduce_start", "all_to_all", "all_to_all_start", "reduce_scatter",
     "reduce_scatter_start", "shard", "split_offsets", "split_sizes", "wait", "world_and_rank",
-    "PartialGradReducer", "Pool", "RankError", "RankTimeoutError", "spawn",
+    "PartialGradReducer", "ReplicaGradReducer", "Pool", "RankError", "RankTimeoutError", "spawn",
 ]

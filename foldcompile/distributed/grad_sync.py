@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from foldcompile.distributed.collectives import CollectiveEvent, Hook, world_and_rank
 
-__all__ = ["PartialGradReducer"]
+__all__ = ["PartialGradReducer", "ReplicaGradReducer"]
 
 
 class _Bucket:
@@ -174,3 +174,59 @@ class PartialGradReducer:
         for h in self._handles:
             h.remove()
         self._handles = []
+
+
+class ReplicaGradReducer:
+    """Average (or sum) the gradients of ``params`` over the data-parallel replicas of ``group``.
+
+    DP x DAP: each DAP group shards one replica of the model, the replicas train on their own
+    batches, and after each backward (once the DAP group's Partial gradients are summed) every
+    parameter's gradient is averaged over the ranks that hold the same shard position in the other
+    replicas (the DP group). :meth:`reduce` does it in one all-reduce per dtype and device: the
+    gradients flattened (a missing one as zeros) with one presence flag each, so a parameter that
+    got no gradient on any replica keeps ``grad=None``. Gradient accumulation works: after a
+    reduce the gradients are equal across replicas, so averaging the accumulated sum again
+    averages only the new contribution.
+
+        >>> import torch
+        >>> lin = torch.nn.Linear(3, 3)
+        >>> lin(torch.randn(2, 3)).sum().backward()
+        >>> ReplicaGradReducer(lin.parameters()).reduce()      # world size 1: nothing to do
+    """
+
+    def __init__(self, params: Iterable[torch.nn.Parameter], *, group: Optional[dist.ProcessGroup] = None,
+                 op: str = "mean"):
+        if op not in ("mean", "sum"):
+            raise ValueError(f"ReplicaGradReducer: op must be 'mean' or 'sum', got {op!r}")
+        seen: set[int] = set()
+        self.params = [p for p in params if p.requires_grad and not (id(p) in seen or seen.add(id(p)))]
+        self.group, self.op = group, op
+        self.world, _ = world_and_rank(group)
+
+    def reduce(self) -> None:
+        if self.world == 1:
+            return
+        buckets: dict[tuple, list[torch.nn.Parameter]] = {}
+        for p in self.params:
+            buckets.setdefault((p.dtype, p.device), []).append(p)
+        for (dtype, device), params in buckets.items():
+            sizes = [p.numel() for p in params]
+            flat = torch.zeros(sum(sizes) + len(params), dtype=dtype, device=device)
+            off = 0
+            for k, p in enumerate(params):
+                if p.grad is not None:
+                    flat[off:off + sizes[k]].copy_(p.grad.reshape(-1))
+                    flat[sum(sizes) + k] = 1
+                off += sizes[k]
+            dist.all_reduce(flat, group=self.group)
+            if self.op == "mean":
+                flat[:sum(sizes)] /= self.world
+            off = 0
+            for k, p in enumerate(params):
+                if flat[sum(sizes) + k] > 0:
+                    total = flat[off:off + sizes[k]].view_as(p)
+                    if p.grad is None:
+                        p.grad = total.clone()
+                    else:
+                        p.grad.copy_(total)
+                off += sizes[k]

@@ -8,6 +8,7 @@ Every rank calls ``optimize`` with the same model parameters and the same whole 
     -> localize_pass (this rank's graph)                    (collectives, local sizes, gradient placements)
     -> local_shape_check_pass (fake tensors, local sizes)   (every shape the lowering promised)
     -> classify, annotate_collectives -> fuse               (kernels on the local graph; collectives are barriers)
+    -> overlap_compute_pass                                 (independent compute moved between starts and waits)
     -> schedule_collectives_pass                            (starts early, waits late, need order, bytes bound)
 
 and the returned :class:`ShardedModule` is called like the model: it takes the whole inputs
@@ -48,7 +49,7 @@ import torch.fx
 from torch.utils import _pytree as pytree
 
 from foldcompile.capture import flat_inputs, trace
-from foldcompile.distributed.grad_sync import PartialGradReducer
+from foldcompile.distributed.grad_sync import PartialGradReducer, ReplicaGradReducer
 from foldcompile.distributed.sharded_random import (check_generators_agree, draw_global, draw_global_like,
                                                      sharded_dropout)
 from foldcompile.guards import GuardError
@@ -61,8 +62,10 @@ from foldcompile.passes.local_shape_check import local_shape_check_pass
 from foldcompile.passes.localize import annotate_collectives, localize_pass
 from foldcompile.passes.normalize import normalize_pass
 from foldcompile.passes.plan_io import PlanExport, export_plan, import_plan
-from foldcompile.passes.registry import draws_random, entry_of, lookup
+from foldcompile.passes.overlap_compute import overlap_compute_pass
+from foldcompile.passes.registry import draws_random, entry_of, lookup, op_name
 from foldcompile.passes.schedule_collectives import DEFAULT_MAX_BYTES_IN_FLIGHT, schedule_collectives_pass
+from foldcompile.passes.schedule_model import carry_fused_costs
 from foldcompile.tables import format_table
 from foldcompile.variants import EAGER, call_key
 
@@ -112,6 +115,21 @@ def _world_and_rank(world_size: int, group: Optional[dist.ProcessGroup]) -> tupl
         raise ValueError(f"optimize(world_size={world_size}): the process group has {actual} ranks; world_size "
                          "must equal the size of the group the model is sharded over")
     return actual, dist.get_rank(group)
+
+
+def groups_of_mesh(mesh: Any, group: Optional[dist.ProcessGroup]) -> tuple[Optional[dist.ProcessGroup],
+                                                                         Optional[dist.ProcessGroup]]:
+    """``(DAP group, data-parallel group)`` of ``mesh=`` (a ``DeviceMesh`` with a dim ``"dap"`` and
+    optionally ``"dp"``), or ``(group, None)`` without a mesh."""
+    if mesh is None:
+        return group, None
+    if group is not None:
+        raise ValueError("optimize: give mesh= (its 'dap' dim is the DAP group) or group=, not both")
+    names = tuple(getattr(mesh, "mesh_dim_names", None) or ())
+    if "dap" not in names or any(n not in ("dap", "dp") for n in names):
+        raise ValueError(f"optimize(mesh=...): the mesh's dims must be named 'dap' (the DAP axis) and optionally "
+                         f"'dp' (data-parallel replicas); this mesh's dims are {names or 'unnamed'}")
+    return mesh.get_group("dap"), mesh.get_group("dp") if "dp" in names else None
 
 
 def _digest(items: Sequence[Any]) -> str:
@@ -175,15 +193,17 @@ class ShardedReport(OptimizeReport):
         for c in d["collectives"]:
             if c.get("start"):
                 where = f"after {c['issued_after']} .. before {c['waited_before']}"
-                overlap = f"{c['between']}/{c['allowed']}"
+                overlap = f"{c['between']}/{c['independent']}, {c['covered']:.0%}"
             else:
                 where, overlap = f"at {c['wait']}", "-"
             rows.append([c["kind"], c["tensor"], f"{c['src']} -> {c['dst']}", c.get("grad_placement") or "-",
                          str(c.get("bytes_sent", "-")), where, overlap])
         lines = [super().__str__(), "",
                  f"DAP: rank {d['rank']} of {d['world_size']}, {len(d['collectives'])} collectives (bytes each rank "
-                 "sends, in the local symbolic sizes; where it is issued and waited in this rank's graph; compute "
-                 "nodes between them / allowed by the graph's order)"]
+                 "sends, in the local symbolic sizes; where it is issued and waited in this rank's graph; overlap: "
+                 "compute nodes between them / independent of it in the graph, and the share of its time "
+                 "they hide of what the graph could hide, at " + ", ".join(f"{k}={v}" for k, v in
+                                                                         d["overlap"]["at"].items()) + ")"]
         lines += ["  " + line for line in format_table(
             ["kind", "tensor", "placement", "grad", "bytes sent", "issued .. waited", "overlap"], rows)]
         lines += [f"parameters with Partial gradients (all-reduced at the end of backward): {len(d['partial_params'])}; "
@@ -236,7 +256,7 @@ def build_sharded_variant(model: torch.nn.Module, args: tuple, kwargs: Mapping[s
                           at: Optional[Mapping[str, int]] = None, dims: Optional[Mapping[str, int]] = None,
                           rules: Optional[list] = None, disabled: Sequence[str] = (),
                           max_bytes_in_flight: int = DEFAULT_MAX_BYTES_IN_FLIGHT, validate: bool = False,
-                          check_ranks: bool = True) -> Variant:
+                          check_ranks: bool = True, reorder_for_overlap: bool = True) -> Variant:
     """Capture ``model`` on the whole inputs, plan it over ``world_size`` ranks and lower it for
     ``rank`` (the pipeline of the module docstring).
 
@@ -244,7 +264,9 @@ def build_sharded_variant(model: torch.nn.Module, args: tuple, kwargs: Mapping[s
     rank 0 annotates and plans, and broadcasts the plan (every rank lowers the same plan; the others
     skip shape propagation and the search), or ``plan_on="every_rank"``: each rank plans for itself
     (the ranks then compare their collectives). ``check_ranks``: compare parameters and inputs across
-    the ranks of ``group`` (one object all_gather each)."""
+    the ranks of ``group`` (one object all_gather each). ``reorder_for_overlap``: move independent
+    compute between each collective's start and wait (``passes/overlap_compute.py``); off, the
+    compute keeps the model's order."""
     if plan_on not in ("rank0", "every_rank"):
         raise ValueError(f"optimize: plan_on must be 'rank0' or 'every_rank', got {plan_on!r}")
     t0 = time.perf_counter()
@@ -290,11 +312,17 @@ def build_sharded_variant(model: torch.nn.Module, args: tuple, kwargs: Mapping[s
     classify_pass(local)
     annotate_collectives(local)
     autocast_on = _ambient_autocast()
+    unfused_costs = {n.name: n.meta.get("cost") for n in local.graph.nodes}
     fused = fuse_pass(local, at=at, disabled=disabled, rules=[] if autocast_on else rules)
     if autocast_on:
         fused.record["not_fused_because"] = (f"autocast is active ({autocast_on}): the kernels have no autocast "
                                              "rules, so nothing is fused in this variant")
-    schedule = schedule_collectives_pass(local, max_bytes_in_flight=max_bytes_in_flight)
+    overlap = None
+    if reorder_for_overlap:
+        carry_fused_costs(local, unfused_costs)
+        overlap = overlap_compute_pass(local, at=at, max_bytes_in_flight=max_bytes_in_flight).record
+    schedule = schedule_collectives_pass(local, max_bytes_in_flight=max_bytes_in_flight, at=at,
+                                         keep_order=bool(overlap and overlap["reordered"]))
     lap("fuse and schedule")
     dap = dict(lowered.record)
     by_start = {c["start"]: c for c in schedule.record["collectives"]}
@@ -308,6 +336,11 @@ def build_sharded_variant(model: torch.nn.Module, args: tuple, kwargs: Mapping[s
         collectives.append(c)
     dap["collectives"] = collectives
     dap["max_bytes_in_flight"] = max_bytes_in_flight
+    dap["overlap"] = {"reordered": bool(overlap and overlap["reordered"]), "moved": overlap["moved"] if overlap else [],
+                      "fill": overlap["fill"] if overlap else "off (reorder_for_overlap=False)",
+                      "peak_live_bytes": overlap["peak_live_bytes"] if overlap else None,
+                      "at": schedule.record.get("at", {}), "hidden_s": schedule.record.get("hidden_s"),
+                      "hideable_s": schedule.record.get("hideable_s")}
     dap["build_seconds"] = times
     dap["plan_notes"] = _plan_notes(plan_record)
     dap["has_random"] = any(_draws(n) for n in local.graph.nodes)
@@ -338,18 +371,27 @@ class ShardedModule(OptimizedModule):
                  outputs: str = "full", dap_axes: Optional[Mapping[str, Any]] = None,
                  planner: Optional[Planner] = None, plan: Optional[PlanExport] = None, plan_on: str = "rank0",
                  max_bytes_in_flight: int = DEFAULT_MAX_BYTES_IN_FLIGHT, bucket_cap_mb: float = 25.0,
-                 validate: bool = False, **options: Any):
+                 validate: bool = False, reorder_for_overlap: bool = True, mesh: Any = None,
+                 dp_reduce: Optional[str] = "mean", **options: Any):
         if outputs not in ("full", "sharded"):
             raise ValueError(f"optimize: outputs must be 'full' or 'sharded', got {outputs!r}")
+        if dp_reduce not in ("mean", "sum", None):
+            raise ValueError(f"optimize: dp_reduce must be 'mean', 'sum' or None, got {dp_reduce!r}")
+        group, dp_group = groups_of_mesh(mesh, group)
         world, rank = _world_and_rank(world_size, group)
         super().__init__(model, **options)
         self.world_size, self.rank, self.group, self.outputs = world, rank, group, outputs
         self.dap_axes, self.planner, self.validate, self.plan_on = dap_axes, planner, validate, plan_on
         self._given_plan = plan      # for the first build (the example call's shapes)
         self.max_bytes_in_flight, self.bucket_cap_mb = max_bytes_in_flight, bucket_cap_mb
+        self.reorder_for_overlap = reorder_for_overlap
         self._reducer: Optional[PartialGradReducer] = None
         self._reducer_names: tuple[str, ...] = ()
         self._reduce_queued = False
+        # DP x DAP (mesh= with a "dp" dim): every gradient averaged over the replicas after each backward
+        self.mesh, self.dp_group = mesh, dp_group
+        self._replicas = ReplicaGradReducer(model.parameters(), group=dp_group, op=dp_reduce) \
+            if dp_group is not None and dp_reduce is not None else None
 
     def _build(self, args: tuple, kwargs: dict) -> Variant:
         devices = sorted({t.device.index or 0 for t in pytree.tree_leaves((args, kwargs))
@@ -360,7 +402,7 @@ class ShardedModule(OptimizedModule):
                 self.model, args, kwargs, rank=self.rank, world_size=self.world_size, group=self.group,
                 outputs=self.outputs, dap_axes=self.dap_axes, planner=self.planner, plan=plan, plan_on=self.plan_on,
                 at=self.at, dims=self.dims, rules=self.rules, max_bytes_in_flight=self.max_bytes_in_flight,
-                validate=self.validate)
+                validate=self.validate, reorder_for_overlap=self.reorder_for_overlap)
 
     # -- gradients
     def _use_reducer(self, variant: Any) -> None:
@@ -383,21 +425,31 @@ class ShardedModule(OptimizedModule):
         self._reducer_names = names
 
     def _on_output_grad(self, grad: torch.Tensor) -> torch.Tensor:
-        if not self._reduce_queued and self._reducer is not None:
+        if not self._reduce_queued and (self._reducer is not None or self._replicas is not None):
             self._reduce_queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
         return grad
 
     def _end_of_backward(self) -> None:
         self._reduce_queued = False
-        self._reducer.wait()
+        if self._reducer is not None:
+            self._reducer.wait()            # the DAP group's Partial gradients summed first
+        if self._replicas is not None:
+            self._replicas.reduce()         # then every gradient averaged over the replicas
+
+    def _hook_outputs(self, out: Any) -> Any:
+        if torch.is_grad_enabled() and (self._reducer is not None or self._replicas is not None):
+            for t in pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor) and t.requires_grad:
+                    t.register_hook(self._on_output_grad)
+        return out
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         key = call_key(self._bind(args, kwargs), self.model.training)
         variant = self._cache.get(key, lambda: self._build(args, kwargs))
         self._use_reducer(variant)
         if variant is EAGER:   # every rank runs the whole model: gradients are whole, nothing to reduce
-            return self.model(*args, **kwargs)
+            return self._hook_outputs(self.model(*args, **kwargs))
         if variant.record["dap"]["has_random"]:
             devices = sorted({t.device for t in pytree.tree_leaves((args, kwargs))
                               if isinstance(t, torch.Tensor) and t.device.type == "cuda"}, key=str)
@@ -412,14 +464,10 @@ class ShardedModule(OptimizedModule):
             variant = self._cache.get(key, lambda: self._build(args, kwargs))
             self._use_reducer(variant)
             if variant is EAGER:
-                return self.model(*args, **kwargs)
+                return self._hook_outputs(self.model(*args, **kwargs))
             out = variant.run(args, kwargs)
         self._last = variant
-        if torch.is_grad_enabled() and self._reducer is not None:
-            for t in pytree.tree_leaves(out):
-                if isinstance(t, torch.Tensor) and t.requires_grad:
-                    t.register_hook(self._on_output_grad)
-        return out
+        return self._hook_outputs(out)
 
     @property
     def output_placements(self) -> list[Any]:
@@ -442,13 +490,18 @@ def optimize_sharded(model: torch.nn.Module, *example_inputs: Any, world_size: i
                      at: Optional[Mapping[str, int]] = None, strict: bool = False, max_variants: int = 8,
                      max_builds: int = 32, dims: Optional[Mapping[str, int]] = None, rules: Optional[list] = None,
                      max_bytes_in_flight: int = DEFAULT_MAX_BYTES_IN_FLIGHT, validate: bool = False,
-                     executor: str = "auto", **example_kwargs: Any) -> ShardedModule:
+                     executor: str = "auto", reorder_for_overlap: bool = True, mesh: Any = None,
+                     dp_reduce: Optional[str] = "mean", **example_kwargs: Any) -> ShardedModule:
     """``optimize(model, *example_inputs, world_size=P, ...)`` for P ranks (see the module docstring).
 
     ``planner``: the planning pass (default ``shard_pass``; a test passes a hand plan); ``plan``: a plan
     made before (:func:`make_plan`, e.g. once in a launcher) for the example call; ``plan_on``:
     ``"rank0"`` (rank 0 plans and sends the plan to every rank) or ``"every_rank"``;
-    ``validate``: every collective checks shapes and split sizes across ranks (slower).
+    ``validate``: every collective checks shapes and split sizes across ranks (slower);
+    ``reorder_for_overlap``: move independent compute between each collective's start and wait;
+    ``mesh``: a ``DeviceMesh`` with dims ``("dp", "dap")`` (or just ``"dap"``) instead of ``group=``:
+    the model is sharded over the rank's ``"dap"`` group, and after each backward every gradient is
+    averaged (``dp_reduce="mean"``; ``"sum"``; ``None``: left to the caller) over its ``"dp"`` group.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"optimize expects a torch.nn.Module, got {type(model).__name__}")
@@ -456,7 +509,9 @@ def optimize_sharded(model: torch.nn.Module, *example_inputs: Any, world_size: i
         raise ValueError(f"optimize(world_size={world_size}, executor={executor!r}): {_EAGER_ONLY}; use "
                          "executor='auto' or 'eager'")
     fast = ShardedModule(model, world_size=world_size, group=group, outputs=outputs, dap_axes=dap_axes,
-                         planner=planner, plan=plan, plan_on=plan_on, max_bytes_in_flight=max_bytes_in_flight, validate=validate, at=at,
+                         planner=planner, plan=plan, plan_on=plan_on, max_bytes_in_flight=max_bytes_in_flight,
+                         validate=validate, reorder_for_overlap=reorder_for_overlap, mesh=mesh, dp_reduce=dp_reduce,
+                         at=at,
                          strict=strict, max_variants=max_variants, max_builds=max_builds, dims=dims, rules=rules)
     variant = fast.variant_for(*example_inputs, **example_kwargs)
     if variant is not EAGER:

@@ -302,3 +302,38 @@ def shard_sizes_case(rank: int):
     b = shard(y, 0, grad_placement="replicate", sizes=[1, 3])
     ((rank + 1) * (a.sum() + b.sum())).backward()
     return a.detach(), x.grad, y.grad
+
+
+def dp_dap_mesh_case(rank: int, dp_reduce: str = "mean"):
+    """The same 2 x 2 DP x DAP training as :func:`dp_dap_case` through a ``DeviceMesh(("dp", "dap"))``:
+    the module averages the gradients over the replicas itself; two backward passes accumulate."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from foldcompile.distributed.sharded import optimize_sharded
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "dap"))
+    replica = mesh.get_local_rank("dp")
+    model = H.MiniDAP(H.MINI_DIMS["N_seq"], H.MINI_DIMS["N_res"]).train()
+    inputs = H.mini_inputs(seed=11 + replica)
+    fast = optimize_sharded(model, *inputs, world_size=2, mesh=mesh, planner=H.hand_planner(H.MINI_SEEDS), rules=[])
+    grads = []
+    for step in range(2):
+        torch.manual_seed(SEED + replica + 100 * step)
+        outs = fast(*inputs)
+        sum(wsin(w, o) for w, o in zip(weights(outs, torch.float64), outs)).backward()
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters()})
+    return grads, fast.report.record["dap"]["rank"], replica
+
+
+def dp_dap_accumulated_reference():
+    """The one-process average over the two replicas, after one and after two backward passes."""
+    out = [{}, {}]
+    for replica in (0, 1):
+        model = H.MiniDAP(H.MINI_DIMS["N_seq"], H.MINI_DIMS["N_res"]).train()
+        for step in range(2):
+            torch.manual_seed(SEED + replica + 100 * step)
+            outs = model(*H.mini_inputs(seed=11 + replica))
+            sum(wsin(w, o) for w, o in zip(weights(outs, torch.float64), outs)).backward()
+            for k, p in model.named_parameters():
+                out[step][k] = out[step].get(k, 0) + p.grad / 2
+    return out

@@ -6,6 +6,8 @@ import pytest
 
 MODULES = ["foldcompile.passes.localize", "foldcompile.passes.grad_placement", "foldcompile.passes.local_shape_check",
            "foldcompile.passes.schedule_collectives", "foldcompile.passes.plan_io",
+           "foldcompile.passes.dependence", "foldcompile.passes.schedule_model", "foldcompile.passes.overlap_compute",
+           "foldcompile.dap_scaling",
            "foldcompile.distributed.grad_ops", "foldcompile.distributed.sharded_random"]
 
 

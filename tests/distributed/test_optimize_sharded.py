@@ -87,6 +87,32 @@ def test_dp_times_dap_on_a_2x2_mesh(pools):
             close(grads[name], g, f"rank {r} gradient of {name}")
 
 
+def test_dp_times_dap_with_a_device_mesh(pools):
+    """The same through ``mesh=DeviceMesh(("dp", "dap"))``: the module sums the Partial gradients over
+    its DAP group and averages every gradient over the replicas itself, after each of two
+    accumulating backward passes."""
+    ref = L.dp_dap_accumulated_reference()
+    for r, (grads, dap_rank, replica) in enumerate(pools.run(4, L.dp_dap_mesh_case)):
+        assert (replica, dap_rank) == divmod(r, 2)
+        for step in (0, 1):
+            for name, g in ref[step].items():
+                close(grads[step][name], g, f"rank {r} step {step} gradient of {name}")
+
+
+def test_mesh_arguments_are_checked():
+    model, inputs = L.H.MiniDAP(5, 7), L.H.mini_inputs()
+    with pytest.raises(ValueError, match="a mesh is for DAP over world_size > 1 ranks"):
+        foldcompile.optimize(model, *inputs, world_size=1, mesh=object())
+    from foldcompile.distributed.sharded import groups_of_mesh
+
+    class Mesh:
+        mesh_dim_names = ("data", "model")
+    with pytest.raises(ValueError, match="must be named 'dap'.*this mesh's dims are \\('data', 'model'\\)"):
+        groups_of_mesh(Mesh(), None)
+    with pytest.raises(ValueError, match="mesh= .* or group=, not both"):
+        groups_of_mesh(Mesh(), object())
+
+
 def test_the_contract_is_checked(pools):
     for r, msg in enumerate(pools.run(2, L.wrong_world_case)):
         assert "the process group has 2 ranks" in msg, msg
