@@ -56,3 +56,11 @@ class Caching(nn.Module):
     def forward(self, x):
         self.last = x.detach()
         return x + 1
+
+
+# the hook kinds a capture must see added or removed: each registers one on ``mod`` and returns its handle
+HOOK_REGISTRATIONS = [
+    lambda mod: mod.register_forward_hook(lambda _m, _i, out: out * 2),
+    lambda mod: mod.register_forward_pre_hook(lambda _m, inp: (inp[0] * 2,)),
+    lambda mod: mod.register_full_backward_hook(lambda *_: None),
+]

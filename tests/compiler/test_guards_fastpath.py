@@ -20,7 +20,7 @@ from foldcompile.capture import trace
 from foldcompile.guards import GuardError
 
 sys.path.insert(0, os.path.dirname(__file__))
-from guard_modules import Configured, Mode  # noqa: E402  (the block test_guards_soundness.py uses)
+from guard_modules import HOOK_REGISTRATIONS, Configured, Mode  # noqa: E402  (the block test_guards_soundness.py uses)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # 48 blocks of tiny ops (tests/compiler/conftest.py)
 
@@ -99,11 +99,7 @@ def test_a_parameter_change_in_the_last_of_48_blocks_is_refused(change, guard):
         gm(X)
 
 
-@pytest.mark.parametrize("register", [
-    lambda mod: mod.register_forward_hook(lambda _m, _i, out: out * 2),
-    lambda mod: mod.register_forward_pre_hook(lambda _m, inp: (inp[0] * 2,)),
-    lambda mod: mod.register_full_backward_hook(lambda *_: None),
-])
+@pytest.mark.parametrize("register", HOOK_REGISTRATIONS)
 def test_a_hook_on_the_last_of_48_blocks_is_refused_and_its_removal_accepted(register):
     model, gm = _stack()
     handle = register(model.blocks[-1].lin)

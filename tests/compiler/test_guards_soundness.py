@@ -20,7 +20,7 @@ from foldcompile.guards import GuardError
 from foldcompile.passes.base import PassError
 
 sys.path.insert(0, os.path.dirname(__file__))
-from guard_modules import Caching, Configured, Mode  # noqa: E402
+from guard_modules import HOOK_REGISTRATIONS, Caching, Configured, Mode  # noqa: E402
 
 X = torch.randn(3, 4)
 
@@ -136,11 +136,7 @@ def test_dtype_and_requires_grad_changes_are_refused():
 # ---------------------------------------------------------------- 3. hooks
 
 
-@pytest.mark.parametrize("register", [
-    lambda mod: mod.register_forward_hook(lambda _m, _i, out: out * 2),
-    lambda mod: mod.register_forward_pre_hook(lambda _m, inp: (inp[0] * 2,)),
-    lambda mod: mod.register_full_backward_hook(lambda *_: None),
-])
+@pytest.mark.parametrize("register", HOOK_REGISTRATIONS)
 def test_hooks_added_after_capture_are_refused(register):
     m = Lin()
     gm = trace(m, X)
