@@ -140,6 +140,25 @@ def kernel_breakdown(call: Callable[[], object], top: int = 8, width: int = 40) 
     return ", ".join(f"{name[:width]} {ms:.3f} ms" for ms, name in times[:top])
 
 
+def add_breakdown_notes(results: "Results", breakdowns: list[tuple[str, Callable[[], object]]], **kw) -> None:
+    """One note per ``(label, call)``: its :func:`kernel_breakdown` (``kw`` passed on), or why the profiler
+    failed (a result, not an error). Call it after every timing of the benchmark."""
+    for label, call in breakdowns:
+        try:
+            results.notes.append(f"{label}: {kernel_breakdown(call, **kw)}")
+        except Exception as exc:  # noqa: BLE001
+            results.notes.append(f"profiler failed: {exc}")
+
+
+def add_speedups(row: dict, times: dict[str, float]) -> None:
+    """``x_eager`` / ``x_compile`` of a timed row: the eager and torch.compile times (where ``times`` has
+    them) over the row's ``ms``."""
+    if "ms" in row:
+        for ref_impl, col in (("eager", "x_eager"), ("torch.compile", "x_compile")):
+            if ref_impl in times:
+                row[col] = times[ref_impl] / row["ms"]
+
+
 def compiled_or_none(fn: Callable) -> Callable | None:
     """``torch.compile(fn, dynamic=False)``, or None where torch.compile is unavailable (reported as n/a)."""
     try:

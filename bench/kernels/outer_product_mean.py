@@ -31,7 +31,7 @@ from typing import Callable
 
 import torch
 
-from bench.common import Clock, Results, kernel_breakdown, measure_call, row_error
+from bench.common import Clock, Results, add_breakdown_notes, add_speedups, measure_call, row_error
 
 K = importlib.import_module("foldcompile.kernels.outer_product_mean")
 
@@ -160,10 +160,7 @@ def run(quick: bool = False, sweep: bool = True, smoke: bool = False) -> Results
                     torch.cuda.empty_cache()
             rows.append(row)
         for row in rows:
-            if "ms" in row:
-                for ref_impl, col in (("eager", "x_eager"), ("torch.compile", "x_compile")):
-                    if ref_impl in times:
-                        row[col] = times[ref_impl] / row["ms"]
+            add_speedups(row, times)
             res.add(**row)
         if not smoke:
             breakdowns.append((f"N_res={n_res} {pass_name} foldcompile kernels", _ours_call(leaves, mask, backward)))
@@ -185,9 +182,7 @@ def run(quick: bool = False, sweep: bool = True, smoke: bool = False) -> Results
                 del out
                 row["ms"], row["peak_extra_MiB"], row["host_ms"] = _measure(
                     clock, lambda a, b, w, bias, mask=mask: ours(a, b, w, bias, mask), leaves, backward, reps)
-                for ref_impl, col in (("eager", "x_eager"), ("torch.compile", "x_compile")):
-                    if ref_impl in times:
-                        row[col] = times[ref_impl] / row["ms"]
+                add_speedups(row, times)
             except Exception as exc:  # noqa: BLE001 - a config that does not compile or fit is a result
                 row["note"] = row_error(exc)
             finally:
@@ -198,11 +193,7 @@ def run(quick: bool = False, sweep: bool = True, smoke: bool = False) -> Results
             torch._dynamo.reset()
     res.notes.append("module defaults (K._config) for c = 32, c_z = 128: " + "; ".join(
         f"{kind}: {K._config(kind, C_HIDDEN, C_HIDDEN, C_Z, n_seq)}" for kind in ("fwd", "da", "dw")))
-    for label, call in breakdowns:  # the profiler runs only after every timing (see bench/kernels/triangle.py)
-        try:
-            res.notes.append(f"{label}: {kernel_breakdown(call)}")
-        except Exception as exc:  # noqa: BLE001
-            res.notes.append(f"profiler failed: {exc}")
+    add_breakdown_notes(res, breakdowns)  # the profiler runs only after every timing (bench.common.kernel_breakdown)
     return res
 
 

@@ -32,7 +32,7 @@ from typing import Callable
 
 import torch
 
-from bench.common import Results, kernel_breakdown, measure_call, row_error
+from bench.common import Results, add_breakdown_notes, add_speedups, measure_call, row_error
 from foldcompile.kernels.triangle_multiplication import triangle_multiplication_module
 from foldcompile.models.pairformer import TriangleMultiplication
 from foldcompile.models.zoo import randomize_parameters
@@ -159,10 +159,7 @@ def run(quick: bool = False, only: tuple = ()) -> Results:
                 torch.cuda.empty_cache()
             rows.append(row)
         for row in rows:
-            if "ms" in row:
-                for ref_impl, col in (("eager", "x_eager"), ("torch.compile", "x_compile")):
-                    if ref_impl in times:
-                        row[col] = times[ref_impl] / row["ms"]
+            add_speedups(row, times)
             res.add(**row)
         if "foldcompile" in times and (n, pass_name) in ((1024, "fwd"), (256, "fwd_bwd")):
             breakdowns.append((f"N={n} {'outgoing' if outgoing else 'incoming'} {pass_name} foldcompile kernels",
@@ -177,11 +174,7 @@ def run(quick: bool = False, only: tuple = ()) -> Results:
     res.notes.append("foldcompile tuner's choices (kernel, M bucket, C, H, dtype, mask -> BLOCK_M, BLOCK_H, warps, "
                      "stages, CTAS, ROWS): " + "; ".join(f"{k[0]} M<={k[1]} -> {tuple(v.values())}"
                                                         for k, v in tm._TUNED.items()))
-    for label, ours_call in breakdowns:
-        try:
-            res.notes.append(f"{label}: {kernel_breakdown(ours_call, top=10, width=48)}")
-        except Exception as exc:  # noqa: BLE001
-            res.notes.append(f"profiler failed: {exc}")
+    add_breakdown_notes(res, breakdowns, top=10, width=48)
     return res
 
 
