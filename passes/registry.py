@@ -36,7 +36,8 @@ import torch.fx
 import torch.nn.functional as F
 
 __all__ = ["OpEntry", "register_op", "register_sharding", "lookup", "entry_of", "entries", "resolve_name", "op_name", "target_of",
-           "writes_in_place", "functional_form", "draws_random", "changes_mode", "MODE_CHANGES",
+           "writes_in_place", "functional_form", "draws_random", "changes_mode", "MODE_CHANGES", "register_trait",
+           "has_trait", "HOST_SYNC",
            "OP_CLASSES", "GEMM", "REDUCTION", "ELEMENTWISE", "LAYOUT", "COMM", "OTHER"]
 
 GEMM, REDUCTION, ELEMENTWISE, LAYOUT, COMM, OTHER = "GEMM", "REDUCTION", "ELEMENTWISE", "LAYOUT", "COMM", "OTHER"
@@ -328,3 +329,49 @@ def functional_form(node: torch.fx.Node) -> tuple[Any, str] | None:
     method = getattr(torch.Tensor, name[:-1])
     entry = lookup(method)
     return (entry.canonical if entry is not None and entry.canonical is not None else method), name
+
+
+# ----------------------------------------------------------------------------- op traits
+# Facts about ops that need no entry of their own (no shape rule, class or cost): what an executor or a
+# pass must know about an op however the graph spells it (``x.item()``, ``torch.Tensor.tolist``,
+# ``torch.ops.aten.nonzero.default``). Random ops are told by :func:`draws_random` (their entries). Keyed by callable like the entries; a name is resolved once,
+# on first use, in the registry's namespaces and ``torch.ops.aten`` (an overload finds its packet's traits).
+HOST_SYNC = "host_sync"  # reads a device value on the host (illegal while a CUDA stream is captured)
+_TRAIT_NAMES = {
+    HOST_SYNC: """item tolist nonzero masked_select unique unique_consecutive bincount repeat_interleave cpu numpy
+                  argwhere equal allclose is_nonzero""",
+}
+_TRAITS: dict[Any, set[str]] = {}
+_TRAITS_LOADED = False
+
+
+def register_trait(trait: str, *ops: str | Any) -> None:
+    """Give ``ops`` (names, resolved as by :func:`register_op`, or callables) the trait ``trait``."""
+    for op in ops:
+        targets = list(resolve_name(op)) if isinstance(op, str) else [op]
+        if isinstance(op, str) and hasattr(torch.ops.aten, op):
+            targets.append(getattr(torch.ops.aten, op))
+        for t in targets:
+            _TRAITS.setdefault(t, set()).add(trait)
+
+
+def has_trait(target: Any, trait: str) -> bool:
+    """Whether the callable ``target`` (a node's :func:`target_of`) has ``trait`` (:data:`HOST_SYNC`).
+
+        >>> import torch
+        >>> has_trait(torch.Tensor.item, HOST_SYNC), has_trait(torch.ops.aten.nonzero.default, HOST_SYNC)
+        (True, True)
+        >>> has_trait(torch.sigmoid, HOST_SYNC)
+        False
+    """
+    global _TRAITS_LOADED
+    if not _TRAITS_LOADED:
+        _TRAITS_LOADED = True
+        for name, ops in _TRAIT_NAMES.items():
+            register_trait(name, *ops.split())
+    if isinstance(target, torch._ops.OpOverload):
+        target = target.overloadpacket
+    try:
+        return trait in _TRAITS.get(target, ())
+    except TypeError:  # an unhashable target
+        return False

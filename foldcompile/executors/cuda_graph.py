@@ -64,27 +64,21 @@ import torch.fx
 import torch.utils._pytree as pytree
 
 from foldcompile.executors.base import Executor, graph_tensors
-from foldcompile.passes.registry import draws_random, writes_in_place
+from foldcompile.passes.registry import HOST_SYNC, draws_random, has_trait, op_name, target_of, writes_in_place
 
 __all__ = ["CudaGraphExecutor", "CudaGraphCapture", "cuda_graph_unsafe_reason", "hoist_host_literals"]
 
 log = logging.getLogger("foldcompile.executors.cuda_graph")
 
-# ops that read device values on the host: illegal while a stream is being captured
-_HOST_SYNC_NAMES = {"item", "tolist", "nonzero", "masked_select", "unique", "unique_consecutive", "bincount",
-                    "repeat_interleave", "cpu", "numpy", "argwhere"}
-
+_CHECKPOINT_HOP = torch.ops.higher_order.tag_activation_checkpoint
 
 # ops that build a tensor from Python data (a host-to-device copy on CUDA), by their data argument
 _HOST_DATA_OPS = {torch.tensor: 0, torch.as_tensor: 0, torch.Tensor.new_tensor: 1}
 
 
-def _op_name(node: torch.fx.Node) -> str:
-    target = node.target
-    name = getattr(target, "__name__", None) or str(target)
-    if isinstance(target, torch._ops.OpOverload):
-        name = target._opname
-    return name.split(".")[-1]
+def _is(node: torch.fx.Node, trait: str) -> bool:
+    """Whether ``node`` calls an op with ``trait`` (the op registry's traits: however it is spelled)."""
+    return node.op in ("call_function", "call_method") and has_trait(target_of(node), trait)
 
 
 def _subgraphs(gm: torch.fx.GraphModule, node: torch.fx.Node) -> list[torch.fx.GraphModule]:
@@ -121,17 +115,17 @@ def cuda_graph_unsafe_reason(gm: torch.fx.GraphModule) -> str | None:
         if node.target is seeded_dropout and node.kwargs.get("seed") is None:
             return (f"node {node.name!r}: foldcompile.kernels.shared_dropout draws its seed on the host at each "
                     "call (a replay would repeat one mask)")
-        name = _op_name(node)
-        if name in _HOST_SYNC_NAMES:
-            return f"node {node.name!r} ({name}) reads a device value on the host, which a CUDA graph cannot replay"
-        if node.target is torch.utils.checkpoint.checkpoint or name == "tag_activation_checkpoint":
+        if _is(node, HOST_SYNC):
+            return (f"node {node.name!r} ({op_name(node)}) reads a device value on the host, which a CUDA graph "
+                    "cannot replay")
+        if node.target is torch.utils.checkpoint.checkpoint or node.target is _CHECKPOINT_HOP:
             for body in _subgraphs(gm, node):
                 # torch's random ops are graph-safe; inside a checkpointed region the recomputation
                 # replays the RNG state, which is not checked under CUDA graphs
                 random = [n for n in body.graph.nodes if n.op in ("call_function", "call_method") and draws_random(n)]
                 if random:
                     return (f"node {node.name!r}: activation checkpointing around a random op "
-                            f"({_op_name(random[0])}): the recomputation's RNG replay is not checked under CUDA graphs")
+                            f"({op_name(random[0])}): the recomputation's RNG replay is not checked under CUDA graphs")
         for body in _subgraphs(gm, node):
             why = cuda_graph_unsafe_reason(body)
             if why:

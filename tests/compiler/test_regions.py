@@ -34,16 +34,6 @@ def _members(gm: torch.fx.GraphModule) -> dict[str, int]:
 # ---------------------------------------------------------------- the 48-block Evoformer stack
 
 
-@pytest.fixture
-def one_thread():
-    """48 blocks of tiny ops: one intra-op thread (two threads on a loaded 2-core machine spin-wait on every
-    op, and make these tests minutes instead of seconds)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def stack48():
     model, inputs = zoo.get("evoformer_stack", n_blocks=48, n_seq=N_SEQ, n_res=N_RES)
