@@ -305,8 +305,10 @@ class LayerNormLinearFunction(torch.autograd.Function):
         weights, biases = params[:n], params[n:]
         K, lead = x.shape[-1], x.shape[:-1]
         xs, M, dims, strides = _rows_of(x)
-        outs = [_empty((M, w.shape[0]), x.dtype, x.device) for w in weights]
-        y = _empty((M, K), x.dtype, x.device) if return_normalized else None
+        # allocated in their final shapes (row-major [M, N_p] in memory): no output is a view of a tensor
+        # made here, so a model may write into one in place as it may into F.linear's result
+        outs = [_empty((*lead, w.shape[0]), x.dtype, x.device) for w in weights]
+        y = _empty((*lead, K), x.dtype, x.device) if return_normalized else None
         mean = _empty((M,), torch.float32, x.device)
         rstd = _empty((M,), torch.float32, x.device)
         cfg = _config("fwd", K, x.dtype)
@@ -326,10 +328,7 @@ class LayerNormLinearFunction(torch.autograd.Function):
         ctx.geometry = (M, dims, strides, lead)
         ctx.n, ctx.return_normalized = n, return_normalized
         ctx.bias_dtypes = [b.dtype if b is not None else None for b in biases]
-        results = [o.view(*lead, o.shape[1]) for o in outs]
-        if y is not None:
-            results.append(y.view(*lead, K))
-        return tuple(results)
+        return tuple(outs) + ((y,) if y is not None else ())
 
     @staticmethod
     @once_differentiable  # not itself differentiable: a double backward raises
@@ -357,7 +356,7 @@ class LayerNormLinearFunction(torch.autograd.Function):
         offs = [sum(widths[:p]) for p in range(n)]
         cfg = _config("bwd", K, x.dtype)
         blocks = _cdiv(M, cfg["BLOCK_M"])
-        dx = _empty((M, K), x.dtype, x.device) if need_x else None
+        dx = _empty((*lead, K), x.dtype, x.device) if need_x else None
         y = _empty((M, K), x.dtype, x.device) if need_y else None
         pw = _empty((blocks, K), torch.float32, x.device) if need_dln else None
         pb = _empty((blocks, K), torch.float32, x.device) if need_dln else None
@@ -375,7 +374,7 @@ class LayerNormLinearFunction(torch.autograd.Function):
                 HAS_G=_bits(has_g), NEED_DB=_bits(want_b), HAS_LNW=ln_weight is not None,
                 HAS_LNB=ln_bias is not None, HAS_DYX=dyx is not None, NEED_DX=bool(need_x), NEED_Y=need_y,
                 NEED_DLN=need_dln, NUM=n, PRECISION=_precision(x.dtype), **cfg)
-        y_for_w = y if y is not None else (y_saved.view(M, K) if y_saved is not None else None)
+        y_for_w = y if y is not None else (y_saved.reshape(M, K) if y_saved is not None else None)
         # the weight gradients: dout_p^T @ y, one cuBLAS product each (eager's own products)
         dws = [torch.mm(g.t(), y_for_w).to(w.dtype) if want else None
                for g, w, want in zip(douts, weights, want_w)]
@@ -383,7 +382,7 @@ class LayerNormLinearFunction(torch.autograd.Function):
                for o, wd, dt, want in zip(offs, widths, ctx.bias_dtypes, want_b)]
         dlnw = pw.sum(0).to(ln_weight.dtype) if need_lnw else None
         dlnb = pb.sum(0).to(ln_bias.dtype) if need_lnb else None
-        return (dx.view(*lead, K) if dx is not None else None, dlnw, dlnb, None, None, *dws, *dbs)
+        return (dx, dlnw, dlnb, None, None, *dws, *dbs)
 
 
 # --------------------------------------------------------------------------- public API

@@ -179,6 +179,22 @@ def test_bad_arguments_are_refused_with_the_shapes():
         layer_norm_linear(x, lnw, lnb, ws, bs, eps=float("nan"))
 
 
+def test_outputs_may_be_written_in_place_as_linear_s_may():
+    """No output is a view made inside the autograd Function: an in-place write into one (a model's
+    ``q *= scale``) works and differentiates as on F.linear's result."""
+    x, lnw, lnb, ws, bs = _inputs((5, 3), 24, (8, 8), torch.float32)
+    x.requires_grad_()
+    q, k = layer_norm_linear(x, lnw, lnb, ws, bs)
+    assert q._base is None and k._base is None
+    q *= 0.5
+    (gx,) = torch.autograd.grad((q * k).sum(), x)
+    x64 = x.detach().double().requires_grad_()
+    q64, k64 = layer_norm_linear_reference(x64, lnw.double(), lnb.double(), [w.double() for w in ws],
+                                           [b.double() if b is not None else None for b in bs])
+    (want,) = torch.autograd.grad((q64 * 0.5 * k64).sum(), x64)
+    assert _rel(gx, want) < 1e-5
+
+
 def test_double_backward_raises():
     x, lnw, lnb, ws, bs = _inputs((5,), 24, (8, 8), torch.float32)
     x.requires_grad_()
