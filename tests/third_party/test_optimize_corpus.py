@@ -18,7 +18,7 @@ from .catalog import cases
 
 # rule names of optimize's report per catalog family
 _FAMILY_RULES = {"attention": ("attention", "sdpa_attention", "chunked_attention"), "layer_norm": ("layer_norm", "hand_layer_norm"),
-                 "softmax": ("softmax",), "elementwise": ("elementwise",)}
+                 "softmax": ("softmax",), "elementwise": ("elementwise", "elementwise_sum")}
 
 # (case, mode) -> why the compiler fuses less than the catalog expects today, for cases where it
 # is known to (none at present: OpenFold's and Boltz's ``chunk_layer`` loops, the last ones listed,
