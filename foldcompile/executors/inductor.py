@@ -47,6 +47,7 @@ import torch.utils._pytree as pytree
 import foldcompile.kernels.ops  # noqa: F401  (defines torch.ops.foldcompile.*)
 from foldcompile.executors.base import Executor
 from foldcompile.kernels.elementwise import FusedElementwise
+from foldcompile.kernels.elementwise_sum import FusedElementwiseSum
 from foldcompile.kernels.ops import TRIANGLE_MULTIPLICATION_PARAMS
 from foldcompile.passes.rules.attention import fused_attention
 from foldcompile.passes.rules.layer_norm import fused_layer_norm
@@ -141,6 +142,11 @@ def to_library_ops(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         elif isinstance(kernel, FusedElementwise):
             new = _inline(graph, kernel.graph_module, [env[a] if isinstance(a, torch.fx.Node) else a
                                                        for a in node.args])
+        elif isinstance(kernel, FusedElementwiseSum):  # the chain's ops, then the sum they feed
+            chain = _inline(graph, kernel.chain.graph_module, [env[a] if isinstance(a, torch.fx.Node) else a
+                                                               for a in node.args])
+            dims = tuple(range(-kernel.n_summed, 0))
+            new = graph.call_function(torch.sum, (chain, dims), {"keepdim": kernel.keepdim})
         else:
             new = graph.node_copy(node, lambda n: env[n])
             if node.op == "get_attr":

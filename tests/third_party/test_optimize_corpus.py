@@ -20,7 +20,7 @@ from .catalog import cases
 # ln_linear: one layer norm per match)
 _FAMILY_RULES = {"attention": ("attention", "sdpa_attention", "chunked_attention"),
                  "layer_norm": ("layer_norm", "hand_layer_norm", "ln_linear"),
-                 "softmax": ("softmax",), "elementwise": ("elementwise",),
+                 "softmax": ("softmax",), "elementwise": ("elementwise", "elementwise_sum"),
                  "triangle_multiplication": ("triangle_multiplication",)}
 
 # (case, mode) -> why the compiler fuses less than the catalog expects today, for cases where it
