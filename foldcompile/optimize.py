@@ -390,14 +390,25 @@ def readable_code(gm: torch.fx.GraphModule) -> str:
     """``gm.code`` with the inserted kernels named for what they do (``fused_attention(...)``,
     not the module-qualified global fx writes), followed by each activation-checkpoint body the graph
     calls (``def wrap_body_0(self, x, ln_weight, ...)``, its own fused calls inside)."""
-    code = _readable(gm)
+    parts = [("", _readable(gm))]
     for path, body in gm.named_modules():
         if isinstance(body, torch.fx.GraphModule) and body is not gm:
             name = path.rsplit(".", 1)[-1]
             inside = f", inside {path.rsplit('.', 1)[0]}" if "." in path else ""
             text = _readable(body).replace("def forward(self", f"def {name}(self", 1)
-            code += (f"\n# {path}: an activation-checkpoint region{inside} (its ops run again in backward)\n"
-                     + text)
+            parts.append((f"\n# {path}: an activation-checkpoint region{inside} (its ops run again in backward)\n",
+                          text))
+    # a body's input may carry the name of a kernel another body calls: numbered with the same rule
+    kernels = set().union(*(re.findall(r"\b(fused_\w+)\(", text) for _, text in parts))
+    return "".join(head + _number_kernel_values(text, kernels) for head, text in parts)
+
+
+def _number_kernel_values(code: str, kernels: set[str]) -> str:
+    # fx names a kernel's value after the kernel (``fused_layer_norm = fused_layer_norm(x, ...)``): read
+    # as Python that rebinds the kernel's name, so its values are numbered instead (``fused_layer_norm_0``)
+    for kernel in kernels:
+        if re.search(rf"\b{kernel}\b(?!\()", code) and not re.search(rf"\b{kernel}_0\b", code):
+            code = re.sub(rf"\b{kernel}\b(?!\()", f"{kernel}_0", code)
     return code
 
 
@@ -419,11 +430,6 @@ def _readable(gm: torch.fx.GraphModule) -> str:
             code = code.replace(m.group(0), "\n")
             for arg, name in zip(flat, names):
                 code = re.sub(rf"\n\s+{name} = {arg}\n", "\n", code)
-    # fx names a kernel's value after the kernel (``fused_layer_norm = fused_layer_norm(x, ...)``): read
-    # as Python that rebinds the kernel's name, so its values are numbered instead (``fused_layer_norm_0``)
-    for kernel in set(re.findall(r"\b(fused_\w+)\(", code)):
-        if not re.search(rf"\b{kernel}_0\b", code):
-            code = re.sub(rf"\b{kernel}\b(?!\()", f"{kernel}_0", code)
     return re.sub(r"\n{3,}", "\n\n", code).strip() + "\n"
 
 

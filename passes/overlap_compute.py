@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import logging
 from typing import Any, Mapping, Optional
 
 import torch
@@ -67,6 +68,8 @@ from foldcompile.passes.meta import DTYPE, SHAPE
 from foldcompile.passes.schedule_collectives import DEFAULT_MAX_BYTES_IN_FLIGHT, need_order
 from foldcompile.passes.schedule_model import ScheduleModel, alias_roots, allocates, live_bytes_peak, reads
 from foldcompile.passes.shard import ShardCosts
+
+_log = logging.getLogger(__name__)  # foldcompile.passes.<name>: progress of this pass
 
 __all__ = ["overlap_compute_pass"]
 
@@ -201,6 +204,7 @@ def overlap_compute_pass(gm: torch.fx.GraphModule, *, costs: Optional[ShardCosts
     graph = gm.graph
     pairs = need_order(gm)      # the issue order: by need in the model's order, the same on every rank
     if not pairs:
+        _log.info("overlap_compute: no collectives")
         return PassResult(gm, False, {"moved": [], "reordered": False, "fill": None, "collectives": [],
                                       "peak_live_bytes": None})
     dep = Dependence(gm)
@@ -236,6 +240,8 @@ def overlap_compute_pass(gm: torch.fx.GraphModule, *, costs: Optional[ShardCosts
         "peak_live_bytes": {"model_order": before, "scheduled": live_bytes_peak(placed, model)},
         "at": dict(model.sizes), "max_extra_live_bytes": max_extra_live_bytes,
     }
+    _log.info("overlap_compute: %d collectives, %d compute nodes moved (fill: %s)", len(pairs), len(moved),
+              fill or "none")
     return PassResult(gm, changed, record)
 
 

@@ -26,7 +26,6 @@ variant's guards are checked before every call, as the eager executor's graph ch
 
     >>> import torch
     >>> from foldcompile.passes.rules.layer_norm import fused_layer_norm
-from foldcompile.passes.rules.ln_multi_linear import fused_layer_norm_linear
     >>> g = torch.fx.Graph()
     >>> x, w, b = g.placeholder("x"), g.placeholder("w"), g.placeholder("b")
     >>> _ = g.output(g.call_function(fused_layer_norm, (x, w, b, 1e-5)))

@@ -225,10 +225,11 @@ def test_code_shows_the_fused_calls_inside_checkpoint_bodies_with_the_callers_na
     assert "checkpoint(wrap_body_0, x, ln_weight, ln_bias, qkv_weight, mask," in root
     assert "def wrap_body_0(self, x, ln_weight, ln_bias, qkv_weight, mask, gate_weight, gate_bias, out_weight, " \
            "out_bias):" in body
-    assert "fused_attention(" in body and "fused_layer_norm(x, ln_weight, ln_bias" in body
+    # the layer norm with the projections it feeds (q/k/v and the gate): one layer-norm -> projections call
+    assert "fused_attention(" in body and "fused_layer_norm_linear(x, ln_weight, ln_bias, [qkv_weight, gate_weight]" in body
     assert not any(w in code for w in ("l_x_", "l__self", "FakeTensor", "foldcompile_passes"))
     called, bound = _called_and_bound(code)  # valid Python, and no value rebinds a kernel's name
-    assert {"fused_attention", "fused_layer_norm"} <= called and not (called & bound)
+    assert {"fused_attention", "fused_layer_norm_linear"} <= called and not (called & bound)
     assert_same_function(model, _inputs(1), fast)  # the renamed body still runs
 
 
@@ -239,7 +240,7 @@ def test_code_shows_nested_checkpoint_bodies():
     assert "# wrap_body_1: an activation-checkpoint region (" in code
     assert "# wrap_body_1.wrap_body_0: an activation-checkpoint region, inside wrap_body_1" in code
     inner = code.split("# wrap_body_1.wrap_body_0")[1]
-    assert "fused_layer_norm(fused_layer_norm_0, ln2_weight, ln2_bias" in inner
+    assert "fused_layer_norm_linear(fused_layer_norm_0, ln2_weight, ln2_bias, [lin_weight], [lin_bias]" in inner
     assert "fused_elementwise_relu_mul_add(" in inner
     called, bound = _called_and_bound(code)
     assert not (called & bound)
