@@ -259,7 +259,7 @@ def run(quick: bool = False, sweep: bool = True, smoke: bool = False) -> Results
             if not smoke:
                 ours, douts = impls[0][1], [torch.randn_like(r).to(dtype) for r in ref32]
                 breakdowns.append((f"{shape} {pass_name} foldcompile kernels",
-                                   lambda ours=ours, x=x, douts=douts, backward=backward: (
+                                   lambda ours=ours, x=x, douts=douts, backward=backward, params=params: (
                                        torch.autograd.grad(ours(x), [x, *params], douts) if backward
                                        else ours(x.detach()))))
             # the block-size sweep: the forward at the pair's N_res = 1024, the backward at the MSA
