@@ -12,7 +12,8 @@ bf16, AlphaFold 2 trunk widths, the gate projection with a bias and the others w
 - pair ``[256, 256, 128]`` -> the same five at the training crop.
 
 Each shape forward and forward+backward (gradients of x, the layer norm's weight and bias, every weight and
-bias). Each row: median time (CUDA events), host time per call, peak extra memory (peak allocated during the
+bias). Each row: median time (CUDA events), the same call replayed from a CUDA graph (the GPU's time without
+host launch gaps), host time per call, peak extra memory (peak allocated during the
 call minus its outputs and, for forward+backward, the gradient buffers), speed-ups against eager and
 torch.compile, the outputs' error relative to the fp32 reference on the same inputs. Then a sweep of the
 kernels' block sizes (the forward at the pair's N_res = 1024, the backward at the MSA), each row naming its
@@ -40,8 +41,8 @@ from bench.common import Results, peak_memory_bytes, time_ms
 
 L = importlib.import_module("foldcompile.kernels.ln_linear")
 
-COLUMNS = ["shape", "projections", "pass", "impl", "ms", "host_ms", "peak_extra_MiB", "x_eager", "x_compile",
-           "rel_err_vs_fp32", "config", "note"]
+COLUMNS = ["shape", "projections", "pass", "impl", "ms", "graph_ms", "host_ms", "peak_extra_MiB", "x_eager",
+           "x_compile", "x_compile_graph", "rel_err_vs_fp32", "config", "note"]
 
 # (name, leading dims, channels, projection widths, which projections have a bias)
 SHAPES = [("MSA", (128, 256), 256, (256, 256, 256, 256), (False, False, False, True)),
@@ -123,9 +124,31 @@ class _Clock:
         if not self.smoke:
             torch.cuda.synchronize()
 
+    def graph_ms(self, fn: Callable, reps: int) -> float | None:
+        """Median time of ``fn`` replayed from a CUDA graph: the GPU's time alone, without the host's
+        launch gaps (a call whose host work outlasts its kernels is timed at its host's pace by ``ms``;
+        optimize's default CUDA-graph executor replays it like this). None for ``--smoke``."""
+        if self.smoke:
+            return None
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up off the capture (allocator and autograd state)
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        try:
+            return time_ms(graph.replay, warmup=3, reps=reps)
+        finally:
+            del graph
+            torch.cuda.synchronize()
+
 
 def _measure(clock: _Clock, fn: Callable, x: torch.Tensor, params: list, backward: bool, reps: int):
-    """(median ms, peak extra MiB, host ms) of one forward (and backward) call of ``fn(x)``."""
+    """(median ms, peak extra MiB, host ms, CUDA-graph replay ms or None) of one forward (and backward) call
+    of ``fn(x)``."""
     with torch.no_grad():
         outs = fn(x)
     out_bytes = sum(o.numel() * o.element_size() for o in outs)
@@ -149,7 +172,11 @@ def _measure(clock: _Clock, fn: Callable, x: torch.Tensor, params: list, backwar
         call()
     host_ms = (time.perf_counter() - start) / (1 if clock.smoke else 5) * 1e3
     clock.sync()
-    return ms, (peak - out_bytes - grad_bytes) / 2**20, host_ms
+    try:
+        graph_ms = clock.graph_ms(call, reps)
+    except Exception as exc:  # noqa: BLE001 - a call that cannot be captured is a result, not a crash
+        graph_ms = f"capture failed: {type(exc).__name__}"
+    return ms, (peak - out_bytes - grad_bytes) / 2**20, host_ms, graph_ms
 
 
 def _rel_err(outs, refs) -> float:
@@ -196,10 +223,12 @@ def _row_error(exc: Exception) -> str:
     return f"failed: {type(exc).__name__}: {text}"
 
 
-def _speedups(row: dict, times: dict) -> None:
+def _speedups(row: dict, times: dict, graph_times: dict) -> None:
     for ref_impl, col in (("eager", "x_eager"), ("torch.compile", "x_compile")):
         if ref_impl in times and "ms" in row:
             row[col] = times[ref_impl] / row["ms"]
+    if isinstance(graph_times.get("torch.compile"), float) and isinstance(row.get("graph_ms"), float):
+        row["x_compile_graph"] = graph_times["torch.compile"] / row["graph_ms"]
 
 
 def run(quick: bool = False, sweep: bool = True, smoke: bool = False) -> Results:
@@ -212,9 +241,11 @@ def run(quick: bool = False, sweep: bool = True, smoke: bool = False) -> Results
                   "torch.compile", COLUMNS)
     res.notes.append("eager = nn.LayerNorm then one nn.Linear per projection (the gate with a bias); eager cat = the "
                      "layer norm then one linear over the weights concatenated per call; torch.compile = the module "
-                     "compiled (dynamic=False). peak_extra = peak allocated during the call minus its outputs (and "
-                     "the gradient buffers for fwd+bwd). rel_err_vs_fp32: all outputs vs the fp32 reference on the "
-                     "same inputs.")
+                     "compiled (dynamic=False). ms = median of CUDA-event-timed calls (host launch gaps included "
+                     "where the host is the slower); graph_ms = the same call replayed from a CUDA graph (the GPU "
+                     "alone, as optimize's CUDA-graph executor runs it); x_compile_graph = torch.compile's graph_ms "
+                     "over ours. peak_extra = peak allocated during the call minus its outputs (and the gradient "
+                     "buffers for fwd+bwd). rel_err_vs_fp32: all outputs vs the fp32 reference on the same inputs.")
     res.notes.append("target (issue 11): >= 1.3x torch.compile.")
     reps = 3 if (quick or smoke) else 20
     breakdowns = []
@@ -237,15 +268,16 @@ def run(quick: bool = False, sweep: bool = True, smoke: bool = False) -> Results
         for pass_name in ("fwd", "fwd_bwd"):
             backward = pass_name == "fwd_bwd"
             x = x0.clone().requires_grad_(backward)
-            times, rows = {}, []
+            times, graph_times, rows = {}, {}, []
             for impl, fn in impls:
                 row = dict(shape=shape, projections=proj, impl=impl, note="", config="")
                 row["pass"] = pass_name
                 try:
                     with torch.no_grad():
                         row["rel_err_vs_fp32"] = _rel_err(fn(x), ref32)
-                    row["ms"], row["peak_extra_MiB"], row["host_ms"] = _measure(clock, fn, x, params, backward, reps)
-                    times[impl] = row["ms"]
+                    row["ms"], row["peak_extra_MiB"], row["host_ms"], row["graph_ms"] = _measure(
+                        clock, fn, x, params, backward, reps)
+                    times[impl], graph_times[impl] = row["ms"], row["graph_ms"]
                 except Exception as exc:  # noqa: BLE001 - OOM or a compile failure is a result
                     row["note"] = _row_error(exc)
                     if os.environ.get("BENCH_DEBUG"):
@@ -254,7 +286,7 @@ def run(quick: bool = False, sweep: bool = True, smoke: bool = False) -> Results
                         torch.cuda.empty_cache()
                 rows.append(row)
             for row in rows:
-                _speedups(row, times)
+                _speedups(row, times, graph_times)
                 res.add(**row)
             if not smoke:
                 ours, douts = impls[0][1], [torch.randn_like(r).to(dtype) for r in ref32]
@@ -276,9 +308,9 @@ def run(quick: bool = False, sweep: bool = True, smoke: bool = False) -> Results
                 try:
                     with torch.no_grad():
                         row["rel_err_vs_fp32"] = _rel_err(impls[0][1](x), ref32)
-                    row["ms"], row["peak_extra_MiB"], row["host_ms"] = _measure(clock, impls[0][1], x, params,
-                                                                                backward, reps)
-                    _speedups(row, times)
+                    row["ms"], row["peak_extra_MiB"], row["host_ms"], row["graph_ms"] = _measure(
+                        clock, impls[0][1], x, params, backward, reps)
+                    _speedups(row, times, graph_times)
                 except Exception as exc:  # noqa: BLE001 - a config that does not compile or fit is a result
                     row["note"] = _row_error(exc)
                 finally:
