@@ -37,7 +37,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from bench.common import Results, peak_memory_bytes, time_ms
+from bench.common import Results, kernel_breakdown, peak_memory_bytes, time_ms
 
 L = importlib.import_module("foldcompile.kernels.ln_linear")
 
@@ -199,25 +199,6 @@ def _with_config(kind: str, override: dict | None):
     return original
 
 
-def _kernel_breakdown(call: Callable) -> str:
-    from torch.profiler import ProfilerActivity, profile
-
-    call()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        call()
-        torch.cuda.synchronize()
-    times = []
-    for ev in prof.key_averages():
-        t = getattr(ev, "device_time_total", None)
-        if t is None:
-            t = getattr(ev, "cuda_time_total", 0.0)
-        if t:
-            times.append((t / 1e3, ev.key))
-    times.sort(reverse=True)
-    return ", ".join(f"{name[:40]} {ms:.3f} ms" for ms, name in times[:8])
-
-
 def _row_error(exc: Exception) -> str:
     text = str(exc).splitlines()[0][:120] if str(exc) else ""
     return f"failed: {type(exc).__name__}: {text}"
@@ -325,7 +306,7 @@ def run(quick: bool = False, sweep: bool = True, smoke: bool = False) -> Results
         f"{kind} K={k}: {L._config(kind, k, torch.bfloat16)}" for kind in ("fwd", "bwd") for k in (128, 256)))
     for label, call in breakdowns:  # the profiler runs only after every timing (see bench/kernels/triangle.py)
         try:
-            res.notes.append(f"{label}: {_kernel_breakdown(call)}")
+            res.notes.append(f"{label}: {kernel_breakdown(call)}")
         except Exception as exc:  # noqa: BLE001
             res.notes.append(f"profiler failed: {exc}")
     return res
