@@ -62,7 +62,7 @@ from foldcompile.distributed.collectives import split_sizes
 from foldcompile.passes.base import PassError, PassResult, declare
 from foldcompile.passes.meta import DTYPE, EINSUM, EXAMPLE_VALUE, MULTI_OUTPUT, SHAPE, SYM_SHAPE
 from foldcompile.passes.placement import Placed, Shard
-from foldcompile.passes.registry import entry_of, op_name, writes_in_place
+from foldcompile.passes.registry import draws_random, entry_of, op_name, writes_in_place
 from foldcompile.passes.rules import _meta as M
 from foldcompile.passes.sharding_rules import REPLICATE, strategies, tensor_inputs
 
@@ -72,8 +72,6 @@ __all__ = ["merge_chunk_loops_pass", "RULE"]
 
 RULE = "chunk_loop"  # the name merges are counted and identified under (``chunk_loop#0``)
 
-_RANDOM = {"dropout", "bernoulli", "rand", "rand_like", "randn", "randn_like", "randint", "randint_like",
-           "feature_alpha_dropout", "alpha_dropout", "normal", "multinomial", "dropout_", "bernoulli_"}
 _JOINS = ("cat", "concat", "concatenate")
 _BUFFERS = ("new_zeros", "new_empty", "new_ones", "new_full", "zeros", "empty", "ones", "full")
 _FULL = slice(None, None, None)
@@ -230,7 +228,7 @@ def _fill_region(loop: _Loop, piece: _Piece, graph_nodes: list[torch.fx.Node]) -
 def _draws(n: torch.fx.Node) -> bool:
     """Whether ``n`` draws random numbers (a dropout with ``training=False`` or ``p=0`` draws none)."""
     name = op_name(n)
-    if name not in _RANDOM:
+    if not draws_random(n):
         return False
     if name in ("dropout", "alpha_dropout", "feature_alpha_dropout"):
         p = n.args[1] if len(n.args) > 1 else n.kwargs.get("p", 0.5)

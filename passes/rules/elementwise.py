@@ -33,14 +33,13 @@ import torch.fx
 from foldcompile.kernels import fuse_elementwise, unsupported_reason
 from foldcompile.kernels.elementwise_sum import MAX_SUMMED, FusedElementwiseSum
 from foldcompile.passes.base import PassError
+from foldcompile.passes.registry import draws_random
 from foldcompile.passes.rules import Candidate, Context, Reject, Rule
 from foldcompile.passes.rules import _meta as M
 from foldcompile.passes.rules.attention import _Builder
 
 __all__ = ["RULES", "kernel_function"]
 
-_RANDOM = {"dropout", "bernoulli", "rand", "rand_like", "randn", "randn_like", "feature_alpha_dropout",
-           "alpha_dropout"}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -50,7 +49,7 @@ def _fusable(n: Any, ctx: Context) -> str | None:
         return "not an op"
     if M.op_class(n) != "ELEMENTWISE":
         return "not element-wise"
-    if M.op_name(n) in _RANDOM:
+    if draws_random(n):  # the registry's fact (every spelling of dropout, bernoulli, rand, ...)
         return "random op"
     if M.is_barrier(n):
         return "barrier"
