@@ -72,7 +72,7 @@ from foldcompile.passes.rules.outer_product_mean import _layout_step, _product_d
 __all__ = ["RULES", "fused_triangle_multiplication"]
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_ACTIVATIONS = {"relu", "gelu", "silu", "tanh", "softplus", "elu", "leaky_relu", "hardsigmoid", "sigmoid"}
+_ACTIVATIONS = {"relu", "gelu", "silu", "tanh", "softplus", "elu", "leaky_relu", "hardsigmoid"}  # not sigmoid gates
 _TAGS = ("p0", "p1")  # the product's two operands, in its argument order
 
 
@@ -263,7 +263,12 @@ def _piece(s: torch.fx.Node, src: torch.fx.Node, k: int) -> _Slice | None:
         dim = src.args[2] if len(src.args) > 2 else src.kwargs.get("dim", 0)
         if not isinstance(dim, int) or dim % rank != rank - 1:
             return None
-        sizes = [size] * -(-width // size) if isinstance(size, int) else list(size)
+        if isinstance(size, int) and size > 0:
+            sizes = [size] * -(-width // size)
+        elif isinstance(size, (list, tuple)) and all(isinstance(n, int) for n in size):
+            sizes = list(size)
+        else:
+            return None
         bounds, lo = [], 0
         for n in sizes:
             bounds.append((lo, min(lo + n, width)))

@@ -324,6 +324,9 @@ def test_zoo_blocks_fused_forward_and_backward_eval_and_training(name):
     with record_launches() as launched:
         assert assert_same_function(model, inputs, fast) <= 1e-5
     assert launched.count("trimul_proj") == 2 and launched.count("trimul_proj_bwd") == 2
+    # node by node against the float64 truth (the fused call is compared as the gated output it replaces)
+    report = foldcompile.verify(model, *inputs, optimized=fast)
+    assert report.ok and report.first_bad is None, str(report)
     model.train()  # dropout on the update stays an element-wise node, drawn from torch's generator
     assert assert_same_function(model, inputs, fast) <= 1e-5
     assert fast.report.counts()[RULE] == {"matched": 2, "rejected": 0}  # the training variant's report
