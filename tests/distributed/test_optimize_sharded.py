@@ -140,5 +140,6 @@ def test_a_hung_collective_ends_in_a_timeout_error():
     """Rank 1 never calls the module: rank 0 waits in its first collective until the timeout."""
     with Pool(2, timeout_s=15) as pool:
         with pytest.raises(RankTimeoutError, match="rank 0: a collective timed out") as info:
-            pool.run(L.rank_skips_case)
+            # the parent's own deadline past the build (seconds on a busy machine) and the 15 s timeout
+            pool.run(L.rank_skips_case, timeout_s=60)
         assert info.value.ranks == [0]
