@@ -11,6 +11,7 @@ import datetime
 import json
 import os
 import statistics
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -53,6 +54,123 @@ def peak_memory_bytes(fn: Callable[[], object]) -> int:
     fn()
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() - before
+
+
+class Clock:
+    """How a benchmark times a call: CUDA events and allocator peaks on the GPU; with ``smoke``, one wall-time
+    call and no peaks (a CPU check that a script's code paths run; its numbers mean nothing)."""
+
+    def __init__(self, smoke: bool = False):
+        self.smoke = smoke
+
+    def ms(self, fn: Callable[[], object], reps: int, warmup: int = 3) -> float:
+        if not self.smoke:
+            return time_ms(fn, warmup=warmup, reps=reps)
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+
+    def peak(self, fn: Callable[[], object]) -> int:
+        return 0 if self.smoke else peak_memory_bytes(fn)
+
+    def sync(self) -> None:
+        if not self.smoke:
+            torch.cuda.synchronize()
+
+
+def host_ms(call: Callable[[], object], reps: int = 5, clock: Clock | None = None) -> float:
+    """Host wall time per call, the GPU queue kept busy: close to the GPU time means launch-bound."""
+    clock = clock or Clock()
+    clock.sync()
+    start = time.perf_counter()
+    for _ in range(reps):
+        call()
+    elapsed = (time.perf_counter() - start) / reps * 1e3
+    clock.sync()
+    return elapsed
+
+
+def measure_call(forward: Callable[[], torch.Tensor], leaves: list[torch.Tensor], backward: bool, reps: int, *,
+                 clock: Clock | None = None, dout: Callable[[torch.Tensor], torch.Tensor] = torch.randn_like,
+                 host: bool = True, host_reps: int = 5) -> tuple[float, float, float]:
+    """``(median ms, peak extra bytes, host ms per call)`` of ``forward()`` under no_grad, or with
+    ``backward`` of forward and backward (gradients of ``leaves`` for an upstream gradient ``dout(out)``
+    made before the timed calls). Peak extra = peak allocated during the call minus its output and, with
+    ``backward``, the gradient buffers. ``host``: False gives NaN host time (not measured)."""
+    clock = clock or Clock()
+    with torch.no_grad():
+        out = forward()
+    out_bytes = out.numel() * out.element_size()
+    upstream = dout(out)
+    del out
+
+    def call():
+        if backward:
+            torch.autograd.grad(forward(), leaves, upstream)
+        else:
+            with torch.no_grad():
+                forward()
+
+    ms = clock.ms(call, reps)
+    peak = clock.peak(call)
+    grad_bytes = sum(t.numel() * t.element_size() for t in leaves) if backward else 0
+    per_call = host_ms(call, host_reps, clock) if host else float("nan")
+    return ms, peak - out_bytes - grad_bytes, per_call
+
+
+def kernel_breakdown(call: Callable[[], object], top: int = 8, width: int = 40) -> str:
+    """GPU time of each kernel in one ``call()`` (torch.profiler, after one warm call), the ``top``
+    longest, as a note. Run it after every timing of a benchmark: a profiler session leaves per-launch
+    host overhead behind (seen on an H200, 2026-12-01: ~0.4 ms a call)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    call()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        call()
+        torch.cuda.synchronize()
+    times = []
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", None)
+        if t is None:
+            t = getattr(ev, "cuda_time_total", 0.0)
+        if t:
+            times.append((t / 1e3, ev.key))
+    times.sort(reverse=True)
+    return ", ".join(f"{name[:width]} {ms:.3f} ms" for ms, name in times[:top])
+
+
+def add_breakdown_notes(results: "Results", breakdowns: list[tuple[str, Callable[[], object]]], **kw) -> None:
+    """One note per ``(label, call)``: its :func:`kernel_breakdown` (``kw`` passed on), or why the profiler
+    failed (a result, not an error). Call it after every timing of the benchmark."""
+    for label, call in breakdowns:
+        try:
+            results.notes.append(f"{label}: {kernel_breakdown(call, **kw)}")
+        except Exception as exc:  # noqa: BLE001
+            results.notes.append(f"profiler failed: {exc}")
+
+
+def add_speedups(row: dict, times: dict[str, float]) -> None:
+    """``x_eager`` / ``x_compile`` of a timed row: the eager and torch.compile times (where ``times`` has
+    them) over the row's ``ms``."""
+    if "ms" in row:
+        for ref_impl, col in (("eager", "x_eager"), ("torch.compile", "x_compile")):
+            if ref_impl in times:
+                row[col] = times[ref_impl] / row["ms"]
+
+
+def compiled_or_none(fn: Callable) -> Callable | None:
+    """``torch.compile(fn, dynamic=False)``, or None where torch.compile is unavailable (reported as n/a)."""
+    try:
+        return torch.compile(fn, dynamic=False)
+    except Exception:  # noqa: BLE001 - torch.compile unavailable: a result, not an error
+        return None
+
+
+def row_error(exc: BaseException) -> str:
+    """A failed row's note: the exception's type and the first line of its message."""
+    text = str(exc).splitlines()[0][:120] if str(exc) else ""
+    return f"failed: {type(exc).__name__}: {text}"
 
 
 def copy_bandwidth_gbs(n_bytes: int = 1 << 30) -> float:

@@ -72,7 +72,10 @@ Limitations (not guarded unless said; the caller must keep them fixed after capt
   ``torch.are_deterministic_algorithms_enabled()``, default dtype, matmul
   precision) are not guarded;
 - the graph holds the values of tensors it read that are not the model's
-  parameters, buffers or tensor attributes (constants built in ``forward``).
+  parameters, buffers or tensor attributes (constants built in ``forward``);
+- an in-place dunder called by name on an argument's list (``acc.__iadd__([x])``,
+  where ``acc += [x]`` is refused) is not recorded by Dynamo (torch 2.13) and not
+  replayed either, so neither check sees it: the graph does not repeat the write.
 
 Example::
 
@@ -96,20 +99,22 @@ import inspect
 import logging
 import os
 import re
+import sysconfig
 import textwrap
 import traceback
 import types
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.fx
+import torch.fx._pytree as fx_pytree
 import torch.utils.checkpoint
 
 from foldcompile.guards import (Guards, global_module_hooks, install_guards, module_state_changes,
                                 snapshot_module_state)
 from foldcompile.regions import capture_with_regions
 
-__all__ = ["trace", "CaptureError", "module_path_of", "regions_disabled"]
+__all__ = ["trace", "CaptureError", "flat_inputs", "module_path_of", "regions_disabled"]
 
 
 _CHECKPOINT_HOP = torch.ops.higher_order.tag_activation_checkpoint
@@ -258,6 +263,34 @@ def _fetch_attr(gm: torch.nn.Module, target: str) -> Any:
 
 
 _TOKEN = re.compile(r"\.([A-Za-z_]\w*)|\.(\d+)|\[(\d+)\]|\['([^']*)'\]|\[\"([^\"]*)\"\]")
+
+
+def flat_inputs(gm: torch.fx.GraphModule, args: Sequence[Any], kwargs: Mapping[str, Any] | None = None) -> list[Any]:
+    """The example inputs of a captured graph as its placeholders take them, one value each.
+
+    A capture keeps the model's call signature (defaults included: ``mask=None`` is a
+    placeholder too), so a call ``(args, kwargs)`` is bound to that signature and flattened
+    with the graph's own input spec, as its generated ``forward`` does (what shape propagation
+    and every pass that runs the graph take)::
+
+        >>> from foldcompile.models import zoo
+        >>> block, ex = zoo.get("evoformer_block")
+        >>> gm = trace(block, *ex)
+        >>> len(ex), len(flat_inputs(gm, ex))                 # chunk_size=None is a placeholder too
+        (4, 5)
+    """
+    kwargs = dict(kwargs or {})
+    guards = getattr(gm, "guards", None)
+    if guards is not None:
+        bound = guards.bind(tuple(args), kwargs)
+        args, kwargs = bound.args, bound.kwargs
+    info = getattr(gm.graph._codegen, "pytree_info", None)
+    if info is None or info.in_spec is None:
+        if kwargs:
+            raise CaptureError("this graph takes positional inputs only; got keyword inputs "
+                            f"{sorted(kwargs)}")
+        return list(args)
+    return list(fx_pytree.tree_flatten_spec((tuple(args), kwargs), info.in_spec))
 
 
 def module_path_of(node: torch.fx.Node, module_names: dict[str, str] | None = None) -> str:
@@ -495,14 +528,25 @@ def _describe_write(name: str, kind: str, attrs: list[str], value: Any, arg_name
 
 
 def _user_line(stacks: list) -> str:
-    """`` at file:line in fn: code`` of the innermost user frame (not torch's own code) of a write."""
+    """`` at file:line in fn: code`` of the innermost user frame of a write: not torch's own code, nor the
+    standard library's (``self.counts.update(x)`` writes inside ``collections``; the user's line is
+    the call), unless the stack has no other frame."""
     torch_dir = os.path.dirname(torch.__file__)
     for stack in stacks:
         frames = [f for f in stack if not f.filename.startswith(torch_dir)]
-        if frames:
-            f = frames[-1]
+        users = [f for f in frames if not _in_stdlib(f.filename)] or frames
+        if users:
+            f = users[-1]
             return f" at {f.filename}:{f.lineno} in {f.name}: {(f.line or '').strip()}"
     return ""
+
+
+def _in_stdlib(filename: str) -> bool:
+    """Whether a file is the standard library's (installed packages may live below its folder too)."""
+    paths = sysconfig.get_paths()
+    if any(filename.startswith(paths[k]) for k in ("purelib", "platlib")) or "-packages" + os.sep in filename:
+        return False
+    return filename.startswith(paths["stdlib"] + os.sep)
 
 
 def _side_effect_message(model: torch.nn.Module, changes: list[str]) -> str:

@@ -289,8 +289,8 @@ def _cmd_explain(args: argparse.Namespace) -> int:
 
 def _explain(module: Any, inputs: tuple, kwargs: dict, name: str) -> "Report":
     """``foldcompile.explain`` in its stages (capture, then the passes, each logged with its time)."""
-    from foldcompile.capture import trace
-    from foldcompile.explain import explain_graph, flat_inputs
+    from foldcompile.capture import flat_inputs, trace
+    from foldcompile.explain import explain_graph
     from foldcompile.passes.base import PassError
 
     with stage("capture (Dynamo)", _log):

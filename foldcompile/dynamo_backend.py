@@ -30,7 +30,7 @@ Options (``torch.compile(..., backend="foldcompile", options={...})``): ``execut
     >>> out = torch.compile(block, backend=backend)(*inputs)
     >>> [torch.allclose(a, b, atol=1e-5) for a, b in zip(out, block(*inputs))]
     [True, True]
-    >>> backend.graphs[0].report.counts()["layer_norm"]["matched"] > 0
+    >>> backend.graphs[0].report.counts()["ln_linear"]["matched"] > 0
     True
 
 The string ``"foldcompile"`` is known to Dynamo through the package's entry point

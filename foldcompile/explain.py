@@ -44,9 +44,8 @@ from typing import Any, Mapping, Sequence
 import sympy
 import torch
 import torch.fx
-import torch.fx._pytree as fx_pytree
 
-from foldcompile.capture import trace
+from foldcompile.capture import flat_inputs, trace
 from foldcompile.guards import global_module_hooks
 from foldcompile.pass_manager import PassManager
 from foldcompile.passes.base import PassError
@@ -58,31 +57,8 @@ from foldcompile.passes.shape_prop import dim_symbol, shape_prop_pass
 from foldcompile.size_check import check_structure_at
 from foldcompile.tables import ROOT, cut_path, entry, format_table
 
-__all__ = ["explain", "explain_graph", "Report", "flat_inputs", "structure_dependent_dims", "ROOT", "cut_path",
+__all__ = ["explain", "explain_graph", "Report", "structure_dependent_dims", "ROOT", "cut_path",
            "format_table"]
-
-
-
-
-def flat_inputs(gm: torch.fx.GraphModule, args: Sequence[Any], kwargs: Mapping[str, Any] | None = None) -> list[Any]:
-    """The example inputs of a captured graph as its placeholders take them, one value each.
-
-    A capture keeps the model's call signature (defaults included: ``mask=None`` is a
-    placeholder too), so a call ``(args, kwargs)`` is bound to that signature and flattened
-    with the graph's own input spec, as its generated ``forward`` does.
-    """
-    kwargs = dict(kwargs or {})
-    guards = getattr(gm, "guards", None)
-    if guards is not None:
-        bound = guards.bind(tuple(args), kwargs)
-        args, kwargs = bound.args, bound.kwargs
-    info = getattr(gm.graph._codegen, "pytree_info", None)
-    if info is None or info.in_spec is None:
-        if kwargs:
-            raise PassError("this graph takes positional inputs only; got keyword inputs "
-                            f"{sorted(kwargs)}")
-        return list(args)
-    return list(fx_pytree.tree_flatten_spec((tuple(args), kwargs), info.in_spec))
 
 
 def _is_int(v: Any) -> bool:

@@ -1,7 +1,8 @@
 """``foldcompile.optimize``: the user's model, with its attentions, softmaxes and layer norms in fused kernels.
 
 ``optimize(model, *example_inputs, **example_kwargs)`` captures the model on the examples
-(:func:`foldcompile.trace`), runs normalize -> shape_prop -> classify -> fuse
+(:func:`foldcompile.trace`), runs normalize -> shape_prop -> classify -> merge chunk loops
+(:mod:`foldcompile.passes.merge_chunk_loops`, annotating a merged graph again) -> fuse
 (:func:`foldcompile.passes.fuse.fuse_pass`) and returns an :class:`OptimizedModule`::
 
     >>> import torch, foldcompile
@@ -59,16 +60,17 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
-from foldcompile.capture import trace
+from foldcompile.capture import flat_inputs, trace
 from foldcompile.executors import EXECUTOR_NAMES, select_executor
-from foldcompile.explain import flat_inputs
 from foldcompile.guards import GuardError
 from foldcompile.pass_manager import copy_graph_module
 from foldcompile.passes.base import PassError
 from foldcompile.passes.classify import classify_pass
 from foldcompile.passes.fuse import DEFAULT_AT, fuse_pass
+from foldcompile.passes.merge_chunk_loops import RULE as MERGE_RULE
+from foldcompile.passes.merge_chunk_loops import merge_chunk_loops_pass
 from foldcompile.passes.normalize import normalize_pass
-from foldcompile.passes.shape_prop import shape_prop_pass
+from foldcompile.passes.shape_prop import calls_checkpoint_body, shape_prop_pass
 from foldcompile.variants import EAGER, VariantCache, call_key
 
 __all__ = ["optimize", "OptimizedModule", "OptimizeReport", "Variant", "build_variant", "fuse_graph",
@@ -179,11 +181,17 @@ def _annotate(gm: torch.fx.GraphModule, values: list[Any], dims: Mapping[str, in
 
 
 class _ConcreteShapes(torch.fx.Interpreter):
-    """The meta shape_prop writes, with every size a constant (no named dims)."""
+    """The meta shape_prop writes, with every size a constant (no named dims). An activation-checkpoint
+    body (``checkpoint(wrap_body_0, *args)``) is annotated too, node by node, as shape_prop does, so
+    classify and the rules see inside it on this path as well."""
 
     def run_node(self, n: torch.fx.Node) -> Any:
         with torch.no_grad():
-            out = super().run_node(n)
+            if calls_checkpoint_body(n):
+                args, _ = self.fetch_args_kwargs_from_env(n)
+                out = _ConcreteShapes(args[0]).run(*args[1:])
+            else:
+                out = super().run_node(n)
         n.meta.pop("multi_output", None)
         if isinstance(out, torch.Tensor):
             n.meta["shape"], n.meta["dtype"] = tuple(out.shape), out.dtype
@@ -210,8 +218,11 @@ def build_variant(model: torch.nn.Module, args: tuple, kwargs: Mapping[str, Any]
     gm = trace(model, *args, **kwargs)
     variant = fuse_graph(gm, flat_inputs(gm, args, kwargs), at=at, disabled=disabled, dims=dims, rules=rules,
                          buffers=list(model.buffers()))
-    _name_inputs_after_the_model(variant.graph, model)
-    _name_inputs_after_the_model(variant.traced, model)
+    # both graphs rename a value that took an argument's name to the same fresh name: fresh among the
+    # traced graph's names too, which fusion may have freed in the fused graph (verify pairs nodes by name)
+    traced_names = {n.name for n in variant.traced.graph.nodes}
+    _name_inputs_after_the_model(variant.graph, model, taken=traced_names)
+    _name_inputs_after_the_model(variant.traced, model, taken=traced_names)
     variant.graph.recompile()
     variant.build_seconds = time.perf_counter() - t0
     return variant
@@ -220,34 +231,86 @@ def build_variant(model: torch.nn.Module, args: tuple, kwargs: Mapping[str, Any]
 def fuse_graph(gm: torch.fx.GraphModule, values: list[Any], *, at: Mapping[str, int] | None = None,
                disabled: Iterable[str] = (), dims: Mapping[str, int] | None = None, rules: list | None = None,
                buffers: Iterable[torch.Tensor] = ()) -> Variant:
-    """normalize -> shape_prop -> classify -> fuse on a captured graph whose placeholders take ``values``
-    (the tensors and numbers of one call, flattened), under the current modes; shared by
-    :func:`build_variant` and the Dynamo backend (:mod:`foldcompile.dynamo_backend`)."""
+    """normalize -> shape_prop -> classify -> merge chunk loops -> fuse on a captured graph whose
+    placeholders take ``values`` (the tensors and numbers of one call, flattened), under the current
+    modes; shared by :func:`build_variant` and the Dynamo backend (:mod:`foldcompile.dynamo_backend`).
+
+    The variant's ``traced`` graph is the capture as annotated (the truth ``verify`` compares with),
+    checkpoint bodies included: the fused graph gets its own copies of them."""
     t0 = time.perf_counter()
     gm = normalize_pass(gm).graph_module
-    # shape propagation runs the graph on real data: on copies of the inputs, with the model's
-    # buffers put back afterwards, so a forward that writes in place (x += 1 on a view of an input,
-    # a buffer counter) is not applied by the build itself
-    buffers = [(b, b.detach().clone()) for b in buffers]
-    values = [v.detach().clone().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v
-              for v in values]
-    try:
-        _annotate(gm, values, dims)
-    finally:
-        with torch.no_grad():
-            for b, saved in buffers:
-                b.copy_(saved)
+    saved = [(b, b.detach().clone()) for b in buffers]
+
+    def annotate(g: torch.fx.GraphModule) -> None:
+        # shape propagation runs the graph on real data: on copies of the inputs, with the model's
+        # buffers put back afterwards, so a forward that writes in place (x += 1 on a view of an input,
+        # a buffer counter) is not applied by the build itself
+        copies = [v.detach().clone().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v
+                  for v in values]
+        try:
+            _annotate(g, copies, dims)
+        finally:
+            with torch.no_grad():
+                for b, old in saved:
+                    b.copy_(old)
+
+    annotate(gm)
     autocast_on = _ambient_autocast()
     traced = copy_graph_module(gm)
-    fused = copy_graph_module(gm)
+    fused = _copy_with_bodies(gm)
+    merged: dict[str, Any] = {}
     # our kernels have no autocast rules (they compute in their inputs' dtypes): under an active
     # autocast a fused op would compute in another precision than the op it replaces
+    if not autocast_on and rules != []:
+        fused, merged = _merge_chunk_loops(gm, fused, disabled, annotate)
     result = fuse_pass(fused, at=at, disabled=disabled, rules=[] if autocast_on else rules)
+    if merged:
+        _add_record(result.record, merged)
     if autocast_on:
         result.record["not_fused_because"] = (f"autocast is active ({autocast_on}): the kernels have no autocast "
                                               "rules, so nothing is fused in this variant")
     fused.recompile()
     return Variant(traced, fused, result.record, time.perf_counter() - t0, tuple(disabled))
+
+
+def _copy_with_bodies(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """``copy_graph_module`` with copies of the checkpoint bodies too (it shares submodules), so fusing
+    the copy leaves the original's bodies as they were."""
+    new = copy_graph_module(gm)
+    for name, child in list(new.named_children()):
+        if isinstance(child, torch.fx.GraphModule):
+            setattr(new, name, _copy_with_bodies(child))
+    return new
+
+
+def _merge_chunk_loops(gm: torch.fx.GraphModule, fused: torch.fx.GraphModule, disabled: Iterable[str],
+                       annotate) -> tuple[torch.fx.GraphModule, dict[str, Any]]:
+    """The chunk loops of whole layers merged (:mod:`foldcompile.passes.merge_chunk_loops`) and the graph
+    annotated again at the full row counts; a merged graph that does not run keeps the loops."""
+    result = merge_chunk_loops_pass(fused, disabled=disabled)
+    record = result.record
+    if not result.changed:
+        return fused, record
+    try:
+        annotate(fused)
+    except (PassError, RuntimeError, ValueError, TypeError, IndexError) as e:
+        why = f"the merged layer does not run at the full row count ({type(e).__name__}: {str(e).splitlines()[0]})"
+        record["rejections"] += [{"rule": m["rule"], "site": m["site"], "node": m["origin"][-1], "reason": why,
+                                  "source": m["source"]} for m in record["matches"]]
+        counts = record["counts"][MERGE_RULE]
+        counts["rejected"] += counts["matched"]
+        counts["matched"] = 0
+        record["matches"] = []
+        return _copy_with_bodies(gm), record
+    return fused, record
+
+
+def _add_record(record: dict[str, Any], merged: dict[str, Any]) -> None:
+    """The chunk-loop merges in the fusion record, as one more rule (first: they ran first)."""
+    record["matches"][:0] = merged["matches"]
+    record["rejections"][:0] = merged["rejections"]
+    record["disabled"][:0] = merged["disabled"]
+    record["counts"] = {**merged["counts"], **record["counts"]}
 
 
 def _ambient_autocast() -> str:
@@ -263,14 +326,24 @@ def _ambient_autocast() -> str:
     return ", ".join(on)
 
 
-def _name_inputs_after_the_model(gm: torch.fx.GraphModule, model: torch.nn.Module) -> None:
-    """Placeholders named like ``forward``'s parameters (``m``, not Dynamo's ``l_m_`` or ``arg4``)."""
+def _name_inputs_after_the_model(gm: torch.fx.GraphModule, model: torch.nn.Module,
+                                 taken: Iterable[str] = ()) -> None:
+    """Placeholders named like ``forward``'s parameters (``m``, not Dynamo's ``l_m_`` or ``arg4``); a value
+    that had such a name gets a fresh one, not in ``gm`` nor in ``taken``."""
     phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
     params = [p for p in inspect.signature(model.forward).parameters.values()
               if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-    if len(phs) != len(params):
-        return  # a container argument flattens to several placeholders: keep the tracer's names
-    names = {n.name for n in gm.graph.nodes}
+    if len(phs) == len(params):  # else a container argument flattened to several: the tracer's names
+        _rename_placeholders(gm, [p.name for p in params], taken)
+    _name_body_inputs_after_callers(gm)
+    gm.recompile()
+
+
+def _rename_placeholders(gm: torch.fx.GraphModule, wanted: list[str | None], taken: Iterable[str] = ()) -> None:
+    """Give the placeholders of ``gm`` the names ``wanted`` (None, or a non-identifier: keep it); a
+    value already holding a wanted name takes a fresh one, not in ``gm`` nor in ``taken`` (``m = norm(m)``
+    re-binds the argument's)."""
+    names = {n.name for n in gm.graph.nodes} | set(taken)
 
     def fresh(base: str) -> str:
         i = 1
@@ -279,25 +352,68 @@ def _name_inputs_after_the_model(gm: torch.fx.GraphModule, model: torch.nn.Modul
         return f"{base}_{i}"
 
     by_name = {n.name: n for n in gm.graph.nodes}
-    for ph, p in zip(phs, params):
-        if ph.name == p.name or not p.name.isidentifier():
+    for ph, name in zip([n for n in gm.graph.nodes if n.op == "placeholder"], wanted):
+        if name is None or ph.name == name or not name.isidentifier() or name in ("self", "torch", "operator"):
             continue
-        other = by_name.get(p.name)
-        if other is not None:  # a value the user re-bound to the argument's name (``m = norm(m)``)
-            other.name = fresh(p.name)
+        other = by_name.get(name)
+        if other is not None:
+            if other.op == "placeholder":
+                continue  # two arguments passed the same value: keep the tracer's name for the second
+            other.name = fresh(name)
             names.add(other.name)
             by_name[other.name] = other
         names.discard(ph.name)
         # set directly: fx's renaming keeps retired names reserved; codegen keeps names unique anyway
-        ph.name = p.name
-        names.add(p.name)
-        by_name[p.name] = ph
-    gm.recompile()
+        ph.name = name
+        names.add(name)
+        by_name[name] = ph
+
+
+def _name_body_inputs_after_callers(gm: torch.fx.GraphModule) -> None:
+    """An activation-checkpoint body's inputs named like the values its caller passes
+    (``wrap_body_0(x, ln_weight, mask, ...)``, not Dynamo's ``l_x_``, ``l__self___ln_weight``), and
+    their fake-tensor type annotations dropped; nested bodies likewise."""
+    for n in gm.graph.nodes:
+        if not calls_checkpoint_body(n):
+            continue
+        body = gm.get_submodule(str(n.args[0].target))
+        wanted = [a.name if isinstance(a, torch.fx.Node) else None for a in n.args[1:]]
+        _rename_placeholders(body, wanted)
+        for ph in body.graph.nodes:
+            if ph.op == "placeholder":  # called positionally: the parameter may take the value's name
+                ph.type, ph.target = None, ph.name
+        _name_body_inputs_after_callers(body)
+        body.recompile()
 
 
 def readable_code(gm: torch.fx.GraphModule) -> str:
     """``gm.code`` with the inserted kernels named for what they do (``fused_attention(...)``,
-    not the module-qualified global fx writes)."""
+    not the module-qualified global fx writes), followed by each activation-checkpoint body the graph
+    calls (``def wrap_body_0(self, x, ln_weight, ...)``, its own fused calls inside)."""
+    parts = [("", _readable(gm))]
+    for path, body in gm.named_modules():
+        if isinstance(body, torch.fx.GraphModule) and body is not gm:
+            name = path.rsplit(".", 1)[-1]
+            inside = f", inside {path.rsplit('.', 1)[0]}" if "." in path else ""
+            text = _readable(body).replace("def forward(self", f"def {name}(self", 1)
+            parts.append((f"\n# {path}: an activation-checkpoint region{inside} (its ops run again in backward)\n",
+                          text))
+    # a body's input may carry the name of a kernel another body calls: numbered with the same rule
+    kernels = set().union(*(re.findall(r"\b(fused_\w+)\(", text) for _, text in parts))
+    return "".join(head + _number_kernel_values(text, kernels) for head, text in parts)
+
+
+def _number_kernel_values(code: str, kernels: set[str]) -> str:
+    # fx names a kernel's value after the kernel (``fused_layer_norm = fused_layer_norm(x, ...)``): read
+    # as Python that rebinds the kernel's name, so its values are numbered instead (``fused_layer_norm_0``)
+    for kernel in kernels:
+        if re.search(rf"\b{kernel}\b(?!\()", code) and not re.search(rf"\b{kernel}_0\b", code):
+            code = re.sub(rf"\b{kernel}\b(?!\()", f"{kernel}_0", code)
+    return code
+
+
+def _readable(gm: torch.fx.GraphModule) -> str:
+    """One graph's own code, readable (see :func:`readable_code`)."""
     code = re.sub(r"\bfoldcompile_passes_rules_[a-z_]+?_(fused_\w+?)(_\d+)?\(", r"\1(", gm.code)
     # the DAP runtime's calls by their own names: ``h = all_to_all_start(m, ...)`` ... ``m_s1 = wait(h)``
     code = re.sub(r"\bfoldcompile_distributed_[a-z]+(?:_[a-z]+)*?_((?:all_to_all|all_gather|reduce_scatter|all_reduce)"

@@ -9,7 +9,7 @@ stop after any pass, and compares any intermediate graph with the captured one::
 
     >>> from functools import partial
     >>> from foldcompile.capture import trace
-    >>> from foldcompile.explain import flat_inputs
+    >>> from foldcompile.capture import flat_inputs
     >>> from foldcompile.models import zoo
     >>> from foldcompile.passes import classify_pass, normalize_pass, shape_prop_pass
     >>> block, ex = zoo.get("evoformer_block")

@@ -51,8 +51,8 @@ import sympy
 import torch
 import torch.fx
 
-from foldcompile.capture import trace
-from foldcompile.explain import Report, explain_graph, flat_inputs
+from foldcompile.capture import flat_inputs, trace
+from foldcompile.explain import Report, explain_graph
 from foldcompile.pass_manager import PassManager
 from foldcompile.passes.normalize import normalize_pass
 from foldcompile.passes.registry import OP_CLASSES, op_name

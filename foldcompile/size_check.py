@@ -19,7 +19,7 @@ If either fails, the graph's structure depends on the sizes and the cost is refu
 with the first node where the two graphs part.
 
     >>> from foldcompile.capture import trace
-    >>> from foldcompile.explain import flat_inputs
+    >>> from foldcompile.capture import flat_inputs
     >>> from foldcompile.models import zoo
     >>> from foldcompile.passes import normalize_pass, shape_prop_pass
     >>> block, ex = zoo.get("evoformer_block")              # N_seq=5, N_res=11

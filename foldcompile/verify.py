@@ -43,15 +43,14 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.fx
 
-from foldcompile.explain import flat_inputs
+from foldcompile.capture import flat_inputs
 from foldcompile.optimize import OptimizedModule, Variant, build_variant, optimize
+from foldcompile.passes.registry import draws_random, writes_in_place
 from foldcompile.passes.rules import _meta as M
 from foldcompile.variants import EAGER
 
 __all__ = ["verify", "VerifyReport"]
 
-_RANDOM = {"dropout", "bernoulli", "rand", "rand_like", "randn", "randn_like", "randint", "randint_like",
-           "feature_alpha_dropout", "alpha_dropout", "normal", "multinomial"}
 _WIDEN = {torch.float16: torch.float64, torch.bfloat16: torch.float64, torch.float32: torch.float64}
 
 
@@ -77,7 +76,7 @@ class _Run(torch.fx.Interpreter):
     def run_node(self, n: torch.fx.Node) -> Any:
         if n.op == "get_attr" and n.target in self.params:
             out = self.params[n.target]
-        elif n.op == "call_function" and M.op_name(n) in _RANDOM:
+        elif n.op == "call_function" and draws_random(n):
             out = self._random(n)
         elif n.op == "call_function" and self.wide:
             args, kwargs = self.fetch_args_kwargs_from_env(n)
@@ -101,11 +100,14 @@ class _Run(torch.fx.Interpreter):
             keep = self.random[n.name]
             return torch.where(keep, x / (1 - p), torch.zeros((), dtype=x.dtype, device=x.device))
         if n.name not in self.random:
-            self.random[n.name] = n.target(*args, **kwargs)
+            drawn = n.target(*args, **kwargs)
+            # an in-place draw (x.uniform_()) returns x itself, which later ops may overwrite: keep a copy
+            self.random[n.name] = drawn.clone() if writes_in_place(n) else drawn
         rec = self.random[n.name]
         like = next((a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()), None)
         dt = like.dtype if like is not None else (torch.float64 if self.wide and rec.is_floating_point() else rec.dtype)
-        return rec.to(dt) if rec.is_floating_point() else rec
+        out = rec.to(dt) if rec.is_floating_point() else rec
+        return args[0].copy_(out) if writes_in_place(n) else out
 
 
 def _flat(x: Any) -> list[torch.Tensor]:
@@ -163,9 +165,11 @@ class VerifyReport:
 
 
 def _check(variant: Variant, model: torch.nn.Module, flat: list[Any], factor: float, floor: float,
-           nodes: bool = True) -> tuple[list, list, dict | None]:
+           nodes: bool = True, random: dict[str, torch.Tensor] | None = None) -> tuple[list, list, dict | None]:
+    """Run the three graphs; ``random``: the random values drawn so far, by traced node name (drawn on
+    first use and replayed after: every graph, and every bisect step, sees the same dropout masks)."""
     traced, fused = variant.traced, variant.graph
-    random: dict[str, torch.Tensor] = {}
+    random = {} if random is None else random
     names = [name for name, p in model.named_parameters() if p.requires_grad]
     own = dict(model.named_parameters())
     params = [own[n] for n in names]
@@ -252,18 +256,20 @@ def verify(model: torch.nn.Module, *inputs: Any, optimized: OptimizedModule | No
     if variant is EAGER:
         raise RuntimeError("verify: these inputs run eagerly (the variant cache is past its build limit)")
     flat = flat_inputs(variant.traced, inputs, kwargs)
-    outputs, gradients, first_bad = _check(variant, model, flat, factor, floor)
+    random: dict[str, torch.Tensor] = {}  # one draw of every random op, for every run and bisect step
+    outputs, gradients, first_bad = _check(variant, model, flat, factor, floor, random=random)
     report = VerifyReport(outputs, gradients, first_bad, factor, floor)
     if bisect and not report.ok:
         report.culprit, report.bisect_steps = _bisect(
             variant, lambda disabled: build_variant(model, inputs, kwargs, at=optimized.at, dims=optimized.dims,
                                                     rules=optimized.rules, disabled=disabled),
-            model, flat, factor, floor)
+            model, flat, factor, floor, random)
     return report
 
 
 def _bisect(variant: Variant, rebuild: Callable[[Iterable[str]], Variant], model: torch.nn.Module,
-            flat: list[Any], factor: float, floor: float) -> tuple[dict | None, list[dict]]:
+            flat: list[Any], factor: float, floor: float, random: dict[str, torch.Tensor] | None = None
+            ) -> tuple[dict | None, list[dict]]:
     """Halve the set of enabled matches while the failure persists; the last one standing is the culprit."""
     matches = {m["id"]: m for m in variant.record["matches"]}
     suspects = list(matches)
@@ -271,7 +277,7 @@ def _bisect(variant: Variant, rebuild: Callable[[Iterable[str]], Variant], model
 
     def fails(enabled: list[str]) -> bool:
         v = rebuild([m for m in matches if m not in enabled])
-        outs, grads, bad = _check(v, model, flat, factor, floor, nodes=True)
+        outs, grads, bad = _check(v, model, flat, factor, floor, nodes=True, random=random)
         failed = bad is not None or not all(r["ok"] for r in outs + grads)
         steps.append({"enabled": list(enabled), "fails": failed})
         return failed

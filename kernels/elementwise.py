@@ -177,6 +177,21 @@ class FusedElementwise:
         """Whether the fragment holds a dropout (a call without ``seed`` then draws one on the host)."""
         return any(v.op == "dropout" for v in self._frag.vals)
 
+    def output_dtypes(self, *inputs: Any) -> list[torch.dtype]:
+        """The dtype of each output for a call on ``inputs`` (tensors of any device, ``meta`` included,
+        or Python numbers), as eager PyTorch's promotion gives it; a ``ValueError`` / ``TypeError``
+        says why such a call cannot run (eager computes an integer there, shapes do not broadcast, an
+        input dtype the kernels do not take). Nothing is computed: a caller checks a fragment before
+        it puts it in a graph, so a call never fails later::
+
+            >>> fused = fuse_elementwise(lambda x, m: x + torch.where(m, 0.0, float("-inf")))
+            >>> fused.output_dtypes(torch.empty(4, 8, dtype=torch.float16, device="meta"),
+            ...                     torch.empty(4, 8, dtype=torch.bool, device="meta"))
+            [torch.float32]
+        """
+        lay = _layout(self._frag, inputs)
+        return [lay.dtypes[o] for o in self._frag.outputs]
+
     def random_numel(self, *inputs: Any) -> int:
         """How many Philox counters one call on these inputs consumes (advance ``offset`` by it)."""
         lay = _layout(self._frag, inputs)

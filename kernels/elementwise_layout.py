@@ -118,14 +118,15 @@ def _layout(frag: _Fragment, inputs: Sequence[Any]) -> _Layout:
             else:
                 ranks = [len(shapes[a]) for a in v.args if shapes[a] is not None]
                 bool_operand = any(k == "f" and dtypes[a] == torch.bool for a, k in zip(v.args, rule.arg_kinds))
-                if (0 in ranks and any(r > 0 for r in ranks)) or bool_operand:
-                    # A 0-dim tensor next to dimensioned ones, or a bool tensor in arithmetic:
-                    # eager's result_type rule decides (a 0-dim fp32 tensor does not promote an
-                    # fp16 [4, 8] tensor; bool [4] * fp16 0-dim is fp16, not fp32), so ask it.
+                float_args = [d for k, d in zip(rule.arg_kinds, [dtypes[a] for a in v.args]) if k == "f" and d]
+                if (0 in ranks and any(r > 0 for r in ranks)) or bool_operand or not float_args:
+                    # A 0-dim tensor next to dimensioned ones, a bool tensor in arithmetic, or only
+                    # Python numbers where floats go (``where(m > 0, 0., -inf)``: the default float
+                    # dtype): eager's result_type rule decides (a 0-dim fp32 tensor does not promote
+                    # an fp16 [4, 8] tensor; bool [4] * fp16 0-dim is fp16, not fp32), so ask it.
                     d = _eager_result_dtype(frag, v, rule, inputs, dtypes, shapes)
                 else:
-                    float_args = [d for k, d in zip(rule.arg_kinds, [dtypes[a] for a in v.args]) if k == "f" and d]
-                    d = _promote(float_args) if float_args else _promote(tensor_dtypes)
+                    d = _promote(float_args)
                 if not d.is_floating_point:  # e.g. bool * bool is bool in eager
                     names = ", ".join(f"{frag.vals[a].name} {dtypes[a]}" for a in v.args if dtypes[a] is not None)
                     raise ValueError(f"node '{v.name}' ({v.op}): eager PyTorch computes it in {d} on {names}; "

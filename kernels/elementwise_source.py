@@ -42,7 +42,7 @@ class _Writer:
 
 def _gen_kernel(frag: _Fragment, lay: _Layout, sizes: list[int], loaded: list[int], ops: list[_Operand],
                 int64: bool, backward: bool, grad_inputs: list[int], name: str,
-                split: int | None = None, reduced: tuple[bool, ...] = ()) -> str:
+                split: int | None = None, reduced: tuple[bool, ...] = (), row_sum: bool = False) -> str:
     """Source of one kernel.
 
     ``loaded``: value ids of the tensor inputs it reads (then, in backward, the
@@ -55,6 +55,11 @@ def _gen_kernel(frag: _Fragment, lay: _Layout, sizes: list[int], loaded: list[in
     grad input flagged in ``reduced`` (broadcast over all the row dims, a bias) is
     summed over the tile's rows in registers and stored as one partial row per
     program: a [row blocks, C] float32 buffer instead of a full-size one.
+
+    ``row_sum`` (forward, with ``split``; one column block holds every column): the
+    fragment's one output is summed over the tile's columns in registers and stored as
+    one value per row (``foldcompile.kernels.elementwise_sum``): the [R, C] values are
+    never written.
     """
     rank = len(sizes)
     vals = frag.vals
@@ -145,6 +150,11 @@ def _gen_kernel(frag: _Fragment, lay: _Layout, sizes: list[int], loaded: list[in
           f"{', '.join(vals[a].name for a in v.args)})")
         names[i] = f"v{i}"
     if not backward:
+        if row_sum:
+            (o,) = frag.outputs
+            w(f"tl.store(out0 + rows, tl.sum(tl.where(valid, {names[o]}, 0.0), axis=1).to(out0.dtype.element_ty), "
+              "mask=rows < R)")
+            return "\n".join(w.lines)
         for k, o in enumerate(frag.outputs):
             w(f"tl.store(out{k} + offs, {names[o]}.to(out{k}.dtype.element_ty), mask=valid)")
         return "\n".join(w.lines)

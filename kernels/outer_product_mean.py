@@ -40,6 +40,10 @@ Kernels (per batch element; C, E padded to powers of two inside with masked load
   No atomics; o is never stored (the alternative, saving o for backward, is the 2 GiB this
   kernel exists to avoid).
 
+NaN and ±inf in a, b or the weight, and a zero count (eps = 0), give eager's NaN and ±inf at eager's
+positions, gradients included: lanes past the problem's edge are zeroed before each product, since
+0 * inf there is NaN (tests/kernels/test_properties_outer_product_mean.py).
+
 The count d is one small batched GEMM over the masks done by torch in fp32 ([*, I, J]: 4 MiB at
 N_res = 1024), read by every kernel. Backward FLOPs are ~3x the forward's (three recomputed GEMMs
 of the forward's size, three gradient GEMMs).
@@ -110,7 +114,10 @@ def _outer_chunk(A_b, B_b, a_rows, a_ok, b_cols, b_ok, sas, sbs, S: constexpr, P
         o += tl.dot(at, bt, input_precision=PRECISION)
         a_ptr += BS * sas
         b_ptr += BS * sbs
-    return o
+    # Lanes outside the problem are 0 * (a value of the other operand): NaN where that value is
+    # ±inf. Zero them, or they reach real entries through the next product (0 * NaN; eager's
+    # result there is ±inf, not NaN).
+    return tl.where(a_ok[:, None] & b_ok[None, :], o, 0.0)
 
 
 @triton.jit
@@ -122,9 +129,11 @@ def _pairs_by_channels(o, BI: tl.constexpr, CB: tl.constexpr, BJ: tl.constexpr, 
 @triton.jit
 def _scaled_grad(g_ptr, d_ptr, ok2, z_ok, den_const, HAS_DEN: tl.constexpr):
     """(dout / d, dout) for a [BI·BJ, BZ] pair tile in fp32 (0 outside the problem)."""
-    g = tl.load(g_ptr, mask=ok2[:, None] & z_ok[None, :], other=0.0).to(tl.float32)
+    ok = ok2[:, None] & z_ok[None, :]
+    g = tl.load(g_ptr, mask=ok, other=0.0).to(tl.float32)
     if HAS_DEN:
-        return g / tl.load(d_ptr, mask=ok2, other=1.0)[:, None], g
+        # where, not just the load's 0: a zero count (eps = 0) makes the padded channels 0 / 0 = NaN
+        return tl.where(ok, g / tl.load(d_ptr, mask=ok2, other=1.0)[:, None], 0.0), g
     return g / den_const, g
 
 
@@ -217,6 +226,9 @@ def _opm_bwd_da_kernel(DOUT, DEN, W, Bm, DA,
     for j0 in range(0, J, BJ):
         g, _ = _scaled_grad(g_ptr, d_ptr, (i2 < I) & (jl2 < J - j0), z_ok, den_const, HAS_DEN)
         do = tl.dot(g.to(W.dtype.element_ty), wc, input_precision=PRECISION)  # [BI·BJ, CB·EP]
+        # 0 outside the problem: a padded pair is 0 * W (NaN where W holds ±inf) and a padded
+        # channel 0 * g (NaN where a zero count made g ±inf); either would reach da as 0 * NaN.
+        do = tl.where(((i2 < I) & (jl2 < J - j0))[:, None] & ((ck < C) & (ek < E))[None, :], do, 0.0)
         do = tl.reshape(tl.permute(tl.reshape(do.to(W.dtype.element_ty), [BI, BJ, CB, EP]), (0, 2, 1, 3)),
                         [BI * CB, BJ * EP])
         bt = tl.load(b_ptr, mask=(jl < J - j0)[:, None] & be_ok, other=0.0)  # [BJ·EP, BS]

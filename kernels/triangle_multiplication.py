@@ -204,6 +204,10 @@ fp32 GEMMs use TF32 only where ``torch.get_float32_matmul_precision()`` allows i
 (Triton and cuBLAS alike). The mask takes no gradient (a mask that requires grad is
 refused).
 
+NaN and ±inf in z or a parameter give eager's NaN and ±inf at eager's positions, gradients
+included: the backward zeroes the gate gradients of lanes past the tile and leaves padded rows out
+of its partial sums, where 0 * inf would be NaN (tests/kernels/test_properties_triangle_multiplication.py).
+
 Dispatch: CUDA tensors (or CPU tensors under ``TRITON_INTERPRET=1``) in fp16 / bf16 /
 fp32 with c_z, c_hidden ≤ ``MAX_TRITON_DIM`` run the kernels; float64, other devices
 and wider channels run :func:`triangle_multiplication_reference`.
@@ -700,8 +704,11 @@ def _trimul_out_bwd_kernel(P, Z, MEAN, RSTD, LN1W, LN1B, LN2W, LN2B, WO, BO, WGO
         pt, x, mean1, rstd1, r_ok, LN1W, LN1B, LN2W, LN2B, WO, BO, WGO, BGO, eps2,
         C, H, PRECISION, BLOCK_C, BLOCK_HF)
     dout = tl.load(DOUT + rows[:, None] * C + cols[None, :], mask=zc_ok, other=0.0).to(tl.float32)
-    do = dout * g
-    dgate = dout * o * g * (1.0 - g)
+    # 0 outside the tile's rows and channels: the gate there is sigmoid of 0 * (LN(z), which may hold
+    # ±inf) = NaN, and 0 * NaN would reach real entries through the products and sums below (eager
+    # forms no such lanes).
+    do = tl.where(zc_ok, dout * g, 0.0)
+    dgate = tl.where(zc_ok, dout * o * g * (1.0 - g), 0.0)
     do_c = do.to(y_t.dtype)
     tl.store(DO + rows[:, None] * C + cols[None, :], do_c, mask=zc_ok)
     tl.store(DU + rows[:, None] * LD_DU + GATE_OFF + cols[None, :], dgate.to(DU.dtype.element_ty), mask=zc_ok)
@@ -712,8 +719,10 @@ def _trimul_out_bwd_kernel(P, Z, MEAN, RSTD, LN1W, LN1B, LN2W, LN2B, WO, BO, WGO
                    other=0.0).to(y_t.dtype)
     dy_t = tl.dot(wo_t, tl.trans(do_c), input_precision=PRECISION)
     prow = PART + t.to(tl.int64) * LD_PART
-    tl.store(prow + hh, tl.sum(dy_t * yhat_t, axis=1), mask=h_ok)
-    tl.store(prow + H + hh, tl.sum(dy_t, axis=1), mask=h_ok)
+    # The column sums over the tile's rows leave out the padded rows: there dy is 0 * W_o (NaN
+    # where W_o holds ±inf).
+    tl.store(prow + hh, tl.sum(tl.where(pt_ok, dy_t * yhat_t, 0.0), axis=1), mask=h_ok)
+    tl.store(prow + H + hh, tl.sum(tl.where(pt_ok, dy_t, 0.0), axis=1), mask=h_ok)
     tl.store(prow + 2 * H + cols, tl.sum(do, axis=0), mask=c_ok)
     tl.store(prow + 2 * H + C + cols, tl.sum(dgate, axis=0), mask=c_ok)
     # LayerNorm backward over the channels (axis 0): dp = rstd·(dŷ − mean(dŷ) − ŷ·mean(ŷ·dŷ)).

@@ -4,14 +4,16 @@
     shape_prop  shapes, dtypes, and sizes as sympy expressions over named dims (N_seq, N_res, ...),
                 on real or fake tensors
     classify    op class (GEMM / REDUCTION / ELEMENTWISE / LAYOUT / COMM / OTHER) and symbolic cost
+    merge_chunk_loops  a layer run on chunks of rows in a Python loop -> the layer run once (before fuse)
     fuse        the fusion rules of ``passes/rules`` (attention, softmax, layer norm) into the kernels
     shard       the DAP placement plan: a placement on every tensor, a redistribute at every change
 
 The op IR under them:
 
     registry    one entry per op, keyed by its callables: class, shape rule, FLOPs, spelling, ...
-    shape_rules the symbolic-shape rules, each registering its ops (the rule contract)
-    op_comm     the collectives' entries; op_kernels the kernels' torch.library ops' entries
+    shape_rules the symbolic-shape rule contract (RuleContext, NoRule) and the rules' shared helpers
+    op_*        the entries, one module per op family: op_pointwise, op_layout, op_reduction, op_gemm,
+                op_creation (random ops too), op_comm (collectives), op_kernels (the kernels' torch.library ops)
     einsum      every GEMM-like node as an equation; letter sizes, FLOPs, batch/free/contracted
     placement   the planned graph's contract (Placed, redistribute); sharding_rules the ops' DAP rules
     labeling    exact min-sum labeling by variable elimination (the plan's search)

@@ -44,14 +44,10 @@ from foldcompile.distributed.collectives import wait
 from foldcompile.distributed.sharded_random import draw_global, draw_global_like, sharded_dropout
 from foldcompile.passes.base import PassError, describe_node
 from foldcompile.passes.localize import collective_of, is_runtime_call
-from foldcompile.passes.registry import entry_of, op_name, writes_in_place
+from foldcompile.passes.registry import changes_mode, draws_random, entry_of, op_name, writes_in_place
 
 __all__ = ["Dependence", "is_barrier", "is_ordered", "pairs_of"]
 
-_MODE_CHANGES = {"_set_grad_enabled", "_enter_autocast", "_exit_autocast", "set_grad_enabled", "autocast"}
-_RANDOM = {"dropout", "bernoulli", "rand", "randn", "rand_like", "randn_like", "randint", "randint_like", "normal",
-           "multinomial", "alpha_dropout", "feature_alpha_dropout", "randperm", "poisson", "dropout1d", "dropout2d",
-           "dropout3d", "rrelu"}
 _DRAWS = {sharded_dropout, draw_global, draw_global_like}
 
 
@@ -59,7 +55,7 @@ def _impure(n: torch.fx.Node) -> bool:
     try:
         return bool(n.is_impure(impure_random=False))
     except TypeError:   # torch builds whose is_impure takes no impure_random
-        return bool(n.is_impure()) and op_name(n) not in _RANDOM
+        return bool(n.is_impure()) and not draws_random(n)
     except Exception:
         return True
 
@@ -70,9 +66,9 @@ def is_barrier(n: torch.fx.Node) -> bool:
         return str(n.target).endswith("_") and not str(n.target).endswith("__")
     if n.op != "call_function":
         return n.op == "call_module"
-    if is_runtime_call(n) or n.target in _DRAWS or op_name(n) in _RANDOM:
+    if is_runtime_call(n) or n.target in _DRAWS or draws_random(n):
         return False   # random draws are ordered, not barriers (torch calls some of them impure)
-    return op_name(n) in _MODE_CHANGES or writes_in_place(n) or _impure(n)
+    return changes_mode(n) or writes_in_place(n) or _impure(n)
 
 
 def is_ordered(n: torch.fx.Node) -> bool:
@@ -81,7 +77,7 @@ def is_ordered(n: torch.fx.Node) -> bool:
         return not is_barrier(n)
     if n.op != "call_function" or is_barrier(n):
         return False
-    if n.target in _DRAWS or op_name(n) in _RANDOM:
+    if n.target in _DRAWS or draws_random(n):
         return True
     if is_runtime_call(n):
         return False

@@ -42,18 +42,21 @@ the edge of a region (a match wholly inside an ``autocast(enabled=False)`` regio
 """
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from typing import Any, Iterable, Mapping
 
 import torch
 import torch.fx
 
-from foldcompile.passes.base import PassError, PassResult
+from foldcompile.passes.base import PassError, PassResult, declare
 from foldcompile.passes.rules import Context, Reject, Rule, all_rules
 from foldcompile.passes.rules import _meta as M
-from foldcompile.passes.registry import writes_in_place
-from foldcompile.passes.meta import memory_of
+from foldcompile.passes.registry import draws_random, entry_of, writes_in_place
+from foldcompile.passes.meta import COST, DTYPE, EINSUM, OP_CLASS, ORIGIN, SHAPE, SYM_SHAPE, memory_of
 from foldcompile.passes.shape_prop import dim_symbol
+
+_log = logging.getLogger(__name__)  # foldcompile.passes.<name>: progress of this pass
 
 __all__ = ["fuse_pass", "DEFAULT_AT", "UNFUSED_REASONS"]
 
@@ -72,11 +75,6 @@ UNFUSED_REASONS = {
     "barrier": "inside a collective/autocast barrier",
 }
 
-_RANDOM = {"dropout", "bernoulli", "rand", "rand_like", "randn", "randn_like", "feature_alpha_dropout",
-           "alpha_dropout", "dropout_", "bernoulli_"}
-_KERNEL_OPS = {"softmax", "layer_norm"}
-
-
 def _subgraph_modules(gm: torch.fx.GraphModule) -> list[torch.fx.GraphModule]:
     return [gm] + [m for _, m in gm.named_modules() if isinstance(m, torch.fx.GraphModule) and m is not gm]
 
@@ -92,12 +90,11 @@ def _autocast_regions(graph: torch.fx.Graph) -> dict[torch.fx.Node, tuple[int, b
     stack: list[tuple[int, bool]] = []
     next_id = 0
     for n in graph.nodes:
-        name = M.op_name(n)
-        if name == "_enter_autocast":
+        if n.op == "call_function" and n.target is torch.amp.autocast_mode._enter_autocast:
             enabled = n.args[2] if len(n.args) > 2 else n.kwargs.get("enabled", True)
             stack.append((next_id, enabled is not False))
             next_id += 1
-        elif name == "_exit_autocast":
+        elif n.op == "call_function" and n.target is torch.amp.autocast_mode._exit_autocast:
             if stack:
                 stack.pop()
         elif stack:
@@ -147,7 +144,7 @@ def _erase_dead(graph: torch.fx.Graph, nodes: Iterable[torch.fx.Node], erased: s
     work = list(nodes)
     while work:
         n = work.pop()
-        if n in erased or n.users or n.op != "call_function" or M.op_name(n) in _RANDOM:
+        if n in erased or n.users or n.op != "call_function" or draws_random(n):
             continue
         inputs = n.all_input_nodes
         graph.erase_node(n)
@@ -155,6 +152,7 @@ def _erase_dead(graph: torch.fx.Graph, nodes: Iterable[torch.fx.Node], erased: s
         work.extend(inputs)
 
 
+@declare(requires=(SHAPE, SYM_SHAPE, DTYPE, EINSUM, OP_CLASS, COST), ensures=(ORIGIN,))
 def fuse_pass(gm: torch.fx.GraphModule, *, at: Mapping[str, int] | None = None, disabled: Iterable[str] = (),
               rules: list[Rule] | None = None) -> PassResult:
     """Rewrite every pattern the rules match into its kernel (see the module docstring)."""
@@ -244,14 +242,16 @@ def fuse_pass(gm: torch.fx.GraphModule, *, at: Mapping[str, int] | None = None, 
                                           "bytes": M.cost_bytes_at(n, subs)})
     record["coverage"] = {"fused_bytes": fused_bytes, "total_bytes": total_bytes,
                           "fraction": fused_bytes / total_bytes if total_bytes else 1.0}
+    _log.info("fuse: %d matches, %d rejections, %d element-wise/reduction nodes left unfused, %.0f%% of their "
+              "bytes fused", len(record["matches"]), len(record["rejections"]), len(record["unfused"]),
+              100 * record["coverage"]["fraction"])
     return PassResult(gm, changed, record)
 
 
 def _unfused_reason(n: torch.fx.Node, rejected: Mapping[torch.fx.Node, str], barrier: set) -> str:
-    name = M.op_name(n)
     if n in barrier:
         return UNFUSED_REASONS["barrier"]
-    if name in _RANDOM:
+    if draws_random(n):
         return UNFUSED_REASONS["random"]
     if n in rejected:
         why = rejected[n]
@@ -260,7 +260,8 @@ def _unfused_reason(n: torch.fx.Node, rejected: Mapping[torch.fx.Node, str], bar
             if words in why:
                 return f"{UNFUSED_REASONS[key]} ({why})"
         return f"{UNFUSED_REASONS['rejected']} ({why})"
-    if name in _KERNEL_OPS:
+    entry = entry_of(n)
+    if entry is not None and entry.fusible == "kernel":  # one of our kernels computes it: no rule's pattern did
         return UNFUSED_REASONS["no_pattern"]
     if M.dtype(n) is not None and M.dtype(n) not in (torch.float16, torch.bfloat16, torch.float32, torch.float64,
                                                      torch.bool):

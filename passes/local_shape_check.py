@@ -28,6 +28,7 @@ fails here, naming the node, instead of inside a collective on some rank. It als
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Optional, Sequence
 
 import torch
@@ -39,6 +40,8 @@ from foldcompile.distributed.grad_ops import keep_grad_on_rank, sum_grad
 from foldcompile.passes.base import PassError, PassResult, declare, describe_node
 from foldcompile.passes.localize import collective_of
 from foldcompile.passes.meta import ALIASES_INPUT, DTYPE, MULTI_OUTPUT, SHAPE, SHARD
+
+_log = logging.getLogger(__name__)  # foldcompile.passes.<name>: progress of this pass
 
 __all__ = ["local_shape_check_pass"]
 
@@ -147,4 +150,5 @@ def local_shape_check_pass(gm: torch.fx.GraphModule, example_inputs: Optional[Se
     run.checked = 0
     with torch.no_grad(), mode:
         run.run(*values)
+    _log.info("local_shape_check: rank %s, %d nodes checked on fake tensors", rank, run.checked)
     return PassResult(gm, False, {"checked": run.checked, "rank": rank})

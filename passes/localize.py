@@ -86,7 +86,7 @@ from foldcompile.passes.base import PassError, PassResult, declare, describe_nod
 from foldcompile.passes.grad_placement import GradPlacements, gradient_placements
 from foldcompile.passes.meta import DTYPE, MULTI_OUTPUT, SHAPE, SHARD, SYM_ARGS, SYM_SHAPE
 from foldcompile.passes.placement import Placed, redistribute, transition_kind
-from foldcompile.passes.registry import entry_of, op_name
+from foldcompile.passes.registry import draws_random, entry_of, op_name
 from foldcompile.passes.shape_prop import dim_symbol
 
 _log = logging.getLogger(__name__)
@@ -102,12 +102,9 @@ COLLECTIVE_STARTS: dict[str, Callable[..., Any]] = {
 # every runtime function a lowered graph calls: collectives (fusion barriers, class COMM)
 RUNTIME_CALLS = frozenset({*COLLECTIVE_STARTS.values(), wait, shard, keep_grad_on_rank, sum_grad})
 
-# random ops: drawn whole and sliced when their output is sharded (the handlers below); any other
-# random op on a shard is refused, since it would draw other values than one process
+# random ops (the registry's ``random``) the handlers below draw whole and slice when their output is
+# sharded; any other random op on a shard is refused, since it would draw other values than one process
 _RANDOM_HANDLED = {"dropout", "bernoulli", "rand", "randn", "rand_like", "randn_like"}
-_RANDOM_REFUSED = {"dropout_", "alpha_dropout", "feature_alpha_dropout", "randint", "randint_like", "normal",
-                   "normal_", "uniform_", "bernoulli_", "exponential_", "random_", "multinomial", "randperm",
-                   "poisson", "cauchy_", "geometric_", "log_normal_"}
 # integer arithmetic folded once its operands are constants (sizes answered by a size query)
 _FOLDABLE = {operator.getitem, operator.add, operator.sub, operator.mul, operator.floordiv, operator.mod}
 # creation ops whose values depend on the element's index: built whole, then sliced
@@ -413,7 +410,7 @@ class _Lowering:
             return
         self.original_args[n] = _source_args(n)
         sharded = isinstance(placed, Placed) and placed.dim is not None
-        if name in _RANDOM_REFUSED and (sharded or any(isinstance(_placed(a), Placed) and _placed(a).dim is not None
+        if draws_random(n) and name not in _RANDOM_HANDLED and (sharded or any(isinstance(_placed(a), Placed) and _placed(a).dim is not None
                                                        for a in n.all_input_nodes)):
             raise PassError(f"{describe_node(n)}: the random op {name} on a sharded tensor would draw other values "
                             "than one process; only dropout, bernoulli, rand(n)(_like) are drawn whole and sliced")
@@ -600,6 +597,11 @@ class _Lowering:
         local = int(placed.split_sizes[self.rank])
         n.args = (x, dim, 0, local) + tuple(n.args[4:])
         n.kwargs = {k: v for k, v in n.kwargs.items() if k not in ("start", "length")}
+        sym_args = n.meta.get(SYM_ARGS)
+        if isinstance(sym_args, dict) and 3 in sym_args:  # the length's meaning: this rank's share now
+            n.meta[SYM_ARGS] = {**sym_args, 3: local_size(placed.global_size if placed.global_size is not None
+                                                          else sym_args[3], placed.split_sizes, self.rank,
+                                                          self.world, self.subs)}
         self.record["local_sizes"].append({"node": n.name, "op": "narrow", "dim": placed.dim, "global": whole,
                                            "local": local})
 

@@ -14,7 +14,8 @@ constant           key                    written by, and what it holds
 ``SYM_VALUE``      ``"sym_value"``        shape_prop: an integer node's expression (``N_res // 2``)
 ``SYM_ARGS``       ``"sym_args"``         shape_prop: literal size-like arguments with their symbolic
                                           meaning (``{1: (N_res, N_res, 2, 4)}`` for
-                                          ``view(x, (11, 11, 2, 4))``), by argument position
+                                          ``view(x, (11, 11, 2, 4))``; split sections,
+                                          unflatten sizes, a narrow's length), by position
 ``MULTI_OUTPUT``   ``"multi_output"``     shape_prop: the op returns several tensors (``split``)
 ``ALIASES_INPUT``  ``"aliases_input"``    shape_prop: the output shares storage with an input (a view)
 ``OP_CLASS``       ``"op_class"``         classify: GEMM / REDUCTION / ELEMENTWISE / LAYOUT / COMM /

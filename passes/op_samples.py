@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["pointwise", "same_as_first", "shape_query", "layout", "reduce", "creation", "gemm", "Call"]
+__all__ = ["pointwise", "same_as_first", "shape_query", "layout", "reduce", "creation", "random", "gemm", "Call"]
 
 Call = tuple[tuple, dict]
 A, B, C = 5, 7, 3  # the sample sizes: two "dims" and a channel
@@ -58,7 +58,7 @@ def pointwise(name: str) -> list[Call]:
     if name == "where":
         return [((x > 0, x, y), {}), ((x, x > 0, y), {})]  # torch.where(cond, a, b); a.where(cond, b)
     if name in ("dropout", "dropout_", "alpha_dropout", "feature_alpha_dropout"):
-        return [((x, 0.25, False), {})]
+        return [((x, 0.25, False), {}), ((x.clone(), 0.25, True), {})]
     if name in ("lerp",):
         return [((x, y, 0.3), {})]
     if name in ("addcmul", "addcdiv"):
@@ -173,6 +173,28 @@ def creation(name: str) -> list[Call]:
         "tensor": [(([1.0, 2.0, 3.0],), {})], "one_hot": [((torch.tensor([0, 2, 1, 3]), 4), {})],
     }
     return table[name]
+
+
+def random(name: str) -> list[Call]:
+    """Random draws: in-place fills, per-element draws, draws of given sizes (their values are not
+    compared, only their shapes, classes and FLOPs)."""
+    x = _x()
+    table: dict[str, list[Call]] = {
+        "bernoulli_": [((x.clone(), 0.3), {})], "poisson": [((_pos(),), {})],
+        "rrelu": [((x, 0.1, 0.3, True), {})], "rrelu_": [((x.clone(), 0.1, 0.3, True), {})],
+        "feature_dropout": [((x, 0.25, True), {})], "alpha_dropout_": [((x.clone(), 0.25, True), {})],
+        "feature_alpha_dropout_": [((x.clone(), 0.25, True), {})],
+        "dropout1d": [((x, 0.25, True), {})], "dropout2d": [((_x(2, A, B, C), 0.25, True), {})],
+        "dropout3d": [((_x(2, A, B, C, 2), 0.25, True), {})],
+        "randint_like": [((x, 9), {}), ((x, 2, 9), {})],
+        "binomial": [((torch.full((A, B), 4.0), torch.full((B,), 0.5)), {})],
+        "normal": [((x, _pos()), {}), ((x, 2.0), {}), ((0.0, 1.0, (A, B)), {})],
+        "randint": [((9, (A, B)), {}), ((2, 9, (B,)), {})],
+        "randperm": [((B,), {})],
+        "multinomial": [((_pos()[..., 0], 2), {}), ((_pos()[0, 0], B, True), {})],
+        "geometric_": [((x.clone(), 0.4), {})],
+    }
+    return table.get(name, [((x.clone(),), {})])  # uniform_, normal_, exponential_, ...: x.fill_(draws)
 
 
 def gemm(name: str) -> list[Call]:

@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import bisect
 import heapq
+import logging
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
@@ -70,6 +71,8 @@ from foldcompile.passes.schedule_collectives import DEFAULT_MAX_BYTES_IN_FLIGHT,
 from foldcompile.passes.schedule_model import (ScheduleModel, alias_roots, allocates, live_bytes_over,
                                                 live_bytes_peak, reads)
 from foldcompile.passes.shard import ShardCosts
+
+_log = logging.getLogger(__name__)  # foldcompile.passes.<name>: progress of this pass
 
 __all__ = ["overlap_compute_pass", "propose_issue_order"]
 
@@ -246,6 +249,7 @@ def overlap_compute_pass(gm: torch.fx.GraphModule, *, costs: Optional[ShardCosts
     plan = _Plan(gm, costs, at, max_bytes_in_flight, max_extra_live_bytes, issue_order,
                  early_issue and issue_order is None)
     if not plan.pairs:
+        _log.info("overlap_compute: no collectives")
         return PassResult(gm, False, {"moved": [], "reordered": False, "fill": None, "collectives": [],
                                       "issue_order": [], "peak_live_bytes": None})
     nodes, placed = plan.dep.nodes, plan.placed
@@ -269,6 +273,8 @@ def overlap_compute_pass(gm: torch.fx.GraphModule, *, costs: Optional[ShardCosts
         "peak_live_bytes": {"model_order": plan.before, "scheduled": live_bytes_peak(placed, model)},
         "at": dict(model.sizes), "max_extra_live_bytes": max_extra_live_bytes,
     }
+    _log.info("overlap_compute: %d collectives, %d compute nodes moved (fill: %s)", len(plan.issued), len(moved),
+              record["fill"])
     return PassResult(gm, changed, record)
 
 

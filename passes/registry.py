@@ -2,9 +2,10 @@
 
 An entry (:class:`OpEntry`) holds the op's class, its symbolic shape rule, its FLOPs per
 element (or ``gemm=True``: FLOPs from its einsum equation), whether it always returns views,
-whether its values are independent of its inputs' values (creation ops), the spelling
-``normalize_pass`` gives a method call of it, whether a fused kernel may take it, an empty slot
-for its sharding rule, and the sample inputs the registry's tests run it on.
+whether its values are independent of its inputs' values (creation ops), whether it draws from
+torch's random number generator (``random``), the spelling ``normalize_pass`` gives a method call
+of it, whether a fused kernel may take it, an empty slot for its sharding rule, and the sample
+inputs the registry's tests run it on.
 
 The keys are the callables themselves — ``torch.permute``, ``torch.Tensor.permute``,
 ``operator.add``, ``torch.ops._c10d_functional.all_to_all_single.default`` — never a name
@@ -25,6 +26,7 @@ namespaces (``torch``, ``torch.Tensor``, ``torch.nn.functional``, ``torch._C._nn
 from __future__ import annotations
 
 import builtins
+import functools
 import operator
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
@@ -34,7 +36,8 @@ import torch.fx
 import torch.nn.functional as F
 
 __all__ = ["OpEntry", "register_op", "register_sharding", "lookup", "entry_of", "entries", "resolve_name", "op_name", "target_of",
-           "writes_in_place", "functional_form",
+           "writes_in_place", "functional_form", "draws_random", "changes_mode", "MODE_CHANGES", "register_trait",
+           "has_trait", "HOST_SYNC",
            "OP_CLASSES", "GEMM", "REDUCTION", "ELEMENTWISE", "LAYOUT", "COMM", "OTHER"]
 
 GEMM, REDUCTION, ELEMENTWISE, LAYOUT, COMM, OTHER = "GEMM", "REDUCTION", "ELEMENTWISE", "LAYOUT", "COMM", "OTHER"
@@ -69,6 +72,12 @@ class OpEntry:
     size_arg: int | None = None         # position of the argument listing the output's sizes (view, zeros)
     samples: Callable[[], list[Sample]] | None = None
     doc: str = ""
+    random: bool = False                # draws from torch's random number generator (dropout, rand, uniform_):
+    #                                     never erased as dead code, its draws replayed by verify (draws_random)
+    literal_sizes: Callable[[torch.fx.Node, Any], dict[int, Any] | None] | None = None
+    #                                     the symbolic meaning of literal sizes in other arguments than a
+    #                                     size list at ``size_arg`` (split sections, unflatten sizes),
+    #                                     given the node and its symbolic output: ``meta["sym_args"]``
 
     def class_of(self, node: torch.fx.Node, mask_only: bool = False) -> str:
         return self.classify(node, mask_only) if self.classify is not None else self.op_class
@@ -94,10 +103,12 @@ def resolve_name(name: str) -> tuple[Any, ...]:
 
 
 def register_op(*ops: str | Any, op_class: str, flops_per_element: int = 0, gemm: bool = False,
-                views: bool = False, creation: bool = False, torch_spelling: bool = False,
+                views: bool = False, creation: bool = False, random: bool = False, torch_spelling: bool = False,
                 fusible: str | None = None, size_arg: int | None = None, classify: Callable[[torch.fx.Node, bool], str] | None = None,
                 samples: Callable[[str], list[Sample]] | Callable[[], list[Sample]] | None = None,
-                name: str | None = None) -> Callable[[Callable], Callable]:
+                name: str | None = None,
+                literal_sizes: Callable[[torch.fx.Node, Any], dict[int, Any] | None] | None = None,
+                ) -> Callable[[Callable], Callable]:
     """Decorate a shape rule to register the ops it serves (one entry per op).
 
     ``ops``: op names (resolved by :func:`resolve_name`; each is its own entry) or callables
@@ -127,7 +138,8 @@ def register_op(*ops: str | Any, op_class: str, flops_per_element: int = 0, gemm
             elif hasattr(torch.Tensor, n) and callable(getattr(torch.Tensor, n)):
                 canonical = getattr(torch.Tensor, n)
             entry = OpEntry(n, op_class, rule, targets, flops_per_element, gemm, views, creation, canonical,
-                            fusible, classify, None, size_arg, smp, (rule.__doc__ or "").strip())
+                            fusible, classify, None, size_arg, smp, (rule.__doc__ or "").strip(), random=random,
+                            literal_sizes=literal_sizes)
             for t in targets:
                 if t in _REGISTRY:
                     raise ValueError(f"register_op: {t!r} is already registered as {_REGISTRY[t].name!r}")
@@ -214,6 +226,48 @@ def op_name(node: torch.fx.Node) -> str:
     return node.op
 
 
+def draws_random(node: torch.fx.Node) -> bool:
+    """Whether a node's op draws from torch's random number generator: its entry says so (``random``);
+    an op without an entry, when torch tags its ATen op ``nondeterministic_seeded``
+    (``aten.native_dropout.default``, and ``torch.native_dropout`` through the ATen op of its name).
+    A dropout called with ``training=False`` still counts: what it draws is decided at run time.
+
+        >>> import torch, torch.fx
+        >>> gm = torch.fx.symbolic_trace(lambda x: torch.nn.functional.dropout(x, 0.1) + torch.rand_like(x).sin())
+        >>> [n.name for n in gm.graph.nodes if draws_random(n)]
+        ['dropout', 'rand_like']
+    """
+    entry = entry_of(node)
+    if entry is not None:
+        return entry.random
+    target = target_of(node)
+    if isinstance(target, torch._ops.OpOverload):
+        return torch.Tag.nondeterministic_seeded in target.tags
+    if target is not None and any(getattr(ns, getattr(target, "__name__", ""), None) is target
+                                  for ns in (torch, torch.Tensor)):
+        return _aten_op_is_seeded(target.__name__)
+    return False
+
+
+@functools.lru_cache(maxsize=None)
+def _aten_op_is_seeded(name: str) -> bool:
+    packet = getattr(torch.ops.aten, name, None)
+    if not isinstance(packet, torch._ops.OpOverloadPacket):
+        return False
+    return any(torch.Tag.nondeterministic_seeded in getattr(packet, o).tags for o in packet.overloads())
+
+
+# Calls that change how the ops after them run (grad mode, autocast): not tensor ops, no entries; a
+# pass moving nodes across one of them changes what those nodes compute.
+MODE_CHANGES: frozenset[Any] = frozenset({torch._C._set_grad_enabled, torch.amp.autocast_mode._enter_autocast,
+                                          torch.amp.autocast_mode._exit_autocast})
+
+
+def changes_mode(node: torch.fx.Node) -> bool:
+    """Whether a node enters or leaves a grad-mode or autocast region (:data:`MODE_CHANGES`)."""
+    return node.op == "call_function" and node.target in MODE_CHANGES
+
+
 _LOADED = False
 
 
@@ -223,8 +277,12 @@ def _ensure_loaded() -> None:
     if not _LOADED:
         _LOADED = True
         import foldcompile.passes.op_comm  # noqa: F401
+        import foldcompile.passes.op_creation  # noqa: F401
+        import foldcompile.passes.op_gemm  # noqa: F401
+        import foldcompile.passes.op_layout  # noqa: F401
+        import foldcompile.passes.op_pointwise  # noqa: F401
+        import foldcompile.passes.op_reduction  # noqa: F401
         import foldcompile.passes.placement  # noqa: F401  (the planned transitions of a sharded graph)
-        import foldcompile.passes.shape_rules  # noqa: F401
 
 
 def all_targets() -> Iterable[Any]:
@@ -271,3 +329,49 @@ def functional_form(node: torch.fx.Node) -> tuple[Any, str] | None:
     method = getattr(torch.Tensor, name[:-1])
     entry = lookup(method)
     return (entry.canonical if entry is not None and entry.canonical is not None else method), name
+
+
+# ----------------------------------------------------------------------------- op traits
+# Facts about ops that need no entry of their own (no shape rule, class or cost): what an executor or a
+# pass must know about an op however the graph spells it (``x.item()``, ``torch.Tensor.tolist``,
+# ``torch.ops.aten.nonzero.default``). Random ops are told by :func:`draws_random` (their entries). Keyed by callable like the entries; a name is resolved once,
+# on first use, in the registry's namespaces and ``torch.ops.aten`` (an overload finds its packet's traits).
+HOST_SYNC = "host_sync"  # reads a device value on the host (illegal while a CUDA stream is captured)
+_TRAIT_NAMES = {
+    HOST_SYNC: """item tolist nonzero masked_select unique unique_consecutive bincount repeat_interleave cpu numpy
+                  argwhere equal allclose is_nonzero""",
+}
+_TRAITS: dict[Any, set[str]] = {}
+_TRAITS_LOADED = False
+
+
+def register_trait(trait: str, *ops: str | Any) -> None:
+    """Give ``ops`` (names, resolved as by :func:`register_op`, or callables) the trait ``trait``."""
+    for op in ops:
+        targets = list(resolve_name(op)) if isinstance(op, str) else [op]
+        if isinstance(op, str) and hasattr(torch.ops.aten, op):
+            targets.append(getattr(torch.ops.aten, op))
+        for t in targets:
+            _TRAITS.setdefault(t, set()).add(trait)
+
+
+def has_trait(target: Any, trait: str) -> bool:
+    """Whether the callable ``target`` (a node's :func:`target_of`) has ``trait`` (:data:`HOST_SYNC`).
+
+        >>> import torch
+        >>> has_trait(torch.Tensor.item, HOST_SYNC), has_trait(torch.ops.aten.nonzero.default, HOST_SYNC)
+        (True, True)
+        >>> has_trait(torch.sigmoid, HOST_SYNC)
+        False
+    """
+    global _TRAITS_LOADED
+    if not _TRAITS_LOADED:
+        _TRAITS_LOADED = True
+        for name, ops in _TRAIT_NAMES.items():
+            register_trait(name, *ops.split())
+    if isinstance(target, torch._ops.OpOverload):
+        target = target.overloadpacket
+    try:
+        return trait in _TRAITS.get(target, ())
+    except TypeError:  # an unhashable target
+        return False

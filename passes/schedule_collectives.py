@@ -52,6 +52,7 @@ the compute beforehand so that these shares are high.
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Mapping, Optional
 
@@ -64,15 +65,16 @@ from foldcompile.passes.base import PassError, PassResult, declare, describe_nod
 from foldcompile.passes.dependence import Dependence, pairs_of
 from foldcompile.passes.localize import collective_of
 from foldcompile.passes.meta import DTYPE, SHAPE
-from foldcompile.passes.rules import _meta as M
+from foldcompile.passes.registry import changes_mode
 from foldcompile.passes.schedule_model import ScheduleModel, simulate
 from foldcompile.passes.shape_prop import dim_symbol
 from foldcompile.passes.shard import ShardCosts
 
+_log = logging.getLogger(__name__)  # foldcompile.passes.<name>: progress of this pass
+
 __all__ = ["schedule_collectives_pass", "need_order", "DEFAULT_MAX_BYTES_IN_FLIGHT"]
 
 DEFAULT_MAX_BYTES_IN_FLIGHT = 512 * 2 ** 20
-_MODE_CHANGES = {"_set_grad_enabled", "_enter_autocast", "_exit_autocast"}
 
 
 def _bytes(n: Any) -> int:
@@ -109,6 +111,7 @@ def schedule_collectives_pass(gm: torch.fx.GraphModule, *,
     nodes = list(graph.nodes)
     pairs = pairs_of(gm)
     if not pairs:
+        _log.info("schedule_collectives: no collectives")
         return PassResult(gm, False, {"collectives": [], "max_bytes_in_flight": max_bytes_in_flight})
     slots = _Slots(nodes, pairs)
     compute, pos, need, earliest, need_cache = slots.compute, slots.pos, slots.need, slots.earliest, slots.cache
@@ -216,6 +219,8 @@ def schedule_collectives_pass(gm: torch.fx.GraphModule, *,
     changed = [n.name for n in nodes] != [n.name for n in graph.nodes]
     hideable = sum(min(c["independent_s"], c["comm_s"]) for c in record)
     hidden = sum(c["comm_s"] - c["exposed_s"] for c in record)
+    _log.info("schedule_collectives: %d start/wait pairs scheduled, at most %d bytes in flight", len(pairs),
+              max_bytes_in_flight)
     return PassResult(gm, changed, {"collectives": record, "max_bytes_in_flight": max_bytes_in_flight,
                                     "at": dict(model.sizes), "compute_s": timeline["compute_s"],
                                     "total_s": timeline["total_s"], "comm_s": sum(c["comm_s"] for c in record),
@@ -236,11 +241,11 @@ class _Slots:
         self.start_of = {w: s for s, w in pairs}
         region_at_slot = [0]
         for c in self.compute:
-            region_at_slot.append(region_at_slot[-1] + (M.op_name(c) in _MODE_CHANGES))
+            region_at_slot.append(region_at_slot[-1] + changes_mode(c))
         original = {n: i for i, n in enumerate(nodes)}
         self.region_of: dict[torch.fx.Node, tuple[int, int]] = {}
         for s, _w in pairs:
-            r = sum(1 for n in nodes[:original[s]] if n in self.pos and M.op_name(n) in _MODE_CHANGES)
+            r = sum(1 for n in nodes[:original[s]] if n in self.pos and changes_mode(n))
             slots = [k for k in range(len(self.compute)) if region_at_slot[k] == r]
             self.region_of[s] = (slots[0], slots[-1])
         self.cache: dict[torch.fx.Node, int] = {}

@@ -74,7 +74,8 @@ from foldcompile.passes.shape_rules import NoRule, RuleContext, numel_expr
 
 _log = logging.getLogger(__name__)  # foldcompile.passes.<name>: progress of this pass
 
-__all__ = ["shape_prop_pass", "dim_symbol", "numel_expr", "infer_dims", "LAYOUT_PATTERNS", "op_name"]
+__all__ = ["shape_prop_pass", "dim_symbol", "numel_expr", "infer_dims", "LAYOUT_PATTERNS", "op_name",
+           "calls_checkpoint_body"]
 
 # (name regex, trailing dim names; None = a channel size kept as an integer)
 LAYOUT_PATTERNS: list[tuple[str, tuple[str | None, ...]]] = [
@@ -186,9 +187,13 @@ def _storage_ptr(t: torch.Tensor) -> int | None:
         return None
 
 
-def _literal_sizes(n: torch.fx.Node, entry: Any, sym: Any) -> dict[int, tuple] | None:
+def _literal_sizes(n: torch.fx.Node, entry: Any, sym: Any) -> dict[int, Any] | None:
     """The symbolic meaning of a literal size argument (``view(x, (11, 11, 2, 4))`` ->
-    ``{1: (N_res, N_res, 2, 4)}``): each literal is the output size it sets; ``-1`` stays."""
+    ``{1: (N_res, N_res, 2, 4)}``): each literal is the output size it sets; ``-1`` stays, a size
+    computed in the graph stays its node. Ops whose sizes sit elsewhere say so in their entry
+    (``literal_sizes``: split sections, unflatten sizes, a narrow's length)."""
+    if entry is not None and entry.literal_sizes is not None and sym is not None:
+        return entry.literal_sizes(n, sym)
     if entry is None or entry.size_arg is None or not isinstance(sym, tuple):
         return None
     i = entry.size_arg
@@ -300,7 +305,7 @@ class _SymShapeProp(torch.fx.Interpreter):
         if n.op == "call_module":
             raise PassError(f"{describe_node(n)} calls module {n.target!r} ({type(gm_module(n)).__name__}): "
                             "shape_prop_pass takes op-level graphs (a capture, normalized), with no call_module node")
-        if _calls_checkpoint_body(n):
+        if calls_checkpoint_body(n):
             out, sym = self._run_checkpoint_body(n)
             self._check(n, out, sym)
             self.sym[n] = sym
@@ -378,7 +383,7 @@ class _SymShapeProp(torch.fx.Interpreter):
                 n.meta["sym_value"] = list(sym)
 
 
-def _calls_checkpoint_body(n: torch.fx.Node) -> bool:
+def calls_checkpoint_body(n: torch.fx.Node) -> bool:
     """``torch.utils.checkpoint.checkpoint(body, *args)`` on a subgraph of this module (a capture's
     activation-checkpoint region): shape propagation annotates the body's nodes too, so the
     passes after it (classify, fuse) see inside the region."""
@@ -411,7 +416,7 @@ def shape_prop_pass(gm: torch.fx.GraphModule, example_inputs: Sequence[Any],
     model's defaults included). On a tiny Evoformer block (N_seq=5, N_res=11, c_m=16, c_z=8)::
 
         >>> import foldcompile
-        >>> from foldcompile.explain import flat_inputs
+        >>> from foldcompile.capture import flat_inputs
         >>> from foldcompile.models import zoo
         >>> from foldcompile.passes import normalize_pass
         >>> block, (m, z, msa_mask, pair_mask) = zoo.get("evoformer_block")

@@ -54,7 +54,7 @@ split value), ``objective`` and ``solver``.
 :func:`plan_table` prints the transitions; :func:`check_plan` checks a planned graph.
 
     >>> import foldcompile
-    >>> from foldcompile.explain import flat_inputs
+    >>> from foldcompile.capture import flat_inputs
     >>> from foldcompile.models import zoo
     >>> from foldcompile.passes import classify_pass, normalize_pass, shape_prop_pass
     >>> block, ex = zoo.get("evoformer_block")

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 import traceback
 from typing import Callable
 
@@ -44,7 +43,7 @@ import torch.nn.functional as F
 import contextlib
 import importlib
 
-from bench.common import Results, peak_memory_bytes, time_ms
+from bench.common import Results, kernel_breakdown, measure_call
 from foldcompile.kernels.attention import attention
 
 _attn_mod = importlib.import_module("foldcompile.kernels.attention")  # the module, not the function
@@ -147,62 +146,29 @@ def _trifast_inputs(inputs: dict):
     return dict(q=tq, k=tk, v=tv, bias=tb, mask=tm)
 
 
+def _leaves(inputs: dict) -> list[torch.Tensor]:
+    return [t for n, t in inputs.items() if n != "mask" and t is not None]
+
+
 def _measure(fn: Callable, inputs: dict, backward: bool, reps: int) -> tuple[float, int, float]:
     """(median ms, peak extra bytes, host ms per call) of one forward (and backward) call.
 
     The output gradient is allocated before the measured call: peak extra memory is
-    peak - inputs - output - gradient buffers, as the issue defines it."""
-    leaves = [t for n, t in inputs.items() if n != "mask" and t is not None]
+    peak - inputs - output - gradient buffers, as the issue defines it. Host time: forward only
+    (if it is close to the GPU time, launches dominate)."""
+    return measure_call(lambda: fn(**inputs), _leaves(inputs), backward, reps, dout=torch.ones_like,
+                        host=not backward)
+
+
+def _fwd_bwd_call(fn: Callable, inputs: dict) -> Callable[[], None]:
+    """One forward+backward call (the upstream gradient made once, outside the call)."""
+    leaves = _leaves(inputs)
     with torch.no_grad():
-        out = fn(**inputs)
-    out_bytes = out.numel() * out.element_size()
-    dout = torch.ones_like(out)
-    del out
+        dout = torch.ones_like(fn(**inputs))
 
     def call():
-        if backward:
-            out = fn(**inputs)
-            torch.autograd.grad(out, leaves, dout)
-        else:
-            with torch.no_grad():
-                fn(**inputs)
-
-    ms = time_ms(call, warmup=3, reps=reps)
-    peak = peak_memory_bytes(call)
-    grad_bytes = sum(t.numel() * t.element_size() for t in leaves) if backward else 0
-    host_ms = float("nan")
-    if not backward:
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(5):  # host-side cost: if it is close to the GPU time, launches dominate
-            call()
-        host_ms = (time.perf_counter() - start) / 5 * 1e3
-        torch.cuda.synchronize()
-    return ms, peak - out_bytes - grad_bytes, host_ms
-
-
-def _kernel_breakdown(fn: Callable, inputs: dict) -> str:
-    """GPU time of each kernel in one forward+backward call (torch.profiler), as a note."""
-    from torch.profiler import ProfilerActivity, profile
-
-    leaves = [t for n, t in inputs.items() if n != "mask" and t is not None]
-    out = fn(**inputs)
-    dout = torch.ones_like(out)
-    torch.autograd.grad(out, leaves, dout)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        out = fn(**inputs)
-        torch.autograd.grad(out, leaves, dout)
-        torch.cuda.synchronize()
-    times = []
-    for ev in prof.key_averages():
-        t = getattr(ev, "device_time_total", None)
-        if t is None:
-            t = getattr(ev, "cuda_time_total", 0.0)
-        if t:
-            times.append((t / 1e3, ev.key))
-    times.sort(reverse=True)
-    return ", ".join(f"{name[:40]} {ms:.3f} ms" for ms, name in times[:8])
+        torch.autograd.grad(fn(**inputs), leaves, dout)
+    return call
 
 
 def _eager_fits(dims, dtype) -> bool:
@@ -245,12 +211,13 @@ def run(quick: bool = False, fp16_ds_only: bool = False) -> Results:
     if not quick:
         # fp16: the cost of keeping dS in fp32 (row foldcompile vs foldcompile_ds_fp16).
         plan += [("triangle_256", torch.float16), ("triangle_1024", torch.float16)]
-    if fp16_ds_only:
-        plan = [("triangle_256", torch.float16), ("triangle_1024", torch.float16)]
-        compile_cases = set()
+    if not quick:
         # torch.compile only where its compile time is worth it: at the training crop (at
         # N_res >= 1024 the eager graph it compiles needs tens of GB of logits anyway).
         compile_cases = {"triangle_256", "msa_row_128x256", "msa_col_128x256"}
+    if fp16_ds_only:
+        plan = [("triangle_256", torch.float16), ("triangle_1024", torch.float16)]
+        compile_cases = set()
     reps = 5 if quick else 10
     for case, dtype in plan:
         torch.cuda.empty_cache()
@@ -295,7 +262,7 @@ def run(quick: bool = False, fp16_ds_only: bool = False) -> Results:
                     row[f"{key}_speedup_vs_eager"] = eager_ms[key] / ms
             if impl == "foldcompile" and case == "triangle_1024":
                 try:
-                    breakdown = _kernel_breakdown(fn, args)
+                    breakdown = kernel_breakdown(_fwd_bwd_call(fn, args))
                     res.notes.append(f"{case} {row['dtype']} foldcompile kernels (fwd+bwd): {breakdown}")
                 except Exception as exc:  # noqa: BLE001
                     notes.append(f"profiler failed: {exc}")

@@ -29,12 +29,11 @@ writes a markdown table and JSON to bench/results/.
 from __future__ import annotations
 
 import argparse
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from bench.common import Results, add_memory_bound_rows, copy_bandwidth_gbs
+from bench.common import Results, add_memory_bound_rows, compiled_or_none, copy_bandwidth_gbs
 from foldcompile.kernels.elementwise import FusedElementwise, dropout, fuse_elementwise
 
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -57,13 +56,6 @@ def _eager_bias_dropout_residual(x, b, r):
 
 def _gating(g, x):
     return torch.sigmoid(g) * x
-
-
-def _compiled(fn: Callable) -> Callable | None:
-    try:
-        return torch.compile(fn, dynamic=False)
-    except Exception:  # torch.compile unavailable: reported as n/a
-        return None
 
 
 # ----------------------------------------------------------------------------- cases
@@ -136,7 +128,7 @@ def run(quick: bool = False) -> Results:
             if fragment not in fused_cache:
                 fused_cache[fragment] = fuse_elementwise(fn, name=fragment.replace("+", "_").replace(" ", "_"))
             fused = fused_cache[fragment]
-            compiled = _compiled(eager)
+            compiled = compiled_or_none(eager)
             err = _rel_err(fused, inputs, seed=17)
             dy = torch.randn_like(fused(*inputs, seed=17))
 

@@ -23,11 +23,10 @@ from __future__ import annotations
 
 import argparse
 import math
-from typing import Callable
 
 import torch
 
-from bench.common import Results, add_memory_bound_rows, copy_bandwidth_gbs
+from bench.common import Results, add_memory_bound_rows, compiled_or_none, copy_bandwidth_gbs
 from foldcompile.kernels.layer_norm import layer_norm
 from foldcompile.kernels.softmax import softmax
 
@@ -50,13 +49,6 @@ def _eager_softmax(x, bias, mask, scale):
 
 def _ours_softmax(x, bias, mask, scale):
     return softmax(x, scale=scale, bias=bias, mask=mask)
-
-
-def _compiled(fn: Callable) -> Callable | None:
-    try:
-        return torch.compile(fn, dynamic=False)
-    except Exception:  # torch.compile unavailable: reported as n/a
-        return None
 
 
 # ----------------------------------------------------------------------------- cases
@@ -150,7 +142,7 @@ def run(quick: bool = False) -> Results:
         for dname in dtypes:
             torch.cuda.empty_cache()
             inputs, fwd_bytes, bwd_bytes, ours, eager, grad_of = build(_DTYPES[dname])
-            compiled = _compiled(eager)
+            compiled = compiled_or_none(eager)
             with torch.no_grad():
                 ref = _reference_output(kernel, inputs)
                 err = _rel_err(ours(*inputs), ref)

@@ -26,13 +26,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import time
 import traceback
 from typing import Callable
 
 import torch
 
-from bench.common import Results, peak_memory_bytes, time_ms
+from bench.common import Clock, Results, add_breakdown_notes, add_speedups, measure_call, row_error
 
 K = importlib.import_module("foldcompile.kernels.outer_product_mean")
 
@@ -77,53 +76,23 @@ def _inputs(n_res: int, n_seq: int, dtype: torch.dtype, dev: str):
     return a, b, w, bias, mask
 
 
-class _Clock:
-    """CUDA-event timing and allocator peaks on the GPU; wall time and no peaks for ``--smoke``."""
-
-    def __init__(self, smoke: bool):
-        self.smoke = smoke
-
-    def ms(self, fn: Callable, reps: int) -> float:
-        if not self.smoke:
-            return time_ms(fn, warmup=3, reps=reps)
-        start = time.perf_counter()
-        fn()
-        return (time.perf_counter() - start) * 1e3
-
-    def peak(self, fn: Callable) -> int:
-        return 0 if self.smoke else peak_memory_bytes(fn)
-
-    def sync(self) -> None:
-        if not self.smoke:
-            torch.cuda.synchronize()
+def _measure(clock: Clock, fn: Callable, leaves: list, backward: bool, reps: int):
+    """(median ms, peak extra MiB, host ms) of one forward (and backward: the gradients of the leaves that
+    require one) call."""
+    ms, extra, host = measure_call(lambda: fn(*leaves), [t for t in leaves if t.requires_grad], backward, reps,
+                                   clock=clock, host_reps=1 if clock.smoke else 5)
+    return ms, extra / 2**20, host
 
 
-def _measure(clock: _Clock, fn: Callable, leaves: list, backward: bool, reps: int):
-    """(median ms, peak extra MiB, host ms) of one forward (and backward) call."""
-    with torch.no_grad():
-        out = fn(*leaves)
-    out_bytes = out.numel() * out.element_size()
-    dout = torch.randn_like(out)
-    del out
-    grads_of = [t for t in leaves if t.requires_grad]
-
+def _ours_call(leaves: list, mask: torch.Tensor, backward: bool) -> Callable[[], object]:
+    """One call of our kernel on these inputs (forward, or forward and backward), every value bound now:
+    the profiler runs it after the loop has moved on."""
     def call():
         if backward:
-            torch.autograd.grad(fn(*leaves), grads_of, dout)
-        else:
-            with torch.no_grad():
-                fn(*leaves)
-
-    ms = clock.ms(call, reps)
-    peak = clock.peak(call)
-    grad_bytes = sum(t.numel() * t.element_size() for t in grads_of) if backward else 0
-    clock.sync()
-    start = time.perf_counter()
-    for _ in range(1 if clock.smoke else 5):
-        call()
-    host_ms = (time.perf_counter() - start) / (1 if clock.smoke else 5) * 1e3
-    clock.sync()
-    return ms, (peak - out_bytes - grad_bytes) / 2**20, host_ms
+            out = ours(*leaves, mask)
+            return torch.autograd.grad(out, leaves, torch.ones_like(out))
+        return ours(*[t.detach() for t in leaves], mask)
+    return call
 
 
 def _with_config(kind: str, override: dict | None):
@@ -140,36 +109,12 @@ def _with_config(kind: str, override: dict | None):
     return original
 
 
-def _kernel_breakdown(call: Callable) -> str:
-    from torch.profiler import ProfilerActivity, profile
-
-    call()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        call()
-        torch.cuda.synchronize()
-    times = []
-    for ev in prof.key_averages():
-        t = getattr(ev, "device_time_total", None)
-        if t is None:
-            t = getattr(ev, "cuda_time_total", 0.0)
-        if t:
-            times.append((t / 1e3, ev.key))
-    times.sort(reverse=True)
-    return ", ".join(f"{name[:40]} {ms:.3f} ms" for ms, name in times[:8])
-
-
-def _row_error(exc: Exception) -> str:
-    text = str(exc).splitlines()[0][:120] if str(exc) else ""
-    return f"failed: {type(exc).__name__}: {text}"
-
-
 def run(quick: bool = False, sweep: bool = True, smoke: bool = False) -> Results:
     if not smoke and not torch.cuda.is_available():
         raise RuntimeError("bench.kernels.outer_product_mean needs a CUDA GPU (or --smoke)")
     dev = "cpu" if smoke else "cuda"
     dtype = torch.float16 if smoke else torch.bfloat16  # the interpreter's bf16 is wrong
-    clock = _Clock(smoke)
+    clock = Clock(smoke)
     res = Results(f"outer product mean ({str(dtype)[6:]}, c = {C_HIDDEN}, c_z = {C_Z}, MSA mask): foldcompile vs "
                   "eager, torch.compile", COLUMNS)
     res.notes.append("eager = einsum('...sic,...sje->...ijce') -> reshape -> linear -> / (eps + einsum(mask, mask)), "
@@ -192,10 +137,10 @@ def run(quick: bool = False, sweep: bool = True, smoke: bool = False) -> Results
         with torch.no_grad():
             ref32 = K.outer_product_mean_reference(*(t.float() for t in (a, b, w, bias)), mask_a=mask.float(),
                                                    mask_b=mask.float(), eps=EPS)
-        impls = [("foldcompile", lambda a, b, w, bias: ours(a, b, w, bias, mask)),
-                 ("eager", lambda a, b, w, bias: eager_opm(a, b, w, bias, mask))]
+        impls = [("foldcompile", lambda a, b, w, bias, mask=mask: ours(a, b, w, bias, mask)),
+                 ("eager", lambda a, b, w, bias, mask=mask: eager_opm(a, b, w, bias, mask))]
         if compiled is not None:
-            impls.append(("torch.compile", lambda a, b, w, bias: compiled(a, b, w, bias, mask)))
+            impls.append(("torch.compile", lambda a, b, w, bias, mask=mask: compiled(a, b, w, bias, mask)))
         times, rows = {}, []
         for impl, fn in impls:
             row = dict(N_res=n_res, N_seq=n_seq, impl=impl, note="", config="")
@@ -208,24 +153,17 @@ def run(quick: bool = False, sweep: bool = True, smoke: bool = False) -> Results
                 row["ms"], row["peak_extra_MiB"], row["host_ms"] = _measure(clock, fn, leaves, backward, reps)
                 times[impl] = row["ms"]
             except Exception as exc:  # noqa: BLE001 - OOM (torch.AcceleratorError too) or a compile failure: a result
-                row["note"] = _row_error(exc)
+                row["note"] = row_error(exc)
                 if os.environ.get("BENCH_DEBUG"):
                     traceback.print_exc()
                 if not smoke:
                     torch.cuda.empty_cache()
             rows.append(row)
         for row in rows:
-            if "ms" in row:
-                for ref_impl, col in (("eager", "x_eager"), ("torch.compile", "x_compile")):
-                    if ref_impl in times:
-                        row[col] = times[ref_impl] / row["ms"]
+            add_speedups(row, times)
             res.add(**row)
         if not smoke:
-            breakdowns.append((f"N_res={n_res} {pass_name} foldcompile kernels",
-                               lambda fn=impls[0][1], leaves=leaves, backward=backward: (
-                                   torch.autograd.grad(fn(*leaves), leaves, torch.ones(n_res, n_res, C_Z, device=dev,
-                                                                                       dtype=dtype))
-                                   if backward else fn(*[t.detach() for t in leaves]))))
+            breakdowns.append((f"N_res={n_res} {pass_name} foldcompile kernels", _ours_call(leaves, mask, backward)))
         # the block-size sweep: forward at the largest size, backward at the training crop
         plan = []
         if sweep and pass_name == "fwd" and n_res == sizes[-1][0]:
@@ -243,12 +181,10 @@ def run(quick: bool = False, sweep: bool = True, smoke: bool = False) -> Results
                 row["rel_err_vs_fp32"] = ((out.float() - ref32).norm() / ref32.norm()).item()
                 del out
                 row["ms"], row["peak_extra_MiB"], row["host_ms"] = _measure(
-                    clock, lambda a, b, w, bias: ours(a, b, w, bias, mask), leaves, backward, reps)
-                for ref_impl, col in (("eager", "x_eager"), ("torch.compile", "x_compile")):
-                    if ref_impl in times:
-                        row[col] = times[ref_impl] / row["ms"]
+                    clock, lambda a, b, w, bias, mask=mask: ours(a, b, w, bias, mask), leaves, backward, reps)
+                add_speedups(row, times)
             except Exception as exc:  # noqa: BLE001 - a config that does not compile or fit is a result
-                row["note"] = _row_error(exc)
+                row["note"] = row_error(exc)
             finally:
                 K._config = original
             res.add(**row)
@@ -257,11 +193,7 @@ def run(quick: bool = False, sweep: bool = True, smoke: bool = False) -> Results
             torch._dynamo.reset()
     res.notes.append("module defaults (K._config) for c = 32, c_z = 128: " + "; ".join(
         f"{kind}: {K._config(kind, C_HIDDEN, C_HIDDEN, C_Z, n_seq)}" for kind in ("fwd", "da", "dw")))
-    for label, call in breakdowns:  # the profiler runs only after every timing (see bench/kernels/triangle.py)
-        try:
-            res.notes.append(f"{label}: {_kernel_breakdown(call)}")
-        except Exception as exc:  # noqa: BLE001
-            res.notes.append(f"profiler failed: {exc}")
+    add_breakdown_notes(res, breakdowns)  # the profiler runs only after every timing (bench.common.kernel_breakdown)
     return res
 
 

@@ -27,13 +27,12 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import time
 import traceback
 from typing import Callable
 
 import torch
 
-from bench.common import Results, peak_memory_bytes, time_ms
+from bench.common import Results, add_breakdown_notes, add_speedups, measure_call, row_error
 from foldcompile.kernels.triangle_multiplication import triangle_multiplication_module
 from foldcompile.models.pairformer import TriangleMultiplication
 from foldcompile.models.zoo import randomize_parameters
@@ -80,52 +79,26 @@ def _inputs(n: int, dtype: torch.dtype, dev: str):
 
 def _measure(fn: Callable, module: torch.nn.Module, z: torch.Tensor, mask: torch.Tensor, backward: bool,
              reps: int) -> tuple[float, float, float]:
-    """(median ms, peak extra MiB, host ms) of one forward (and backward) call. host ms is the
-    wall time per call with the GPU queue kept busy: close to ms means launch-bound."""
+    """(median ms, peak extra MiB, host ms) of one forward (and backward: gradients of z and of every
+    parameter) call. host ms is the wall time per call with the GPU queue kept busy: close to ms means
+    launch-bound."""
+    ms, extra, host = measure_call(lambda: fn(z, mask), [z, *module.parameters()], backward, reps)
+    return ms, extra / 2**20, host
+
+
+def _ours_call(module: torch.nn.Module, z: torch.Tensor, mask: torch.Tensor, backward: bool) -> Callable[[], None]:
+    """One call of our kernels (forward, or forward and backward), every value bound now: the profiler runs
+    it after the loop has moved on (and deleted its variables)."""
     leaves = [z, *module.parameters()]
-    with torch.no_grad():
-        out = fn(z, mask)
-    out_bytes = out.numel() * out.element_size()
-    dout = torch.randn_like(out)
-    del out
 
     def call():
         if backward:
-            torch.autograd.grad(fn(z, mask), leaves, dout)
+            out = triangle_multiplication_module(module, z, mask)
+            torch.autograd.grad(out, leaves, torch.ones_like(out))
         else:
             with torch.no_grad():
-                fn(z, mask)
-
-    ms = time_ms(call, warmup=3, reps=reps)
-    peak = peak_memory_bytes(call)
-    grad_bytes = sum(t.numel() * t.element_size() for t in leaves) if backward else 0
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(5):
-        call()
-    host_ms = (time.perf_counter() - start) / 5 * 1e3
-    torch.cuda.synchronize()
-    return ms, (peak - out_bytes - grad_bytes) / 2**20, host_ms
-
-
-def _kernel_breakdown(call: Callable) -> str:
-    """GPU time of each kernel in one call (torch.profiler), as a note."""
-    from torch.profiler import ProfilerActivity, profile
-
-    call()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        call()
-        torch.cuda.synchronize()
-    times = []
-    for ev in prof.key_averages():
-        t = getattr(ev, "device_time_total", None)
-        if t is None:
-            t = getattr(ev, "cuda_time_total", 0.0)
-        if t:
-            times.append((t / 1e3, ev.key))
-    times.sort(reverse=True)
-    return ", ".join(f"{name[:48]} {ms:.3f} ms" for ms, name in times[:10])
+                triangle_multiplication_module(module, z, mask)
+    return call
 
 
 def run(quick: bool = False, only: tuple = ()) -> Results:
@@ -180,29 +153,17 @@ def run(quick: bool = False, only: tuple = ()) -> Results:
                 row["ms"], row["peak_extra_MiB"], row["host_ms"] = ms, extra, host_ms
                 times[impl] = ms
             except Exception as exc:  # noqa: BLE001 - record the failure, keep benchmarking
-                row["note"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+                row["note"] = row_error(exc)
                 if os.environ.get("BENCH_DEBUG"):
                     traceback.print_exc()
                 torch.cuda.empty_cache()
             rows.append(row)
         for row in rows:
-            if "ms" in row:
-                for ref_impl, col in (("eager", "x_eager"), ("torch.compile", "x_compile")):
-                    if ref_impl in times:
-                        row[col] = times[ref_impl] / row["ms"]
+            add_speedups(row, times)
             res.add(**row)
         if "foldcompile" in times and (n, pass_name) in ((1024, "fwd"), (256, "fwd_bwd")):
-            leaves = [z, *module.parameters()]
-
-            def ours_call(backward=pass_name == "fwd_bwd"):
-                if backward:
-                    out = triangle_multiplication_module(module, z, mask)
-                    torch.autograd.grad(out, leaves, torch.ones_like(out))
-                else:
-                    with torch.no_grad():
-                        triangle_multiplication_module(module, z, mask)
             breakdowns.append((f"N={n} {'outgoing' if outgoing else 'incoming'} {pass_name} foldcompile kernels",
-                               ours_call))
+                               _ours_call(module, z, mask, pass_name == "fwd_bwd")))
         del impls, compiled, module, base, z, mask, ref32
         torch._dynamo.reset()  # each case is a new graph: don't run into Dynamo's recompile limit
     # The profiler runs only after every timing: a torch.profiler session (CUPTI) left per-launch
@@ -213,11 +174,7 @@ def run(quick: bool = False, only: tuple = ()) -> Results:
     res.notes.append("foldcompile tuner's choices (kernel, M bucket, C, H, dtype, mask -> BLOCK_M, BLOCK_H, warps, "
                      "stages, CTAS, ROWS): " + "; ".join(f"{k[0]} M<={k[1]} -> {tuple(v.values())}"
                                                         for k, v in tm._TUNED.items()))
-    for label, ours_call in breakdowns:
-        try:
-            res.notes.append(f"{label}: {_kernel_breakdown(ours_call)}")
-        except Exception as exc:  # noqa: BLE001
-            res.notes.append(f"profiler failed: {exc}")
+    add_breakdown_notes(res, breakdowns, top=10, width=48)
     return res
 
 

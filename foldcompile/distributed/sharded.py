@@ -48,10 +48,10 @@ import torch.distributed as dist
 import torch.fx
 from torch.utils import _pytree as pytree
 
-from foldcompile.capture import trace
+from foldcompile.capture import flat_inputs, trace
 from foldcompile.distributed.grad_sync import PartialGradReducer, ReplicaGradReducer
-from foldcompile.distributed.sharded_random import check_generators_agree
-from foldcompile.explain import flat_inputs
+from foldcompile.distributed.sharded_random import (check_generators_agree, draw_global, draw_global_like,
+                                                     sharded_dropout)
 from foldcompile.guards import GuardError
 from foldcompile.optimize import (OptimizedModule, OptimizeReport, Variant, _ambient_autocast, _annotate,
                                   _name_inputs_after_the_model)
@@ -62,8 +62,8 @@ from foldcompile.passes.local_shape_check import local_shape_check_pass
 from foldcompile.passes.localize import annotate_collectives, localize_pass
 from foldcompile.passes.normalize import normalize_pass
 from foldcompile.passes.plan_io import PlanExport, export_plan, import_plan
-from foldcompile.passes.registry import op_name
 from foldcompile.passes.overlap_compute import overlap_compute_pass
+from foldcompile.passes.registry import draws_random, entry_of, lookup, op_name
 from foldcompile.passes.schedule_collectives import DEFAULT_MAX_BYTES_IN_FLIGHT, schedule_collectives_pass
 from foldcompile.passes.schedule_model import carry_fused_costs
 from foldcompile.tables import format_table
@@ -73,15 +73,16 @@ __all__ = ["ShardedModule", "ShardedReport", "optimize_sharded", "build_sharded_
 
 Planner = Callable[..., Any]   # (gm, world_size, dap_axes=..., at=...) -> PassResult, like shard_pass
 
-_RANDOM = {"dropout", "bernoulli", "rand", "randn", "rand_like", "randn_like", "sharded_dropout", "draw_global",
-           "randint", "randint_like", "normal", "multinomial", "alpha_dropout", "feature_alpha_dropout"}
+# the lowering's own draws (passes/localize.py): random ops drawn at global size on every rank, then sliced
+_RUNTIME_DRAWS = (sharded_dropout, draw_global, draw_global_like)
 
 
 def _draws(n: torch.fx.Node) -> bool:
-    """A node that draws random numbers when it runs (a dropout with ``training=False`` does not)."""
-    if n.op != "call_function" or op_name(n) not in _RANDOM:
+    """A node that draws random numbers when it runs (the registry's ``random`` ops and the lowering's
+    draws; a dropout with ``training=False`` or ``p=0`` does not)."""
+    if n.op != "call_function" or not (draws_random(n) or n.target in _RUNTIME_DRAWS):
         return False
-    if op_name(n) in ("dropout", "sharded_dropout"):
+    if n.target is sharded_dropout or entry_of(n) is lookup(torch.nn.functional.dropout):
         p = n.args[1] if len(n.args) > 1 else n.kwargs.get("p", 0.5)
         training = n.args[2] if len(n.args) > 2 else n.kwargs.get("training", n.kwargs.get("train", True))
         return training is not False and p != 0

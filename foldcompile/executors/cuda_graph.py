@@ -42,6 +42,12 @@ checkpointing around random ops (the recomputation's RNG replay is not checked u
 and autocast with its weight cache on. A capture that fails for any other reason is caught:
 the variant runs eagerly and the reason is in ``describe()``.
 
+Tensors made from Python data (``x.new_tensor([1e8])``, ``torch.tensor([...], device=...)``):
+building one copies host memory to the device, which a capture cannot hold. Such a node reads
+nothing but literals and its arguments' dtypes and devices, which the variant fixes: it is
+made once, before the capture, and every call then clones that tensor on the device
+(:func:`hoist_host_literals`), so a caller still gets a fresh tensor of the same values.
+
 Memory: each pool keeps its forward's and backward's working memory between calls (that is
 what makes replays possible); the warm-up's cached blocks are returned (``empty_cache``)
 after each capture.
@@ -58,28 +64,21 @@ import torch.fx
 import torch.utils._pytree as pytree
 
 from foldcompile.executors.base import Executor, graph_tensors
-from foldcompile.passes.registry import writes_in_place
+from foldcompile.passes.registry import HOST_SYNC, draws_random, has_trait, op_name, target_of, writes_in_place
 
-__all__ = ["CudaGraphExecutor", "CudaGraphCapture", "cuda_graph_unsafe_reason"]
+__all__ = ["CudaGraphExecutor", "CudaGraphCapture", "cuda_graph_unsafe_reason", "hoist_host_literals"]
 
 log = logging.getLogger("foldcompile.executors.cuda_graph")
 
-# ops whose values come from a random generator (torch's own are graph-safe; they matter inside
-# checkpointed regions, whose recomputation replays the RNG state)
-_RANDOM_NAMES = {"dropout", "bernoulli", "rand", "rand_like", "randn", "randn_like", "randint", "randint_like",
-                 "randperm", "normal", "feature_alpha_dropout", "alpha_dropout", "native_dropout", "multinomial",
-                 "uniform_", "normal_", "bernoulli_", "exponential_", "random_"}
-# ops that read device values on the host: illegal while a stream is being captured
-_HOST_SYNC_NAMES = {"item", "tolist", "nonzero", "masked_select", "unique", "unique_consecutive", "bincount",
-                    "repeat_interleave", "cpu", "numpy", "argwhere"}
+_CHECKPOINT_HOP = torch.ops.higher_order.tag_activation_checkpoint
+
+# ops that build a tensor from Python data (a host-to-device copy on CUDA), by their data argument
+_HOST_DATA_OPS = {torch.tensor: 0, torch.as_tensor: 0, torch.Tensor.new_tensor: 1}
 
 
-def _op_name(node: torch.fx.Node) -> str:
-    target = node.target
-    name = getattr(target, "__name__", None) or str(target)
-    if isinstance(target, torch._ops.OpOverload):
-        name = target._opname
-    return name.split(".")[-1]
+def _is(node: torch.fx.Node, trait: str) -> bool:
+    """Whether ``node`` calls an op with ``trait`` (the op registry's traits: however it is spelled)."""
+    return node.op in ("call_function", "call_method") and has_trait(target_of(node), trait)
 
 
 def _subgraphs(gm: torch.fx.GraphModule, node: torch.fx.Node) -> list[torch.fx.GraphModule]:
@@ -116,16 +115,17 @@ def cuda_graph_unsafe_reason(gm: torch.fx.GraphModule) -> str | None:
         if node.target is seeded_dropout and node.kwargs.get("seed") is None:
             return (f"node {node.name!r}: foldcompile.kernels.shared_dropout draws its seed on the host at each "
                     "call (a replay would repeat one mask)")
-        name = _op_name(node)
-        if name in _HOST_SYNC_NAMES:
-            return f"node {node.name!r} ({name}) reads a device value on the host, which a CUDA graph cannot replay"
-        if node.target is torch.utils.checkpoint.checkpoint or name == "tag_activation_checkpoint":
+        if _is(node, HOST_SYNC):
+            return (f"node {node.name!r} ({op_name(node)}) reads a device value on the host, which a CUDA graph "
+                    "cannot replay")
+        if node.target is torch.utils.checkpoint.checkpoint or node.target is _CHECKPOINT_HOP:
             for body in _subgraphs(gm, node):
-                random = [n for n in body.graph.nodes
-                          if n.op in ("call_function", "call_method") and _op_name(n) in _RANDOM_NAMES]
+                # torch's random ops are graph-safe; inside a checkpointed region the recomputation
+                # replays the RNG state, which is not checked under CUDA graphs
+                random = [n for n in body.graph.nodes if n.op in ("call_function", "call_method") and draws_random(n)]
                 if random:
                     return (f"node {node.name!r}: activation checkpointing around a random op "
-                            f"({_op_name(random[0])}): the recomputation's RNG replay is not checked under CUDA graphs")
+                            f"({op_name(random[0])}): the recomputation's RNG replay is not checked under CUDA graphs")
         for body in _subgraphs(gm, node):
             why = cuda_graph_unsafe_reason(body)
             if why:
@@ -134,6 +134,64 @@ def cuda_graph_unsafe_reason(gm: torch.fx.GraphModule) -> str | None:
         return ("autocast is active with its weight cache on: cached casts made before a capture would be read "
                 "by every replay after they are freed (torch.autocast(..., cache_enabled=False) is graph-safe)")
     return None
+
+
+class _HostLiteral:
+    """A graph node's ``fn(*args, **kwargs)`` whose data are Python literals, made once per
+    (dtype, device) of its tensor arguments and cloned on the device at every later call."""
+
+    def __init__(self, fn: Any) -> None:
+        self.fn = fn
+        self.__name__ = f"host_literal_{getattr(fn, '__name__', 'tensor')}"
+        self.made: dict[tuple, torch.Tensor] = {}
+
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        key = tuple((a.dtype, a.device) for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor))
+        made = self.made.get(key)
+        if made is None:
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                return self.fn(*args, **kwargs)  # not made before the capture: let it fail as it would
+            with torch.no_grad():
+                made = self.made[key] = self.fn(*args, **kwargs)
+        return made.clone()
+
+
+def hoist_host_literals(gm: torch.fx.GraphModule) -> int:
+    """Rewrite, in place, every node of ``gm`` that builds a tensor from Python data alone
+    (``x.new_tensor([1e8])``, ``torch.tensor([0.5], device=d)``) into a call that makes it once per
+    dtype and device and clones it on the device afterwards (module docstring); returns how many.
+
+    >>> import torch
+    >>> gm = torch.fx.symbolic_trace(lambda x: x * x.new_tensor([2.0]))
+    >>> hoist_host_literals(gm), gm(torch.ones(2)).tolist()
+    (1, [2.0, 2.0])
+    >>> hoist_host_literals(torch.fx.symbolic_trace(lambda x, y: x.new_tensor(y)))  # data from an input
+    0
+    """
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr":  # a checkpoint body, or another graph the node calls
+            obj: Any = gm
+            for part in str(node.target).split("."):
+                obj = getattr(obj, part)
+            if isinstance(obj, torch.fx.GraphModule):
+                count += hoist_host_literals(obj)
+            continue
+        fn = getattr(torch.Tensor, str(node.target), None) if node.op == "call_method" else node.target
+        if node.op not in ("call_function", "call_method") or not any(fn is f for f in _HOST_DATA_OPS):
+            continue
+        position = next(v for f, v in _HOST_DATA_OPS.items() if f is fn)
+        data = node.args[position] if len(node.args) > position else node.kwargs.get("data")
+        from_literals = data is not None and not any(isinstance(a, (torch.fx.Node, torch.Tensor))
+                                                     for a in pytree.tree_leaves(data))
+        if not from_literals or node.kwargs.get("requires_grad") \
+                or any(isinstance(a, torch.fx.Node) for a in pytree.tree_leaves(dict(node.kwargs))):
+            continue
+        node.op, node.target = "call_function", _HostLiteral(fn)
+        count += 1
+    if count:
+        gm.recompile()
+    return count
 
 
 def _autocast_cache_on() -> bool:
@@ -253,6 +311,7 @@ class CudaGraphExecutor(Executor):
         self.capture = capture if capture is not None else CudaGraphCapture()
         self.max_slots, self.max_recaptures = max_slots, max_recaptures
         self.tensors = graph_tensors(graph)  # read by address by the captured graphs
+        self.host_literals = hoist_host_literals(graph)  # made before any capture (module docstring)
         self.params = [(n, t) for n, t in self.tensors if t.requires_grad]
         self.fallback: str | None = None  # why every call now runs eagerly
         self.observed = False  # the first call ran eagerly, watched (module docstring)

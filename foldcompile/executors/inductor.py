@@ -5,8 +5,10 @@ element-wise ops) well and, with ``mode="reduce-overhead"``, replays the whole c
 graphs (its own, with its own rules: see torch.compile's documentation). It cannot look into
 our Triton wrappers, so :func:`to_library_ops` rewrites the graph first:
 
-- the attention, layer-norm, softmax and outer-product-mean kernels become calls of their ``torch.library`` ops
-  (``torch.ops.foldcompile.attention``, ``.layer_norm``, ``.softmax``, :mod:`foldcompile.kernels.ops`):
+- the attention, layer-norm, softmax, outer-product-mean, triangle-multiplication and layer-norm-projection
+  kernels become calls of
+  their ``torch.library`` ops (``torch.ops.foldcompile.attention``, ``.layer_norm``, ``.softmax``, ...,
+  :mod:`foldcompile.kernels.ops`):
   opaque to Dynamo and AOTAutograd, with fake implementations for shapes and backward ops of their
   own, so forward and backward keep our kernels and the graph has no break;
 - each generated element-wise kernel is given back as the ops it fused (its fragment): Inductor
@@ -44,10 +46,14 @@ import torch.utils._pytree as pytree
 import foldcompile.kernels.ops  # noqa: F401  (defines torch.ops.foldcompile.*)
 from foldcompile.executors.base import Executor
 from foldcompile.kernels.elementwise import FusedElementwise
+from foldcompile.kernels.elementwise_sum import FusedElementwiseSum
+from foldcompile.kernels.ops import TRIANGLE_MULTIPLICATION_PARAMS
 from foldcompile.passes.rules.attention import fused_attention
 from foldcompile.passes.rules.layer_norm import fused_layer_norm
+from foldcompile.passes.rules.ln_multi_linear import fused_layer_norm_linear
 from foldcompile.passes.rules.outer_product_mean import fused_outer_product_mean
 from foldcompile.passes.rules.softmax import fused_softmax
+from foldcompile.passes.rules.triangle_multiplication import fused_triangle_multiplication
 
 __all__ = ["InductorExecutor", "to_library_ops", "softmax_via_op"]
 
@@ -87,6 +93,19 @@ def _outer_product_mean_args(node: torch.fx.Node) -> tuple:
             bool(a["bias_divided"]))
 
 
+def _triangle_multiplication_args(node: torch.fx.Node) -> tuple:
+    a = _bound(fused_triangle_multiplication, node)
+    return (a["z"], a["mask"], *(a[n] for n in TRIANGLE_MULTIPLICATION_PARAMS), float(a["eps_in"]),
+            float(a["eps_out"]), bool(a["outgoing"]))
+
+
+def _layer_norm_linear_args(node: torch.fx.Node) -> tuple:
+    a = _bound(fused_layer_norm_linear, node)
+    biases = list(a["biases"])  # the op takes the present biases and which projections have one
+    return (a["x"], a["ln_weight"], a["ln_bias"], list(a["weights"]), [b for b in biases if b is not None],
+            [b is not None for b in biases], float(a["eps"]), bool(a["return_normalized"]))
+
+
 def to_library_ops(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """A copy of ``gm`` (and of the subgraphs it calls) that Dynamo can trace whole: kernels as their
     ``torch.library`` ops, generated element-wise kernels as the ops they fused (module docstring).
@@ -103,19 +122,30 @@ def to_library_ops(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         target = node.target
         kernel = getattr(target, "kernel", None) if node.op == "call_function" else None
         if node.op == "call_function" and target in (fused_attention, fused_layer_norm, fused_softmax,
-                                                     fused_outer_product_mean):
+                                                     fused_outer_product_mean, fused_triangle_multiplication,
+                                                     fused_layer_norm_linear):
             if target is fused_attention:
                 new = graph.call_function(_OPS.attention.default, arg(_attention_args(node)))
             elif target is fused_outer_product_mean:
                 new = graph.call_function(_OPS.outer_product_mean.default, arg(_outer_product_mean_args(node)))
             elif target is fused_layer_norm:
                 new = graph.call_function(_OPS.layer_norm.default, arg(_layer_norm_args(node)))
+            elif target is fused_triangle_multiplication:
+                new = graph.call_function(_OPS.triangle_multiplication.default,
+                                          arg(_triangle_multiplication_args(node)))
+            elif target is fused_layer_norm_linear:
+                new = graph.call_function(_OPS.layer_norm_linear.default, arg(_layer_norm_linear_args(node)))
             else:
                 new = graph.call_function(softmax_via_op, arg(node.args), arg(node.kwargs))
             new.meta.update(node.meta)
         elif isinstance(kernel, FusedElementwise):
             new = _inline(graph, kernel.graph_module, [env[a] if isinstance(a, torch.fx.Node) else a
                                                        for a in node.args])
+        elif isinstance(kernel, FusedElementwiseSum):  # the chain's ops, then the sum they feed
+            chain = _inline(graph, kernel.chain.graph_module, [env[a] if isinstance(a, torch.fx.Node) else a
+                                                               for a in node.args])
+            dims = tuple(range(-kernel.n_summed, 0))
+            new = graph.call_function(torch.sum, (chain, dims), {"keepdim": kernel.keepdim})
         else:
             new = graph.node_copy(node, lambda n: env[n])
             if node.op == "get_attr":

@@ -64,14 +64,16 @@ def select_executor(graph: torch.fx.GraphModule, requested: str, leaves: Sequenc
         return EagerExecutor(graph, requested=requested, reason="requested")
     if requested == "inductor":
         from foldcompile.executors.inductor import InductorExecutor
-        # reduce-overhead only for inference: under grad, its CUDA-graph trees gave parameter gradients
-        # 1.3 relative error away from eager on an H200 (2026-12-02,
-        # test_inductor_reduce_overhead_training_steps); the default mode is used for training variants
         training = torch.is_grad_enabled()
-        mode = "reduce-overhead" if on_cuda and not training else None
-        why = " (reduce-overhead is not used under grad: its gradients were wrong on an H200)" if on_cuda and training else ""
+        if on_cuda and training:
+            # refused, not trusted: on an H200 (2026-12-02) the Inductor executor's parameter gradients were
+            # 1.32 (relative) away from eager's in tests/executors/test_executors_gpu.py, in both Inductor
+            # modes, while bench/diag_inductor_grads.py did not reproduce it alone (cause not found yet)
+            return _eager_instead(graph, requested, f"{requested}: not used under grad on CUDA: its parameter "
+                                  "gradients failed the GPU test on an H200 (cause not yet found); eager instead")
+        mode = "reduce-overhead" if on_cuda else None
         return InductorExecutor(graph, requested=requested, mode=mode,
-                                reason=f"requested (mode={mode or 'default'}: tensors on {where}){why}")
+                                reason=f"requested (mode={mode or 'default'}: tensors on {where})")
     if not on_cuda:
         reason = (f"{requested}: tensors on {where}: eager (CUDA graphs and Inductor reduce-overhead need one CUDA "
                   "device)")

@@ -14,8 +14,11 @@ the reason, so a test can assert "matched 4 attentions, rejected 1". Families:
 
     attention   softmax(scale·q kᵀ + biases, masked) v [· sigmoid(gate)]  -> kernels.attention
                 (attention_chunks: a chunk loop of one attention, concatenated -> one call)
+    triangle_multiplication  sigmoid(lin(x)) · lin(LN(Σ_k a b)), a, b = mask · sigmoid(lin(x)) · lin(x),
+                x = LN(z)                                               -> kernels.triangle_multiplication
     outer_product_mean  linear(flatten(Σ_s a ⊗ b)) / (eps + Σ_s m_a m_b)     -> kernels.outer_product_mean
     softmax     softmax(scale·x + bias, masked) left over                  -> kernels.softmax
+    ln_multi_linear  layer_norm(x) feeding projections (q, k, v, gate, ...)  -> kernels.ln_linear
     layer_norm  layer_norm over the last dim, or written out by hand       -> kernels.layer_norm
     elementwise convex chains of element-wise ops of one shape             -> kernels.fuse_elementwise
 """
@@ -79,8 +82,8 @@ class Rule:
 
 def all_rules() -> list[Rule]:
     """Every rule of every family, highest priority first."""
-    from foldcompile.passes.rules import (attention, attention_chunks, elementwise, layer_norm, outer_product_mean,
-                                          softmax)
-    rules = [*attention_chunks.RULES, *attention.RULES, *outer_product_mean.RULES, *softmax.RULES, *layer_norm.RULES,
-             *elementwise.RULES]
+    from foldcompile.passes.rules import (attention, attention_chunks, elementwise, layer_norm, ln_multi_linear,
+                                          outer_product_mean, softmax, triangle_multiplication)
+    rules = [*attention_chunks.RULES, *attention.RULES, *triangle_multiplication.RULES, *outer_product_mean.RULES,
+             *softmax.RULES, *ln_multi_linear.RULES, *layer_norm.RULES, *elementwise.RULES]
     return sorted(rules, key=lambda r: -r.priority)

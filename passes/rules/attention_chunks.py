@@ -21,7 +21,8 @@ attention rule, one fused call per chunk, with the reason): pieces that differ i
 above, a piece that folds its own gate, slices that do not tile the axis, a concatenation along
 the value axis. A loop that slices the layer's INPUT and runs its projections per chunk (OpenFold's
 ``chunk_layer``, the zoo's ``chunk_rows``) is not this pattern: its pieces' q, k, v are different
-products, and merging them would mean proving a whole layer row-independent.
+products. :mod:`foldcompile.passes.merge_chunk_loops` merges such a loop into the layer run once
+(proving it row-independent) before the rules run, and leaves this pattern to this rule.
 
     >>> import torch, foldcompile
     >>> class Chunked(torch.nn.Module):

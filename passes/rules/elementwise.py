@@ -14,9 +14,16 @@ node (walking the graph backwards) over element-wise producers that
 Random ops (dropout, ``bernoulli``) are not fused: they stay on torch's generator so the
 masks are the model's. A group of one op saves no memory traffic (the kernel reads and
 writes what eager does) and is left alone as "not profitable at the stated size".
+
+``elementwise_sum`` (runs first): a ``sum`` over the trailing dims of such a group (the
+invariant point attention's ``((q - k) ** 2).sum((-1, -2))``, squared norms) is one kernel
+(:mod:`foldcompile.kernels.elementwise_sum`) that never writes the summed values; even one
+element-wise op pays there. Every group is checked against the generated kernel on the graph's
+shapes and dtypes before it is fused, so a call never fails or changes dtype at run time.
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import networkx as nx
@@ -24,6 +31,8 @@ import torch
 import torch.fx
 
 from foldcompile.kernels import fuse_elementwise, unsupported_reason
+from foldcompile.kernels.elementwise_sum import MAX_SUMMED, FusedElementwiseSum
+from foldcompile.passes.base import PassError
 from foldcompile.passes.rules import Candidate, Context, Reject, Rule
 from foldcompile.passes.rules import _meta as M
 from foldcompile.passes.rules.attention import _Builder
@@ -79,6 +88,17 @@ def _recognise(n: torch.fx.Node, ctx: Context) -> Candidate | Reject | None:
     """Anchors are visited last to first (``Rule.reverse``): each node not yet in a group starts one."""
     if _fusable(n, ctx) is not None:
         return None
+    order, refused = _grow(n, ctx)
+    if len(order) == 1:
+        if n in refused:
+            return Reject(f"{refused[n]} (its users' group could not take it) and nothing to fuse with")
+        return Reject("not profitable at the stated size: a single element-wise op (nothing to fuse with)")
+    return Candidate("elementwise", n, order, n)
+
+
+def _grow(n: torch.fx.Node, ctx: Context) -> tuple[list[torch.fx.Node], dict]:
+    """The convex group of fusable element-wise producers of ``n``'s shape grown back from ``n`` (graph
+    order), and why producers were left out."""
     cache = _cache(ctx)
     dag = cache["dag"]
     if dag is None or n not in dag:
@@ -97,16 +117,31 @@ def _recognise(n: torch.fx.Node, ctx: Context) -> Candidate | Reject | None:
                 continue
             group.add(a)
             frontier.append(a)
-    order = [x for x in ctx.gm.graph.nodes if x in group]
-    if len(order) == 1:
-        if n in refused:
-            return Reject(f"{refused[n]} (its users' group could not take it) and nothing to fuse with")
-        return Reject("not profitable at the stated size: a single element-wise op (nothing to fuse with)")
-    return Candidate("elementwise", n, order, n)
+    return [x for x in ctx.gm.graph.nodes if x in group], refused
+
+
+def _example(n: torch.fx.Node) -> Any:
+    """A stand-in for one value a fragment reads, with the shape and dtype shape propagation found
+    (a meta tensor), or a Python number of its kind."""
+    if M.shape(n) is not None and isinstance(M.dtype(n), torch.dtype):
+        return torch.empty(M.shape(n), dtype=M.dtype(n), device="meta")
+    return 1 if n.meta.get("sym_value") is not None else 1.0
 
 
 def _check(c: Candidate, ctx: Context) -> str | None:
-    return None  # every node passed _fusable (op, dtype) while the group grew
+    """Every node passed ``_fusable`` (op, dtype) while the group grew; here the generated kernel is
+    asked what it would compute on the graph's shapes and dtypes, so a call can never fail or
+    give another dtype than eager (``x + where(m > 0, 0., -inf).to(x.dtype)``) at run time."""
+    fused, name, inputs = _fragment(c, ctx)
+    try:
+        got = fused.output_dtypes(*(_example(a) for a in inputs))
+    except (TypeError, ValueError) as exc:
+        return f"the generated kernel cannot take these operands: {exc}"
+    if got != [M.dtype(c.output)]:
+        return (f"unsupported dtype: the generated kernel would compute {got[0]} where eager gives "
+                f"{M.dtype(c.output)}")
+    c.parts["fragment"] = (fused, name, inputs)  # what _replace puts in the graph
+    return None
 
 
 def _profitable(c: Candidate, ctx: Context) -> str | None:
@@ -124,7 +159,8 @@ def kernel_function(fused: Any, name: str):
     return run
 
 
-def _replace(c: Candidate, ctx: Context) -> torch.fx.Node:
+def _fragment(c: Candidate, ctx: Context) -> tuple[Any, str, list[torch.fx.Node]]:
+    """The group as one generated kernel: ``(kernel, its name, the graph values it reads)``."""
     group = set(c.region)
     frag = torch.fx.Graph()
     env: dict[torch.fx.Node, torch.fx.Node] = {}
@@ -142,12 +178,86 @@ def _replace(c: Candidate, ctx: Context) -> torch.fx.Node:
         if op not in ops and op != "to":
             ops.append(op)
     name = "fused_elementwise_" + "_".join(ops[:4] or ["cast"])
-    fused = fuse_elementwise(torch.fx.GraphModule(ctx.gm, frag), name=name)
+    return fuse_elementwise(torch.fx.GraphModule(ctx.gm, frag), name=name), name, inputs
+
+
+def _replace(c: Candidate, ctx: Context) -> torch.fx.Node:
+    fused, name, inputs = c.parts.get("fragment") or _fragment(c, ctx)
     out = _Builder(ctx.gm.graph, c.output, c)(kernel_function(fused, name), *inputs)
     out.meta["shape"], out.meta["dtype"] = M.shape(c.output), M.dtype(c.output)
     _cache(ctx)["dag"] = None  # the graph changed
     return out
 
 
-RULES = [Rule("elementwise", "elementwise", 10, _recognise, _check, _profitable, _replace,
+# ------------------------------------------------------------------ a chain summed over trailing dims
+
+
+def _summed_dims(n: torch.fx.Node) -> tuple[torch.fx.Node, int, bool] | None:
+    """``(x, k, keepdim)`` for ``x.sum(dims)`` over the last ``k`` dims of a float ``x`` (no ``dtype``)."""
+    if n.op != "call_function" or M.op_name(n) != "sum" or not n.args or not isinstance(n.args[0], torch.fx.Node):
+        return None
+    x = n.args[0]
+    dims = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+    keepdim = n.args[2] if len(n.args) > 2 else n.kwargs.get("keepdim", False)
+    if set(n.kwargs) - {"dim", "keepdim"} or len(n.args) > 3 or not isinstance(keepdim, bool) or M.shape(x) is None:
+        return None
+    rank = len(M.shape(x))
+    dims = [dims] if isinstance(dims, int) else list(dims) if isinstance(dims, (list, tuple)) else None
+    if not dims or rank == 0 or not all(isinstance(d, int) for d in dims):
+        return None
+    norm = sorted({d % rank for d in dims})
+    if len(norm) != len(dims) or norm != list(range(rank - len(norm), rank)):
+        return None  # not the trailing dims
+    return x, len(norm), keepdim
+
+
+def _recognise_sum(n: torch.fx.Node, ctx: Context) -> Candidate | Reject | None:
+    found = _summed_dims(n)
+    if found is None:
+        return None
+    x, k, keepdim = found
+    if _fusable(x, ctx) is not None:
+        return None  # a sum of something else than an element-wise chain
+    if len(x.users) != 1:
+        return Reject("multiple users of an interior value (the summed values are read elsewhere too)")
+    summed = math.prod(M.shape(x)[len(M.shape(x)) - k:])
+    if summed > MAX_SUMMED:
+        return Reject(f"no kernel for this op: {summed} summed elements a row, more than one tile holds "
+                      f"({MAX_SUMMED})")
+    order, _ = _grow(x, ctx)
+    return Candidate("elementwise_sum", n, order + [n], n, {"chain": x, "n_summed": k, "keepdim": keepdim})
+
+
+def _check_sum(c: Candidate, ctx: Context) -> str | None:
+    chain = Candidate("elementwise", c.parts["chain"], c.region[:-1], c.parts["chain"])
+    kernel, name, inputs = _fragment(chain, ctx)
+    name = name + "_sum"
+    try:
+        fused = FusedElementwiseSum(kernel, c.parts["n_summed"], c.parts["keepdim"], name=name)
+        got = fused.output_dtypes(*(_example(a) for a in inputs))
+    except (TypeError, ValueError) as exc:
+        return f"the generated kernel cannot take these operands: {exc}"
+    if got != [M.dtype(c.output)]:
+        return (f"unsupported dtype: the generated kernel would compute {got[0]} where eager gives "
+                f"{M.dtype(c.output)}")
+    c.parts["fragment"] = (fused, name, inputs)
+    return None
+
+
+def _replace_sum(c: Candidate, ctx: Context) -> torch.fx.Node:
+    if "fragment" not in c.parts:
+        why = _check_sum(c, ctx)
+        if why is not None:
+            raise PassError(f"elementwise_sum at {c.site}: {why}")
+    fused, name, inputs = c.parts["fragment"]
+    out = _Builder(ctx.gm.graph, c.output, c)(kernel_function(fused, name), *inputs)
+    out.meta["shape"], out.meta["dtype"] = M.shape(c.output), M.dtype(c.output)
+    _cache(ctx)["dag"] = None
+    return out
+
+
+RULES = [Rule("elementwise_sum", "elementwise", 11, _recognise_sum, _check_sum, _profitable, _replace_sum,
+              "an element-wise chain summed over its trailing dims -> fused_elementwise_<ops>_sum (the summed "
+              "values are never written)"),
+         Rule("elementwise", "elementwise", 10, _recognise, _check, _profitable, _replace,
               "convex chains of element-wise ops of one shape -> fused_elementwise_<ops>", reverse=True)]

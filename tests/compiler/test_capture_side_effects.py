@@ -15,6 +15,7 @@ import collections
 import copy
 import dataclasses
 import os
+import sys
 import types
 
 import numpy as np
@@ -26,6 +27,9 @@ from torch.nn.modules import module as nn_module
 import foldcompile.capture as capture
 from foldcompile.capture import CaptureError, trace
 from foldcompile.guards import GuardError
+
+sys.path.insert(0, os.path.dirname(__file__))
+from guard_modules import Caching  # noqa: E402
 
 HERE = os.path.basename(__file__)
 
@@ -216,16 +220,26 @@ def test_append_to_a_deque_attribute_is_refused_and_undone(layer):
     assert m.history is hist and list(hist) == [] and hist.maxlen == 3
 
 
-def test_module_attribute_write_still_refused_without_dynamo_tracking(layer):
-    class Caching(nn.Module):
+def test_write_inside_the_standard_library_names_the_user_s_call():
+    """``Counter.update`` is Python code in ``collections``: the write Dynamo records happens there, but
+    the line to show is the user's call (it named collections/__init__.py)."""
+    class Counts(nn.Module):
         def __init__(self):
             super().__init__()
-            self.last = None
+            self.seen = collections.Counter()
 
         def forward(self, x):
-            self.last = x.detach()
+            self.seen.update(["call"])
             return x + 1
 
+    m = Counts()
+    with pytest.raises(CaptureError, match=r"module attribute 'seen'.*" + HERE + r":\d+ in forward: "
+                                           r"self.seen.update\(\[\"call\"\]\)") as e:
+        trace(m, torch.randn(3))
+    assert "collections" not in str(e.value) and m.seen == collections.Counter()
+
+
+def test_module_attribute_write_still_refused_without_dynamo_tracking(layer):
     m = Caching()
     with pytest.raises(CaptureError, match=r"forward assigns module attribute 'last'"):
         trace(m, torch.randn(3))

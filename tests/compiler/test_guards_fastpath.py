@@ -7,10 +7,9 @@ the ways of writing state that no ``setattr`` sees (``vars(m)[k] = v``, ``Module
 """
 from __future__ import annotations
 
-import dataclasses
-import enum
+import os
 import re
-import types
+import sys
 
 import pytest
 import torch
@@ -20,50 +19,13 @@ from foldcompile import state_watch
 from foldcompile.capture import trace
 from foldcompile.guards import GuardError
 
+sys.path.insert(0, os.path.dirname(__file__))
+from guard_modules import HOOK_REGISTRATIONS, Configured, Mode  # noqa: E402  (the block test_guards_soundness.py uses)
 
-class Mode(enum.Enum):
-    A = 1
-    B = 2
-
-
-@dataclasses.dataclass
-class Cfg:
-    scale: float = 2.0
-    flags: tuple = (True,)
-
-
-class Configured(nn.Module):
-    """A block whose forward reads every kind of state the guards cover (as in test_guards_soundness)."""
-
-    gate = True                 # class attribute the forward branches on
-    table = {"k": [1, 2]}       # class-level plain data, mutated in place below
-
-    def __init__(self):
-        super().__init__()
-        self.lin = nn.Linear(4, 4)
-        self.act = torch.relu
-        self.mode = Mode.A
-        self.sizes = [1, 2]
-        self.cfg = Cfg()
-        self.ns = types.SimpleNamespace(shift=1.0)
-
-    def forward(self, x):
-        y = self.lin(x) * self.cfg.scale + self.ns.shift + self.table["k"][1]
-        if self.gate and self.mode is Mode.A and self.cfg.flags[0] and len(self.sizes) == 2:
-            y = self.act(y)
-        return y
+pytestmark = pytest.mark.usefixtures("one_thread")  # 48 blocks of tiny ops (tests/compiler/conftest.py)
 
 N_BLOCKS = 48
 X = torch.randn(3, 4)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """48 blocks of tiny ops: one intra-op thread (two on a loaded 2-core machine spin-wait on every op)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class Stack(nn.Module):
@@ -137,11 +99,7 @@ def test_a_parameter_change_in_the_last_of_48_blocks_is_refused(change, guard):
         gm(X)
 
 
-@pytest.mark.parametrize("register", [
-    lambda mod: mod.register_forward_hook(lambda _m, _i, out: out * 2),
-    lambda mod: mod.register_forward_pre_hook(lambda _m, inp: (inp[0] * 2,)),
-    lambda mod: mod.register_full_backward_hook(lambda *_: None),
-])
+@pytest.mark.parametrize("register", HOOK_REGISTRATIONS)
 def test_a_hook_on_the_last_of_48_blocks_is_refused_and_its_removal_accepted(register):
     model, gm = _stack()
     handle = register(model.blocks[-1].lin)

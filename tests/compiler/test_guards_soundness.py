@@ -6,12 +6,9 @@ divergence; legitimate repeated calls and in-place updates must keep working.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import sys
-import enum
-import types
 
 import pytest
 import torch
@@ -22,6 +19,9 @@ from foldcompile.explain import explain_graph
 from foldcompile.guards import GuardError
 from foldcompile.passes.base import PassError
 
+sys.path.insert(0, os.path.dirname(__file__))
+from guard_modules import HOOK_REGISTRATIONS, Caching, Configured, Mode  # noqa: E402
+
 X = torch.randn(3, 4)
 
 
@@ -30,38 +30,7 @@ def _same(gm, model, *args):
     assert torch.allclose(out, ref)
 
 
-# ---------------------------------------------------------------- 1. module state
-
-
-class Mode(enum.Enum):
-    A = 1
-    B = 2
-
-
-@dataclasses.dataclass
-class Cfg:
-    scale: float = 2.0
-    flags: tuple = (True,)
-
-
-class Configured(nn.Module):
-    gate = True                 # class attribute the forward branches on
-    table = {"k": [1, 2]}       # class-level plain data, mutated in place below
-
-    def __init__(self):
-        super().__init__()
-        self.lin = nn.Linear(4, 4)
-        self.act = torch.relu
-        self.mode = Mode.A
-        self.sizes = [1, 2]
-        self.cfg = Cfg()
-        self.ns = types.SimpleNamespace(shift=1.0)
-
-    def forward(self, x):
-        y = self.lin(x) * self.cfg.scale + self.ns.shift + self.table["k"][1]
-        if self.gate and self.mode is Mode.A and self.cfg.flags[0] and len(self.sizes) == 2:
-            y = self.act(y)
-        return y
+# ---------------------------------------------------------------- 1. module state (guard_modules.Configured)
 
 
 @pytest.mark.parametrize("change, guard", [
@@ -167,11 +136,7 @@ def test_dtype_and_requires_grad_changes_are_refused():
 # ---------------------------------------------------------------- 3. hooks
 
 
-@pytest.mark.parametrize("register", [
-    lambda mod: mod.register_forward_hook(lambda _m, _i, out: out * 2),
-    lambda mod: mod.register_forward_pre_hook(lambda _m, inp: (inp[0] * 2,)),
-    lambda mod: mod.register_full_backward_hook(lambda *_: None),
-])
+@pytest.mark.parametrize("register", HOOK_REGISTRATIONS)
 def test_hooks_added_after_capture_are_refused(register):
     m = Lin()
     gm = trace(m, X)
@@ -220,16 +185,6 @@ def test_noncontiguous_capture_refuses_other_layouts():
 
 
 # ---------------------------------------------------------------- 5. side effects during capture
-
-
-class Caching(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.last = None
-
-    def forward(self, x):
-        self.last = x.detach()
-        return x + 1
 
 
 class Counting(nn.Module):

@@ -97,7 +97,7 @@ def zoo_overlap_case(rank: int, name: str, size: str, plan: Any, reorder: bool =
     """A zoo model (``size``: "tiny" or "af2" channels at N_seq=7, N_res=11), the plan made in the
     parent; a replicated loss on the whole outputs."""
     from foldcompile.capture import trace
-    from foldcompile.explain import flat_inputs
+    from foldcompile.capture import flat_inputs
     from foldcompile.models import zoo
     from foldcompile.passes.normalize import normalize_pass
     from foldcompile.passes.plan_io import import_plan

@@ -15,15 +15,18 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-from typing import Any
+import os
+import sys
 
 import pytest
 import torch
-import torch.utils._pytree as pytree
 
 import foldcompile
 from foldcompile.executors import cuda_graph as cg
 from foldcompile.executors.cuda_graph import CudaGraphExecutor
+
+sys.path.insert(0, os.path.dirname(__file__))
+import executor_scenarios as S  # noqa: E402
 
 TOL = 1e-6
 RULES = None  # every fusion rule: the kernels' own autograd runs inside the replayed function
@@ -40,12 +43,8 @@ class _SimulatedGraph:
         # a real replay writes memory without dispatch: static outputs made under inference_mode
         # (inference tensors) take the write too
         with torch.inference_mode():
-            for static, fresh in zip(_tensors(self.result), _tensors(new)):
+            for static, fresh in zip(S.tensors_of(self.result), S.tensors_of(new)):
                 static.copy_(fresh)
-
-
-def _tensors(x: Any) -> list[torch.Tensor]:
-    return [t for t in pytree.tree_leaves(x) if isinstance(t, torch.Tensor)]
 
 
 class SimulatedCapture(cg.CudaGraphCapture):
@@ -99,19 +98,13 @@ def _fresh(inputs, seed):
     return tuple(torch.randn(t.shape, generator=g) for t in inputs)
 
 
-def _loss(out) -> torch.Tensor:
-    total = 0.0
-    for o in pytree.tree_leaves(out):
-        g = torch.Generator().manual_seed(o.numel())
-        total = total + (o * torch.randn(o.shape, generator=g)).sum()
-    return total
-
-
-def _grads(model):
-    return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+_loss = S.projection_loss
+_grads = S.grads_of
 
 
 def _close(got, want, what):
+    got, want = list(got), list(want)
+    assert len(got) == len(want), f"{what}: {len(got)} tensors, expected {len(want)}"
     for i, (a, b) in enumerate(zip(got, want)):
         assert torch.allclose(a, b, rtol=TOL, atol=TOL), f"{what} {i}: max diff {(a - b).abs().max():.3g}"
 
@@ -157,46 +150,22 @@ def test_gradient_accumulation_and_outputs_not_overwritten(pair):
     model, inputs, eager, graphed = pair
     _warm(graphed, model, inputs)
     batches = [_fresh(inputs, s) for s in range(3)]
-
-    def accumulate(fast):
-        model.zero_grad(set_to_none=True)
-        kept = []
-        for b in batches:
-            out = fast(*b)
-            _loss(out).backward()
-            kept.append(out)
-        return [t.detach().clone() for o in kept for t in o], _grads(model)
-
-    out_e, grad_e = accumulate(eager)
-    out_g, grad_g = accumulate(graphed)
+    out_e, grad_e = S.accumulate(eager, model, batches, _loss)
+    out_g, grad_g = S.accumulate(graphed, model, batches, _loss)
     ex = _executor(graphed, *inputs)
     assert ex.captures == 1 and ex.describe()["replays"] == 4
     _close(out_g, out_e, "output")
     _close(grad_g, grad_e, "gradient")
 
 
-@pytest.mark.parametrize("order", ["one loss", "second first", "first first"])
+@pytest.mark.parametrize("order", S.TWO_FORWARD_ORDERS)
 def test_two_forwards_before_one_backward(pair, order):
     model, inputs, eager, graphed = pair
     _warm(graphed, model, inputs)
     b1, b2 = _fresh(inputs, 1), _fresh(inputs, 2)
-
-    def run(fast):
-        model.zero_grad(set_to_none=True)
-        o1, o2 = fast(*b1), fast(*b2)
-        if order == "one loss":
-            (_loss(o1) + _loss(o2)).backward()
-        elif order == "second first":
-            _loss(o2).backward()
-            _loss(o1).backward()
-        else:
-            _loss(o1).backward()
-            _loss(o2).backward()
-        return [t.detach() for t in (*o1, *o2)], _grads(model)
-
-    want = run(eager)
+    want = S.two_forwards_one_backward(eager, model, b1, b2, order, _loss)
     for _ in range(2):
-        got = run(graphed)
+        got = S.two_forwards_one_backward(graphed, model, b1, b2, order, _loss)
         _close(got[0], want[0], "output")
         _close(got[1], want[1], "gradient")
     ex = _executor(graphed, *inputs)
@@ -243,21 +212,10 @@ def test_all_slots_pending_runs_eagerly(pair):
 
 def test_recycling_feeds_outputs_back_in(pair):
     model, inputs, eager, graphed = pair
-
-    def recycle(fast, grad_through):
-        model.zero_grad(set_to_none=True)
-        x, y = inputs
-        for _ in range(2):
-            with torch.enable_grad() if grad_through else torch.no_grad():
-                x, y = fast(x, y)
-        x, y = fast(x, y)
-        _loss((x, y)).backward()
-        return [x.detach(), y.detach()], _grads(model)
-
     for grad_through in (False, True):
-        want = recycle(eager, grad_through)
+        want = S.recycle(eager, model, inputs, grad_through, _loss)
         for _ in range(3):
-            got = recycle(graphed, grad_through)
+            got = S.recycle(graphed, model, inputs, grad_through, _loss)
             _close(got[0], want[0], "recycled output")
             _close(got[1], want[1], "gradient")
     made = [v.executor for v in graphed.variants.entries.values()]
@@ -297,12 +255,7 @@ def test_memory_moved_captures_again(pair):
         _loss(pending).backward()
     for step in range(2):  # the old slot is never replayed again
         b = _fresh(inputs, step)
-        model.zero_grad(set_to_none=True)
-        _loss(eager(*b)).backward()
-        want = _grads(model)
-        model.zero_grad(set_to_none=True)
-        _loss(graphed(*b)).backward()
-        _close(_grads(model), want, "gradient")
+        _close(S.step_grads(graphed, model, b, _loss), S.step_grads(eager, model, b, _loss), "gradient")
     assert ex.captures == 2 and ex.describe()["graphs"] == 1
 
 
@@ -318,12 +271,8 @@ def test_second_backward_and_changed_parameter_are_refused(pair):
         model.norm.weight.add_(0.1)
     with pytest.raises(RuntimeError, match="'norm.weight' was modified between this forward and its backward"):
         loss.backward()
-    model.zero_grad(set_to_none=True)
-    _loss(graphed(*inputs)).backward()
-    got = _grads(model)
-    model.zero_grad(set_to_none=True)
-    _loss(eager(*inputs)).backward()
-    _close(got, _grads(model), "gradient after the refusals")
+    got = S.step_grads(graphed, model, inputs, _loss)
+    _close(got, S.step_grads(eager, model, inputs, _loss), "gradient after the refusals")
 
 
 def test_inference_replays(pair):

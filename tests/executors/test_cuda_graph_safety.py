@@ -67,6 +67,32 @@ def test_checkpoint_around_dropout_is_refused_but_not_around_deterministic_ops()
             assert "checkpointing around a random op (dropout)" in why
 
 
+def _one_call(target, *args) -> torch.fx.GraphModule:
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    g.output(g.call_function(target, (x, *args)))
+    return torch.fx.GraphModule({}, g)
+
+
+def _checkpointed(body_fn) -> torch.fx.GraphModule:
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    g.output(g.call_function(torch.utils.checkpoint.checkpoint, (g.get_attr("body"), x), {"use_reentrant": False}))
+    return torch.fx.GraphModule({"body": _graph(body_fn)}, g)
+
+
+def test_host_syncs_and_random_ops_are_the_registry_s_ops_in_any_spelling_never_a_name():
+    def item(x):  # a user's helper that happens to share Tensor.item's name
+        return x * 2
+
+    assert cuda_graph_unsafe_reason(_one_call(item)) is None
+    assert "(nonzero) reads a device value" in cuda_graph_unsafe_reason(_one_call(torch.ops.aten.nonzero.default))
+    assert "reads a device value" in cuda_graph_unsafe_reason(_one_call(torch.Tensor.tolist))
+    for body in (lambda x: torch.nn.functional.dropout2d(x, 0.5), lambda x: x.clone().uniform_(),
+                 lambda x: torch.ops.aten.native_dropout.default(x, 0.5, True)[0]):
+        assert "checkpointing around a random op" in cuda_graph_unsafe_reason(_checkpointed(body))
+
+
 def test_autocast_with_its_cache_is_refused():
     gm = _graph(lambda x: x @ x)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -34,6 +34,8 @@ import foldcompile
 from foldcompile.models import zoo
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "optimize"))
+sys.path.insert(0, os.path.dirname(__file__))
+import executor_scenarios as S  # noqa: E402
 from optimize_helpers import flat, rel  # noqa: E402
 from test_zoo_optimize import _h8  # noqa: E402
 
@@ -60,13 +62,8 @@ def _fresh(inputs: tuple, seed: int) -> tuple:
 
 
 def _loss(out) -> torch.Tensor:
-    """A fixed random projection of every output (the same weights for the same shape)."""
-    total = 0.0
-    for o in flat(out):
-        if o.is_floating_point():
-            g = torch.Generator(device="cuda").manual_seed(o.numel())
-            total = total + (o.double() * torch.randn(o.shape, generator=g, device="cuda", dtype=torch.float64)).sum()
-    return total
+    """A fixed random projection of every output (the same weights for the same shape), in float64."""
+    return S.projection_loss(out, device="cuda", dtype=torch.float64)
 
 
 def _pair(model: torch.nn.Module, inputs: tuple):
@@ -80,8 +77,7 @@ def _pair(model: torch.nn.Module, inputs: tuple):
     return eager, graphed
 
 
-def _grads(model: torch.nn.Module) -> list[torch.Tensor]:
-    return [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+_grads = S.grads_of
 
 
 def _close(got: list[torch.Tensor], want: list[torch.Tensor], what: str, tol: float = TOL) -> None:
@@ -102,43 +98,22 @@ def test_gradient_accumulation_over_micro_batches():
     model, inputs = _block()
     eager, graphed = _pair(model, inputs)
     batches = [_fresh(inputs, s) for s in range(3)]
-
-    def accumulate(fast):
-        model.zero_grad(set_to_none=True)
-        kept = []
-        for b in batches:
-            out = fast(*b)
-            _loss(out).backward()
-            kept.append(out)  # the returned tensors themselves: a later replay must not overwrite them
-        return [t.detach().clone() for o in kept for t in flat(o)], _grads(model)
-
-    out_e, grad_e = accumulate(eager)
+    out_e, grad_e = S.accumulate(eager, model, batches, _loss)
     before = _replays(graphed)
-    out_g, grad_g = accumulate(graphed)
+    out_g, grad_g = S.accumulate(graphed, model, batches, _loss)
     assert _replays(graphed) - before == 3 and graphed.report.execution["captures"] == 1
     _close(out_g, out_e, "output")
     _close(grad_g, grad_e, "accumulated gradient")
 
 
-@pytest.mark.parametrize("order", ["one loss", "second first", "first first"])
+@pytest.mark.parametrize("order", S.TWO_FORWARD_ORDERS)
 def test_two_forwards_before_one_backward(order):
     model, inputs = _block()
     eager, graphed = _pair(model, inputs)
     b1, b2 = _fresh(inputs, 1), _fresh(inputs, 2)
 
     def run(fast):
-        model.zero_grad(set_to_none=True)
-        o1 = fast(*b1)
-        o2 = fast(*b2)  # while o1's backward is pending
-        if order == "one loss":
-            (_loss(o1) + _loss(o2)).backward()
-        elif order == "second first":
-            _loss(o2).backward()
-            _loss(o1).backward()
-        else:
-            _loss(o1).backward()
-            _loss(o2).backward()
-        return [t.detach() for t in flat(o1) + flat(o2)], _grads(model)
+        return S.two_forwards_one_backward(fast, model, b1, b2, order, _loss)
 
     out_e, grad_e = run(eager)
     out_g, grad_g = run(graphed)
@@ -153,17 +128,9 @@ def test_two_forwards_before_one_backward(order):
 
 def test_recycling_feeds_outputs_back_in():
     model, inputs = _block()
-    m0, z0, msa_mask, pair_mask = inputs
 
-    def recycle(fast, grad_through: bool):
-        model.zero_grad(set_to_none=True)
-        m, z = m0, z0
-        for _ in range(2):
-            with torch.enable_grad() if grad_through else torch.no_grad():
-                m, z = fast(m, z, msa_mask, pair_mask)
-        m, z = fast(m, z, msa_mask, pair_mask)
-        _loss((m, z)).backward()
-        return [m.detach(), z.detach()], _grads(model)
+    def recycle(fast, grad_through: bool):  # m, z fed back in; the masks kept
+        return S.recycle(fast, model, inputs, grad_through, _loss)
 
     eager = foldcompile.optimize(model, *inputs, executor="eager")
     graphed = foldcompile.optimize(model, *inputs, executor="cuda_graph")
@@ -285,23 +252,29 @@ def test_auto_picks_cuda_graphs_on_cuda():
     assert fast.report.execution["requested"] == "auto" and _replays(fast) == 2
 
 
-def test_inductor_reduce_overhead_training_steps():
+def test_inductor_under_grad_on_cuda_is_refused_and_runs_eagerly():
+    # its parameter gradients were 1.32 (relative) off eager's here on an H200 (2026-12-02; bench/results/
+    # gpu_tests_executors_NVIDIA_H200_2026-12-02b.txt): refused until the cause is found
     model, inputs = _block()
+    fast = foldcompile.optimize(model, *inputs, executor="inductor")
     eager = foldcompile.optimize(model, *inputs, executor="eager")
-    compiled = foldcompile.optimize(model, *inputs, executor="inductor")
-    for step in range(3):
-        b = _fresh(inputs, step)
-        model.zero_grad(set_to_none=True)
-        out_e = [t.detach() for t in flat(eager(*b))]
-        _loss(eager(*b)).backward()
-        grad_e = _grads(model)
-        model.zero_grad(set_to_none=True)
-        out = compiled(*b)
-        out_c = [t.detach().clone() for t in flat(out)]
-        _loss(out).backward()
-        # Inductor generates its own kernels for the glue: equal to rounding, not bit for bit
-        _close(out_c, out_e, "output", tol=1e-4)
-        _close(_grads(model), grad_e, "gradient", tol=1e-4)
+    b = _fresh(inputs, 0)
+    grad_e = S.step_grads(eager, model, b, _loss)
+    _close(S.step_grads(fast, model, b, _loss), grad_e, "gradient")
+    d = fast.report.execution
+    assert d["executor"] == "eager" and "not used under grad on CUDA" in d["reason"], d
+
+
+def test_inductor_reduce_overhead_inference_equals_eager():
+    model, inputs = _block()
+    with torch.no_grad():
+        eager = foldcompile.optimize(model, *inputs, executor="eager")
+        compiled = foldcompile.optimize(model, *inputs, executor="inductor")
+        for step in range(4):
+            b = _fresh(inputs, step)
+            want = [t.clone() for t in flat(eager(*b))]
+            got = [t.clone() for t in flat(compiled(*b))]
+            _close(got, want, "output", tol=1e-4)
     d = compiled.report.execution
     assert d["executor"] == "inductor" and d["mode"] == "reduce-overhead", d
 

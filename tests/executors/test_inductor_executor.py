@@ -1,7 +1,7 @@
 """The Inductor executor (foldcompile/executors/inductor.py) on CPU.
 
-``to_library_ops`` gives Dynamo a graph it traces whole: our attention and layer-norm kernels as
-their ``torch.library`` ops, the generated element-wise kernels as the ops they fused. Checked:
+``to_library_ops`` gives Dynamo a graph it traces whole: our attention, layer-norm(-projection) and
+triangle-multiplication kernels as their ``torch.library`` ops, the generated element-wise kernels as the ops they fused. Checked:
 the rewrite leaves no Python kernel wrapper, computes what the fused graph computes, and has zero
 graph breaks (``torch._dynamo.explain``); in the full tier Inductor (CPU, default mode) compiles it
 and forward and gradients equal eager.
@@ -41,7 +41,12 @@ def test_rewrite_uses_the_library_ops_and_computes_the_same(fused):
     assert not any(getattr(t, "__name__", "").startswith("fused_") for t in targets)
     counts = fast.report.counts()
     assert targets.count(torch.ops.foldcompile.attention.default) == counts["attention"]["matched"] == 4
-    assert targets.count(torch.ops.foldcompile.layer_norm.default) == counts["layer_norm"]["matched"] == 12
+    # the triangle multiplications take their layer norms; every other layer norm of the block feeds
+    # projections: each is one layer-norm -> projections kernel
+    assert (targets.count(torch.ops.foldcompile.triangle_multiplication.default)
+            == counts["triangle_multiplication"]["matched"] == 2)
+    assert targets.count(torch.ops.foldcompile.layer_norm_linear.default) == counts["ln_linear"]["matched"] == 8
+    assert targets.count(torch.ops.foldcompile.layer_norm.default) == counts["layer_norm"]["matched"] == 0
     assert not program._forward_pre_hooks  # the executor checks the guards
     args = gm.guards.bind(inputs, {}).args
     torch.manual_seed(0)  # the same dropout masks (torch's generator in both)

@@ -84,6 +84,37 @@ def test_kernel_matches_float64_and_the_reference_forward_and_backward(lead, S, 
             assert err < 3e-3 and err < 4 * err_ref + 1e-4, f"{name}: {err:.3g} (reference {err_ref:.3g})"
 
 
+@pytest.mark.parametrize("case", ["inf_weight", "inf_b", "zero_count"])
+def test_padded_lanes_do_not_turn_inf_into_nan(case):
+    """Lanes past the problem's edge (pairs, channels padded to the block sizes) hold 0 * (a value
+    of the other operand), or 0 / 0 where a count is 0: NaN where that value is ±inf, and it reached
+    real entries through the next product, where eager gives ±inf (found by
+    test_properties_outer_product_mean; the first and last case are its shrunk examples). Every
+    non-finite entry must be where eager has it, NaN or ±inf alike."""
+    g = torch.Generator().manual_seed(3)
+    S, I, J, C, E, Z = (3, 5, 6, 3, 3, 5) if case == "inf_b" else (1, 1, 1, 1, 1, 1)
+    a, b = torch.randn(S, I, C, generator=g), torch.randn(S, J, E, generator=g)
+    w, dout = torch.randn(Z, C * E, generator=g), torch.randn(I, J, Z, generator=g)
+    mask_a, mask_b, eps = torch.ones(S, I), torch.ones(S, J), OPM_EPS
+    if case == "inf_weight":
+        w[0, 0] = float("inf")
+    elif case == "inf_b":
+        b[1, 2, 1] = float("inf")
+    else:  # no sequence keeps residue 0 of a and eps is 0: its pairs divide by 0
+        mask_a[:, 0], eps = 0.0, 0.0
+    kw = dict(mask_a=mask_a.to(DEVICE), mask_b=mask_b.to(DEVICE), eps=eps)
+    got = _run(outer_product_mean, a.to(DEVICE), b.to(DEVICE), w.to(DEVICE), None, dout.to(DEVICE), **kw)
+    a64, b64, w64 = (t.double().requires_grad_() for t in (a, b, w))
+    o = torch.einsum("sic,sje->ijce", a64, b64).reshape(I, J, C * E)
+    want = o @ w64.T / (eps + torch.einsum("si,sj->ij", mask_a.double(), mask_b.double()))[..., None]
+    exact = [want, *torch.autograd.grad(want, (a64, b64, w64), dout.double())]
+    for name, x, e in zip(("out", "da", "db", "dw"), got, exact):
+        x = x.cpu()
+        assert torch.equal(torch.isnan(x), torch.isnan(e)), (name, int(torch.isnan(x).sum()), int(torch.isnan(e).sum()))
+        assert torch.equal(torch.isinf(x), torch.isinf(e)), name
+    assert any(torch.isinf(e).any() for e in exact[1:])  # a gradient is ±inf, and must stay so
+
+
 def test_the_zoo_module_s_own_function(monkeypatch):
     """AlphaFold's OuterProductMean (LN, masked projections, einsum, linear, count + eps) equals the kernel
     fed with the module's own projections and parameters."""

@@ -1,6 +1,7 @@
-"""Property tests: every op spelling the element-wise generator accepts, and random chains of
-them with broadcasting and dropout, against the user's own PyTorch function run eagerly in
-float64 (never the fragment's replay, which shares the generator's lowering table).
+"""Property tests: every op of the element-wise generator's vocabulary, in its usual spellings
+(``test_every_rule_of_the_generator_is_drawn_by_a_property_test`` fails when a rule has none), and
+random chains of them with broadcasting and dropout, against the user's own PyTorch function run
+eagerly in float64 (never the fragment's replay, which shares the generator's lowering table).
 
 Special values (NaN, ±inf, ±0, -1e9, 1e-20) go into the inputs AND the upstream gradient:
 ops differ in how they pass a NaN gradient (relu's and where's backward select, mul's and
@@ -18,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from foldcompile.kernels import _dispatch
+from foldcompile.kernels import elementwise_codegen as codegen
 from foldcompile.kernels._dispatch import record_launches
 from foldcompile.kernels.elementwise import dropout, dropout_mask_reference, fuse_elementwise
 from foldcompile.kernels.philox import _mask_shape
@@ -243,6 +245,25 @@ def test_random_chains_against_eager(case):
 @given(chain_case())
 def test_random_chains_against_eager_large(case):
     check_chain(case)
+
+
+# --------------------------------------------------------------------------- coverage of the vocabulary
+
+
+def _rules_reached(fn) -> set[str]:
+    """The generator's rules (``_RULES`` keys) a user function lowers to."""
+    return {v.op for v in codegen._lower(torch.fx.symbolic_trace(fn)).vals if v.kind == "op"}
+
+
+def test_every_rule_of_the_generator_is_drawn_by_a_property_test():
+    """A rule added to the generator's vocabulary without a spelling in ``OPS`` (or, for dropout, the
+    chain test) would never meet NaN, ±inf or a NaN upstream gradient here: the class of bug the fused
+    relu had (NaN to 0) would go unseen for it."""
+    covered = set().union(*(_rules_reached(fn) for fn, _ in OPS.values()))
+    chain = _chain([("u", "relu", 0, None)], (0.5, ()), lambda x, p, sd: dropout(x, p, shared_dims=sd), 1)
+    covered |= _rules_reached(chain)
+    assert set(codegen._RULES) - covered == set(), "rules no property test draws"
+    assert "dropout" in covered and "relu" in covered  # the check itself sees through both paths
 
 
 @pytest.mark.gpu

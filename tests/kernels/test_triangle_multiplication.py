@@ -355,6 +355,32 @@ def test_inference_runs_forward_kernels_only():
     assert rel(out, ref) < 1e-5
 
 
+@pytest.mark.parametrize("param, n", [("layer_norm_in.weight", 7), ("layer_norm_in.bias", 7), ("linear_z.weight", 1)])
+def test_an_inf_parameter_gives_eager_s_non_finite_gradients_only(param, n):
+    """Lanes past the tile's rows and channels hold 0 * (a weight, or LN(z) built from one): NaN where
+    that is ±inf, and it reached the parameter gradients through the products and the partial row
+    sums: a NaN LN-out bias gradient where eager's is finite (an inf LN-in weight; found by
+    test_properties_triangle_multiplication), NaN LN-out gradients where eager's are ±inf (an inf
+    output weight and one pair: a single term, so eager keeps its sign). NaN and ±inf must be
+    exactly where eager has them."""
+    module = make_module("af2", False, c_z=4, c_h=4)
+    with torch.no_grad():
+        module.get_parameter(param).view(-1)[1] = float("inf")
+    g = torch.Generator().manual_seed(4)
+    z = (torch.randn(1, n, n, 4, generator=g, dtype=torch.float64) * 2 + 1).to(DEVICE)
+    mask = torch.ones(1, n, n, dtype=torch.float64, device=DEVICE)
+    dout = torch.randn(z.shape, generator=g, dtype=torch.float64).to(DEVICE)
+    ref, gref = fwd_bwd(run_module, copy.deepcopy(module).double(), z, mask, dout)
+    out, grads = fwd_bwd(triangle_multiplication_module, copy.deepcopy(module).float(), z.float(), mask.float(),
+                         dout.float())
+    names = ["out", "z"] + [n for n, _ in module.named_parameters()]
+    for name, a, r in zip(names, (out, *grads), (ref, *gref)):
+        assert torch.equal(torch.isnan(a), torch.isnan(r)), (name, int(torch.isnan(a).sum()), int(torch.isnan(r).sum()))
+        assert torch.equal(torch.isinf(a), torch.isinf(r)), name
+    # not vacuous: eager's gradients hold both non-finite entries and entries that are not NaN
+    assert any(not torch.isfinite(r).all() for r in gref) and any((~torch.isnan(r)).any() for r in gref)
+
+
 def test_fully_masked_input_and_frozen_parameters():
     # mask all zero: a = b = p = 0, LN(p) = its bias; everything stays finite. Frozen
     # parameters: only dz is computed (and correct).

@@ -64,13 +64,14 @@ def test_rules_match_inside_the_checkpoint_body_and_it_stays_a_checkpoint():
     fast = foldcompile.optimize(model, *_inputs(0))
     counts = fast.report.counts()
     assert counts["attention"] == {"matched": 1, "rejected": 0}, fast.report
-    assert counts["layer_norm"] == {"matched": 1, "rejected": 0}, fast.report
-    assert {m["graph"] for m in fast.report.matches if m["rule"] in ("attention", "layer_norm")} == {"GraphModule"}
+    # the layer norm and its two projections (qkv, gate): one layer-norm -> projections kernel
+    assert counts["ln_linear"] == {"matched": 1, "rejected": 0}, fast.report
+    assert {m["graph"] for m in fast.report.matches if m["rule"] in ("attention", "ln_linear")} == {"GraphModule"}
     gm = fast.graph_module
     assert [n.target for n in gm.graph.nodes if n.op == "call_function"].count(checkpoint) == 1
     (body,) = _bodies(gm)
     names = [getattr(n.target, "__name__", "") for n in body.graph.nodes if n.op == "call_function"]
-    assert "fused_attention" in names and "fused_layer_norm" in names
+    assert "fused_attention" in names and "fused_layer_norm_linear" in names
     assert "softmax" not in names and "layer_norm" not in names
     assert_same_function(model, _inputs(1), fast)  # dropout in the body: torch's masks, replayed in backward
 
@@ -79,7 +80,7 @@ def test_fused_kernels_in_the_body_are_recomputed_in_backward(monkeypatch):
     """Forward runs each fused kernel once; backward runs the body again (checkpoint recompute),
     so each runs a second time, and only then its backward."""
     att = importlib.import_module("foldcompile.passes.rules.attention")
-    ln = importlib.import_module("foldcompile.passes.rules.layer_norm")
+    ln = importlib.import_module("foldcompile.passes.rules.ln_multi_linear")
     calls = {"attention": 0, "layer_norm": 0}
 
     def counting(name, fn):
@@ -89,7 +90,7 @@ def test_fused_kernels_in_the_body_are_recomputed_in_backward(monkeypatch):
         return run
 
     monkeypatch.setattr(att, "_attention_kernel", counting("attention", att._attention_kernel))
-    monkeypatch.setattr(ln, "_layer_norm_kernel", counting("layer_norm", ln._layer_norm_kernel))
+    monkeypatch.setattr(ln, "_layer_norm_linear_kernel", counting("layer_norm", ln._layer_norm_linear_kernel))
     model = CheckpointedBlock(p=0.0).train()
     fast = foldcompile.optimize(model, *_inputs(0))
     x, mask = _inputs(2)
@@ -159,7 +160,9 @@ class NestedCheckpoints(nn.Module):
 def test_nested_checkpoint_bodies_are_annotated_and_fused():
     model, x = NestedCheckpoints().train(), torch.randn(3, 7, 16, requires_grad=True)
     fast = foldcompile.optimize(model, x)
-    assert fast.report.counts()["layer_norm"] == {"matched": 2, "rejected": 0}, fast.report
+    # ln1 alone (its output is a checkpoint's operand) and ln2 with its linear, in the inner body
+    assert fast.report.counts()["layer_norm"] == {"matched": 1, "rejected": 0}, fast.report
+    assert fast.report.counts()["ln_linear"] == {"matched": 1, "rejected": 0}, fast.report
     assert fast.report.counts()["elementwise"]["matched"] >= 1, fast.report
     assert_same_function(model, (x,), fast)
 
@@ -187,3 +190,57 @@ def test_shape_prop_gives_the_body_the_callers_symbolic_sizes_and_classify_class
     record = classify_pass(gm).record
     assert list(record["bodies"].values()) == [{"REDUCTION": 1, "ELEMENTWISE": 2}]
     assert norm.meta["op_class"] == "REDUCTION" and norm.meta["cost"]["bytes"] != 0
+
+
+def test_checkpoint_bodies_are_annotated_and_fused_without_named_dims():
+    """A graph whose named dims are ambiguous (N_res = 8 = the channel size) is annotated with
+    constant sizes; that path annotates checkpoint bodies too, so their ops are still fused."""
+    model, z = PairCheckpoint(), torch.randn(8, 8, 8, requires_grad=True)
+    fast = foldcompile.optimize(model, z)
+    assert "ambiguous" in fast.graph_module.meta["named_dims_unavailable"]
+    counts = fast.report.counts()
+    assert counts["layer_norm"] == {"matched": 1, "rejected": 0}, fast.report
+    assert counts["elementwise"] == {"matched": 1, "rejected": 0}, fast.report
+    (body,) = _bodies(fast.graph_module)
+    names = [getattr(n.target, "__name__", "") for n in body.graph.nodes if n.op == "call_function"]
+    assert "fused_layer_norm" in names and "layer_norm" not in names
+    assert_same_function(model, (torch.randn(8, 8, 8, requires_grad=True),), fast)
+
+
+def _called_and_bound(code: str) -> tuple[set[str], set[str]]:
+    import ast
+
+    tree = ast.parse(code)
+    called = {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+    bound = {t.id for n in ast.walk(tree) if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
+    bound |= {a.arg for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) for a in n.args.args}
+    return called, bound
+
+
+def test_code_shows_the_fused_calls_inside_checkpoint_bodies_with_the_callers_names():
+    model = CheckpointedBlock().train()
+    fast = foldcompile.optimize(model, *_inputs(0))
+    code = fast.code
+    root, body = code.split("# wrap_body_0: an activation-checkpoint region")
+    assert "checkpoint(wrap_body_0, x, ln_weight, ln_bias, qkv_weight, mask," in root
+    assert "def wrap_body_0(self, x, ln_weight, ln_bias, qkv_weight, mask, gate_weight, gate_bias, out_weight, " \
+           "out_bias):" in body
+    # the layer norm with the projections it feeds (q/k/v and the gate): one layer-norm -> projections call
+    assert "fused_attention(" in body and "fused_layer_norm_linear(x, ln_weight, ln_bias, [qkv_weight, gate_weight]" in body
+    assert not any(w in code for w in ("l_x_", "l__self", "FakeTensor", "foldcompile_passes"))
+    called, bound = _called_and_bound(code)  # valid Python, and no value rebinds a kernel's name
+    assert {"fused_attention", "fused_layer_norm_linear"} <= called and not (called & bound)
+    assert_same_function(model, _inputs(1), fast)  # the renamed body still runs
+
+
+def test_code_shows_nested_checkpoint_bodies():
+    model, x = NestedCheckpoints().train(), torch.randn(3, 7, 16, requires_grad=True)
+    fast = foldcompile.optimize(model, x)
+    code = fast.code
+    assert "# wrap_body_1: an activation-checkpoint region (" in code
+    assert "# wrap_body_1.wrap_body_0: an activation-checkpoint region, inside wrap_body_1" in code
+    inner = code.split("# wrap_body_1.wrap_body_0")[1]
+    assert "fused_layer_norm_linear(fused_layer_norm_0, ln2_weight, ln2_bias, [lin_weight], [lin_bias]" in inner
+    assert "fused_elementwise_relu_mul_add(" in inner
+    called, bound = _called_and_bound(code)
+    assert not (called & bound)

@@ -13,4 +13,4 @@ def test_verify_command_on_a_zoo_model(capsys):
 def test_demo_prints_match_counts(capsys):
     assert _demo_optimize(["pairformer_block"], "tiny", "cpu")  # the demo's optimize section
     out = capsys.readouterr().out.split("== optimize + verify")[1]
-    assert "pairformer_block" in out and "layer_norm 10" in out and "rejected: head dim 4 < 8" in out
+    assert "pairformer_block" in out and "ln_linear 6" in out and "triangle_multiplication 2" in out and "rejected: head dim 4 < 8" in out

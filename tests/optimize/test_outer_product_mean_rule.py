@@ -145,13 +145,13 @@ def test_doctest():
     assert doctest.testmod(mod).failed == 0
 
 
-def test_a_chunk_loop_is_left_as_it_is_with_the_reason():
-    """AF2's ``chunk_size``: each chunk's outer product ends in a ``cat``; the pieces are not merged."""
+def test_a_chunk_loop_is_merged_back_and_fused_once():
+    """AF2's ``chunk_size``: each chunk's outer product ends in a ``cat``; the loop is merged back into one
+    layer (passes/merge_chunk_loops.py) and that layer's outer product mean is one fused call."""
     model = _params(OuterProductMean(C_M, Z, C))
     m, mask = _msa(0)
     with torch.no_grad():
         fast = foldcompile.optimize(model, m, mask, 4)
-        counts = fast.report.counts()["outer_product_mean"]
-        assert counts == {"matched": 0, "rejected": 3}  # ceil(11 / 4) chunks
-        assert all("chunk loop" in r["reason"] for r in fast.report.rejections if r["rule"] == "outer_product_mean")
+        assert fast.report.counts()["chunk_loop"] == {"matched": 1, "rejected": 0}
+        assert fast.report.counts()["outer_product_mean"] == {"matched": 1, "rejected": 0}
         assert torch.allclose(fast(m, mask, 4), model(m, mask, 4), atol=1e-6)

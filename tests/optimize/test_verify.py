@@ -88,3 +88,76 @@ def test_a_wrong_rule_is_named_by_verify_and_found_by_bisect(kind):
     assert report.culprit is not None and report.culprit["id"] == "attention#1", report.bisect_steps
     assert report.culprit["site"].startswith("layers.1")
     assert "attention#1" in str(report)
+
+
+class CheckpointedTwo(nn.Module):
+    """``Two`` with each layer under an activation checkpoint: the rules fuse inside the bodies."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([Layer(), Layer()])
+
+    def forward(self, x, keep):
+        for layer in self.layers:
+            x = torch.utils.checkpoint.checkpoint(layer, x, keep, use_reentrant=False)
+        return x
+
+
+def test_the_truth_of_a_checkpointed_model_is_its_unfused_bodies():
+    """verify's truth is the traced graph; its checkpoint bodies must be the traced ones, not the
+    fused graph's (they were shared: a wrong rule inside a body then agreed with itself)."""
+    model = CheckpointedTwo()
+    x, keep = _inputs()
+    fast = foldcompile.optimize(model, x, keep)
+    variant = fast.variant_for(x, keep)
+    traced_bodies = [m for _, m in variant.traced.named_modules() if isinstance(m, torch.fx.GraphModule)][1:]
+    fused_bodies = [m for _, m in variant.graph.named_modules() if isinstance(m, torch.fx.GraphModule)][1:]
+    assert len(traced_bodies) == len(fused_bodies) == 2
+    assert not any(getattr(n.target, "__name__", "").startswith("fused_") for b in traced_bodies for n in b.graph.nodes)
+    assert all(any(getattr(n.target, "__name__", "") == "fused_attention" for n in b.graph.nodes) for b in fused_bodies)
+    assert foldcompile.verify(model, x, keep, optimized=fast).ok
+
+
+@pytest.mark.parametrize("kind", ["scale", "mask"])
+def test_a_wrong_rule_inside_a_checkpoint_body_is_named_and_found(kind):
+    model = CheckpointedTwo()
+    x, keep = _inputs()
+    fast = foldcompile.optimize(model, x, keep, rules=_faulty(kind))
+    assert fast.report.counts()["attention"]["matched"] == 2
+    report = foldcompile.verify(model, x, keep, optimized=fast, bisect=True)
+    assert not report.ok
+    assert report.culprit is not None and report.culprit["id"] == "attention#1", report.bisect_steps
+    assert report.culprit["site"].startswith("layers.1")
+
+
+class DropoutTwo(Two):
+    """``Two`` in training mode with a dropout after each layer."""
+
+    def forward(self, x, keep):
+        for layer in self.layers:
+            x = torch.nn.functional.dropout(layer(x, keep), 0.3, self.training)
+        return x
+
+
+def test_bisect_replays_the_dropout_masks_of_the_failing_check(monkeypatch):
+    """Every bisect step compares with the masks the failing check drew: a failure that depends on
+    the masks cannot vanish (or appear) because a step drew others."""
+    import importlib
+
+    module = importlib.import_module("foldcompile.verify")
+    seen = []
+    real = module._check
+
+    def recording(*args, random=None, **kwargs):
+        out = real(*args, random=random, **kwargs)
+        seen.append({k: v.clone() for k, v in random.items()})
+        return out
+
+    monkeypatch.setattr(module, "_check", recording)
+    model = DropoutTwo().train()
+    x, keep = _inputs()
+    fast = foldcompile.optimize(model, x, keep, rules=_faulty("scale"))
+    report = foldcompile.verify(model, x, keep, optimized=fast, bisect=True)
+    assert report.culprit is not None and report.culprit["id"] == "attention#1", report.bisect_steps
+    assert len(seen) >= 3 and len(seen[0]) == 2  # the two dropouts' masks
+    assert all(s.keys() == seen[0].keys() and all(torch.equal(s[k], seen[0][k]) for k in s) for s in seen)

@@ -60,13 +60,19 @@ def _h8(name: str, seed: int = 0, **sizes):
     return zoo.randomize_parameters(model, seed).eval(), inputs
 
 
-# matches expected with head dims 8: every attention of the model in the fused kernel, and the MSA
-# stacks' outer product mean in its own (the Pairformer has none)
+# matches expected with head dims 8: every attention of the model in the fused kernel, the MSA
+# stacks' outer product mean in its own (the Pairformer has none), both triangle multiplications in
+# theirs (with their two layer norms each), and every other layer norm that feeds projections in a
+# layer norm -> projections kernel (alone: only the template stack's final one)
 EXPECTED_H8 = {
-    "evoformer_block": {"attention": 4, "layer_norm": 12, "softmax": 0, "outer_product_mean": 1},
-    "pairformer_block": {"attention": 3, "layer_norm": 10, "softmax": 0, "outer_product_mean": 0},
-    "extra_msa_stack": {"attention": 4, "layer_norm": 12, "softmax": 0, "outer_product_mean": 1},
-    "template_pair_stack": {"attention": 2, "layer_norm": 8, "softmax": 0, "outer_product_mean": 0},
+    "evoformer_block": {"attention": 4, "ln_linear": 8, "layer_norm": 0, "softmax": 0, "outer_product_mean": 1,
+                        "triangle_multiplication": 2},
+    "pairformer_block": {"attention": 3, "ln_linear": 6, "layer_norm": 0, "softmax": 0, "outer_product_mean": 0,
+                         "triangle_multiplication": 2},
+    "extra_msa_stack": {"attention": 4, "ln_linear": 8, "layer_norm": 0, "softmax": 0, "outer_product_mean": 1,
+                        "triangle_multiplication": 2},
+    "template_pair_stack": {"attention": 2, "ln_linear": 3, "layer_norm": 1, "softmax": 0, "outer_product_mean": 0,
+                            "triangle_multiplication": 2},
 }
 
 
@@ -178,15 +184,22 @@ def test_explain_of_an_optimized_module_is_its_report():
     code = fast.code
     assert "l_m_" not in code and "arg0" not in code
     assert code.startswith("def forward(self, m, z, msa_mask, pair_mask, chunk_size):")
-    assert code.count("fused_attention(") == 4 and "fused_layer_norm(" in code
+    assert code.count("fused_attention(") == 4 and code.count("fused_layer_norm_linear(") == 8
+    assert code.count("fused_triangle_multiplication(") == 2
 
 
-def test_chunked_inference_fuses_every_chunk():
-    """A Python chunk loop over rows (chunk_size=4: 2 + 3 + 3 + 3 chunks over the four attentions)
-    unrolls into one attention per chunk, each fused; the chunks are not merged into one call yet."""
+def test_chunked_inference_merges_every_chunk_loop():
+    """The Evoformer's Python chunk loops over rows (chunk_size=4: 2 + 3 + 3 + 3 chunks over the four
+    attentions, and the transitions' and the outer product mean's loops) unroll in the capture; each
+    loop is one row-independent layer, merged back into the layer run once
+    (passes/merge_chunk_loops.py), so each attention is ONE fused call, as without chunking."""
     model, inputs = _h8("evoformer_block")
     with torch.no_grad():
         fast = foldcompile.optimize(model, *inputs, chunk_size=4)
-        assert fast.report.counts()["attention"] == {"matched": 11, "rejected": 0}
+        counts = fast.report.counts()
+        assert counts["chunk_loop"] == {"matched": 7, "rejected": 0}, fast.report
+        assert counts["attention"] == {"matched": 4, "rejected": 0}
+        assert counts["outer_product_mean"] == {"matched": 1, "rejected": 0}
+        assert fast.code.count("fused_attention(") == 4 and "torch.cat(" not in fast.code
         out, ref = fast(*inputs, chunk_size=4), model(*inputs, chunk_size=4)
     assert all(rel(a, b) <= 1e-5 for a, b in zip(out, ref))

@@ -258,7 +258,7 @@ def test_evoformer_block_collectives_hide_behind_what_the_graph_allows():
     their windows, all together SHARE of the sum of their individual bounds; in the model's order
     less than half; the peak live bytes no higher than the model order's."""
     from foldcompile.capture import trace
-    from foldcompile.explain import flat_inputs
+    from foldcompile.capture import flat_inputs
     from foldcompile.models import zoo
     from foldcompile.pass_manager import copy_graph_module
     from foldcompile.passes import classify_pass, normalize_pass, shape_prop_pass

@@ -10,6 +10,7 @@ import sympy
 import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from foldcompile.passes.classify import classify_pass
@@ -141,6 +142,48 @@ def test_every_registry_entry_against_the_op(entry, target, one_process_group):
         else:
             assert flops == 0  # LAYOUT and COMM move bytes only
     assert ran, f"no sample of {entry.name!r} fits {target!r}"
+
+
+class _SeededOps(TorchDispatchMode):
+    """Records the ATen ops a call dispatches that torch tags as drawing from its generator."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if torch.Tag.nondeterministic_seeded in func.tags:
+            self.seen.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("entry", [e for e in ENTRIES if e.op_class != "COMM"], ids=lambda e: e.name)
+def test_random_says_whether_the_op_draws_from_the_generator(entry):
+    """``random`` against torch's own fact: an entry is random iff one of its sample calls dispatches
+    an ATen op tagged ``nondeterministic_seeded`` (fuse, verify, the CUDA-graph executor and the DAP
+    lowering all read ``random``: a random op without it would be erased as dead code or redrawn)."""
+    drew = []
+    for target in entry.targets:
+        for args, kwargs in entry.samples():
+            if not _call_fits(target, args, kwargs):
+                continue
+            with _SeededOps() as mode:
+                _run(target, [a.clone() if isinstance(a, torch.Tensor) else a for a in args], kwargs)
+            drew += mode.seen
+    assert entry.random == bool(drew), f"{entry.name}: random={entry.random}, dispatched {set(drew)}"
+
+
+def test_draws_random_reads_the_registry_then_torchs_tag():
+    from foldcompile.passes.registry import draws_random
+
+    g = fx.Graph()
+    x = g.placeholder("x")
+    nodes = [g.call_method("uniform_", (x,)), g.call_function(torch.randint, (3, (2, 2))),
+             g.call_function(torch.ops.aten.native_dropout.default, (x, 0.1, True)),
+             g.call_function(torch.native_dropout, (x, 0.1, True)),
+             g.call_function(torch.nn.functional.dropout, (x,), {"training": False}),
+             g.call_function(torch.sin, (x,)), g.call_function(torch.ops.aten.add.Tensor, (x, x))]
+    assert [draws_random(n) for n in nodes] == [True, True, True, True, True, False, False]
 
 
 def test_the_registry_is_keyed_by_callables_not_names():

@@ -236,6 +236,29 @@ def test_literal_view_sizes_record_their_symbolic_meaning():
     assert node.meta["sym_args"] == {1: (R, R, 2, -1)} and node.meta["sym_shape"] == (R, R, 2, 4)
 
 
+def test_literal_sizes_of_splits_unflattens_and_narrows_record_their_meaning():
+    """The other size-like literals a capture specialises: split sections, unflatten sizes, a
+    narrow's length (a rewrite to local sizes reads them in ``meta["sym_args"]``)."""
+    g = fx.Graph()
+    m, z = g.placeholder("m"), g.placeholder("z")                                   # [N_seq, N_res, 4], [N_res, N_res, 4]
+    both = g.call_function(torch.cat, ([m, z], 0))                                  # [N_seq + N_res, N_res, 4]
+    parts = g.call_function(torch.split, (both, [5, 11], 0))
+    flat = g.call_function(torch.flatten, (m, 0, 1))                                # [N_seq * N_res, 4]
+    back = g.call_function(torch.unflatten, (flat, 0, (5, -1)))
+    cut = g.call_function(torch.narrow, (z, 1, 0, 11))
+    by_one = g.call_function(torch.split, (z, 4, 1))                                # a split by one size: no list
+    g.output((parts, back, cut, by_one))
+    gm = fx.GraphModule(torch.nn.Module(), g)
+    res = shape_prop_pass(gm, (torch.randn(5, 11, 4), torch.randn(11, 11, 4)), fake=True)
+    assert res.record["fallback"] == []
+    nodes = {n.target: n for n in gm.graph.nodes if n.op == "call_function"}
+    split = next(n for n in gm.graph.nodes if n.target is torch.split and isinstance(n.args[1], list))
+    assert split.meta["sym_args"] == {1: (S, R)}
+    assert nodes[torch.unflatten].meta["sym_args"] == {2: (S, -1)} and nodes[torch.unflatten].meta["sym_shape"] == (S, R, 4)
+    assert nodes[torch.narrow].meta["sym_args"] == {3: R}
+    assert "sym_args" not in by_one.meta
+
+
 @pytest.mark.full  # a capture and two propagations
 def test_fake_propagation_of_a_captured_block_equals_the_real_one():
     """No data is needed: the zoo block annotated on fake tensors gets the same shapes, symbolic

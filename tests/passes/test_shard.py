@@ -9,7 +9,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 import foldcompile
-from foldcompile.explain import flat_inputs
+from foldcompile.capture import flat_inputs
 from foldcompile.models import zoo
 from foldcompile.pass_manager import copy_graph_module
 from foldcompile.passes import classify_pass, normalize_pass, shape_prop_pass

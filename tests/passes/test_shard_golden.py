@@ -52,7 +52,7 @@ from functools import lru_cache
 import torch
 
 import foldcompile
-from foldcompile.explain import flat_inputs
+from foldcompile.capture import flat_inputs
 from foldcompile.models import zoo
 from foldcompile.passes import classify_pass, normalize_pass, shape_prop_pass
 from foldcompile.passes.shape_prop import dim_symbol

@@ -16,7 +16,7 @@ import torch.fx as fx
 
 import foldcompile
 from foldcompile.distributed import split_offsets
-from foldcompile.explain import flat_inputs
+from foldcompile.capture import flat_inputs
 from foldcompile.models import zoo
 from foldcompile.passes import classify_pass, normalize_pass, shape_prop_pass
 from foldcompile.passes.placement import Partial, Placed, Replicate

@@ -9,8 +9,9 @@ look-alike pattern denotes); the corpus tests check that ``misread`` really diff
 They are written in the same AlphaFold-family style as the rest of the corpus (the
 Protenix/OpenFold ``_prep_qkv`` skeleton, pair biases, additive ``inf * (mask - 1)`` masks),
 the way a user's variant of such code would look. Rule families: ``attention``,
-``layer_norm``, ``softmax`` (biased / masked softmax outside an attention) and
-``elementwise`` (chains such as bias + dropout + residual and sigmoid gating).
+``layer_norm``, ``softmax`` (biased / masked softmax outside an attention),
+``elementwise`` (chains such as bias + dropout + residual and sigmoid gating) and
+``triangle_multiplication`` (the triangle multiplicative update).
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ __all__ = [
     "NMSoftmaxOverQueries", "NMMaskAfterSoftmax", "NMBiasAfterSoftmax", "NMPerPositionScale",
     "NMValueOverQueries", "NMRMSNorm", "NMUnbiasedVarianceNorm", "NMSoftmaxSumOverOtherDim",
     "NMSoftmaxBiasAfter", "NMDropPathNoRescale", "NMChainThroughLinear", "NMEpsOutsideRoot", "NMSoftMaskFill",
-    "NMNanCleanUpToUniform",
+    "NMNanCleanUpToUniform", "NMTriangleProductOverOtherIndex",
 ]
 
 
@@ -400,3 +401,35 @@ class NMChainThroughLinear(nn.Module):
         return h * torch.sigmoid(self.linear(h))
 
     misread: Optional[object] = None
+
+
+class NMTriangleProductOverOtherIndex(nn.Module):
+    """Near miss (triangle_multiplication must refuse): the "triangle product" sums over the other index.
+
+    Style: an OpenFold-like triangle multiplicative update (LN, masked sigmoid-gated projections
+    ``a`` and ``b``, LN of the product, output projection gated by ``sigmoid(linear(LN(z)))``).
+    Spelling: the product is ``einsum("...ikc,...kjc->...ijc", a, b)``: ``Σ_k a_ik b_kj``, a per-channel
+    matrix product of the two pair maps, neither outgoing (``Σ_k a_ik b_jk``) nor incoming
+    (``Σ_k a_ki b_kj``). ``misread`` is the outgoing update with the same parameters.
+    """
+
+    def __init__(self, c_z: int = 16, c_hidden: int = 8):
+        super().__init__()
+        self.layer_norm_in, self.layer_norm_out = nn.LayerNorm(c_z), nn.LayerNorm(c_hidden)
+        self.linear_a_p, self.linear_a_g = nn.Linear(c_z, c_hidden), nn.Linear(c_z, c_hidden)
+        self.linear_b_p, self.linear_b_g = nn.Linear(c_z, c_hidden), nn.Linear(c_z, c_hidden)
+        self.linear_g, self.linear_z = nn.Linear(c_z, c_z), nn.Linear(c_hidden, c_z)
+
+    def _update(self, z: torch.Tensor, mask: torch.Tensor, equation: str) -> torch.Tensor:
+        m = mask.unsqueeze(-1)
+        z = self.layer_norm_in(z)
+        a = m * torch.sigmoid(self.linear_a_g(z)) * self.linear_a_p(z)
+        b = m * torch.sigmoid(self.linear_b_g(z)) * self.linear_b_p(z)
+        x = self.layer_norm_out(torch.einsum(equation, a, b))
+        return torch.sigmoid(self.linear_g(z)) * self.linear_z(x)
+
+    def forward(self, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self._update(z, mask, "...ikc,...kjc->...ijc")
+
+    def misread(self, z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self._update(z, mask, "...ikc,...jkc->...ijc")

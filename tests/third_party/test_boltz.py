@@ -218,10 +218,11 @@ def _check_optimized_equals_eager(model, fast, args_fn):
 
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 def test_optimize_fuses_every_attention_of_the_unmodified_pairformer(training):
-    """Boltz-2's own PairformerModule (2 blocks: the single attention with pair bias and two
-    triangle attentions each): all 6 attentions and all 20 layer norms go into the fused kernels,
-    and the optimized module equals eager, forward and backward, in eval (Boltz's chunk_layer
-    path) and in train (dropout on, checkpointing off: see the next test)."""
+    """Boltz-2's own PairformerModule (2 blocks: the single attention with pair bias, two triangle
+    attentions and two triangle multiplications each): all 6 attentions, all 4 triangle multiplications
+    (with their 8 layer norms) and the other 12 layer norms go into the fused kernels, and the optimized
+    module equals eager, forward and backward, in eval (Boltz's chunk_layer path) and in train (dropout
+    on, checkpointing off: see the next test)."""
     import foldcompile
 
     pf = _pairformer()
@@ -229,14 +230,17 @@ def test_optimize_fuses_every_attention_of_the_unmodified_pairformer(training):
     fast = foldcompile.optimize(model, *_inputs(0))
     counts = fast.report.counts()
     assert counts["attention"] == {"matched": 6, "rejected": 0}, fast.report
-    assert counts["layer_norm"]["matched"] == 20
+    assert counts["triangle_multiplication"] == {"matched": 4, "rejected": 0}, fast.report
+    # the other layer norms alone or with the projections they feed (ln_linear: one layer norm a match)
+    assert counts["layer_norm"]["matched"] + counts["ln_linear"]["matched"] == 12
     _check_optimized_equals_eager(model, fast, lambda: _inputs(7))
 
 
 def test_optimize_with_activation_checkpointing_fuses_inside_the_checkpoints():
     """With Boltz's activation checkpointing on (train), every block's ops sit in a checkpoint body:
-    shape propagation annotates the bodies, so the same 6 attentions and 20 layer norms are fused
-    there, each block stays a checkpoint (recomputed in backward), and the module equals eager."""
+    shape propagation annotates the bodies, so the same 6 attentions, 4 triangle multiplications and
+    12 other layer norms are fused there, each block stays a checkpoint (recomputed in backward), and the
+    module equals eager."""
     import foldcompile
 
     pf = _pairformer()
@@ -244,7 +248,34 @@ def test_optimize_with_activation_checkpointing_fuses_inside_the_checkpoints():
     fast = foldcompile.optimize(model, *_inputs(0))
     counts = fast.report.counts()
     assert counts["attention"] == {"matched": 6, "rejected": 0}, fast.report
-    assert counts["layer_norm"] == {"matched": 20, "rejected": 0}, fast.report
+    assert counts["triangle_multiplication"] == {"matched": 4, "rejected": 0}, fast.report
+    assert counts["layer_norm"]["matched"] + counts["ln_linear"]["matched"] == 12, fast.report
+    assert counts["layer_norm"]["rejected"] == counts["ln_linear"]["rejected"] == 0, fast.report
     assert "without a known shape" not in str(fast.report)
     assert _calls(fast.graph_module).count("checkpoint") == 2
     _check_optimized_equals_eager(model, fast, lambda: _inputs(7))
+
+
+@pytest.mark.full
+def test_optimize_merges_the_chunked_triangle_attentions_of_an_unmodified_pairformer_layer():
+    """Boltz's own ``chunk_layer`` really cutting the rows (chunk_size_tri_attn=5: rows 0-4, 5-9,
+    10-12, each chunk's projections, attention, gate and output linear slice-assigned into a
+    preallocated output): each triangle attention's loop is merged back into one layer
+    (passes/merge_chunk_loops.py) and its attention fused ONCE, as without chunking."""
+    import foldcompile
+
+    pf = _pairformer()
+    torch.manual_seed(0)
+    layer = _redraw(pf.PairformerLayer(C_S, C_Z, num_heads=2, dropout=0.25, pairwise_head_width=8,
+                                       pairwise_num_heads=2, v2=True), seed=2).eval()
+
+    def args(seed):
+        s, z, mask, pair_mask = _inputs(seed)
+        return s, z, mask, pair_mask, 5
+
+    fast = foldcompile.optimize(layer, *args(0))
+    counts = fast.report.counts()
+    assert counts["chunk_loop"] == {"matched": 2, "rejected": 0}, fast.report
+    assert counts["attention"] == {"matched": 3, "rejected": 0}, fast.report  # 2 triangle + the single one
+    assert fast.code.count("fused_attention(") == 3 and "setitem" not in fast.code
+    _check_optimized_equals_eager(layer, fast, lambda: args(7))
