@@ -62,6 +62,8 @@ def _impure(n: torch.fx.Node) -> bool:
 
 def is_barrier(n: torch.fx.Node) -> bool:
     """A node nothing may cross (see the module docstring)."""
+    if n.op == "call_method":        # (normalize leaves none; a method call is an in-place write by its name)
+        return str(n.target).endswith("_") and not str(n.target).endswith("__")
     if n.op != "call_function":
         return n.op == "call_module"
     if is_runtime_call(n) or n.target in _DRAWS or draws_random(n):
@@ -71,6 +73,8 @@ def is_barrier(n: torch.fx.Node) -> bool:
 
 def is_ordered(n: torch.fx.Node) -> bool:
     """A node that keeps its order among the ordered nodes: it draws random numbers, or may touch state."""
+    if n.op == "call_method":
+        return not is_barrier(n)
     if n.op != "call_function" or is_barrier(n):
         return False
     if n.target in _DRAWS or draws_random(n):
@@ -107,6 +111,8 @@ class Dependence:
         self.dag = nx.DiGraph()
         self.barriers = [n for n in self.nodes if is_barrier(n)]
         self.region: dict[torch.fx.Node, int] = {}
+        self._up: dict[torch.fx.Node, frozenset] = {}
+        self._down: dict[torch.fx.Node, frozenset] = {}
         r = 0
         last_ordered: Optional[torch.fx.Node] = None
         for n in self.nodes:
@@ -127,7 +133,7 @@ class Dependence:
 
     def is_compute(self, n: torch.fx.Node) -> bool:
         """A node a scheduler places: not a graph end, a parameter, a barrier or a collective's start/wait."""
-        return n.op == "call_function" and n not in self.barriers and collective_of(n) is None \
+        return n.op in ("call_function", "call_method") and n not in self.barriers and collective_of(n) is None \
             and n.target is not wait
 
     def _within(self, nodes: Iterable[torch.fx.Node], region: int) -> set[torch.fx.Node]:
@@ -135,11 +141,15 @@ class Dependence:
 
     def ancestors(self, n: torch.fx.Node) -> set[torch.fx.Node]:
         """The nodes of ``n``'s region that must run before it."""
-        return self._within(nx.ancestors(self.dag, n), self.region[n])
+        if n not in self._up:
+            self._up[n] = frozenset(self._within(nx.ancestors(self.dag, n), self.region[n]))
+        return set(self._up[n])
 
     def descendants(self, n: torch.fx.Node) -> set[torch.fx.Node]:
         """The nodes of ``n``'s region that must run after it."""
-        return self._within(nx.descendants(self.dag, n), self.region[n])
+        if n not in self._down:
+            self._down[n] = frozenset(self._within(nx.descendants(self.dag, n), self.region[n]))
+        return set(self._down[n])
 
     def independent(self, start: torch.fx.Node, wait_node: torch.fx.Node) -> list[torch.fx.Node]:
         """The compute nodes any schedule may put between ``start`` and ``wait_node`` (graph order)."""

@@ -20,8 +20,8 @@ The record says, for each collective, where it is issued and waited, how many co
 (and how many of their FLOPs at the example sizes) run between the two, and how many the graph's
 order allows (between its producer and its first consumer) with the reason when fewer were
 scheduled. It also measures the overlap against what **any** order allows
-(``passes/dependence.py``: the compute independent of the collective, ``independent``,
-``flops_independent``) in time at the stated sizes (``passes/schedule_model.py``): ``comm_s`` (the
+(``passes/dependence.py``: the compute independent of the collective, ``independent`` nodes and
+their ``flops_independent`` at the stated sizes) in time at the stated sizes (``passes/schedule_model.py``): ``comm_s`` (the
 collective on the link), ``between_s`` (the compute between its start and wait), ``independent_s``,
 and ``covered``: the share of the collective's time hidden, of what the graph could hide,
 ``min(between_s, comm_s) / min(independent_s, comm_s)`` (1 where nothing can be hidden). Compute
@@ -202,7 +202,7 @@ def schedule_collectives_pass(gm: torch.fx.GraphModule, *,
         between_s, free_s = sum(map(model.seconds, inside)), sum(map(model.seconds, free))
         left_s = sum(map(model.seconds, left))
         overlap[i] = {
-            "independent": len(free), "flops_independent": sum(_flops(c, subs) for c in free),
+            "independent": len(free), "flops_independent": int(sum(model.flops(c) for c in free)),
             "comm_s": comm_s, "between_s": between_s, "independent_s": free_s, "independent_left_s": left_s,
             "covered": _share(between_s, free_s, comm_s), "covered_of_left": _share(between_s, left_s, comm_s),
             "exposed_s": timeline["exposed_s"].get(s.name, 0.0)}

@@ -43,7 +43,7 @@ from foldcompile.passes.meta import ALIASES_INPUT, COST, DTYPE, MULTI_OUTPUT, SH
 from foldcompile.passes.shape_prop import dim_symbol
 from foldcompile.passes.shard import ShardCosts
 
-__all__ = ["ScheduleModel", "carry_fused_costs", "live_bytes_peak", "alias_roots", "allocates", "reads", "simulate"]
+__all__ = ["ScheduleModel", "carry_fused_costs", "live_bytes_peak", "live_bytes_over", "alias_roots", "allocates", "reads", "simulate"]
 
 
 class ScheduleModel:
@@ -58,6 +58,8 @@ class ScheduleModel:
         self.subs = {dim_symbol(k): sympy.Integer(v) for k, v in self.sizes.items()}
         self.world = int(gm.meta.get("dap", {}).get("world_size", 1))
         self._memo: dict[Any, float] = {}
+        self._seconds: dict[torch.fx.Node, float] = {}
+        self._bytes: dict[torch.fx.Node, int] = {}
 
     def value(self, expr: Any) -> float:
         """A symbolic size or cost at the stated sizes (0 where a dim has no value)."""
@@ -83,7 +85,14 @@ class ScheduleModel:
 
     def bytes_of(self, n: Any) -> int:
         """The bytes ``n``'s value occupies at the stated sizes (0 for a view, a non-tensor, a parameter)."""
-        if not isinstance(n, torch.fx.Node) or n.meta.get(ALIASES_INPUT) or n.op in ("get_attr", "output"):
+        if not isinstance(n, torch.fx.Node):
+            return 0
+        if n not in self._bytes:
+            self._bytes[n] = self._bytes_of(n)
+        return self._bytes[n]
+
+    def _bytes_of(self, n: torch.fx.Node) -> int:
+        if n.meta.get(ALIASES_INPUT) or n.op in ("get_attr", "output"):
             return 0
         shape, sym, dtype = n.meta.get(SHAPE), n.meta.get(SYM_SHAPE), n.meta.get(DTYPE)
         if n.meta.get(MULTI_OUTPUT) and isinstance(shape, (tuple, list)):
@@ -100,7 +109,12 @@ class ScheduleModel:
 
     def seconds(self, n: torch.fx.Node) -> float:
         """``n``'s roofline time (a collective's start or wait: 0, see :meth:`comm_seconds`)."""
-        if n.op != "call_function" or collective_of(n) is not None or n.target is wait:
+        if n not in self._seconds:
+            self._seconds[n] = self._roofline(n)
+        return self._seconds[n]
+
+    def _roofline(self, n: torch.fx.Node) -> float:
+        if n.op not in ("call_function", "call_method") or collective_of(n) is not None or n.target is wait:
             return 0.0
         cost = n.meta.get(COST)
         if cost is None:
@@ -162,26 +176,44 @@ def reads(n: torch.fx.Node, roots: Mapping[torch.fx.Node, torch.fx.Node]) -> set
 
 def allocates(n: torch.fx.Node) -> bool:
     """Whether ``n``'s output is memory of its own (not a view, not a start's handle)."""
-    return n.op == "call_function" and collective_of(n) is None and not n.meta.get(ALIASES_INPUT)
+    return n.op in ("call_function", "call_method") and collective_of(n) is None and not n.meta.get(ALIASES_INPUT)
 
 
 def live_bytes_peak(order: Sequence[torch.fx.Node], model: ScheduleModel) -> int:
     """The largest live bytes over the schedule ``order`` (see the module docstring)."""
+    return live_bytes_over(order, model, float("inf"))[0]
+
+
+def live_bytes_over(order: Sequence[torch.fx.Node], model: ScheduleModel, above: float,
+                    ahead: Optional[Mapping[torch.fx.Node, int]] = None) -> tuple[int, set[torch.fx.Node]]:
+    """The largest live bytes over ``order``, and the nodes whose outputs are alive wherever the live
+    bytes exceed ``above``. With ``ahead`` (each node's position in another order, e.g. the model's),
+    only the nodes that run there before a node that precedes them in that order."""
     roots = alias_roots(order)
     last: dict[torch.fx.Node, int] = {}
     for i, n in enumerate(order):
         for r in reads(n, roots):
             last[r] = i if n.op != "output" else len(order)
-    live = peak = 0
-    frees: dict[int, int] = {}
+    # the earliest position (in ``ahead``) of the nodes from each position on
+    later = [float("inf")] * (len(order) + 1)
+    for i in range(len(order) - 1, -1, -1):
+        later[i] = min(later[i + 1], ahead.get(order[i], float("inf"))) if ahead is not None else 0
+    live, peak = 0, 0
+    alive: dict[torch.fx.Node, int] = {}
+    frees: dict[int, list[torch.fx.Node]] = {}
+    over: set[torch.fx.Node] = set()
     for i, n in enumerate(order):
-        if allocates(n):
-            b = model.bytes_of(n)
+        b = model.bytes_of(n) if allocates(n) else 0
+        if b:
             live += b
-            frees[max(last.get(n, i), i)] = frees.get(max(last.get(n, i), i), 0) + b
+            alive[n] = b
+            frees.setdefault(max(last.get(n, i), i), []).append(n)
         peak = max(peak, live)
-        live -= frees.pop(i, 0)
-    return peak
+        if live > above:
+            over |= {m for m in alive if ahead is None or ahead.get(m, -1) > later[i]}
+        for m in frees.pop(i, ()):
+            live -= alive.pop(m)
+    return peak, over
 
 
 def simulate(order: Sequence[torch.fx.Node], model: ScheduleModel) -> dict[str, Any]:

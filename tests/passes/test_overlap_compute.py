@@ -16,7 +16,8 @@ import torch.fx
 from foldcompile.distributed import all_gather_start, all_to_all_start, wait
 from foldcompile.passes.dependence import Dependence, is_ordered
 from foldcompile.passes.localize import collective_of
-from foldcompile.passes.overlap_compute import overlap_compute_pass
+from foldcompile.passes.base import PassError
+from foldcompile.passes.overlap_compute import overlap_compute_pass, propose_issue_order
 from foldcompile.passes.schedule_collectives import schedule_collectives_pass
 
 SHARE = 0.9
@@ -53,7 +54,7 @@ def test_triangle_like_block_fills_the_window_and_computes_the_same():
     result = overlap_compute_pass(gm)
     schedule_collectives_pass(gm, keep_order=True)
     assert _names(gm) == ["z", "b_proj", "h_b", "a_proj", "b_full", "product", "gate", "out", "output"]
-    assert result.record["moved"] == ["b_proj"] and result.record["fill"] == "no_growth"
+    assert result.record["moved"] == ["b_proj"] and "pinned" in result.record["fill"]
     assert torch.equal(gm(inp), before)
     gm = _module(g)
     result = overlap_compute_pass(gm, max_extra_live_bytes=64 * 64 * 4)
@@ -118,14 +119,16 @@ def test_random_graphs_keep_every_constraint(seed):
     reference = _random_graph(seed)                     # the need order, as the scheduler alone gives it
     schedule_collectives_pass(reference)
     starts = [n.name for n in reference.graph.nodes if collective_of(n)]
-    reordered = overlap_compute_pass(gm).record["reordered"]
-    schedule_collectives_pass(gm, keep_order=reordered)
+    rec = overlap_compute_pass(gm, early_issue=seed % 2 == 1).record
+    if seed % 2 == 0 and rec["reordered"]:
+        assert rec["issue_order"] == starts                      # need order
+    schedule_collectives_pass(gm, keep_order=rec["reordered"])
     gm.graph.lint()                                             # every input before its user
     new = list(gm.graph.nodes)
     assert [n for n in new if n in set(ordered)] == ordered     # random draws in their order
     for b, earlier in barriers.items():                         # nothing crossed a barrier
         assert {n for n in new[:new.index(b)] if n.op != "get_attr"} == {n for n in earlier if n.op != "get_attr"}
-    assert [n.name for n in new if collective_of(n)] == starts  # issued in the need order
+    assert [n.name for n in new if collective_of(n)] == (rec["issue_order"] if rec["reordered"] else starts)
     waits = [n for n in new if n.target is wait]
     assert waits == [next(iter(s.users)) for s in new if collective_of(s)]   # waited first in, first out
     torch.manual_seed(0)
@@ -161,6 +164,42 @@ def test_bytes_in_flight_cap_holds_the_second_collective_back():
     overlap_compute_pass(gm)
     order = _names(gm)
     assert order.index("h_b") < order.index("a_full")
+
+
+def _late_and_early():
+    """``h_a`` is needed first but its input comes after a long chain of work; ``h_b``'s input is
+    ready at once and it is needed later."""
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    a = x
+    for k in range(4):
+        a = g.call_function(torch.sin, (a,), name=f"chain{k}")
+    ha = g.call_function(all_gather_start, (a, 0), {"grad_placement": "partial"}, name="h_a")
+    wa = g.call_function(wait, (ha,), name="a_full")
+    hb = g.call_function(all_gather_start, (x, 0), {"grad_placement": "partial"}, name="h_b")
+    wb = g.call_function(wait, (hb,), name="b_full")
+    c = g.call_function(torch.exp, (wa,), name="c")
+    g.output(g.call_function(torch.add, (c, wb), name="out"))
+    gm = _module(g)
+    for n in gm.graph.nodes:
+        if n.name.startswith("chain"):            # 10 GFLOP each: longer than a gather on the link
+            n.meta["cost"] = {"flops": 10 ** 10, "bytes": 0}
+    return gm
+
+
+def test_early_issue_and_a_given_issue_order():
+    gm = _late_and_early()
+    assert overlap_compute_pass(gm).record["issue_order"] == ["h_a", "h_b"]          # need order
+    gm = _late_and_early()
+    before = _names(gm)
+    assert propose_issue_order(gm) == ["h_b", "h_a"] and _names(gm) == before        # proposed, not applied
+    rec = overlap_compute_pass(gm, early_issue=True).record
+    assert rec["issue_order"] == ["h_b", "h_a"]
+    assert _names(gm).index("h_b") < _names(gm).index("chain0")        # issued before the chain runs
+    gm = _late_and_early()
+    assert overlap_compute_pass(gm, issue_order=["h_b", "h_a"]).record["issue_order"] == ["h_b", "h_a"]
+    with pytest.raises(PassError, match="missing \\['h_b'\\], not collectives here \\['h_c'\\]"):
+        overlap_compute_pass(_late_and_early(), issue_order=["h_a", "h_c"])
 
 
 def test_live_bytes_bound_keeps_a_large_independent_value_out_of_the_window():
