@@ -174,19 +174,12 @@ def _fwd_step(q, k_base, v_base, mask_base, bias, offs_q, offs_k, offs_d, q_ok, 
     kt = tl.load(k_base + offs_k[None, :] * skn + offs_d[:, None] * skd, mask=d_ok[:, None] & k_ok[None, :],
                  other=0.0)
     s = tl.dot(q, kt, input_precision=PRECISION) * scale + bias
-    # Scale to base 2 only after the fp32 sum, so equal logits (e.g. all -1e9) stay equal.
-    # Which keys a row keeps: with a key mask (the usual AlphaFold one) or no mask, a [1, BLOCK_K]
-    # predicate broadcast in the select, one operation an element; rows past QLEN need none (their
-    # q and bias load as 0, nothing of theirs is stored), so no per-element AND of row and column
-    # validity in this loop, which runs once per logit and is bound by such element-wise work.
-    if HAS_MASK and MASK_KEYS:
-        keys_kept = (tl.load(mask_base + offs_k * smn, mask=k_ok, other=0) != 0) & k_ok
-        s = tl.where(keys_kept[None, :], s * 1.4426950408889634, float("-inf"))
-    elif HAS_MASK:
-        keep = _load_mask(mask_base, offs_q, offs_k, smm, smn, q_ok, k_ok, False, False)
-        s = tl.where(keep, s * 1.4426950408889634, float("-inf"))
+    if HAS_MASK:
+        keep = _load_mask(mask_base, offs_q, offs_k, smm, smn, q_ok, k_ok, False, MASK_KEYS)
     else:
-        s = tl.where(k_ok[None, :], s * 1.4426950408889634, float("-inf"))
+        keep = q_ok[:, None] & k_ok[None, :]
+    # Scale to base 2 only after the fp32 sum, so equal logits (e.g. all -1e9) stay equal.
+    s = tl.where(keep, s * 1.4426950408889634, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # A row with nothing kept so far has max -inf: shift by 0 so exp2 gives 0, not NaN.
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
