@@ -625,6 +625,12 @@ def _recognise_sdpa(n: torch.fx.Node, ctx: Context) -> Candidate | Reject | None
     if qs is None or ks is None or len(qs) < 3 or len(ks) != len(qs) or ks[:-3] != qs[:-3] or ks[-3] not in (1, qs[-3]):
         return Reject("q/k layouts the kernel does not take (k must be [..., H or 1, K, D] like q)")
     scale = _sdpa_arg(n, 6, "scale", None)
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        # e.g. a scale computed from a traced size or a tensor: a graph value, not a number the kernel
+        # can take at rewrite time
+        return Reject(f"scale is a value computed in the graph ({type(scale).__name__}), not a number")
+    if mask is not None and not isinstance(mask, torch.fx.Node):
+        return Reject(f"attn_mask is a {type(mask).__name__} constant, not a tensor of the graph")
     parts = dict(q=q, k=k, v=v, D=qs[-1], Dv=M.shape(v)[-1], attn_mask=mask,
                  scale=float(scale) if scale is not None else qs[-1] ** -0.5)
     if isinstance(mask, torch.fx.Node) and M.dtype(mask) not in (torch.bool,) and not M.dtype(mask).is_floating_point:
