@@ -20,8 +20,10 @@ graphs overwrite a call's outputs on the next replay, and a caller holding them 
 embedding, a logged loss) would read the next call's values or an error.
 
 The compiled function is ``torch.compile(program, mode=..., fullgraph=True, dynamic=False)``:
-``fullgraph`` makes any graph break an error, and an error while compiling (on the first call)
-makes the executor run the graph eagerly from then on, with the reason in ``describe()``. The
+``fullgraph`` makes any graph break an error, and an error on the first call (which compiles and runs
+in one step) makes the executor run the graph eagerly from then on, with the reason in ``describe()``,
+unless the graph writes an input or buffer in place: the failed call may already have written it, so
+the error is raised (naming the write) rather than the call repeated. The
 variant's guards are checked before every call, as the eager executor's graph checks them.
 
     >>> import torch
@@ -53,6 +55,8 @@ from foldcompile.passes.rules.layer_norm import fused_layer_norm
 from foldcompile.passes.rules.ln_multi_linear import fused_layer_norm_linear
 from foldcompile.passes.rules.outer_product_mean import fused_outer_product_mean
 from foldcompile.passes.rules.softmax import fused_softmax
+from foldcompile.passes.registry import writes_in_place
+from foldcompile.passes.rules._meta import source_line
 from foldcompile.passes.rules.triangle_multiplication import fused_triangle_multiplication
 
 __all__ = ["InductorExecutor", "to_library_ops", "softmax_via_op"]
@@ -183,6 +187,17 @@ def _inline(graph: torch.fx.Graph, fragment: torch.fx.GraphModule | torch.fx.Gra
     return result
 
 
+def _first_in_place_write(gm: torch.fx.GraphModule) -> torch.fx.Node | None:
+    """The first node of ``gm`` (or of a graph it calls) that writes one of its inputs in place."""
+    for n in gm.graph.nodes:
+        if writes_in_place(n):
+            return n
+    for sub in gm.children():
+        if isinstance(sub, torch.fx.GraphModule) and (found := _first_in_place_write(sub)) is not None:
+            return found
+    return None
+
+
 class InductorExecutor(Executor):
     """Runs ``torch.compile(to_library_ops(graph), mode=mode, fullgraph=True, dynamic=False)``."""
 
@@ -196,6 +211,8 @@ class InductorExecutor(Executor):
         self.compiled = torch.compile(self.program, backend=backend, mode=mode, fullgraph=True, dynamic=False)
         self.fallback: str | None = None
         self.compiled_once = False
+        # a first call that fails is run again eagerly only when that cannot repeat a write
+        self.writes_in_place = _first_in_place_write(self.program)
 
     @property
     def name(self) -> str:
@@ -217,7 +234,19 @@ class InductorExecutor(Executor):
         try:
             out = self.compiled(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - a compile failure is a reason to run eagerly, not an error
-            self.fallback = f"torch.compile failed: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e) else ''}"
+            cause = getattr(e, "inner_exception", None) or e  # a backend's failure, unwrapped
+            why = f"{type(cause).__name__}: {str(cause).strip().splitlines()[0] if str(cause) else ''}"
+            if self.writes_in_place is not None:
+                # The first call compiles and runs in one step, so a failure may come after the graph
+                # began writing its inputs or buffers: running it again eagerly could apply those
+                # writes twice. Refuse instead of guessing.
+                n = self.writes_in_place
+                raise RuntimeError(
+                    f"foldcompile: the Inductor executor's first call failed ({why}); it is not re-run "
+                    f"eagerly because the graph writes in place at node {n.name!r} ({source_line(n) or 'no source line'}), which "
+                    f"the failed call may already have done. Optimize with executor='eager' for this "
+                    f"model.") from e
+            self.fallback = f"torch.compile failed: {why}"
             log.warning("foldcompile: Inductor executor off for this variant: %s", self.fallback)
             return self._eager(args, kwargs)
         self.compiled_once = True

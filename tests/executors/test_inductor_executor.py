@@ -89,3 +89,57 @@ def test_inductor_on_cpu_equals_eager_forward_and_gradients():
     torch._dynamo.reset()
     assert fast.report.executor == "inductor", fast.report.executor_reason
     assert fast.report.execution["mode"] == "default"
+
+
+def _graph(in_place: bool) -> torch.fx.GraphModule:
+    """``x.add_(1); return x * 2`` (in place) or ``return (x + 1) * 2``."""
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    y = g.call_function(torch.Tensor.add_ if in_place else torch.add, (x, 1.0))
+    g.output(g.call_function(torch.mul, (x if in_place else y, 2.0)))
+    return torch.fx.GraphModule({}, g)
+
+
+def _failing_backend(gm, example_inputs):
+    raise RuntimeError("no kernels for this graph")
+
+
+def _backend_whose_program_fails(gm, example_inputs):
+    def run(*args):
+        gm(*args)  # the graph's writes happen
+        raise ValueError("the model's own error")
+    return run
+
+
+def test_a_first_call_failure_of_a_graph_without_writes_runs_eagerly_with_the_reason():
+    from foldcompile.executors.inductor import InductorExecutor
+
+    for backend in (_failing_backend, _backend_whose_program_fails):
+        torch._dynamo.reset()
+        executor = InductorExecutor(_graph(in_place=False), requested="inductor", reason="test", mode=None,
+                                    backend=backend)
+        x = torch.zeros(3)
+        torch.testing.assert_close(executor((x,), {}), torch.full((3,), 2.0))
+        torch.testing.assert_close(x, torch.zeros(3))
+        assert executor.name == "eager"
+    torch._dynamo.reset()
+    executor = InductorExecutor(_graph(in_place=False), requested="inductor", reason="test", mode=None,
+                                backend=_failing_backend)
+    executor((torch.zeros(3),), {})
+    assert "no kernels for this graph" in executor.describe()["reason"]  # the backend's own message
+
+
+def test_a_first_call_failure_of_a_graph_that_writes_in_place_is_raised_not_repeated():
+    """The first call compiles and runs in one step: a failure may come after the write, so running the
+    graph again eagerly could write the input twice. The executor raises, naming the write."""
+    from foldcompile.executors.inductor import InductorExecutor
+
+    for backend, written in ((_failing_backend, 0.0), (_backend_whose_program_fails, 1.0)):
+        torch._dynamo.reset()
+        executor = InductorExecutor(_graph(in_place=True), requested="inductor", reason="test", mode=None,
+                                    backend=backend)
+        x = torch.zeros(3)
+        with pytest.raises(RuntimeError, match="not re-run eagerly because the graph writes in place at node"):
+            executor((x,), {})
+        torch.testing.assert_close(x, torch.full((3,), written))  # never written twice
+        assert executor.fallback is None
