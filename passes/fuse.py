@@ -103,6 +103,21 @@ def _autocast_regions(graph: torch.fx.Graph) -> dict[torch.fx.Node, tuple[int, b
     return inside
 
 
+def _grad_modes(graph: torch.fx.Graph) -> dict[torch.fx.Node, Any]:
+    """Each node -> the grad mode it runs in: ``None`` before the graph sets one (the caller's), else the
+    constant the last ``torch._C._set_grad_enabled`` call set (``torch.no_grad()`` inside a forward), or
+    that node itself where the value is not a constant. A match whose nodes run in different modes would
+    compute them all in one: the values made without grad would get a gradient, or lose one."""
+    modes: dict[torch.fx.Node, Any] = {}
+    mode: Any = None
+    for n in graph.nodes:
+        if n.op == "call_function" and n.target is torch._C._set_grad_enabled:
+            arg = n.args[0] if n.args else n.kwargs.get("mode")
+            mode = arg if isinstance(arg, bool) else n
+        modes[n] = mode
+    return modes
+
+
 def _write_inside(region: Iterable[torch.fx.Node], output: torch.fx.Node, order: Mapping[torch.fx.Node, int],
                   writes: list[torch.fx.Node]) -> torch.fx.Node | None:
     """The first in-place write that lies between a match's first node and its output (where the
@@ -177,6 +192,7 @@ def fuse_pass(gm: torch.fx.GraphModule, *, at: Mapping[str, int] | None = None, 
         graph = owner.graph
         ctx = Context(owner, subs, values)
         autocast_regions = _autocast_regions(graph)
+        grad_modes = _grad_modes(graph)
         barrier = {n for n, (_, casts) in autocast_regions.items() if casts}
         for n in graph.nodes:
             if M.op_class(n) in ("REDUCTION", "ELEMENTWISE"):
@@ -200,6 +216,8 @@ def fuse_pass(gm: torch.fx.GraphModule, *, at: Mapping[str, int] | None = None, 
                     if any(M.is_barrier(r) for r in found.region) or _crosses_autocast(found.region,
                                                                                        autocast_regions):
                         reason = "crosses a collective or autocast boundary"
+                    elif len({grad_modes.get(r) for r in found.region}) > 1:
+                        reason = "crosses a grad-mode boundary (part of it runs under torch.no_grad())"
                     elif write is not None:
                         reason = (f"an in-place write ({write.name}) lies between its ops: fusing would move "
                                   "their reads past it")

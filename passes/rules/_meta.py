@@ -15,6 +15,8 @@ import sympy
 import torch
 import torch.fx
 
+from foldcompile.passes.registry import changes_mode
+
 __all__ = ["shape", "sym_shape", "dtype", "op_class", "einsum", "module_path", "source_line", "op_name",
            "bytes_at", "numel_at", "is_barrier", "site"]
 
@@ -130,17 +132,16 @@ def bytes_at(n: torch.fx.Node, subs: Mapping[sympy.Symbol, int]) -> int:
     return numel_at(n, subs) * torch.empty((), dtype=dt).element_size()
 
 
-_AUTOCAST = {"_enter_autocast", "_exit_autocast", "autocast"}
-
-
 def is_barrier(n: torch.fx.Node) -> bool:
-    """Nodes no rule crosses: collectives (the DAP pass shards before fusion) and autocast markers."""
+    """Nodes no rule crosses: collectives (the DAP pass shards before fusion) and the markers that enter
+    or leave an autocast or grad-mode region (the registry's :func:`changes_mode`): a kernel spanning one
+    would compute its two sides in one mode."""
     if op_class(n) == "COMM":
         return True
     if n.op != "call_function":
         return False
     mod = getattr(n.target, "__module__", "") or ""
-    return "distributed" in mod or "c10d" in mod or op_name(n) in _AUTOCAST
+    return "distributed" in mod or "c10d" in mod or changes_mode(n)
 
 
 def cost_bytes_at(n: torch.fx.Node, subs: Mapping[sympy.Symbol, int]) -> int:
