@@ -71,7 +71,7 @@ from foldcompile.passes.merge_chunk_loops import RULE as MERGE_RULE
 from foldcompile.passes.merge_chunk_loops import merge_chunk_loops_pass
 from foldcompile.passes.normalize import normalize_pass
 from foldcompile.passes.shape_prop import calls_checkpoint_body, shape_prop_pass
-from foldcompile.variants import EAGER, VariantCache, call_key
+from foldcompile.variants import EAGER, VariantCache, VariantKey, call_key
 
 __all__ = ["optimize", "OptimizedModule", "OptimizeReport", "Variant", "build_variant", "fuse_graph",
            "readable_code"]
@@ -503,21 +503,40 @@ class OptimizedModule(torch.nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         key = call_key(self._bind(args, kwargs), self.model.training)
-        variant = self._cache.get(key, lambda: self._build(args, kwargs))
+        variant = self._select(key, args, kwargs)
         if variant is EAGER:
-            return self.model(*args, **kwargs)
+            return self._run_eager(args, kwargs)
+        self._before_run(variant, args, kwargs)
         try:
             out = variant.run(args, kwargs)
         except GuardError as e:
             # the key matched but a captured guard did not (module attributes, hooks, globals):
-            # that variant no longer computes the model; build it again, once
+            # that variant no longer computes the model; build it again, once (on every rank alike
+            # for a sharded module: each sees the same model state)
             self._cache.misses.append(f"guard failed on a cached variant: {str(e).splitlines()[0]}")
             self._cache.drop(key)
-            variant = self._cache.get(key, lambda: self._build(args, kwargs))
+            variant = self._select(key, args, kwargs)
             if variant is EAGER:
-                return self.model(*args, **kwargs)
+                return self._run_eager(args, kwargs)
             out = variant.run(args, kwargs)
         self._last = variant
+        return self._finish(out)
+
+    # the steps of ``forward`` a subclass adapts (the sharded module: its gradient reducer, its
+    # generator check, the hook on its outputs)
+    def _select(self, key: VariantKey, args: tuple, kwargs: dict) -> Variant | object:
+        """The cached variant of ``key``, built on a miss (or ``EAGER`` past the build limit)."""
+        return self._cache.get(key, lambda: self._build(args, kwargs))
+
+    def _run_eager(self, args: tuple, kwargs: dict) -> Any:
+        """A call past the build limit: the user's model itself."""
+        return self.model(*args, **kwargs)
+
+    def _before_run(self, variant: Variant, args: tuple, kwargs: dict) -> None:
+        """Checks before a cached variant runs (none for one process)."""
+
+    def _finish(self, out: Any) -> Any:
+        """The outputs of a variant's run as the caller receives them."""
         return out
 
     def _current(self) -> Variant:

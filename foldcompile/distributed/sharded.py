@@ -52,7 +52,6 @@ from foldcompile.capture import flat_inputs, trace
 from foldcompile.distributed.grad_sync import PartialGradReducer, ReplicaGradReducer
 from foldcompile.distributed.sharded_random import (check_generators_agree, draw_global, draw_global_like,
                                                      sharded_dropout)
-from foldcompile.guards import GuardError
 from foldcompile.optimize import (OptimizedModule, OptimizeReport, Variant, _ambient_autocast, _annotate,
                                   _name_inputs_after_the_model)
 from foldcompile.pass_manager import copy_graph_module
@@ -444,29 +443,23 @@ class ShardedModule(OptimizedModule):
                     t.register_hook(self._on_output_grad)
         return out
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        key = call_key(self._bind(args, kwargs), self.model.training)
-        variant = self._cache.get(key, lambda: self._build(args, kwargs))
+    # -- the steps of OptimizedModule.forward (the guard-failure rebuild is the base class's)
+    def _select(self, key: Any, args: tuple, kwargs: dict) -> Any:
+        variant = super()._select(key, args, kwargs)
         self._use_reducer(variant)
-        if variant is EAGER:   # every rank runs the whole model: gradients are whole, nothing to reduce
-            return self._hook_outputs(self.model(*args, **kwargs))
+        return variant
+
+    def _run_eager(self, args: tuple, kwargs: dict) -> Any:
+        # every rank runs the whole model: gradients are whole, nothing to reduce
+        return self._hook_outputs(self.model(*args, **kwargs))
+
+    def _before_run(self, variant: Variant, args: tuple, kwargs: dict) -> None:
         if variant.record["dap"]["has_random"]:
             devices = sorted({t.device for t in pytree.tree_leaves((args, kwargs))
                               if isinstance(t, torch.Tensor) and t.device.type == "cuda"}, key=str)
             check_generators_agree(devices, group=self.group)
-        try:
-            out = variant.run(args, kwargs)
-        except GuardError as e:
-            # the key matched but a captured guard did not (module attributes, hooks, globals): that
-            # variant no longer computes the model; every rank sees the same and builds it again, once
-            self._cache.misses.append(f"guard failed on a cached variant: {str(e).splitlines()[0]}")
-            self._cache.drop(key)
-            variant = self._cache.get(key, lambda: self._build(args, kwargs))
-            self._use_reducer(variant)
-            if variant is EAGER:
-                return self._hook_outputs(self.model(*args, **kwargs))
-            out = variant.run(args, kwargs)
-        self._last = variant
+
+    def _finish(self, out: Any) -> Any:
         return self._hook_outputs(out)
 
     @property
