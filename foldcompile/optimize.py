@@ -565,7 +565,7 @@ class OptimizedModule(torch.nn.Module):
 def optimize(model: torch.nn.Module, *example_inputs: Any, world_size: int = 1,
              at: Mapping[str, int] | None = None, strict: bool = False, max_variants: int = 8,
              max_builds: int = 32, dims: Mapping[str, int] | None = None, rules: list | None = None,
-             executor: str = "auto", outputs: str = "full", dap_axes: Mapping[str, Any] | None = None,
+             executor: str = "auto", outputs: str = "full", inputs: str = "full", dap_axes: Mapping[str, Any] | None = None,
              group: Any = None, mesh: Any = None, **example_kwargs: Any) -> OptimizedModule:
     """Compile ``model`` for calls like ``model(*example_inputs, **example_kwargs)``.
 
@@ -577,7 +577,9 @@ def optimize(model: torch.nn.Module, *example_inputs: Any, world_size: int = 1,
             the default group), which must have ``P`` ranks; every rank calls ``optimize`` with the
             same parameters and whole inputs (:mod:`foldcompile.distributed.sharded`). ``outputs``:
             ``"full"`` (every output whole on every rank) or ``"sharded"`` (each in its planned
-            placement); ``dap_axes``: the planning pass's seeds (input name -> dim, or None);
+            placement); ``inputs``: ``"full"`` (every rank passes the whole inputs) or ``"sharded"``
+            (every rank passes its own shard of each input the plan shards, ``module.input_placements``,
+            cut by ``module.shard_inputs``; the example inputs stay whole); ``dap_axes``: the planning pass's seeds (input name -> dim, or None);
             ``mesh``: a 2-D ``DeviceMesh`` ``("dp", "dap")`` instead of ``group``: sharded over the
             ``"dap"`` group, gradients averaged over the ``"dp"`` replicas after each backward.
         at: sizes (``{"N_seq": 128, "N_res": 256}``, the default) at which each rule's
@@ -591,10 +593,13 @@ def optimize(model: torch.nn.Module, *example_inputs: Any, world_size: int = 1,
     if world_size != 1:
         from foldcompile.distributed.sharded import optimize_sharded  # DAP: the runtime's side of the package
         return optimize_sharded(model, *example_inputs, world_size=world_size, group=group, mesh=mesh, outputs=outputs,
+                                inputs=inputs,
                                 dap_axes=dap_axes, at=at, strict=strict, max_variants=max_variants,
                                 max_builds=max_builds, dims=dims, rules=rules, executor=executor, **example_kwargs)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"optimize expects a torch.nn.Module, got {type(model).__name__}")
+    if inputs not in ("full", "sharded"):   # one rank's shard is the whole input: either works at world_size=1
+        raise ValueError(f"optimize: inputs must be 'full' or 'sharded', got {inputs!r}")
     if mesh is not None:   # its data-parallel average would be skipped: refuse rather than train otherwise
         raise ValueError("optimize(world_size=1, mesh=...): a mesh is for DAP over world_size > 1 ranks; with "
                          "one DAP rank per replica, wrap the model in DistributedDataParallel instead")

@@ -50,8 +50,12 @@ from torch.utils import _pytree as pytree
 
 from foldcompile.capture import flat_inputs, trace
 from foldcompile.distributed.grad_sync import PartialGradReducer, ReplicaGradReducer
+from foldcompile.distributed.sharded_inputs import (InputPlacement, ShardShapeError, check_shards,
+                                                     contiguous_call, gather_call, input_layout, local_guards,
+                                                     shard_call)
 from foldcompile.distributed.sharded_random import (check_generators_agree, draw_global, draw_global_like,
                                                      sharded_dropout)
+from foldcompile.guards import install_guards
 from foldcompile.optimize import (OptimizedModule, OptimizeReport, Variant, _ambient_autocast, _annotate,
                                   _name_inputs_after_the_model)
 from foldcompile.pass_manager import copy_graph_module
@@ -60,6 +64,7 @@ from foldcompile.passes.fuse import fuse_pass
 from foldcompile.passes.local_shape_check import local_shape_check_pass
 from foldcompile.passes.localize import annotate_collectives, localize_pass
 from foldcompile.passes.normalize import normalize_pass
+from foldcompile.passes.placement import Placed, Replicate
 from foldcompile.passes.plan_io import PlanExport, export_plan, import_plan
 from foldcompile.passes.overlap_compute import overlap_compute_pass
 from foldcompile.passes.registry import draws_random, entry_of, lookup, op_name
@@ -250,7 +255,7 @@ def _plan(model, gm, world_size, dap_axes, planner, at) -> PlanExport:
 
 def build_sharded_variant(model: torch.nn.Module, args: tuple, kwargs: Mapping[str, Any], *, rank: int,
                           world_size: int, group: Optional[dist.ProcessGroup] = None, outputs: str = "full",
-                          dap_axes: Optional[Mapping[str, Any]] = None, planner: Optional[Planner] = None,
+                          inputs: str = "full", dap_axes: Optional[Mapping[str, Any]] = None, planner: Optional[Planner] = None,
                           plan: Optional[PlanExport] = None, plan_on: str = "rank0",
                           at: Optional[Mapping[str, int]] = None, dims: Optional[Mapping[str, int]] = None,
                           rules: Optional[list] = None, disabled: Sequence[str] = (),
@@ -265,7 +270,8 @@ def build_sharded_variant(model: torch.nn.Module, args: tuple, kwargs: Mapping[s
     (the ranks then compare their collectives). ``check_ranks``: compare parameters and inputs across
     the ranks of ``group`` (one object all_gather each). ``reorder_for_overlap``: move independent
     compute between each collective's start and wait (``passes/overlap_compute.py``); off, the
-    compute keeps the model's order."""
+    compute keeps the model's order. ``args``/``kwargs`` are the whole inputs even for
+    ``inputs="sharded"`` (the rank's graph then takes its shards, :mod:`~foldcompile.distributed.sharded_inputs`)."""
     if plan_on not in ("rank0", "every_rank"):
         raise ValueError(f"optimize: plan_on must be 'rank0' or 'every_rank', got {plan_on!r}")
     t0 = time.perf_counter()
@@ -303,9 +309,14 @@ def build_sharded_variant(model: torch.nn.Module, args: tuple, kwargs: Mapping[s
     plan_record = plan.record
     placeholders = [n for n in planned.graph.nodes if n.op == "placeholder"]
     requires = {ph.name: bool(isinstance(v, torch.Tensor) and v.requires_grad) for ph, v in zip(placeholders, flat)}
-    lowered = localize_pass(planned, rank, world_size, outputs=outputs, group=group, validate=validate,
-                            inputs_requiring_grad=requires, grad_enabled=torch.is_grad_enabled())
+    layout = input_layout(planned, flat)
+    lowered = localize_pass(planned, rank, world_size, inputs=inputs, outputs=outputs, group=group,
+                            validate=validate, inputs_requiring_grad=requires, grad_enabled=torch.is_grad_enabled())
     local = lowered.graph_module
+    if inputs == "sharded":   # the rank's graph takes its shards: guarded and checked at the local shapes
+        if getattr(local, "guards", None) is not None:
+            install_guards(local, local_guards(local.guards, args, kwargs, planned, layout, rank))
+        values = [p.cut(v, rank) if isinstance(v, torch.Tensor) else v for p, v in zip(layout, values)]
     local_shape_check_pass(local, values)
     lap("lower")
     classify_pass(local)
@@ -343,6 +354,8 @@ def build_sharded_variant(model: torch.nn.Module, args: tuple, kwargs: Mapping[s
     dap["build_seconds"] = times
     dap["plan_notes"] = _plan_notes(plan_record)
     dap["has_random"] = any(_draws(n) for n in local.graph.nodes)
+    dap["inputs"] = inputs
+    dap["input_layout"] = layout
     if check_ranks and plan_on == "every_rank":
         sig = [(c["kind"], c["tensor"], c["src"], c["dst"], c.get("grad_placement")) for c in collectives]
         _same_on_every_rank("planned collectives", _digest(sig + dap["partial_params"]), group,
@@ -352,6 +365,10 @@ def build_sharded_variant(model: torch.nn.Module, args: tuple, kwargs: Mapping[s
     record = dict(fused.record)
     record["dap"] = dap
     return Variant(traced, local, record, time.perf_counter() - t0, tuple(disabled))
+
+
+def _layout_text(layout: Sequence[InputPlacement]) -> str:
+    return ", ".join(f"{p.name}: {p.placed!r} of {p.shape}" for p in layout)
 
 
 def _plan_notes(record: Mapping[str, Any]) -> str:
@@ -367,19 +384,25 @@ class ShardedModule(OptimizedModule):
     """The user's model, sharded by DAP over ``world_size`` ranks (see the module docstring)."""
 
     def __init__(self, model: torch.nn.Module, *, world_size: int, group: Optional[dist.ProcessGroup] = None,
-                 outputs: str = "full", dap_axes: Optional[Mapping[str, Any]] = None,
+                 outputs: str = "full", inputs: str = "full", dap_axes: Optional[Mapping[str, Any]] = None,
                  planner: Optional[Planner] = None, plan: Optional[PlanExport] = None, plan_on: str = "rank0",
                  max_bytes_in_flight: int = DEFAULT_MAX_BYTES_IN_FLIGHT, bucket_cap_mb: float = 25.0,
                  validate: bool = False, reorder_for_overlap: bool = True, mesh: Any = None,
                  dp_reduce: Optional[str] = "mean", **options: Any):
         if outputs not in ("full", "sharded"):
             raise ValueError(f"optimize: outputs must be 'full' or 'sharded', got {outputs!r}")
+        if inputs not in ("full", "sharded"):
+            raise ValueError(f"optimize: inputs must be 'full' or 'sharded', got {inputs!r}")
         if dp_reduce not in ("mean", "sum", None):
             raise ValueError(f"optimize: dp_reduce must be 'mean', 'sum' or None, got {dp_reduce!r}")
         group, dp_group = groups_of_mesh(mesh, group)
         world, rank = _world_and_rank(world_size, group)
         super().__init__(model, **options)
-        self.world_size, self.rank, self.group, self.outputs = world, rank, group, outputs
+        self.world_size, self.rank, self.group, self.outputs, self.inputs = world, rank, group, outputs, inputs
+        # inputs="sharded": the plan's input layout and a graph that flattens a call like the capture
+        # (set by the first build, from the whole example inputs; every later call is checked against it)
+        self._layout: Optional[list[InputPlacement]] = None
+        self._input_gm: Optional[torch.fx.GraphModule] = None
         self.dap_axes, self.planner, self.validate, self.plan_on = dap_axes, planner, validate, plan_on
         self._given_plan = plan      # for the first build (the example call's shapes)
         self.max_bytes_in_flight, self.bucket_cap_mb = max_bytes_in_flight, bucket_cap_mb
@@ -393,15 +416,71 @@ class ShardedModule(OptimizedModule):
             if dp_group is not None and dp_reduce is not None else None
 
     def _build(self, args: tuple, kwargs: dict) -> Variant:
+        """A variant for a call the cache has not seen; with ``inputs="sharded"`` the call holds shards:
+        the ranks put the whole inputs back together first (every rank misses on the same call)."""
+        if self.inputs == "sharded" and self._layout is not None:
+            args, kwargs = gather_call(self._input_gm, self._layout, args, kwargs, self.group)
+            variant = self._build_whole(args, kwargs)
+            layout = variant.record["dap"]["input_layout"]
+            if layout != self._layout:
+                raise ShardShapeError(
+                    "optimize(inputs='sharded'): the plan for this call places the inputs otherwise than the first "
+                    f"one ({_layout_text(layout)} instead of {_layout_text(self._layout)}); the shards were cut for "
+                    "the first; call optimize again for this kind of call")
+            return variant
+        return self._build_whole(args, kwargs)
+
+    def _build_whole(self, args: tuple, kwargs: dict) -> Variant:
         devices = sorted({t.device.index or 0 for t in pytree.tree_leaves((args, kwargs))
                           if isinstance(t, torch.Tensor) and t.device.type == "cuda"})
         plan, self._given_plan = self._given_plan, None
         with torch.random.fork_rng(devices=devices):
             return build_sharded_variant(
                 self.model, args, kwargs, rank=self.rank, world_size=self.world_size, group=self.group,
-                outputs=self.outputs, dap_axes=self.dap_axes, planner=self.planner, plan=plan, plan_on=self.plan_on,
-                at=self.at, dims=self.dims, rules=self.rules, max_bytes_in_flight=self.max_bytes_in_flight,
-                validate=self.validate, reorder_for_overlap=self.reorder_for_overlap)
+                outputs=self.outputs, inputs=self.inputs, dap_axes=self.dap_axes, planner=self.planner, plan=plan,
+                plan_on=self.plan_on, at=self.at, dims=self.dims, rules=self.rules,
+                max_bytes_in_flight=self.max_bytes_in_flight, validate=self.validate,
+                reorder_for_overlap=self.reorder_for_overlap)
+
+    def _first_variant(self, args: tuple, kwargs: dict) -> Any:
+        """The variant of the example call (whole inputs), cached under the call this rank will make:
+        with ``inputs="sharded"``, its shards."""
+        if self.inputs == "full":
+            return self.variant_for(*args, **kwargs)
+        variant = self._build_whole(args, kwargs)
+        self._layout, self._input_gm = variant.record["dap"]["input_layout"], variant.traced
+        shards, shard_kwargs = shard_call(variant.traced, self._layout, self.rank, args, kwargs)
+        key = call_key(self._bind(shards, shard_kwargs), self.model.training)
+        return self._cache.get(key, lambda: variant)
+
+    # -- inputs="sharded"
+    def shard_inputs(self, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
+        """This rank's call for the whole inputs ``(args, kwargs)``: ``(shard_args, shard_kwargs)``, every
+        input the plan shards (:attr:`input_placements`) cut to this rank's rows (uneven splits as the
+        plan's, a contiguous leaf copy that requires grad as the whole input does), the replicated ones
+        passed on as they are. With ``inputs="full"`` the call is returned unchanged."""
+        if self.inputs == "full":
+            return tuple(args), dict(kwargs)
+        return shard_call(self._input_gm, self._layout, self.rank, args, kwargs)
+
+    def _accept_shards(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """A call's shards, checked against the plan's local sizes on this rank (and, with ``validate``,
+        on every rank: each raises the same error) and made contiguous."""
+        why = check_shards(self._input_gm, self._layout, self.rank, self.world_size, args, kwargs)
+        if self.validate:
+            every: list = [None] * self.world_size
+            dist.all_gather_object(every, why, group=self.group)
+            why = next((w for w in every if w), None)
+        if why:
+            raise ShardShapeError(f"optimize(inputs='sharded'): {why}; each rank passes its own shard of every "
+                                  "sharded input (module.input_placements; module.shard_inputs(*whole_inputs) "
+                                  "cuts them) and every replicated input whole")
+        return contiguous_call(args, kwargs)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.inputs == "sharded":
+            args, kwargs = self._accept_shards(args, kwargs)
+        return super().forward(*args, **kwargs)
 
     # -- gradients
     def _use_reducer(self, variant: Any) -> None:
@@ -450,6 +529,10 @@ class ShardedModule(OptimizedModule):
         return variant
 
     def _run_eager(self, args: tuple, kwargs: dict) -> Any:
+        if self.inputs == "sharded":
+            raise RuntimeError(f"optimize(inputs='sharded'): {self._cache.builds} variants built, the limit "
+                               f"(max_builds={self._cache.max_builds}); the model itself cannot take shards, so "
+                               "this call is refused rather than run eagerly: raise max_builds")
         # every rank runs the whole model: gradients are whole, nothing to reduce
         return self._hook_outputs(self.model(*args, **kwargs))
 
@@ -469,6 +552,16 @@ class ShardedModule(OptimizedModule):
         return list(self._current().record["dap"]["output_placements"])
 
     @property
+    def input_placements(self) -> dict[str, Any]:
+        """How each (flattened) input is passed, by name: ``Placed(Shard(d), sizes)`` for an input passed
+        as this rank's shard of dim d (``inputs="sharded"``; ``sizes``: every rank's length of dim d),
+        ``Placed(Replicate())`` for a whole one (every input with ``inputs="full"``)."""
+        layout = self._current().record["dap"]["input_layout"]
+        if self.inputs == "full":
+            return {p.name: Placed(Replicate()) for p in layout}
+        return {p.name: p.placed for p in layout}
+
+    @property
     def report(self) -> ShardedReport:
         """What the fusion and the DAP lowering did on the most recent call's variant."""
         v = self._current()
@@ -477,7 +570,7 @@ class ShardedModule(OptimizedModule):
 
 
 def optimize_sharded(model: torch.nn.Module, *example_inputs: Any, world_size: int,
-                     group: Optional[dist.ProcessGroup] = None, outputs: str = "full",
+                     group: Optional[dist.ProcessGroup] = None, outputs: str = "full", inputs: str = "full",
                      dap_axes: Optional[Mapping[str, Any]] = None, planner: Optional[Planner] = None,
                      plan: Optional[PlanExport] = None, plan_on: str = "rank0",
                      at: Optional[Mapping[str, int]] = None, strict: bool = False, max_variants: int = 8,
@@ -501,12 +594,12 @@ def optimize_sharded(model: torch.nn.Module, *example_inputs: Any, world_size: i
     if executor not in ("auto", "eager"):
         raise ValueError(f"optimize(world_size={world_size}, executor={executor!r}): {_EAGER_ONLY}; use "
                          "executor='auto' or 'eager'")
-    fast = ShardedModule(model, world_size=world_size, group=group, outputs=outputs, dap_axes=dap_axes,
+    fast = ShardedModule(model, world_size=world_size, group=group, outputs=outputs, inputs=inputs, dap_axes=dap_axes,
                          planner=planner, plan=plan, plan_on=plan_on, max_bytes_in_flight=max_bytes_in_flight,
                          validate=validate, reorder_for_overlap=reorder_for_overlap, mesh=mesh, dp_reduce=dp_reduce,
                          at=at,
                          strict=strict, max_variants=max_variants, max_builds=max_builds, dims=dims, rules=rules)
-    variant = fast.variant_for(*example_inputs, **example_kwargs)
+    variant = fast._first_variant(example_inputs, example_kwargs)
     if variant is not EAGER:
         fast._last = variant
     return fast
