@@ -553,10 +553,10 @@ class ShardedModule(OptimizedModule):
 
     @property
     def input_placements(self) -> dict[str, Any]:
-        """How each (flattened) input is passed, by name: ``Placed(Shard(d), sizes)`` for an input passed
+        """How each (flattened) tensor input is passed, by name: ``Placed(Shard(d), sizes)`` for an input passed
         as this rank's shard of dim d (``inputs="sharded"``; ``sizes``: every rank's length of dim d),
         ``Placed(Replicate())`` for a whole one (every input with ``inputs="full"``)."""
-        layout = self._current().record["dap"]["input_layout"]
+        layout = [p for p in self._current().record["dap"]["input_layout"] if p.shape is not None]
         if self.inputs == "full":
             return {p.name: Placed(Replicate()) for p in layout}
         return {p.name: p.placed for p in layout}
