@@ -242,15 +242,18 @@ def make_plan(model: torch.nn.Module, *example_inputs: Any, world_size: int,
     ``optimize(..., world_size=P, plan=...)`` on every rank: planned once, e.g. in a launcher."""
     with torch.random.fork_rng():   # shape propagation runs the model's random ops: the caller's draws stay
         gm = normalize_pass(trace(model, *example_inputs, **example_kwargs)).graph_module
-        _annotated(model, gm, _copies(flat_inputs(gm, example_inputs, example_kwargs)), dims)
-        return _plan(model, gm, world_size, dap_axes, planner, at)
+        flat = flat_inputs(gm, example_inputs, example_kwargs)
+        _annotated(model, gm, _copies(flat), dims)
+        return _plan(model, gm, flat, world_size, dap_axes, planner, at)
 
 
-def _plan(model, gm, world_size, dap_axes, planner, at) -> PlanExport:
+def _plan(model, gm, flat, world_size, dap_axes, planner, at) -> PlanExport:
+    """The plan of the annotated capture ``gm`` as data, with the world size and the inputs (``flat``)
+    it is made for, so that applying it elsewhere is checked (``import_plan``)."""
     plan_fn = planner if planner is not None else default_planner()
     with torch.random.fork_rng():
         result = plan_fn(copy_graph_module(gm), world_size, dap_axes=dap_axes, at=at)
-    return export_plan(result.graph_module, result.record)
+    return export_plan(result.graph_module, result.record, world_size=world_size, example_inputs=flat)
 
 
 def build_sharded_variant(model: torch.nn.Module, args: tuple, kwargs: Mapping[str, Any], *, rank: int,
@@ -294,14 +297,15 @@ def build_sharded_variant(model: torch.nn.Module, args: tuple, kwargs: Mapping[s
     if not given and (plan_on == "every_rank" or rank == 0):
         _annotated(model, gm, values, dims)
         lap("annotate")
-        plan = _plan(model, gm, world_size, dap_axes, planner, at)
+        plan = _plan(model, gm, flat, world_size, dap_axes, planner, at)
         lap("plan")
     if not given and plan_on == "rank0":
         box = [plan]
         dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
         plan = box[0]
         lap("plan sent" if rank == 0 else "plan received")
-    planned = import_plan(copy_graph_module(gm), plan)
+    # a plan made elsewhere (plan=, or rank 0's) must be for this model, these inputs and this world size
+    planned = import_plan(copy_graph_module(gm), plan, world_size=world_size, example_inputs=flat)
     lap("plan replayed")
     traced = copy_graph_module(planned)     # one process, the plan's redistributes the identity
     # the rank's graph names its inputs, and the collectives of their slices, after forward's arguments

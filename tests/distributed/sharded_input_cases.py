@@ -102,3 +102,14 @@ def zoo_case(rank: int, name: str, plan, dap_axes):
     return ([o.detach() for o in leaves], [x.grad for x in shards if isinstance(x, torch.Tensor)],
             {k: p.grad for k, p in model.named_parameters()}, fast.input_placements,
             fast.report.record["dap"]["summed_input_grads"])
+
+
+def foreign_plan_case(rank: int, plans: dict):
+    """``optimize(..., plan=...)`` with plans made for another world size and for other inputs: every
+    rank refuses them (the same error), naming what differs."""
+    from foldcompile.distributed.sharded import optimize_sharded
+
+    world = dist.get_world_size()
+    model = H.MiniDAP(H.MINI_DIMS["N_seq"], H.MINI_DIMS["N_res"])
+    return {what: _error(lambda: optimize_sharded(model, *H.mini_inputs(), world_size=world, plan=plan, rules=[]))
+            for what, plan in plans.items()}
