@@ -15,7 +15,11 @@ and the returned :class:`ShardedModule` is called like the model: it takes the w
 (each rank slices its shard inside the graph) and returns the whole outputs on every rank
 (gathered inside, with the gradient placement of a replicated loss), or, with
 ``outputs="sharded"``, each output in its planned placement (``module.output_placements``):
-then every rank's loss is its part, and the loss trained is the sum over the ranks.
+then every rank's loss is its part, and the loss trained is the sum over the ranks. With
+``inputs="sharded"`` every call takes this rank's shards of the inputs the plan shards
+(``module.input_placements``; ``module.shard_inputs(*whole_inputs)`` cuts them) and the other inputs
+whole; each shard is checked against the plan's local size on this rank
+(:mod:`foldcompile.distributed.sharded_inputs`), and its gradient is its shard of the whole one.
 
 Gradients: the parameters whose gradient is a partial sum (used on shards) are all-reduced by a
 :class:`~foldcompile.distributed.PartialGradReducer` during backward (bucketed, asynchronous) and
