@@ -217,6 +217,9 @@ class ShardedReport(OptimizeReport):
         lines += [f"parameters with Partial gradients (all-reduced at the end of backward): {len(d['partial_params'])}; "
                   f"with Replicate gradients: {len(d['replicate_params'])}; replicated contributions kept on one "
                   f"rank: {[k['value'] for k in d['kept_on_one_rank']] or 'none'}"]
+        taken = "this rank's shards of the Shard inputs" if d.get("inputs") == "sharded" else "the whole inputs"
+        lines.append(f"inputs: the module takes {taken}; the plan places " + ", ".join(
+            f"{p.name} {p.placed!r}" for p in d.get("input_layout", ()) if p.shape is not None))
         if d.get("plan_notes"):
             lines.append(f"plan: {d['plan_notes']}")
         return "\n".join(lines)
@@ -474,6 +477,9 @@ class ShardedModule(OptimizedModule):
     def _accept_shards(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """A call's shards, checked against the plan's local sizes on this rank (and, with ``validate``,
         on every rank: each raises the same error) and made contiguous."""
+        if self._layout is None:
+            raise RuntimeError("a ShardedModule with inputs='sharded' learns its input layout from the whole example "
+                               "inputs: make it with optimize(model, *whole_inputs, world_size=P, inputs='sharded')")
         why = check_shards(self._input_gm, self._layout, self.rank, self.world_size, args, kwargs)
         if self.validate:
             every: list = [None] * self.world_size

@@ -60,7 +60,7 @@ def mini_case(rank: int, outputs: str, validate: bool = False):
     _loss(outs, places, rank, world, outputs).backward()
     result = {"outputs": [o.detach() for o in outs], "input_grads": [m.grad, z.grad, None],
               "grads": {k: p.grad for k, p in model.named_parameters()}, "places": places,
-              "input_placements": fast.input_placements,
+              "input_placements": fast.input_placements, "report": str(fast.report),
               "whole_inputs_error": _error(lambda: fast(*inputs))}
     if validate:
         wrong = m.detach()[:-1] if rank == 1 else m.detach()      # one row short on rank 1

@@ -41,6 +41,8 @@ def check_mini(results, reference, P, outputs, validate=False):
         ins = res["input_placements"]
         assert list(ins) == ["m", "z", "msa_mask"]
         assert [p.split_sizes for p in ins.values()] == [tuple(L.split_sizes(n, P)) for n in (5, 7, 5)]
+        assert "inputs: the module takes this rank's shards of the Shard inputs; the plan places m Shard(0, sizes=" \
+            f"{L.split_sizes(5, P)}), z Shard(0, sizes={L.split_sizes(7, P)})" in res["report"]
         assert len(res["outputs"]) == len(outs) == len(res["places"])
         for k, (a, b, p) in enumerate(zip(res["outputs"], outs, res["places"], strict=True)):
             assert (p.dim is not None) == (outputs == "sharded" and k < 2), (k, p)
