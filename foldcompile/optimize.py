@@ -565,8 +565,8 @@ class OptimizedModule(torch.nn.Module):
 def optimize(model: torch.nn.Module, *example_inputs: Any, world_size: int = 1,
              at: Mapping[str, int] | None = None, strict: bool = False, max_variants: int = 8,
              max_builds: int = 32, dims: Mapping[str, int] | None = None, rules: list | None = None,
-             executor: str = "auto", outputs: str = "full", inputs: str = "full", dap_axes: Mapping[str, Any] | None = None,
-             group: Any = None, mesh: Any = None, **example_kwargs: Any) -> OptimizedModule:
+             executor: str = "auto", outputs: str = "full", inputs: str = "full",
+             dap_axes: Mapping[str, Any] | None = None, group: Any = None, mesh: Any = None, **example_kwargs: Any) -> OptimizedModule:
     """Compile ``model`` for calls like ``model(*example_inputs, **example_kwargs)``.
 
     Args:
@@ -579,7 +579,8 @@ def optimize(model: torch.nn.Module, *example_inputs: Any, world_size: int = 1,
             ``"full"`` (every output whole on every rank) or ``"sharded"`` (each in its planned
             placement); ``inputs``: ``"full"`` (every rank passes the whole inputs) or ``"sharded"``
             (every rank passes its own shard of each input the plan shards, ``module.input_placements``,
-            cut by ``module.shard_inputs``; the example inputs stay whole); ``dap_axes``: the planning pass's seeds (input name -> dim, or None);
+            cut by ``module.shard_inputs``; the example inputs stay whole); ``dap_axes``: the planning
+            pass's seeds (input name -> dim, or None);
             ``mesh``: a 2-D ``DeviceMesh`` ``("dp", "dap")`` instead of ``group``: sharded over the
             ``"dap"`` group, gradients averaged over the ``"dp"`` replicas after each backward.
         at: sizes (``{"N_seq": 128, "N_res": 256}``, the default) at which each rule's

@@ -265,7 +265,8 @@ def _plan(model, gm, flat, world_size, dap_axes, planner, at) -> PlanExport:
 
 def build_sharded_variant(model: torch.nn.Module, args: tuple, kwargs: Mapping[str, Any], *, rank: int,
                           world_size: int, group: Optional[dist.ProcessGroup] = None, outputs: str = "full",
-                          inputs: str = "full", dap_axes: Optional[Mapping[str, Any]] = None, planner: Optional[Planner] = None,
+                          inputs: str = "full", dap_axes: Optional[Mapping[str, Any]] = None,
+                          planner: Optional[Planner] = None,
                           plan: Optional[PlanExport] = None, plan_on: str = "rank0",
                           at: Optional[Mapping[str, int]] = None, dims: Optional[Mapping[str, int]] = None,
                           rules: Optional[list] = None, disabled: Sequence[str] = (),

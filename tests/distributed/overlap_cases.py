@@ -108,7 +108,8 @@ def zoo_overlap_case(rank: int, name: str, size: str, plan: Any, reorder: bool =
     flat = flat_inputs(gm, inputs, {})
     planned = import_plan(gm, plan)
     placeholders = [n for n in planned.graph.nodes if n.op == "placeholder"]
-    requires = {ph.name: bool(isinstance(v, torch.Tensor) and v.requires_grad) for ph, v in zip(placeholders, flat, strict=True)}
+    requires = {ph.name: bool(isinstance(v, torch.Tensor) and v.requires_grad)
+                for ph, v in zip(placeholders, flat, strict=True)}
     log: list = []
     values = [v.detach().clone() if isinstance(v, torch.Tensor) else v for v in flat]
     gm, record, overlap, sched = lower_and_schedule(planned, values, rank, world, L.recorder(log), requires, reorder)
