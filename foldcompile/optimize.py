@@ -71,7 +71,7 @@ from foldcompile.passes.merge_chunk_loops import RULE as MERGE_RULE
 from foldcompile.passes.merge_chunk_loops import merge_chunk_loops_pass
 from foldcompile.passes.normalize import normalize_pass
 from foldcompile.passes.shape_prop import calls_checkpoint_body, shape_prop_pass
-from foldcompile.variants import EAGER, VariantCache, call_key
+from foldcompile.variants import EAGER, VariantCache, VariantKey, call_key
 
 __all__ = ["optimize", "OptimizedModule", "OptimizeReport", "Variant", "build_variant", "fuse_graph",
            "readable_code"]
@@ -503,21 +503,40 @@ class OptimizedModule(torch.nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         key = call_key(self._bind(args, kwargs), self.model.training)
-        variant = self._cache.get(key, lambda: self._build(args, kwargs))
+        variant = self._select(key, args, kwargs)
         if variant is EAGER:
-            return self.model(*args, **kwargs)
+            return self._run_eager(args, kwargs)
+        self._before_run(variant, args, kwargs)
         try:
             out = variant.run(args, kwargs)
         except GuardError as e:
             # the key matched but a captured guard did not (module attributes, hooks, globals):
-            # that variant no longer computes the model; build it again, once
+            # that variant no longer computes the model; build it again, once (on every rank alike
+            # for a sharded module: each sees the same model state)
             self._cache.misses.append(f"guard failed on a cached variant: {str(e).splitlines()[0]}")
             self._cache.drop(key)
-            variant = self._cache.get(key, lambda: self._build(args, kwargs))
+            variant = self._select(key, args, kwargs)
             if variant is EAGER:
-                return self.model(*args, **kwargs)
+                return self._run_eager(args, kwargs)
             out = variant.run(args, kwargs)
         self._last = variant
+        return self._finish(out)
+
+    # the steps of ``forward`` a subclass adapts (the sharded module: its gradient reducer, its
+    # generator check, the hook on its outputs)
+    def _select(self, key: VariantKey, args: tuple, kwargs: dict) -> Variant | object:
+        """The cached variant of ``key``, built on a miss (or ``EAGER`` past the build limit)."""
+        return self._cache.get(key, lambda: self._build(args, kwargs))
+
+    def _run_eager(self, args: tuple, kwargs: dict) -> Any:
+        """A call past the build limit: the user's model itself."""
+        return self.model(*args, **kwargs)
+
+    def _before_run(self, variant: Variant, args: tuple, kwargs: dict) -> None:
+        """Checks before a cached variant runs (none for one process)."""
+
+    def _finish(self, out: Any) -> Any:
+        """The outputs of a variant's run as the caller receives them."""
         return out
 
     def _current(self) -> Variant:
@@ -546,8 +565,8 @@ class OptimizedModule(torch.nn.Module):
 def optimize(model: torch.nn.Module, *example_inputs: Any, world_size: int = 1,
              at: Mapping[str, int] | None = None, strict: bool = False, max_variants: int = 8,
              max_builds: int = 32, dims: Mapping[str, int] | None = None, rules: list | None = None,
-             executor: str = "auto", outputs: str = "full", dap_axes: Mapping[str, Any] | None = None,
-             group: Any = None, mesh: Any = None, **example_kwargs: Any) -> OptimizedModule:
+             executor: str = "auto", outputs: str = "full", inputs: str = "full",
+             dap_axes: Mapping[str, Any] | None = None, group: Any = None, mesh: Any = None, **example_kwargs: Any) -> OptimizedModule:
     """Compile ``model`` for calls like ``model(*example_inputs, **example_kwargs)``.
 
     Args:
@@ -558,7 +577,10 @@ def optimize(model: torch.nn.Module, *example_inputs: Any, world_size: int = 1,
             the default group), which must have ``P`` ranks; every rank calls ``optimize`` with the
             same parameters and whole inputs (:mod:`foldcompile.distributed.sharded`). ``outputs``:
             ``"full"`` (every output whole on every rank) or ``"sharded"`` (each in its planned
-            placement); ``dap_axes``: the planning pass's seeds (input name -> dim, or None);
+            placement); ``inputs``: ``"full"`` (every rank passes the whole inputs) or ``"sharded"``
+            (every rank passes its own shard of each input the plan shards, ``module.input_placements``,
+            cut by ``module.shard_inputs``; the example inputs stay whole); ``dap_axes``: the planning
+            pass's seeds (input name -> dim, or None);
             ``mesh``: a 2-D ``DeviceMesh`` ``("dp", "dap")`` instead of ``group``: sharded over the
             ``"dap"`` group, gradients averaged over the ``"dp"`` replicas after each backward.
         at: sizes (``{"N_seq": 128, "N_res": 256}``, the default) at which each rule's
@@ -572,10 +594,13 @@ def optimize(model: torch.nn.Module, *example_inputs: Any, world_size: int = 1,
     if world_size != 1:
         from foldcompile.distributed.sharded import optimize_sharded  # DAP: the runtime's side of the package
         return optimize_sharded(model, *example_inputs, world_size=world_size, group=group, mesh=mesh, outputs=outputs,
+                                inputs=inputs,
                                 dap_axes=dap_axes, at=at, strict=strict, max_variants=max_variants,
                                 max_builds=max_builds, dims=dims, rules=rules, executor=executor, **example_kwargs)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"optimize expects a torch.nn.Module, got {type(model).__name__}")
+    if inputs not in ("full", "sharded"):   # one rank's shard is the whole input: either works at world_size=1
+        raise ValueError(f"optimize: inputs must be 'full' or 'sharded', got {inputs!r}")
     if mesh is not None:   # its data-parallel average would be skipped: refuse rather than train otherwise
         raise ValueError("optimize(world_size=1, mesh=...): a mesh is for DAP over world_size > 1 ranks; with "
                          "one DAP rank per replica, wrap the model in DistributedDataParallel instead")

@@ -35,7 +35,9 @@ What it writes:
   input with a Partial gradient gets ``sum_grad``. ``outputs="full"``: every output is gathered
   (all_gather / all_reduce, gradient Replicate: the replicated-loss contract). ``outputs=
   "sharded"``: sharded outputs stay shards, Replicate ones get ``sum_grad`` (the ranks' losses
-  are summed), Partial ones are all-reduced first. ``inputs="sharded"``: the graph takes the shards.
+  are summed), Partial ones are all-reduced first. ``inputs="sharded"``: the graph takes the shards of
+  its Shard inputs (their gradients are the shards' gradients) and its Replicate inputs whole (with
+  ``sum_grad`` where their gradient is Partial, as for ``inputs="full"``).
 
 With ``world_size=1`` every ``redistribute`` is dropped: the graph is the unsharded one, with no
 collective and no wrapper (zero overhead).
@@ -736,8 +738,7 @@ def localize_pass(gm: torch.fx.GraphModule, rank: int, world_size: int, *, input
     lowering.gather_outputs(outputs)
     lowering.grads = gradient_placements(gm, inputs_requiring_grad=inputs_requiring_grad, grad_enabled=grad_enabled)
     lowering.keep_replicated_contributions()
-    if inputs == "full":
-        lowering.sum_partial_input_grads()
+    lowering.sum_partial_input_grads()     # a whole input's gradient is whole, whichever way shards are passed
     if outputs == "sharded":
         lowering.sum_replicated_output_grads()
     for n in list(graph.nodes):

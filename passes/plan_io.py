@@ -6,8 +6,10 @@ result) as picklable data — every node's name, op and arguments (other nodes b
 the later passes read (shapes, symbolic sizes, classes, costs, placements) and the
 ``redistribute`` nodes the planner inserted — and :func:`import_plan` replays it on another
 capture of the same model: it checks that the capture has the same nodes in the same order with
-the same arguments (a capture is deterministic; anything else is refused, naming the first
-difference), copies the meta and inserts the redistributes where the plan has them. Every rank
+the same arguments and keyword arguments (a capture is deterministic; anything else is refused,
+naming the first difference) and, where they are given, the same world size and inputs (each
+input's name, shape and dtype; a non-tensor input's value) as the plan was made for, copies the
+meta and inserts the redistributes where the plan has them. Every rank
 then lowers the very same plan (no rank plans differently) and only one process pays for shape
 propagation, classification and the placement search.
 
@@ -25,16 +27,24 @@ propagation, classification and the placement search.
     >>> total.replace_input_with(sin, whole)
     >>> for n, p in [(z, Shard(0)), (sin, Shard(0)), (whole, Replicate()), (total, Replicate())]:
     ...     n.meta.update(shard=Placed(p, (3, 2) if p == Shard(0) else None, 5), shape=(5, 4), dtype=torch.float32)
-    >>> plan = export_plan(planned)
-    >>> replayed = import_plan(capture(), plan)                 # another capture of the same function
+    >>> plan = export_plan(planned, world_size=2, example_inputs=[torch.randn(5, 4)])
+    >>> replayed = import_plan(capture(), plan, world_size=2)   # another capture of the same function
     >>> [(n.name, n.meta.get("shard")) for n in replayed.graph.nodes][1:4]
     [('sin', Shard(0, sizes=[3, 2])), ('redistribute', Replicate()), ('sum_1', Replicate())]
+    >>> import_plan(capture(), plan, world_size=3)
+    Traceback (most recent call last):
+      ...
+    foldcompile.passes.base.PassError: import_plan: the plan was made for world_size=2, it is applied to 3 ranks
+    >>> import_plan(capture(), plan, example_inputs=[torch.randn(6, 4)])
+    Traceback (most recent call last):
+      ...
+    foldcompile.passes.base.PassError: import_plan: input 0 (z) has shape (6, 4) here, (5, 4) in the plan; make the plan with the inputs it is applied to
 """
 from __future__ import annotations
 
 import pickle
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.fx
@@ -42,7 +52,7 @@ import torch.fx
 from foldcompile.passes.base import PassError
 from foldcompile.passes.meta import (ALIASES_INPUT, COST, DTYPE, EINSUM, MULTI_OUTPUT, OP_CLASS, SHAPE, SHARD,
                                      SYM_ARGS, SYM_SHAPE, SYM_VALUE)
-from foldcompile.passes.placement import redistribute
+from foldcompile.passes.placement import Placed, redistribute
 from foldcompile.passes.registry import op_name
 
 __all__ = ["PlanExport", "export_plan", "import_plan"]
@@ -62,11 +72,15 @@ class _Ref:
 @dataclass
 class PlanExport:
     """A planned graph as picklable data (see the module docstring). ``nodes``: ``(name, op, op
-    name, args, kwargs, meta)`` in graph order; ``record``: the planner's record, where picklable."""
+    name, args, kwargs, meta)`` in graph order; ``record``: the planner's record, where picklable;
+    ``world_size``: the ranks it was made for; ``inputs``: ``(name, kind, shape or value, dtype)`` of
+    each example input (kind ``"tensor"`` or ``"value"``), None where not given."""
 
     nodes: list[tuple[str, str, str, Any, Any, dict]]
     gm_meta: dict[str, Any] = field(default_factory=dict)
     record: dict[str, Any] = field(default_factory=dict)
+    world_size: int | None = None
+    inputs: list[tuple[str, str, Any, str | None]] | None = None
 
 
 def _export_arg(a: Any) -> Any:
@@ -86,15 +100,38 @@ def _picklable(x: Any) -> bool:
         return False
 
 
-def export_plan(planned: torch.fx.GraphModule, record: dict[str, Any] | None = None) -> PlanExport:
-    """The plan of ``planned`` as data (see the module docstring)."""
+def _input_specs(gm: torch.fx.GraphModule, values: Sequence[Any]) -> list[tuple[str, str, Any, str | None]]:
+    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(values) != len(names):
+        raise PassError(f"export_plan: {len(values)} example inputs for a graph of {len(names)} inputs {names}")
+    return [(name, "tensor", tuple(v.shape), str(v.dtype)) if isinstance(v, torch.Tensor) else
+            (name, "value", repr(v), None) for name, v in zip(names, values)]
+
+
+def _world_of(planned: torch.fx.GraphModule, record: dict[str, Any]) -> int | None:
+    if isinstance(record.get("world_size"), int):
+        return record["world_size"]
+    for n in planned.graph.nodes:
+        p = n.meta.get(SHARD)
+        if isinstance(p, Placed) and p.split_sizes is not None:
+            return len(p.split_sizes)
+    return None
+
+
+def export_plan(planned: torch.fx.GraphModule, record: dict[str, Any] | None = None, *,
+                world_size: int | None = None, example_inputs: Sequence[Any] | None = None) -> PlanExport:
+    """The plan of ``planned`` as data (see the module docstring). ``world_size``: the ranks it is
+    for (default: the record's, else the split sizes'); ``example_inputs``: one value per placeholder,
+    the inputs it was planned on (recorded so that :func:`import_plan` can refuse other ones)."""
     nodes = []
     for n in planned.graph.nodes:
         meta = {k: _export_arg(n.meta[k]) for k in _CARRIED if k in n.meta}
         nodes.append((n.name, n.op, _kind(n), _export_arg(n.args), _export_arg(dict(n.kwargs)), meta))
     gm_meta = {k: planned.meta[k] for k in _GM_CARRIED if k in getattr(planned, "meta", {})}
     rec = {k: v for k, v in (record or {}).items() if _picklable(v)}
-    out = PlanExport(nodes, gm_meta, rec)
+    world = world_size if world_size is not None else _world_of(planned, record or {})
+    inputs = _input_specs(planned, example_inputs) if example_inputs is not None else None
+    out = PlanExport(nodes, gm_meta, rec, world, inputs)
     pickle.dumps(out)   # fail here, naming nothing sent, rather than inside a broadcast
     return out
 
@@ -106,9 +143,39 @@ def _same(a: Any, b: Any) -> bool:
         return repr(a) == repr(b)
 
 
-def import_plan(gm: torch.fx.GraphModule, plan: PlanExport) -> torch.fx.GraphModule:
+def _check_inputs(gm: torch.fx.GraphModule, plan: PlanExport, values: Sequence[Any]) -> None:
+    mine = _input_specs(gm, values)
+    if len(mine) != len(plan.inputs):
+        raise PassError(f"import_plan: this call has {len(mine)} inputs, the plan's {len(plan.inputs)}")
+    for i, ((name, kind, what, dtype), (pname, pkind, pwhat, pdtype)) in enumerate(zip(mine, plan.inputs,
+                                                                                        strict=True)):
+        where = f"import_plan: input {i} ({pname})"
+        if name != pname:
+            raise PassError(f"{where} is named {name} here")
+        if kind != pkind:
+            raise PassError(f"{where} is a {kind} here, a {pkind} in the plan")
+        if kind == "tensor" and what != pwhat:
+            raise PassError(f"{where} has shape {what} here, {pwhat} in the plan; make the plan with the inputs "
+                            "it is applied to")
+        if kind == "tensor" and dtype != pdtype:
+            raise PassError(f"{where} has dtype {dtype} here, {pdtype} in the plan; make the plan with the inputs "
+                            "it is applied to")
+        if kind == "value" and what != pwhat:
+            raise PassError(f"{where} is {what} here, {pwhat} in the plan; make the plan with the inputs it is "
+                            "applied to")
+
+
+def import_plan(gm: torch.fx.GraphModule, plan: PlanExport, *, world_size: int | None = None,
+                example_inputs: Sequence[Any] | None = None) -> torch.fx.GraphModule:
     """Replay ``plan`` on ``gm`` (a capture of the same model, normalized): the same nodes, the
-    plan's meta, its redistributes. Refuses a capture whose nodes or arguments differ."""
+    plan's meta, its redistributes. Refuses a capture whose nodes, arguments or keyword arguments
+    differ, a ``world_size`` other than the plan's, and ``example_inputs`` (one value per placeholder)
+    whose names, shapes, dtypes or values differ from those the plan was made on."""
+    if world_size is not None and plan.world_size is not None and world_size != plan.world_size:
+        raise PassError(f"import_plan: the plan was made for world_size={plan.world_size}, it is applied to "
+                        f"{world_size} ranks")
+    if example_inputs is not None and plan.inputs is not None:
+        _check_inputs(gm, plan, example_inputs)
     graph = gm.graph
     mine = list(graph.nodes)
     by_name = {n.name: n for n in mine}
@@ -142,6 +209,12 @@ def import_plan(gm: torch.fx.GraphModule, plan: PlanExport) -> torch.fx.GraphMod
                 and not _planned_use(node.args, new_args, made):
             raise PassError(f"import_plan: node {name} has other arguments here ({node.args}) than in the plan "
                             f"({new_args})")
+        if kind != "redistribute" and not _same(_export_arg(dict(node.kwargs)), _export_arg(new_kwargs)) \
+                and not (set(node.kwargs) == set(new_kwargs)
+                         and _planned_use([node.kwargs[k] for k in sorted(node.kwargs)],
+                                          [new_kwargs[k] for k in sorted(new_kwargs)], made)):
+            raise PassError(f"import_plan: node {name} has other keyword arguments here ({dict(node.kwargs)}) than "
+                            f"in the plan ({new_kwargs})")
         node.args, node.kwargs = new_args, new_kwargs
     for k, v in plan.gm_meta.items():
         gm.meta[k] = v

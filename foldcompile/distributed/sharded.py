@@ -15,7 +15,11 @@ and the returned :class:`ShardedModule` is called like the model: it takes the w
 (each rank slices its shard inside the graph) and returns the whole outputs on every rank
 (gathered inside, with the gradient placement of a replicated loss), or, with
 ``outputs="sharded"``, each output in its planned placement (``module.output_placements``):
-then every rank's loss is its part, and the loss trained is the sum over the ranks.
+then every rank's loss is its part, and the loss trained is the sum over the ranks. With
+``inputs="sharded"`` every call takes this rank's shards of the inputs the plan shards
+(``module.input_placements``; ``module.shard_inputs(*whole_inputs)`` cuts them) and the other inputs
+whole; each shard is checked against the plan's local size on this rank
+(:mod:`foldcompile.distributed.sharded_inputs`), and its gradient is its shard of the whole one.
 
 Gradients: the parameters whose gradient is a partial sum (used on shards) are all-reduced by a
 :class:`~foldcompile.distributed.PartialGradReducer` during backward (bucketed, asynchronous) and
@@ -50,9 +54,12 @@ from torch.utils import _pytree as pytree
 
 from foldcompile.capture import flat_inputs, trace
 from foldcompile.distributed.grad_sync import PartialGradReducer, ReplicaGradReducer
+from foldcompile.distributed.sharded_inputs import (InputPlacement, ShardShapeError, check_shards,
+                                                     contiguous_call, gather_call, input_layout, local_guards,
+                                                     shard_call)
 from foldcompile.distributed.sharded_random import (check_generators_agree, draw_global, draw_global_like,
                                                      sharded_dropout)
-from foldcompile.guards import GuardError
+from foldcompile.guards import install_guards
 from foldcompile.optimize import (OptimizedModule, OptimizeReport, Variant, _ambient_autocast, _annotate,
                                   _name_inputs_after_the_model)
 from foldcompile.pass_manager import copy_graph_module
@@ -61,6 +68,7 @@ from foldcompile.passes.fuse import fuse_pass
 from foldcompile.passes.local_shape_check import local_shape_check_pass
 from foldcompile.passes.localize import annotate_collectives, localize_pass
 from foldcompile.passes.normalize import normalize_pass
+from foldcompile.passes.placement import Placed, Replicate
 from foldcompile.passes.plan_io import PlanExport, export_plan, import_plan
 from foldcompile.passes.overlap_compute import overlap_compute_pass
 from foldcompile.passes.registry import draws_random, entry_of, lookup, op_name
@@ -209,6 +217,9 @@ class ShardedReport(OptimizeReport):
         lines += [f"parameters with Partial gradients (all-reduced at the end of backward): {len(d['partial_params'])}; "
                   f"with Replicate gradients: {len(d['replicate_params'])}; replicated contributions kept on one "
                   f"rank: {[k['value'] for k in d['kept_on_one_rank']] or 'none'}"]
+        taken = "this rank's shards of the Shard inputs" if d.get("inputs") == "sharded" else "the whole inputs"
+        lines.append(f"inputs: the module takes {taken}; the plan places " + ", ".join(
+            f"{p.name} {p.placed!r}" for p in d.get("input_layout", ()) if p.shape is not None))
         if d.get("plan_notes"):
             lines.append(f"plan: {d['plan_notes']}")
         return "\n".join(lines)
@@ -238,20 +249,24 @@ def make_plan(model: torch.nn.Module, *example_inputs: Any, world_size: int,
     ``optimize(..., world_size=P, plan=...)`` on every rank: planned once, e.g. in a launcher."""
     with torch.random.fork_rng():   # shape propagation runs the model's random ops: the caller's draws stay
         gm = normalize_pass(trace(model, *example_inputs, **example_kwargs)).graph_module
-        _annotated(model, gm, _copies(flat_inputs(gm, example_inputs, example_kwargs)), dims)
-        return _plan(model, gm, world_size, dap_axes, planner, at)
+        flat = flat_inputs(gm, example_inputs, example_kwargs)
+        _annotated(model, gm, _copies(flat), dims)
+        return _plan(model, gm, flat, world_size, dap_axes, planner, at)
 
 
-def _plan(model, gm, world_size, dap_axes, planner, at) -> PlanExport:
+def _plan(model, gm, flat, world_size, dap_axes, planner, at) -> PlanExport:
+    """The plan of the annotated capture ``gm`` as data, with the world size and the inputs (``flat``)
+    it is made for, so that applying it elsewhere is checked (``import_plan``)."""
     plan_fn = planner if planner is not None else default_planner()
     with torch.random.fork_rng():
         result = plan_fn(copy_graph_module(gm), world_size, dap_axes=dap_axes, at=at)
-    return export_plan(result.graph_module, result.record)
+    return export_plan(result.graph_module, result.record, world_size=world_size, example_inputs=flat)
 
 
 def build_sharded_variant(model: torch.nn.Module, args: tuple, kwargs: Mapping[str, Any], *, rank: int,
                           world_size: int, group: Optional[dist.ProcessGroup] = None, outputs: str = "full",
-                          dap_axes: Optional[Mapping[str, Any]] = None, planner: Optional[Planner] = None,
+                          inputs: str = "full", dap_axes: Optional[Mapping[str, Any]] = None,
+                          planner: Optional[Planner] = None,
                           plan: Optional[PlanExport] = None, plan_on: str = "rank0",
                           at: Optional[Mapping[str, int]] = None, dims: Optional[Mapping[str, int]] = None,
                           rules: Optional[list] = None, disabled: Sequence[str] = (),
@@ -266,7 +281,8 @@ def build_sharded_variant(model: torch.nn.Module, args: tuple, kwargs: Mapping[s
     (the ranks then compare their collectives). ``check_ranks``: compare parameters and inputs across
     the ranks of ``group`` (one object all_gather each). ``reorder_for_overlap``: move independent
     compute between each collective's start and wait (``passes/overlap_compute.py``); off, the
-    compute keeps the model's order."""
+    compute keeps the model's order. ``args``/``kwargs`` are the whole inputs even for
+    ``inputs="sharded"`` (the rank's graph then takes its shards, :mod:`~foldcompile.distributed.sharded_inputs`)."""
     if plan_on not in ("rank0", "every_rank"):
         raise ValueError(f"optimize: plan_on must be 'rank0' or 'every_rank', got {plan_on!r}")
     t0 = time.perf_counter()
@@ -289,14 +305,15 @@ def build_sharded_variant(model: torch.nn.Module, args: tuple, kwargs: Mapping[s
     if not given and (plan_on == "every_rank" or rank == 0):
         _annotated(model, gm, values, dims)
         lap("annotate")
-        plan = _plan(model, gm, world_size, dap_axes, planner, at)
+        plan = _plan(model, gm, flat, world_size, dap_axes, planner, at)
         lap("plan")
     if not given and plan_on == "rank0":
         box = [plan]
         dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
         plan = box[0]
         lap("plan sent" if rank == 0 else "plan received")
-    planned = import_plan(copy_graph_module(gm), plan)
+    # a plan made elsewhere (plan=, or rank 0's) must be for this model, these inputs and this world size
+    planned = import_plan(copy_graph_module(gm), plan, world_size=world_size, example_inputs=flat)
     lap("plan replayed")
     traced = copy_graph_module(planned)     # one process, the plan's redistributes the identity
     # the rank's graph names its inputs, and the collectives of their slices, after forward's arguments
@@ -304,9 +321,14 @@ def build_sharded_variant(model: torch.nn.Module, args: tuple, kwargs: Mapping[s
     plan_record = plan.record
     placeholders = [n for n in planned.graph.nodes if n.op == "placeholder"]
     requires = {ph.name: bool(isinstance(v, torch.Tensor) and v.requires_grad) for ph, v in zip(placeholders, flat)}
-    lowered = localize_pass(planned, rank, world_size, outputs=outputs, group=group, validate=validate,
-                            inputs_requiring_grad=requires, grad_enabled=torch.is_grad_enabled())
+    layout = input_layout(planned, flat)
+    lowered = localize_pass(planned, rank, world_size, inputs=inputs, outputs=outputs, group=group,
+                            validate=validate, inputs_requiring_grad=requires, grad_enabled=torch.is_grad_enabled())
     local = lowered.graph_module
+    if inputs == "sharded":   # the rank's graph takes its shards: guarded and checked at the local shapes
+        if getattr(local, "guards", None) is not None:
+            install_guards(local, local_guards(local.guards, args, kwargs, planned, layout, rank))
+        values = [p.cut(v, rank) if isinstance(v, torch.Tensor) else v for p, v in zip(layout, values)]
     local_shape_check_pass(local, values)
     lap("lower")
     classify_pass(local)
@@ -344,6 +366,8 @@ def build_sharded_variant(model: torch.nn.Module, args: tuple, kwargs: Mapping[s
     dap["build_seconds"] = times
     dap["plan_notes"] = _plan_notes(plan_record)
     dap["has_random"] = any(_draws(n) for n in local.graph.nodes)
+    dap["inputs"] = inputs
+    dap["input_layout"] = layout
     if check_ranks and plan_on == "every_rank":
         sig = [(c["kind"], c["tensor"], c["src"], c["dst"], c.get("grad_placement")) for c in collectives]
         _same_on_every_rank("planned collectives", _digest(sig + dap["partial_params"]), group,
@@ -353,6 +377,10 @@ def build_sharded_variant(model: torch.nn.Module, args: tuple, kwargs: Mapping[s
     record = dict(fused.record)
     record["dap"] = dap
     return Variant(traced, local, record, time.perf_counter() - t0, tuple(disabled))
+
+
+def _layout_text(layout: Sequence[InputPlacement]) -> str:
+    return ", ".join(f"{p.name}: {p.placed!r} of {p.shape}" for p in layout)
 
 
 def _plan_notes(record: Mapping[str, Any]) -> str:
@@ -368,19 +396,25 @@ class ShardedModule(OptimizedModule):
     """The user's model, sharded by DAP over ``world_size`` ranks (see the module docstring)."""
 
     def __init__(self, model: torch.nn.Module, *, world_size: int, group: Optional[dist.ProcessGroup] = None,
-                 outputs: str = "full", dap_axes: Optional[Mapping[str, Any]] = None,
+                 outputs: str = "full", inputs: str = "full", dap_axes: Optional[Mapping[str, Any]] = None,
                  planner: Optional[Planner] = None, plan: Optional[PlanExport] = None, plan_on: str = "rank0",
                  max_bytes_in_flight: int = DEFAULT_MAX_BYTES_IN_FLIGHT, bucket_cap_mb: float = 25.0,
                  validate: bool = False, reorder_for_overlap: bool = True, mesh: Any = None,
                  dp_reduce: Optional[str] = "mean", **options: Any):
         if outputs not in ("full", "sharded"):
             raise ValueError(f"optimize: outputs must be 'full' or 'sharded', got {outputs!r}")
+        if inputs not in ("full", "sharded"):
+            raise ValueError(f"optimize: inputs must be 'full' or 'sharded', got {inputs!r}")
         if dp_reduce not in ("mean", "sum", None):
             raise ValueError(f"optimize: dp_reduce must be 'mean', 'sum' or None, got {dp_reduce!r}")
         group, dp_group = groups_of_mesh(mesh, group)
         world, rank = _world_and_rank(world_size, group)
         super().__init__(model, **options)
-        self.world_size, self.rank, self.group, self.outputs = world, rank, group, outputs
+        self.world_size, self.rank, self.group, self.outputs, self.inputs = world, rank, group, outputs, inputs
+        # inputs="sharded": the plan's input layout and a graph that flattens a call like the capture
+        # (set by the first build, from the whole example inputs; every later call is checked against it)
+        self._layout: Optional[list[InputPlacement]] = None
+        self._input_gm: Optional[torch.fx.GraphModule] = None
         self.dap_axes, self.planner, self.validate, self.plan_on = dap_axes, planner, validate, plan_on
         self._given_plan = plan      # for the first build (the example call's shapes)
         self.max_bytes_in_flight, self.bucket_cap_mb = max_bytes_in_flight, bucket_cap_mb
@@ -394,15 +428,74 @@ class ShardedModule(OptimizedModule):
             if dp_group is not None and dp_reduce is not None else None
 
     def _build(self, args: tuple, kwargs: dict) -> Variant:
+        """A variant for a call the cache has not seen; with ``inputs="sharded"`` the call holds shards:
+        the ranks put the whole inputs back together first (every rank misses on the same call)."""
+        if self.inputs == "sharded" and self._layout is not None:
+            args, kwargs = gather_call(self._input_gm, self._layout, args, kwargs, self.group)
+            variant = self._build_whole(args, kwargs)
+            layout = variant.record["dap"]["input_layout"]
+            if layout != self._layout:
+                raise ShardShapeError(
+                    "optimize(inputs='sharded'): the plan for this call places the inputs otherwise than the first "
+                    f"one ({_layout_text(layout)} instead of {_layout_text(self._layout)}); the shards were cut for "
+                    "the first; call optimize again for this kind of call")
+            return variant
+        return self._build_whole(args, kwargs)
+
+    def _build_whole(self, args: tuple, kwargs: dict) -> Variant:
         devices = sorted({t.device.index or 0 for t in pytree.tree_leaves((args, kwargs))
                           if isinstance(t, torch.Tensor) and t.device.type == "cuda"})
         plan, self._given_plan = self._given_plan, None
         with torch.random.fork_rng(devices=devices):
             return build_sharded_variant(
                 self.model, args, kwargs, rank=self.rank, world_size=self.world_size, group=self.group,
-                outputs=self.outputs, dap_axes=self.dap_axes, planner=self.planner, plan=plan, plan_on=self.plan_on,
-                at=self.at, dims=self.dims, rules=self.rules, max_bytes_in_flight=self.max_bytes_in_flight,
-                validate=self.validate, reorder_for_overlap=self.reorder_for_overlap)
+                outputs=self.outputs, inputs=self.inputs, dap_axes=self.dap_axes, planner=self.planner, plan=plan,
+                plan_on=self.plan_on, at=self.at, dims=self.dims, rules=self.rules,
+                max_bytes_in_flight=self.max_bytes_in_flight, validate=self.validate,
+                reorder_for_overlap=self.reorder_for_overlap)
+
+    def _first_variant(self, args: tuple, kwargs: dict) -> Any:
+        """The variant of the example call (whole inputs), cached under the call this rank will make:
+        with ``inputs="sharded"``, its shards."""
+        if self.inputs == "full":
+            return self.variant_for(*args, **kwargs)
+        variant = self._build_whole(args, kwargs)
+        self._layout, self._input_gm = variant.record["dap"]["input_layout"], variant.traced
+        shards, shard_kwargs = shard_call(variant.traced, self._layout, self.rank, args, kwargs)
+        key = call_key(self._bind(shards, shard_kwargs), self.model.training)
+        return self._cache.get(key, lambda: variant)
+
+    # -- inputs="sharded"
+    def shard_inputs(self, *args: Any, **kwargs: Any) -> tuple[tuple, dict]:
+        """This rank's call for the whole inputs ``(args, kwargs)``: ``(shard_args, shard_kwargs)``, every
+        input the plan shards (:attr:`input_placements`) cut to this rank's rows (uneven splits as the
+        plan's, a contiguous leaf copy that requires grad as the whole input does), the replicated ones
+        passed on as they are. With ``inputs="full"`` the call is returned unchanged."""
+        if self.inputs == "full":
+            return tuple(args), dict(kwargs)
+        return shard_call(self._input_gm, self._layout, self.rank, args, kwargs)
+
+    def _accept_shards(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """A call's shards, checked against the plan's local sizes on this rank (and, with ``validate``,
+        on every rank: each raises the same error) and made contiguous."""
+        if self._layout is None:
+            raise RuntimeError("a ShardedModule with inputs='sharded' learns its input layout from the whole example "
+                               "inputs: make it with optimize(model, *whole_inputs, world_size=P, inputs='sharded')")
+        why = check_shards(self._input_gm, self._layout, self.rank, self.world_size, args, kwargs)
+        if self.validate:
+            every: list = [None] * self.world_size
+            dist.all_gather_object(every, why, group=self.group)
+            why = next((w for w in every if w), None)
+        if why:
+            raise ShardShapeError(f"optimize(inputs='sharded'): {why}; each rank passes its own shard of every "
+                                  "sharded input (module.input_placements; module.shard_inputs(*whole_inputs) "
+                                  "cuts them) and every replicated input whole")
+        return contiguous_call(args, kwargs)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.inputs == "sharded":
+            args, kwargs = self._accept_shards(args, kwargs)
+        return super().forward(*args, **kwargs)
 
     # -- gradients
     def _use_reducer(self, variant: Any) -> None:
@@ -444,29 +537,27 @@ class ShardedModule(OptimizedModule):
                     t.register_hook(self._on_output_grad)
         return out
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        key = call_key(self._bind(args, kwargs), self.model.training)
-        variant = self._cache.get(key, lambda: self._build(args, kwargs))
+    # -- the steps of OptimizedModule.forward (the guard-failure rebuild is the base class's)
+    def _select(self, key: Any, args: tuple, kwargs: dict) -> Any:
+        variant = super()._select(key, args, kwargs)
         self._use_reducer(variant)
-        if variant is EAGER:   # every rank runs the whole model: gradients are whole, nothing to reduce
-            return self._hook_outputs(self.model(*args, **kwargs))
+        return variant
+
+    def _run_eager(self, args: tuple, kwargs: dict) -> Any:
+        if self.inputs == "sharded":
+            raise RuntimeError(f"optimize(inputs='sharded'): {self._cache.builds} variants built, the limit "
+                               f"(max_builds={self._cache.max_builds}); the model itself cannot take shards, so "
+                               "this call is refused rather than run eagerly: raise max_builds")
+        # every rank runs the whole model: gradients are whole, nothing to reduce
+        return self._hook_outputs(self.model(*args, **kwargs))
+
+    def _before_run(self, variant: Variant, args: tuple, kwargs: dict) -> None:
         if variant.record["dap"]["has_random"]:
             devices = sorted({t.device for t in pytree.tree_leaves((args, kwargs))
                               if isinstance(t, torch.Tensor) and t.device.type == "cuda"}, key=str)
             check_generators_agree(devices, group=self.group)
-        try:
-            out = variant.run(args, kwargs)
-        except GuardError as e:
-            # the key matched but a captured guard did not (module attributes, hooks, globals): that
-            # variant no longer computes the model; every rank sees the same and builds it again, once
-            self._cache.misses.append(f"guard failed on a cached variant: {str(e).splitlines()[0]}")
-            self._cache.drop(key)
-            variant = self._cache.get(key, lambda: self._build(args, kwargs))
-            self._use_reducer(variant)
-            if variant is EAGER:
-                return self._hook_outputs(self.model(*args, **kwargs))
-            out = variant.run(args, kwargs)
-        self._last = variant
+
+    def _finish(self, out: Any) -> Any:
         return self._hook_outputs(out)
 
     @property
@@ -474,6 +565,16 @@ class ShardedModule(OptimizedModule):
         """The placement of each (flattened) output of the most recent call: ``Placed(Shard(d), sizes)``
         for a shard (``outputs="sharded"``), ``Placed(Replicate())`` for a whole tensor."""
         return list(self._current().record["dap"]["output_placements"])
+
+    @property
+    def input_placements(self) -> dict[str, Any]:
+        """How each (flattened) tensor input is passed, by name: ``Placed(Shard(d), sizes)`` for an input passed
+        as this rank's shard of dim d (``inputs="sharded"``; ``sizes``: every rank's length of dim d),
+        ``Placed(Replicate())`` for a whole one (every input with ``inputs="full"``)."""
+        layout = [p for p in self._current().record["dap"]["input_layout"] if p.shape is not None]
+        if self.inputs == "full":
+            return {p.name: Placed(Replicate()) for p in layout}
+        return {p.name: p.placed for p in layout}
 
     @property
     def report(self) -> ShardedReport:
@@ -484,7 +585,7 @@ class ShardedModule(OptimizedModule):
 
 
 def optimize_sharded(model: torch.nn.Module, *example_inputs: Any, world_size: int,
-                     group: Optional[dist.ProcessGroup] = None, outputs: str = "full",
+                     group: Optional[dist.ProcessGroup] = None, outputs: str = "full", inputs: str = "full",
                      dap_axes: Optional[Mapping[str, Any]] = None, planner: Optional[Planner] = None,
                      plan: Optional[PlanExport] = None, plan_on: str = "rank0",
                      at: Optional[Mapping[str, int]] = None, strict: bool = False, max_variants: int = 8,
@@ -508,12 +609,12 @@ def optimize_sharded(model: torch.nn.Module, *example_inputs: Any, world_size: i
     if executor not in ("auto", "eager"):
         raise ValueError(f"optimize(world_size={world_size}, executor={executor!r}): {_EAGER_ONLY}; use "
                          "executor='auto' or 'eager'")
-    fast = ShardedModule(model, world_size=world_size, group=group, outputs=outputs, dap_axes=dap_axes,
+    fast = ShardedModule(model, world_size=world_size, group=group, outputs=outputs, inputs=inputs, dap_axes=dap_axes,
                          planner=planner, plan=plan, plan_on=plan_on, max_bytes_in_flight=max_bytes_in_flight,
                          validate=validate, reorder_for_overlap=reorder_for_overlap, mesh=mesh, dp_reduce=dp_reduce,
                          at=at,
                          strict=strict, max_variants=max_variants, max_builds=max_builds, dims=dims, rules=rules)
-    variant = fast.variant_for(*example_inputs, **example_kwargs)
+    variant = fast._first_variant(example_inputs, example_kwargs)
     if variant is not EAGER:
         fast._last = variant
     return fast

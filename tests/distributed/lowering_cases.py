@@ -57,7 +57,7 @@ def mini_reference(dtype: torch.dtype = torch.float64, training: bool = True):
     m, z, mask = _leaves(inputs)
     torch.manual_seed(SEED)
     outs = model(m, z, mask)
-    sum(wsin(w, o) for w, o in zip(weights(outs, dtype), outs)).backward()
+    sum(wsin(w, o) for w, o in zip(weights(outs, dtype), outs, strict=True)).backward()
     return ([o.detach() for o in outs], (m.grad, z.grad),
             {k: p.grad for k, p in model.named_parameters()})
 
@@ -92,7 +92,7 @@ def mini_case(rank: int, loss: str, dtype=torch.float64, training=True, fuse=Fal
     ws = weights(_global_shapes(outs, record["output_placements"], world), dtype)
     total = 0
     share = (rank + 1) / sum(range(1, world + 1))      # the ranks' split of a replicated term
-    for w, o, p in zip(ws, outs, record["output_placements"]):
+    for w, o, p in zip(ws, outs, record["output_placements"], strict=True):
         if loss == "sharded" and isinstance(p, Placed) and p.dim is not None:
             total = total + wsin(piece(w, p.dim, rank, world), o)
         elif loss == "sharded":
@@ -109,7 +109,7 @@ def mini_case(rank: int, loss: str, dtype=torch.float64, training=True, fuse=Fal
 def _global_shapes(outs, placements, world):
     """Stand-ins of the outputs' global shapes (for the loss weights)."""
     out = []
-    for o, p in zip(outs, placements):
+    for o, p in zip(outs, placements, strict=True):
         shape = list(o.shape)
         if isinstance(p, Placed) and p.dim is not None:
             shape[p.dim] = sum(p.split_sizes)
@@ -132,7 +132,7 @@ def mini_events_case(rank: int):
     torch.manual_seed(SEED)
     outs = gm(m, z, mask)
     log.append(("forward", "end", ""))
-    sum(wsin(w, o) for w, o in zip(weights(outs, torch.float64), outs)).backward()
+    sum(wsin(w, o) for w, o in zip(weights(outs, torch.float64), outs, strict=True)).backward()
     return log, sched["collectives"], record["collectives"], gm.code
 
 
@@ -164,7 +164,7 @@ def optimize_mini_case(rank: int, loss: str, dtype=torch.float64, training=True,
     ws = weights(_global_shapes(outs, places, world), dtype)
     share = (rank + 1) / sum(range(1, world + 1))
     total = 0
-    for w, o, p in zip(ws, outs, places):
+    for w, o, p in zip(ws, outs, places, strict=True):
         if p.dim is not None:
             total = total + wsin(piece(w, p.dim, rank, world), o)
         else:
@@ -184,7 +184,7 @@ def train_steps_case(rank: int, steps: int):
     for _ in range(steps):
         opt.zero_grad()
         outs = fast(m, z, mask)
-        sum(wsin(w, o) for w, o in zip(weights(outs, torch.float64), outs)).backward()
+        sum(wsin(w, o) for w, o in zip(weights(outs, torch.float64), outs, strict=True)).backward()
         opt.step()
     return {k: p.detach() for k, p in model.named_parameters()}
 
@@ -196,7 +196,7 @@ def train_steps_reference(steps: int):
     for _ in range(steps):
         opt.zero_grad()
         outs = model(*inputs)
-        sum(wsin(w, o) for w, o in zip(weights(outs, torch.float64), outs)).backward()
+        sum(wsin(w, o) for w, o in zip(weights(outs, torch.float64), outs, strict=True)).backward()
         opt.step()
     return {k: p.detach() for k, p in model.named_parameters()}
 
@@ -273,7 +273,7 @@ def dp_dap_case(rank: int):
                             rules=[])
     torch.manual_seed(SEED + replica)
     outs = fast(*inputs)
-    sum(wsin(w, o) for w, o in zip(weights(outs, torch.float64), outs)).backward()
+    sum(wsin(w, o) for w, o in zip(weights(outs, torch.float64), outs, strict=True)).backward()
     for p in model.parameters():
         dist.all_reduce(p.grad, group=dp[dap_rank])
         p.grad /= 2
@@ -286,7 +286,7 @@ def dp_dap_reference():
         model = H.MiniDAP(H.MINI_DIMS["N_seq"], H.MINI_DIMS["N_res"]).train()
         torch.manual_seed(SEED + replica)
         outs = model(*H.mini_inputs(seed=11 + replica))
-        sum(wsin(w, o) for w, o in zip(weights(outs, torch.float64), outs)).backward()
+        sum(wsin(w, o) for w, o in zip(weights(outs, torch.float64), outs, strict=True)).backward()
         for k, p in model.named_parameters():
             grads[k] = grads.get(k, 0) + p.grad / 2
     return grads
@@ -320,7 +320,7 @@ def dp_dap_mesh_case(rank: int, dp_reduce: str = "mean"):
     for step in range(2):
         torch.manual_seed(SEED + replica + 100 * step)
         outs = fast(*inputs)
-        sum(wsin(w, o) for w, o in zip(weights(outs, torch.float64), outs)).backward()
+        sum(wsin(w, o) for w, o in zip(weights(outs, torch.float64), outs, strict=True)).backward()
         grads.append({k: p.grad.clone() for k, p in model.named_parameters()})
     return grads, fast.report.record["dap"]["rank"], replica
 
@@ -333,7 +333,7 @@ def dp_dap_accumulated_reference():
         for step in range(2):
             torch.manual_seed(SEED + replica + 100 * step)
             outs = model(*H.mini_inputs(seed=11 + replica))
-            sum(wsin(w, o) for w, o in zip(weights(outs, torch.float64), outs)).backward()
+            sum(wsin(w, o) for w, o in zip(weights(outs, torch.float64), outs, strict=True)).backward()
             for k, p in model.named_parameters():
                 out[step][k] = out[step].get(k, 0) + p.grad / 2
     return out

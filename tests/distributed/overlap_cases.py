@@ -89,7 +89,7 @@ def mini_overlap_case(rank: int):
     m, z, mask = L._leaves(inputs)
     torch.manual_seed(L.SEED)
     outs, with_backward = run_logged(gm, [m, z, mask], log)
-    sum(L.wsin(w, o) for w, o in zip(L.weights(outs, torch.float64), outs)).backward()
+    sum(L.wsin(w, o) for w, o in zip(L.weights(outs, torch.float64), outs, strict=True)).backward()
     return log, windows(gm), with_backward, sched, overlap, overlap_shares(gm, with_backward)
 
 
@@ -108,14 +108,15 @@ def zoo_overlap_case(rank: int, name: str, size: str, plan: Any, reorder: bool =
     flat = flat_inputs(gm, inputs, {})
     planned = import_plan(gm, plan)
     placeholders = [n for n in planned.graph.nodes if n.op == "placeholder"]
-    requires = {ph.name: bool(isinstance(v, torch.Tensor) and v.requires_grad) for ph, v in zip(placeholders, flat)}
+    requires = {ph.name: bool(isinstance(v, torch.Tensor) and v.requires_grad)
+                for ph, v in zip(placeholders, flat, strict=True)}
     log: list = []
     values = [v.detach().clone() if isinstance(v, torch.Tensor) else v for v in flat]
     gm, record, overlap, sched = lower_and_schedule(planned, values, rank, world, L.recorder(log), requires, reorder)
     torch.manual_seed(L.SEED)
     outs, with_backward = run_logged(gm, flat, log)
     leaves = [o for o in pytree.tree_leaves(outs) if isinstance(o, torch.Tensor) and o.is_floating_point()]
-    sum(L.wsin(w, o) for w, o in zip(L.weights(leaves, torch.float64), leaves)).backward()
+    sum(L.wsin(w, o) for w, o in zip(L.weights(leaves, torch.float64), leaves, strict=True)).backward()
     return log, windows(gm), with_backward, sched, overlap, overlap_shares(gm, with_backward)
 
 

@@ -8,7 +8,8 @@ import pytest
 
 @pytest.mark.parametrize("name", ["foldcompile.distributed", "foldcompile.distributed.collectives",
                                   "foldcompile.distributed.grad_sync", "foldcompile.distributed.spawn",
-                                  "foldcompile.distributed.examples", "foldcompile.distributed.selfcheck"])
+                                  "foldcompile.distributed.examples", "foldcompile.distributed.selfcheck",
+                                  "foldcompile.distributed.sharded_inputs"])
 def test_docstring_examples(name):
     module = importlib.import_module(name)  # the package's `spawn` attribute is the function
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)

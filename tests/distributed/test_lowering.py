@@ -30,7 +30,7 @@ def test_lowered_block_equals_one_process(pools, reference, P, loss):
     outs, (gm, gz), grads = reference
     assert len(grads) == 7
     for r, (o, (lm, lz), g, places, _) in enumerate(pools.run(P, L.mini_case, loss)):
-        for k, (a, b) in enumerate(zip(o, outs)):
+        for k, (a, b) in enumerate(zip(o, outs, strict=True)):
             p = places[k]
             sharded = loss == "sharded" and p.dim is not None
             close(a, L.piece(b, p.dim, r, P) if sharded else b, f"rank {r} output {k}")
@@ -147,7 +147,7 @@ def test_world_size_one_is_the_unsharded_graph():
     a = one(*inputs)
     torch.manual_seed(0)
     b = model(*inputs)
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
 def test_local_sizes_and_records():

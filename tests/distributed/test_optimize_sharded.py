@@ -28,7 +28,7 @@ def reference():
 def test_optimize_equals_one_process(pools, reference, P, loss):
     outs, (gm, gz), grads = reference
     for r, (o, (lm, lz), g, places, _, code, _) in enumerate(pools.run(P, L.optimize_mini_case, loss)):
-        for k, (a, b) in enumerate(zip(o, outs)):
+        for k, (a, b) in enumerate(zip(o, outs, strict=True)):
             p = places[k]
             close(a, L.piece(b, p.dim, r, P) if p.dim is not None else b, f"rank {r} output {k}")
             assert (p.dim is not None) == (loss == "sharded" and k < 2)

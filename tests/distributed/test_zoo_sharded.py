@@ -20,12 +20,12 @@ SHARDED_LOSS = ("evoformer_block", "pairformer_block", "structure_module", "temp
 def check(results, ref, loss, P):
     outs, in_grads, grads = ref
     for r, (o, gi, gp, places, *_rest) in enumerate(results):
-        for k, (a, b) in enumerate(zip(o, outs)):
+        for k, (a, b) in enumerate(zip(o, outs, strict=True)):
             p = places[k] if places is not None else None
             if p is not None and p.dim is not None:
                 b = b.narrow(p.dim, Z.split_offsets(p.split_sizes)[r], p.split_sizes[r])
             torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL, msg=lambda m: f"rank {r} output {k}: {m}")
-        for k, (a, b) in enumerate(zip(gi, in_grads)):
+        for k, (a, b) in enumerate(zip(gi, in_grads, strict=True)):
             if b is None:
                 assert a is None
                 continue
