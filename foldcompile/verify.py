@@ -45,7 +45,7 @@ import torch.fx
 
 from foldcompile.capture import flat_inputs
 from foldcompile.optimize import OptimizedModule, Variant, build_variant, optimize
-from foldcompile.passes.registry import draws_random, writes_in_place
+from foldcompile.passes.registry import draws_random, piecewise, writes_in_place
 from foldcompile.passes.rules import _meta as M
 from foldcompile.variants import EAGER
 
@@ -65,12 +65,14 @@ def _widen(x: Any) -> Any:
 
 
 class _Run(torch.fx.Interpreter):
-    """Runs a graph, keeping every node's value; replays recorded random values; optionally in float64."""
+    """Runs a graph, keeping every node's value; replays recorded random values; optionally in float64,
+    and optionally with the piecewise ops on given pieces (``pieces``: node name -> the pieces another
+    run took, :func:`foldcompile.passes.registry.piecewise`)."""
 
     def __init__(self, gm: torch.fx.GraphModule, random: dict[str, torch.Tensor], wide: bool = False,
-                 params: dict[str, torch.Tensor] | None = None):
+                 params: dict[str, torch.Tensor] | None = None, pieces: dict[str, torch.Tensor] | None = None):
         super().__init__(gm)
-        self.random, self.wide, self.params = random, wide, params or {}
+        self.random, self.wide, self.params, self.pieces = random, wide, params or {}, pieces or {}
         self.values: dict[str, Any] = {}
 
     def run_node(self, n: torch.fx.Node) -> Any:
@@ -78,6 +80,10 @@ class _Run(torch.fx.Interpreter):
             out = self.params[n.target]
         elif n.op == "call_function" and draws_random(n):
             out = self._random(n)
+        elif n.op == "call_function" and n.name in self.pieces:
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            args, kwargs = (_widen(args), _widen(kwargs)) if self.wide else (args, kwargs)
+            out = piecewise(n, args, kwargs).on_piece(args, kwargs, self.pieces[n.name])
         elif n.op == "call_function" and self.wide:
             args, kwargs = self.fetch_args_kwargs_from_env(n)
             out = n.target(*_widen(args), **_widen(kwargs))
@@ -143,6 +149,9 @@ class VerifyReport:
     floor: float
     culprit: dict[str, Any] | None = None
     bisect_steps: list[dict[str, Any]] = field(default_factory=list)
+    # per run ("eager", "optimized"): the piecewise nodes where it took other pieces than the float64
+    # truth, with how many elements crossed (its gradients are compared on its own pieces)
+    crossed: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -154,6 +163,10 @@ class VerifyReport:
                  "what                                       optimized     eager   ok"]
         for r in self.outputs + self.gradients:
             lines.append(f"{r['name'][:42]:<42} {r['optimized']:>9.2e} {r['eager']:>9.2e}   {'y' if r['ok'] else 'N'}")
+        for run, nodes in self.crossed.items():
+            if nodes:
+                lines += ["", f"{run} crossed a kink (gradients compared on its pieces): "
+                              + ", ".join(f"{k} ({v} element{'s' if v > 1 else ''})" for k, v in nodes.items())]
         if self.first_bad:
             b = self.first_bad
             lines += ["", f"first node past the bound: {b['node']} ({b['op']}) at {b['module_path'] or '(root)'}"
@@ -165,9 +178,12 @@ class VerifyReport:
 
 
 def _check(variant: Variant, model: torch.nn.Module, flat: list[Any], factor: float, floor: float,
-           nodes: bool = True, random: dict[str, torch.Tensor] | None = None) -> tuple[list, list, dict | None]:
+           nodes: bool = True, random: dict[str, torch.Tensor] | None = None
+           ) -> tuple[list, list, dict | None, dict[str, dict[str, int]]]:
     """Run the three graphs; ``random``: the random values drawn so far, by traced node name (drawn on
-    first use and replayed after: every graph, and every bisect step, sees the same dropout masks)."""
+    first use and replayed after: every graph, and every bisect step, sees the same dropout masks).
+    Returns the output rows, the gradient rows, the first bad node and, per run, the piecewise nodes
+    where it took other pieces than the truth (node -> how many elements)."""
     traced, fused = variant.traced, variant.graph
     random = {} if random is None else random
     names = [name for name, p in model.named_parameters() if p.requires_grad]
@@ -177,6 +193,12 @@ def _check(variant: Variant, model: torch.nn.Module, flat: list[Any], factor: fl
                    for n, p in list(model.named_parameters()) + list(model.named_buffers())}
     leaves64 = [wide_params[n] for n in names]
     x64 = [x.detach().double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in flat]
+    # the fused graph's node for each traced node: itself where no rule took it, else the node that took
+    # over its value (``meta["replaces"]``); a node inside a fused kernel has none
+    by_name = {n.name: n for n in fused.graph.nodes if not n.meta.get("fused_by")}
+    for n in fused.graph.nodes:
+        if n.meta.get("replaces"):
+            by_name[n.meta["replaces"]] = n
 
     with torch.enable_grad():
         r32 = _Run(traced, random)
@@ -196,6 +218,18 @@ def _check(variant: Variant, model: torch.nn.Module, flat: list[Any], factor: fl
             return torch.autograd.grad(loss, leaves, allow_unused=True)
 
         g32, gf, g64 = grads(o32, params), grads(of, params), grads(o64, leaves64)
+        # A gradient is the derivative of the piece a run is on: relu(h) at an h one rounding from 0 is on
+        # the zero piece in fp16 and on the identity in float64, and the gradients there differ by the
+        # whole upstream gradient (the value by one rounding). Each run's gradients are compared with the
+        # float64 truth's on that run's pieces, where it took others at all (values keep the plain truth)
+        crossed: dict[str, dict[str, int]] = {}
+        truth_grads = {}
+        for run, values, rename in (("eager", r32.values, None), ("optimized", rf.values, by_name)):
+            pieces, crossed[run] = _pieces_taken(traced, values, rename, r64.values)
+            truth_grads[run] = g64
+            if crossed[run]:
+                on_pieces = _Run(traced, random, wide=True, params=wide_params, pieces=pieces)
+                truth_grads[run] = grads(_flat(on_pieces.run(*x64)), leaves64)
     runs = r32, rf, r64
 
     # A gradient that is zero in exact arithmetic (a layer-norm bias feeding only a softmax over
@@ -206,25 +240,22 @@ def _check(variant: Variant, model: torch.nn.Module, flat: list[Any], factor: fl
     norms = [torch.linalg.vector_norm(t.detach().double()).item() for t in g64 if t is not None]
     typical = (sum(x * x for x in norms) / len(norms)) ** 0.5 if norms else 0.0
 
-    def row(name, got, eager, truth, scale=0.0):
+    def err(got, truth, scale):
         if truth is None:
-            e_opt = 0.0 if got is None else float("inf")
-            e_eager = 0.0 if eager is None else float("inf")
-        else:
-            e_opt = _rel(got if got is not None else torch.zeros_like(truth), truth, scale)
-            e_eager = _rel(eager if eager is not None else torch.zeros_like(truth), truth, scale)
+            return 0.0 if got is None else float("inf")
+        return _rel(got if got is not None else torch.zeros_like(truth), truth, scale)
+
+    def row(name, got, eager, truth, truth_eager=None, scale=0.0):
+        e_opt, e_eager = err(got, truth, scale), err(eager, truth if truth_eager is None else truth_eager, scale)
         return {"name": name, "optimized": e_opt, "eager": e_eager, "ok": e_opt <= factor * e_eager + floor}
 
     outputs = [row(f"output {i} {tuple(t.shape)}", a, b, t) for i, (a, b, t) in enumerate(zip(of, o32, o64))
                if t.is_floating_point()]
-    gradients = [row(f"grad {n}", a, b, t, typical) for n, a, b, t in zip(names, gf, g32, g64)]
+    gradients = [row(f"grad {n}", a, b, t, te, typical)
+                 for n, a, b, t, te in zip(names, gf, g32, truth_grads["optimized"], truth_grads["eager"])]
     first_bad = None
     if nodes:
         r32, rf, r64 = runs
-        by_name = {n.name: n for n in fused.graph.nodes if not n.meta.get("fused_by")}
-        for n in fused.graph.nodes:
-            if n.meta.get("replaces"):
-                by_name[n.meta["replaces"]] = n
         for n in traced.graph.nodes:
             if n.op != "call_function" or n.name not in by_name:
                 continue
@@ -238,7 +269,32 @@ def _check(variant: Variant, model: torch.nn.Module, flat: list[Any], factor: fl
                              "optimized_node": by_name[n.name].name,
                              "match": by_name[n.name].meta.get("match_id")}
                 break
-    return outputs, gradients, first_bad
+    return outputs, gradients, first_bad, crossed
+
+
+def _pieces_taken(traced: torch.fx.GraphModule, values: dict[str, Any], rename: dict[str, torch.fx.Node] | None,
+                  truth: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """The pieces one run took at each piecewise node of the traced graph whose value it kept (``rename``:
+    the run's node for each traced node, None for the traced graph itself; a node inside a fused kernel
+    has none: the truth's own pieces stand there), and the nodes where they are not the truth's, with
+    the number of elements that crossed."""
+    pieces: dict[str, torch.Tensor] = {}
+    crossed: dict[str, int] = {}
+    for n in traced.graph.nodes:
+        pw = piecewise(n, n.args, n.kwargs)
+        if pw is None:
+            continue
+        if rename is not None and n.name not in rename:
+            continue
+        mine = values.get(n.name if rename is None else rename[n.name].name)
+        exact = truth.get(n.name)
+        if not (isinstance(mine, torch.Tensor) and isinstance(exact, torch.Tensor)) or mine.shape != exact.shape:
+            continue
+        pieces[n.name] = pw.piece(mine.detach(), n.args, n.kwargs)
+        differ = int((pieces[n.name] != pw.piece(exact.detach(), n.args, n.kwargs)).sum())
+        if differ:
+            crossed[n.name] = differ
+    return pieces, crossed
 
 
 def verify(model: torch.nn.Module, *inputs: Any, optimized: OptimizedModule | None = None, bisect: bool = False,
@@ -257,8 +313,8 @@ def verify(model: torch.nn.Module, *inputs: Any, optimized: OptimizedModule | No
         raise RuntimeError("verify: these inputs run eagerly (the variant cache is past its build limit)")
     flat = flat_inputs(variant.traced, inputs, kwargs)
     random: dict[str, torch.Tensor] = {}  # one draw of every random op, for every run and bisect step
-    outputs, gradients, first_bad = _check(variant, model, flat, factor, floor, random=random)
-    report = VerifyReport(outputs, gradients, first_bad, factor, floor)
+    outputs, gradients, first_bad, crossed = _check(variant, model, flat, factor, floor, random=random)
+    report = VerifyReport(outputs, gradients, first_bad, factor, floor, crossed=crossed)
     if bisect and not report.ok:
         report.culprit, report.bisect_steps = _bisect(
             variant, lambda disabled: build_variant(model, inputs, kwargs, at=optimized.at, dims=optimized.dims,
@@ -277,7 +333,7 @@ def _bisect(variant: Variant, rebuild: Callable[[Iterable[str]], Variant], model
 
     def fails(enabled: list[str]) -> bool:
         v = rebuild([m for m in matches if m not in enabled])
-        outs, grads, bad = _check(v, model, flat, factor, floor, nodes=True, random=random)
+        outs, grads, bad, _ = _check(v, model, flat, factor, floor, nodes=True, random=random)
         failed = bad is not None or not all(r["ok"] for r in outs + grads)
         steps.append({"enabled": list(enabled), "fails": failed})
         return failed
