@@ -53,11 +53,11 @@ from foldcompile.distributed.grad_sync import PartialGradReducer, ReplicaGradRed
 from foldcompile.distributed.sharded_random import (check_generators_agree, draw_global, draw_global_like,
                                                      sharded_dropout)
 from foldcompile.guards import GuardError
-from foldcompile.optimize import (OptimizedModule, OptimizeReport, Variant, _ambient_autocast, _annotate,
-                                  _name_inputs_after_the_model)
+from foldcompile.optimize import (OptimizedModule, OptimizeReport, Variant, _annotate, _name_inputs_after_the_model,
+                                  fuse_annotated)
 from foldcompile.pass_manager import copy_graph_module
 from foldcompile.passes.classify import classify_pass
-from foldcompile.passes.fuse import fuse_pass
+from foldcompile.passes.base import PassError
 from foldcompile.passes.local_shape_check import local_shape_check_pass
 from foldcompile.passes.localize import annotate_collectives, localize_pass
 from foldcompile.passes.normalize import normalize_pass
@@ -311,12 +311,9 @@ def build_sharded_variant(model: torch.nn.Module, args: tuple, kwargs: Mapping[s
     lap("lower")
     classify_pass(local)
     annotate_collectives(local)
-    autocast_on = _ambient_autocast()
     unfused_costs = {n.name: n.meta.get("cost") for n in local.graph.nodes}
-    fused = fuse_pass(local, at=at, disabled=disabled, rules=[] if autocast_on else rules)
-    if autocast_on:
-        fused.record["not_fused_because"] = (f"autocast is active ({autocast_on}): the kernels have no autocast "
-                                             "rules, so nothing is fused in this variant")
+    # optimize's fusion pipeline (chunk-loop merges, then the rules), on the rank's graph
+    local, fuse_record = fuse_annotated(local, _not_annotated_again, at=at, disabled=disabled, rules=rules)
     overlap = None
     if reorder_for_overlap:
         carry_fused_costs(local, unfused_costs)
@@ -350,9 +347,17 @@ def build_sharded_variant(model: torch.nn.Module, args: tuple, kwargs: Mapping[s
                             lambda a, b: "the planning pass is not deterministic here")
     _name_inputs_after_the_model(traced, model)
     local.recompile()
-    record = dict(fused.record)
+    record = dict(fuse_record)
     record["dap"] = dap
     return Variant(traced, local, record, time.perf_counter() - t0, tuple(disabled))
+
+
+def _not_annotated_again(local: torch.fx.GraphModule) -> None:
+    """A rank's lowered graph takes its sizes from the plan (localize), not from running it: shape_prop
+    cannot annotate a merged chunk loop there, so the loop stays (``fuse_annotated`` lists it with this
+    reason) and each chunk is fused on its own."""
+    raise PassError("a rank's lowered graph is not annotated again after a merge (its local sizes come from "
+                    "the DAP plan)")
 
 
 def _plan_notes(record: Mapping[str, Any]) -> str:
