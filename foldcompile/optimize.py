@@ -324,16 +324,29 @@ def _merge_chunk_loops(gm: torch.fx.GraphModule, fused: torch.fx.GraphModule, di
         return fused, record
     try:
         annotate(fused)
+    except CannotAnnotate as e:  # this path cannot annotate a graph again: its own reason
+        why = f"not merged: {e}"
+        return _copy_with_bodies(gm), _all_rejected(record, why)
     except (PassError, RuntimeError, ValueError, TypeError, IndexError) as e:
         why = f"the merged layer does not run at the full row count ({type(e).__name__}: {str(e).splitlines()[0]})"
-        record["rejections"] += [{"rule": m["rule"], "site": m["site"], "node": m["origin"][-1], "reason": why,
-                                  "source": m["source"]} for m in record["matches"]]
-        counts = record["counts"][MERGE_RULE]
-        counts["rejected"] += counts["matched"]
-        counts["matched"] = 0
-        record["matches"] = []
-        return _copy_with_bodies(gm), record
+        return _copy_with_bodies(gm), _all_rejected(record, why)
     return fused, record
+
+
+class CannotAnnotate(PassError):
+    """Raised by a pipeline's ``annotate`` that cannot annotate a merged graph again (a DAP rank's graph):
+    the chunk loops stay, listed with this reason."""
+
+
+def _all_rejected(record: dict[str, Any], why: str) -> dict[str, Any]:
+    """The merge record with every merge turned into a rejection for ``why``."""
+    record["rejections"] += [{"rule": m["rule"], "site": m["site"], "node": m["origin"][-1], "reason": why,
+                              "source": m["source"]} for m in record["matches"]]
+    counts = record["counts"][MERGE_RULE]
+    counts["rejected"] += counts["matched"]
+    counts["matched"] = 0
+    record["matches"] = []
+    return record
 
 
 def _add_record(record: dict[str, Any], merged: dict[str, Any]) -> None:

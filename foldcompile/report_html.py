@@ -301,11 +301,11 @@ def _plan(report: "Report", dims: Mapping[str, int]) -> tuple[torch.fx.GraphModu
     """What optimize would do at ``dims``: optimize's fusion pipeline (chunk-loop merges, then the rules:
     ``fuse_annotated``) on a private copy of the classified graph; a merged loop is annotated again on
     the report's example inputs."""
-    from foldcompile.optimize import _annotate, fuse_annotated
+    from foldcompile.optimize import CannotAnnotate, _annotate, fuse_annotated
 
     def annotate(g: torch.fx.GraphModule) -> None:
         if report.example_values is None:
-            raise ValueError("the report holds no example inputs to annotate a merged chunk loop on")
+            raise CannotAnnotate("the report holds no example inputs to annotate a merged chunk loop on")
         buffers = [(b, b.detach().clone()) for b in report.model.buffers()] if report.model is not None else []
         values = [v.detach().clone() if isinstance(v, torch.Tensor) else v for v in report.example_values]
         try:

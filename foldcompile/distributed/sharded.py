@@ -53,11 +53,10 @@ from foldcompile.distributed.grad_sync import PartialGradReducer, ReplicaGradRed
 from foldcompile.distributed.sharded_random import (check_generators_agree, draw_global, draw_global_like,
                                                      sharded_dropout)
 from foldcompile.guards import GuardError
-from foldcompile.optimize import (OptimizedModule, OptimizeReport, Variant, _annotate, _name_inputs_after_the_model,
-                                  fuse_annotated)
+from foldcompile.optimize import (CannotAnnotate, OptimizedModule, OptimizeReport, Variant, _annotate,
+                                  _name_inputs_after_the_model, fuse_annotated)
 from foldcompile.pass_manager import copy_graph_module
 from foldcompile.passes.classify import classify_pass
-from foldcompile.passes.base import PassError
 from foldcompile.passes.local_shape_check import local_shape_check_pass
 from foldcompile.passes.localize import annotate_collectives, localize_pass
 from foldcompile.passes.normalize import normalize_pass
@@ -356,8 +355,8 @@ def _not_annotated_again(local: torch.fx.GraphModule) -> None:
     """A rank's lowered graph takes its sizes from the plan (localize), not from running it: shape_prop
     cannot annotate a merged chunk loop there, so the loop stays (``fuse_annotated`` lists it with this
     reason) and each chunk is fused on its own."""
-    raise PassError("a rank's lowered graph is not annotated again after a merge (its local sizes come from "
-                    "the DAP plan)")
+    raise CannotAnnotate("a rank's lowered graph takes its sizes from the DAP plan and is not annotated again "
+                         "after a merge; each chunk is fused on its own")
 
 
 def _plan_notes(record: Mapping[str, Any]) -> str:
