@@ -53,7 +53,7 @@ import inspect
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import sympy
 import torch
@@ -73,7 +73,7 @@ from foldcompile.passes.normalize import normalize_pass
 from foldcompile.passes.shape_prop import calls_checkpoint_body, shape_prop_pass
 from foldcompile.variants import EAGER, VariantCache, VariantKey, call_key
 
-__all__ = ["optimize", "OptimizedModule", "OptimizeReport", "Variant", "build_variant", "fuse_graph",
+__all__ = ["optimize", "OptimizedModule", "OptimizeReport", "Variant", "build_variant", "fuse_graph", "fuse_annotated",
            "readable_code"]
 
 
@@ -255,8 +255,39 @@ def fuse_graph(gm: torch.fx.GraphModule, values: list[Any], *, at: Mapping[str, 
                     b.copy_(old)
 
     annotate(gm)
-    autocast_on = _ambient_autocast()
     traced = copy_graph_module(gm)
+    fused, record = fuse_annotated(gm, annotate, at=at, disabled=disabled, rules=rules)
+    return Variant(traced, fused, record, time.perf_counter() - t0, tuple(disabled))
+
+
+def fuse_annotated(gm: torch.fx.GraphModule, annotate: Callable[[torch.fx.GraphModule], None], *,
+                   at: Mapping[str, int] | None = None, disabled: Iterable[str] = (), rules: list | None = None
+                   ) -> tuple[torch.fx.GraphModule, dict[str, Any]]:
+    """The fusion pipeline every path runs (``optimize``, the Dynamo backend, a DAP rank's graph, the HTML
+    report's plan): on a copy of the annotated (shape_prop + classify) graph ``gm``, checkpoint bodies
+    included, merge the chunk loops of whole layers (:mod:`foldcompile.passes.merge_chunk_loops`), annotate
+    the merged graph again with ``annotate`` (a merged graph it cannot annotate keeps its loops, each
+    listed with the reason), then ``fuse_pass``. Returns the fused copy and its record (the merges first,
+    as one more rule, ``chunk_loop``). Under an active autocast nothing is fused (the record says why).
+
+        >>> import torch, foldcompile
+        >>> from foldcompile.capture import flat_inputs, trace
+        >>> from foldcompile.passes.normalize import normalize_pass
+        >>> class Chunked(torch.nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.norm, self.up = torch.nn.LayerNorm(8), torch.nn.Linear(8, 16)
+        ...     def forward(self, x):
+        ...         return torch.cat([self.up(self.norm(x[i:i + 3])) for i in range(0, x.shape[0], 3)], dim=0)
+        >>> x = torch.randn(7, 5, 8)
+        >>> gm = normalize_pass(trace(Chunked(), x)).graph_module
+        >>> annotate = lambda g: _annotate(g, [x], None)
+        >>> annotate(gm)
+        >>> fused, record = fuse_annotated(gm, annotate)
+        >>> record["counts"]["chunk_loop"], record["counts"]["ln_linear"]
+        ({'matched': 1, 'rejected': 0}, {'matched': 1, 'rejected': 0})
+    """
+    autocast_on = _ambient_autocast()
     fused = _copy_with_bodies(gm)
     merged: dict[str, Any] = {}
     # our kernels have no autocast rules (they compute in their inputs' dtypes): under an active
@@ -270,7 +301,7 @@ def fuse_graph(gm: torch.fx.GraphModule, values: list[Any], *, at: Mapping[str, 
         result.record["not_fused_because"] = (f"autocast is active ({autocast_on}): the kernels have no autocast "
                                               "rules, so nothing is fused in this variant")
     fused.recompile()
-    return Variant(traced, fused, result.record, time.perf_counter() - t0, tuple(disabled))
+    return fused, result.record
 
 
 def _copy_with_bodies(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -293,16 +324,29 @@ def _merge_chunk_loops(gm: torch.fx.GraphModule, fused: torch.fx.GraphModule, di
         return fused, record
     try:
         annotate(fused)
+    except CannotAnnotate as e:  # this path cannot annotate a graph again: its own reason
+        why = f"not merged: {e}"
+        return _copy_with_bodies(gm), _all_rejected(record, why)
     except (PassError, RuntimeError, ValueError, TypeError, IndexError) as e:
         why = f"the merged layer does not run at the full row count ({type(e).__name__}: {str(e).splitlines()[0]})"
-        record["rejections"] += [{"rule": m["rule"], "site": m["site"], "node": m["origin"][-1], "reason": why,
-                                  "source": m["source"]} for m in record["matches"]]
-        counts = record["counts"][MERGE_RULE]
-        counts["rejected"] += counts["matched"]
-        counts["matched"] = 0
-        record["matches"] = []
-        return _copy_with_bodies(gm), record
+        return _copy_with_bodies(gm), _all_rejected(record, why)
     return fused, record
+
+
+class CannotAnnotate(PassError):
+    """Raised by a pipeline's ``annotate`` that cannot annotate a merged graph again (a DAP rank's graph):
+    the chunk loops stay, listed with this reason."""
+
+
+def _all_rejected(record: dict[str, Any], why: str) -> dict[str, Any]:
+    """The merge record with every merge turned into a rejection for ``why``."""
+    record["rejections"] += [{"rule": m["rule"], "site": m["site"], "node": m["origin"][-1], "reason": why,
+                              "source": m["source"]} for m in record["matches"]]
+    counts = record["counts"][MERGE_RULE]
+    counts["rejected"] += counts["matched"]
+    counts["matched"] = 0
+    record["matches"] = []
+    return record
 
 
 def _add_record(record: dict[str, Any], merged: dict[str, Any]) -> None:

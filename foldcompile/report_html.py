@@ -298,11 +298,24 @@ def _short_source(source: str) -> str:
 
 
 def _plan(report: "Report", dims: Mapping[str, int]) -> tuple[torch.fx.GraphModule, dict]:
-    """What optimize would do at ``dims``: the fuse pass on a private copy of the classified graph."""
-    from foldcompile.passes.fuse import fuse_pass
+    """What optimize would do at ``dims``: optimize's fusion pipeline (chunk-loop merges, then the rules:
+    ``fuse_annotated``) on a private copy of the classified graph; a merged loop is annotated again on
+    the report's example inputs."""
+    from foldcompile.optimize import CannotAnnotate, _annotate, fuse_annotated
 
-    fused = _private_copy(report.graph_module)
-    return fused, fuse_pass(fused, at=dict(dims)).record
+    def annotate(g: torch.fx.GraphModule) -> None:
+        if report.example_values is None:
+            raise CannotAnnotate("the report holds no example inputs to annotate a merged chunk loop on")
+        buffers = [(b, b.detach().clone()) for b in report.model.buffers()] if report.model is not None else []
+        values = [v.detach().clone() if isinstance(v, torch.Tensor) else v for v in report.example_values]
+        try:
+            _annotate(g, values, dict(report.dims) or None)
+        finally:
+            with torch.no_grad():
+                for b, saved in buffers:
+                    b.copy_(saved)
+
+    return fuse_annotated(report.graph_module, annotate, at=dict(dims))
 
 
 def _code(fused: torch.fx.GraphModule, model: torch.nn.Module | None, renamed: bool) -> str:

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 __all__ = ["OpEntry", "register_op", "register_sharding", "lookup", "entry_of", "entries", "resolve_name", "op_name", "target_of",
            "writes_in_place", "functional_form", "draws_random", "changes_mode", "MODE_CHANGES", "register_trait",
-           "has_trait", "HOST_SYNC",
+           "has_trait", "HOST_SYNC", "Piecewise", "piecewise",
            "OP_CLASSES", "GEMM", "REDUCTION", "ELEMENTWISE", "LAYOUT", "COMM", "OTHER"]
 
 GEMM, REDUCTION, ELEMENTWISE, LAYOUT, COMM, OTHER = "GEMM", "REDUCTION", "ELEMENTWISE", "LAYOUT", "COMM", "OTHER"
@@ -375,3 +375,102 @@ def has_trait(target: Any, trait: str) -> bool:
         return trait in _TRAITS.get(target, ())
     except TypeError:  # an unhashable target
         return False
+
+
+# ----------------------------------------------------------------------------- piecewise ops
+# Ops made of smooth pieces joined at a kink (relu at 0, clamp at its bounds) or that choose a branch
+# (``x > y`` deciding a ``where``): their derivative jumps where an input crosses the kink, so an output
+# element one rounding away from it may be on the other piece in another precision, with a gradient that
+# differs by the whole upstream gradient there. ``verify`` evaluates the float64 truth's backward on the
+# pieces the checked run took. Which piece an element is on is read off the op's OUTPUT (the value a
+# run keeps): ``piece(out, args, kwargs)``, and ``on_piece(args, kwargs, piece)`` is the op on those
+# pieces, in the arguments' dtype. Keyed by op name (:func:`op_name`). ``abs``, ``maximum``, ``minimum``
+# are not here: their output does not tell which piece (or which operand) it came from.
+@dataclass(frozen=True)
+class Piecewise:
+    """How to read a piecewise op's pieces off its output, and evaluate it on given pieces."""
+
+    piece: Callable[[torch.Tensor, tuple, dict], torch.Tensor]
+    on_piece: Callable[[tuple, dict, torch.Tensor], torch.Tensor]
+
+
+def _arg(args: tuple, kwargs: dict, i: int, name: str, default: Any = None) -> Any:
+    return args[i] if len(args) > i else kwargs.get(name, default)
+
+
+def _zero_like(x: torch.Tensor) -> torch.Tensor:
+    return torch.zeros((), dtype=x.dtype, device=x.device)
+
+
+def _bounds(name: str, args: tuple, kwargs: dict) -> tuple[Any, Any]:
+    if name == "clamp_min":
+        return _arg(args, kwargs, 1, "min"), None
+    if name == "clamp_max":
+        return None, _arg(args, kwargs, 1, "max")
+    if name == "hardtanh":
+        return _arg(args, kwargs, 1, "min_val", -1.0), _arg(args, kwargs, 2, "max_val", 1.0)
+    return _arg(args, kwargs, 1, "min"), _arg(args, kwargs, 2, "max")
+
+
+def _clamp_pieces(name: str) -> Piecewise:
+    # piece 0: inside the bounds (the identity), 1: at the lower bound, 2: at the upper (a constant)
+    def piece(out: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+        lo, hi = _bounds(name, args, kwargs)
+        p = torch.zeros(out.shape, dtype=torch.uint8, device=out.device)
+        if isinstance(lo, (int, float)):
+            p = torch.where(out <= torch.tensor(lo, dtype=out.dtype), 1, p).to(torch.uint8)
+        if isinstance(hi, (int, float)):
+            p = torch.where(out >= torch.tensor(hi, dtype=out.dtype), 2, p).to(torch.uint8)
+        return p
+
+    def on_piece(args: tuple, kwargs: dict, p: torch.Tensor) -> torch.Tensor:
+        x = args[0]
+        lo, hi = _bounds(name, args, kwargs)
+        out = x
+        if isinstance(lo, (int, float)):
+            out = torch.where(p == 1, torch.tensor(lo, dtype=x.dtype, device=x.device), out)
+        if isinstance(hi, (int, float)):
+            out = torch.where(p == 2, torch.tensor(hi, dtype=x.dtype, device=x.device), out)
+        return out
+
+    return Piecewise(piece, on_piece)
+
+
+def _scalar_bounds(name: str, args: tuple, kwargs: dict) -> bool:
+    return all(b is None or isinstance(b, (int, float)) for b in _bounds(name, args, kwargs))
+
+
+_PIECEWISE: dict[str, Piecewise] = {
+    "relu": Piecewise(lambda out, a, k: out > 0,
+                      lambda a, k, p: torch.where(p, a[0], _zero_like(a[0]))),
+    "leaky_relu": Piecewise(lambda out, a, k: out > 0,
+                            lambda a, k, p: torch.where(p, a[0], a[0] * _arg(a, k, 1, "negative_slope", 0.01))),
+    **{name: _clamp_pieces(name) for name in ("clamp", "clamp_min", "clamp_max", "hardtanh")},
+}
+# a comparison IS its piece: the truth takes the run's booleans (a where/masked_fill then picks the same side)
+_COMPARISONS = frozenset("lt le gt ge eq ne".split())
+
+
+def piecewise(node: torch.fx.Node, args: tuple, kwargs: dict) -> Piecewise | None:
+    """How ``node`` (called on ``args``, ``kwargs``: values, or the node's own arguments, whose literal
+    bounds are what this reads) splits into pieces, or None where it is smooth or its pieces cannot be
+    read off its output (see the section comment above).
+
+        >>> import torch, torch.fx
+        >>> gm = torch.fx.symbolic_trace(lambda x: torch.relu(x) + (x > 0.5))
+        >>> relu, gt = [n for n in gm.graph.nodes if n.op == "call_function"][:2]
+        >>> x = torch.tensor([-1.0, 1e-4, 2.0], dtype=torch.float64)
+        >>> p = piecewise(relu, (x,), {})
+        >>> p.on_piece((x,), {}, p.piece(torch.tensor([0.0, 0.0, 2.0]), (x,), {}))  # the run rounded 1e-4 to 0
+        tensor([0., 0., 2.], dtype=torch.float64)
+        >>> piecewise(gt, (x, 0.5), {}).on_piece((x, 0.5), {}, torch.tensor([False, True, True]))
+        tensor([False,  True,  True])
+    """
+    if node.op != "call_function":
+        return None
+    name = op_name(node)
+    if name in _COMPARISONS:  # (of integers or booleans: the same in every precision, replayed harmlessly)
+        return Piecewise(lambda out, a, k: out, lambda a, k, p: p)
+    if name in ("clamp", "clamp_min", "clamp_max", "hardtanh") and not _scalar_bounds(name, args, kwargs):
+        return None
+    return _PIECEWISE.get(name)

@@ -60,11 +60,10 @@ from foldcompile.distributed.sharded_inputs import (InputPlacement, ShardShapeEr
 from foldcompile.distributed.sharded_random import (check_generators_agree, draw_global, draw_global_like,
                                                      sharded_dropout)
 from foldcompile.guards import install_guards
-from foldcompile.optimize import (OptimizedModule, OptimizeReport, Variant, _ambient_autocast, _annotate,
-                                  _name_inputs_after_the_model)
+from foldcompile.optimize import (CannotAnnotate, OptimizedModule, OptimizeReport, Variant,
+                                  _annotate, _name_inputs_after_the_model, fuse_annotated)
 from foldcompile.pass_manager import copy_graph_module
 from foldcompile.passes.classify import classify_pass
-from foldcompile.passes.fuse import fuse_pass
 from foldcompile.passes.local_shape_check import local_shape_check_pass
 from foldcompile.passes.localize import annotate_collectives, localize_pass
 from foldcompile.passes.normalize import normalize_pass
@@ -333,12 +332,9 @@ def build_sharded_variant(model: torch.nn.Module, args: tuple, kwargs: Mapping[s
     lap("lower")
     classify_pass(local)
     annotate_collectives(local)
-    autocast_on = _ambient_autocast()
     unfused_costs = {n.name: n.meta.get("cost") for n in local.graph.nodes}
-    fused = fuse_pass(local, at=at, disabled=disabled, rules=[] if autocast_on else rules)
-    if autocast_on:
-        fused.record["not_fused_because"] = (f"autocast is active ({autocast_on}): the kernels have no autocast "
-                                             "rules, so nothing is fused in this variant")
+    # optimize's fusion pipeline (chunk-loop merges, then the rules), on the rank's graph
+    local, fuse_record = fuse_annotated(local, _not_annotated_again, at=at, disabled=disabled, rules=rules)
     overlap = None
     if reorder_for_overlap:
         carry_fused_costs(local, unfused_costs)
@@ -374,13 +370,21 @@ def build_sharded_variant(model: torch.nn.Module, args: tuple, kwargs: Mapping[s
                             lambda a, b: "the planning pass is not deterministic here")
     _name_inputs_after_the_model(traced, model)
     local.recompile()
-    record = dict(fused.record)
+    record = dict(fuse_record)
     record["dap"] = dap
     return Variant(traced, local, record, time.perf_counter() - t0, tuple(disabled))
 
 
 def _layout_text(layout: Sequence[InputPlacement]) -> str:
     return ", ".join(f"{p.name}: {p.placed!r} of {p.shape}" for p in layout)
+
+
+def _not_annotated_again(local: torch.fx.GraphModule) -> None:
+    """A rank's lowered graph takes its sizes from the plan (localize), not from running it: shape_prop
+    cannot annotate a merged chunk loop there, so the loop stays (``fuse_annotated`` lists it with this
+    reason) and each chunk is fused on its own."""
+    raise CannotAnnotate("a rank's lowered graph takes its sizes from the DAP plan and is not annotated again "
+                         "after a merge; each chunk is fused on its own")
 
 
 def _plan_notes(record: Mapping[str, Any]) -> str:

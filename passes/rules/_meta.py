@@ -124,6 +124,13 @@ def numel_at(n: torch.fx.Node, subs: Mapping[sympy.Symbol, int]) -> int:
     return math.prod(_size_at(d, subs) for d in sym)
 
 
+def dim_at(n: torch.fx.Node, d: int, subs: Mapping[sympy.Symbol, int]) -> int:
+    """Size of ``n``'s dim ``d`` at the stated size (its symbolic size evaluated there; the example's
+    size where the graph has no symbolic shape)."""
+    sym = sym_shape(n)
+    return _size_at(sym[d], subs) if sym is not None else shape(n)[d]
+
+
 def bytes_at(n: torch.fx.Node, subs: Mapping[sympy.Symbol, int]) -> int:
     """Bytes of ``n``'s value at the stated size."""
     dt = dtype(n)

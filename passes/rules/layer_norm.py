@@ -75,8 +75,9 @@ def _check(c: Candidate, ctx: Context) -> str | None:
 
 
 def _profitable(c: Candidate, ctx: Context) -> str | None:
-    if c.parts["N"] > _MAX_ROW:
-        return f"not profitable at the stated size: rows of {c.parts['N']} > {_MAX_ROW} run the kernel's reference"
+    row = M.dim_at(c.parts["x"], -1, ctx.subs)  # at the stated size (a named last dim moves with it)
+    if row > _MAX_ROW:
+        return f"not profitable at the stated size: rows of {row} > {_MAX_ROW} run the kernel's reference"
     return None
 
 

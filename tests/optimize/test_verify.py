@@ -161,3 +161,40 @@ def test_bisect_replays_the_dropout_masks_of_the_failing_check(monkeypatch):
     assert report.culprit is not None and report.culprit["id"] == "attention#1", report.bisect_steps
     assert len(seen) >= 3 and len(seen[0]) == 2  # the two dropouts' masks
     assert all(s.keys() == seen[0].keys() and all(torch.equal(s[k], seen[0][k]) for k in s) for s in seen)
+
+
+class _Transition(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm, self.up, self.down = nn.LayerNorm(8), nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(self.norm(x))))
+
+
+def test_a_run_that_crosses_a_relu_kink_is_compared_on_its_own_pieces():
+    """One pre-activation 1e-5 above 0 in float64 that the optimized run puts at or below 0 (as a
+    rounding can): its relu output moves by 1e-5, but that element's gradient loses the whole upstream
+    gradient. verify compares the run's gradients with the truth's on the run's pieces, so a
+    rounding-sized move across a kink passes, and the report names the node that crossed."""
+    torch.manual_seed(0)
+    model, x = _Transition(), torch.randn(5, 7, 8)
+    with torch.no_grad():  # put pre-activation [0, 0, 3] at 1e-5 in float64
+        h = nn.functional.linear(nn.functional.layer_norm(x.double(), (8,), model.norm.weight.double(),
+                                                          model.norm.bias.double()), model.up.weight.double(),
+                                 model.up.bias.double())
+        model.up.bias[3] -= float(h[0, 0, 3]) - 1e-5
+    fast = foldcompile.optimize(model, x)
+    graph = fast.variant_for(x).graph
+    relu = next(n for n in graph.graph.nodes if n.target is torch.relu)
+    pre = relu.args[0]
+    with graph.graph.inserting_before(relu):  # the optimized run's value there: -|h| where |h| < 3e-5
+        small = graph.graph.call_function(torch.lt, (graph.graph.call_function(torch.abs, (pre,)), 3e-5))
+        neg = graph.graph.call_function(torch.neg, (graph.graph.call_function(torch.abs, (pre,)),))
+        nudged = graph.graph.call_function(torch.where, (small, neg, pre))
+    relu.replace_input_with(pre, nudged)
+    graph.recompile()
+    report = foldcompile.verify(model, x, optimized=fast)
+    assert report.crossed["optimized"] == {relu.name: 1}, report
+    assert report.crossed["eager"] == {}, report
+    assert report.ok, str(report)
