@@ -139,12 +139,14 @@ def _crosses_autocast(region: Iterable[torch.fx.Node], regions: Mapping[torch.fx
     return place is not None and place[1]
 
 
-def _erase_dead(graph: torch.fx.Graph, nodes: Iterable[torch.fx.Node], erased: set[torch.fx.Node]) -> None:
-    """Erase ``nodes`` that lost every user, then ancestors that did (pure ops only)."""
+def _erase_dead(graph: torch.fx.Graph, nodes: Iterable[torch.fx.Node], erased: set[torch.fx.Node],
+                drawn: frozenset[str] = frozenset()) -> None:
+    """Erase ``nodes`` that lost every user, then ancestors that did (pure ops only, and the random
+    nodes named in ``drawn``: their draws the replacement kernel makes itself)."""
     work = list(nodes)
     while work:
         n = work.pop()
-        if n in erased or n.users or n.op != "call_function" or draws_random(n):
+        if n in erased or n.users or n.op != "call_function" or (draws_random(n) and n.name not in drawn):
             continue
         inputs = n.all_input_nodes
         graph.erase_node(n)
@@ -223,7 +225,8 @@ def fuse_pass(gm: torch.fx.GraphModule, *, at: Mapping[str, int] | None = None, 
                 new.meta["match_id"] = mid
                 new.meta["replaces"] = found.output.name  # the traced node whose value it computes
                 found.output.replace_all_uses_with(new)
-                _erase_dead(graph, reversed(found.region), erased)
+                drawn = frozenset(m["node"] for m in new.meta.get("dropout_masks", ()))
+                _erase_dead(graph, reversed(found.region), erased, drawn)
                 # the bytes of the element-wise and reduction work the kernel took over
                 fused_bytes += sum(M.cost_bytes_at(r, subs) for r in found.region
                                    if r in erased and M.op_class(r) in ("REDUCTION", "ELEMENTWISE"))

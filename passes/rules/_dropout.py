@@ -154,10 +154,11 @@ def counter_bases(graph: torch.fx.Graph) -> dict[torch.fx.Node, int]:
     return bases
 
 
-def seed_node(gm: torch.fx.GraphModule) -> torch.fx.Node | None:
+def seed_node(gm: torch.fx.GraphModule, create: bool = True) -> torch.fx.Node | bool | None:
     """The graph's dropout state node (``draw_dropout_seed``), made after the placeholders on first use,
     drawn on the device of the first floating-point input (or parameter), or None when the graph reads
-    no floating-point tensor to take a device from."""
+    no floating-point tensor to take a device from. ``create=False`` only asks: the node if it exists,
+    True if it can be made, else None."""
     graph = gm.graph
     for n in graph.nodes:
         if n.op == "call_function" and n.target is draw_dropout_seed:
@@ -165,16 +166,20 @@ def seed_node(gm: torch.fx.GraphModule) -> torch.fx.Node | None:
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     like = next((n for n in placeholders if M.dtype(n) in _FLOATS), None)
     where = placeholders[-1] if placeholders else None
+    param = None
     if like is None:
         param = next((name for name, t in list(gm.named_parameters()) + list(gm.named_buffers())
                       if t.dtype in _FLOATS), None)
         if param is None:
             return None
+    if not create:
+        return True
+    if like is None:
         with _after(graph, where):
             like = graph.get_attr(param)
         where = like
     with _after(graph, where):
-        seed = graph.call_function(draw_dropout_seed, (like,))
+        seed = graph.create_node("call_function", draw_dropout_seed, (like,), {}, name="dropout_seed")
     seed.meta.update({"shape": (2,), "dtype": torch.int64, "fused_by": "elementwise",
                       "origin": [], "module_path": ""})
     return seed
