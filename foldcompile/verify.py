@@ -46,6 +46,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 import torch.fx
+import torch.utils.checkpoint
 
 from foldcompile.capture import flat_inputs
 from foldcompile.kernels.philox import _dropout_scale, draw_dropout_seed, dropout_mask_reference
@@ -73,15 +74,27 @@ class _Run(torch.fx.Interpreter):
     """Runs a graph, keeping every node's value; replays recorded random values; optionally in float64."""
 
     def __init__(self, gm: torch.fx.GraphModule, random: dict[str, torch.Tensor], wide: bool = False,
-                 params: dict[str, torch.Tensor] | None = None, kernel_masks: dict[str, dict] | None = None):
+                 params: dict[str, torch.Tensor] | None = None, kernel_masks: dict[str, dict] | None = None,
+                 prefix: str = ""):
         super().__init__(gm)
         self.random, self.wide, self.params = random, wide, params or {}
         self.kernel_masks = kernel_masks or {}  # traced random node -> the mask a fused kernel draws for it
+        self.prefix = prefix  # an activation-checkpoint body's path: its random nodes' names are kept under it
         self.values: dict[str, Any] = {}
 
     def run_node(self, n: torch.fx.Node) -> Any:
+        body = _checkpoint_body(self.module, n)
         if n.op == "get_attr" and n.target in self.params:
             out = self.params[n.target]
+        elif body is not None:
+            # the body runs through this interpreter too (forward and the backward's recomputation), so its
+            # random ops replay the same draws in every graph
+            path, gm = body
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+
+            def run_body(*a: Any) -> Any:
+                return _Run(gm, self.random, self.wide, None, self.kernel_masks, self.prefix + path + ".").run(*a)
+            out = n.target(run_body, *args[1:], **kwargs)
         elif n.op == "call_function" and draws_random(n):
             out = self._random(n)
         elif n.op == "call_function" and self.wide:
@@ -95,48 +108,69 @@ class _Run(torch.fx.Interpreter):
     def _random(self, n: torch.fx.Node) -> torch.Tensor:
         args, kwargs = self.fetch_args_kwargs_from_env(n)
         name = M.op_name(n)
-        if n.name in self.kernel_masks:
-            return self._kernel_mask(n, self.kernel_masks[n.name], args[0])
+        key = self.prefix + n.name
+        if key in self.kernel_masks:
+            return self._kernel_mask(key, n, self.kernel_masks[key], args[0])
         if name == "dropout":
             x = args[0]
             p = args[1] if len(args) > 1 else kwargs.get("p", 0.5)
             training = args[2] if len(args) > 2 else kwargs.get("training", True)
             if not training or p == 0:
                 return x
-            if n.name not in self.random:
-                self.random[n.name] = torch.rand(x.shape, device=x.device) >= p
-            keep = self.random[n.name]
+            if key not in self.random:
+                self.random[key] = torch.rand(x.shape, device=x.device) >= p
+            keep = self.random[key]
             return torch.where(keep, x / (1 - p), torch.zeros((), dtype=x.dtype, device=x.device))
-        if n.name not in self.random:
+        if key not in self.random:
             drawn = n.target(*args, **kwargs)
             # an in-place draw (x.uniform_()) returns x itself, which later ops may overwrite: keep a copy
-            self.random[n.name] = drawn.clone() if writes_in_place(n) else drawn
-        rec = self.random[n.name]
+            self.random[key] = drawn.clone() if writes_in_place(n) else drawn
+        rec = self.random[key]
         like = next((a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()), None)
         dt = like.dtype if like is not None else (torch.float64 if self.wide and rec.is_floating_point() else rec.dtype)
         out = rec.to(dt) if rec.is_floating_point() else rec
         return args[0].copy_(out) if writes_in_place(n) else out
 
 
-    def _kernel_mask(self, n: torch.fx.Node, spec: dict, x: torch.Tensor) -> torch.Tensor:
+    def _kernel_mask(self, key: str, n: torch.fx.Node, spec: dict, x: torch.Tensor) -> torch.Tensor:
         """The traced node's value with the mask the fused kernel draws for it: ``x * keep * 1/(1-p)`` for a
         dropout (of the input, or of ones: a shared mask), the 0/1 keep mask for a Bernoulli draw."""
-        if n.name not in self.random:
+        if key not in self.random:
             state = self.random.get(spec["seed"])
             if state is None:  # the traced graph ran first: draw the state the fused graph's seed node replays
                 state = self.random[spec["seed"]] = draw_dropout_seed(x)
             keep = dropout_mask_reference(state, spec["offset"], spec["shape"], spec["p"], device=x.device)
             # a Bernoulli draw is recorded as its values (a bisect step may leave it unfused: replayed as drawn)
-            self.random[n.name] = keep.float() if M.op_name(n) == "bernoulli" else keep
-        keep = self.random[n.name]
+            self.random[key] = keep.float() if M.op_name(n) == "bernoulli" else keep
+        keep = self.random[key]
         if M.op_name(n) == "bernoulli":
             return keep.to(x.dtype)
         return x * keep * _dropout_scale(spec["p"])
 
 
+def _checkpoint_body(gm: torch.nn.Module, n: torch.fx.Node) -> tuple[str, torch.fx.GraphModule] | None:
+    """(path, body) when ``n`` is ``checkpoint(body, ...)`` of one of ``gm``'s graph bodies."""
+    if n.op != "call_function" or n.target is not torch.utils.checkpoint.checkpoint or not n.args:
+        return None
+    ref = n.args[0]
+    if not isinstance(ref, torch.fx.Node) or ref.op != "get_attr":
+        return None
+    body = gm.get_submodule(ref.target) if isinstance(gm, torch.nn.Module) else None
+    return (ref.target, body) if isinstance(body, torch.fx.GraphModule) else None
+
+
 def _kernel_masks(gm: torch.fx.GraphModule) -> dict[str, dict]:
-    """Traced random node name -> the mask spec of the fused kernel that draws it (its ``meta["dropout_masks"]``)."""
-    return {m["node"]: m for n in gm.graph.nodes for m in n.meta.get("dropout_masks", ())}
+    """Traced random node -> the mask spec of the fused kernel that draws it (its ``meta["dropout_masks"]``),
+    keyed as :class:`_Run` keys draws: a checkpoint body's nodes under the body's path."""
+    out: dict[str, dict] = {}
+    for path, sub in gm.named_modules():
+        if not isinstance(sub, torch.fx.GraphModule):
+            continue
+        prefix = path + "." if path else ""
+        for n in sub.graph.nodes:
+            for m in n.meta.get("dropout_masks", ()):
+                out[prefix + m["node"]] = {**m, "seed": prefix + m["seed"]}
+    return out
 
 
 def same_masks(optimized: OptimizedModule, *inputs: Any, **kwargs: Any) -> tuple[Callable, Callable]:
