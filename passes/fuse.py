@@ -142,7 +142,7 @@ def _crosses_autocast(region: Iterable[torch.fx.Node], regions: Mapping[torch.fx
 def _erase_dead(graph: torch.fx.Graph, nodes: Iterable[torch.fx.Node], erased: set[torch.fx.Node],
                 drawn: frozenset[str] = frozenset()) -> None:
     """Erase ``nodes`` that lost every user, then ancestors that did (pure ops only, and the random
-    nodes named in ``drawn``: their draws the replacement kernel makes itself)."""
+    nodes named in ``drawn``: the replacement kernel makes their draws itself, or they draw nothing)."""
     work = list(nodes)
     while work:
         n = work.pop()
@@ -225,7 +225,7 @@ def fuse_pass(gm: torch.fx.GraphModule, *, at: Mapping[str, int] | None = None, 
                 new.meta["match_id"] = mid
                 new.meta["replaces"] = found.output.name  # the traced node whose value it computes
                 found.output.replace_all_uses_with(new)
-                drawn = frozenset(m["node"] for m in new.meta.get("dropout_masks", ()))
+                drawn = frozenset(new.meta.get("random_taken", ()))
                 _erase_dead(graph, reversed(found.region), erased, drawn)
                 # the bytes of the element-wise and reduction work the kernel took over
                 fused_bytes += sum(M.cost_bytes_at(r, subs) for r in found.region

@@ -251,6 +251,8 @@ def _replace(c: Candidate, ctx: Context) -> torch.fx.Node:
     out.meta["shape"], out.meta["dtype"] = M.shape(c.output), M.dtype(c.output)
     if masks:
         out.meta["dropout_masks"] = masks
+    # the random nodes the kernel stands for (their masks drawn here, or identity dropouts): fuse erases them
+    out.meta["random_taken"] = [n.name for n in c.region if draws_random(n)]
     _cache(ctx)["dag"] = None  # the graph changed
     return out
 
