@@ -360,6 +360,8 @@ def _rename_placeholders(gm: torch.fx.GraphModule, wanted: list[str | None], tak
             if other.op == "placeholder":
                 continue  # two arguments passed the same value: keep the tracer's name for the second
             other.name = fresh(name)
+            # a kernel's record of the traced nodes it stands for names them as they were (verify reads this)
+            gm.meta.setdefault("renamed", {})[name] = other.name
             names.add(other.name)
             by_name[other.name] = other
         names.discard(ph.name)

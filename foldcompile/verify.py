@@ -159,34 +159,42 @@ def _checkpoint_body(gm: torch.nn.Module, n: torch.fx.Node) -> tuple[str, torch.
     return (ref.target, body) if isinstance(body, torch.fx.GraphModule) else None
 
 
-def _kernel_masks(gm: torch.fx.GraphModule) -> dict[str, dict]:
+def _kernel_masks(gm: torch.fx.GraphModule, traced: torch.fx.GraphModule) -> dict[str, dict]:
     """Traced random node -> the mask spec of the fused kernel that draws it (its ``meta["dropout_masks"]``),
-    keyed as :class:`_Run` keys draws: a checkpoint body's nodes under the body's path."""
+    keyed as :class:`_Run` keys draws: a checkpoint body's nodes under the body's path, by their names in
+    ``traced`` (which may have renamed a node after fusion: a value that took an argument's name)."""
     out: dict[str, dict] = {}
     for path, sub in gm.named_modules():
         if not isinstance(sub, torch.fx.GraphModule):
             continue
         prefix = path + "." if path else ""
+        try:
+            renamed = traced.get_submodule(path).meta.get("renamed", {})
+        except AttributeError:  # a body of the fused graph only
+            renamed = {}
         for n in sub.graph.nodes:
             for m in n.meta.get("dropout_masks", ()):
-                out[prefix + m["node"]] = {**m, "seed": prefix + m["seed"]}
+                out[prefix + renamed.get(m["node"], m["node"])] = {**m, "seed": prefix + m["seed"]}
     return out
 
 
-def same_masks(optimized: OptimizedModule, *inputs: Any, **kwargs: Any) -> tuple[Callable, Callable]:
+def same_masks(optimized: OptimizedModule | Variant, *inputs: Any, **kwargs: Any) -> tuple[Callable, Callable]:
     """``(traced, fused)``: the traced and the optimized graph of the variant ``optimized`` runs for these
     inputs, as callables of the same inputs, sharing one draw of every random op (each dropout a kernel
     draws is replayed in the traced graph with the kernel's mask). Training-mode results are compared
-    exactly this way: the eager model draws other masks than the kernels."""
-    variant = optimized.variant_for(*inputs, **kwargs)
+    exactly this way: the eager model draws other masks than the kernels. Given a ``Variant`` itself
+    (a ``torch.compile`` backend graph's), the callables take its graphs' flat inputs."""
+    variant = optimized if isinstance(optimized, Variant) else optimized.variant_for(*inputs, **kwargs)
     if variant is EAGER:
         raise RuntimeError("same_masks: these inputs run eagerly (the variant cache is past its build limit)")
     random: dict[str, torch.Tensor] = {}
-    masks = _kernel_masks(variant.graph)
+    masks = _kernel_masks(variant.graph, variant.traced)
+    flat = (lambda a, kw: list(a)) if isinstance(optimized, Variant) else (
+        lambda a, kw: flat_inputs(variant.traced, a, kw))
 
     def runner(gm: torch.fx.GraphModule) -> Callable:
         def run(*args: Any, **kw: Any) -> Any:
-            return _Run(gm, random, kernel_masks=masks).run(*flat_inputs(variant.traced, args, kw))
+            return _Run(gm, random, kernel_masks=masks).run(*flat(args, kw))
         return run
     return runner(variant.traced), runner(variant.graph)
 
@@ -259,7 +267,7 @@ def _check(variant: Variant, model: torch.nn.Module, flat: list[Any], factor: fl
     leaves64 = [wide_params[n] for n in names]
     x64 = [x.detach().double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in flat]
 
-    masks = _kernel_masks(fused)
+    masks = _kernel_masks(fused, traced)
     with torch.enable_grad():
         r32 = _Run(traced, random, kernel_masks=masks)
         o32 = _flat(r32.run(*flat))

@@ -177,7 +177,7 @@ def fuse_pass(gm: torch.fx.GraphModule, *, at: Mapping[str, int] | None = None, 
     n_match = Counter()
     for owner in _subgraph_modules(gm):
         graph = owner.graph
-        ctx = Context(owner, subs, values)
+        ctx = Context(owner, subs, values, kernel_random="dap" not in gm.meta)
         autocast_regions = _autocast_regions(graph)
         barrier = {n for n, (_, casts) in autocast_regions.items() if casts}
         for n in graph.nodes:

@@ -34,9 +34,11 @@ from foldcompile.kernels.philox import dropout as kernel_dropout
 from foldcompile.passes.registry import draws_random
 from foldcompile.passes.rules import _meta as M
 
-__all__ = ["DROPOUTS", "SharedMask", "shared_mask", "counter_bases", "seed_node"]
+__all__ = ["DROPOUTS", "SharedMask", "shared_mask", "dropout_args", "counter_bases", "seed_node"]
 
-DROPOUTS = (F.dropout, torch.dropout, kernel_dropout)  # the dropout spellings the kernels lower
+# the model-level dropout spellings a kernel takes (``nn.Dropout`` is captured as ``F.dropout``); a call of
+# our own ``kernels.dropout`` in a model stays as written (it draws its own device state)
+DROPOUTS = (F.dropout, torch.dropout)
 _ONES = {torch.ones_like: None, torch.ones: None, torch.Tensor.new_ones: None,
          torch.full: 1, torch.full_like: 1, torch.Tensor.new_full: 2}  # creation -> position of its fill value
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -72,7 +74,7 @@ def _fill(n: torch.fx.Node) -> float | None:
     return _number(value)
 
 
-def _dropout_args(n: torch.fx.Node) -> tuple[torch.fx.Node, float, bool] | None:
+def dropout_args(n: torch.fx.Node) -> tuple[torch.fx.Node, float, bool] | None:
     """(input, p, training) of ``F.dropout`` / ``torch.dropout`` with constant arguments, not in place."""
     if n.target is F.dropout:
         bound = dict(zip(("input", "p", "training", "inplace"), n.args)) | dict(n.kwargs)
@@ -99,7 +101,7 @@ def _mask_draw(m: torch.fx.Node) -> tuple[torch.fx.Node, float, bool] | None:
             return None  # bernoulli(x, p) or with a generator: another draw
         q = _fill(m.args[0])
         return (m.args[0], 1.0 - q, False) if q is not None and 0 <= q <= 1 else None
-    found = _dropout_args(m)
+    found = dropout_args(m)
     if found is None or not found[2] or _fill(found[0]) != 1.0:
         return None
     return found[0], found[1], True

@@ -56,7 +56,7 @@ def _fusable(n: Any, ctx: Context, random_ok: bool = True) -> str | None:
         return "not an op"
     if M.op_class(n) != "ELEMENTWISE":
         return "not element-wise"
-    if draws_random(n) and not (random_ok and n.target in D.DROPOUTS):
+    if draws_random(n) and not (random_ok and ctx.kernel_random and n.target in D.DROPOUTS):
         return "random op"
     if M.is_barrier(n):
         return "barrier"
@@ -68,7 +68,7 @@ def _fusable(n: Any, ctx: Context, random_ok: bool = True) -> str | None:
 
 def _draws_in_kernel(n: torch.fx.Node) -> bool:
     """A dropout that draws (training, p != 0): fused alone it still saves the mask's write and read."""
-    found = D._dropout_args(n) if n.target in D.DROPOUTS else None
+    found = D.dropout_args(n) if n.target in D.DROPOUTS else None
     return found is not None and found[2] and found[1] != 0
 
 
@@ -101,7 +101,7 @@ def _recognise(n: torch.fx.Node, ctx: Context) -> Candidate | Reject | None:
     if _fusable(n, ctx) is not None:
         return None
     order, refused = _grow(n, ctx)
-    if len(order) == 1 and not _draws_in_kernel(n):
+    if len(order) == 1 and not (ctx.kernel_random and _draws_in_kernel(n)):
         if n in refused:
             return Reject(f"{refused[n]} (its users' group could not take it) and nothing to fuse with")
         return Reject("not profitable at the stated size: a single element-wise op (nothing to fuse with)")
@@ -119,7 +119,7 @@ def _grow(n: torch.fx.Node, ctx: Context, random_ok: bool = True) -> tuple[list[
     group, frontier, refused = {n}, [n], cache["refused"]
     while frontier:
         cur = frontier.pop()
-        shared = D.shared_mask(cur) if random_ok else None
+        shared = D.shared_mask(cur) if random_ok and ctx.kernel_random else None
         if shared is not None and shared.mask not in group:
             if _convex(dag, group | {shared.mask, shared.creation}):
                 group |= {shared.mask, shared.creation}
@@ -182,8 +182,8 @@ def _profitable(c: Candidate, ctx: Context) -> str | None:
 def kernel_function(fused: Any, name: str):
     """The callable a rewritten graph calls: a named function around one generated kernel (with its
     dropouts' device state ``seed`` and counter bases ``offset`` when it draws masks)."""
-    def run(*inputs: torch.Tensor, seed: torch.Tensor | None = None, offset: Any = 0) -> torch.Tensor:
-        return fused(*inputs, seed=seed, offset=offset)
+    def run(*inputs: torch.Tensor, **dropout_state: Any) -> torch.Tensor:
+        return fused(*inputs, **dropout_state)  # seed=, offset= only where the kernel draws masks
     run.__name__ = run.__qualname__ = name
     run.__module__ = __name__
     run.kernel = fused  # the FusedElementwise (its .source is the generated Triton)
@@ -216,7 +216,7 @@ def _fragment(c: Candidate, ctx: Context) -> tuple[Any, str, list[torch.fx.Node]
             continue
         env[n] = frag.node_copy(n, lambda a: env[a])
         if draws_random(n):
-            x, p, training = D._dropout_args(n) or (None, 0.0, False)
+            x, p, training = D.dropout_args(n) or (None, 0.0, False)
             if training and p != 0:
                 draws.append((n, p))
     frag.output(env[c.output])

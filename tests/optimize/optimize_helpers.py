@@ -44,6 +44,8 @@ def outputs_and_grads(module: torch.nn.Module, params: list[torch.nn.Parameter],
 
 def kernel_draws_masks(fast: Any, inputs: tuple) -> bool:
     """Whether the variant ``fast`` runs for ``inputs`` has a generated kernel drawing dropout masks."""
+    if not hasattr(fast, "variant_for"):  # not an OptimizedModule (torch.compile's): compared as it is
+        return False
     graph = fast.variant_for(*inputs).graph
     return any(n.meta.get("dropout_masks") for sub in graph.modules() if isinstance(sub, torch.fx.GraphModule)
                for n in sub.graph.nodes)
