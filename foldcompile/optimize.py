@@ -404,6 +404,8 @@ def _rename_placeholders(gm: torch.fx.GraphModule, wanted: list[str | None], tak
             if other.op == "placeholder":
                 continue  # two arguments passed the same value: keep the tracer's name for the second
             other.name = fresh(name)
+            # a kernel's record of the traced nodes it stands for names them as they were (verify reads this)
+            gm.meta.setdefault("renamed", {})[name] = other.name
             names.add(other.name)
             by_name[other.name] = other
         names.discard(ph.name)
@@ -459,6 +461,7 @@ def _number_kernel_values(code: str, kernels: set[str]) -> str:
 def _readable(gm: torch.fx.GraphModule) -> str:
     """One graph's own code, readable (see :func:`readable_code`)."""
     code = re.sub(r"\bfoldcompile_passes_rules_[a-z_]+?_(fused_\w+?)(_\d+)?\(", r"\1(", gm.code)
+    code = re.sub(r"\bfoldcompile_kernels_philox_(draw_dropout_seed)\(", r"\1(", code)  # the kernels' dropout state
     # the DAP runtime's calls by their own names: ``h = all_to_all_start(m, ...)`` ... ``m_s1 = wait(h)``
     code = re.sub(r"\bfoldcompile_distributed_[a-z]+(?:_[a-z]+)*?_((?:all_to_all|all_gather|reduce_scatter|all_reduce)"
                   r"_start|wait|shard|keep_grad_on_rank|sum_grad|sharded_dropout|draw_global(?:_like)?)\(", r"\1(", code)

@@ -31,10 +31,15 @@ Dropout: ``torch.nn.functional.dropout`` / ``nn.Dropout`` (an unshared mask), or
 the mask has size 1 along the shared dims). The mask is drawn in the kernel as
 ``tl.rand(seed, flat_index_into_mask_shape + offset)``; the reference regenerates
 exactly the same mask with a PyTorch Philox (``foldcompile.kernels.philox``), so
-training-mode results can be compared exactly. Several dropouts in one fragment use
-consecutive counter ranges; ``FusedElementwise.random_numel`` says how many
-counters a call consumes, so a caller can advance ``offset`` between calls. Like
-torch's, the dropout is ``x * mask * scale``: a dropped NaN or ±inf is NaN, not 0.
+training-mode results can be compared exactly. The seed is a DEVICE state, an int64
+tensor ``[seed, base]`` the kernel loads (:func:`draw_dropout_seed` draws one with
+torch's generator on the device), so no call reads a value on the host and a CUDA-graph
+replay draws new masks; a Python int seed is accepted too (copied to the device). The
+backward regenerates the same masks from the same state (no mask is stored). Several
+dropouts in one fragment use consecutive counter ranges after ``offset``, or the counter
+bases given per dropout (``offset=(b0, b1, ...)``); ``FusedElementwise.random_numel``
+says how many counters a call consumes. Like torch's, the dropout is ``x * mask * scale``:
+a dropped NaN or ±inf is NaN, not 0.
 
 Special values follow eager PyTorch, values and gradients (relu(NaN) = NaN with gradient
 g, abs's gradient g * sign(x), a 16-bit cast rounds its gradient): the property tests
@@ -82,11 +87,12 @@ from foldcompile.kernels.elementwise_codegen import (
     _tile_config,
     unsupported_reason,
 )
-from foldcompile.kernels.philox import dropout, dropout_mask_reference
+from foldcompile.kernels.philox import as_dropout_state, draw_dropout_seed, dropout, dropout_mask_reference
 
 __all__ = [
     "FusedElementwise",
     "UnsupportedElementwiseOp",
+    "draw_dropout_seed",
     "dropout",
     "dropout_mask_reference",
     "fuse_elementwise",
@@ -174,8 +180,13 @@ class FusedElementwise:
 
     @property
     def has_dropout(self) -> bool:
-        """Whether the fragment holds a dropout (a call without ``seed`` then draws one on the host)."""
+        """Whether the fragment holds a dropout (a call without ``seed`` then draws a device state)."""
         return any(v.op == "dropout" for v in self._frag.vals)
+
+    @property
+    def n_dropouts(self) -> int:
+        """How many dropouts the fragment holds: the length of a per-dropout ``offset`` tuple."""
+        return sum(v.op == "dropout" for v in self._frag.vals)
 
     def output_dtypes(self, *inputs: Any) -> list[torch.dtype]:
         """The dtype of each output for a call on ``inputs`` (tensors of any device, ``meta`` included,
@@ -197,19 +208,26 @@ class FusedElementwise:
         lay = _layout(self._frag, inputs)
         return sum(math.prod(lay.mask_shapes[i]) for i in lay.dropouts)
 
-    def __call__(self, *inputs: Any, seed: int | None = None, offset: int = 0) -> Any:
-        seed, offset = self._seed(seed, offset)
+    def __call__(self, *inputs: Any, seed: int | torch.Tensor | None = None,
+                 offset: int | Sequence[int] = 0) -> Any:
+        """Run the fragment. ``seed``: the dropouts' device state (an int64 ``[seed, base]`` tensor on the
+        inputs' device, :func:`draw_dropout_seed`), a Python int, or None (a state is drawn on the device);
+        ``offset``: the first counter (the dropouts use consecutive ranges after it) or one counter base
+        per dropout of the fragment, in its order."""
         inputs = self._one_device(inputs)
+        state, offsets = self._seed(seed, offset, inputs)
         tensors = [x for x in inputs if isinstance(x, torch.Tensor)]
         if not _dispatch.use_triton(*tensors) or any(t.dtype == torch.float64 for t in tensors):
-            return self.reference(*inputs, seed=seed, offset=offset)
-        outs = _FusedFunction.apply(self, seed, offset, *inputs)
+            return fused_elementwise_reference(self, *inputs, seed=state, offset=offsets)
+        outs = _FusedFunction.apply(self, state, offsets, *inputs)
         return outs if self._frag.multi_output else outs[0]
 
-    def reference(self, *inputs: Any, seed: int | None = None, offset: int = 0) -> Any:
+    def reference(self, *inputs: Any, seed: int | torch.Tensor | None = None,
+                  offset: int | Sequence[int] = 0) -> Any:
         """The same fragment in plain PyTorch, with the same dropout masks as the kernels."""
-        seed, offset = self._seed(seed, offset)
-        return fused_elementwise_reference(self, *inputs, seed=seed, offset=offset)
+        inputs = self._one_device(inputs)
+        state, offsets = self._seed(seed, offset, inputs)
+        return fused_elementwise_reference(self, *inputs, seed=state, offset=offsets)
 
     # -- internals --------------------------------------------------------------
 
@@ -233,17 +251,27 @@ class FusedElementwise:
         return tuple(x.to(device) if isinstance(x, torch.Tensor) and x.dim() == 0 and x.device != device else x
                      for x in inputs)
 
-    def _seed(self, seed: int | None, offset: int) -> tuple[int, int]:
-        if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+    def _seed(self, seed: int | torch.Tensor | None, offset: int | Sequence[int],
+              inputs: Sequence[Any]) -> tuple[torch.Tensor | None, int | tuple[int, ...]]:
+        """The dropouts' device state and counter offsets (None, offset without a dropout). Nothing is
+        read on the host: a missing seed is drawn on the inputs' device."""
+        if isinstance(offset, (list, tuple)):
+            if len(offset) != self.n_dropouts or not all(isinstance(o, int) and not isinstance(o, bool) and o >= 0
+                                                         for o in offset):
+                raise ValueError(f"{self.name}: offset must be a non-negative int or {self.n_dropouts} of them "
+                                 f"(one per dropout), got {offset!r}")
+            offset = tuple(offset)
+        elif not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
             raise ValueError(f"offset must be a non-negative int, got {offset!r}")
-        if seed is None:
-            if any(v.op == "dropout" for v in self._frag.vals):
-                seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
-            else:
-                seed = 0
-        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
-            raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
-        return seed, offset
+        if not self.has_dropout:
+            if seed is not None and not isinstance(seed, torch.Tensor):
+                as_dropout_state(seed, "meta")  # the same error for a bad seed, dropout or not
+            return None, offset
+        like = next((x for x in inputs if isinstance(x, torch.Tensor)), None)
+        if like is None:
+            raise ValueError(f"{self.name}: a dropout needs a tensor input")
+        state = draw_dropout_seed(like) if seed is None else as_dropout_state(seed, like.device)
+        return state, offset
 
     def _prepare(self, inputs: Sequence[Any]) -> _Prepared:
         lay = _layout(self._frag, inputs)
@@ -395,17 +423,18 @@ class _Launch:
     grid: tuple[int, ...]
     tensors: list[int]  # input positions of the loaded tensors, in load order
     scalars: list[tuple[int | None, Any]]  # (input position, None) for an input number, (None, value) for a constant
-    dropout_bases: list[int]  # first Philox counter of each dropout
+    dropout_bases: list[int]  # first Philox counter of each live dropout after an int offset
+    dropout_order: list[int]  # each live dropout's place among the fragment's dropouts (a per-dropout offset)
     geometry: tuple
     meta: dict[str, int]
     empty: bool  # zero elements: nothing to launch
 
     def __call__(self, outs: Sequence[torch.Tensor], inputs: Sequence[Any], extra: Sequence[torch.Tensor],
-                 seed: int, offset: int) -> None:
+                 state: torch.Tensor | None, offset: int | tuple[int, ...]) -> None:
         if self.empty:
             return
         scalars = [float(inputs[i]) if i is not None else value for i, value in self.scalars]
-        drop = [seed] + [offset + b for b in self.dropout_bases] if self.dropout_bases else []
+        drop = [state] + _counter_bases(offset, self.dropout_bases, self.dropout_order) if self.dropout_bases else []
         _dispatch.note_launch(self.name)
         self.kernel[self.grid](*outs, *[inputs[i] for i in self.tensors], *extra, *scalars, *drop, *self.geometry,
                                **self.meta)
@@ -431,7 +460,20 @@ def _launch_plan(plan: _Plan, prep: _Prepared, frag: Any, name: str) -> _Launch:
         meta = dict(BLOCK_R=block_r, BLOCK_C=block_c, num_warps=warps)
     scalars = [(vals[i].index, None) if vals[i].kind == "input" else (None, vals[i].value) for i in prep.scalars]
     return _Launch(plan.kernel, name, grid, [vals[i].index for i in prep.tensor_inputs], scalars,
-                   [lay.mask_base[i] for i in lay.dropouts], geometry, meta, numel == 0)
+                   [lay.mask_base[i] for i in lay.dropouts], _dropout_order(frag, lay), geometry, meta, numel == 0)
+
+
+def _dropout_order(frag: Any, lay: _Layout) -> list[int]:
+    """Each live dropout's place among all the fragment's dropouts (the index into a per-dropout offset)."""
+    every = [i for i, v in enumerate(frag.vals) if v.op == "dropout"]
+    return [every.index(i) for i in lay.dropouts]
+
+
+def _counter_bases(offset: int | tuple[int, ...], mask_bases: Sequence[int], order: Sequence[int]) -> list[int]:
+    """First Philox counter of each live dropout (added to the state's base in the kernel)."""
+    if isinstance(offset, tuple):
+        return [offset[k] for k in order]
+    return [offset + b for b in mask_bases]
 
 
 @dataclass
@@ -552,13 +594,17 @@ def _reduce_to(grad: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
 # ---------------------------------------------------------------------------------
 
 
-def fused_elementwise_reference(fused: FusedElementwise, *inputs: Any, seed: int = 0, offset: int = 0) -> Any:
+def fused_elementwise_reference(fused: FusedElementwise, *inputs: Any, seed: int | torch.Tensor = 0,
+                                offset: int | Sequence[int] = 0) -> Any:
     """Run ``fused``'s fragment in plain PyTorch (eager dtypes), with the kernels' dropout masks.
 
     Differentiable by autograd; feed float64 inputs for a high-precision reference.
     """
     frag = fused._frag
     lay = _layout(frag, inputs)
+    offset = tuple(offset) if isinstance(offset, (list, tuple)) else offset
+    bases = dict(zip(lay.dropouts, _counter_bases(offset, [lay.mask_base[i] for i in lay.dropouts],
+                                                  _dropout_order(frag, lay))))
     env: dict[int, Any] = {}
     for i in lay.live:
         v = frag.vals[i]
@@ -584,7 +630,7 @@ def fused_elementwise_reference(fused: FusedElementwise, *inputs: Any, seed: int
         if v.op == "dropout":
             x, p, scale = args
             full = lay.mask_shapes[i]
-            keep = dropout_mask_reference(seed, offset + lay.mask_base[i], full, p, device=x.device)
+            keep = dropout_mask_reference(seed, bases[i], full, p, device=x.device)
             keep = keep.reshape(full[len(full) - x.dim():])  # drop the leading 1s of the output's rank
             # x * keep * scale, as the eager dropout (and torch's) computes it: a dropped NaN or
             # ±inf is NaN, not 0, exactly as in the kernels.

@@ -149,7 +149,7 @@ def _masked_fill(lw: _Lowering, node: torch.fx.Node, args: tuple, kwargs: dict) 
 
 
 def _dropout_node(lw: _Lowering, node: torch.fx.Node, x: Any, p: Any, training: Any,
-                  shared_dims: Any = ()) -> int:
+                  shared_dims: Any = (), rescale: Any = True) -> int:
     if not isinstance(training, bool):
         raise UnsupportedElementwiseOp(f"node '{node.name}': dropout training={training!r} must be a Python bool")
     if isinstance(p, torch.fx.Node) or isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
@@ -158,7 +158,10 @@ def _dropout_node(lw: _Lowering, node: torch.fx.Node, x: Any, p: Any, training: 
         return lw.operand(node, x, "dropout input")  # identity in eval mode
     if not isinstance(shared_dims, (tuple, list)) or not all(isinstance(d, int) for d in shared_dims):
         raise UnsupportedElementwiseOp(f"node '{node.name}': dropout shared_dims={shared_dims!r} must be ints")
-    return lw.op(node, "dropout", (x, float(p), _dropout_scale(float(p))), shared_dims=tuple(shared_dims))
+    if not isinstance(rescale, bool):
+        raise UnsupportedElementwiseOp(f"node '{node.name}': dropout rescale={rescale!r} must be a Python bool")
+    scale = _dropout_scale(float(p)) if rescale else 1.0
+    return lw.op(node, "dropout", (x, float(p), scale), shared_dims=tuple(shared_dims))
 
 
 def _f_dropout(lw: _Lowering, node: torch.fx.Node, args: tuple, kwargs: dict) -> int:
@@ -179,8 +182,10 @@ def _own_dropout(lw: _Lowering, node: torch.fx.Node, args: tuple, kwargs: dict) 
     if bound.get("seed") is not None or bound.get("offset", 0) != 0:
         raise UnsupportedElementwiseOp(f"node '{node.name}': inside a fused fragment, dropout's seed and offset "
                                        "come from the fused call (fused(..., seed=, offset=)), not the node")
+    _only_kwargs(node, {k: v for k, v in bound.items()
+                        if k not in ("x", "p", "training", "shared_dims", "seed", "offset", "rescale")}, {})
     return _dropout_node(lw, node, bound["x"], bound.get("p", 0.5), bound.get("training", True),
-                         bound.get("shared_dims", ()))
+                         bound.get("shared_dims", ()), bound.get("rescale", True))
 
 
 def _to_dtype(node: torch.fx.Node, args: tuple, kwargs: dict) -> torch.dtype:

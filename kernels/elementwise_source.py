@@ -71,7 +71,7 @@ def _gen_kernel(frag: _Fragment, lay: _Layout, sizes: list[int], loaded: list[in
                 else [f"out{k}" for k in range(len(frag.outputs))])
     in_ptrs = [f"in{k}" for k in range(n_in)] + [f"gout{k}" for k in range(len(gouts))]
     scalar_args = [f"s{i}" for i in scalars]
-    drop_args = (["seed"] + [f"doff{i}" for i in lay.dropouts]) if lay.dropouts else []
+    drop_args = (["state"] + [f"doff{i}" for i in lay.dropouts]) if lay.dropouts else []
     size_args = [f"n{d}" for d in range(1, rank)]
     stride_args = []
     operand_names = [f"in{k}" for k in range(n_in)] + [f"gout{k}" for k in range(len(gouts))] + \
@@ -102,6 +102,11 @@ def _gen_kernel(frag: _Fragment, lay: _Layout, sizes: list[int], loaded: list[in
         w("cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)")
         w("offs = rows[:, None] * C + cols[None, :]")
         w("valid = (rows < R)[:, None] & (cols < C)[None, :]")
+    if lay.dropouts:
+        # the dropout state [seed, base] lives on the device (drawn there once per forward): loaded,
+        # never passed from the host, so a CUDA-graph replay reads the replay's own seed
+        w("seed = tl.load(state)")
+        w("base = tl.load(state + 1)")
     if rank == 1:
         w("i0 = offs")
     else:
@@ -137,9 +142,9 @@ def _gen_kernel(frag: _Fragment, lay: _Layout, sizes: list[int], loaded: list[in
         operands = [_convert(names[a], lay.kinds[a], need) for a, need in zip(v.args, rule.arg_kinds)]
         fmt = {}
         if v.op == "dropout":
-            w(f"# dropout '{v.name}': mask shape {list(lay.mask_shapes[i])}, counter = mask index + doff{i}")
+            w(f"# dropout '{v.name}': mask shape {list(lay.mask_shapes[i])}, counter = mask index + base + doff{i}")
             cnt = offset_expr(f"mask{i}", mask_ops[i])
-            w(f"keep{i} = tl.rand(seed, ({cnt}).to(tl.int64) + doff{i}) >= {names[v.args[1]]}")
+            w(f"keep{i} = tl.rand(seed, ({cnt}).to(tl.int64) + base + doff{i}) >= {names[v.args[1]]}")
             fmt["keep"] = f"keep{i}"
         expr = rule.triton.format(*operands, **fmt)
         if v.op == "cast" and v.dtype in _ROUNDING_CASTS:

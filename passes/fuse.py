@@ -154,12 +154,14 @@ def _crosses_autocast(region: Iterable[torch.fx.Node], regions: Mapping[torch.fx
     return place is not None and place[1]
 
 
-def _erase_dead(graph: torch.fx.Graph, nodes: Iterable[torch.fx.Node], erased: set[torch.fx.Node]) -> None:
-    """Erase ``nodes`` that lost every user, then ancestors that did (pure ops only)."""
+def _erase_dead(graph: torch.fx.Graph, nodes: Iterable[torch.fx.Node], erased: set[torch.fx.Node],
+                drawn: frozenset[str] = frozenset()) -> None:
+    """Erase ``nodes`` that lost every user, then ancestors that did (pure ops only, and the random
+    nodes named in ``drawn``: the replacement kernel makes their draws itself, or they draw nothing)."""
     work = list(nodes)
     while work:
         n = work.pop()
-        if n in erased or n.users or n.op != "call_function" or draws_random(n):
+        if n in erased or n.users or n.op != "call_function" or (draws_random(n) and n.name not in drawn):
             continue
         inputs = n.all_input_nodes
         graph.erase_node(n)
@@ -190,7 +192,7 @@ def fuse_pass(gm: torch.fx.GraphModule, *, at: Mapping[str, int] | None = None, 
     n_match = Counter()
     for owner in _subgraph_modules(gm):
         graph = owner.graph
-        ctx = Context(owner, subs, values)
+        ctx = Context(owner, subs, values, kernel_random="dap" not in gm.meta)
         autocast_regions = _autocast_regions(graph)
         grad_modes = _grad_modes(graph)
         barrier = {n for n, (_, casts) in autocast_regions.items() if casts}
@@ -241,7 +243,8 @@ def fuse_pass(gm: torch.fx.GraphModule, *, at: Mapping[str, int] | None = None, 
                 new.meta["match_id"] = mid
                 new.meta["replaces"] = found.output.name  # the traced node whose value it computes
                 found.output.replace_all_uses_with(new)
-                _erase_dead(graph, reversed(found.region), erased)
+                drawn = frozenset(new.meta.get("random_taken", ()))
+                _erase_dead(graph, reversed(found.region), erased, drawn)
                 # the bytes of the element-wise and reduction work the kernel took over
                 fused_bytes += sum(M.cost_bytes_at(r, subs) for r in found.region
                                    if r in erased and M.op_class(r) in ("REDUCTION", "ELEMENTWISE"))

@@ -25,6 +25,7 @@ import sympy
 import torch
 import torch.fx
 
+from foldcompile.kernels.philox import draw_dropout_seed
 from foldcompile.passes import op_samples as S
 from foldcompile.passes.registry import ELEMENTWISE, register_op
 from foldcompile.passes.shape_rules import NoRule, RuleContext, broadcast, tensor_pairs
@@ -159,3 +160,10 @@ def _rule_multinomial(ctx: RuleContext):
     """``multinomial(probs [..., K], n)``: ``[..., n]`` indices."""
     _, s = ctx.tshape(0)
     return tuple(s[:-1]) + (_count(ctx, 1, "num_samples"),)
+
+
+@register_op(draw_dropout_seed, name="foldcompile.draw_dropout_seed", op_class=ELEMENTWISE, creation=True,
+             random=True, samples=lambda: [((torch.randn(3, 4),), {})])
+def _rule_dropout_state(ctx: RuleContext):
+    """The generated kernels' dropout state ``[seed, offset]``: two int64 words, whatever the input."""
+    return (sympy.Integer(2),)

@@ -34,10 +34,10 @@ a parameter whose ``.data`` was replaced (another address) makes the executor ca
 
 Randomness: torch's own random ops (dropout, ``bernoulli``) draw from the CUDA generator's
 graph-safe Philox state: each replay advances the offset, so every replay draws new masks
-(not the masks an eager run would draw). A kernel of ours that takes its seed from the host
-(a fused element-wise kernel holding a dropout: ``int(torch.randint(...).item())`` at call
-time) would repeat one mask on every replay: such a variant is refused before the first call
-(:func:`cuda_graph_unsafe_reason`), as are host synchronisations in the graph, activation
+(not the masks an eager run would draw). Our generated element-wise kernels draw their dropout
+masks from a device state (``draw_dropout_seed``: ``torch.randint`` on the device, loaded by the
+kernel), so they are graph-safe too: no seed is read on the host. Refused before the first call
+(:func:`cuda_graph_unsafe_reason`): host synchronisations in the graph, activation
 checkpointing around random ops (the recomputation's RNG replay is not checked under graphs)
 and autocast with its weight cache on. A capture that fails for any other reason is caught:
 the variant runs eagerly and the reason is in ``describe()``.
@@ -102,19 +102,9 @@ def cuda_graph_unsafe_reason(gm: torch.fx.GraphModule) -> str | None:
     >>> print(cuda_graph_unsafe_reason(torch.fx.symbolic_trace(lambda x: x * x.sum().item())))
     node 'item' (item) reads a device value on the host, which a CUDA graph cannot replay
     """
-    from foldcompile.kernels.elementwise import FusedElementwise  # kernels import triton: only when asked
-    from foldcompile.kernels.philox import dropout as seeded_dropout
-
     for node in gm.graph.nodes:
         if node.op not in ("call_function", "call_method"):
             continue
-        kernel = getattr(node.target, "kernel", None)
-        if isinstance(kernel, FusedElementwise) and kernel.has_dropout:
-            return (f"node {node.name!r}: the fused element-wise kernel {kernel.name} draws its dropout seed on "
-                    "the host at each call (a replay would repeat one mask)")
-        if node.target is seeded_dropout and node.kwargs.get("seed") is None:
-            return (f"node {node.name!r}: foldcompile.kernels.shared_dropout draws its seed on the host at each "
-                    "call (a replay would repeat one mask)")
         if _is(node, HOST_SYNC):
             return (f"node {node.name!r} ({op_name(node)}) reads a device value on the host, which a CUDA graph "
                     "cannot replay")

@@ -48,6 +48,8 @@ import torch.utils._pytree as pytree
 import foldcompile.kernels.ops  # noqa: F401  (defines torch.ops.foldcompile.*)
 from foldcompile.executors.base import Executor
 from foldcompile.kernels.elementwise import FusedElementwise
+from foldcompile.kernels.philox import dropout as kernel_dropout
+from foldcompile.passes.rules._dropout import dropout_args
 from foldcompile.kernels.elementwise_sum import FusedElementwiseSum
 from foldcompile.kernels.ops import TRIANGLE_MULTIPLICATION_PARAMS
 from foldcompile.passes.rules.attention import fused_attention
@@ -144,7 +146,8 @@ def to_library_ops(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
             new.meta.update(node.meta)
         elif isinstance(kernel, FusedElementwise):
             new = _inline(graph, kernel.graph_module, [env[a] if isinstance(a, torch.fx.Node) else a
-                                                       for a in node.args])
+                                                       for a in node.args], arg(node.kwargs.get("seed")),
+                          node.kwargs.get("offset"))
         elif isinstance(kernel, FusedElementwiseSum):  # the chain's ops, then the sum they feed
             chain = _inline(graph, kernel.chain.graph_module, [env[a] if isinstance(a, torch.fx.Node) else a
                                                                for a in node.args])
@@ -168,8 +171,11 @@ def to_library_ops(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return program
 
 
-def _inline(graph: torch.fx.Graph, fragment: torch.fx.GraphModule | torch.fx.Graph, inputs: list[Any]) -> Any:
-    """Copy an element-wise fragment's ops into ``graph``, its placeholders bound to ``inputs``."""
+def _inline(graph: torch.fx.Graph, fragment: torch.fx.GraphModule | torch.fx.Graph, inputs: list[Any],
+            state: Any = None, offsets: Any = None) -> Any:
+    """Copy an element-wise fragment's ops into ``graph``, its placeholders bound to ``inputs``. With the
+    kernel's dropout ``state`` and per-dropout counter ``offsets``, each dropout it draws becomes
+    ``kernels.dropout`` from that state (PyTorch ops Inductor compiles): the kernel's own masks."""
     frag = fragment.graph if isinstance(fragment, torch.fx.GraphModule) else fragment
     env: dict[torch.fx.Node, Any] = {}
     placeholders = [n for n in frag.nodes if n.op == "placeholder"]
@@ -177,12 +183,19 @@ def _inline(graph: torch.fx.Graph, fragment: torch.fx.GraphModule | torch.fx.Gra
         raise ValueError(f"element-wise fragment takes {len(placeholders)} inputs, the call passes {len(inputs)}")
     env.update(zip(placeholders, inputs))
     result: Any = None
+    draws = iter(offsets) if isinstance(offsets, tuple) and state is not None else None
     for n in frag.nodes:
         if n.op == "placeholder":
             continue
         if n.op == "output":
             result = torch.fx.map_arg(n.args[0], lambda a: env[a])
             break
+        drawn = _drawn_dropout(n) if draws is not None else None
+        if drawn is not None:
+            x, p, shared_dims, rescale = drawn
+            env[n] = graph.call_function(kernel_dropout, (env[x], p), {
+                "shared_dims": shared_dims, "rescale": rescale, "seed": state, "offset": next(draws)})
+            continue
         env[n] = graph.node_copy(n, lambda a: env[a])
     return result
 
@@ -196,6 +209,22 @@ def _first_in_place_write(gm: torch.fx.GraphModule) -> torch.fx.Node | None:
         if isinstance(sub, torch.fx.GraphModule) and (found := _first_in_place_write(sub)) is not None:
             return found
     return None
+
+
+def _drawn_dropout(n: torch.fx.Node) -> tuple[torch.fx.Node, float, tuple, bool] | None:
+    """``(x, p, shared_dims, rescale)`` of a fragment node the kernel draws a mask for (in training, p != 0)."""
+    if n.op != "call_function":
+        return None
+    if n.target is kernel_dropout:
+        bound = dict(zip(("x", "p"), n.args)) | dict(n.kwargs)
+        p = bound.get("p", 0.5)
+        if not bound.get("training", True) or p == 0:
+            return None
+        return bound["x"], p, tuple(bound.get("shared_dims", ())), bound.get("rescale", True)
+    found = dropout_args(n)
+    if found is None or not found[2] or found[1] == 0:
+        return None
+    return found[0], found[1], (), True
 
 
 class InductorExecutor(Executor):

@@ -65,6 +65,9 @@ class Context:
     gm: torch.fx.GraphModule
     subs: Mapping[sympy.Symbol, int]
     at: Mapping[str, int]
+    # kernels may draw dropout masks themselves; not in a DAP rank's graph, whose random ops draw what one
+    # process draws on torch's generator (foldcompile.distributed.sharded_random)
+    kernel_random: bool = True
 
 
 @dataclass(frozen=True)

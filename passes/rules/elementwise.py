@@ -11,9 +11,14 @@ node (walking the graph backwards) over element-wise producers that
 - keep the group convex: no path leaves the group and comes back into it through an unfused
   node (checked on the graph as a networkx DAG), or the merged node would need its own output.
 
-Random ops (dropout, ``bernoulli``) are not fused: they stay on torch's generator so the
-masks are the model's. A group of one op saves no memory traffic (the kernel reads and
-writes what eager does) and is left alone as "not profitable at the stated size".
+Dropout joins the chain (``F.dropout`` / ``nn.Dropout`` with a constant p, and AlphaFold's shared
+row/column dropout ``y * dropout(ones(S))`` or ``y * bernoulli(full(S, q))``, see
+:mod:`passes.rules._dropout`): the kernel draws the mask itself from the graph's device seed state and
+a fixed counter base, regenerates it in backward, and the kernel node records each mask it draws in
+``meta["dropout_masks"]`` so ``verify`` replays the same masks in the traced graph. Other random ops
+stay on torch's generator. A group of one op saves no memory traffic (the kernel reads and writes
+what eager does) and is left alone as "not profitable at the stated size"; a lone dropout, or a
+shared mask and its product, is not alone: it saves writing and reading the mask.
 
 ``elementwise_sum`` (runs first): a ``sum`` over the trailing dims of such a group (the
 invariant point attention's ``((q - k) ** 2).sum((-1, -2))``, squared norms) is one kernel
@@ -35,6 +40,8 @@ from foldcompile.kernels.elementwise_sum import MAX_SUMMED, FusedElementwiseSum
 from foldcompile.passes.base import PassError
 from foldcompile.passes.registry import draws_random
 from foldcompile.passes.rules import Candidate, Context, Reject, Rule
+from foldcompile.passes.registry import draws_random
+from foldcompile.passes.rules import _dropout as D
 from foldcompile.passes.rules import _meta as M
 from foldcompile.passes.rules.attention import _Builder
 
@@ -43,13 +50,14 @@ __all__ = ["RULES", "kernel_function"]
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _fusable(n: Any, ctx: Context) -> str | None:
-    """Why ``n`` cannot join an element-wise group, or None."""
+def _fusable(n: Any, ctx: Context, random_ok: bool = True) -> str | None:
+    """Why ``n`` cannot join an element-wise group, or None. A dropout may (its mask drawn in the kernel)
+    unless ``random_ok`` is False."""
     if not isinstance(n, torch.fx.Node) or n.op != "call_function":
         return "not an op"
     if M.op_class(n) != "ELEMENTWISE":
         return "not element-wise"
-    if draws_random(n):  # the registry's fact (every spelling of dropout, bernoulli, rand, ...)
+    if draws_random(n) and not (random_ok and ctx.kernel_random and n.target in D.DROPOUTS):
         return "random op"
     if M.is_barrier(n):
         return "barrier"
@@ -57,6 +65,12 @@ def _fusable(n: Any, ctx: Context) -> str | None:
         return f"unsupported dtype {M.dtype(n)}"
     why = unsupported_reason(n, ctx.gm)
     return f"no kernel for this op ({why.split(' is not')[0]})" if why else None
+
+
+def _draws_in_kernel(n: torch.fx.Node) -> bool:
+    """A dropout that draws (training, p != 0): fused alone it still saves the mask's write and read."""
+    found = D.dropout_args(n) if n.target in D.DROPOUTS else None
+    return found is not None and found[2] and found[1] != 0
 
 
 def _dag(graph: torch.fx.Graph) -> nx.DiGraph:
@@ -88,16 +102,17 @@ def _recognise(n: torch.fx.Node, ctx: Context) -> Candidate | Reject | None:
     if _fusable(n, ctx) is not None:
         return None
     order, refused = _grow(n, ctx)
-    if len(order) == 1:
+    if len(order) == 1 and not (ctx.kernel_random and _draws_in_kernel(n)):
         if n in refused:
             return Reject(f"{refused[n]} (its users' group could not take it) and nothing to fuse with")
         return Reject("not profitable at the stated size: a single element-wise op (nothing to fuse with)")
     return Candidate("elementwise", n, order, n)
 
 
-def _grow(n: torch.fx.Node, ctx: Context) -> tuple[list[torch.fx.Node], dict]:
+def _grow(n: torch.fx.Node, ctx: Context, random_ok: bool = True) -> tuple[list[torch.fx.Node], dict]:
     """The convex group of fusable element-wise producers of ``n``'s shape grown back from ``n`` (graph
-    order), and why producers were left out."""
+    order), and why producers were left out. With ``random_ok``, a product with a shared dropout mask
+    takes the mask's draw and its filled tensor in too (the kernel draws the mask)."""
     cache = _cache(ctx)
     dag = cache["dag"]
     if dag is None or n not in dag:
@@ -105,8 +120,16 @@ def _grow(n: torch.fx.Node, ctx: Context) -> tuple[list[torch.fx.Node], dict]:
     group, frontier, refused = {n}, [n], cache["refused"]
     while frontier:
         cur = frontier.pop()
+        shared = D.shared_mask(cur) if random_ok and ctx.kernel_random else None
+        if shared is not None and shared.mask not in group:
+            if _convex(dag, group | {shared.mask, shared.creation}):
+                group |= {shared.mask, shared.creation}
+            else:
+                refused.setdefault(shared.mask, "merging it would make a cycle through unfused nodes")
         for a in cur.all_input_nodes:
-            if a in group or _fusable(a, ctx) is not None or M.shape(a) != M.shape(n):
+            if shared is not None and a is shared.mask:
+                continue
+            if a in group or _fusable(a, ctx, random_ok) is not None or M.shape(a) != M.shape(n):
                 continue
             if any(u not in group for u in a.users):
                 refused.setdefault(a, "multiple users of an interior value")
@@ -139,6 +162,15 @@ def _check(c: Candidate, ctx: Context) -> str | None:
     if got != [M.dtype(c.output)]:
         return (f"unsupported dtype: the generated kernel would compute {got[0]} where eager gives "
                 f"{M.dtype(c.output)}")
+    if c.parts["draws"]:
+        cache = _cache(ctx)
+        if "bases" not in cache:  # fixed by the traced graph before any rewrite of it
+            cache["bases"] = D.counter_bases(ctx.gm.graph)
+        missing = [d.name for d, _ in c.parts["draws"] if d not in cache["bases"]]
+        if missing:
+            return f"no kernel for this op: no counter base for the dropout {missing[0]}"
+        if not D.seed_node(ctx.gm, create=False):
+            return "no kernel for this op: the graph reads no floating-point tensor to draw the dropout seed on"
     c.parts["fragment"] = (fused, name, inputs)  # what _replace puts in the graph
     return None
 
@@ -149,9 +181,10 @@ def _profitable(c: Candidate, ctx: Context) -> str | None:
 
 
 def kernel_function(fused: Any, name: str):
-    """The callable a rewritten graph calls: a named function around one generated kernel."""
-    def run(*inputs: torch.Tensor) -> torch.Tensor:
-        return fused(*inputs)
+    """The callable a rewritten graph calls: a named function around one generated kernel (with its
+    dropouts' device state ``seed`` and counter bases ``offset`` when it draws masks)."""
+    def run(*inputs: torch.Tensor, **dropout_state: Any) -> torch.Tensor:
+        return fused(*inputs, **dropout_state)  # seed=, offset= only where the kernel draws masks
     run.__name__ = run.__qualname__ = name
     run.__module__ = __name__
     run.kernel = fused  # the FusedElementwise (its .source is the generated Triton)
@@ -159,31 +192,68 @@ def kernel_function(fused: Any, name: str):
 
 
 def _fragment(c: Candidate, ctx: Context) -> tuple[Any, str, list[torch.fx.Node]]:
-    """The group as one generated kernel: ``(kernel, its name, the graph values it reads)``."""
+    """The group as one generated kernel: ``(kernel, its name, the graph values it reads)``. The masks it
+    draws (``(traced node, p)`` in the fragment's dropout order) go to ``c.parts["draws"]``."""
     group = set(c.region)
+    shared = {m: sm for m in c.region if (sm := D.shared_mask(m)) is not None and sm.mask in group}
+    absorbed = {x for sm in shared.values() for x in (sm.mask, sm.creation)}
     frag = torch.fx.Graph()
     env: dict[torch.fx.Node, torch.fx.Node] = {}
     inputs: list[torch.fx.Node] = []
+    draws: list[tuple[torch.fx.Node, float]] = []
     for n in c.region:
-        for a in n.all_input_nodes:
+        if n in absorbed:
+            continue
+        sm = shared.get(n)
+        for a in ([sm.y] if sm is not None else n.all_input_nodes):
             if a not in group and a not in env:
                 env[a] = frag.placeholder(f"in{len(inputs)}")
                 inputs.append(a)
+        if sm is not None:
+            env[n] = frag.call_function(D.kernel_dropout, (env[sm.y], sm.p),
+                                        {"shared_dims": sm.shared_dims, "rescale": sm.rescale})
+            if sm.p != 0:
+                draws.append((sm.mask, sm.p))
+            continue
         env[n] = frag.node_copy(n, lambda a: env[a])
+        if draws_random(n):
+            x, p, training = D.dropout_args(n) or (None, 0.0, False)
+            if training and p != 0:
+                draws.append((n, p))
     frag.output(env[c.output])
+    c.parts["draws"] = draws
     ops = []
     for n in c.region:
         op = M.op_name(n)
         if op not in ops and op != "to":
             ops.append(op)
+    if shared:
+        ops = ["dropout"] + [op for op in ops if op not in ("dropout", "bernoulli", "ones_like", "ones", "full",
+                                                           "full_like", "new_ones", "new_full")]
     name = "fused_elementwise_" + "_".join(ops[:4] or ["cast"])
-    return fuse_elementwise(torch.fx.GraphModule(ctx.gm, frag), name=name), name, inputs
+    fused = fuse_elementwise(torch.fx.GraphModule(ctx.gm, frag), name=name)
+    if fused.n_dropouts != len(draws):  # the lowering and this count must agree on which dropouts draw
+        raise PassError(f"elementwise at {c.site}: the kernel draws {fused.n_dropouts} masks, the group "
+                        f"{len(draws)}")
+    return fused, name, inputs
 
 
 def _replace(c: Candidate, ctx: Context) -> torch.fx.Node:
     fused, name, inputs = c.parts.get("fragment") or _fragment(c, ctx)
-    out = _Builder(ctx.gm.graph, c.output, c)(kernel_function(fused, name), *inputs)
+    kwargs: dict[str, Any] = {}
+    masks = []
+    if c.parts["draws"]:
+        seed, bases = D.seed_node(ctx.gm), _cache(ctx)["bases"]
+        kwargs = {"seed": seed, "offset": tuple(bases[d] for d, _ in c.parts["draws"])}
+        # what verify needs to draw the same masks in the traced graph (its nodes by name)
+        masks = [{"node": d.name, "seed": seed.name, "offset": bases[d], "p": p, "shape": tuple(M.shape(d))}
+                 for d, p in c.parts["draws"]]
+    out = _Builder(ctx.gm.graph, c.output, c)(kernel_function(fused, name), *inputs, **kwargs)
     out.meta["shape"], out.meta["dtype"] = M.shape(c.output), M.dtype(c.output)
+    if masks:
+        out.meta["dropout_masks"] = masks
+    # the random nodes the kernel stands for (their masks drawn here, or identity dropouts): fuse erases them
+    out.meta["random_taken"] = [n.name for n in c.region if draws_random(n)]
     _cache(ctx)["dag"] = None  # the graph changed
     return out
 
@@ -215,7 +285,7 @@ def _recognise_sum(n: torch.fx.Node, ctx: Context) -> Candidate | Reject | None:
     if found is None:
         return None
     x, k, keepdim = found
-    if _fusable(x, ctx) is not None:
+    if _fusable(x, ctx, random_ok=False) is not None:
         return None  # a sum of something else than an element-wise chain
     if len(x.users) != 1:
         return Reject("multiple users of an interior value (the summed values are read elsewhere too)")
@@ -223,7 +293,7 @@ def _recognise_sum(n: torch.fx.Node, ctx: Context) -> Candidate | Reject | None:
     if summed > MAX_SUMMED:
         return Reject(f"no kernel for this op: {summed} summed elements a row, more than one tile holds "
                       f"({MAX_SUMMED})")
-    order, _ = _grow(x, ctx)
+    order, _ = _grow(x, ctx, random_ok=False)
     return Candidate("elementwise_sum", n, order + [n], n, {"chain": x, "n_summed": k, "keepdim": keepdim})
 
 

@@ -1,10 +1,10 @@
 """What the CUDA-graph executor refuses, checked on CPU (foldcompile/executors/cuda_graph.py).
 
 Graphs whose replay would compute something else are refused before the first call
-(``cuda_graph_unsafe_reason``): a kernel drawing its dropout seed on the host (every replay would
-repeat one mask), a host synchronisation, checkpointing around a random op, autocast with its
-weight cache on. Torch's own dropout is graph-safe (the CUDA generator's Philox offset advances
-per replay). The first call runs eagerly and is watched: a forward writing an input or a buffer in
+(``cuda_graph_unsafe_reason``): a host synchronisation, checkpointing around a random op, autocast
+with its weight cache on. Torch's own dropout is graph-safe (the CUDA generator's Philox offset
+advances per replay), and so are our kernels' dropouts (their seed is a device state, never read
+on the host). The first call runs eagerly and is watched: a forward writing an input or a buffer in
 place turns CUDA graphs off for the variant, with the reason. A capture that fails (here: no CUDA)
 is caught: the call and every later one run eagerly, the reason in ``describe()``.
 """
@@ -16,6 +16,7 @@ import torch.utils.checkpoint
 
 from foldcompile.executors.cuda_graph import CudaGraphExecutor, cuda_graph_unsafe_reason
 from foldcompile.kernels import fuse_elementwise, shared_dropout
+from foldcompile.kernels.philox import draw_dropout_seed
 from foldcompile.passes.rules.elementwise import kernel_function
 
 
@@ -28,23 +29,19 @@ def test_torch_dropout_and_bernoulli_are_graph_safe():
     assert cuda_graph_unsafe_reason(_graph(lambda x: x * torch.bernoulli(torch.full_like(x, 0.75)))) is None
 
 
-def test_a_fused_kernel_with_a_host_seeded_dropout_is_refused():
+def test_our_kernels_dropouts_are_graph_safe_their_seed_is_a_device_state():
+    # with or without a seed node in the graph: a missing seed is drawn on the device, never on the host
     fused = fuse_elementwise(lambda x: torch.nn.functional.dropout(x, 0.1) * 2.0)
     assert fused.has_dropout
     g = torch.fx.Graph()
     x = g.placeholder("x")
-    g.output(g.call_function(kernel_function(fused, "fused_elementwise_dropout_mul"), (x,)))
-    why = cuda_graph_unsafe_reason(torch.fx.GraphModule({}, g))
-    assert "draws its dropout seed on the host" in why and "fused_elementwise" in why
-    plain = fuse_elementwise(lambda x, y: x * y + 1)
-    assert not plain.has_dropout
-
-
-def test_shared_dropout_without_a_seed_is_refused():
+    seed = g.call_function(draw_dropout_seed, (x,))
+    g.output(g.call_function(kernel_function(fused, "fused_elementwise_dropout_mul"), (x,), {"seed": seed}))
+    assert cuda_graph_unsafe_reason(torch.fx.GraphModule({}, g)) is None
     g = torch.fx.Graph()
     x = g.placeholder("x")
     g.output(g.call_function(shared_dropout, (x, 0.25), {"shared_dims": (0,)}))
-    assert "draws its seed on the host" in cuda_graph_unsafe_reason(torch.fx.GraphModule({}, g))
+    assert cuda_graph_unsafe_reason(torch.fx.GraphModule({}, g)) is None
 
 
 def test_host_synchronisation_is_refused():

@@ -6,6 +6,7 @@ from typing import Any
 import torch
 
 import foldcompile
+from foldcompile.verify import same_masks
 
 
 def flat(x: Any) -> list[torch.Tensor]:
@@ -32,7 +33,7 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def outputs_and_grads(module: torch.nn.Module, params: list[torch.nn.Parameter], inputs: tuple,
                       seed: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Outputs and the gradients of a fixed random projection of them w.r.t. ``params`` and float inputs."""
-    torch.manual_seed(seed)  # the same dropout masks for both runs (dropout stays on torch's generator)
+    torch.manual_seed(seed)  # the same torch dropout masks for both runs (unfused dropouts)
     outs = flat(module(*inputs))
     gen = torch.Generator().manual_seed(1234)
     loss = sum((o.nan_to_num() * torch.randn(o.shape, generator=gen)).sum() for o in outs if o.is_floating_point())
@@ -41,20 +42,35 @@ def outputs_and_grads(module: torch.nn.Module, params: list[torch.nn.Parameter],
     return [o.detach() for o in outs], [torch.zeros_like(p) if g is None else g for p, g in zip(leaves, grads)]
 
 
+def kernel_draws_masks(fast: Any, inputs: tuple) -> bool:
+    """Whether the variant ``fast`` runs for ``inputs`` has a generated kernel drawing dropout masks."""
+    if not hasattr(fast, "variant_for"):  # not an OptimizedModule (torch.compile's): compared as it is
+        return False
+    graph = fast.variant_for(*inputs).graph
+    return any(n.meta.get("dropout_masks") for sub in graph.modules() if isinstance(sub, torch.fx.GraphModule)
+               for n in sub.graph.nodes)
+
+
 def assert_same_function(model: torch.nn.Module, inputs: tuple, fast: torch.nn.Module | None = None,
                          tol: float = 1e-5, grads: bool = True) -> float:
     """optimized(model) == model on ``inputs``: every output and every gradient (parameters and
     inputs that require grad) within ``tol`` of eager fp32, relative to ``‖ref‖ + floor`` where the
     floor is the model's RMS gradient magnitude times ``sqrt(numel)``: a gradient that is zero in
     exact arithmetic (a bias feeding only logits along a softmax axis: softmax is shift invariant)
-    is pure rounding noise in fp32, and a plain relative error of noise says nothing. Dropout runs
-    on torch's generator, seeded alike for both runs, so training mode is compared exactly.
+    is pure rounding noise in fp32, and a plain relative error of noise says nothing. Training mode
+    is compared exactly: unfused dropouts run on torch's generator, seeded alike for both runs; when
+    kernels draw dropout masks themselves, the reference is the traced graph with the kernels' masks
+    (``foldcompile.verify.same_masks``) against the optimized graph.
     Returns the worst plain relative error over outputs and the gradients above the floor."""
     fast = fast if fast is not None else foldcompile.optimize(model, *inputs)
     params = [p for p in model.parameters() if p.requires_grad]
+    reference, optimized = model, fast
+    if model.training and kernel_draws_masks(fast, inputs):
+        fast(*inputs)  # the optimized module's own call runs too
+        reference, optimized = same_masks(fast, *inputs)
     if grads and torch.is_grad_enabled():
-        o_ref, g_ref = outputs_and_grads(model, params, inputs)
-        o_got, g_got = outputs_and_grads(fast, params, inputs)
+        o_ref, g_ref = outputs_and_grads(reference, params, inputs)
+        o_got, g_got = outputs_and_grads(optimized, params, inputs)
     else:
         torch.manual_seed(0)
         o_ref = flat(model(*inputs))
