@@ -186,8 +186,7 @@ def _reference(subj: Subject, spec: dict, results: Results, smoke: bool) -> torc
 
 def _timed(step, spec: dict, smoke: bool) -> tuple[float, int, int]:
     """``(ms per call, peak bytes above the start, bytes held after the calls)`` of ``step``."""
-    if smoke:  # the script's logic on CPU: wall time, no memory counters
-        step()
+    if smoke:  # the script's logic on CPU: one call's wall time (after the first), no memory counters
         t1 = time.perf_counter()
         step()
         return (time.perf_counter() - t1) * 1e3, 0, 0
@@ -199,7 +198,8 @@ def _timed(step, spec: dict, smoke: bool) -> tuple[float, int, int]:
 
 
 def run_case(results: Results, name: str, case: str, variants, out_dir: str, deadline: float,
-             done: set[tuple[str, str, str]], smoke: bool = False, profile: str | None = None) -> bool:
+             done: set[tuple[str, str, str]], smoke: bool = False, profile: str | None = None,
+             stem: str = STEM) -> bool:
     """The rows of one (model, case); False once the budget stopped it."""
     todo = [v for v in variants if (name, case, v) not in done and has_row(name, CASES[case]["train"], v)]
     if not todo:
@@ -213,7 +213,7 @@ def run_case(results: Results, name: str, case: str, variants, out_dir: str, dea
     except MissingPeer as e:
         for variant in todo:
             results.add(model=name, case=case, variant=variant, status=f"missing-peer: {e}")
-        results.save(out_dir, STEM)
+        results.save(out_dir, stem)
         return True
     ref = _reference(subj, spec, results, smoke)
     params = [p for p in subj.module.parameters() if p.requires_grad]
@@ -284,7 +284,7 @@ def run_case(results: Results, name: str, case: str, variants, out_dir: str, dea
             gc.collect()
             if not smoke:
                 torch.cuda.empty_cache()
-            results.save(out_dir, STEM)
+            results.save(out_dir, stem)
     return True
 
 
@@ -299,8 +299,8 @@ def _profile(step) -> dict:
         return dict(fused_frac="-", profile=f"profiler failed: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
 
 
-def _previous(out_dir: str) -> dict | None:
-    path = os.path.join(out_dir, f"{STEM}_{card_name().replace(' ', '_')}_{datetime.date.today().isoformat()}.json")
+def _previous(out_dir: str, stem: str) -> dict | None:
+    path = os.path.join(out_dir, f"{stem}_{card_name().replace(' ', '_')}_{datetime.date.today().isoformat()}.json")
     if not os.path.exists(path):
         return None
     with open(path) as f:
@@ -343,6 +343,7 @@ def main(argv=None) -> Results:
     parser.add_argument("--models", nargs="+", default=list(ZOO), choices=list(MODELS))
     parser.add_argument("--variants", nargs="+", default=list(CORE), choices=list(VARIANTS))
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    parser.add_argument("--stem", default=STEM, help="results file name: <stem>_<card>_<date>.md/.json")
     parser.add_argument("--resume", action="store_true", help="skip the rows today's results file already holds")
     parser.add_argument("--budget-s", type=float, default=330.0,
                         help="start no row whose estimated time would end past this many seconds")
@@ -364,7 +365,7 @@ def main(argv=None) -> Results:
     results = Results(title="optimize (each executor) and the foldcompile backend vs eager, torch.compile and "
                             "cuEquivariance: reference trunks, 4 blocks, bf16", columns=COLUMNS)
     done: set[tuple[str, str, str]] = set()
-    previous = _previous(args.out) if args.resume else None
+    previous = _previous(args.out, args.stem) if args.resume else None
     if previous:
         results.rows = [r for r in previous["rows"] if r.get("status") in DONE]
         results.notes = [n for n in previous["notes"] if n not in NOTES]
@@ -374,7 +375,7 @@ def main(argv=None) -> Results:
     for case in cases:
         for name in models:
             finished = run_case(results, name, case, variants, args.out, deadline, done, args.smoke,
-                                args.profile) and finished
+                                args.profile, args.stem) and finished
             if not finished:
                 break
         if not finished:

@@ -25,13 +25,14 @@ child under cProfile and keeps its N costliest functions (cumulative and own tim
 
     python -m bench.optimize_time                        # train and infer on the GPU
     python -m bench.optimize_time --device cpu --cases train --cprofile 25
-    python -m bench.optimize_time --smoke                # 2 blocks, tiny dims: checks the script
+    python -m bench.optimize_time --smoke --out /tmp/x   # 2 blocks, tiny dims: checks the script
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import cProfile
+import datetime
 import importlib
 import io
 import json
@@ -44,7 +45,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 if TYPE_CHECKING:
-    from bench.common import Results
+    from bench.common import Results, card_name
 
 STEM = "optimize_time"
 # the functions foldcompile.optimize calls for each phase, by the names its module binds them to
@@ -113,8 +114,10 @@ def _model(device: str, blocks: int, smoke: bool, n_seq: int | None, n_res: int 
 
 
 def measure(case: str, device: str, blocks: int, smoke: bool = False, n_seq: int | None = None,
-            n_res: int | None = None, calls: bool = True) -> dict[str, Any]:
-    """One cold-or-warm measurement in this process (the child's work): see the module docstring."""
+            n_res: int | None = None, calls: bool = True,
+            partial: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """One cold-or-warm measurement in this process (the child's work): see the module docstring.
+    ``partial(row)`` is given the row once optimize is timed (before the calls, which may run long)."""
     import torch
 
     import foldcompile
@@ -145,6 +148,11 @@ def measure(case: str, device: str, blocks: int, smoke: bool = False, n_seq: int
                                optimize_s=round(optimize_s, 2),
                                phases=", ".join(f"{k} {v:.2f}" for k, v in phases.items()),
                                nodes=len(fast.graph_module.graph.nodes))
+    report = fast.report
+    row["fused"] = ", ".join(f"{rule} {c['matched']}" for rule, c in report.counts().items() if c.get("matched"))
+    row["phase_s"] = {k: round(v, 3) for k, v in phases.items()}
+    if partial is not None:
+        partial(dict(row, status="optimize timed; the first calls did not finish"))
     call_times = []
     if calls:
         for _ in range(2):
@@ -154,24 +162,26 @@ def measure(case: str, device: str, blocks: int, smoke: bool = False, n_seq: int
             call_times.append(time.perf_counter() - t1)
         row.update(first_call_s=round(call_times[0], 2), second_call_s=round(call_times[1], 2),
                    cold_total_s=round(optimize_s + sum(call_times), 2))
-    report = fast.report
-    row["executor"] = report.executor
-    row["fused"] = ", ".join(f"{rule} {c['matched']}" for rule, c in report.counts().items() if c.get("matched"))
-    row["phase_s"] = {k: round(v, 3) for k, v in phases.items()}
+    row["executor"] = fast.report.executor
     return row
+
+
+def _write(path: str, row: dict[str, Any]) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(row, f)
+    os.replace(path + ".tmp", path)
 
 
 def _child(args: argparse.Namespace) -> None:
     kwargs = dict(case=args.case, device=args.device, blocks=args.blocks, smoke=args.smoke, n_seq=args.n_seq,
-                  n_res=args.n_res, calls=not args.no_calls)
+                  n_res=args.n_res, calls=not args.no_calls, partial=lambda row: _write(args.child_out, row))
     if args.cprofile:
         prof = cProfile.Profile()
         row = prof.runcall(measure, **kwargs)
         row["cprofile"] = top_functions(prof, args.cprofile)
     else:
         row = measure(**kwargs)
-    with open(args.child_out, "w") as f:
-        json.dump(row, f)
+    _write(args.child_out, row)
 
 
 def top_functions(prof: cProfile.Profile, n: int) -> list[str]:
@@ -216,7 +226,12 @@ def run_cold(case: str, device: str, blocks: int, *, smoke: bool = False, cprofi
         try:
             proc = subprocess.run(cmd, env=env, cwd=root, timeout=timeout_s, capture_output=True, text=True)
         except subprocess.TimeoutExpired:
-            return dict(case=case, device=device, blocks=blocks, status=f"timeout after {timeout_s:.0f} s")
+            row = dict(case=case, device=device, blocks=blocks, status="")
+            if os.path.exists(out):  # optimize finished, the calls did not
+                with open(out) as f:
+                    row = json.load(f)
+            row["status"] = f"timeout after {timeout_s:.0f} s" + (f" ({row['status']})" if row["status"] else "")
+            return row
         if proc.returncode != 0 or not os.path.exists(out):
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
             sys.stderr.write(proc.stderr[-4000:])
@@ -234,8 +249,12 @@ def main(argv: list[str] | None = None) -> "Results":
     parser.add_argument("--n-res", type=int, default=None)
     parser.add_argument("--cprofile", type=int, default=0, metavar="N",
                         help="run under cProfile and keep the N costliest functions (slows the run)")
+    parser.add_argument("--timeout-s", type=float, default=CHILD_TIMEOUT_S,
+                        help="stop a row's child after this long (the row keeps what was timed)")
     parser.add_argument("--no-calls", action="store_true", help="time optimize only, not the first two calls")
     parser.add_argument("--smoke", action="store_true", help="check the script: tiny dims, 2 blocks, CPU")
+    parser.add_argument("--append", action="store_true",
+                        help="keep the other cases' rows of today's results file (one case a device call)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     parser.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -249,7 +268,7 @@ def main(argv: list[str] | None = None) -> "Results":
         _child(args)
         return None
 
-    from bench.common import Results
+    from bench.common import Results, card_name
 
     results = Results(title=f"cold foldcompile.optimize of the zoo Evoformer stack ({args.blocks} blocks): "
                             "empty Triton and Inductor caches, one fresh process a row", columns=COLUMNS)
@@ -261,16 +280,25 @@ def main(argv: list[str] | None = None) -> "Results":
         "dims: af2 = AF2's channel dims; on a CPU small sequence sizes (the rules judge profitability at the "
         "training crop either way) and the calls run Triton's interpreter (not GPU times).",
     ]
+    stem = STEM + ("_cprofile" if args.cprofile else "")
+    if args.append:
+        previous = os.path.join(args.out, f"{stem}_{card_name().replace(' ', '_')}_{datetime.date.today()}.json")
+        if os.path.exists(previous):
+            with open(previous) as f:
+                old = json.load(f)
+            results.rows = [r for r in old["rows"] if r.get("case") not in args.cases]
+            results.notes += [n for n in old["notes"] if n not in results.notes and not n.startswith("load average")]
     profiles = []
     for case in args.cases:
         t0 = time.perf_counter()
         row = run_cold(case, args.device, args.blocks, smoke=args.smoke, cprofile=args.cprofile,
-                       n_seq=args.n_seq, n_res=args.n_res, calls=not args.no_calls)
+                       n_seq=args.n_seq, n_res=args.n_res, calls=not args.no_calls, timeout_s=args.timeout_s)
         row["wall_s"] = round(time.perf_counter() - t0, 1)
         if row.get("cprofile"):
             profiles.append((case, row.pop("cprofile")))
         results.add(**{k: v for k, v in row.items() if k != "phase_s"})
         results.rows[-1]["phase_s"] = row.get("phase_s", {})
+        results.save(args.out, stem)  # each row as it finishes: a device call stopped later keeps it
     if args.cprofile:
         results.notes.append("cProfile was on: its overhead is in every time above (compare them with a run "
                              "without --cprofile).")
@@ -282,8 +310,7 @@ def main(argv: list[str] | None = None) -> "Results":
         results.notes.append(f"load average at the end: {load:.1f} on {os.cpu_count()} cores")
     except OSError:
         pass
-    if not args.smoke:
-        print("written:", results.save(args.out, STEM + ("_cprofile" if args.cprofile else "")))
+    print("written:", results.save(args.out, stem))
     print(results.markdown())
     return results
 
