@@ -118,25 +118,41 @@ def measure_call(forward: Callable[[], torch.Tensor], leaves: list[torch.Tensor]
     return ms, peak - out_bytes - grad_bytes, per_call
 
 
-def kernel_breakdown(call: Callable[[], object], top: int = 8, width: int = 40) -> str:
-    """GPU time of each kernel in one ``call()`` (torch.profiler, after one warm call), the ``top``
-    longest, as a note. Run it after every timing of a benchmark: a profiler session leaves per-launch
-    host overhead behind (seen on an H200, 2026-12-01: ~0.4 ms a call)."""
+def kernel_times(call: Callable[[], object]) -> list[tuple[float, str]]:
+    """``(ms, name)`` of every kernel of one ``call()`` (torch.profiler, after one warm call), longest first,
+    a kernel launched several times summed under its name. On a machine without CUDA (a benchmark's CPU
+    smoke check) the profiler's CPU ops and their own CPU time instead: the code path, not a measurement.
+    Run it after every timing of a benchmark: a profiler session leaves per-launch host overhead behind
+    (seen on an H200, 2026-12-01: ~0.4 ms a call)."""
     from torch.profiler import ProfilerActivity, profile
 
+    cuda = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     call()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
         call()
-        torch.cuda.synchronize()
+        sync()
     times = []
     for ev in prof.key_averages():
-        t = getattr(ev, "device_time_total", None)
-        if t is None:
-            t = getattr(ev, "cuda_time_total", 0.0)
+        if cuda:
+            # kernels (and copies) only: a CPU op's own device time is 0, its kernels are its children
+            if getattr(ev, "device_type", None) == torch.autograd.DeviceType.CPU:
+                continue
+            t = getattr(ev, "self_device_time_total", None)
+            if t is None:
+                t = getattr(ev, "self_cuda_time_total", 0.0)
+        else:
+            t = ev.self_cpu_time_total
         if t:
             times.append((t / 1e3, ev.key))
     times.sort(reverse=True)
+    return times
+
+
+def kernel_breakdown(call: Callable[[], object], top: int = 8, width: int = 40) -> str:
+    """GPU time of each kernel in one ``call()`` (:func:`kernel_times`), the ``top`` longest, as a note."""
+    times = kernel_times(call)
     return ", ".join(f"{name[:width]} {ms:.3f} ms" for ms, name in times[:top])
 
 
