@@ -13,7 +13,9 @@ import importlib.util
 import os
 import sys
 
-_SUBPACKAGES = {"passes": "passes", "kernels": "kernels", "models": "models"}
+# kernels first: the op registry (passes) keys entries by kernel callables (draw_dropout_seed), and no
+# kernel module imports passes
+_SUBPACKAGES = {"kernels": "kernels", "passes": "passes", "models": "models"}
 
 
 def ensure_subpackages(package_name: str, package_dir: str) -> None:
