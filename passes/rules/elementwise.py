@@ -155,7 +155,7 @@ def _grow(n: torch.fx.Node, ctx: Context, random_ok: bool = True) -> tuple[list[
         cur = frontier.pop()
         shared = D.shared_mask(cur) if random_ok and ctx.kernel_random else None
         if shared is not None and shared.mask not in group:
-            if _convex(dag, group | {shared.mask, shared.creation}):
+            if _convex(flow, group | {shared.mask, shared.creation}):
                 group |= {shared.mask, shared.creation}
             else:
                 refused.setdefault(shared.mask, "merging it would make a cycle through unfused nodes")

@@ -317,8 +317,11 @@ def test_bf16_error_against_float64_within_3x_eager(name, executor):
     base, base_g = _outputs_and_grads(model, model, inputs, 1)
     fast = foldcompile.optimize(model, *inputs, executor=executor)
     got, got_g = _outputs_and_grads(fast, model, inputs, 3)
-    assert fast.report.executor == executor, fast.report.executor_reason
-    for i, (a, b, r) in enumerate(zip(got, base, ref)):
+    # the Inductor executor is refused under grad on CUDA (its training gradients failed here): this
+    # case checks the refusal runs the eager executor and still meets the bound
+    expected = "eager" if executor == "inductor" else executor
+    assert fast.report.executor == expected, fast.report.executor_reason
+    for i, (a, b, r) in enumerate(zip(got, base, ref, strict=True)):
         e_opt, e_eager = rel(a, r), rel(b, r)
         assert e_opt <= 3 * e_eager + 1e-3, f"output {i}: optimized {e_opt:.3g} vs eager bf16 {e_eager:.3g}"
     e_opt, e_eager = rel(got_g, ref_g), rel(base_g, ref_g)
