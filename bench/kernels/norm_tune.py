@@ -26,8 +26,12 @@ import torch
 import triton
 
 from bench.common import Results, copy_bandwidth_gbs, time_ms
-import foldcompile.kernels.layer_norm as ln_mod
-import foldcompile.kernels.softmax as sm_mod
+import importlib
+
+# the modules themselves: ``import foldcompile.kernels.layer_norm as m`` binds the package's function of
+# that name, which shadows the submodule
+ln_mod = importlib.import_module("foldcompile.kernels.layer_norm")
+sm_mod = importlib.import_module("foldcompile.kernels.softmax")
 
 DEVICE = "cuda"
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
