@@ -104,24 +104,32 @@ CASES = {
 }
 
 
-def _grid(n: int, backward: bool) -> list[tuple[int | None, int | None, int | None]]:
-    """(rows a program, warps, programs per SM) to try for rows of ``n``; (None, None, None) = the rule."""
+def _grid(n: int, backward: bool, wide: bool = False) -> list[tuple[int | None, int | None, int | None]]:
+    """(rows a program, warps, programs per SM) to try for rows of ``n``; (None, None, None) = the rule.
+    ``wide``: the second round, larger tiles and fewer/more warps around the first round's best."""
     bn = triton.next_power_of_2(n)
-    rows = [r for r in (1, 2, 4, 8, 16, 32, 64, 128) if r * bn in ((2048, 4096, 8192) if backward
-                                                                   else (2048, 4096, 8192, 16384))]
+    if wide:
+        sizes = (8192, 16384) if backward else (4096, 8192, 16384, 32768)
+        warp_choices = (4, 8, 16) if backward else (1, 2, 4, 8, 16, 32)
+        per_sm = (1, 2, 4)
+    else:
+        sizes = (2048, 4096, 8192) if backward else (2048, 4096, 8192, 16384)
+        warp_choices = (4, 8) if backward else (4, 8, 16)
+        per_sm = (4, 8, 16)
+    rows = [r for r in (1, 2, 4, 8, 16, 32, 64, 128, 256) if r * bn in sizes]
     out: list[tuple[int | None, int | None, int | None]] = [(None, None, None)]
     for r in rows:
-        for w in ((4, 8) if backward else (4, 8, 16)):
-            if w * 32 > r * bn:  # more threads than elements
+        for w in warp_choices:
+            if w * 32 > r * bn or r * bn // (w * 32) > 128:  # more threads than elements; spills
                 continue
             if backward:
-                out += [(r, w, p) for p in (4, 8, 16)]
+                out += [(r, w, p) for p in per_sm]
             else:
                 out.append((r, w, None))
     return out
 
 
-def run(budget_s: float, only: list[str], out: str) -> Results:
+def run(budget_s: float, only: list[str], out: str, wide: bool = False, large: bool = False) -> Results:
     t_start = time.time()
     bw = copy_bandwidth_gbs()
     res = Results(title="Layer norm and softmax blocking sweep (per pass, per shape)",
@@ -133,6 +141,8 @@ def run(budget_s: float, only: list[str], out: str) -> Results:
     for kernel in only:
         module = ln_mod if kernel == "layer_norm" else sm_mod
         for label, build in CASES[kernel]:
+            if large and "(train)" in label:
+                continue
             for dname, dtype in _DTYPES.items():
                 if time.time() - t_start > budget_s:
                     res.notes.append(f"stopped on the budget before {kernel} {label} {dname}")
@@ -145,7 +155,7 @@ def run(budget_s: float, only: list[str], out: str) -> Results:
                     if pass_name == "bwd":
                         y = fn()
                         dy = torch.randn_like(y)
-                    for cfg in _grid(n, pass_name == "bwd"):
+                    for cfg in _grid(n, pass_name == "bwd", wide):
                         with _blocking(module, *cfg):
                             if pass_name == "fwd":
                                 call: Callable[[], object] = lambda: fn()  # noqa: E731
@@ -169,7 +179,7 @@ def run(budget_s: float, only: list[str], out: str) -> Results:
                              "rule %copy": round(100 * nbytes / (rule_ms * 1e-3) / 1e9 / bw, 1),
                              "x rule": round(rule_ms / ms, 3),
                              "all": {str(k): round(v, 4) for k, v in sorted(timings.items(), key=lambda kv: kv[1])}})
-                    res.save(out, "norm_tune")  # each row kept as it finishes
+                    res.save(out, "norm_tune_wide" if wide else "norm_tune")  # each row kept as it finishes
                     if pass_name == "bwd":
                         del y, dy
                 del fn, leaves
@@ -181,12 +191,14 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=420)
     parser.add_argument("--only", nargs="*", default=["layer_norm", "softmax"])
     parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--wide", action="store_true", help="the second round: larger tiles, more warp counts")
+    parser.add_argument("--large", action="store_true", help="the inference shapes only (>= 256 MiB)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench.kernels.norm_tune needs a CUDA GPU")
-    res = run(args.budget_s, args.only, args.out)
+    res = run(args.budget_s, args.only, args.out, args.wide, args.large)
     print(res.markdown())
-    print("saved", res.save(args.out, "norm_tune"))
+    print("saved", res.save(args.out, "norm_tune_wide" if args.wide else "norm_tune"))
 
 
 if __name__ == "__main__":
