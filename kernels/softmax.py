@@ -181,10 +181,12 @@ def _softmax_bwd_kernel(Y, DY, DX, PDB, MASK, MB, R, N,
 
 
 def _row_blocking(n: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps) for rows of n entries: ~_TILE elements per program."""
+    """(BLOCK_M, BLOCK_N, num_warps) for rows of n entries: ~_TILE elements per program, one warp per 512
+    of them; rows of 1024 and more on 4 warps (an H200, rows of 1024 at 512 MiB: 57% of copy bandwidth
+    against 49% on 8, bench/results/kernels_norm_tune*_NVIDIA_H200_2026-12-02.md)."""
     block_n = triton.next_power_of_2(n)
     block_m = max(1, min(64, _TILE // block_n))
-    num_warps = min(16, max(4, block_m * block_n // 512))
+    num_warps = 4 if block_n >= 1024 and block_m * block_n <= _TILE else min(16, max(4, block_m * block_n // 512))
     return block_m, block_n, num_warps
 
 

@@ -44,8 +44,8 @@ def _blocking(module, block_m: int | None, num_warps: int | None, per_sm: int | 
              if hasattr(module, name)}
     rule = saved["_row_blocking"]
 
-    def row_blocking(n: int):
-        bm, bn, w = rule(n)
+    def row_blocking(n: int, *args, **kwargs):
+        bm, bn, w = rule(n, *args, **kwargs)
         return (block_m or bm), bn, (num_warps or w)
 
     def bwd_split(m: int, bm: int, device):
@@ -170,7 +170,7 @@ def run(budget_s: float, only: list[str], out: str, wide: bool = False, large: b
                     best = min(timings, key=timings.get)
                     ms = timings[best]
                     gbs = nbytes / (ms * 1e-3) / 1e9
-                    bm, bn, w = module._row_blocking(n)
+                    bm, bn, w = module._row_blocking(n, *(() if module is sm_mod else (leaves[0].element_size(), pass_name == "bwd")))
                     res.add(**{"kernel": kernel, "shape": label, "dtype": dname, "pass": pass_name,
                              "block_m": best[0] or f"rule ({bm})", "num_warps": best[1] or f"rule ({w})",
                              "per_sm": best[2] or ("rule (4)" if pass_name == "bwd" else "-"),
