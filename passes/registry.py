@@ -336,7 +336,8 @@ def functional_form(node: torch.fx.Node) -> tuple[Any, str] | None:
 # pass must know about an op however the graph spells it (``x.item()``, ``torch.Tensor.tolist``,
 # ``torch.ops.aten.nonzero.default``). Random ops are told by :func:`draws_random` (their entries). Keyed by callable like the entries; a name is resolved once,
 # on first use, in the registry's namespaces and ``torch.ops.aten`` (an overload finds its packet's traits).
-HOST_SYNC = "host_sync"  # reads a device value on the host (illegal while a CUDA stream is captured)
+HOST_SYNC = "host_sync"  # may read a device value on the host (illegal while a CUDA stream is captured); whether
+#                          a node does depends on its arguments for some ops: reads_device_on_host (below)
 _TRAIT_NAMES = {
     HOST_SYNC: """item tolist nonzero masked_select unique unique_consecutive bincount repeat_interleave cpu numpy
                   argwhere equal allclose is_nonzero""",
