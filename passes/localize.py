@@ -88,7 +88,7 @@ from foldcompile.passes.base import PassError, PassResult, declare, describe_nod
 from foldcompile.passes.grad_placement import GradPlacements, gradient_placements
 from foldcompile.passes.meta import DTYPE, MULTI_OUTPUT, SHAPE, SHARD, SYM_ARGS, SYM_SHAPE
 from foldcompile.passes.placement import Placed, redistribute, transition_kind
-from foldcompile.passes.registry import draws_random, entry_of, op_name
+from foldcompile.passes.registry import INDEXED_CREATION, SHARDED_DRAW, draws_random, entry_of, node_has_trait, op_name
 from foldcompile.passes.shape_prop import dim_symbol
 
 _log = logging.getLogger(__name__)
@@ -104,13 +104,11 @@ COLLECTIVE_STARTS: dict[str, Callable[..., Any]] = {
 # every runtime function a lowered graph calls: collectives (fusion barriers, class COMM)
 RUNTIME_CALLS = frozenset({*COLLECTIVE_STARTS.values(), wait, shard, keep_grad_on_rank, sum_grad})
 
-# random ops (the registry's ``random``) the handlers below draw whole and slice when their output is
-# sharded; any other random op on a shard is refused, since it would draw other values than one process
-_RANDOM_HANDLED = {"dropout", "bernoulli", "rand", "randn", "rand_like", "randn_like"}
+# random ops the handlers below draw whole and slice when their output is sharded: the registry's
+# SHARDED_DRAW; any other random op on a shard is refused, since it would draw other values than one process
 # integer arithmetic folded once its operands are constants (sizes answered by a size query)
 _FOLDABLE = {operator.getitem, operator.add, operator.sub, operator.mul, operator.floordiv, operator.mod}
-# creation ops whose values depend on the element's index: built whole, then sliced
-_INDEXED_CREATION = {"arange", "linspace", "logspace", "eye", "tensor", "range"}
+# creation ops whose values depend on the element's index (the registry's INDEXED_CREATION): built whole, then sliced
 
 
 def is_runtime_call(node: torch.fx.Node) -> bool:
@@ -412,7 +410,8 @@ class _Lowering:
             return
         self.original_args[n] = _source_args(n)
         sharded = isinstance(placed, Placed) and placed.dim is not None
-        if draws_random(n) and name not in _RANDOM_HANDLED and (sharded or any(isinstance(_placed(a), Placed) and _placed(a).dim is not None
+        drawn_whole = node_has_trait(n, SHARDED_DRAW)
+        if draws_random(n) and not drawn_whole and (sharded or any(isinstance(_placed(a), Placed) and _placed(a).dim is not None
                                                        for a in n.all_input_nodes)):
             raise PassError(f"{describe_node(n)}: the random op {name} on a sharded tensor would draw other values "
                             "than one process; only dropout, bernoulli, rand(n)(_like) are drawn whole and sliced")
@@ -422,9 +421,9 @@ class _Lowering:
                             "lowered yet (its body is a subgraph)")
         if not sharded:
             return
-        if name in _RANDOM_HANDLED:
+        if drawn_whole:
             self._random(n, name, placed)
-        elif name in _INDEXED_CREATION:
+        elif node_has_trait(n, INDEXED_CREATION):
             self._slice_after(n, placed, clone=False)
         elif name == "narrow":
             self._narrow(n, placed)

@@ -62,7 +62,7 @@ from foldcompile.distributed.collectives import split_sizes
 from foldcompile.passes.base import PassError, PassResult, declare
 from foldcompile.passes.meta import DTYPE, EINSUM, EXAMPLE_VALUE, MULTI_OUTPUT, SHAPE, SYM_SHAPE
 from foldcompile.passes.placement import Placed, Shard
-from foldcompile.passes.registry import draws_random, entry_of, op_name, writes_in_place
+from foldcompile.passes.registry import FRESH_BUFFER, JOINS, draws_random, entry_of, node_has_trait, op_name, writes_in_place
 from foldcompile.passes.rules import _meta as M
 from foldcompile.passes.sharding_rules import REPLICATE, strategies, tensor_inputs
 
@@ -72,8 +72,6 @@ __all__ = ["merge_chunk_loops_pass", "RULE"]
 
 RULE = "chunk_loop"  # the name merges are counted and identified under (``chunk_loop#0``)
 
-_JOINS = ("cat", "concat", "concatenate")
-_BUFFERS = ("new_zeros", "new_empty", "new_ones", "new_full", "zeros", "empty", "ones", "full")
 _FULL = slice(None, None, None)
 # the symbolic size the proof gives a chunk's rows (the sharding rules split dims whose size names one)
 _ROWS = sympy.Symbol("chunk_rows", positive=True, integer=True)
@@ -162,8 +160,7 @@ def _loop_of(sink: torch.fx.Node, order: dict[torch.fx.Node, int]) -> _Loop | No
     """The pieces a ``cat`` joins, or that are stored into a fresh buffer; None when ``sink`` is neither."""
     if sink.op != "call_function" or not isinstance(M.shape(sink), tuple):
         return None
-    name = op_name(sink)
-    if name in _JOINS:
+    if node_has_trait(sink, JOINS):  # the registry's JOINS: cat, concat, concatenate
         pieces = sink.args[0] if sink.args else sink.kwargs.get("tensors")
         dim = sink.args[1] if len(sink.args) > 1 else sink.kwargs.get("dim", 0)
         if (not isinstance(pieces, (list, tuple)) or len(pieces) < 2 or not isinstance(dim, int)
@@ -175,7 +172,7 @@ def _loop_of(sink: torch.fx.Node, order: dict[torch.fx.Node, int]) -> _Loop | No
             out.append(_Piece(p, start, start + M.shape(p)[axis]))
             start += M.shape(p)[axis]
         return _Loop(sink, axis, M.shape(sink)[axis], out)
-    if name not in _BUFFERS:
+    if not node_has_trait(sink, FRESH_BUFFER):  # a preallocated buffer: zeros, new_zeros, empty, ...
         return None
     stores = sorted((u for u in sink.users if _is_store(u, sink)), key=order.get)
     if len(stores) < 2:
@@ -590,7 +587,7 @@ def merge_chunk_loops_pass(gm: torch.fx.GraphModule, *, disabled: Iterable[str] 
         graph = owner.graph
         nodes, order = [], {}
         for sink in list(graph.nodes):
-            if sink.op != "call_function" or op_name(sink) not in _JOINS + _BUFFERS:
+            if sink.op != "call_function" or not (node_has_trait(sink, JOINS) or node_has_trait(sink, FRESH_BUFFER)):
                 continue
             if not order or sink not in order:  # first candidate, or the graph changed (a merge)
                 nodes = list(graph.nodes)

@@ -336,7 +336,8 @@ def functional_form(node: torch.fx.Node) -> tuple[Any, str] | None:
 # pass must know about an op however the graph spells it (``x.item()``, ``torch.Tensor.tolist``,
 # ``torch.ops.aten.nonzero.default``). Random ops are told by :func:`draws_random` (their entries). Keyed by callable like the entries; a name is resolved once,
 # on first use, in the registry's namespaces and ``torch.ops.aten`` (an overload finds its packet's traits).
-HOST_SYNC = "host_sync"  # reads a device value on the host (illegal while a CUDA stream is captured)
+HOST_SYNC = "host_sync"  # may read a device value on the host (illegal while a CUDA stream is captured); whether
+#                          a node does depends on its arguments for some ops: reads_device_on_host (below)
 _TRAIT_NAMES = {
     HOST_SYNC: """item tolist nonzero masked_select unique unique_consecutive bincount repeat_interleave cpu numpy
                   argwhere equal allclose is_nonzero""",
@@ -474,3 +475,133 @@ def piecewise(node: torch.fx.Node, args: tuple, kwargs: dict) -> Piecewise | Non
     if name in ("clamp", "clamp_min", "clamp_max", "hardtanh") and not _scalar_bounds(name, args, kwargs):
         return None
     return _PIECEWISE.get(name)
+
+
+# ----------------------------------------------------------------------------- host facts, sharding and chunk-loop traits
+# (hostfacts, 2026-12-02) Facts the executors and passes used to keep in module-level lists of their own:
+# which ops read the device on the host GIVEN THEIR ARGUMENTS, which build a tensor from Python data,
+# which random ops a rank can draw on its shard, which creation ops depend on the element's index, which
+# ops join pieces and which allocate a buffer to store pieces into.
+#
+# HOST_SYNC (above) names the ops that MAY read a device value on the host; :func:`reads_device_on_host`
+# is the precise, per-node fact (an op listed in ``_HOST_SYNC_UNLESS`` reads only for some arguments).
+# Checked one by one (a false positive only costs a CUDA graph; a false negative breaks a capture):
+# - ``repeat_interleave`` reads the device (the repeats' sum sizes its output) only when ``repeats`` is
+#   a tensor and no ``output_size`` is given; an int ``repeats`` is an expand and a copy
+#   (``bias.repeat_interleave(multiplicity, 0)`` in Boltz). An argument counts as a tensor unless it is
+#   a literal or the node's meta says it is not one (shape_prop's ``shape`` None, a tracer's int value).
+# - ``item``, ``tolist``, ``_local_scalar_dense`` (what ``item`` becomes in ATen graphs), ``equal``,
+#   ``allclose``, ``is_nonzero``: a Python value out of a tensor, always.
+# - ``nonzero``, ``argwhere``, ``masked_select``, ``unique``, ``unique_consecutive``, ``bincount``: the
+#   output's size is data-dependent (bincount sizes it by the input's maximum even with ``minlength``).
+# - ``cpu``, ``numpy``: kept unconditional. In a graph the CUDA-graph executor takes every input is on
+#   one CUDA device, so a ``.cpu()`` there copies device -> host, except of a tensor the graph made on
+#   the host itself; and work on such a host tensor runs once, at the capture, and is never replayed,
+#   while bringing it back to the device is a host -> device copy a capture cannot hold either. Which
+#   device a node's value is on is not part of its meta here (shape, dtype), so there is nothing exact
+#   to condition on: the executor runs such a graph eagerly.
+INDEXED_CREATION = "indexed_creation"  # a creation op whose values depend on each element's index: a shard
+#                                        of it is not the op at the shard's size (built whole, then sliced)
+SHARDED_DRAW = "sharded_draw"          # a random op a rank can draw exactly as one process does on its shard:
+#                                        the whole draw, sliced (foldcompile.distributed.sharded_random)
+JOINS = "joins"                        # concatenates the tensors of its first argument along ``dim``
+FRESH_BUFFER = "fresh_buffer"          # allocates a tensor of the sizes given, one fill value or uninitialised
+#                                        (what chunked code stores its pieces into)
+_TRAIT_NAMES[HOST_SYNC] += " _local_scalar_dense"
+_TRAIT_NAMES.update({
+    INDEXED_CREATION: "arange linspace logspace eye tensor range",
+    SHARDED_DRAW: "dropout bernoulli rand randn rand_like randn_like",
+    JOINS: "cat concat concatenate",
+    FRESH_BUFFER: "new_zeros new_empty new_ones new_full zeros empty ones full",
+})
+# ops that build a tensor from Python data (a host -> device copy on CUDA), by their data argument's position
+# (its keyword is ``data``); keyed by the callables themselves, exactly these spellings
+_HOST_DATA_POSITION: dict[Any, int] = {torch.tensor: 0, torch.as_tensor: 0, torch.Tensor.new_tensor: 1}
+
+__all__ += ["node_has_trait", "reads_device_on_host", "host_data_position", "INDEXED_CREATION", "SHARDED_DRAW",
+            "JOINS", "FRESH_BUFFER"]
+
+
+def node_has_trait(node: torch.fx.Node, trait: str) -> bool:
+    """Whether ``node`` calls an op with ``trait``, however it is spelled (a method call, the torch
+    function, an ATen overload); placeholders, outputs and ``get_attr`` nodes have none.
+
+        >>> import torch, torch.fx
+        >>> gm = torch.fx.symbolic_trace(lambda x: torch.cat([x.new_zeros(2), torch.arange(x.shape[0]),
+        ...                                                   torch.rand_like(x), x.uniform_()]))
+        >>> for n in gm.graph.nodes:
+        ...     print(n.name, [t for t in (JOINS, FRESH_BUFFER, INDEXED_CREATION, SHARDED_DRAW) if node_has_trait(n, t)])
+        x []
+        new_zeros ['fresh_buffer']
+        getattr_1 []
+        getitem []
+        arange ['indexed_creation']
+        rand_like ['sharded_draw']
+        uniform_ []
+        cat ['joins']
+        output []
+        >>> has_trait(torch.ops.aten.cat.default, JOINS), has_trait(torch.zeros_like, FRESH_BUFFER)
+        (True, False)
+    """
+    return node.op in ("call_function", "call_method") and has_trait(target_of(node), trait)
+
+
+def _may_be_tensor(a: Any) -> bool:
+    """Whether an argument may be a tensor: a tensor, or a node not known to be something else."""
+    if isinstance(a, torch.Tensor):
+        return True
+    if not isinstance(a, torch.fx.Node):
+        return False  # a literal (int, SymInt, None)
+    for key in ("val", "example_value"):  # a tracer's record of the value (Dynamo, make_fx)
+        if key in a.meta:
+            return isinstance(a.meta[key], torch.Tensor)
+    if "shape" in a.meta:  # shape_prop: None for a value that is no tensor
+        return a.meta["shape"] is not None
+    return True  # nothing known: it may be
+
+
+def _repeat_interleave_reads(node: torch.fx.Node) -> bool:
+    # torch.repeat_interleave(input, repeats, dim, *, output_size), the method, aten's self_Tensor / self_int,
+    # and the one-argument form torch.repeat_interleave(repeats, *, output_size) (aten's .Tensor)
+    if node.kwargs.get("output_size") is not None:
+        return False
+    if "repeats" in node.kwargs:
+        repeats = node.kwargs["repeats"]
+    elif len(node.args) >= 2:
+        repeats = node.args[1]
+    else:
+        repeats = node.args[0] if node.args else node.kwargs.get("input")
+    return _may_be_tensor(repeats)
+
+
+# HOST_SYNC ops that read the device only for some arguments: op name -> whether this node does
+_HOST_SYNC_UNLESS: dict[str, Callable[[torch.fx.Node], bool]] = {"repeat_interleave": _repeat_interleave_reads}
+
+
+def reads_device_on_host(node: torch.fx.Node) -> bool:
+    """Whether running ``node`` reads a device value on the host (a synchronisation a CUDA graph cannot
+    capture): an op with the :data:`HOST_SYNC` trait, with the arguments that make it read (see the
+    section comment above: ``repeat_interleave`` reads only for a tensor ``repeats`` without ``output_size``).
+
+        >>> import torch, torch.fx
+        >>> gm = torch.fx.symbolic_trace(lambda x, counts: (x.repeat_interleave(2, 0), x.repeat_interleave(counts),
+        ...                              x.repeat_interleave(counts, output_size=7), x.sum().item()))
+        >>> [n.name for n in gm.graph.nodes if reads_device_on_host(n)]
+        ['repeat_interleave_1', 'item']
+    """
+    if not node_has_trait(node, HOST_SYNC):
+        return False
+    unless = _HOST_SYNC_UNLESS.get(op_name(node))
+    return unless is None or unless(node)
+
+
+def host_data_position(target: Any) -> int | None:
+    """Where the Python data sit among the arguments of an op that builds a tensor from them (a host ->
+    device copy on CUDA; the keyword is ``data``), or None for any other op. Exactly ``torch.tensor``,
+    ``torch.as_tensor`` and ``Tensor.new_tensor``: a node's :func:`target_of` gives the method's callable.
+
+        >>> import torch
+        >>> host_data_position(torch.tensor), host_data_position(torch.Tensor.new_tensor), host_data_position(torch.ones)
+        (0, 1, None)
+    """
+    return next((p for f, p in _HOST_DATA_POSITION.items() if f is target), None)

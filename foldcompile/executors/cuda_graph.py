@@ -64,22 +64,13 @@ import torch.fx
 import torch.utils._pytree as pytree
 
 from foldcompile.executors.base import Executor, graph_tensors
-from foldcompile.passes.registry import HOST_SYNC, draws_random, has_trait, op_name, target_of, writes_in_place
+from foldcompile.passes.registry import draws_random, host_data_position, op_name, reads_device_on_host, writes_in_place
 
 __all__ = ["CudaGraphExecutor", "CudaGraphCapture", "cuda_graph_unsafe_reason", "hoist_host_literals"]
 
 log = logging.getLogger("foldcompile.executors.cuda_graph")
 
 _CHECKPOINT_HOP = torch.ops.higher_order.tag_activation_checkpoint
-
-# ops that build a tensor from Python data (a host-to-device copy on CUDA), by their data argument
-_HOST_DATA_OPS = {torch.tensor: 0, torch.as_tensor: 0, torch.Tensor.new_tensor: 1}
-
-
-def _is(node: torch.fx.Node, trait: str) -> bool:
-    """Whether ``node`` calls an op with ``trait`` (the op registry's traits: however it is spelled)."""
-    return node.op in ("call_function", "call_method") and has_trait(target_of(node), trait)
-
 
 def _subgraphs(gm: torch.fx.GraphModule, node: torch.fx.Node) -> list[torch.fx.GraphModule]:
     out = []
@@ -105,7 +96,7 @@ def cuda_graph_unsafe_reason(gm: torch.fx.GraphModule) -> str | None:
     for node in gm.graph.nodes:
         if node.op not in ("call_function", "call_method"):
             continue
-        if _is(node, HOST_SYNC):
+        if reads_device_on_host(node):
             return (f"node {node.name!r} ({op_name(node)}) reads a device value on the host, which a CUDA graph "
                     "cannot replay")
         if node.target is torch.utils.checkpoint.checkpoint or node.target is _CHECKPOINT_HOP:
@@ -168,9 +159,9 @@ def hoist_host_literals(gm: torch.fx.GraphModule) -> int:
                 count += hoist_host_literals(obj)
             continue
         fn = getattr(torch.Tensor, str(node.target), None) if node.op == "call_method" else node.target
-        if node.op not in ("call_function", "call_method") or not any(fn is f for f in _HOST_DATA_OPS):
+        position = host_data_position(fn) if node.op in ("call_function", "call_method") else None
+        if position is None:
             continue
-        position = next(v for f, v in _HOST_DATA_OPS.items() if f is fn)
         data = node.args[position] if len(node.args) > position else node.kwargs.get("data")
         from_literals = data is not None and not any(isinstance(a, (torch.fx.Node, torch.Tensor))
                                                      for a in pytree.tree_leaves(data))

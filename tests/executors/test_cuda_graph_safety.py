@@ -136,3 +136,44 @@ def test_a_forward_writing_a_buffer_in_place_turns_graphs_off():
     run((torch.zeros(2),), {})
     assert run.name == "eager" and "writes calls in place" in run.describe()["reason"]
     assert float(gm.calls) == 1.0  # applied once, by the call itself
+
+
+def _shape_propped(fn, *inputs) -> torch.fx.GraphModule:
+    from foldcompile.passes.shape_prop import shape_prop_pass
+    gm = _graph(fn)
+    shape_prop_pass(gm, inputs)
+    return gm
+
+
+def test_repeat_interleave_by_an_int_is_graph_safe_by_a_tensor_it_reads_the_device():
+    # issue 12: Boltz-2's `bias.repeat_interleave(multiplicity, 0)` with an int multiplicity is an
+    # expand and a copy; only a tensor of repeats (whose sum sizes the output) is read on the host
+    x = torch.randn(3, 4)
+    assert cuda_graph_unsafe_reason(_graph(lambda x: x.repeat_interleave(2, 0))) is None
+    assert cuda_graph_unsafe_reason(_graph(lambda x: torch.repeat_interleave(x, 2, dim=0))) is None
+    # the int as a graph input, known to be an int from shape_prop's meta
+    assert cuda_graph_unsafe_reason(_shape_propped(lambda bias, m: bias.repeat_interleave(m, 0), x, 3)) is None
+    counts = torch.tensor([1, 0, 2])
+    for gm in (_graph(lambda x, counts: x.repeat_interleave(counts, dim=0)),
+               _shape_propped(lambda x, counts: x.repeat_interleave(counts, dim=0), x, counts),
+               _graph(lambda counts: torch.repeat_interleave(counts)),
+               _one_call(torch.ops.aten.repeat_interleave.Tensor)):
+        why = cuda_graph_unsafe_reason(gm)
+        assert why is not None and "(repeat_interleave) reads a device value on the host" in why, why
+        node = next(n for n in gm.graph.nodes if "repeat_interleave" in str(n.target))
+        assert why.startswith(f"node {node.name!r} "), why
+    # with its output size given, a tensor of repeats is not read on the host
+    assert cuda_graph_unsafe_reason(_graph(lambda x, counts: x.repeat_interleave(counts, dim=0, output_size=3))) is None
+
+
+def test_boltz2_attention_pair_bias_is_not_refused_for_its_repeat_interleave():
+    # the unmodified Boltz-2 layer, captured as foldcompile captures it (Dynamo): multiplicity=1 is an int
+    # boltz 2.2.1 as tests/third_party/test_boltz.py installs it (no skip: a missing boltz fails here)
+    import boltz.model.layers.attentionv2 as attention
+    from foldcompile.capture import trace
+    layer = attention.AttentionPairBias(c_s=16, c_z=8, num_heads=2).eval()
+    s, z, mask = torch.randn(1, 5, 16), torch.randn(1, 5, 5, 8), torch.ones(1, 5)
+    gm = trace(layer, s, z, mask, s)
+    assert any(n.op in ("call_function", "call_method") and "repeat_interleave" in str(n.target)
+               for n in gm.graph.nodes), gm.code
+    assert cuda_graph_unsafe_reason(gm) is None

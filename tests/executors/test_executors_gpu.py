@@ -252,6 +252,34 @@ def test_auto_picks_cuda_graphs_on_cuda():
     assert fast.report.execution["requested"] == "auto" and _replays(fast) == 2
 
 
+class _PairBiasByMultiplicity(torch.nn.Module):
+    """Boltz-2's attention pair bias (layers/attentionv2.py): ``bias.repeat_interleave(multiplicity, 0)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj_z = torch.nn.Linear(16, 4, bias=False)
+        self.proj_q = torch.nn.Linear(16, 16)
+
+    def forward(self, s, z, multiplicity: int = 2):
+        bias = self.proj_z(z).permute(0, 3, 1, 2).repeat_interleave(multiplicity, 0)   # [B*m, H, N, N]
+        q = self.proj_q(s).repeat_interleave(multiplicity, 0).view(s.shape[0] * multiplicity, -1, 4, 4)
+        return torch.softmax(torch.einsum("bihd,bjhd->bhij", q, q) + bias, dim=-1)
+
+
+def test_repeat_interleave_by_an_int_replays_as_a_cuda_graph():
+    # issue 12: the Boltz-2 Pairformer ran eagerly, its int repeat_interleave taken for a host read
+    model = _PairBiasByMultiplicity().cuda().eval()
+    s, z = torch.randn(2, 11, 16, device="cuda"), torch.randn(2, 11, 11, 16, device="cuda")
+    with torch.no_grad():
+        want = model(s, z)
+        fast = foldcompile.optimize(model, s, z, executor="cuda_graph")
+        for _ in range(3):
+            got = fast(s, z)
+    assert fast.report.executor == "cuda_graph", fast.report.executor_reason
+    assert _replays(fast) == 2
+    _close([got], [want], "output")
+
+
 def test_inductor_under_grad_on_cuda_is_refused_and_runs_eagerly():
     # its parameter gradients were 1.32 (relative) off eager's here on an H200 (2026-12-02; bench/results/
     # gpu_tests_executors_NVIDIA_H200_2026-12-02b.txt): refused until the cause is found
