@@ -55,12 +55,22 @@ SMOKE_SHAPES = [("MSA", (6, 13), 32, (16, 16, 16, 16), (False, False, False, Tru
 FWD_SWEEP = [dict(BLOCK_M=64, BLOCK_N=128, num_warps=4, num_stages=3),
              dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
              dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=4),
+             dict(BLOCK_M=128, BLOCK_N=128, num_warps=4, num_stages=3),
+             dict(BLOCK_M=64, BLOCK_N=256, num_warps=8, num_stages=3),
              dict(BLOCK_M=256, BLOCK_N=64, num_warps=8, num_stages=3),
-             dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=4)]
+             dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=4),
+             dict(BLOCK_M=32, BLOCK_N=128, num_warps=4, num_stages=3)]
 BWD_SWEEP = [dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=2),
              dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=3),
              dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2),
-             dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=3)]
+             dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=3),
+             dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+             dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2),
+             dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2)]
+# where each sweep runs (the shapes' names): the forward at the MSA (K=256) and the pair at N_res=1024, the
+# backward at the two training-crop shapes
+FWD_SWEEP_AT = ("MSA", "pair N_res=1024")
+BWD_SWEEP_AT = ("MSA", "pair N_res=256")
 
 
 class LayerNormProjections(nn.Module):
@@ -275,11 +285,11 @@ def run(quick: bool = False, sweep: bool = True, smoke: bool = False) -> Results
                                    lambda ours=ours, x=x, douts=douts, backward=backward, params=params: (
                                        torch.autograd.grad(ours(x), [x, *params], douts) if backward
                                        else ours(x.detach()))))
-            # the block-size sweep: the forward at the pair's N_res = 1024, the backward at the MSA
+            # the block-size sweep (FWD_SWEEP_AT, BWD_SWEEP_AT)
             plan = []
-            if sweep and not backward and (smoke or name == "pair N_res=1024"):
+            if sweep and not backward and (smoke or name in FWD_SWEEP_AT):
                 plan = [("fwd", cfg) for cfg in FWD_SWEEP]
-            if sweep and backward and name == "MSA":
+            if sweep and backward and name in BWD_SWEEP_AT:
                 plan = [("bwd", cfg) for cfg in BWD_SWEEP]
             for kind, cfg in plan:
                 row = dict(shape=shape, projections=proj, impl=f"foldcompile sweep {kind}", note="",
