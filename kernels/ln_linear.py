@@ -254,18 +254,31 @@ def _config(kind: str, K: int, dtype: torch.dtype) -> dict:
     if interpreting():
         return dict(BLOCK_M=32, BLOCK_N=16, BLOCK_K=bk, num_warps=4, num_stages=1)
     wide = dtype == torch.float32
+    # bf16 choices measured on an H200 (bench/results/kernels_ln_linear_sweep_NVIDIA_H200_2026-12-02.md, GPU
+    # time of CUDA-graph replays): forward K=128 at 10^6 rows 64 x 64 tiles on 4 warps, 4 stages (0.87 ms
+    # against 1.08 with 128 x 128 on 8); backward K=128 (pair, N_res=256) 64 x 64 on 4 warps (0.27 against
+    # 0.33 ms on 8); backward K=256 (MSA rows) 32 x 32 on 4 warps, 3 stages (0.32 against 0.43 ms)
     if kind == "fwd":
-        # the fp32 statistics pass holds a few [BLOCK_M, BLOCK_K] fp32 tiles: 16K elements is 64 registers a
-        # thread each at 8 warps; a weight tile of BLOCK_K·BLOCK_N per pipeline stage in shared memory
-        bm, bn, stages = (128, 128, 3) if bk <= 128 else (64, 128, 2) if bk <= 256 else (32, 64, 2)
+        # the fp32 statistics pass holds a few [BLOCK_M, BLOCK_K] fp32 tiles; a weight tile of BLOCK_K·BLOCK_N
+        # per pipeline stage in shared memory
+        if bk <= 128:
+            bm, bn, warps, stages = 64, 64, 4, 4
+        elif bk <= 256:
+            bm, bn, warps, stages = 64, 128, 8, 2
+        else:
+            bm, bn, warps, stages = 32, 64, 8, 2
         if wide and bm > 16:
             bm //= 2
-        return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=8, num_stages=stages)
-    bm = 64 if bk <= 128 else 32 if bk <= 256 else 16
+        return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+    if bk <= 128:
+        bm, bn, warps, stages = 64, 64, 4, 2
+    elif bk <= 256:
+        bm, bn, warps, stages = 32, 32, 4, 3
+    else:  # not measured: the first rule's choice
+        bm, bn, warps, stages = 16, 32, 8 if 16 * bk >= 8192 else 4, 2
     if wide and bm > 16:
         bm //= 2
-    return dict(BLOCK_M=bm, BLOCK_N=64 if bk <= 256 else 32, BLOCK_K=bk, num_warps=8 if bm * bk >= 8192 else 4,
-                num_stages=2)
+    return dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
 
 
 def _rows_of(x: torch.Tensor) -> tuple[torch.Tensor, int, tuple[int, int], tuple[int, int, int]]:
