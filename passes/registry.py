@@ -36,7 +36,8 @@ import torch.fx
 import torch.nn.functional as F
 
 __all__ = ["OpEntry", "register_op", "register_sharding", "lookup", "entry_of", "entries", "resolve_name", "op_name", "target_of",
-           "writes_in_place", "functional_form", "draws_random", "changes_mode", "MODE_CHANGES", "register_trait",
+           "writes_in_place", "functional_form", "draws_random", "changes_mode", "MODE_CHANGES", "enters_autocast",
+           "exits_autocast", "register_trait",
            "has_trait", "HOST_SYNC", "Piecewise", "piecewise",
            "OP_CLASSES", "GEMM", "REDUCTION", "ELEMENTWISE", "LAYOUT", "COMM", "OTHER"]
 
@@ -266,6 +267,17 @@ MODE_CHANGES: frozenset[Any] = frozenset({torch._C._set_grad_enabled, torch.amp.
 def changes_mode(node: torch.fx.Node) -> bool:
     """Whether a node enters or leaves a grad-mode or autocast region (:data:`MODE_CHANGES`)."""
     return node.op == "call_function" and node.target in MODE_CHANGES
+
+
+def enters_autocast(node: torch.fx.Node) -> bool:
+    """Whether a node enters an autocast region (``_enter_autocast(device_type, dtype, enabled, cache_enabled)``,
+    what a capture writes for ``with torch.autocast(...)``; its ``_exit_autocast`` takes this node)."""
+    return node.op == "call_function" and node.target is torch.amp.autocast_mode._enter_autocast
+
+
+def exits_autocast(node: torch.fx.Node) -> bool:
+    """Whether a node leaves an autocast region (``_exit_autocast(enter_node)``)."""
+    return node.op == "call_function" and node.target is torch.amp.autocast_mode._exit_autocast
 
 
 _LOADED = False
