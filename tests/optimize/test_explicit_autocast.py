@@ -324,3 +324,37 @@ def test_unmodified_boltz2_pairformer_under_bf16_autocast(training, reference_ke
     if not training:  # eval draws no masks: the explicit casts run the kernels autocast runs
         for g, r in zip(got, ref):
             assert rel(g, r) <= 1e-2
+
+
+@pytest.mark.parametrize("name", ["BufferLoop", "CatNarrowTransition"])
+def test_chunk_loops_still_merge_under_autocast(name):
+    loops = importlib.import_module("test_chunk_loops")
+    torch.manual_seed(0)
+    model = getattr(loops, name)().eval()
+    g = torch.Generator().manual_seed(0)
+    if name == "BufferLoop":
+        mask = torch.ones(7, 10)
+        mask[:, -1] = 0
+        inputs = (torch.randn(7, 10, loops.C, generator=g), mask)
+    else:
+        inputs = (torch.randn(3, 10, loops.C, generator=g),)
+    fast, _, _ = _optimize_under_autocast(model, inputs, dtype=torch.float16)
+    assert fast.report.counts()["chunk_loop"]["matched"] == 1
+
+
+def test_the_dynamo_backend_fuses_under_autocast():
+    model, inputs = zoo.get("pairformer_block")
+    model = model.eval()
+    backend = importlib.import_module("foldcompile.dynamo_backend").Backend(executor="eager")
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend)
+    with cpu_autocast(torch.float16):
+        ref = flat(model(*inputs))
+        got = flat(compiled(*inputs))
+    assert [g.dtype for g in got] == [r.dtype for r in ref]
+    for g, r in zip(got, ref):
+        assert rel(g, r) <= 2e-2
+    assert not backend.handed_on
+    records = [c.report.record for c in backend.graphs]
+    assert records and all(r["explicit_autocast"]["explicit"] for r in records)
+    assert sum(r["counts"]["elementwise"]["matched"] for r in records) >= 1
