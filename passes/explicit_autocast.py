@@ -132,7 +132,7 @@ class _Region:
     def as_record(self) -> dict[str, Any]:
         status = "explicit" if not self.refused else "partly explicit"
         return {"region": self.id, "kind": self.kind, "device": self.device, "dtype": str(self.dtype),
-                "source": self.source, "status": status, "changed": self.changed, "casts": self.casts,
+                "source": self.source, "status": status, "changed": self.changed, "cast_args": self.casts,
                 "refused": [r["node"] for r in self.refused]}
 
 
@@ -484,7 +484,7 @@ def explicit_autocast_pass(gm: torch.fx.GraphModule, *, ambient: State | None = 
 
     Record: ``regions`` (each casting region: ``region`` id — ``"ambient"`` or the enter node's name —,
     ``kind``, ``device``, ``dtype``, ``source``, ``status`` ``"explicit"`` / ``"partly explicit"``, how many
-    ops autocast ``changed`` and the ``casts`` inserted, the ``refused`` nodes), ``changed`` (per op made
+    ops autocast ``changed`` and the arguments cast (``cast_args``), the ``refused`` nodes), ``changed`` (per op made
     explicit: its node, op and the casts of its arguments), ``refused`` (per node kept under autocast: node,
     op, source line, region, reason), ``casts`` (cast nodes inserted), ``wrapped`` (the devices the graph was
     wrapped in ``autocast(enabled=False)`` for), ``dropped`` (in-graph regions removed), ``explicit`` (True
