@@ -66,6 +66,7 @@ from foldcompile.guards import GuardError
 from foldcompile.pass_manager import copy_graph_module
 from foldcompile.passes.base import PassError
 from foldcompile.passes.classify import classify_pass
+from foldcompile.passes.explicit_autocast import explicit_autocast_pass
 from foldcompile.passes.fuse import DEFAULT_AT, fuse_pass
 from foldcompile.passes.merge_chunk_loops import RULE as MERGE_RULE
 from foldcompile.passes.merge_chunk_loops import merge_chunk_loops_pass
@@ -141,6 +142,12 @@ class OptimizeReport:
         lines = [f"{self.model_name}: fused at {at} (example dims {self.dims})"]
         if r.get("not_fused_because"):
             lines.append(f"note: {r['not_fused_because']}")
+        ac = r.get("explicit_autocast") or {}
+        if ac.get("regions"):
+            lines.append(f"autocast made explicit: {len(ac['changed'])} op(s) with {ac['casts']} cast(s) in "
+                         f"{len(ac['regions'])} region(s)" + (f"; {len(ac['refused'])} op(s) kept under autocast: "
+                         + "; ".join(f"{x['node']} ({x['op']}): {x['reason']}" for x in ac["refused"][:4])
+                         if ac["refused"] else ""))
         lines.append(f"executor: {self.executor} ({self.executor_reason})")
         lines += [
                  f"reduction + element-wise bytes in kernels at that size: {cov['fraction']:.1%}", "",
@@ -268,7 +275,10 @@ def fuse_annotated(gm: torch.fx.GraphModule, annotate: Callable[[torch.fx.GraphM
     included, merge the chunk loops of whole layers (:mod:`foldcompile.passes.merge_chunk_loops`), annotate
     the merged graph again with ``annotate`` (a merged graph it cannot annotate keeps its loops, each
     listed with the reason), then ``fuse_pass``. Returns the fused copy and its record (the merges first,
-    as one more rule, ``chunk_loop``). Under an active autocast nothing is fused (the record says why).
+    as one more rule, ``chunk_loop``). First of all autocast's casts are made explicit
+    (:mod:`foldcompile.passes.explicit_autocast`; ``record["explicit_autocast"]`` says which regions were made
+    explicit and which nodes were kept under autocast, and why); an ambient autocast whose casts cannot be
+    made explicit leaves the variant unfused (``record["not_fused_because"]`` says why).
 
         >>> import torch, foldcompile
         >>> from foldcompile.capture import flat_inputs, trace
@@ -289,17 +299,24 @@ def fuse_annotated(gm: torch.fx.GraphModule, annotate: Callable[[torch.fx.GraphM
     """
     autocast_on = _ambient_autocast()
     fused = _copy_with_bodies(gm)
+    # autocast's casts written into the graph (x.to(dtype)), which then runs with autocast off: our kernels
+    # compute in their inputs' dtypes, so only an explicit graph can be fused; nodes the pass refused stay
+    # under autocast in regions of their own, which fuse_pass treats as barriers
+    made = explicit_autocast_pass(fused)
+    explicit = made.record
+    casting = bool(autocast_on) and not explicit["explicit"]  # the ambient autocast still casts the graph
     merged: dict[str, Any] = {}
-    # our kernels have no autocast rules (they compute in their inputs' dtypes): under an active
-    # autocast a fused op would compute in another precision than the op it replaces
-    if not autocast_on and rules != []:
-        fused, merged = _merge_chunk_loops(gm, fused, disabled, annotate)
-    result = fuse_pass(fused, at=at, disabled=disabled, rules=[] if autocast_on else rules)
+    if not casting and rules != []:
+        # a merge that does not run falls back to the graph before it (the explicit one)
+        fused, merged = _merge_chunk_loops(_copy_with_bodies(fused) if made.changed else gm, fused, disabled, annotate)
+    result = fuse_pass(fused, at=at, disabled=disabled, rules=[] if casting else rules)
     if merged:
         _add_record(result.record, merged)
-    if autocast_on:
-        result.record["not_fused_because"] = (f"autocast is active ({autocast_on}): the kernels have no autocast "
-                                              "rules, so nothing is fused in this variant")
+    result.record["explicit_autocast"] = explicit
+    if casting:
+        result.record["not_fused_because"] = (f"autocast is active ({autocast_on}) and its casts could not be "
+                                              f"made explicit ({explicit['refused_graph']}), so nothing is fused "
+                                              "in this variant")
     fused.recompile()
     return fused, result.record
 

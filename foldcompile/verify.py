@@ -3,7 +3,7 @@
 ``verify(model, *inputs, optimized=None, bisect=False)`` runs three graphs on the same inputs:
 
 - the **truth**: the traced graph (normalized, before fusion) in float64 — parameters,
-  inputs and every float dtype the graph names (``x.to(torch.float32)``) widened;
+  inputs and every float dtype the graph names (``x.to(torch.float32)``, ``x.float()``) widened;
 - the **traced** graph in the run dtype: eager's own rounding;
 - the **optimized** graph (the variant ``optimized`` runs for these inputs).
 
@@ -72,7 +72,7 @@ import torch.utils.checkpoint
 from foldcompile.capture import flat_inputs
 from foldcompile.kernels.philox import _dropout_scale, draw_dropout_seed, dropout_mask_reference
 from foldcompile.optimize import OptimizedModule, Variant, build_variant, optimize
-from foldcompile.passes.registry import draws_random, piecewise, writes_in_place
+from foldcompile.passes.registry import draws_random, fixed_float_cast, piecewise, writes_in_place
 from foldcompile.passes.rules import _meta as M
 from foldcompile.variants import EAGER
 
@@ -125,6 +125,10 @@ class _Run(torch.fx.Interpreter):
             args, kwargs = self.fetch_args_kwargs_from_env(n)
             args, kwargs = (_widen(args), _widen(kwargs)) if self.wide else (args, kwargs)
             out = piecewise(n, args, kwargs).on_piece(args, kwargs, self.pieces[n.name])
+        elif n.op == "call_function" and self.wide and fixed_float_cast(n) is not None:
+            # ``x.float()`` names its dtype in the method: in the float64 truth it keeps float64
+            x = self.fetch_args_kwargs_from_env(n)[0][0]
+            out = x.to(torch.float64) if x.is_floating_point() else n.target(x)
         elif n.op == "call_function" and self.wide:
             args, kwargs = self.fetch_args_kwargs_from_env(n)
             out = n.target(*_widen(args), **_widen(kwargs))

@@ -4,6 +4,7 @@
     shape_prop  shapes, dtypes, and sizes as sympy expressions over named dims (N_seq, N_res, ...),
                 on real or fake tensors
     classify    op class (GEMM / REDUCTION / ELEMENTWISE / LAYOUT / COMM / OTHER) and symbolic cost
+    explicit_autocast  autocast's casts written into the graph as x.to(dtype); the graph then runs with autocast off
     merge_chunk_loops  a layer run on chunks of rows in a Python loop -> the layer run once (before fuse)
     fuse        the fusion rules of ``passes/rules`` (attention, softmax, layer norm) into the kernels
     shard       the DAP placement plan: a placement on every tensor, a redistribute at every change

@@ -36,7 +36,8 @@ import torch.fx
 import torch.nn.functional as F
 
 __all__ = ["OpEntry", "register_op", "register_sharding", "lookup", "entry_of", "entries", "resolve_name", "op_name", "target_of",
-           "writes_in_place", "functional_form", "draws_random", "changes_mode", "MODE_CHANGES", "register_trait",
+           "writes_in_place", "functional_form", "draws_random", "changes_mode", "MODE_CHANGES", "enters_autocast",
+           "exits_autocast", "FIXED_FLOAT_CASTS", "fixed_float_cast", "register_trait",
            "has_trait", "HOST_SYNC", "Piecewise", "piecewise",
            "OP_CLASSES", "GEMM", "REDUCTION", "ELEMENTWISE", "LAYOUT", "COMM", "OTHER"]
 
@@ -266,6 +267,30 @@ MODE_CHANGES: frozenset[Any] = frozenset({torch._C._set_grad_enabled, torch.amp.
 def changes_mode(node: torch.fx.Node) -> bool:
     """Whether a node enters or leaves a grad-mode or autocast region (:data:`MODE_CHANGES`)."""
     return node.op == "call_function" and node.target in MODE_CHANGES
+
+
+# Tensor methods that cast to one floating dtype, named by the method rather than by a dtype argument
+# (``x.float()``): a pass that changes a graph's precision (verify's float64 truth) must see them.
+FIXED_FLOAT_CASTS: dict[Any, torch.dtype] = {torch.Tensor.float: torch.float32, torch.Tensor.half: torch.float16,
+                                             torch.Tensor.bfloat16: torch.bfloat16}
+
+
+def fixed_float_cast(node: torch.fx.Node) -> torch.dtype | None:
+    """The floating dtype a ``x.float()`` / ``x.half()`` / ``x.bfloat16()`` node casts to (else None)."""
+    if node.op not in ("call_function", "call_method"):
+        return None
+    return FIXED_FLOAT_CASTS.get(target_of(node))
+
+
+def enters_autocast(node: torch.fx.Node) -> bool:
+    """Whether a node enters an autocast region (``_enter_autocast(device_type, dtype, enabled, cache_enabled)``,
+    what a capture writes for ``with torch.autocast(...)``; its ``_exit_autocast`` takes this node)."""
+    return node.op == "call_function" and node.target is torch.amp.autocast_mode._enter_autocast
+
+
+def exits_autocast(node: torch.fx.Node) -> bool:
+    """Whether a node leaves an autocast region (``_exit_autocast(enter_node)``)."""
+    return node.op == "call_function" and node.target is torch.amp.autocast_mode._exit_autocast
 
 
 _LOADED = False

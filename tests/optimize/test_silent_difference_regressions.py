@@ -100,15 +100,19 @@ class Attend(torch.nn.Module):
         return torch.softmax(q @ k.transpose(-1, -2) * 8 ** -0.5, -1) @ v
 
 
-def test_under_ambient_autocast_nothing_is_fused_and_dtypes_match():
+def test_under_ambient_autocast_the_casts_are_made_explicit_and_the_attention_fused():
+    """Under autocast the kernels (which compute in their inputs' dtypes) get autocast's casts written into
+    the graph (passes/explicit_autocast.py); fp16, which the Triton interpreter computes right."""
     q, k, v = (torch.randn(2, 3, 6, 8) for _ in range(3))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        fast = foldcompile.optimize(Attend(), q, k, v)
-        eager, ours = Attend()(q, k, v), fast(q, k, v)
-    assert ours.dtype == eager.dtype == torch.bfloat16 and torch.equal(ours, eager)
-    assert "autocast is active" in str(fast.report)
-    plain = foldcompile.optimize(Attend(), q, k, v)   # without autocast the attention is fused
-    assert plain.report.counts()["attention"]["matched"] == 1
+    model = Attend()
+    with torch.autocast("cpu", dtype=torch.float16):
+        fast = foldcompile.optimize(model, q, k, v)
+        eager, ours = model(q, k, v), fast(q, k, v)
+        report = foldcompile.verify(model, q, k, v, optimized=fast)
+    assert ours.dtype == eager.dtype == torch.float16 and report.ok
+    assert fast.report.counts()["attention"]["matched"] == 1
+    assert "autocast made explicit: 2 op(s) with 3 cast(s)" in str(fast.report)
+    assert "fused_attention(" in fast.code and "torch.Tensor.to(q, torch.float16)" in fast.code
 
 
 class SoftmaxOfInf(torch.nn.Module):

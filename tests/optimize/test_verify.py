@@ -198,3 +198,21 @@ def test_a_run_that_crosses_a_relu_kink_is_compared_on_its_own_pieces():
     assert report.crossed["optimized"] == {relu.name: 1}, report
     assert report.crossed["eager"] == {}, report
     assert report.ok, str(report)
+
+
+class FloatMethodBeforeLayerNorm(torch.nn.Module):
+    """``x.float()`` names its dtype in the method (Boltz's triangle multiplication): the float64 truth
+    must keep float64 there, or CPU layer_norm refuses the float64 weight next to a float32 input."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(8)
+
+    def forward(self, x):
+        return self.norm(torch.einsum("ij,kj->ik", x, x).float()[..., :8]) * 2.0
+
+
+def test_the_float64_truth_keeps_float64_through_x_float():
+    model, x = FloatMethodBeforeLayerNorm(), torch.randn(9, 8)
+    report = foldcompile.verify(model, x)
+    assert report.ok and report.outputs[0]["eager"] > 0  # fp32 eager against a float64 truth: some rounding
