@@ -64,7 +64,8 @@ import torch.fx
 import torch.utils._pytree as pytree
 
 from foldcompile.executors.base import Executor, graph_tensors
-from foldcompile.passes.registry import draws_random, host_data_position, op_name, reads_device_on_host, writes_in_place
+from foldcompile.passes.registry import (draws_random, enters_autocast, exits_autocast, host_data_position, op_name,
+                                         reads_device_on_host, writes_in_place)
 
 __all__ = ["CudaGraphExecutor", "CudaGraphCapture", "cuda_graph_unsafe_reason", "hoist_host_literals"]
 
@@ -111,9 +112,11 @@ def cuda_graph_unsafe_reason(gm: torch.fx.GraphModule) -> str | None:
             why = cuda_graph_unsafe_reason(body)
             if why:
                 return why
-    if _autocast_cache_on():
-        return ("autocast is active with its weight cache on: cached casts made before a capture would be read "
-                "by every replay after they are freed (torch.autocast(..., cache_enabled=False) is graph-safe)")
+    cached = _runs_under_cached_autocast(gm)
+    if cached is not None:
+        return (f"node {cached.name!r} ({op_name(cached)}) runs under autocast with its weight cache on: cached casts "
+                "made before a capture would be read by every replay after they are freed "
+                "(torch.autocast(..., cache_enabled=False) is graph-safe)")
     return None
 
 
@@ -175,9 +178,33 @@ def hoist_host_literals(gm: torch.fx.GraphModule) -> int:
     return count
 
 
-def _autocast_cache_on() -> bool:
-    enabled = any(torch.is_autocast_enabled(d) for d in ("cuda", "cpu"))
-    return enabled and torch.is_autocast_cache_enabled()
+def _runs_under_cached_autocast(gm: torch.fx.GraphModule) -> torch.fx.Node | None:
+    """The first op of ``gm`` that runs under an enabled autocast whose weight cache is on, or None.
+
+    The state starts from the caller's (ambient) autocast and follows the graph's own
+    ``_enter_autocast`` / ``_exit_autocast`` nodes: a graph whose casts were made explicit
+    (:mod:`foldcompile.passes.explicit_autocast`) runs its ops inside ``autocast(enabled=False)``,
+    so no cast of it is cached whatever the caller's autocast."""
+    enabled = {d: torch.is_autocast_enabled(d) for d in ("cuda", "cpu")}
+    cache = torch.is_autocast_cache_enabled()
+    stack: list[tuple[dict[str, bool], bool]] = []
+    for node in gm.graph.nodes:
+        if enters_autocast(node):
+            device, _dtype, on, cache_on = (list(node.args) + [None] * 4)[:4]
+            on = node.kwargs.get("enabled", on)
+            cache_on = node.kwargs.get("cache_enabled", cache_on)
+            stack.append((dict(enabled), cache))
+            if not isinstance(device, str) or not isinstance(on, bool) or device not in enabled:
+                return node  # a region the executor cannot read: assume the worst
+            enabled[device] = on
+            if isinstance(cache_on, bool):
+                cache = cache_on
+        elif exits_autocast(node):
+            if stack:
+                enabled, cache = stack.pop()
+        elif node.op in ("call_function", "call_method") and cache and any(enabled.values()):
+            return node
+    return None
 
 
 class _Pending:

@@ -98,6 +98,37 @@ def test_autocast_with_its_cache_is_refused():
         assert cuda_graph_unsafe_reason(gm) is None
 
 
+def test_autocast_made_explicit_is_graph_safe_and_a_node_left_under_autocast_is_not():
+    # Boltz-2 runs under torch.autocast with its weight cache on: once the casts are explicit the graph runs
+    # every op inside autocast(enabled=False), so nothing is cached; a node the pass refused stays under
+    # autocast in a region of its own, and the executor names it
+    import torch.nn.functional as F
+    from foldcompile.passes import classify_pass, normalize_pass, shape_prop_pass
+    from foldcompile.passes.explicit_autocast import explicit_autocast_pass
+
+    def f(x, w):
+        return F.linear(x, w).softmax(-1) * x.sum()
+
+    x, w = torch.randn(4, 8), torch.randn(8, 8)
+    explicit = normalize_pass(torch.fx.symbolic_trace(f)).graph_module
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert "node 'linear' (linear) runs under autocast with its weight cache on" in cuda_graph_unsafe_reason(
+            normalize_pass(torch.fx.symbolic_trace(f)).graph_module)
+        shape_prop_pass(explicit, (x, w), dims={})
+        classify_pass(explicit)
+        assert explicit_autocast_pass(explicit).record["explicit"]
+        assert cuda_graph_unsafe_reason(explicit) is None
+        # a region that enables autocast again inside the explicit graph: its op is named
+        first = next(n for n in explicit.graph.nodes if n.op == "call_function" and "linear" in str(n.target))
+        with explicit.graph.inserting_before(first):
+            enter = explicit.graph.call_function(torch.amp.autocast_mode._enter_autocast,
+                                                 ("cpu", torch.bfloat16, True, True))
+        with explicit.graph.inserting_after(first):
+            explicit.graph.call_function(torch.amp.autocast_mode._exit_autocast, (enter,))
+        explicit.recompile()
+        assert f"node {first.name!r}" in cuda_graph_unsafe_reason(explicit)
+
+
 def test_first_call_is_eager_and_a_failed_capture_falls_back():
     gm = _graph(lambda x, w: torch.sigmoid(x) * w)
     run = CudaGraphExecutor(gm, requested="cuda_graph", reason="test")
