@@ -23,7 +23,9 @@ round trip through a dtype that does not hold every value (fp16 -> bf16 -> fp16 
 casts with a device, ``copy=True`` or another tensor's dtype. A round trip is also kept, with the reason
 in ``record["kept"]``, where taking it out would make a fresh copy an alias of ``x``, which someone could
 tell: an in-place write anywhere in the graph that may touch either value, or the value (or a view of it)
-being a graph output; where a grad-mode switch lies between the casts; and where a wide value on the way
+being a graph output; where a grad-mode switch lies between the casts, or the edge of an autocast region
+(fusion matches within one region: Boltz's ``q.float()`` as the first op of an ``autocast(enabled=False)``
+region marks where the fused attention's inputs enter it); and where a wide value on the way
 has other readers (``w = x.float(); w.exp() + w.to(bf16)``): the forward would still be exact, but the
 gradients its readers send back, summed in fp32 before one rounding to bf16, would be summed in bf16, each
 sum rounded. (The pieces of a ``chunk`` / ``split`` are disjoint: their readers' gradients are not summed.)
@@ -178,11 +180,18 @@ def _simplify(graph: torch.fx.Graph, record: dict) -> bool:
     writes = [n for n in graph.nodes if writes_in_place(n)]
     modes = [order[n] for n in graph.nodes if n.op == "call_function" and n.target is torch._C._set_grad_enabled]
     made: dict[torch.fx.Node, torch.fx.Node] = {}  # element moves re-applied to the narrow tensor
+    from foldcompile.passes.fuse import _autocast_regions  # (fuse imports this pass)
+    regions = _autocast_regions(graph)
     for c in list(graph.nodes):
         d = cast_target(c) if c.op == "call_function" else None
         if d is None or _dtype(c) != d or not isinstance(c.args[0], torch.fx.Node):
             continue
         src = c.args[0]
+        if any(regions.get(v) != regions.get(c) for v in [src, *c.users]):
+            # a cast at an autocast region's edge (Boltz's ``q.float()`` first thing inside ``autocast(enabled=False)``,
+            # ``o.to(v.dtype)`` last): fusion matches within one region, the cast is where this one starts or ends
+            record["kept"]["at the edge of an autocast region"] += 1
+            continue
         if _dtype(src) == d and src.meta.get("shape") == c.meta.get("shape"):
             c.replace_all_uses_with(src)
             _erase(graph, c)
@@ -194,7 +203,9 @@ def _simplify(graph: torch.fx.Graph, record: dict) -> bool:
         if found is None:
             continue
         x, moves, route = found
-        why = _why_kept(c, x, writes, modes, order)
+        why = ("at the edge of an autocast region" if any(regions.get(v) != regions.get(c)
+                                                           for v in [x, *_wide_part(c, x), *c.users])
+               else _why_kept(c, x, writes, modes, order))
         if why is not None:
             record["kept"][why] += 1
             continue

@@ -187,3 +187,23 @@ def test_fuse_pass_runs_it_first_and_records_it():
     classify_pass(gm)
     record = fuse_pass(gm).record
     assert record["simplify_casts"]["round_trips"] == 1 and _casts(gm) == []
+
+
+def test_casts_at_the_edge_of_an_autocast_region_are_kept():
+    # Boltz's attentionv2: q.float() first inside autocast(enabled=False), o.to(v.dtype) last. Fusion matches within
+    # one region; without these no-op casts a match inside would reach across the region's edge
+    from foldcompile.capture import trace
+
+    class Region(torch.nn.Module):
+        def forward(self, x):
+            y = x * 2
+            with torch.autocast("cpu", enabled=False):
+                z = y.float().sin().float()  # the second .float() is inside: removed
+                o = z.to(y.dtype)
+            return o + 1
+    x = torch.randn(3, 4)
+    gm = normalize_pass(trace(Region(), x)).graph_module
+    shape_prop_pass(gm, [x], dims={})
+    res = simplify_casts_pass(gm)
+    assert res.record["noop_casts"] == 1 and res.record["kept"] == {"at the edge of an autocast region": 2}
+    assert torch.equal(gm(x), Region()(x))
