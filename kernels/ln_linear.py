@@ -1,14 +1,19 @@
 """Layer norm feeding several projections (``LN -> q, k, v, gate, pair bias``): one Triton kernel, forward and backward.
 
-``layer_norm_linear(x, ln_weight, ln_bias, weights, biases, eps=)`` computes, for ``x [..., K]``::
+``layer_norm_linear(x, ln_weight, ln_bias, weights, biases, eps=, product_dtype=)`` computes, for ``x [..., K]``::
 
     y      = layer_norm(x) * ln_weight + ln_bias          (statistics in fp32, y rounded to x's dtype)
-    out_p  = y @ weights[p]^T + biases[p]                 p = 0 .. n-1, weights[p] [N_p, K], biases[p] [N_p] or None
+    out_p  = y.to(P) @ weights[p].to(P)^T + biases[p].to(P)   p = 0 .. n-1, weights[p] [N_p, K], biases[p] [N_p] or None
 
-and returns ``(out_0, ..., out_{n-1})`` (each ``[..., N_p]``, contiguous, x's dtype), and ``y`` last with
-``return_normalized=True`` (for a layer norm whose output is also read by something that is not a projection).
-This is eager's function, rounding included: eager's ``F.layer_norm`` writes ``y`` in x's dtype and each
-``F.linear`` reads that ``y``; here ``y`` is rounded to x's dtype in registers and fed to the products.
+with ``P = product_dtype`` (x's dtype by default, where every cast is a no-op), and returns ``(out_0, ...,
+out_{n-1})`` (each ``[..., N_p]``, contiguous, in P), and ``y`` last (x's dtype) with ``return_normalized=True``
+(for a layer norm whose output is also read by something that is not a projection). This is eager's function,
+rounding included: eager's ``F.layer_norm`` writes ``y`` in x's dtype and each ``F.linear`` reads that ``y``; here
+``y`` is rounded to x's dtype in registers and fed to the products. Mixed precision (``P`` other than x's dtype)
+is how bf16 autocast runs an fp32 model: the layer norm in fp32 on the fp32 residual stream, its output cast to
+bf16 for the linear, whose fp32 parameters are cast to bf16 per call; here the fp32 weights are loaded and
+rounded to P in registers (exactly ``W.to(P)``; nothing cast is written), the products accumulate in fp32, and
+the outputs are rounded to P once, after the bias, as cuBLAS does.
 
 Design (M rows of K channels, n projections of N = sum N_p output channels in all):
 
@@ -124,10 +129,13 @@ def _ln_linear_fwd_kernel(X, LNW, LNB, Ws, Bs, Os, Y, Mean, Rstd,
                                    HAS_LNW, HAS_LNB)
     tl.store(Mean + rows, mean, mask=ok)
     tl.store(Rstd + rows, rstd, mask=ok)
-    yq = y.to(X.dtype.element_ty)  # eager's layer-norm output, in x's dtype: the products' left operand
+    # the products' left operand: y rounded to the product dtype (the outputs' dtype; x's unless the layer norm's
+    # output is cast for the products, as autocast casts an fp32 layer norm's output to bf16)
+    # (through x's dtype, as eager rounds y there first: one rounding for fp32 x, two for fp16 x read in bf16)
+    yq = y.to(X.dtype.element_ty).to(Os[0].dtype.element_ty)
     r64 = rows.to(tl.int64)
-    if STORE_Y:
-        tl.store(Y + r64[:, None] * K + ks[None, :], yq, mask=ok[:, None] & k_ok[None, :])
+    if STORE_Y:  # eager's layer-norm output itself, in x's dtype
+        tl.store(Y + r64[:, None] * K + ks[None, :], y.to(Y.dtype.element_ty), mask=ok[:, None] & k_ok[None, :])
     cols = tl.arange(0, BLOCK_N)
     for p in tl.static_range(NUM):
         # (Ns[p] is never assigned to a name: the interpreter turns every assigned value into a tensor,
@@ -137,11 +145,12 @@ def _ln_linear_fwd_kernel(X, LNW, LNB, Ws, Bs, Os, Y, Mean, Rstd,
         o_ptr = Os[p] + r64[:, None] * Ns[p] + cols[None, :]
         for n0 in range(0, Ns[p], BLOCK_N):
             n_ok = cols < Ns[p] - n0
-            wt = tl.load(w_ptr, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            # weights (and biases) of another dtype are rounded to the product dtype here: exactly W.to(P)
+            wt = tl.load(w_ptr, mask=k_ok[:, None] & n_ok[None, :], other=0.0).to(yq.dtype)
             acc = tl.dot(yq, wt, input_precision=PRECISION)
             if (HAS_B >> p) & 1:
-                acc += tl.load(Bs[p] + n0 + cols, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-            tl.store(o_ptr, acc.to(X.dtype.element_ty), mask=ok[:, None] & n_ok[None, :])
+                acc += tl.load(Bs[p] + n0 + cols, mask=n_ok, other=0.0).to(yq.dtype).to(tl.float32)[None, :]
+            tl.store(o_ptr, acc.to(yq.dtype), mask=ok[:, None] & n_ok[None, :])
             w_ptr += BLOCK_N * SWN[p]
             o_ptr += BLOCK_N
 
@@ -192,8 +201,8 @@ def _ln_linear_bwd_kernel(X, LNW, LNB, DOs, Ws, DYX, DX, Y, Mean, Rstd, PW, PB, 
             db_ptr = PDB + pid * N_TOTAL + OFFS[p] + cols
             for n0 in range(0, Ns[p], BLOCK_N):
                 n_ok = cols < Ns[p] - n0
-                g = tl.load(g_ptr, mask=ok[:, None] & n_ok[None, :], other=0.0)
-                wt = tl.load(w_ptr, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+                g = tl.load(g_ptr, mask=ok[:, None] & n_ok[None, :], other=0.0)  # in the product dtype
+                wt = tl.load(w_ptr, mask=n_ok[:, None] & k_ok[None, :], other=0.0).to(g.dtype)
                 dy += tl.dot(g, wt, input_precision=PRECISION)
                 if (NEED_DB >> p) & 1:
                     tl.store(db_ptr, tl.sum(g.to(tl.float32), axis=0), mask=n_ok)
@@ -303,6 +312,11 @@ def _rows_of(x: torch.Tensor) -> tuple[torch.Tensor, int, tuple[int, int], tuple
     return x, d0 * d1 * d2, (d1, d2), (s0, s1, s2)
 
 
+def _tile_dtype(product_dtype: torch.dtype, weights: Sequence[torch.Tensor]) -> torch.dtype:
+    """The dtype the block sizes are chosen for: fp32 where the products or the weight tiles loaded are fp32."""
+    return torch.float32 if torch.float32 in (product_dtype, *(w.dtype for w in weights)) else product_dtype
+
+
 def _bits(flags: Sequence[bool]) -> int:
     return sum(1 << p for p, f in enumerate(flags) if f)
 
@@ -310,21 +324,24 @@ def _bits(flags: Sequence[bool]) -> int:
 # --------------------------------------------------------------------------- autograd
 class LayerNormLinearFunction(torch.autograd.Function):
     """The Triton kernels (inputs already validated): ``apply(x, ln_weight, ln_bias, eps, return_normalized,
-    *weights, *biases)`` with n weights [N_p, K] (any strides) and n biases (contiguous [N_p] or None)."""
+    product_dtype, *weights, *biases)`` with n weights [N_p, K] (any strides) and n biases (contiguous [N_p] or
+    None); the products run in ``product_dtype``, weights and biases rounded to it."""
 
     @staticmethod
-    def forward(ctx, x, ln_weight, ln_bias, eps: float, return_normalized: bool, *params):
+    def forward(ctx, x, ln_weight, ln_bias, eps: float, return_normalized: bool, product_dtype: torch.dtype,
+                *params):
         n = len(params) // 2
+        P = product_dtype
         weights, biases = params[:n], params[n:]
         K, lead = x.shape[-1], x.shape[:-1]
         xs, M, dims, strides = _rows_of(x)
         # allocated in their final shapes (row-major [M, N_p] in memory): no output is a view of a tensor
         # made here, so a model may write into one in place as it may into F.linear's result
-        outs = [_empty((*lead, w.shape[0]), x.dtype, x.device) for w in weights]
+        outs = [_empty((*lead, w.shape[0]), P, x.device) for w in weights]
         y = _empty((*lead, K), x.dtype, x.device) if return_normalized else None
         mean = _empty((M,), torch.float32, x.device)
         rstd = _empty((M,), torch.float32, x.device)
-        cfg = _config("fwd", K, x.dtype)
+        cfg = _config("fwd", K, _tile_dtype(P, weights))
         note_launch("ln_linear_fwd")
         _ln_linear_fwd_kernel[(_cdiv(M, cfg["BLOCK_M"]),)](
             xs, ln_weight if ln_weight is not None else xs, ln_bias if ln_bias is not None else xs,
@@ -333,13 +350,13 @@ class LayerNormLinearFunction(torch.autograd.Function):
             tuple(w.shape[0] for w in weights), tuple(w.stride(0) for w in weights),
             tuple(w.stride(1) for w in weights),
             HAS_B=_bits([b is not None for b in biases]), HAS_LNW=ln_weight is not None, HAS_LNB=ln_bias is not None,
-            STORE_Y=y is not None, NUM=n, PRECISION=_precision(x.dtype), **cfg)
+            STORE_Y=y is not None, NUM=n, PRECISION=_precision(P), **cfg)
         ctx.set_materialize_grads(False)
         # x itself is saved too (unused by the kernels): xs may be a copy made under no_grad, and the
         # double-backward guard (_dispatch.once_differentiable) anchors its error on x.
         ctx.save_for_backward(xs, ln_weight, ln_bias, mean, rstd, y, x, *weights)
         ctx.geometry = (M, dims, strides, lead)
-        ctx.n, ctx.return_normalized = n, return_normalized
+        ctx.n, ctx.return_normalized, ctx.product_dtype = n, return_normalized, P
         ctx.bias_dtypes = [b.dtype if b is not None else None for b in biases]
         return tuple(outs) + ((y,) if y is not None else ())
 
@@ -347,17 +364,17 @@ class LayerNormLinearFunction(torch.autograd.Function):
     @once_differentiable  # not itself differentiable: a double backward raises
     def backward(ctx, *grads):
         xs, ln_weight, ln_bias, mean, rstd, y_saved, x, *weights = ctx.saved_tensors
-        n = ctx.n
+        n, P = ctx.n, ctx.product_dtype
         M, dims, strides, lead = ctx.geometry
         K = x.shape[-1]
         needs = ctx.needs_input_grad
         need_x, need_lnw, need_lnb = needs[0], needs[1], needs[2]
-        need_w, need_b = needs[5:5 + n], needs[5 + n:5 + 2 * n]
-        douts = [None if g is None else g.reshape(M, w.shape[0]).to(x.dtype).contiguous()
+        need_w, need_b = needs[6:6 + n], needs[6 + n:6 + 2 * n]
+        douts = [None if g is None else g.reshape(M, w.shape[0]).to(P).contiguous()
                  for g, w in zip(grads[:n], weights)]
         dyx = grads[n] if ctx.return_normalized else None
         dyx = None if dyx is None else dyx.reshape(M, K).to(x.dtype).contiguous()
-        nothing = (None,) * (5 + 2 * n)
+        nothing = (None,) * (6 + 2 * n)
         if all(g is None for g in douts) and dyx is None:
             return nothing  # no gradient reached any output: every input gradient is zero
         has_g = [g is not None for g in douts]
@@ -367,10 +384,10 @@ class LayerNormLinearFunction(torch.autograd.Function):
         need_dln = bool(need_lnw or need_lnb)
         widths = [w.shape[0] for w in weights]
         offs = [sum(widths[:p]) for p in range(n)]
-        cfg = _config("bwd", K, x.dtype)
+        cfg = _config("bwd", K, _tile_dtype(P, weights))
         blocks = _cdiv(M, cfg["BLOCK_M"])
         dx = _empty((*lead, K), x.dtype, x.device) if need_x else None
-        y = _empty((M, K), x.dtype, x.device) if need_y else None
+        y = _empty((M, K), P, x.device) if need_y else None  # the weight gradients' operand: y in the product dtype
         pw = _empty((blocks, K), torch.float32, x.device) if need_dln else None
         pb = _empty((blocks, K), torch.float32, x.device) if need_dln else None
         pdb = _empty((blocks, sum(widths)), torch.float32, x.device) if any(want_b) else None
@@ -386,21 +403,24 @@ class LayerNormLinearFunction(torch.autograd.Function):
                 tuple(w.stride(0) for w in weights), tuple(w.stride(1) for w in weights),
                 HAS_G=_bits(has_g), NEED_DB=_bits(want_b), HAS_LNW=ln_weight is not None,
                 HAS_LNB=ln_bias is not None, HAS_DYX=dyx is not None, NEED_DX=bool(need_x), NEED_Y=need_y,
-                NEED_DLN=need_dln, NUM=n, PRECISION=_precision(x.dtype), **cfg)
-        y_for_w = y if y is not None else (y_saved.reshape(M, K) if y_saved is not None else None)
+                NEED_DLN=need_dln, NUM=n, PRECISION=_precision(P), **cfg)
+        # (the returned y is in x's dtype; the forward rounded exactly that fp32 value to P for the products)
+        y_for_w = y if y is not None else (y_saved.reshape(M, K).to(P) if y_saved is not None else None)
         # the weight gradients: dout_p^T @ y, one cuBLAS product each (eager's own products)
         dws = [torch.mm(g.t(), y_for_w).to(w.dtype) if want else None
                for g, w, want in zip(douts, weights, want_w)]
-        dbs = [pdb[:, o:o + wd].sum(0).to(dt) if want else None
+        # (rounded to P first: eager's bias gradient of a product in P is a P tensor, cast back for a wider bias)
+        dbs = [pdb[:, o:o + wd].sum(0).to(P).to(dt) if want else None
                for o, wd, dt, want in zip(offs, widths, ctx.bias_dtypes, want_b)]
         dlnw = pw.sum(0).to(ln_weight.dtype) if need_lnw else None
         dlnb = pb.sum(0).to(ln_bias.dtype) if need_lnb else None
-        return (dx, dlnw, dlnb, None, None, *dws, *dbs)
+        return (dx, dlnw, dlnb, None, None, None, *dws, *dbs)
 
 
 # --------------------------------------------------------------------------- public API
-def _check(x, ln_weight, ln_bias, weights, biases, eps, return_normalized) -> tuple[list, list]:
-    """Validate the arguments; returns (weights, biases) as lists of one length."""
+def _check(x, ln_weight, ln_bias, weights, biases, eps, return_normalized,
+           product_dtype=None) -> tuple[list, list, torch.dtype]:
+    """Validate the arguments; returns (weights, biases) as lists of one length, and the product dtype."""
     op = "layer_norm_linear"
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{op}: x must be a tensor, got {type(x).__name__}")
@@ -428,53 +448,67 @@ def _check(x, ln_weight, ln_bias, weights, biases, eps, return_normalized) -> tu
         if not isinstance(w, torch.Tensor) or w.dim() != 2 or w.shape[1] != K:
             raise ValueError(f"{op}: weights[{p}] must be a [N, {K}] tensor for x {tuple(x.shape)}, got "
                              f"{tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__}")
-        if w.dtype != x.dtype:
-            raise TypeError(f"{op}: weights[{p}] has dtype {w.dtype} but x has {x.dtype} (as F.linear, one dtype)")
+        if product_dtype is None and w.dtype != x.dtype:
+            raise TypeError(f"{op}: weights[{p}] has dtype {w.dtype} but x has {x.dtype} (as F.linear, one dtype; "
+                            "give product_dtype to round y and the weights to one dtype for the products)")
+        if product_dtype is not None and w.dtype not in _SUPPORTED + (torch.float64,):
+            raise TypeError(f"{op}: weights[{p}] has dtype {w.dtype}; supported: float16, bfloat16, float32, float64")
         if b is not None and (not isinstance(b, torch.Tensor) or tuple(b.shape) != (w.shape[0],)
-                              or b.dtype != x.dtype):
-            raise ValueError(f"{op}: biases[{p}] must be None or a {x.dtype} [{w.shape[0]}] tensor, got "
-                             f"{getattr(b, 'dtype', type(b).__name__)} {tuple(getattr(b, 'shape', ()))}")
+                              or (b.dtype != x.dtype if product_dtype is None else not b.is_floating_point())):
+            raise ValueError(f"{op}: biases[{p}] must be None or a {x.dtype if product_dtype is None else 'float'} "
+                             f"[{w.shape[0]}] tensor, got {getattr(b, 'dtype', type(b).__name__)} "
+                             f"{tuple(getattr(b, 'shape', ()))}")
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0 or not math.isfinite(eps):
         raise ValueError(f"{op}: eps must be a finite Python number >= 0, got {eps!r}")
     if not isinstance(return_normalized, bool):
         raise TypeError(f"{op}: return_normalized must be a bool, got {return_normalized!r}")
+    if product_dtype is not None and product_dtype not in _SUPPORTED + (torch.float64,):
+        raise TypeError(f"{op}: product_dtype {product_dtype}; supported: float16, bfloat16, float32, float64")
     devices = {t.device for t in (x, ln_weight, ln_bias, *weights, *biases) if t is not None}
     if len(devices) > 1:
         raise ValueError(f"{op}: all inputs must be on one device, got {sorted(map(str, devices))}")
-    return weights, biases
+    return weights, biases, product_dtype if product_dtype is not None else x.dtype
 
 
 def layer_norm_linear_reference(x: torch.Tensor, ln_weight: Optional[torch.Tensor], ln_bias: Optional[torch.Tensor],
                                 weights: Sequence[torch.Tensor], biases: Optional[Sequence[Optional[torch.Tensor]]] = None,
-                                *, eps: float = 1e-5, return_normalized: bool = False) -> tuple[torch.Tensor, ...]:
+                                *, eps: float = 1e-5, return_normalized: bool = False,
+                                product_dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, ...]:
     """Plain PyTorch :func:`layer_norm_linear`: the layer norm (statistics in fp32, float64 for float64 x;
-    ``y`` in x's dtype, as ``F.layer_norm`` gives it), then one ``F.linear`` per projection. Differentiable
-    by autograd."""
-    weights, biases = _check(x, ln_weight, ln_bias, weights, biases, eps, return_normalized)
+    ``y`` in x's dtype, as ``F.layer_norm`` gives it), then one ``F.linear`` per projection, on ``y``, the
+    weights and the biases cast to ``product_dtype`` (x's dtype when None: no cast). Differentiable by autograd."""
+    weights, biases, P = _check(x, ln_weight, ln_bias, weights, biases, eps, return_normalized, product_dtype)
     y = layer_norm_reference(x, ln_weight, ln_bias, eps)
-    outs = tuple(torch.nn.functional.linear(y, w, b) for w, b in zip(weights, biases))
+    outs = tuple(torch.nn.functional.linear(y.to(P), w.to(P), b.to(P) if b is not None else None)
+                 for w, b in zip(weights, biases))
     return outs + (y,) if return_normalized else outs
 
 
 def layer_norm_linear(x: torch.Tensor, ln_weight: Optional[torch.Tensor], ln_bias: Optional[torch.Tensor],
                       weights: Sequence[torch.Tensor], biases: Optional[Sequence[Optional[torch.Tensor]]] = None,
-                      *, eps: float = 1e-5, return_normalized: bool = False) -> tuple[torch.Tensor, ...]:
+                      *, eps: float = 1e-5, return_normalized: bool = False,
+                      product_dtype: Optional[torch.dtype] = None) -> tuple[torch.Tensor, ...]:
     """``linear(layer_norm(x), W_p, b_p)`` for every projection p, as one kernel (module docstring).
 
     Args:
         x: ``[..., K]`` float16 / bfloat16 / float32 / float64, any strides.
         ln_weight, ln_bias: ``[K]`` (any float dtype) or None.
-        weights: n ≥ 1 tensors ``[N_p, K]`` (a Linear's weight; any strides) of x's dtype.
-        biases: n entries, each ``[N_p]`` of x's dtype or None; or None (no projection has a bias).
+        weights: n ≥ 1 tensors ``[N_p, K]`` (a Linear's weight; any strides) of x's dtype (of any float dtype
+            with ``product_dtype``).
+        biases: n entries, each ``[N_p]`` of x's dtype (any float dtype with ``product_dtype``) or None; or None
+            (no projection has a bias).
         eps: added to the variance.
-        return_normalized: also return the layer norm's output ``y`` (last), for its other readers.
+        return_normalized: also return the layer norm's output ``y`` (last, in x's dtype), for its other readers.
+        product_dtype: the dtype the products run in (None: x's): ``y``, the weights and the biases are rounded
+            to it, ``linear(y.to(P), W.to(P), b.to(P))``, as autocast runs a linear on an fp32 layer norm.
 
-    Returns the n projections ``[..., N_p]`` (and ``y`` ``[..., K]``) in x's dtype. Differentiable in x,
-    ln_weight, ln_bias, every weight and bias.
+    Returns the n projections ``[..., N_p]`` in the product dtype (and ``y`` ``[..., K]`` in x's).
+    Differentiable in x, ln_weight, ln_bias, every weight and bias.
     """
-    weights, biases = _check(x, ln_weight, ln_bias, weights, biases, eps, return_normalized)
+    weights, biases, P = _check(x, ln_weight, ln_bias, weights, biases, eps, return_normalized, product_dtype)
     tensors = (x, ln_weight, ln_bias, *weights, *biases)
-    if (x.dtype in _SUPPORTED and use_triton(*tensors) and x.shape[-1] <= MAX_TRITON_DIM
+    if (x.dtype in _SUPPORTED and P in _SUPPORTED and all(w.dtype in _SUPPORTED for w in weights)
+            and use_triton(*tensors) and x.shape[-1] <= MAX_TRITON_DIM
             and len(weights) <= MAX_PROJECTIONS and x.numel() > 0 and min(w.shape[0] for w in weights) > 0):
         for p, w in enumerate(weights):
             check_offsets32("layer_norm_linear", f"weights[{p}]", w, (0, 1))
@@ -483,6 +517,7 @@ def layer_norm_linear(x: torch.Tensor, ln_weight: Optional[torch.Tensor], ln_bia
         ln_weight = ln_weight.contiguous() if ln_weight is not None else None
         ln_bias = ln_bias.contiguous() if ln_bias is not None else None
         biases = [b.contiguous() if b is not None else None for b in biases]
-        return LayerNormLinearFunction.apply(x, ln_weight, ln_bias, float(eps), return_normalized, *weights, *biases)
+        return LayerNormLinearFunction.apply(x, ln_weight, ln_bias, float(eps), return_normalized, P, *weights,
+                                             *biases)
     return layer_norm_linear_reference(x, ln_weight, ln_bias, weights, biases, eps=eps,
-                                       return_normalized=return_normalized)
+                                       return_normalized=return_normalized, product_dtype=P)

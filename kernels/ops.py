@@ -323,35 +323,37 @@ def _projections_of(weights: Sequence[Tensor], biases: Sequence[Tensor],
 
 @torch.library.custom_op("foldcompile::layer_norm_linear", mutates_args=())
 def layer_norm_linear(x: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], weights: list[Tensor],
-                      biases: list[Tensor], has_bias: list[bool], eps: float, return_normalized: bool) -> list[Tensor]:
-    """``[linear(layer_norm(x), W_p, b_p) for p] (+ [layer_norm(x)])``
+                      biases: list[Tensor], has_bias: list[bool], eps: float, return_normalized: bool,
+                      product_dtype: torch.dtype) -> list[Tensor]:
+    """``[linear(layer_norm(x), W_p, b_p) for p] (+ [layer_norm(x)])``, the products in ``product_dtype``
     (:func:`foldcompile.kernels.ln_linear.layer_norm_linear`); ``biases`` are the present ones, in order,
     ``has_bias[p]`` whether projection p has one."""
     outs = _layer_norm_linear(x, ln_weight, ln_bias, weights, _projections_of(weights, biases, has_bias), eps=eps,
-                              return_normalized=return_normalized)
+                              return_normalized=return_normalized, product_dtype=product_dtype)
     return [o.contiguous() for o in outs]
 
 
 @layer_norm_linear.register_fake
 def _layer_norm_linear_fake(x: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor], weights: list[Tensor],
                             biases: list[Tensor], has_bias: list[bool], eps: float,
-                            return_normalized: bool) -> list[Tensor]:
+                            return_normalized: bool, product_dtype: torch.dtype) -> list[Tensor]:
     _projections_of(weights, biases, has_bias)
-    outs = [x.new_empty((*x.shape[:-1], w.shape[0])) for w in weights]
+    outs = [x.new_empty((*x.shape[:-1], w.shape[0]), dtype=product_dtype) for w in weights]
     return outs + [x.new_empty(x.shape)] if return_normalized else outs
 
 
 @torch.library.custom_op("foldcompile::layer_norm_linear_backward", mutates_args=())
 def layer_norm_linear_backward(grads: list[Tensor], x: Tensor, ln_weight: Optional[Tensor], ln_bias: Optional[Tensor],
                                weights: list[Tensor], biases: list[Tensor], has_bias: list[bool], eps: float,
-                               return_normalized: bool, needs: Sequence[bool]) -> list[Tensor]:
+                               return_normalized: bool, product_dtype: torch.dtype,
+                               needs: Sequence[bool]) -> list[Tensor]:
     """Gradients of :func:`layer_norm_linear` for ``x, ln_weight, ln_bias, *weights, *biases`` (``needs`` per
     slot; an empty tensor where none is needed), against ``grads`` (one per output)."""
     n = len(weights)
 
     def fn(x, lnw, lnb, *params):
         return _layer_norm_linear(x, lnw, lnb, list(params[:n]), _projections_of(params[:n], params[n:], has_bias),
-                                  eps=eps, return_normalized=return_normalized)
+                                  eps=eps, return_normalized=return_normalized, product_dtype=product_dtype)
 
     tensors = (x, ln_weight, ln_bias, *weights, *biases)
     wanted = [i for i, (t, need) in enumerate(zip(tensors, needs)) if need and t is not None and t.is_floating_point()]
@@ -369,14 +371,14 @@ def layer_norm_linear_backward(grads: list[Tensor], x: Tensor, ln_weight: Option
 
 @layer_norm_linear_backward.register_fake
 def _layer_norm_linear_backward_fake(grads, x, ln_weight, ln_bias, weights, biases, has_bias, eps, return_normalized,
-                                     needs):
+                                     product_dtype, needs):
     return _fake_grads(grads[0], (x, ln_weight, ln_bias, *weights, *biases), needs)
 
 
 def _layer_norm_linear_setup(ctx: Any, inputs: tuple, output: list) -> None:
-    x, ln_weight, ln_bias, weights, biases, has_bias, eps, return_normalized = inputs
+    x, ln_weight, ln_bias, weights, biases, has_bias, eps, return_normalized, product_dtype = inputs
     ctx.n, ctx.n_bias, ctx.n_inputs = len(weights), len(biases), len(inputs)
-    ctx.options = (list(has_bias), float(eps), bool(return_normalized))
+    ctx.options = (list(has_bias), float(eps), bool(return_normalized), product_dtype)
     ctx.has_ln = (ln_weight is not None, ln_bias is not None)
     ctx.out_shapes = [tuple(o.shape) for o in output]
     ctx.save_for_backward(x, *[t for t in (ln_weight, ln_bias) if t is not None], *weights, *biases)
@@ -394,7 +396,7 @@ def _layer_norm_linear_grad(ctx: Any, grads: list) -> tuple:
     ln_bias = next(saved) if ctx.has_ln[1] else None
     weights = [next(saved) for _ in range(ctx.n)]
     biases = [next(saved) for _ in range(ctx.n_bias)]
-    has_bias, eps, return_normalized = ctx.options
+    has_bias, eps, return_normalized, product_dtype = ctx.options
     flags = ctx.needs_input_grad  # no argument has a default: the dispatcher drops none of them
     needs = [bool(flags[0]) and x.is_floating_point(), bool(flags[1]) and ln_weight is not None,
              bool(flags[2]) and ln_bias is not None, *_per_entry(flags[3], ctx.n), *_per_entry(flags[4], ctx.n_bias)]
@@ -405,7 +407,7 @@ def _layer_norm_linear_grad(ctx: Any, grads: list) -> tuple:
         return tuple(structure)
     grads = [g if g is not None else x.new_zeros(shape) for g, shape in zip(grads, ctx.out_shapes)]
     got = layer_norm_linear_backward(grads, x, ln_weight, ln_bias, weights, biases, has_bias, eps, return_normalized,
-                                     needs)
+                                     product_dtype, needs)
     out = [g if need else None for g, need in zip(got, needs)]
     structure[:3] = out[:3]
     structure[3] = out[3:3 + ctx.n]

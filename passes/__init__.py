@@ -6,6 +6,7 @@
     classify    op class (GEMM / REDUCTION / ELEMENTWISE / LAYOUT / COMM / OTHER) and symbolic cost
     explicit_autocast  autocast's casts written into the graph as x.to(dtype); the graph then runs with autocast off
     merge_chunk_loops  a layer run on chunks of rows in a Python loop -> the layer run once (before fuse)
+    simplify_casts  casts that change no value (x.to(x.dtype), bf16 -> fp32 -> bf16) removed (fuse runs it first)
     fuse        the fusion rules of ``passes/rules`` (attention, softmax, layer norm) into the kernels
     shard       the DAP placement plan: a placement on every tensor, a redistribute at every change
 
@@ -25,8 +26,10 @@ from foldcompile.passes.classify import check_flops_against_flop_counter, classi
 from foldcompile.passes.cost_model import CostTotals, cost_totals
 from foldcompile.passes.normalize import normalize_pass
 from foldcompile.passes.shape_prop import shape_prop_pass
+from foldcompile.passes.simplify_casts import simplify_casts_pass
 from foldcompile.passes.fuse import fuse_pass  # noqa: E402  (after the passes its rules read)
 from foldcompile.passes.shard import shard_pass  # noqa: E402
 
 __all__ = ["PassError", "PassResult", "declare", "normalize_pass", "shape_prop_pass", "classify_pass",
-           "check_flops_against_flop_counter", "cost_totals", "CostTotals", "fuse_pass", "shard_pass"]
+           "check_flops_against_flop_counter", "cost_totals", "CostTotals", "fuse_pass", "shard_pass",
+           "simplify_casts_pass"]

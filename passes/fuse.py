@@ -55,6 +55,7 @@ from foldcompile.passes.rules import _meta as M
 from foldcompile.passes.registry import draws_random, entry_of, writes_in_place
 from foldcompile.passes.meta import COST, DTYPE, EINSUM, OP_CLASS, ORIGIN, SHAPE, SYM_SHAPE, memory_of
 from foldcompile.passes.shape_prop import dim_symbol
+from foldcompile.passes.simplify_casts import simplify_casts_pass
 
 _log = logging.getLogger(__name__)  # foldcompile.passes.<name>: progress of this pass
 
@@ -186,6 +187,7 @@ def fuse_pass(gm: torch.fx.GraphModule, *, at: Mapping[str, int] | None = None, 
                                                                             for r in rules},
                               "disabled": [], "unfused": [], "at": {k: stated[k] for k in stated if k in dims},
                               "at_from_example": from_example}
+    record["simplify_casts"] = simplify_casts_pass(gm).record  # casts that change no value hide patterns
     fused_bytes = total_bytes = 0
     rejected_at: dict[torch.fx.Node, str] = {}
     changed = False

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 __all__ = ["OpEntry", "register_op", "register_sharding", "lookup", "entry_of", "entries", "resolve_name", "op_name", "target_of",
            "writes_in_place", "functional_form", "draws_random", "changes_mode", "MODE_CHANGES", "enters_autocast",
            "exits_autocast", "FIXED_FLOAT_CASTS", "fixed_float_cast", "register_trait",
-           "has_trait", "HOST_SYNC", "Piecewise", "piecewise",
+           "has_trait", "HOST_SYNC", "CAST_COMMUTES", "cast_target", "holds_every_value", "Piecewise", "piecewise",
            "OP_CLASSES", "GEMM", "REDUCTION", "ELEMENTWISE", "LAYOUT", "COMM", "OTHER"]
 
 GEMM, REDUCTION, ELEMENTWISE, LAYOUT, COMM, OTHER = "GEMM", "REDUCTION", "ELEMENTWISE", "LAYOUT", "COMM", "OTHER"
@@ -363,9 +363,14 @@ def functional_form(node: torch.fx.Node) -> tuple[Any, str] | None:
 # on first use, in the registry's namespaces and ``torch.ops.aten`` (an overload finds its packet's traits).
 HOST_SYNC = "host_sync"  # may read a device value on the host (illegal while a CUDA stream is captured); whether
 #                          a node does depends on its arguments for some ops: reads_device_on_host (below)
+# picks, moves or repeats its first input's elements and computes nothing with them: a dtype cast before it
+# equals the same cast after it (``x.float().chunk(2)[0]`` is ``x.chunk(2)[0].float()``)
+CAST_COMMUTES = "cast_commutes"
 _TRAIT_NAMES = {
     HOST_SYNC: """item tolist nonzero masked_select unique unique_consecutive bincount repeat_interleave cpu numpy
                   argwhere equal allclose is_nonzero""",
+    CAST_COMMUTES: """view reshape permute transpose t unsqueeze squeeze flatten unflatten expand chunk split unbind
+                      getitem select narrow contiguous movedim moveaxis swapaxes swapdims""",
 }
 _TRAITS: dict[Any, set[str]] = {}
 _TRAITS_LOADED = False
@@ -401,6 +406,53 @@ def has_trait(target: Any, trait: str) -> bool:
         return trait in _TRAITS.get(target, ())
     except TypeError:  # an unhashable target
         return False
+
+
+# ----------------------------------------------------------------------------- dtype casts
+# A pure dtype cast: ``x.to(dtype)`` / ``x.to(dtype=...)`` (normalize spells it ``torch.Tensor.to``) and the
+# dtype methods. A ``.to`` with a device, another tensor, ``copy=`` or a memory format is not one.
+_CAST_METHODS = {"float": torch.float32, "double": torch.float64, "half": torch.float16, "bfloat16": torch.bfloat16}
+# the floating dtypes each one's values all lie in (binary IEEE formats: more mantissa bits, wider exponent
+# range, subnormals included): a cast there and back is the identity, value for value
+_HOLDS = {torch.float16: (torch.float16, torch.float32, torch.float64),
+          torch.bfloat16: (torch.bfloat16, torch.float32, torch.float64),
+          torch.float32: (torch.float32, torch.float64), torch.float64: (torch.float64,)}
+
+
+def cast_target(node: torch.fx.Node) -> torch.dtype | None:
+    """The dtype ``node`` converts its first argument to, when it is a pure dtype cast; else None.
+
+        >>> import torch, torch.fx
+        >>> gm = torch.fx.symbolic_trace(lambda x: (x.float(), x.to(torch.bfloat16), x.to(dtype=torch.half),
+        ...                                         x.to("cpu"), x.to(torch.float32, copy=True)))
+        >>> [cast_target(n) for n in gm.graph.nodes if n.op == "call_method"]
+        [torch.float32, torch.bfloat16, torch.float16, None, None]
+    """
+    target = target_of(node)
+    name = getattr(target, "__name__", "")
+    if target is None or getattr(torch.Tensor, name, None) is not target or not node.args:
+        return None
+    if name in _CAST_METHODS:
+        return _CAST_METHODS[name] if len(node.args) == 1 and not node.kwargs else None
+    if name != "to" or set(node.kwargs) - {"dtype", "non_blocking"}:
+        return None
+    pos = node.args[1:]  # (dtype[, non_blocking]); a third is copy=
+    if "dtype" in node.kwargs:
+        dt = node.kwargs["dtype"] if not pos else None
+    else:
+        dt = pos[0] if pos and (len(pos) == 1 or (len(pos) == 2 and isinstance(pos[1], bool))) else None
+    return dt if isinstance(dt, torch.dtype) else None
+
+
+def holds_every_value(wide: Any, narrow: Any) -> bool:
+    """Whether every value of the floating dtype ``narrow`` is a value of ``wide`` (bf16 and fp16 in fp32, fp32
+    in fp64; not fp16 in bf16, whose exponent range is wider but mantissa shorter): ``x.to(wide).to(narrow)``
+    is ``x`` for every ``narrow`` x.
+
+        >>> holds_every_value(torch.float32, torch.bfloat16), holds_every_value(torch.bfloat16, torch.float16)
+        (True, False)
+    """
+    return wide in _HOLDS.get(narrow, ())
 
 
 # ----------------------------------------------------------------------------- piecewise ops

@@ -109,7 +109,8 @@ def _layer_norm_linear_args(node: torch.fx.Node) -> tuple:
     a = _bound(fused_layer_norm_linear, node)
     biases = list(a["biases"])  # the op takes the present biases and which projections have one
     return (a["x"], a["ln_weight"], a["ln_bias"], list(a["weights"]), [b for b in biases if b is not None],
-            [b is not None for b in biases], float(a["eps"]), bool(a["return_normalized"]))
+            [b is not None for b in biases], float(a["eps"]), bool(a["return_normalized"]),
+            a["product_dtype"] or a["x"].meta["dtype"])
 
 
 def to_library_ops(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

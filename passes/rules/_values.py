@@ -27,12 +27,12 @@ from typing import Any
 import torch
 import torch.fx
 
+from foldcompile.passes.registry import cast_target
 from foldcompile.passes.rules import _meta as M
 
 __all__ = ["constant_of", "is_noop_cast"]
 
 _CONSTANT_MAKERS = {"tensor", "scalar_tensor", "full"}
-_CAST_METHODS = {"float": torch.float32, "double": torch.float64, "half": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def _number(x: Any) -> float | None:
@@ -67,13 +67,8 @@ def is_noop_cast(n: Any) -> bool:
     """``n`` returns its input itself: a cast to the dtype the input already has (no device, no copy)."""
     if not isinstance(n, torch.fx.Node) or n.op != "call_function" or not n.args:
         return False
-    x, name = n.args[0], M.op_name(n)
+    x = n.args[0]
     if not isinstance(x, torch.fx.Node) or M.dtype(x) is None or M.dtype(n) != M.dtype(x) or M.shape(n) != M.shape(x):
         return False
-    if name == "to":
-        # only dtype arguments: a device, another tensor or ``copy=True`` may move or copy
-        return (all(isinstance(a, torch.dtype) for a in n.args[1:]) and set(n.kwargs) <= {"dtype", "non_blocking"}
-                and all(isinstance(v, torch.dtype) for k, v in n.kwargs.items() if k == "dtype"))
-    if name in _CAST_METHODS:
-        return len(n.args) == 1 and not n.kwargs and M.dtype(x) == _CAST_METHODS[name]
-    return False
+    # only dtype arguments (the registry's pure casts): a device, another tensor or ``copy=True`` may move or copy
+    return cast_target(n) == M.dtype(x)

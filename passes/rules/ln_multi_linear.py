@@ -21,9 +21,19 @@ order, a linear over a dim that is not the channel, a slice of ``y``'s rows as a
 keeps reading ``y``, which the kernel then also writes (``return_normalized``: the bytes of the layer
 norm's own output, no more than eager writes). What that costs is stated in the match's notes.
 
-The call runs where ``y`` is first read: the projections' parameters (and views of them, ``W.T``) are
-moved up to it; a projection whose weight or bias is computed after that from activations (from ``y``
-itself, say), or whose dtype is not the layer norm's, stays another reader of ``y``; so do the
+Mixed precision (bf16 autocast on an fp32 model, made explicit): ``y`` (fp32) cast to the product dtype P
+once on the way (``y.to(torch.bfloat16)``, ``y.bfloat16()``, ``y.to(dtype=...)``, before or after the views),
+and the projection's weight and bias casts of parameters (``F.linear(y16, W.to(bf16), b.to(bf16))``): the
+kernel computes the layer norm in fp32, rounds y to y's dtype and then to P (eager's two casts; one for fp32
+y), and reads the fp32 parameters themselves, rounding them to P in registers (exactly ``W.to(P)``; the cast
+nodes go where nothing else reads them); the outputs are in P. One P per call: the first projection's.
+Not taken (y stays their input): a second cast on the way (``y.to(fp16).to(bf16)`` rounds twice), a
+projection whose weight is in another dtype than the y it reads (``linear(y16, W)`` with fp32 ``W`` is
+no autocast spelling, and torch refuses it).
+
+The call runs where ``y`` is first read: the projections' parameters (and views and casts of them, ``W.T``)
+are moved up to it; a projection whose weight or bias is computed after that from activations (from ``y``
+itself, say), or whose dtype is not its y's, stays another reader of ``y``; so do the
 projections past the first ``MAX_PROJECTIONS``.
 
 Left alone (``None``, not a candidate: the layer-norm family takes the layer norm alone): a layer norm
@@ -63,7 +73,7 @@ from foldcompile.kernels.ln_linear import MAX_PROJECTIONS, MAX_TRITON_DIM
 from foldcompile.kernels.ln_linear import layer_norm_linear as _layer_norm_linear_kernel
 from foldcompile.passes.einsum import GEMM_TARGETS, gemm_operands
 from foldcompile.passes.meta import memory_of
-from foldcompile.passes.registry import writes_in_place
+from foldcompile.passes.registry import cast_target, writes_in_place
 from foldcompile.passes.rules import Candidate, Context, Reject, Rule
 from foldcompile.passes.rules import _meta as M
 from foldcompile.passes.rules import layer_norm as _ln_rules
@@ -79,11 +89,13 @@ _ROW_VIEWS = {"reshape", "view", "flatten", "unsqueeze", "squeeze", "contiguous"
 # ------------------------------------------------------------------ what the rewritten graph calls
 def fused_layer_norm_linear(x: torch.Tensor, ln_weight: Optional[torch.Tensor], ln_bias: Optional[torch.Tensor],
                             weights: Sequence[torch.Tensor], biases: Sequence[Optional[torch.Tensor]], eps: float,
-                            return_normalized: bool) -> tuple[torch.Tensor, ...]:
-    """``linear(layer_norm(x), W_p, b_p)`` for every projection (and ``layer_norm(x)`` last with
-    ``return_normalized``) through :func:`foldcompile.kernels.ln_linear.layer_norm_linear`."""
+                            return_normalized: bool, product_dtype: Optional[torch.dtype] = None
+                            ) -> tuple[torch.Tensor, ...]:
+    """``linear(layer_norm(x).to(P), W_p.to(P), b_p.to(P))`` for every projection (and ``layer_norm(x)`` last
+    with ``return_normalized``), ``P = product_dtype`` (None: x's dtype, no casts), through
+    :func:`foldcompile.kernels.ln_linear.layer_norm_linear`."""
     return _layer_norm_linear_kernel(x, ln_weight, ln_bias, list(weights), list(biases), eps=eps,
-                                     return_normalized=return_normalized)
+                                     return_normalized=return_normalized, product_dtype=product_dtype)
 
 
 # ------------------------------------------------------------------ recognise
@@ -93,7 +105,16 @@ class _Projection:
     weight: torch.fx.Node  # as the product reads it
     transposed: bool  # weight is [K, N] (``y @ Wt``): the kernel takes its transpose
     bias: Optional[torch.fx.Node]
-    views: list[torch.fx.Node] = field(default_factory=list)  # row-keeping views between y and the product
+    views: list[torch.fx.Node] = field(default_factory=list)  # row-keeping views (and y's cast) from y on
+    cast: Optional[torch.fx.Node] = None  # y cast to the product dtype on the way (``y.to(bf16)``), or None
+
+    def reads(self, t: Optional[torch.fx.Node]) -> Optional[torch.fx.Node]:
+        """What the kernel reads for the weight or bias ``t``: the parameter itself where ``t`` casts one (the
+        kernel rounds it to the product dtype in registers, exactly ``t``), else ``t``."""
+        if t is not None and cast_target(t) is not None and isinstance(t.args[0], torch.fx.Node) \
+                and _parameter_expression(t.args[0]) and M.dtype(t.args[0]) in _DTYPES:
+            return t.args[0]
+        return t
 
 
 def _arg(n: torch.fx.Node, i: int, name: str) -> Any:
@@ -155,16 +176,27 @@ def _keeps_rows(v: torch.fx.Node, src: torch.fx.Node, K: int) -> bool:
     return True
 
 
+def _product_cast(u: torch.fx.Node, src: torch.fx.Node) -> bool:
+    """``u`` casts ``src`` (the layer norm's output, in its dtype) to another float dtype the kernel runs products
+    in: it rounds y to that dtype once, from the fp32 it computes y in through y's own dtype, as eager does."""
+    t = cast_target(u) if u.op == "call_function" and u.args and u.args[0] is src else None
+    return t is not None and t in _DTYPES and t != M.dtype(src) and M.shape(u) == M.shape(src) \
+        and not u.meta.get("fuse_disabled")
+
+
 def _readers(y: torch.fx.Node, K: int, chain: list[torch.fx.Node], found: list[_Projection],
-             other: list[torch.fx.Node]) -> None:
-    """Sort the readers of ``y`` (through row-keeping views, ``chain``) into projections and others."""
+             other: list[torch.fx.Node], cast: Optional[torch.fx.Node] = None) -> None:
+    """Sort the readers of ``y`` (through row-keeping views and at most one cast to the product dtype,
+    ``chain``) into projections and others."""
     for u in y.users:
         proj = _as_projection(u, y, K)
         if proj is not None:
-            proj.views = list(chain)
+            proj.views, proj.cast = list(chain), cast
             found.append(proj)
         elif _keeps_rows(u, y, K):
-            _readers(u, K, [*chain, u], found, other)
+            _readers(u, K, [*chain, u], found, other, cast)
+        elif cast is None and _product_cast(u, y):
+            _readers(u, K, [*chain, u], found, other, u)
         else:
             other.append(u)
 
@@ -186,23 +218,28 @@ def _recognise(n: torch.fx.Node, ctx: Context) -> Candidate | Reject | None:
     # dtype, keeps reading y as it did
     first = min(y.users, key=order.__getitem__)
     projections, notes = [], []
+    product = None  # the one dtype the call's products run in: y's, or what the first projection casts y to
     for pr in found:
         late = [t for t in (pr.weight, pr.bias) if isinstance(t, torch.fx.Node) and order[t] >= order[first]
                 and not _parameter_expression(t)]
+        mine = M.dtype(pr.cast) if pr.cast is not None else M.dtype(y)
         dts = {M.dtype(t) for t in (pr.node, pr.weight, pr.bias) if t is not None}
-        if late or dts != {M.dtype(y)} or len(projections) == MAX_PROJECTIONS:
+        if late or dts != {mine} or mine != (product or mine) or len(projections) == MAX_PROJECTIONS:
             other.append(pr.views[0] if pr.views else pr.node)
             notes.append(f"{pr.node.name} reads y: " + (f"its operand {late[0].name} is computed after y's first "
                                                           f"reader {first.name}" if late else
-                                                          "another dtype" if dts != {M.dtype(y)} else
+                                                          f"another dtype ({sorted(map(str, dts))}, y's "
+                                                          f"products in {mine})" if dts != {mine} else
+                                                          f"products in {mine}, not {product}" if mine != product else
                                                           f"more than {MAX_PROJECTIONS} projections"))
         else:
+            product = mine
             projections.append(pr)
     if not projections:
         return None
     last = projections[-1].node
     region = list(ln.region) + [v for pr in projections for v in pr.views] + [pr.node for pr in projections]
-    inputs = [ln.parts["x"], ln.parts["weight"], ln.parts["bias"], *[t for pr in projections
+    inputs = [ln.parts["x"], ln.parts["weight"], ln.parts["bias"], *[pr.reads(t) for pr in projections
                                                                      for t in (pr.weight, pr.bias)]]
     write = _write_between(order, first, last, set(region), [t for t in inputs if isinstance(t, torch.fx.Node)])
     if write is not None:
@@ -211,8 +248,11 @@ def _recognise(n: torch.fx.Node, ctx: Context) -> Candidate | Reject | None:
     widths = [M.shape(pr.node)[-1] for pr in projections]
     others = sorted({o.name for o in other})
     notes.insert(0, f"{len(projections)} projection{'s' if len(projections) > 1 else ''} of widths {widths}"
-                 + (f"; y written too, for its other readers {', '.join(others)}" if others else ""))
-    parts = dict(ln=ln, projections=projections, return_normalized=bool(other), K=K)
+                 + (f"; y written too, for its other readers {', '.join(others)}" if others else "")
+                 + (f"; products in {product} (y cast from {M.dtype(y)})" if product != M.dtype(y) else "")
+                 + "".join(f"; {t.name} read as {pr.reads(t).name} and rounded in the kernel"
+                           for pr in projections for t in (pr.weight, pr.bias) if t is not None and pr.reads(t) is not t))
+    parts = dict(ln=ln, projections=projections, return_normalized=bool(other), K=K, product=product)
     return Candidate("ln_linear", n, sorted(set(region), key=order.__getitem__), projections[0].node, parts, notes)
 
 
@@ -220,14 +260,16 @@ _PARAMETER_VIEWS = {"t", "transpose", "permute", "contiguous", "view", "reshape"
 
 
 def _parameter_expression(t: torch.fx.Node) -> bool:
-    """``t`` is a parameter, buffer or input, or a view / no-op cast of one (``W.T``, ``W.t()``): it can be
-    read earlier than where the graph reads it (Dynamo places ``get_attr`` nodes at their first use)."""
+    """``t`` is a parameter, buffer or input, or a view / cast of one (``W.T``, ``W.t()``, ``W.to(bf16)`` as
+    autocast casts fp32 parameters per call): it can be read earlier than where the graph reads it (Dynamo
+    places ``get_attr`` nodes at their first use)."""
     if t.op in ("get_attr", "placeholder"):
         return True
     if t.op != "call_function" or writes_in_place(t) or not t.args or not isinstance(t.args[0], torch.fx.Node):
         return False
     name = M.op_name(t)
-    view = name in _PARAMETER_VIEWS or is_noop_cast(t) or (name == "getattr" and t.args[1:] in (("T",), ("mT",)))
+    view = name in _PARAMETER_VIEWS or cast_target(t) is not None or (name == "getattr"
+                                                                       and t.args[1:] in (("T",), ("mT",)))
     return view and all(_parameter_expression(a) for a in t.all_input_nodes)
 
 
@@ -264,9 +306,12 @@ def _write_between(order: dict, first: torch.fx.Node, last: torch.fx.Node, membe
 def _check(c: Candidate, ctx: Context) -> str | None:
     p = c.parts
     dts = {M.dtype(t) for pr in p["projections"] for t in (pr.node, pr.weight, pr.bias) if t is not None}
-    dts.add(M.dtype(p["ln"].output))
-    if len(dts) != 1 or next(iter(dts)) not in _DTYPES:
-        return f"unsupported dtypes {sorted(map(str, dts))} (x, weights and biases of one of fp16/bf16/fp32/fp64)"
+    dts.add(p["product"])
+    y = M.dtype(p["ln"].output)
+    read = {M.dtype(pr.reads(t)) for pr in p["projections"] for t in (pr.weight, pr.bias) if t is not None}
+    if len(dts) != 1 or next(iter(dts)) not in _DTYPES or y not in _DTYPES or not read <= set(_DTYPES):
+        return (f"unsupported dtypes {sorted(map(str, dts | {y}))} (y, and the products' y, weights and biases "
+                "in one of fp16/bf16/fp32/fp64)")
     return None
 
 
@@ -306,16 +351,21 @@ def _replace(c: Candidate, ctx: Context) -> torch.fx.Node:
     y = ln.output
     order = {m: i for i, m in enumerate(ctx.gm.graph.nodes)}
     first = min(y.users, key=order.__getitem__)
-    _hoist(ctx.gm.graph, [t for pr in projections for t in (pr.weight, pr.bias)], first)
+    reads = [(pr.reads(pr.weight), pr.reads(pr.bias)) for pr in projections]
+    _hoist(ctx.gm.graph, [t for wb in reads for t in wb], first)
     b = _Builder(ctx.gm.graph, first, c)
-    weights = [b(torch.transpose, pr.weight, 0, 1) if pr.transposed else pr.weight for pr in projections]
+    weights = [b(torch.transpose, w, 0, 1) if pr.transposed else w for pr, (w, _) in zip(projections, reads)]
+    # the product dtype is stated where y is cast or a weight / bias is read in another dtype than the products'
+    mixed = p["product"] != M.dtype(y) or any(M.dtype(t) != p["product"] for wb in reads for t in wb if t is not None)
     call = b(fused_layer_norm_linear, ln.parts["x"], ln.parts["weight"], ln.parts["bias"], weights,
-             [pr.bias for pr in projections], ln.parts["eps"], p["return_normalized"])
+             [bias for _, bias in reads], ln.parts["eps"], p["return_normalized"],
+             **({"product_dtype": p["product"]} if mixed else {}))
     call.meta["multi_output"] = True
     values = []
     for i, pr in enumerate(projections):
         out = b(operator.getitem, call, i)
         _copy_meta(out, y, last_of=pr.node)
+        out.meta["dtype"] = M.dtype(pr.node)
         if M.shape(out) != M.shape(pr.node):  # the projection read y through row-keeping views
             out = b(torch.reshape, out, M.shape(pr.node))
             _copy_meta(out, pr.node)

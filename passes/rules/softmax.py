@@ -9,6 +9,16 @@ the bias, and ``masked_fill(x, c, -inf)`` / ``where(c, x, -inf)`` with a boolean
 (eager gives NaN in a row that keeps nothing: the kernel writes NaN there itself,
 ``empty_rows="nan"``, with no extra pass over the weights). A finite fill is not folded
 (eager's weights are then uniform over the row).
+
+Mixed precision: ``softmax(x.to(fp32) ...).to(x.dtype)`` with ``x`` fp16 / bf16 (autocast runs softmax in
+fp32 on a cast input; its reader casts back), spelled ``.float()`` / ``.to(torch.float32)`` /
+``.to(dtype=...)``, scale, bias and mask folded as above in fp32: the kernel on ``x`` itself, writing x's
+dtype. The rounding is equal: the kernel loads x and converts it to fp32 (exact, as the cast), scales, adds
+the bias (loaded as fp32: what fp32 promotion does to an fp16 / bf16 / fp32 bias), takes max, exp and sum
+in fp32 and rounds once, when it stores the weights; eager rounds once, at the cast back. Not taken: a cast
+back to another dtype than x's (``softmax(x_bf16.float()).to(fp16)``: the kernel would round to bf16), an
+up-cast to fp64 (eager's softmax would run in fp64, the kernel's in fp32); those keep their casts and the
+kernel runs on the fp32 value.
 """
 from __future__ import annotations
 
@@ -18,6 +28,7 @@ import torch.fx
 from foldcompile.kernels import softmax as _softmax_kernel
 from foldcompile.passes.rules import Candidate, Context, Reject, Rule
 from foldcompile.passes.rules import _meta as M
+from foldcompile.passes.registry import cast_target, holds_every_value
 from foldcompile.passes.rules._values import constant_of
 from foldcompile.passes.rules.attention import _Builder, _num, _softmax_dim
 
@@ -75,14 +86,38 @@ def _recognise(sm: torch.fx.Node, ctx: Context) -> Candidate | Reject | None:
                 parts.update(scale=c if M.op_name(x) == "mul" else 1.0 / c, x=base)
                 region.append(x)
                 break
-    return Candidate("softmax", sm, region[::-1], sm, parts)
+    region, out, notes = region[::-1], sm, []
+    narrow = _cast_round_trip(parts["x"], sm, region)
+    if narrow is not None:  # the kernel reads x itself and writes x's dtype (module docstring)
+        up, down = parts["x"], next(iter(sm.users))
+        parts["x"] = up.args[0]
+        region = ([up] if len(up.users) == 1 else []) + region + [down]
+        out = down
+        notes.append(f"mixed precision: reads {narrow} {parts['x'].name} (not its fp32 cast {up.name}), computes in "
+                     f"fp32, writes {narrow} (the cast back {down.name})")
+    return Candidate("softmax", sm, region, out, parts, notes)
+
+
+def _cast_round_trip(up: object, sm: torch.fx.Node, region: list) -> torch.dtype | None:
+    """x's dtype when ``up`` is ``x.to(fp32)`` (x fp16 / bf16), everything from there to the softmax is fp32,
+    and the softmax's one reader casts it back to x's dtype; else None."""
+    if not isinstance(up, torch.fx.Node) or cast_target(up) != torch.float32 or len(sm.users) != 1:
+        return None
+    x = up.args[0]
+    narrow = M.dtype(x)
+    if narrow not in (torch.float16, torch.bfloat16) or not holds_every_value(torch.float32, narrow):
+        return None
+    down = next(iter(sm.users))
+    if cast_target(down) != narrow or any(M.dtype(r) != torch.float32 for r in region):
+        return None
+    return narrow
 
 
 def _check(c: Candidate, ctx: Context) -> str | None:
     dt = M.dtype(c.parts["x"])
     if dt not in _DTYPES or (c.parts["bias"] is not None and M.dtype(c.parts["bias"]) not in _DTYPES):
         return f"unsupported dtype {dt}"
-    if M.dtype(c.anchor) != dt:
+    if M.dtype(c.output) != dt:
         return "softmax changes the dtype"
     return None
 

@@ -37,6 +37,7 @@ MODULES = [
     "foldcompile.passes.op_comm",
     "foldcompile.passes.op_kernels",
     "foldcompile.passes.normalize",
+    "foldcompile.passes.simplify_casts",
     "foldcompile.passes.classify",
     "foldcompile.passes.cost_model",
     "foldcompile.kernels",

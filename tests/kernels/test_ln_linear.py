@@ -239,16 +239,16 @@ def test_the_library_op_forward_backward_fake_and_aot_autograd():
     op = torch.ops.foldcompile.layer_norm_linear.default
     present, has_bias = [b for b in bs if b is not None], [b is not None for b in bs]
     args = (x.requires_grad_(), lnw.requires_grad_(), None, [w.requires_grad_() for w in ws],
-            [b.requires_grad_() for b in present], has_bias, 1e-5, True)
+            [b.requires_grad_() for b in present], has_bias, 1e-5, True, torch.float32)
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     with FakeTensorMode() as mode:
         fake = op(mode.from_tensor(x), mode.from_tensor(lnw), None, [mode.from_tensor(w) for w in ws],
-                  [mode.from_tensor(b) for b in present], has_bias, 1e-5, True)
+                  [mode.from_tensor(b) for b in present], has_bias, 1e-5, True, torch.float32)
     assert [tuple(f.shape) for f in fake] == [(3, 7, 16), (3, 7, 7), (3, 7, 9), (3, 7, 24)]
     leaves = [x, lnw, *ws, *present]
 
     def f(x, lnw, w0, w1, w2, b1, b2):
-        o = op(x, lnw, None, [w0, w1, w2], [b1, b2], has_bias, 1e-5, True)
+        o = op(x, lnw, None, [w0, w1, w2], [b1, b2], has_bias, 1e-5, True, torch.float32)
         return o[0] * 2.0, o[1], o[3].square()  # o[2] unused: its gradient is materialised as zeros
 
     torch._dynamo.reset()
@@ -267,7 +267,7 @@ def test_the_library_op_forward_backward_fake_and_aot_autograd():
                                                                                                     device=DEVICE)]
     needs = [True, False, False, True, True, False, False, True]
     res = back(grads, x.detach(), lnw.detach(), None, [w.detach() for w in ws], [b.detach() for b in present],
-               has_bias, 1e-5, True, needs)
+               has_bias, 1e-5, True, torch.float32, needs)
     assert [t.numel() > 0 for t in res] == needs
 
 
