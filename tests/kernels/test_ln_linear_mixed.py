@@ -110,10 +110,16 @@ def test_the_library_op_states_the_product_dtype_fake_and_real():
 @pytest.mark.parametrize("lead, K, widths", [((100, 100), 128, (128, 128, 128, 128, 4)), ((37, 61), 384, (384, 53))])
 def test_bf16_products_on_cuda(lead, K, widths):
     """Boltz-2's bf16-mixed spelling (fp32 residual stream and parameters): forward nearly bit-equal to the
-    plain PyTorch spelling (the rest one bf16 ulp apart: summation order)."""
+    same products accumulated in fp32 and rounded once (the rest one bf16 ulp apart: summation order), and
+    within bf16 rounding of the plain PyTorch spelling. (cuBLAS may reduce split-K partials in bf16 —
+    torch's allow_bf16_reduced_precision_reduction — so the plain spelling itself is not the bitwise
+    reference: on an H200 only 49% of its outputs at K=384 equalled the once-rounded products.)"""
     P = torch.bfloat16
     x, lnw, lnb, ws, bs = _inputs(lead, K, widths)
     got = L.layer_norm_linear(x, lnw, lnb, ws, bs, product_dtype=P)
     ref = L.layer_norm_linear_reference(x, lnw, lnb, ws, bs, product_dtype=P)
-    for a, r in zip(got, ref):
-        assert a.dtype == P and (a == r).float().mean() > 0.9 and _rel(a, r) < 8e-3
+    y = torch.nn.functional.layer_norm(x.float(), (K,), lnw.float(), lnb.float()).to(x.dtype).to(P).float()
+    once = [torch.nn.functional.linear(y, w.to(P).float(), b.to(P).float() if b is not None else None).to(P)
+            for w, b in zip(ws, bs)]
+    for a, r, o in zip(got, ref, once, strict=True):
+        assert a.dtype == P and (a == o).float().mean() > 0.9 and _rel(a, r) < 8e-3
