@@ -5,12 +5,12 @@ fp32 parameters under ``torch.autocast("cuda", dtype=torch.bfloat16)`` ("bf16-mi
 ``optimize`` makes autocast's casts explicit (:mod:`foldcompile.passes.explicit_autocast`), fuses the
 explicit graph and replays it as a CUDA graph (the explicit graph runs inside ``autocast(enabled=False)``:
 no weight-cache cast is made, so the executor's cache refusal does not apply). Checked: the CUDA-graph
-executor runs (replays), the rules matched, and the optimized error against a float64 run of the same
-module is at most 3x eager-under-autocast's own error (+1e-3): the bf16 fidelity bound of every GPU test.
+executor runs (replays), the rules matched, and the optimized error against an fp32 run of the same
+module (no autocast; Boltz's own ``.float()`` casts make a float64 run impossible: they would mix fp32 into
+it) is at most 3x eager-under-autocast's own error (+1e-3): the bf16 fidelity bound of the GPU tests.
 """
 from __future__ import annotations
 
-import copy
 import importlib
 
 import pytest
@@ -36,9 +36,8 @@ def test_boltz2_pairformer_under_cuda_bf16_autocast_fuses_replays_and_stays_with
     model = tb._module(pf, training=False, checkpointing=False).cuda()
     s, z, mask, pair_mask = (t.detach().cuda() for t in tb._inputs(0))
     inputs = (s, z, mask, pair_mask)
-    truth_model = copy.deepcopy(model).double()
     with torch.no_grad():
-        truth = _flat(truth_model(*(t.double() for t in inputs)))
+        truth = _flat(model(*inputs))  # fp32 parameters and inputs, no autocast
         with torch.autocast("cuda", dtype=torch.bfloat16):
             base = _flat(model(*inputs))
             fast = foldcompile.optimize(model, *inputs)
@@ -55,4 +54,4 @@ def test_boltz2_pairformer_under_cuda_bf16_autocast_fuses_replays_and_stays_with
     assert [g.dtype for g in got] == [b.dtype for b in base]
     for i, (g, b, t) in enumerate(zip(got, base, truth, strict=True)):
         e_opt, e_eager = _rel(g, t), _rel(b, t)
-        assert e_opt <= 3 * e_eager + 1e-3, f"output {i}: optimized {e_opt:.3g} vs eager bf16-mixed {e_eager:.3g}"
+        assert e_opt <= 3 * e_eager + 1e-3, f"output {i}: optimized {e_opt:.3g} vs eager bf16-mixed {e_eager:.3g} (against fp32)"
