@@ -168,6 +168,32 @@ def _same_nodes(report_gm: torch.fx.GraphModule, traced: torch.fx.GraphModule) -
     return out
 
 
+def _cast_changes(traced: torch.fx.GraphModule, fused_graphs: list, surviving: set, replaced: set[str],
+                  at: "_At") -> list[dict[str, Any]]:
+    """The traffic fusion changed outside every kernel, as pseudo-chains (so that the chains' savings add up
+    to the page's bytes before minus after): casts :mod:`foldcompile.passes.simplify_casts` removed (traced
+    ops that no kernel replaced and that did not survive: they move their bytes no more) and casts
+    :mod:`foldcompile.passes.explicit_autocast` wrote (fused-graph ops with no traced original: autocast made
+    them inside the ops before, the graph makes them now)."""
+    traced_costs = {id(n.meta["cost"]) for g in _graphs(traced) for n in g.graph.nodes if "cost" in n.meta}
+    removed = [n for g in _graphs(traced) for n in g.graph.nodes
+               if _costed(n) and id(n.meta.get("cost")) not in surviving and n.name not in replaced]
+    written = [n for g in fused_graphs for n in g.graph.nodes
+               if _costed(n) and not n.meta.get("match_id") and id(n.meta.get("cost")) not in traced_costs]
+    out = []
+    for rule, kernel, nodes, sign in (("simplify_casts", "none (casts that change no value, removed)", removed, 1),
+                                      ("explicit_autocast", "none (autocast's casts, written into the graph)",
+                                       written, -1)):
+        if not nodes:
+            continue
+        moved = sum(at.cost(n)[1] for n in nodes)
+        out.append({"id": f"{rule}", "rule": rule, "kernel": kernel, "module": "(whole graph)",
+                    "ops": [op_name(n) for n in nodes], "kept": 0, "flops": 0,
+                    "bytes_before": moved if sign > 0 else 0, "bytes_after": 0 if sign > 0 else moved,
+                    "saved": sign * moved, "source": ""})
+    return out
+
+
 def _fusion(named: Mapping[str, torch.fx.Node], traced: torch.fx.GraphModule, fused: torch.fx.GraphModule,
             record: Mapping[str, Any], at: _At, depth: int | None) -> dict[str, Any]:
     """Chains with their kernel and bytes saved, per-module bytes and floors after fusion, what was
@@ -190,6 +216,7 @@ def _fusion(named: Mapping[str, torch.fx.Node], traced: torch.fx.GraphModule, fu
 
     kernel_cost: dict[torch.fx.Node, list[tuple[str, float, float]]] = {}
     chains = []
+    replaced_names: set[str] = set()  # traced ops a kernel replaced
     for m in record.get("matches", []):
         if m["id"] not in kernels:
             continue
@@ -215,6 +242,8 @@ def _fusion(named: Mapping[str, torch.fx.Node], traced: torch.fx.GraphModule, fu
                        "module": m["site"], "ops": [op_name(r) for r in region], "kept": len(region) - len(erased),
                        "flops": flops, "bytes_before": before, "bytes_after": after, "saved": before - after,
                        "source": _short_source(m.get("source", ""))})
+        replaced_names.update(r.name for r in erased)
+    chains += _cast_changes(traced, fused_graphs, surviving, replaced_names, at)
     chains.sort(key=lambda c: -c["saved"])
 
     modules: dict[str, dict[str, float]] = {}
