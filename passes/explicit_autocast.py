@@ -233,23 +233,42 @@ def _single(observed: Any) -> torch.dtype | None:
     return None
 
 
+# ops that only move or copy their input's elements: a cast of their result is a cast of the input's elements
+_MOVES = {torch.ops.aten.clone.default, torch.ops.aten._unsafe_view.default, torch.ops.aten.contiguous.default}
+
+
 class _Dispatched(TorchDispatchMode):
-    """Records the ATen ops a call dispatches (tensors as dtype and shape), and the casts of its inputs."""
+    """Records the ATen ops a call dispatches (tensors as dtype and shape), the casts of its inputs and the
+    casts of values computed from them (``einsum("ij,ij,jk->ik")`` multiplies two operands in fp32 and
+    autocast casts the product: casting the operands first would round elsewhere). A view or copy of an
+    input counts as the input."""
 
     def __init__(self, inputs: dict[int, torch.fx.Node]):
         super().__init__()
         self.inputs = inputs
+        self.of_input: dict[int, torch.fx.Node] = dict(inputs)  # id -> the input whose elements it holds
+        self.alive: list[Any] = []  # keeps the tensors whose ids are in of_input (ids are not reused)
         self.ops: list[Any] = []
         self.input_casts: list[tuple[str, Any]] = []
+        self.all_casts: list[tuple[Any, Any, tuple, bool]] = []  # (from, to, shape, of an input's elements)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = str(func)
+        out = func(*args, **kwargs)
         if not name.startswith("prim."):
-            if func is torch.ops.aten._to_copy.default and args and id(args[0]) in self.inputs:
-                self.input_casts.append((self.inputs[id(args[0])].name, kwargs.get("dtype")))
+            first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            if func is torch.ops.aten._to_copy.default and first is not None:
+                source = self.of_input.get(id(first))
+                if source is not None:
+                    self.input_casts.append((source.name, kwargs.get("dtype")))
+                self.all_casts.append((first.dtype, kwargs.get("dtype"), tuple(first.shape), source is not None))
+            elif (first is not None and id(first) in self.of_input and isinstance(out, torch.Tensor)
+                  and (getattr(func, "is_view", False) or func in _MOVES)):
+                self.of_input[id(out)] = self.of_input[id(first)]
+                self.alive.append(out)
             self.ops.append(_describe_call(name, args, kwargs))
-        return func(*args, **kwargs)
+        return out
 
 
 def _describe_call(name: str, args: tuple, kwargs: dict) -> tuple:
@@ -279,6 +298,7 @@ class _Ran:
     out: Any = None  # dtype, tuple of dtypes, or None for a non-tensor result
     ops: list[Any] = field(default_factory=list)
     input_casts: list[tuple[str, Any]] = field(default_factory=list)
+    all_casts: list[tuple[Any, Any, tuple, bool]] = field(default_factory=list)
     error: str | None = None
 
 
@@ -332,7 +352,7 @@ class _Evaluator:
             dt = tuple(t.dtype for t in out)
         else:
             dt = None
-        return _Ran(dt, log.ops, log.input_casts)
+        return _Ran(dt, log.ops, log.input_casts, log.all_casts)
 
 
 @contextlib.contextmanager
@@ -379,8 +399,13 @@ def _decide(ev: _Evaluator, site: _Site) -> dict[torch.fx.Node, torch.dtype] | N
     if one is None or not _eligible(one):
         raise _Refused(f"autocast changed an op whose output dtype is {observed}: casting its arguments to it "
                        "is not what autocast did")
+    # only the arguments autocast cast (an op may read some in their own dtype: a 0-dim fp32 scale of a
+    # product autocast ran in bf16)
+    cast_by_autocast = {name for name, _ in on.input_casts}
     casts: dict[torch.fx.Node, torch.dtype] = {}
     for a, dts in args:
+        if a.name not in cast_by_autocast:
+            continue
         if isinstance(dts, tuple) and any(_eligible(d) and d != one for d in dts):
             raise _Refused(f"argument {a.name!r} holds several tensors ({dts}): cannot cast it")
         if _eligible(dts) and dts != one:
@@ -392,6 +417,14 @@ def _decide(ev: _Evaluator, site: _Site) -> dict[torch.fx.Node, torch.dtype] | N
     if e_off.error or e_off.out != observed:
         raise _Refused(f"with its arguments cast to {one}, the op without autocast gives "
                        f"{e_off.error or e_off.out}, not {observed}")
+    # autocast's casts of the arguments (or of views of them) aside, the op must cast as the explicit op does
+    # (SDPA's math kernel casts bf16 to fp32 inside either way); a cast of a value computed inside the op
+    # (``einsum("ij,ij,jk->ik")`` multiplies a and b in fp32, autocast casts the product for the bmm) is
+    # rounding that casting the arguments first would put elsewhere
+    own = [(f, t, sh) for f, t, sh, of_input in on.all_casts if not (of_input and t == one and f != one)]
+    if own != [(f, t, sh) for f, t, sh, _ in e_off.all_casts]:
+        raise _Refused(f"autocast cast a value computed inside the op (not only its arguments) to {one}: casting "
+                       "the arguments first would round elsewhere")
     e_on = ev.run(n, site.state, casts)
     if e_on.ops != e_off.ops or e_on.out != e_off.out:
         raise _Refused(f"with its arguments cast to {one}, autocast would still change the op")
