@@ -163,16 +163,18 @@ def _row_blocking(n: int, element_size: int = 4, backward: bool = False) -> tupl
     Measured on an H200 (bench/results/kernels_norm_tune*_NVIDIA_H200_2026-12-02.md, rows of 128 at
     N_res = 1024 and 2048): the forward in 2-byte dtypes is fastest with 16384-element tiles and 16 warps
     (89% of copy bandwidth against 79% with 4096); fp32 keeps 4096-element tiles. The backward wants
-    8192-element tiles on 4 warps: 2.1x (bf16) and 1.7x (fp32) faster than 4096 on 8 warps."""
+    8192-element tiles on 4 warps: 2.1x (bf16) and 1.7x (fp32) faster than 4096 on 8 warps (rows of up to 128
+    channels, where it was measured)."""
     block_n = triton.next_power_of_2(n)
-    if backward:
+    if backward and block_n <= 128:  # measured at 128 channels; wider rows keep the first rule
         tile, per_warp = 2 * _TILE, 2048
-    elif element_size <= 2:
+    elif element_size <= 2 and not backward:
         tile, per_warp = 4 * _TILE, 1024
     else:
         tile, per_warp = _TILE, 512
     block_m = max(1, min(64 if tile <= 2 * _TILE else 128, tile // block_n))
-    num_warps = min(16, max(4, block_m * block_n // per_warp))
+    # a long row keeps at most 32 fp32 values of each live tile a thread (the rule before the sweep)
+    num_warps = min(16, max(4, block_m * block_n // per_warp, block_n // 1024))
     return block_m, block_n, num_warps
 
 
