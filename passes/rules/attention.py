@@ -248,7 +248,7 @@ def _logit_dtypes(L: torch.fx.Node, ops: list[tuple]) -> list[tuple[str, torch.d
             exact = cur
             if out == torch.float64 and cur != torch.float64:
                 return Reject(f"the logits are widened to float64 at {node.name}: the kernel computes in fp32")
-        if exact != out and not holds_every_value(exact, out):
+        if exact != out and not holds_every_value(out, exact):  # out cannot hold every exact value
             if out == torch.float16:
                 return Reject(f"the logits are rounded to float16 at {node.name} ({M.op_name(node)}) from a "
                               f"{str(exact).replace('torch.', '')} value: a bias beyond fp16's range (the mask "
