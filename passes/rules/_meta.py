@@ -99,9 +99,14 @@ def op_name(n: torch.fx.Node) -> str:
     """One lower-case name per op whatever the spelling (``torch.add``, ``operator.add``, ``Tensor.add``)."""
     if n.op != "call_function":
         return n.op
-    if n.target in _OPERATOR_NAMES:
-        return _OPERATOR_NAMES[n.target]
-    name = getattr(n.target, "__name__", str(n.target)).split(".")[-1]
+    return target_name(n.target)
+
+
+def target_name(target: Any) -> str:
+    """:func:`op_name` of a call_function target (``operator.add`` and ``torch.add`` are ``"add"``)."""
+    if target in _OPERATOR_NAMES:
+        return _OPERATOR_NAMES[target]
+    name = getattr(target, "__name__", str(target)).split(".")[-1]
     return {"truediv": "div", "true_divide": "div", "bitwise_not": "logical_not", "multiply": "mul",
             "subtract": "sub", "divide": "div"}.get(name, name)
 

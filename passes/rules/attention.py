@@ -68,9 +68,10 @@ import torch.fx
 
 from foldcompile.kernels import attention as _attention_kernel
 from foldcompile.passes.einsum import GEMM_TARGETS, gemm_operands
+from foldcompile.passes.registry import cast_target, functional_form, holds_every_value
 from foldcompile.passes.rules import Candidate, Context, Reject, Rule
 from foldcompile.passes.rules import _meta as M
-from foldcompile.passes.rules._values import constant_of, is_noop_cast
+from foldcompile.passes.rules._values import constant_of
 
 __all__ = ["RULES", "fused_attention", "fill_fully_masked_rows"]
 
@@ -127,8 +128,8 @@ def _softmax_dim(n: torch.fx.Node) -> int | None:
     x = n.args[0] if n.args else n.kwargs.get("input")
     if not isinstance(dim, int) or not isinstance(x, torch.fx.Node) or M.shape(x) is None:
         return None
-    if dt is not None and dt != M.dtype(x):
-        return None
+    if dt is not None and dt != M.dtype(x) and not (dt == torch.float32 and holds_every_value(dt, M.dtype(x))):
+        return None  # softmax(x, dtype=torch.float32) on bf16 / fp16 x widens exactly, as the kernel computes
     return dim % len(M.shape(x))
 
 
@@ -171,15 +172,23 @@ def _logits_chain(x: Any, region_ok) -> list[tuple[torch.fx.Node, list[tuple]]]:
     if x.op != "call_function" or not region_ok(x):
         return []
     name, a = M.op_name(x), x.args
+    # ``a += b`` / ``a.mul_(c)`` on the logits: the same arithmetic, its result in the logits' dtype
+    # (the dtypes are checked in _recognise); only the written operand can be the logits
+    inplace = functional_form(x)
+    if inplace is not None:
+        name = M.target_name(inplace[0])
+        if name not in ("add", "sub", "mul", "div", "masked_fill"):
+            return []
+    sides = (0,) if inplace is not None else (0, 1)
     found: list[tuple[torch.fx.Node, list[tuple]]] = []
     if name in ("add", "sub") and len(a) == 2 and not x.kwargs:
-        for i in (0, 1):
+        for i in sides:
             if name == "sub" and i == 1:
                 break  # b - logits is not logits + bias
             for g, ops in _logits_chain(a[i], region_ok):
                 found.append((g, ops + [(x, "add", a[1 - i], -1.0 if name == "sub" else 1.0)]))
     elif name in ("mul", "div") and len(a) == 2 and not x.kwargs:
-        for i in (0, 1) if name == "mul" else (0,):
+        for i in sides if name == "mul" else (0,):
             c = _num(a[1 - i])
             if c is not None:
                 for g, ops in _logits_chain(a[i], region_ok):
@@ -195,10 +204,80 @@ def _logits_chain(x: Any, region_ok) -> list[tuple[torch.fx.Node, list[tuple]]]:
             if v is not None:
                 for g, ops in _logits_chain(a[i], region_ok):
                     found.append((g, ops + [(x, "fill", a[0], keep_if, v)]))
-    elif is_noop_cast(x):  # ``logits.to(torch.float32)`` on float32 logits: the same tensor
+    elif _float_cast(x) is not None:  # ``logits.to(torch.float32)``: checked in _recognise (_logit_dtypes)
         for g, ops in _logits_chain(a[0], region_ok):
             found.append((g, ops + [(x, "cast")]))
     return found
+
+
+def _float_cast(x: Any) -> torch.dtype | None:
+    """The floating dtype ``x`` casts its floating input to (a pure dtype cast, no device, no copy), else None."""
+    if not isinstance(x, torch.fx.Node) or x.op != "call_function" or not x.args:
+        return None
+    dt, src = cast_target(x), M.dtype(x.args[0])
+    if dt is None or not dt.is_floating_point or src is None or not src.is_floating_point:
+        return None
+    return dt
+
+
+def _logit_dtypes(L: torch.fx.Node, ops: list[tuple]) -> list[tuple[str, torch.dtype]] | Reject:
+    """The roundings of the logits eager makes on the way to the softmax, which the kernel skips (it computes
+    ``scale·q kᵀ + bias`` in fp32): ``[(node name, the dtype rounded to)]``, or the reason it may not skip one.
+
+    A step rounds where its result's dtype is narrower than its exact value's: ``a += b`` with an fp32 ``b``
+    into bf16 logits (the sum is computed in fp32, stored in bf16), ``logits.to(torch.bfloat16)``. Skipping a
+    rounding to bf16 changes no value by more than that rounding (bf16 has fp32's exponent range). A rounding
+    to fp16 of a value computed in a wider range is refused: AlphaFold's mask bias ``1e9·(mask − 1)`` added in
+    place to fp16 logits is -inf there in eager, which makes a row whose keys are all masked NaN, where the
+    kernel's fp32 sum stays -1e9 and gives uniform weights. (The rounding of the logits' own arithmetic in
+    their dtype, ``fp16 + fp16``, is the fused kernel's usual skipped rounding.) Widening casts are exact; to
+    float64 only for float64 logits (the kernel would compute in fp32 what eager computes in fp64)."""
+    cur = M.dtype(L)
+    if cur is None or not cur.is_floating_point:
+        return Reject(f"logits {L.name} of dtype {cur}")
+    roundings = []
+    for op in ops:
+        node, kind = op[0], op[1]
+        out = M.dtype(node)
+        if out is None or not out.is_floating_point:
+            return Reject(f"logit arithmetic {node.name} of dtype {out}")
+        exact = out
+        if kind == "add" and isinstance(op[2], torch.fx.Node) and M.dtype(op[2]) is not None:
+            exact = torch.promote_types(cur, M.dtype(op[2]))
+        elif kind == "cast":
+            exact = cur
+            if out == torch.float64 and cur != torch.float64:
+                return Reject(f"the logits are widened to float64 at {node.name}: the kernel computes in fp32")
+        if exact != out and not holds_every_value(out, exact):  # out cannot hold every exact value
+            if out == torch.float16:
+                return Reject(f"the logits are rounded to float16 at {node.name} ({M.op_name(node)}) from a "
+                              f"{str(exact).replace('torch.', '')} value: a bias beyond fp16's range (the mask "
+                              "bias 1e9·(mask − 1)) becomes -inf there in eager, a fully masked row NaN, while "
+                              "the kernel adds in fp32")
+            roundings.append((node.name, out))
+        cur = out
+    return roundings
+
+
+def _weights_casts(sm: torch.fx.Node, epilogue: list[torch.fx.Node], v: torch.fx.Node) -> str | Reject:
+    """Casts of the attention weights before the product with v: widening ones are exact; a narrowing one
+    must go to v's dtype, the rounding the kernel makes itself (``p.to(v.dtype)`` before its ``p @ v``).
+    Returns a note ("" for none) or the reason a cast is refused."""
+    cur, note = M.dtype(sm), ""
+    for n in epilogue:
+        dt = _float_cast(n)
+        if dt is None:
+            continue
+        if dt == torch.float64 and cur != torch.float64:
+            return Reject(f"the attention weights are widened to float64 at {n.name}: the kernel computes "
+                          "p @ v in fp32")
+        if not holds_every_value(dt, cur):
+            if dt != M.dtype(v):
+                return Reject(f"the attention weights are rounded to {dt} at {n.name}, but v is {M.dtype(v)}: "
+                              "the kernel rounds them to v's dtype only")
+            note = f"the weights' cast to {str(dt).replace('torch.', '')} ({n.name}): the kernel rounds them to v's dtype"
+        cur = dt
+    return note
 
 
 def _nan_cleanup(w: torch.fx.Node) -> tuple[torch.fx.Node, list[torch.fx.Node]] | None:
@@ -230,12 +309,12 @@ def _nan_cleanup(w: torch.fx.Node) -> tuple[torch.fx.Node, list[torch.fx.Node]] 
 
 
 def _weights_epilogue(sm: torch.fx.Node) -> tuple[torch.fx.Node, list[torch.fx.Node], bool]:
-    """Follow the softmax through no-op casts and at most one NaN clean-up of the weights:
+    """Follow the softmax through casts and at most one NaN clean-up of the weights:
     ``(the value the product with v reads, the nodes passed, whether NaNs were set to 0)``."""
     cur, nodes, cleaned = sm, [], False
     while True:
         users = list(cur.users)
-        if len(users) == 1 and is_noop_cast(users[0]):
+        if len(users) == 1 and _float_cast(users[0]) is not None:  # checked against v in _weights_casts
             cur = users[0]
             nodes.append(cur)
             continue
@@ -264,6 +343,9 @@ def _recognise(sm: torch.fx.Node, ctx: Context) -> Candidate | Reject | None:
             return Reject(f"multiple users of an interior value ({n.name} is used {len(n.users)} times)")
         if M.shape(n) != M.shape(L):
             return Reject(f"a term broadcasts the logits from {M.shape(L)} to {M.shape(n)}")
+    roundings = _logit_dtypes(L, ops)
+    if isinstance(roundings, Reject):
+        return roundings
     _, (la, lb), lo, (oa, ob) = _gemm(L)
     r = len(lo)
     if len(M.shape(x)) != r:
@@ -311,6 +393,9 @@ def _recognise(sm: torch.fx.Node, ctx: Context) -> Candidate | Reject | None:
         return Reject("v has an axis the weights do not")
     if set(po) != {back[c] for c in batch} | {back[qL], dv[0]} or len(po) != len(batch) + 2:
         return Reject("the attention output is not [batch, query, value]")
+    weights_cast = _weights_casts(sm, epilogue, vop)
+    if isinstance(weights_cast, Reject):
+        return weights_cast
     vroles = "".join(role.get(c, _VAL) for c in vl)  # v's axes in logits letters (and the value axis)
     oroles = "".join(role.get(c, _VAL) for c in po)
 
@@ -320,7 +405,10 @@ def _recognise(sm: torch.fx.Node, ctx: Context) -> Candidate | Reject | None:
     parts: dict[str, Any] = dict(q=qop, q_letters=ql, k=kop, k_letters=kl, v=vop, v_letters=vroles,
                                  batch=batch, qL=qL, kL=kL, dL=dL, lo=lo, out_letters=oroles,
                                  D=qshape[dL], Dv=dict(zip(vl, M.shape(vop)))[dv[0]])
-    terms, scale, masks, finite_fill, notes = [], 1.0, [], None, []
+    terms, scale, masks, finite_fill = [], 1.0, [], None
+    notes = [f"skips eager's rounding of the logits to {str(dt).replace('torch.', '')} at {n}" for n, dt in roundings]
+    if weights_cast:
+        notes.append(weights_cast)
     for i, op in enumerate(ops):
         kind = op[1]
         if kind == "cast":

@@ -141,7 +141,7 @@ def test_nan_clean_up_of_the_weights_is_folded_and_rows_that_keep_nothing_give_0
 @pytest.mark.parametrize("spelling, reason", [
     ("nan_to_num_half", "feed nan_to_num, not a product with v"),
     ("where_isnan_one", "the attention weights have 2 users"),
-    ("cast_to_double", "feed double, not a product with v"),
+    ("cast_to_double", "the attention weights are widened to float64"),
 ])
 def test_a_clean_up_to_another_value_or_a_real_cast_is_refused(spelling, reason):
     model, inputs = CleanUp(spelling), _inputs(0)
