@@ -332,7 +332,9 @@ class _Evaluator:
 
     def run(self, n: torch.fx.Node, state: State, dtypes: dict[torch.fx.Node, torch.dtype]) -> _Ran:
         """``n``'s op on fake arguments (``dtypes``: the arguments cast to another dtype) in ``state``."""
-        with self.mode, _quiet_fake_tensor_errors():
+        from foldcompile.capture import _quiet_fake_tensor_log  # capture imports the passes: import at use
+
+        with self.mode, _quiet_fake_tensor_log():
             values = {a: self.value(a, dtypes.get(a)) for a, _ in _arg_dtypes(n)}
             args, kwargs = map_arg((n.args, n.kwargs), lambda a: values[a])
             inputs = {id(v): a for a, v in values.items() if isinstance(v, torch.Tensor)}
@@ -353,19 +355,6 @@ class _Evaluator:
         else:
             dt = None
         return _Ran(dt, log.ops, log.input_casts, log.all_casts)
-
-
-@contextlib.contextmanager
-def _quiet_fake_tensor_errors() -> Iterator[None]:
-    # a meta kernel that refuses the dtypes (bmm of bf16 and fp32: what the pass asks) is logged at ERROR
-    # level by the fake tensor mode: here it is an answer, not an error
-    logger = logging.getLogger("torch._subclasses.fake_tensor")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def _device_of(gm: torch.fx.GraphModule) -> torch.device:
